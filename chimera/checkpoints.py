@@ -1,0 +1,65 @@
+"""Checkpoints, all through orbax's CheckpointManager.
+
+Each checkpoint holds two items: `state` (the TrainState's arrays) and `meta` (JSON: the
+batch sampler's state, the best validation loss so far, wall time so far). Orbax writes
+each one into a temporary directory and renames it when complete, so a crash mid-save
+leaves the previous checkpoint intact. Retention: the latest `keep` checkpoints, plus the
+one with the best validation loss.
+"""
+
+from pathlib import Path
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers as policies
+
+
+class Checkpointer:
+
+  def __init__(self, directory: Path, keep: int):
+    keep_best = policies.BestN(get_metric_fn=lambda metrics: metrics["val_loss"],
+                               reverse=True,  # sorted descending: the last one is the lowest
+                               n=1, keep_checkpoints_without_metrics=False)
+    options = ocp.CheckpointManagerOptions(
+        preservation_policy=policies.AnyPreservationPolicy([policies.LatestN(n=keep), keep_best]),
+        create=True)
+    self._manager = ocp.CheckpointManager(Path(directory).absolute(), options=options,
+                                          item_names=("state", "meta"))
+
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  def save(self, step: int, state: Any, meta: dict, val_loss: float | None = None) -> None:
+    """Saves `state` and `meta` at `step`; `val_loss` (if evaluated at this step) ranks it."""
+    self._manager.save(
+        step,
+        args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+        metrics=None if val_loss is None else {"val_loss": float(val_loss)},
+        force=True)
+
+  def restore(self, like_state: Any, step: int | None = None) -> tuple[Any, dict]:
+    """Restores (state, meta) at `step` (default: latest), with `like_state`'s structure,
+    shapes, dtypes and shardings."""
+    step = self._manager.latest_step() if step is None else step
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like_state)
+    restored = self._manager.restore(
+        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
+                                      meta=ocp.args.JsonRestore()))
+    return restored.state, restored.meta
+
+  def restore_params(self, like_params: Any, step: int | None = None) -> Any:
+    """Only the `params` subtree of the state, e.g. for sampling."""
+    step = self._manager.latest_step() if step is None else step
+    abstract = {"params": jax.tree.map(ocp.utils.to_shape_dtype_struct, like_params)}
+    restored = self._manager.restore(
+        step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+            abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
+            partial_restore=True)))
+    return restored.state["params"]
+
+  def wait(self) -> None:
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    self._manager.close()

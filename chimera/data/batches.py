@@ -1,0 +1,135 @@
+"""From documents to batches: a leak-free train/val split, token streams, seeded windows.
+
+A stream is a 1-D int32 array of token ids with end-of-text between documents. A batch
+is [B, W] windows of W = context + 1 consecutive tokens (inputs are [:, :-1], targets [:, 1:]).
+"""
+from typing import NamedTuple
+
+import numpy as np
+
+from chimera.data.corpora import Document
+from chimera.errors import ChimeraError
+
+
+class Splits(NamedTuple):
+  train: np.ndarray  # [N_train] int32
+  val: np.ndarray  # [N_val] int32
+  train_bytes: int  # UTF-8 bytes of text behind `train`, for bits per byte.
+  val_bytes: int
+
+
+def _resolve_mode(docs: list[Document], mode: str, val_fraction: float) -> str:
+  if not 0 < val_fraction < 1:
+    raise ChimeraError(f"data.val_fraction: must be in (0, 1), got {val_fraction}")
+  if mode == "auto":
+    return "documents" if len(docs) >= 4 else "tail"
+  if mode not in ("documents", "tail"):
+    raise ChimeraError(f"data.split: unknown mode '{mode}' (expected 'auto', 'documents' or 'tail')")
+  return mode
+
+
+def split_documents(docs: list[Document], *, val_fraction: float,
+                    mode: str = "auto") -> tuple[list[Document], list[Document]]:
+  """Holds out whole documents, so validation shares no document with training.
+
+  Takes every k-th document in name order (k = 1 / val_fraction), then every k-th from
+  the next offset, until validation holds at least `val_fraction` of the characters.
+  In "tail" mode (or "auto" with under 4 documents) nothing is held out here: the split
+  happens inside the token stream, in `make_splits`. Returns (train, val), name-sorted.
+  """
+  docs = sorted(docs, key=lambda doc: doc.name)
+  if _resolve_mode(docs, mode, val_fraction) == "tail":
+    return docs, []
+  k = max(2, round(1 / val_fraction))
+  order = [i for offset in range(k - 1, -1, -1) for i in range(offset, len(docs), k)]
+  target = val_fraction * sum(len(doc.text) for doc in docs)
+  held_out, held_out_chars = set(), 0
+  for i in order:
+    if held_out_chars >= target or len(held_out) == len(docs) - 1:
+      break
+    held_out.add(i)
+    held_out_chars += len(docs[i].text)
+  return ([doc for i, doc in enumerate(docs) if i not in held_out],
+          [doc for i, doc in enumerate(docs) if i in held_out])
+
+
+def join_documents(docs: list[Document], tokenizer) -> np.ndarray:
+  """One stream [N] int32: each document's tokens, with end-of-text between documents."""
+  parts = []
+  for doc in docs:
+    if parts:
+      parts.append(np.array([tokenizer.eot_id], np.int32))
+    parts.append(tokenizer.encode(doc.text))
+  return np.concatenate(parts).astype(np.int32) if parts else np.zeros(0, np.int32)
+
+
+def make_splits(docs: list[Document], tokenizer, *, val_fraction: float = 0.1,
+                mode: str = "auto") -> Splits:
+  """Train and validation streams that share no text.
+
+  "documents": whole held-out documents (see `split_documents`). "tail": the last
+  `val_fraction` of the joined stream, as nanoGPT splits a single file.
+  """
+  if _resolve_mode(docs, mode, val_fraction) == "documents":
+    train_docs, val_docs = split_documents(docs, val_fraction=val_fraction, mode="documents")
+    train, val = join_documents(train_docs, tokenizer), join_documents(val_docs, tokenizer)
+  else:
+    tokens = join_documents(docs, tokenizer)
+    boundary = int(len(tokens) * (1 - val_fraction))
+    train, val = tokens[:boundary], tokens[boundary:]
+  count_bytes = lambda stream: int(tokenizer.token_bytes[stream].sum())
+  return Splits(train, val, count_bytes(train), count_bytes(val))
+
+
+def _check_length(tokens: np.ndarray, window: int, split: str) -> None:
+  if len(tokens) < window:
+    raise ChimeraError(f"data.corpus: the {split} split has {len(tokens)} tokens, "
+                       f"fewer than one window of {window} (context + 1)")
+
+
+class WindowSampler:
+  """Random windows of `window` consecutive tokens, in batches that depend only on (seed, step).
+
+  Batch i's start offsets come from np.random.default_rng([seed, i]) for the whole global
+  batch; process p keeps rows [p*b, (p+1)*b) with b = batch_size // process_count, so the
+  global batch is the same on any number of processes, and resuming at `step` is exact.
+  """
+
+  def __init__(self, tokens: np.ndarray, *, batch_size: int, window: int, seed: int, step: int = 0,
+               process_index: int = 0, process_count: int = 1, split: str = "training"):
+    _check_length(tokens, window, split)
+    if batch_size % process_count:
+      raise ChimeraError(f"data.batch_size: {batch_size} does not split evenly over {process_count} processes")
+    self.tokens, self.window, self.seed, self.step = tokens, window, seed, step
+    self.batch_size = batch_size
+    self.local_batch_size = batch_size // process_count
+    self.process_index = process_index
+
+  @classmethod
+  def restore(cls, tokens: np.ndarray, state: dict, **kwargs) -> "WindowSampler":
+    """A sampler that continues from `state()` of an earlier one."""
+    return cls(tokens, seed=state["seed"], step=state["step"], **kwargs)
+
+  def state(self) -> dict:
+    return {"seed": self.seed, "step": self.step}
+
+  def next(self) -> np.ndarray:
+    """The next batch, [batch_size // process_count, window] int32."""
+    rng = np.random.default_rng([self.seed, self.step])
+    starts = rng.integers(0, len(self.tokens) - self.window + 1, size=self.batch_size)
+    first = self.process_index * self.local_batch_size
+    starts = starts[first:first + self.local_batch_size]
+    self.step += 1
+    return np.asarray(self.tokens[starts[:, None] + np.arange(self.window)], np.int32)
+
+  def __iter__(self):
+    return self
+
+  __next__ = next
+
+
+def eval_batches(tokens: np.ndarray, *, batch_size: int, window: int, num_batches: int,
+                 seed: int = 0) -> np.ndarray:
+  """A fixed validation subset: [num_batches, batch_size, window] int32 random windows."""
+  sampler = WindowSampler(tokens, batch_size=batch_size, window=window, seed=seed, split="validation")
+  return np.stack([sampler.next() for _ in range(num_batches)])

@@ -1,0 +1,40 @@
+"""Train, evaluate and checkpoint one model.
+
+  python -m chimera.main --config=configs/moe_top2.py [--workdir=DIR] [--config.train.steps=N]
+
+A workdir that already holds a checkpoint is resumed. Without --workdir, a new
+runs/<config>-<timestamp> is made.
+"""
+
+import sys
+import time
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from chimera import config as config_lib
+from chimera.errors import ChimeraError
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "A configs/*.py file[:preset].",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (resumed if it has a checkpoint).")
+_STOP_AFTER = flags.DEFINE_integer(
+    "stop_after", None, "Checkpoint and exit after this many steps, as on SIGTERM.")
+flags.mark_flag_as_required("config")
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+  try:
+    config = config_lib.from_config_dict(_CONFIG.value)
+    workdir = _WORKDIR.value or f"runs/{config.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    from chimera.train import train  # imported here so that config errors come fast
+    train(config, workdir, stop_after=_STOP_AFTER.value)
+  except ChimeraError as error:
+    print(f"error: {error}", file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,177 @@
+"""Mixture-of-Experts feed-forward layer in the Switch / GShard style, with static shapes.
+
+Read top to bottom: `expert_capacity`, then `route` (the whole routing math, a pure
+function of the router logits), then `MoeLayer`, which calls `route` and runs the experts.
+
+Shape letters: G groups, S tokens per group, E experts, C capacity (slots per expert per
+group), K choices per token (top-k), M model dim, H expert hidden dim.
+
+The one-hot dispatch/combine formulation follows the Switch Transformer (Fedus et al.,
+2021) and GShard (Lepikhin et al., 2020) papers.
+"""
+
+import math
+from typing import Literal, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from chimera.config import ModelConfig
+from chimera.layers import compute_dtype
+
+
+def expert_capacity(group_size: int, num_experts: int, k: int, capacity_factor: float,
+                    min_capacity: int = 4) -> int:
+  """Slots per expert per group: C = max(min_capacity, ceil(k * capacity_factor * S / E))."""
+  return max(min_capacity, math.ceil(k * capacity_factor * group_size / num_experts))
+
+
+class Routing(NamedTuple):
+  """What `route` decides for one MoE layer."""
+
+  dispatch: jax.Array  # [G, S, E, C] 1.0 where token s occupies slot c of expert e
+  combine: jax.Array  # [G, S, E, C] the token's gate weight at that slot, else 0
+  load_balance_loss: jax.Array  # scalar; 1.0 under perfectly uniform routing
+  z_loss: jax.Array  # scalar
+  dropped_fraction: jax.Array  # scalar: share of the G*S*K assignments that found no slot
+  expert_load: jax.Array  # [E]: share of all assignments that chose each expert (pre-drop)
+  router_entropy: jax.Array  # scalar: mean entropy of the router distribution, in nats
+  router_confidence: jax.Array  # scalar: mean top-1 router probability
+
+
+def route(router_logits: jax.Array, *, k: int, capacity: int,
+          priority: Literal["token", "rank"] = "token",
+          renormalize: bool = False) -> Routing:
+  """Top-k routing of each group's tokens to experts with a static capacity.
+
+  Args:
+    router_logits: [G, S, E] float32.
+    k: experts per token, 1 <= k <= E (1 is Switch, 2 is GShard / Mixtral).
+    capacity: C, slots per expert per group. Assignments beyond it are dropped: the token
+      gets nothing from that expert and the residual connection carries it.
+    priority: who gets a slot when an expert is full.
+      "token": all k choices of token s are placed before any choice of token s+1, in
+        position order. Causal: a token's fate depends only on earlier tokens.
+      "rank": every token's r-th choice before any token's (r+1)-th choice, position
+        order within a rank (GShard, flaxformer). With k >= 2 a token's second choice
+        can lose its slot to a later token's first choice, so future tokens leak into
+        the past. Kept for comparison.
+    renormalize: divide the k gate weights by their sum. Off by default: with k=1 the
+      gate would be a constant 1 and the router would get no gradient from the LM loss.
+
+  Returns:
+    Routing. The gate weights are the softmax probabilities of the chosen experts.
+    load_balance_loss = E * sum_e f_e * P_e per group, averaged over groups, where f_e is
+    the share of the group's K*S assignments that chose e (counted before any drop) and
+    P_e the mean router probability of e. z_loss = mean over tokens of logsumexp(logits)^2.
+  """
+  groups, group_size, num_experts = router_logits.shape
+  if not 1 <= k <= num_experts:
+    raise ValueError(f"k={k} must be between 1 and the number of experts {num_experts}")
+  probs = jax.nn.softmax(router_logits, axis=-1)  # [G, S, E]
+  gate, expert_index = jax.lax.top_k(probs, k)  # [G, S, K] each, best choice first
+  router_confidence = gate[..., 0].mean()
+  if renormalize:
+    gate = gate / gate.sum(axis=-1, keepdims=True)
+  choice = jax.nn.one_hot(expert_index, num_experts, dtype=jnp.float32)  # [G, S, K, E]
+
+  # Lay the assignments out in priority order, and count for each one how many earlier
+  # assignments chose the same expert: that count is its slot in the expert's buffer.
+  if priority == "token":
+    ordered = choice.reshape(groups, group_size * k, num_experts)  # order (s, r)
+    earlier = jnp.cumsum(ordered, axis=1) - ordered
+    earlier = earlier.reshape(groups, group_size, k, num_experts)
+  elif priority == "rank":
+    ordered = choice.transpose(0, 2, 1, 3).reshape(groups, k * group_size, num_experts)
+    earlier = jnp.cumsum(ordered, axis=1) - ordered  # order (r, s)
+    earlier = earlier.reshape(groups, k, group_size, num_experts).transpose(0, 2, 1, 3)
+  else:
+    raise ValueError(f"priority must be 'token' or 'rank', got {priority!r}")
+  slot_index = jnp.sum(earlier * choice, axis=-1).astype(jnp.int32)  # [G, S, K]
+  kept = slot_index < capacity  # [G, S, K]
+  # one_hot of an index >= C is all zeros, so overflowing assignments vanish here.
+  slot = jax.nn.one_hot(slot_index, capacity, dtype=jnp.float32)  # [G, S, K, C]
+
+  dispatch = jnp.einsum("gske,gskc->gsec", choice, slot)  # [G, S, E, C]
+  combine = jnp.einsum("gsk,gske,gskc->gsec", gate, choice, slot)  # [G, S, E, C]
+
+  assigned_share = choice.sum(axis=(1, 2)) / (group_size * k)  # f: [G, E]
+  mean_prob = probs.mean(axis=1)  # P: [G, E]
+  load_balance_loss = jnp.mean(num_experts * jnp.sum(assigned_share * mean_prob, axis=-1))
+  z_loss = jnp.mean(jax.nn.logsumexp(router_logits, axis=-1) ** 2)
+
+  log_probs = jax.nn.log_softmax(router_logits, axis=-1)
+  return Routing(
+      dispatch=dispatch,
+      combine=combine,
+      load_balance_loss=load_balance_loss,
+      z_loss=z_loss,
+      dropped_fraction=1.0 - kept.mean(),
+      expert_load=choice.sum(axis=(0, 1, 2)) / (groups * group_size * k),
+      router_entropy=jnp.mean(-jnp.sum(probs * log_probs, axis=-1)),
+      router_confidence=router_confidence,
+  )
+
+
+class MoeLayer(nn.Module):
+  """The MoE feed-forward sublayer: router, `route`, experts batched over E.
+
+  Tokens are cut into groups of `config.group_size` consecutive tokens (of the flattened
+  [B*L] batch; when group_size divides L, groups never straddle two sequences). If the
+  token count is not a multiple of group_size (e.g. one token per sequence while
+  decoding), the whole batch is one group. Training uses `capacity_factor`, evaluation
+  (`deterministic=True`) `eval_capacity_factor`, and decoding (`decode=True`) gives every
+  expert S slots, so no token is ever dropped.
+  """
+
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, deterministic: bool,
+               decode: bool = False) -> tuple[jax.Array, Routing]:
+    # x: [B, L, M]
+    cfg = self.config
+    dtype = compute_dtype(cfg)
+    batch, length, d_model = x.shape
+    num_tokens = batch * length
+    group_size = cfg.group_size if num_tokens % cfg.group_size == 0 else num_tokens
+    x = x.reshape(num_tokens // group_size, group_size, d_model)  # [G, S, M]
+
+    if decode:
+      capacity = group_size
+    else:
+      factor = cfg.eval_capacity_factor if deterministic else cfg.capacity_factor
+      capacity = expert_capacity(group_size, cfg.num_experts, cfg.top_k, factor,
+                                 cfg.min_capacity)
+
+    init = nn.initializers.variance_scaling(cfg.expert_init_scale, "fan_in", "truncated_normal",
+                                            in_axis=-2, out_axis=-1, batch_axis=(0,))
+    # The router kernel [M, E] has no expert axis: with `init`'s batch_axis=(0,) its fan-in
+    # would be 1 instead of M, and the initial logits sqrt(M) times too large.
+    router_init = nn.initializers.variance_scaling(cfg.expert_init_scale, "fan_in",
+                                                   "truncated_normal")
+    router_input = x.astype(jnp.float32)
+    if not deterministic and cfg.router_jitter > 0:
+      router_input *= jax.random.uniform(self.make_rng("dropout"), router_input.shape,
+                                         minval=1.0 - cfg.router_jitter,
+                                         maxval=1.0 + cfg.router_jitter)
+    router_logits = nn.Dense(cfg.num_experts, use_bias=False, dtype=jnp.float32,
+                             kernel_init=router_init, name="router")(router_input)  # [G, S, E]
+    routing = route(router_logits, k=cfg.top_k, capacity=capacity, priority=cfg.priority,
+                    renormalize=cfg.renormalize_gates)
+
+    expert_shape = lambda fan_in, fan_out: (cfg.num_experts, fan_in, fan_out)
+    wo = self.param("wo", init, expert_shape(cfg.expert_d_ff, d_model)).astype(dtype)
+    expert_in = jnp.einsum("gsec,gsm->egcm", routing.dispatch.astype(dtype), x.astype(dtype))
+    if cfg.activation == "swiglu":
+      wi_gate = self.param("wi_gate", init, expert_shape(d_model, cfg.expert_d_ff)).astype(dtype)
+      wi_up = self.param("wi_up", init, expert_shape(d_model, cfg.expert_d_ff)).astype(dtype)
+      hidden = (nn.silu(jnp.einsum("egcm,emh->egch", expert_in, wi_gate))
+                * jnp.einsum("egcm,emh->egch", expert_in, wi_up))
+    else:
+      wi = self.param("wi", init, expert_shape(d_model, cfg.expert_d_ff)).astype(dtype)
+      hidden = nn.gelu(jnp.einsum("egcm,emh->egch", expert_in, wi))  # [E, G, C, H]
+    expert_out = jnp.einsum("egch,ehm->egcm", hidden, wo)  # [E, G, C, M]
+    y = jnp.einsum("egcm,gsec->gsm", expert_out, routing.combine.astype(dtype))  # [G, S, M]
+    return y.reshape(batch, length, d_model), routing

@@ -1,0 +1,316 @@
+"""Training: the optimiser, the pure jitted steps, and the loop around them.
+
+`train_step` and `eval_step` are module-level pure functions; the loop binds the model
+and config with functools.partial and jits them once. Everything host-side (logging,
+evaluation bookkeeping, checkpoints) happens between steps.
+"""
+
+import dataclasses
+import functools
+import json
+import math
+import signal
+import time
+from pathlib import Path
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax.training import train_state
+
+from chimera import accounting, config as config_lib
+from chimera.checkpoints import Checkpointer
+from chimera.config import Config, ModelConfig, TrainConfig
+from chimera.data import batches as batches_lib
+from chimera.data.corpora import load_corpus
+from chimera.data.tokenizers import get_tokenizer
+from chimera.decoder import Decoder
+from chimera.errors import ChimeraError
+from chimera.metrics import MetricWriter, log, progress_line
+
+
+class TrainingDiverged(ChimeraError):
+  """The loss became NaN or inf."""
+
+
+TrainState = train_state.TrainState
+
+
+def make_schedule(t: TrainConfig) -> optax.Schedule:
+  """Linear warmup from 0, then cosine decay to `min_learning_rate` at `steps`."""
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=t.learning_rate, warmup_steps=t.warmup_steps,
+      decay_steps=t.steps, end_value=t.min_learning_rate)
+
+
+def make_optimizer(t: TrainConfig) -> optax.GradientTransformation:
+  """AdamW on the schedule above, after global-norm clipping.
+
+  Weight decay applies to matrices (embeddings, kernels, expert weights), not to norm
+  scales or biases.
+  """
+  schedule = make_schedule(t)
+  decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
+  return optax.chain(
+      optax.clip_by_global_norm(t.grad_clip),
+      optax.adamw(schedule, b1=t.b1, b2=t.b2, weight_decay=t.weight_decay, mask=decay_mask))
+
+
+def _loss(params, model: nn.Module, config: ModelConfig, tokens: jax.Array, rng: jax.Array,
+          deterministic: bool):
+  """Mean next-token cross-entropy plus the weighted MoE losses. tokens: [B, L+1]."""
+  inputs, targets = tokens[:, :-1], tokens[:, 1:]
+  logits, stats = model.apply({"params": params}, inputs, deterministic=deterministic,
+                              rngs={"dropout": rng})
+  token_loss = optax.softmax_cross_entropy_with_integer_labels(logits, targets)  # [B, L]
+  loss = (token_loss.mean() + config.load_balance_coef * stats["load_balance_loss"]
+          + config.z_loss_coef * stats["z_loss"])
+  return loss, (token_loss.sum(), stats)
+
+
+def train_step(state: TrainState, tokens: jax.Array, rng: jax.Array, *, model: nn.Module,
+               config: ModelConfig) -> tuple[TrainState, dict]:
+  """One optimiser step over tokens [A, B/A, L+1] (A gradient-accumulation micro-batches).
+
+  Returns the new state and metrics as sums with their denominators (`tokens`, and
+  `steps` = 1), to be averaged on the host.
+  """
+  rng = jax.random.fold_in(rng, state.step)
+  grad_fn = jax.grad(_loss, has_aux=True)
+
+  def micro_step(grads_sum, micro):
+    index, micro_tokens = micro
+    grads, (loss_sum, stats) = grad_fn(state.params, model, config, micro_tokens,
+                                       jax.random.fold_in(rng, index), False)
+    return jax.tree.map(jnp.add, grads_sum, grads), (loss_sum, stats)
+
+  accum = tokens.shape[0]
+  zeros = jax.tree.map(jnp.zeros_like, state.params)
+  grads, (loss_sums, stats) = jax.lax.scan(micro_step, zeros, (jnp.arange(accum), tokens))
+  grads = jax.tree.map(lambda g: g / accum, grads)
+  new_state = state.apply_gradients(grads=grads)
+  updates = jax.tree.map(jnp.subtract, new_state.params, state.params)
+  metrics = {
+      "loss_sum": loss_sums.sum(),
+      "tokens": jnp.asarray(tokens[..., 1:].size, jnp.float32),
+      "steps": jnp.ones((), jnp.float32),
+      "grad_norm": optax.global_norm(grads),
+      "param_norm": optax.global_norm(new_state.params),
+      "update_norm": optax.global_norm(updates),
+      **{name: value.mean(axis=0) for name, value in stats.items()},
+  }
+  return new_state, metrics
+
+
+def eval_step(params, tokens: jax.Array, *, model: nn.Module, config: ModelConfig) -> dict:
+  """Summed cross-entropy over tokens [B, L+1], evaluation capacity, no dropout."""
+  _, (loss_sum, stats) = _loss(params, model, config, tokens, jax.random.key(0), True)
+  return {"loss_sum": loss_sum, "tokens": jnp.asarray(tokens[:, 1:].size, jnp.float32),
+          "dropped_fraction": stats["dropped_fraction"], "expert_load": stats["expert_load"]}
+
+
+def init_state(config: Config) -> TrainState:
+  model = Decoder(config.model)
+  dummy = jnp.zeros((1, config.train.context), jnp.int32)
+  params = jax.jit(model.init)(jax.random.key(config.train.seed), dummy)["params"]
+  return TrainState.create(apply_fn=model.apply, params=params,
+                           tx=make_optimizer(config.train))
+
+
+@dataclasses.dataclass
+class _Window:
+  """Per-step metrics not yet fetched from the device."""
+
+  pending: list = dataclasses.field(default_factory=list)
+  started: float = dataclasses.field(default_factory=time.perf_counter)
+
+
+def _average(records: list[dict]) -> dict:
+  summed = jax.tree.map(lambda *xs: np.sum(xs, axis=0), *records)
+  steps = summed.pop("steps")
+  averaged = {k: v / steps for k, v in summed.items() if k not in ("loss_sum", "tokens")}
+  averaged["loss"] = summed["loss_sum"] / summed["tokens"]
+  return averaged
+
+
+class _StopRequest:
+  """Turns SIGTERM / SIGINT into a flag that the loop checks between steps."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = {}
+
+  def __enter__(self):
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      self._previous[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    self.requested = True
+
+  def __exit__(self, *exc):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+
+def train(config: Config, workdir: str | Path, *, stop_after: int | None = None) -> dict:
+  """Trains (or resumes) the run in `workdir`; returns the summary written to summary.json.
+
+  `stop_after`: stop as on SIGTERM (checkpoint, then return) after this many steps in
+  this call; the run is resumed by calling again with the same workdir.
+  """
+  started = time.perf_counter()
+  t, m = config.train, config.model
+  workdir = Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  (workdir / "config.json").write_text(json.dumps(config_lib.to_dict(config), indent=2))
+
+  tokenizer = get_tokenizer(config.data.tokenizer)
+  if tokenizer.vocab_size > m.vocab_size:
+    raise ChimeraError(
+        f"config.model.vocab_size={m.vocab_size} does not match tokenizer "
+        f"'{config.data.tokenizer}', which has {tokenizer.vocab_size} tokens")
+  splits = batches_lib.make_splits(load_corpus(config.data.corpus), tokenizer,
+                                   val_fraction=config.data.val_fraction, mode=config.data.split)
+  log(f"data: {config.data.corpus}: train {len(splits.train):,} tokens, "
+      f"validation {len(splits.val):,} tokens ({config.data.tokenizer} tokenizer)")
+  window = t.context + 1
+  val_batches = batches_lib.eval_batches(splits.val, batch_size=t.batch_size, window=window,
+                                         num_batches=t.eval_batches, seed=config.data.seed)
+  val_bytes_per_token = splits.val_bytes / len(splits.val)
+
+  counts = accounting.count(m, t.context)
+  model = Decoder(m)
+  eval_model = Decoder(m)
+  state = init_state(config)
+  checkpointer = Checkpointer(workdir / "checkpoints", keep=t.keep_checkpoints)
+  meta = {"sampler": None, "best_val_loss": math.inf, "final_val_loss": None,
+          "wall_seconds": 0.0, "tokens_seen": 0}
+  if checkpointer.latest_step() is not None:
+    state, meta = checkpointer.restore(state)
+    log(f"resumed from {workdir / 'checkpoints'} at step {int(state.step)}")
+  start_step = int(state.step)
+  sampler = batches_lib.WindowSampler(splits.train, batch_size=t.batch_size, window=window,
+                                      seed=config.data.seed, step=start_step,
+                                      process_index=jax.process_index(),
+                                      process_count=jax.process_count())
+
+  writer = MetricWriter(workdir)
+  if start_step == 0:
+    writer.write("setup", 0, {**counts._asdict(), "train_tokens": len(splits.train),
+                              "val_tokens": len(splits.val)})
+  log(f"model: {counts.params_total:,} params, {counts.params_active:,} active, "
+      f"{counts.flops_per_token / 1e6:.1f} MFLOPs/token")
+  step_fn = jax.jit(functools.partial(train_step, model=model, config=m), donate_argnums=0)
+  eval_fn = jax.jit(functools.partial(eval_step, model=eval_model, config=m))
+  rng = jax.random.key(t.seed + 1)
+  tokens_per_step = t.batch_size * t.context
+
+  def evaluate(step: int) -> float:
+    results = [eval_fn(state.params, batch) for batch in val_batches]
+    averaged = jax.tree.map(lambda *xs: np.mean(xs, axis=0), *jax.device_get(results))
+    val_loss = float(np.sum([r["loss_sum"] for r in jax.device_get(results)])
+                     / np.sum([r["tokens"] for r in jax.device_get(results)]))
+    meta["best_val_loss"] = min(meta["best_val_loss"], val_loss)
+    meta["final_val_loss"] = val_loss
+    bits_per_byte = val_loss / math.log(2) / val_bytes_per_token
+    writer.write("eval", step, {"val_loss": val_loss, "val_perplexity": math.exp(val_loss),
+                                "val_bits_per_byte": bits_per_byte,
+                                "dropped_fraction": averaged["dropped_fraction"],
+                                "expert_load": averaged["expert_load"]})
+    log(f"eval step {step}: val loss {val_loss:.4f} | ppl {math.exp(val_loss):.2f} | "
+        f"{bits_per_byte:.4f} bits/byte")
+    return val_loss
+
+  def flush(window: _Window, step: int) -> dict | None:
+    """Fetches pending metrics; stops the run on a non-finite loss."""
+    if not window.pending:
+      return None
+    records = jax.device_get(window.pending)
+    first_step = step - len(records) + 1
+    for offset, record in enumerate(records):
+      if not np.isfinite(record["loss_sum"]):
+        raise TrainingDiverged(
+            f"loss is {record['loss_sum']} at step {first_step + offset}; stopping. The last "
+            f"good checkpoint in {workdir / 'checkpoints'} is untouched")
+    averaged = _average(records)
+    seconds = time.perf_counter() - window.started
+    averaged["tokens_per_second"] = len(records) * tokens_per_step / seconds
+    averaged["learning_rate"] = float(schedule(step - 1))
+    window.pending.clear()
+    window.started = time.perf_counter()
+    return averaged
+
+  schedule = make_schedule(t)
+  last_train = None
+  window_metrics = _Window()
+  timed_tokens, timed_seconds = 0, 0.0
+  step = start_step
+  stopped_early = False
+  with _StopRequest() as stop:
+    while step < t.steps:
+      batch = sampler.next().reshape(t.grad_accum, -1, window)
+      state, step_metrics = step_fn(state, batch, rng)
+      window_metrics.pending.append(step_metrics)
+      step += 1
+      meta["tokens_seen"] += tokens_per_step
+      is_eval = step % t.eval_every == 0 or step == t.steps
+      is_save = step % t.checkpoint_every == 0 or step == t.steps
+      interrupted = stop.requested or (stop_after is not None and step - start_step >= stop_after)
+      if step % t.log_every == 0 or is_eval or is_save or interrupted:
+        window_seconds = time.perf_counter() - window_metrics.started
+        count = len(window_metrics.pending)
+        averaged = flush(window_metrics, step)
+        if step - count > start_step:  # the first window holds compilation: not timed
+          timed_tokens += count * tokens_per_step
+          timed_seconds += window_seconds
+        last_train = averaged
+        writer.write("train", step, averaged)
+        eta = (t.steps - step) * window_seconds / max(count, 1)
+        log(progress_line(step, t.steps, averaged["loss"], averaged["tokens_per_second"], eta))
+      val_loss = evaluate(step) if is_eval else None
+      if is_save or interrupted:
+        meta["sampler"] = sampler.state()
+        meta["wall_seconds"] += time.perf_counter() - started
+        started = time.perf_counter()
+        checkpointer.save(step, state, meta, val_loss=val_loss)
+      if interrupted and step < t.steps:
+        stopped_early = True
+        break
+      if is_eval or is_save:  # keep evaluation and saving out of the next window's timing
+        window_metrics.started = time.perf_counter()
+  checkpointer.wait()
+  checkpointer.close()
+
+  summary = {
+      "config": config.name,
+      "final_val_loss": meta["final_val_loss"],
+      "best_val_loss": meta["best_val_loss"],
+      "steps": step,
+      "tokens_seen": meta["tokens_seen"],
+      "wall_seconds": meta["wall_seconds"],
+      "train_tokens_per_second": timed_tokens / timed_seconds if timed_seconds else None,
+      "params_total": counts.params_total,
+      "params_active": counts.params_active,
+      "flops_per_token": counts.flops_per_token,
+      "dispatch_flops_per_token": counts.dispatch_flops_per_token,
+      "val_bits_per_byte": (meta["final_val_loss"] / math.log(2) / val_bytes_per_token
+                            if meta["final_val_loss"] is not None else None),
+      "completed": not stopped_early,
+  }
+  if m.num_experts and last_train is not None:
+    summary["expert_load"] = np.asarray(last_train["expert_load"]).tolist()
+    summary["dropped_fraction"] = np.asarray(last_train["dropped_fraction"]).tolist()
+  writer.close()
+  if stopped_early:
+    log(f"stopped at step {step}; checkpoint saved. Run the same command with "
+        f"--workdir={workdir} to resume.")
+    return summary
+  if jax.process_index() == 0:
+    (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
+  log(f"done: final val loss {summary['final_val_loss']:.4f}, best "
+      f"{summary['best_val_loss']:.4f}. Results in {workdir}/ (summary.json, metrics.jsonl, "
+      f"tensorboard/, checkpoints/)")
+  return summary

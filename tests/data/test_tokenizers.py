@@ -1,0 +1,87 @@
+"""Tokenizers, and placing GPT-2's rank file in tiktoken's cache, offline."""
+import hashlib
+import io
+import tarfile
+
+import numpy as np
+import pytest
+import tiktoken.load
+
+from chimera.data import tokenizers
+from chimera.errors import ChimeraError
+
+# sha1 of R50K_URL: the file name tiktoken looks for in its cache dir.
+R50K_CACHE_NAME = "0ea1e91bbb3a60f729a8dc8f777fd2fc07cd8df4"
+FAKE_RANKS = b"IQ== 0\nIg== 1\n"
+
+
+@pytest.fixture(autouse=True)
+def cache(tmp_path, monkeypatch):
+  monkeypatch.setenv("CHIMERA_CACHE", str(tmp_path / "cache"))
+  monkeypatch.delenv("TIKTOKEN_CACHE_DIR", raising=False)
+  return tmp_path / "cache"
+
+
+def test_byte_round_trip():
+  tok = tokenizers.get_tokenizer("byte")
+  text = "Hello, naïve café — 日本語 ☃!\n"
+  ids = tok.encode(text)
+  assert ids.dtype == np.int32 and ids.tolist() == list(text.encode("utf-8"))
+  assert tok.decode(ids) == text
+  assert (tok.name, tok.vocab_size, tok.eot_id) == ("byte", 257, 256)
+
+
+def test_byte_decode_drops_eot_and_replaces_broken_utf8():
+  tok = tokenizers.ByteTokenizer()
+  assert tok.decode([104, 105, 256, 33]) == "hi!"
+  assert tok.decode(list("é".encode())[:1]) == "\ufffd"
+  assert tok.token_bytes[[104, 256]].tolist() == [1, 0]
+
+
+def test_unknown_tokenizer():
+  with pytest.raises(ChimeraError, match="data.tokenizer: unknown tokenizer 'bpe' .expected 'byte' or 'gpt2'."):
+    tokenizers.get_tokenizer("bpe")
+
+
+def fake_whisper_sdist(cache, monkeypatch, ranks):
+  """Puts a whisper sdist holding `ranks` in the sdist cache; pins it and FAKE_RANKS' hashes."""
+  archive = cache / "sdists" / "openai-whisper-20250625.tar.gz"
+  archive.parent.mkdir(parents=True)
+  with tarfile.open(archive, "w:gz") as tar:
+    info = tarfile.TarInfo("openai_whisper-20250625/whisper/assets/gpt2.tiktoken")
+    info.size = len(ranks)
+    tar.addfile(info, io.BytesIO(ranks))
+  sha = hashlib.sha256(archive.read_bytes()).hexdigest()
+  monkeypatch.setattr(tokenizers, "WHISPER_SDIST", ("openai-whisper", "20250625", sha))
+  monkeypatch.setattr(tokenizers, "R50K_SHA256", hashlib.sha256(FAKE_RANKS).hexdigest())
+
+
+def test_gpt2_ranks_land_where_tiktoken_reads_them(cache, monkeypatch):
+  fake_whisper_sdist(cache, monkeypatch, FAKE_RANKS)
+  path = tokenizers.ensure_gpt2_ranks()
+  assert path == cache / "tiktoken" / R50K_CACHE_NAME
+  assert path.read_bytes() == FAKE_RANKS
+  # tiktoken finds the file by its own cache rule, so it never reaches for the network.
+  monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(path.parent))
+  assert tiktoken.load.read_file_cached(tokenizers.R50K_URL) == FAKE_RANKS
+
+
+def test_gpt2_ranks_honour_a_user_tiktoken_cache_dir(tmp_path, cache, monkeypatch):
+  fake_whisper_sdist(cache, monkeypatch, FAKE_RANKS)
+  monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "mine"))
+  assert tokenizers.ensure_gpt2_ranks() == tmp_path / "mine" / R50K_CACHE_NAME
+
+
+def test_gpt2_ranks_with_the_wrong_hash_are_rejected(cache, monkeypatch):
+  fake_whisper_sdist(cache, monkeypatch, b"IQ== 7\n")
+  with pytest.raises(ChimeraError, match="data.tokenizer: gpt2.tiktoken in .* has sha256 .*, expected"):
+    tokenizers.ensure_gpt2_ranks()
+  assert not (cache / "tiktoken" / R50K_CACHE_NAME).exists()
+
+
+def test_gpt2_ranks_already_cached_need_no_sdist(cache, monkeypatch):
+  monkeypatch.setattr(tokenizers, "R50K_SHA256", hashlib.sha256(FAKE_RANKS).hexdigest())
+  monkeypatch.setattr(tokenizers, "fetch_sdist", lambda *args: pytest.fail("fetched an sdist"))
+  (cache / "tiktoken").mkdir(parents=True)
+  (cache / "tiktoken" / R50K_CACHE_NAME).write_bytes(FAKE_RANKS)
+  assert tokenizers.ensure_gpt2_ranks().read_bytes() == FAKE_RANKS
