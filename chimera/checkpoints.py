@@ -48,16 +48,6 @@ class Checkpointer:
                                       meta=ocp.args.JsonRestore()))
     return restored.state, restored.meta
 
-  def restore_params(self, like_params: Any, step: int | None = None) -> Any:
-    """Only the `params` subtree of the state, e.g. for sampling."""
-    step = self._manager.latest_step() if step is None else step
-    abstract = {"params": jax.tree.map(ocp.utils.to_shape_dtype_struct, like_params)}
-    restored = self._manager.restore(
-        step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-            abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
-            partial_restore=True)))
-    return restored.state["params"]
-
   def wait(self) -> None:
     self._manager.wait_until_finished()
 

@@ -23,6 +23,21 @@ _STOP_AFTER = flags.DEFINE_integer(
 flags.mark_flag_as_required("config")
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's parser, with a bad flag, config file or config key reported as one line."""
+  try:
+    remaining = flags.FLAGS(argv)
+    _CONFIG.value["model"]  # config files load lazily: make their errors surface here
+    return remaining
+  except Exception as error:  # absl and ml_collections raise several kinds here
+    text = str(error).replace("\\n", "\n")
+    lines = [line.strip(" '\"\\") for line in text.splitlines() if line.strip()]
+    # A config file that failed to import carries its whole traceback: keep the last line.
+    message = lines[-1] if "Traceback" in text else " ".join(lines)
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
@@ -37,4 +52,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

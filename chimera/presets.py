@@ -19,7 +19,7 @@ def base(name: str, arg: str | None) -> ml_collections.ConfigDict:
   c.name = name if preset == "default" else f"{name}-{preset}"
 
   c.model = dict(
-      vocab_size=257, num_layers=4, num_heads=4, d_model=128, d_ff=512, max_len=128,
+      vocab_size=257, num_layers=4, num_heads=4, d_model=128, d_ff=512, max_len=512,
       positions="learned", norm="layernorm", activation="gelu", use_bias=False,
       dropout=0.0, dtype="float32", init_std=0.02,
       # Dense by default; the MoE configs set these.
@@ -37,7 +37,7 @@ def base(name: str, arg: str | None) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict(c)
 
   if preset == "tiny":
-    c.model.update(num_layers=2, num_heads=2, d_model=32, d_ff=128, max_len=32,
+    c.model.update(num_layers=2, num_heads=2, d_model=32, d_ff=128, max_len=64,
                    expert_d_ff=64, group_size=32)
     c.train.update(steps=6, batch_size=4, context=32, warmup_steps=2, log_every=2,
                    eval_every=3, eval_batches=2, checkpoint_every=3)

@@ -96,9 +96,9 @@ def train_step(state: TrainState, tokens: jax.Array, rng: jax.Array, *, model: n
       "loss_sum": loss_sums.sum(),
       "tokens": jnp.asarray(tokens[..., 1:].size, jnp.float32),
       "steps": jnp.ones((), jnp.float32),
-      "grad_norm": optax.global_norm(grads),
-      "param_norm": optax.global_norm(new_state.params),
-      "update_norm": optax.global_norm(updates),
+      "grad_norm": optax.tree.norm(grads),
+      "param_norm": optax.tree.norm(new_state.params),
+      "update_norm": optax.tree.norm(updates),
       **{name: value.mean(axis=0) for name, value in stats.items()},
   }
   return new_state, metrics
@@ -231,10 +231,12 @@ def train(config: Config, workdir: str | Path, *, stop_after: int | None = None)
     records = jax.device_get(window.pending)
     first_step = step - len(records) + 1
     for offset, record in enumerate(records):
-      if not np.isfinite(record["loss_sum"]):
+      # The loss checks the parameters the step started from, the norm the ones it made.
+      if not (np.isfinite(record["loss_sum"]) and np.isfinite(record["param_norm"])):
         raise TrainingDiverged(
-            f"loss is {record['loss_sum']} at step {first_step + offset}; stopping. The last "
-            f"good checkpoint in {workdir / 'checkpoints'} is untouched")
+            f"non-finite loss ({record['loss_sum']}) or parameters (norm "
+            f"{record['param_norm']}) at step {first_step + offset}; stopping. The last good "
+            f"checkpoint in {workdir / 'checkpoints'} is untouched")
     averaged = _average(records)
     seconds = time.perf_counter() - window.started
     averaged["tokens_per_second"] = len(records) * tokens_per_step / seconds
@@ -249,40 +251,42 @@ def train(config: Config, workdir: str | Path, *, stop_after: int | None = None)
   timed_tokens, timed_seconds = 0, 0.0
   step = start_step
   stopped_early = False
-  with _StopRequest() as stop:
-    while step < t.steps:
-      batch = sampler.next().reshape(t.grad_accum, -1, window)
-      state, step_metrics = step_fn(state, batch, rng)
-      window_metrics.pending.append(step_metrics)
-      step += 1
-      meta["tokens_seen"] += tokens_per_step
-      is_eval = step % t.eval_every == 0 or step == t.steps
-      is_save = step % t.checkpoint_every == 0 or step == t.steps
-      interrupted = stop.requested or (stop_after is not None and step - start_step >= stop_after)
-      if step % t.log_every == 0 or is_eval or is_save or interrupted:
-        window_seconds = time.perf_counter() - window_metrics.started
-        count = len(window_metrics.pending)
-        averaged = flush(window_metrics, step)
-        if step - count > start_step:  # the first window holds compilation: not timed
-          timed_tokens += count * tokens_per_step
-          timed_seconds += window_seconds
-        last_train = averaged
-        writer.write("train", step, averaged)
-        eta = (t.steps - step) * window_seconds / max(count, 1)
-        log(progress_line(step, t.steps, averaged["loss"], averaged["tokens_per_second"], eta))
-      val_loss = evaluate(step) if is_eval else None
-      if is_save or interrupted:
-        meta["sampler"] = sampler.state()
-        meta["wall_seconds"] += time.perf_counter() - started
-        started = time.perf_counter()
-        checkpointer.save(step, state, meta, val_loss=val_loss)
-      if interrupted and step < t.steps:
-        stopped_early = True
-        break
-      if is_eval or is_save:  # keep evaluation and saving out of the next window's timing
-        window_metrics.started = time.perf_counter()
-  checkpointer.wait()
-  checkpointer.close()
+  try:
+    with _StopRequest() as stop:
+      while step < t.steps:
+        batch = sampler.next().reshape(t.grad_accum, -1, window)
+        state, step_metrics = step_fn(state, batch, rng)
+        window_metrics.pending.append(step_metrics)
+        step += 1
+        meta["tokens_seen"] += tokens_per_step
+        is_eval = step % t.eval_every == 0 or step == t.steps
+        is_save = step % t.checkpoint_every == 0 or step == t.steps
+        interrupted = stop.requested or (stop_after is not None and step - start_step >= stop_after)
+        if step % t.log_every == 0 or is_eval or is_save or interrupted:
+          window_seconds = time.perf_counter() - window_metrics.started
+          count = len(window_metrics.pending)
+          averaged = flush(window_metrics, step)
+          if step - count > start_step:  # the first window holds compilation: not timed
+            timed_tokens += count * tokens_per_step
+            timed_seconds += window_seconds
+          last_train = averaged
+          writer.write("train", step, averaged)
+          eta = (t.steps - step) * window_seconds / max(count, 1)
+          log(progress_line(step, t.steps, averaged["loss"], averaged["tokens_per_second"], eta))
+        val_loss = evaluate(step) if is_eval else None
+        if is_save or interrupted:
+          meta["sampler"] = sampler.state()
+          meta["wall_seconds"] += time.perf_counter() - started
+          started = time.perf_counter()
+          checkpointer.save(step, state, meta, val_loss=val_loss)
+        if interrupted and step < t.steps:
+          stopped_early = True
+          break
+        if is_eval or is_save:  # keep evaluation and saving out of the next window's timing
+          window_metrics.started = time.perf_counter()
+  finally:  # a pending save completes even if the run stops on an error
+    checkpointer.wait()
+    checkpointer.close()
 
   summary = {
       "config": config.name,

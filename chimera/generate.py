@@ -1,0 +1,127 @@
+"""Sampling with a static-shape key/value cache.
+
+  python -m chimera.generate --workdir=runs/moe_top2-... --prompt="ROMEO:" \
+      --max_new_tokens=200 --temperature=0.8 --top_k=40
+
+The prompt is run through the model once (prefill), filling each layer's cache; then one
+token per step goes through `jax.lax.scan`, so the whole generation is one compiled
+function per (batch, prompt length, new tokens) shape. MoE layers route every new token
+with capacity equal to the group size, so decoding never drops a token.
+"""
+
+import functools
+import json
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags, logging
+
+from chimera import config as config_lib
+from chimera.config import ModelConfig
+from chimera.decoder import Decoder
+from chimera.errors import ChimeraError
+
+
+def init_cache(config: ModelConfig, batch_size: int):
+  """Zeroed decode cache for `batch_size` sequences of up to `config.max_len` tokens."""
+  model = Decoder(config)
+  shapes = jax.eval_shape(
+      lambda: model.init(jax.random.key(0), jnp.zeros((batch_size, 1), jnp.int32), decode=True))
+  return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes["cache"])
+
+
+def sample_logits(logits: jax.Array, rng: jax.Array, temperature: float, top_k: int) -> jax.Array:
+  """logits [B, V] -> token ids [B]. temperature 0 is greedy; top_k 0 keeps every token."""
+  if temperature == 0:
+    return jnp.argmax(logits, axis=-1)
+  logits = logits / temperature
+  if top_k:
+    kth_best = jax.lax.top_k(logits, top_k)[0][:, -1:]
+    logits = jnp.where(logits < kth_best, -jnp.inf, logits)
+  return jax.random.categorical(rng, logits, axis=-1)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "max_new_tokens", "temperature", "top_k",
+                                              "vocab_limit"))
+def generate(params, prompt: jax.Array, rng: jax.Array, *, config: ModelConfig,
+             max_new_tokens: int, temperature: float = 1.0, top_k: int = 0,
+             vocab_limit: int | None = None) -> tuple[jax.Array, jax.Array]:
+  """Continues prompt [B, P] by `max_new_tokens` tokens with the KV cache.
+
+  Returns (new tokens [B, N], the logits that chose them [B, N, V]). `vocab_limit` masks
+  ids at or above it (a vocabulary padded beyond the tokenizer's).
+  """
+  model = Decoder(config)
+  cache = init_cache(config, prompt.shape[0])
+
+  def forward(cache, tokens):
+    (logits, _), variables = model.apply({"params": params, "cache": cache}, tokens,
+                                         decode=True, mutable=["cache"])
+    logits = logits[:, -1]
+    if vocab_limit is not None:
+      logits = jnp.where(jnp.arange(logits.shape[-1]) < vocab_limit, logits, -jnp.inf)
+    return variables["cache"], logits
+
+  cache, logits = forward(cache, prompt)
+
+  def step(carry, step_rng):
+    cache, logits = carry
+    token = sample_logits(logits, step_rng, temperature, top_k)
+    cache, next_logits = forward(cache, token[:, None])
+    return (cache, next_logits), (token, logits)
+
+  _, (tokens, step_logits) = jax.lax.scan(step, (cache, logits),
+                                          jax.random.split(rng, max_new_tokens))
+  return tokens.T, step_logits.transpose(1, 0, 2)
+
+
+def check_length(config: ModelConfig, prompt_length: int, max_new_tokens: int) -> None:
+  if prompt_length < 1:
+    raise ChimeraError("prompt: is empty")
+  if prompt_length + max_new_tokens > config.max_len:
+    raise ChimeraError(
+        f"prompt: {prompt_length} prompt tokens + max_new_tokens={max_new_tokens} exceed the "
+        f"model's context (model.max_len={config.max_len})")
+
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "A run directory with checkpoints/.")
+_PROMPT = flags.DEFINE_string("prompt", "\n", "Text to continue.")
+_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 200, "Tokens to generate.")
+_TEMPERATURE = flags.DEFINE_float("temperature", 0.8, "Sampling temperature; 0 is greedy.")
+_TOP_K = flags.DEFINE_integer("top_k", 40, "Sample among the k likeliest tokens; 0 for all.")
+_SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.WARNING)
+  from chimera.checkpoints import Checkpointer
+  from chimera.data.tokenizers import get_tokenizer
+  from chimera.train import init_state
+  try:
+    workdir = Path(_WORKDIR.value or "")
+    if not (workdir / "config.json").exists():
+      raise ChimeraError(f"--workdir: {workdir} holds no config.json (not a run directory)")
+    config = config_lib.from_dict(json.loads((workdir / "config.json").read_text()))
+    checkpointer = Checkpointer(workdir / "checkpoints", keep=config.train.keep_checkpoints)
+    if checkpointer.latest_step() is None:
+      raise ChimeraError(f"--workdir: {workdir}/checkpoints holds no checkpoint yet")
+    params = checkpointer.restore(init_state(config))[0].params
+    tokenizer = get_tokenizer(config.data.tokenizer)
+    prompt = tokenizer.encode(_PROMPT.value)
+    check_length(config.model, len(prompt), _MAX_NEW.value)
+    tokens, _ = generate(params, jnp.asarray(prompt)[None], jax.random.key(_SEED.value),
+                         config=config.model, max_new_tokens=_MAX_NEW.value,
+                         temperature=_TEMPERATURE.value, top_k=_TOP_K.value,
+                         vocab_limit=tokenizer.vocab_size)
+  except ChimeraError as error:
+    print(f"error: {error}", file=sys.stderr)
+    sys.exit(2)
+  print(_PROMPT.value + tokenizer.decode(np.asarray(tokens[0])))
+
+
+if __name__ == "__main__":
+  app.run(main)

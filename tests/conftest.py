@@ -1,0 +1,54 @@
+import importlib.util
+import os
+from pathlib import Path
+
+import pytest
+
+from chimera import config as config_lib
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path, monkeypatch):
+  """No test reads or writes the user's download cache."""
+  monkeypatch.setenv("CHIMERA_CACHE", str(tmp_path / "cache"))
+
+
+def load_config_dict(name: str, preset: str | None = "tiny"):
+  """configs/<name>.py:get_config(preset), as config_flags would load it."""
+  spec = importlib.util.spec_from_file_location(name, ROOT / "configs" / f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(preset)
+
+
+def make_config(name: str, corpus: Path, preset: str | None = "tiny", **overrides):
+  """A validated Config from configs/<name>.py:preset with `section.field=value` overrides."""
+  config_dict = load_config_dict(name, preset)
+  config_dict.data.corpus = str(corpus)
+  for key, value in overrides.items():
+    section, field = key.split("__")
+    setattr(config_dict[section], field, value)
+  return config_lib.from_config_dict(config_dict)
+
+
+def write_corpus(path: Path, lines: int = 400, seed: int = 0) -> Path:
+  """A small deterministic English-like text."""
+  import random
+  words = ("the king queen lord sweet love death night day heart eye hand speak come go "
+           "thou thee thy art hath doth shall will").split()
+  rng = random.Random(seed)
+  path.write_text("\n".join(" ".join(rng.choice(words) for _ in range(12))
+                            for _ in range(lines)))
+  return path
+
+
+@pytest.fixture
+def corpus(tmp_path) -> Path:
+  return write_corpus(tmp_path / "corpus.txt")
+
+
+@pytest.fixture(name="make_config")
+def _make_config_fixture():
+  return make_config
