@@ -6,6 +6,8 @@ one line that names the offending field, before anything is compiled.
 """
 
 import dataclasses
+import importlib.util
+from pathlib import Path
 from typing import Literal
 
 import ml_collections
@@ -205,3 +207,25 @@ def from_dict(values: dict) -> Config:
       train=TrainConfig(**values["train"]),
       mesh=MeshConfig(**values.get("mesh", {})),
   )
+
+
+def load_config_dict(spec: str) -> ml_collections.ConfigDict:
+  """`path/to/config.py[:preset]` -> its get_config(preset), as `--config=` would load it."""
+  path, _, preset = spec.partition(":")
+  if not Path(path).is_file():
+    raise ChimeraError(f"config: no such file: {path}")
+  module_spec = importlib.util.spec_from_file_location(Path(path).stem, path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(preset or None)
+
+
+def load(spec: str, overrides: dict | None = None) -> Config:
+  """A validated Config from `path[:preset]` and {"section.field": value} overrides."""
+  config_dict = load_config_dict(spec)
+  for key, value in (overrides or {}).items():
+    section, _, field = key.partition(".")
+    if section not in config_dict or field not in config_dict[section]:
+      raise ChimeraError(f"config.{key}: unknown field")
+    setattr(config_dict[section], field, value)
+  return from_config_dict(config_dict)

@@ -33,12 +33,12 @@ def make_norm(config: ModelConfig, name: str) -> nn.Module:
 def apply_rotary(x: jax.Array, positions: jax.Array) -> jax.Array:
   """Rotary position embedding (RoFormer), rotating channel pairs (i, i + D/2).
 
-  x: [B, L, N, D]; positions: [L] integer. Returns x rotated, in x's dtype.
+  x: [..., L, D]; positions: [L] integer. Returns x rotated, in x's dtype.
   """
   half = x.shape[-1] // 2
   inv_freq = 1.0 / (10_000 ** (jnp.arange(half, dtype=jnp.float32) / half))
   angles = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]  # [L, D/2]
-  sin, cos = jnp.sin(angles)[None, :, None, :], jnp.cos(angles)[None, :, None, :]
+  sin, cos = jnp.sin(angles), jnp.cos(angles)  # [L, D/2], broadcast over leading axes
   x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
   rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
   return rotated.astype(x.dtype)
@@ -60,14 +60,17 @@ class CausalSelfAttention(nn.Module):
     cfg = self.config
     dtype = compute_dtype(cfg)
     batch, length, _ = x.shape
-    qkv = nn.DenseGeneral((3, cfg.num_heads, cfg.head_dim), use_bias=cfg.use_bias,
-                          dtype=dtype, kernel_init=dense_init(cfg), name="qkv")(x)
-    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # each [B, L, N, D]
+    # Projections act on [B*L, M]: XLA:CPU runs 2-D matmuls (and their gradients) faster.
+    qkv = nn.Dense(3 * cfg.d_model, use_bias=cfg.use_bias, dtype=dtype,
+                   kernel_init=dense_init(cfg), name="qkv")(x.reshape(-1, cfg.d_model))
+    qkv = qkv.reshape(batch, length, 3, cfg.num_heads, cfg.head_dim).transpose(2, 0, 3, 1, 4)
+    q, k, v = qkv[0], qkv[1], qkv[2]  # each [B, N, L, D]: heads before positions, so that
+    # the score and mix einsums below read the cache without transposing it
 
     start = jnp.zeros((), jnp.int32)
     if decode:
       cache_ready = self.has_variable("cache", "key")
-      cache_shape = (batch, cfg.max_len, cfg.num_heads, cfg.head_dim)
+      cache_shape = (batch, cfg.num_heads, cfg.max_len, cfg.head_dim)
       cached_key = self.variable("cache", "key", jnp.zeros, cache_shape, dtype)
       cached_value = self.variable("cache", "value", jnp.zeros, cache_shape, dtype)
       index = self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
@@ -78,20 +81,21 @@ class CausalSelfAttention(nn.Module):
       q, k = apply_rotary(q, positions), apply_rotary(k, positions)
 
     if decode and cache_ready:
-      k = jax.lax.dynamic_update_slice(cached_key.value, k.astype(dtype), (0, start, 0, 0))
-      v = jax.lax.dynamic_update_slice(cached_value.value, v.astype(dtype), (0, start, 0, 0))
+      k = jax.lax.dynamic_update_slice(cached_key.value, k.astype(dtype), (0, 0, start, 0))
+      v = jax.lax.dynamic_update_slice(cached_value.value, v.astype(dtype), (0, 0, start, 0))
       cached_key.value, cached_value.value = k, v
       index.value = start + length
-    key_positions = jnp.arange(k.shape[1])  # [T]
+    key_positions = jnp.arange(k.shape[2])  # [T]
     mask = key_positions[None, :] <= positions[:, None]  # [L, T]
 
-    logits = jnp.einsum("blnd,btnd->bnlt", q, k).astype(jnp.float32) / math.sqrt(cfg.head_dim)
+    logits = jnp.einsum("bnld,bntd->bnlt", q, k).astype(jnp.float32) / math.sqrt(cfg.head_dim)
     logits = jnp.where(mask[None, None], logits, jnp.finfo(jnp.float32).min)
     weights = jax.nn.softmax(logits, axis=-1).astype(dtype)
     weights = nn.Dropout(cfg.dropout)(weights, deterministic=deterministic)
-    out = jnp.einsum("bnlt,btnd->blnd", weights, v)  # [B, L, N, D]
-    return nn.DenseGeneral(cfg.d_model, axis=(-2, -1), use_bias=cfg.use_bias, dtype=dtype,
-                           kernel_init=dense_init(cfg, residual=True), name="out")(out)
+    out = jnp.einsum("bnlt,bntd->blnd", weights, v).reshape(-1, cfg.d_model)  # [B*L, N*D]
+    out = nn.Dense(cfg.d_model, use_bias=cfg.use_bias, dtype=dtype,
+                   kernel_init=dense_init(cfg, residual=True), name="out")(out)
+    return out.reshape(batch, length, cfg.d_model)
 
 
 class Mlp(nn.Module):
@@ -105,8 +109,10 @@ class Mlp(nn.Module):
     dense = lambda features, name, residual=False: nn.Dense(
         features, use_bias=cfg.use_bias, dtype=compute_dtype(cfg),
         kernel_init=dense_init(cfg, residual), name=name)
+    shape = x.shape
+    x = x.reshape(-1, shape[-1])  # [B*L, M]: 2-D matmuls are faster on XLA:CPU
     if cfg.activation == "swiglu":
       h = nn.silu(dense(cfg.d_ff, "wi_gate")(x)) * dense(cfg.d_ff, "wi_up")(x)
     else:
       h = nn.gelu(dense(cfg.d_ff, "wi")(x))
-    return dense(cfg.d_model, "wo", residual=True)(h)
+    return dense(cfg.d_model, "wo", residual=True)(h).reshape(shape)

@@ -119,24 +119,73 @@ class MoeLayer(nn.Module):
 
   Tokens are cut into groups of `config.group_size` consecutive tokens (of the flattened
   [B*L] batch; when group_size divides L, groups never straddle two sequences). If the
-  token count is not a multiple of group_size (e.g. one token per sequence while
-  decoding), the whole batch is one group. Training uses `capacity_factor`, evaluation
-  (`deterministic=True`) `eval_capacity_factor`, and decoding (`decode=True`) gives every
-  expert S slots, so no token is ever dropped.
+  token count is not a multiple of group_size, the whole batch is one group. Training
+  uses `capacity_factor`, evaluation (`deterministic=True`) `eval_capacity_factor`.
+
+  Decoding (`decode=True`) never drops a token: a prompt is routed with capacity S (every
+  expert could take the whole group), and a single new token per sequence skips the
+  dispatch tensors altogether: it runs just its k experts, whose weights are gathered.
+  In that case the returned Routing is None (there is nothing to balance).
   """
 
   config: ModelConfig
+  skip_experts: bool = False  # benchmarks only: time routing, dispatch and combine alone
+
+  def _expert_weights(self, d_model: int) -> dict[str, jax.Array]:
+    """The experts' weights, each with a leading E axis, in the compute dtype."""
+    cfg = self.config
+    init = nn.initializers.variance_scaling(cfg.expert_init_scale, "fan_in", "truncated_normal",
+                                            in_axis=-2, out_axis=-1, batch_axis=(0,))
+    shape = lambda fan_in, fan_out: (cfg.num_experts, fan_in, fan_out)
+    names = ("wi_gate", "wi_up") if cfg.activation == "swiglu" else ("wi",)
+    weights = {name: self.param(name, init, shape(d_model, cfg.expert_d_ff)) for name in names}
+    weights["wo"] = self.param("wo", init, shape(cfg.expert_d_ff, d_model))
+    return {name: w.astype(compute_dtype(cfg)) for name, w in weights.items()}
+
+  def _experts(self, expert_in: jax.Array, weights: dict[str, jax.Array]) -> jax.Array:
+    """Each expert's MLP on its own tokens: expert_in [E, C, M] -> [E, C, M]."""
+    if self.skip_experts:
+      return expert_in
+    if self.config.activation == "swiglu":
+      hidden = (nn.silu(jnp.einsum("ecm,emh->ech", expert_in, weights["wi_gate"]))
+                * jnp.einsum("ecm,emh->ech", expert_in, weights["wi_up"]))
+    else:
+      hidden = nn.gelu(jnp.einsum("ecm,emh->ech", expert_in, weights["wi"]))  # [E, C, H]
+    return jnp.einsum("ech,ehm->ecm", hidden, weights["wo"])
 
   @nn.compact
   def __call__(self, x: jax.Array, *, deterministic: bool,
-               decode: bool = False) -> tuple[jax.Array, Routing]:
+               decode: bool = False) -> tuple[jax.Array, Routing | None]:
     # x: [B, L, M]
     cfg = self.config
     dtype = compute_dtype(cfg)
     batch, length, d_model = x.shape
     num_tokens = batch * length
     group_size = cfg.group_size if num_tokens % cfg.group_size == 0 else num_tokens
-    x = x.reshape(num_tokens // group_size, group_size, d_model)  # [G, S, M]
+    groups = num_tokens // group_size
+    x = x.reshape(groups, group_size, d_model)  # [G, S, M]
+
+    router_input = x.astype(jnp.float32)
+    if not deterministic and cfg.router_jitter > 0:
+      router_input *= jax.random.uniform(self.make_rng("dropout"), router_input.shape,
+                                         minval=1.0 - cfg.router_jitter,
+                                         maxval=1.0 + cfg.router_jitter)
+    # Not the experts' initializer: the router kernel [M, E] has no leading expert axis.
+    router_init = nn.initializers.variance_scaling(cfg.expert_init_scale, "fan_in",
+                                                   "truncated_normal")
+    router_logits = nn.Dense(cfg.num_experts, use_bias=False, dtype=jnp.float32,
+                             kernel_init=router_init, name="router")(router_input)  # [G, S, E]
+    weights = self._expert_weights(d_model)
+
+    if decode and length == 1:
+      gate, expert_index = jax.lax.top_k(jax.nn.softmax(router_logits, axis=-1), cfg.top_k)
+      if cfg.renormalize_gates:
+        gate = gate / gate.sum(axis=-1, keepdims=True)
+      chosen = {name: w[expert_index.reshape(-1)] for name, w in weights.items()}  # [T*K, ...]
+      token_in = jnp.repeat(x.reshape(-1, 1, d_model), cfg.top_k, axis=0).astype(dtype)
+      out = self._experts(token_in, chosen).reshape(groups, group_size, cfg.top_k, d_model)
+      y = jnp.einsum("gskm,gsk->gsm", out, gate.astype(dtype))
+      return y.reshape(batch, length, d_model), None
 
     if decode:
       capacity = group_size
@@ -144,34 +193,10 @@ class MoeLayer(nn.Module):
       factor = cfg.eval_capacity_factor if deterministic else cfg.capacity_factor
       capacity = expert_capacity(group_size, cfg.num_experts, cfg.top_k, factor,
                                  cfg.min_capacity)
-
-    init = nn.initializers.variance_scaling(cfg.expert_init_scale, "fan_in", "truncated_normal",
-                                            in_axis=-2, out_axis=-1, batch_axis=(0,))
-    # The router kernel [M, E] has no expert axis: with `init`'s batch_axis=(0,) its fan-in
-    # would be 1 instead of M, and the initial logits sqrt(M) times too large.
-    router_init = nn.initializers.variance_scaling(cfg.expert_init_scale, "fan_in",
-                                                   "truncated_normal")
-    router_input = x.astype(jnp.float32)
-    if not deterministic and cfg.router_jitter > 0:
-      router_input *= jax.random.uniform(self.make_rng("dropout"), router_input.shape,
-                                         minval=1.0 - cfg.router_jitter,
-                                         maxval=1.0 + cfg.router_jitter)
-    router_logits = nn.Dense(cfg.num_experts, use_bias=False, dtype=jnp.float32,
-                             kernel_init=router_init, name="router")(router_input)  # [G, S, E]
     routing = route(router_logits, k=cfg.top_k, capacity=capacity, priority=cfg.priority,
                     renormalize=cfg.renormalize_gates)
-
-    expert_shape = lambda fan_in, fan_out: (cfg.num_experts, fan_in, fan_out)
-    wo = self.param("wo", init, expert_shape(cfg.expert_d_ff, d_model)).astype(dtype)
     expert_in = jnp.einsum("gsec,gsm->egcm", routing.dispatch.astype(dtype), x.astype(dtype))
-    if cfg.activation == "swiglu":
-      wi_gate = self.param("wi_gate", init, expert_shape(d_model, cfg.expert_d_ff)).astype(dtype)
-      wi_up = self.param("wi_up", init, expert_shape(d_model, cfg.expert_d_ff)).astype(dtype)
-      hidden = (nn.silu(jnp.einsum("egcm,emh->egch", expert_in, wi_gate))
-                * jnp.einsum("egcm,emh->egch", expert_in, wi_up))
-    else:
-      wi = self.param("wi", init, expert_shape(d_model, cfg.expert_d_ff)).astype(dtype)
-      hidden = nn.gelu(jnp.einsum("egcm,emh->egch", expert_in, wi))  # [E, G, C, H]
-    expert_out = jnp.einsum("egch,ehm->egcm", hidden, wo)  # [E, G, C, M]
+    expert_out = self._experts(expert_in.reshape(cfg.num_experts, -1, d_model), weights)
+    expert_out = expert_out.reshape(expert_in.shape)  # [E, G, C, M]
     y = jnp.einsum("egcm,gsec->gsm", expert_out, routing.combine.astype(dtype))  # [G, S, M]
     return y.reshape(batch, length, d_model), routing

@@ -19,12 +19,12 @@ def base(name: str, arg: str | None) -> ml_collections.ConfigDict:
   c.name = name if preset == "default" else f"{name}-{preset}"
 
   c.model = dict(
-      vocab_size=257, num_layers=4, num_heads=4, d_model=128, d_ff=512, max_len=512,
+      vocab_size=257, num_layers=4, num_heads=3, d_model=192, d_ff=768, max_len=512,
       positions="learned", norm="layernorm", activation="gelu", use_bias=False,
       dropout=0.0, dtype="float32", init_std=0.02,
       # Dense by default; the MoE configs set these.
       num_experts=0, top_k=2, expert_d_ff=256, capacity_factor=1.25,
-      eval_capacity_factor=2.0, min_capacity=4, group_size=256, priority="token",
+      eval_capacity_factor=2.0, min_capacity=4, group_size=64, priority="token",
       renormalize_gates=False, router_jitter=0.0, expert_init_scale=0.1, moe_every=1,
       first_moe_layer=0, load_balance_coef=0.01, z_loss_coef=0.001)
   c.data = dict(corpus="shakespeare", tokenizer="byte", split="auto", val_fraction=0.1, seed=0)
@@ -51,7 +51,8 @@ def base(name: str, arg: str | None) -> ml_collections.ConfigDict:
   elif preset == "nanogpt_cpu":
     # nanoGPT's shakespeare_char CPU quick run, field for field. Train it on the same
     # file: --config.data.corpus=PATH/tinyshakespeare.txt (nanoGPT's 90/10 tail split).
-    c.model.update(max_len=64, expert_d_ff=256, group_size=64)
+    c.model.update(num_layers=4, num_heads=4, d_model=128, d_ff=512, max_len=64,
+                   expert_d_ff=256, group_size=64)
     c.data.split = "tail"
     c.train.update(steps=2000, batch_size=12, context=64, learning_rate=1e-3,
                    min_learning_rate=1e-4, warmup_steps=100, log_every=100,

@@ -87,9 +87,14 @@ def train_step(state: TrainState, tokens: jax.Array, rng: jax.Array, *, model: n
     return jax.tree.map(jnp.add, grads_sum, grads), (loss_sum, stats)
 
   accum = tokens.shape[0]
-  zeros = jax.tree.map(jnp.zeros_like, state.params)
-  grads, (loss_sums, stats) = jax.lax.scan(micro_step, zeros, (jnp.arange(accum), tokens))
-  grads = jax.tree.map(lambda g: g / accum, grads)
+  if accum == 1:  # no accumulation buffers: they cost a pass over the params on XLA:CPU
+    grads, (loss_sum, stats) = grad_fn(state.params, model, config, tokens[0],
+                                       jax.random.fold_in(rng, 0), False)
+    loss_sums, stats = loss_sum[None], jax.tree.map(lambda x: x[None], stats)
+  else:
+    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    grads, (loss_sums, stats) = jax.lax.scan(micro_step, zeros, (jnp.arange(accum), tokens))
+    grads = jax.tree.map(lambda g: g / accum, grads)
   new_state = state.apply_gradients(grads=grads)
   updates = jax.tree.map(jnp.subtract, new_state.params, state.params)
   metrics = {
@@ -109,6 +114,15 @@ def eval_step(params, tokens: jax.Array, *, model: nn.Module, config: ModelConfi
   _, (loss_sum, stats) = _loss(params, model, config, tokens, jax.random.key(0), True)
   return {"loss_sum": loss_sum, "tokens": jnp.asarray(tokens[:, 1:].size, jnp.float32),
           "dropped_fraction": stats["dropped_fraction"], "expert_load": stats["expert_load"]}
+
+
+def unigram_cross_entropy(train_tokens: np.ndarray, val_tokens: np.ndarray,
+                          vocab_size: int) -> float:
+  """Validation loss (nats/token) of the add-one-smoothed unigram model of the training
+  split: the bar a language model must clear."""
+  counts = np.bincount(train_tokens, minlength=vocab_size) + 1.0
+  log_probs = np.log(counts / counts.sum())
+  return float(-log_probs[val_tokens].mean())
 
 
 def init_state(config: Config) -> TrainState:
@@ -180,6 +194,7 @@ def train(config: Config, workdir: str | Path, *, stop_after: int | None = None)
   val_batches = batches_lib.eval_batches(splits.val, batch_size=t.batch_size, window=window,
                                          num_batches=t.eval_batches, seed=config.data.seed)
   val_bytes_per_token = splits.val_bytes / len(splits.val)
+  unigram_loss = unigram_cross_entropy(splits.train, splits.val, m.vocab_size)
 
   counts = accounting.count(m, t.context)
   model = Decoder(m)
@@ -200,7 +215,7 @@ def train(config: Config, workdir: str | Path, *, stop_after: int | None = None)
   writer = MetricWriter(workdir)
   if start_step == 0:
     writer.write("setup", 0, {**counts._asdict(), "train_tokens": len(splits.train),
-                              "val_tokens": len(splits.val)})
+                              "val_tokens": len(splits.val), "unigram_val_loss": unigram_loss})
   log(f"model: {counts.params_total:,} params, {counts.params_active:,} active, "
       f"{counts.flops_per_token / 1e6:.1f} MFLOPs/token")
   step_fn = jax.jit(functools.partial(train_step, model=model, config=m), donate_argnums=0)
@@ -300,6 +315,7 @@ def train(config: Config, workdir: str | Path, *, stop_after: int | None = None)
       "params_active": counts.params_active,
       "flops_per_token": counts.flops_per_token,
       "dispatch_flops_per_token": counts.dispatch_flops_per_token,
+      "unigram_val_loss": unigram_loss,
       "val_bits_per_byte": (meta["final_val_loss"] / math.log(2) / val_bytes_per_token
                             if meta["final_val_loss"] is not None else None),
       "completed": not stopped_early,

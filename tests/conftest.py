@@ -1,5 +1,3 @@
-import importlib.util
-import os
 from pathlib import Path
 
 import pytest
@@ -15,22 +13,11 @@ def _isolated_cache(tmp_path, monkeypatch):
   monkeypatch.setenv("CHIMERA_CACHE", str(tmp_path / "cache"))
 
 
-def load_config_dict(name: str, preset: str | None = "tiny"):
-  """configs/<name>.py:get_config(preset), as config_flags would load it."""
-  spec = importlib.util.spec_from_file_location(name, ROOT / "configs" / f"{name}.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(preset)
-
-
 def make_config(name: str, corpus: Path, preset: str | None = "tiny", **overrides):
-  """A validated Config from configs/<name>.py:preset with `section.field=value` overrides."""
-  config_dict = load_config_dict(name, preset)
-  config_dict.data.corpus = str(corpus)
-  for key, value in overrides.items():
-    section, field = key.split("__")
-    setattr(config_dict[section], field, value)
-  return config_lib.from_config_dict(config_dict)
+  """A validated Config from configs/<name>.py:preset with `section__field=value` overrides."""
+  spec = str(ROOT / "configs" / f"{name}.py") + (f":{preset}" if preset else "")
+  overrides = {key.replace("__", "."): value for key, value in overrides.items()}
+  return config_lib.load(spec, {"data.corpus": str(corpus), **overrides})
 
 
 def write_corpus(path: Path, lines: int = 400, seed: int = 0) -> Path:
