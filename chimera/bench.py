@@ -19,6 +19,7 @@ drifts; every figure is a median over repeats.
 import dataclasses
 import functools
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -30,19 +31,11 @@ from absl import app, flags, logging
 from chimera import accounting, config as config_lib
 from chimera.config import Config
 from chimera.decoder import Decoder
+from chimera.errors import ChimeraError
 from chimera.generate import generate
 from chimera.moe import MoeLayer
 from chimera.train import init_state, train_step
 
-_CONFIGS = flags.DEFINE_list("configs", ["configs/dense.py", "configs/moe_top2.py"],
-                             "Config files, each optionally path:preset.")
-_SET = flags.DEFINE_multi_string("set", [], "Override for every config: section.field=value.")
-_REPEATS = flags.DEFINE_integer("repeats", 5, "Interleaved repeats per config.")
-_STEPS = flags.DEFINE_integer("steps", 10, "Timed train steps per repeat.")
-_PROMPT = flags.DEFINE_integer("prompt_len", 64, "Decode prompt length.")
-_NEW_TOKENS = flags.DEFINE_integer("new_tokens", 256, "Decode tokens generated.")
-_DECODE_BATCHES = flags.DEFINE_list("decode_batches", ["1", "8"], "Decode batch sizes.")
-_JSON = flags.DEFINE_string("json", None, "Write the records here as JSON.")
 
 
 def _timed(fn, *args) -> float:
@@ -69,12 +62,21 @@ def device_peak_memory() -> int | None:
   return stats.get("peak_bytes_in_use") if stats else None
 
 
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  steps: int = 10  # timed train steps per repeat
+  prompt_len: int = 64
+  new_tokens: int = 256
+  decode_batches: tuple[int, ...] = (1, 8)
+
+
 @dataclasses.dataclass
 class Subject:
   """One config and its compiled functions, measured a slice at a time."""
 
   spec: str
   config: Config
+  settings: Settings
   times: dict = dataclasses.field(default_factory=lambda: {})
 
   def __post_init__(self):
@@ -93,8 +95,8 @@ class Subject:
     self.compiled_memory = None if memory is None else int(
         memory.argument_size_in_bytes + memory.output_size_in_bytes
         + memory.temp_size_in_bytes - memory.alias_size_in_bytes)
-    self.prompts = {int(b): rng.integers(0, c.model.vocab_size, (int(b), _PROMPT.value))
-                    for b in _DECODE_BATCHES.value}
+    self.prompts = {b: rng.integers(0, c.model.vocab_size, (b, self.settings.prompt_len))
+                    for b in self.settings.decode_batches}
     self.moe_layer = self._moe_layer_fns() if c.model.num_experts else None
     self.measure(warmup=True)
 
@@ -114,7 +116,7 @@ class Subject:
 
   def _train_seconds(self) -> float:
     seconds = []
-    for _ in range(_STEPS.value):
+    for _ in range(self.settings.steps):
       start = time.perf_counter()
       self.state, metrics = self.step(self.state, self.batch, self.rng)
       jax.block_until_ready(metrics)
@@ -123,7 +125,8 @@ class Subject:
 
   def _decode_seconds(self, batch: int) -> float:
     return _timed(lambda: generate(self.state.params, self.prompts[batch], jax.random.key(0),
-                                   config=self.config.model, max_new_tokens=_NEW_TOKENS.value,
+                                   config=self.config.model,
+                                   max_new_tokens=self.settings.new_tokens,
                                    temperature=1.0))
 
   def measure(self, warmup: bool = False) -> None:
@@ -155,8 +158,8 @@ class Subject:
     }
     for batch in self.prompts:
       seconds = median(f"decode_seconds_b{batch}")
-      out[f"decode_tokens_per_second_b{batch}"] = batch * _NEW_TOKENS.value / seconds
-      out[f"decode_ms_per_token_b{batch}"] = 1e3 * seconds / _NEW_TOKENS.value
+      out[f"decode_tokens_per_second_b{batch}"] = batch * self.settings.new_tokens / seconds
+      out[f"decode_ms_per_token_b{batch}"] = 1e3 * seconds / self.settings.new_tokens
     first = min(self.prompts)
     out["decode_tokens_per_second"] = out[f"decode_tokens_per_second_b{first}"]
     out["decode_ms_per_token"] = out[f"decode_ms_per_token_b{first}"]
@@ -167,19 +170,26 @@ class Subject:
     return out
 
 
-def _parse_override(text: str) -> tuple[str, object]:
-  key, _, value = text.partition("=")
+def parse_value(text: str):
+  """A command-line value: int, float, bool or string, in that order."""
   for cast in (int, float):
     try:
-      return key, cast(value)
+      return cast(text)
     except ValueError:
       pass
-  return key, {"True": True, "False": False}.get(value, value)
+  return {"True": True, "False": False, "true": True, "false": False}.get(text, text)
 
 
-def run(specs: list[str], repeats: int, overrides: dict | None = None) -> list[dict]:
-  """Measures every config, interleaved `repeats` times; returns one record per config."""
-  subjects = [Subject(spec, config_lib.load(spec, overrides)) for spec in specs]
+def parse_override(text: str) -> tuple[str, object]:
+  """"section.field=value" -> ("section.field", value)."""
+  key, _, value = text.partition("=")
+  return key, parse_value(value)
+
+
+def run(named_configs: list[tuple[str, Config]], repeats: int,
+        settings: Settings = Settings()) -> list[dict]:
+  """Measures every (name, config), interleaved `repeats` times; one record per config."""
+  subjects = [Subject(name, config, settings) for name, config in named_configs]
   dtypes = {s.config.model.dtype for s in subjects}
   peak = {d: peak_matmul_flops(jnp.bfloat16 if d == "bfloat16" else jnp.float32) for d in dtypes}
   for _ in range(repeats):
@@ -205,10 +215,33 @@ def format_table(records: list[dict]) -> str:
   return "\n".join(lines)
 
 
+def define_flags() -> None:
+  """Command-line flags, defined only when the bench runs as a program (other modules,
+  like chimera.compare, import it as a library)."""
+  flags.DEFINE_list("configs", ["configs/dense.py", "configs/moe_top2.py"],
+                    "Config files, each optionally path:preset.")
+  flags.DEFINE_multi_string("set", [], "Override for every config: section.field=value.")
+  flags.DEFINE_integer("repeats", 5, "Interleaved repeats per config.")
+  flags.DEFINE_integer("steps", 10, "Timed train steps per repeat.")
+  flags.DEFINE_integer("prompt_len", 64, "Decode prompt length.")
+  flags.DEFINE_integer("new_tokens", 256, "Decode tokens generated.")
+  flags.DEFINE_list("decode_batches", ["1", "8"], "Decode batch sizes.")
+  flags.DEFINE_string("json", None, "Write the records here as JSON.")
+
+
 def main(argv):
   del argv
+  FLAGS = flags.FLAGS
   logging.set_verbosity(logging.WARNING)
-  records = run(_CONFIGS.value, _REPEATS.value, dict(map(_parse_override, _SET.value)))
+  overrides = dict(map(parse_override, FLAGS.set))
+  settings = Settings(steps=FLAGS.steps, prompt_len=FLAGS.prompt_len, new_tokens=FLAGS.new_tokens,
+                      decode_batches=tuple(int(b) for b in FLAGS.decode_batches))
+  try:
+    records = run([(spec, config_lib.load(spec, overrides)) for spec in FLAGS.configs],
+                  FLAGS.repeats, settings)
+  except ChimeraError as error:
+    print(f"error: {error}", file=sys.stderr)
+    sys.exit(2)
   print(f"device: {records[0]['device']}; peak matmul "
         f"{records[0]['peak_matmul_flops'] / 1e9:.1f} GFLOP/s ({records[0]['config']} dtype)")
   print(format_table(records))
@@ -218,9 +251,10 @@ def main(argv):
       print(f"{r['config']} vs {base['config']}: train step "
             f"{r['train_step_seconds'] / base['train_step_seconds']:.2f}x, decode b1 "
             f"{r['decode_tokens_per_second'] / base['decode_tokens_per_second']:.2f}x tokens/s")
-  if _JSON.value:
-    Path(_JSON.value).write_text(json.dumps(records, indent=2))
+  if FLAGS.json:
+    Path(FLAGS.json).write_text(json.dumps(records, indent=2))
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

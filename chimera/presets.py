@@ -29,7 +29,7 @@ def base(name: str, arg: str | None) -> ml_collections.ConfigDict:
       first_moe_layer=0, load_balance_coef=0.01, z_loss_coef=0.001)
   c.data = dict(corpus="shakespeare", tokenizer="byte", split="auto", val_fraction=0.1, seed=0)
   c.train = dict(
-      steps=1500, batch_size=32, context=128, grad_accum=1, learning_rate=2e-3,
+      steps=1000, batch_size=32, context=128, grad_accum=1, learning_rate=2e-3,
       min_learning_rate=2e-4, warmup_steps=100, b1=0.9, b2=0.99, weight_decay=0.1,
       grad_clip=1.0, seed=0, log_every=50, eval_every=250, eval_batches=20,
       checkpoint_every=500, keep_checkpoints=2)

@@ -12,6 +12,7 @@ import math
 import signal
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import flax.linen as nn
 import jax
@@ -19,8 +20,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax.training import train_state
+from jax.sharding import NamedSharding, PartitionSpec
 
-from chimera import accounting, config as config_lib
+from chimera import accounting, config as config_lib, sharding
 from chimera.checkpoints import Checkpointer
 from chimera.config import Config, ModelConfig, TrainConfig
 from chimera.data import batches as batches_lib
@@ -125,12 +127,48 @@ def unigram_cross_entropy(train_tokens: np.ndarray, val_tokens: np.ndarray,
   return float(-log_probs[val_tokens].mean())
 
 
-def init_state(config: Config) -> TrainState:
+def init_state(config: Config, mesh: jax.sharding.Mesh | None = None) -> TrainState:
+  """A fresh TrainState; with a mesh, each leaf is created where `sharding` puts it."""
   model = Decoder(config.model)
-  dummy = jnp.zeros((1, config.train.context), jnp.int32)
-  params = jax.jit(model.init)(jax.random.key(config.train.seed), dummy)["params"]
-  return TrainState.create(apply_fn=model.apply, params=params,
-                           tx=make_optimizer(config.train))
+  tx = make_optimizer(config.train)
+
+  def create():
+    dummy = jnp.zeros((1, config.train.context), jnp.int32)
+    params = model.init(jax.random.key(config.train.seed), dummy)["params"]
+    return TrainState.create(apply_fn=model.apply, params=params, tx=tx)
+
+  if mesh is None:
+    return jax.jit(create)()
+  shardings = sharding.state_sharding(mesh, jax.eval_shape(create))
+  return jax.jit(create, out_shardings=shardings)()
+
+
+class _Data(NamedTuple):
+  splits: batches_lib.Splits
+  val_batches: np.ndarray  # [N, B / processes, context + 1]: this process's rows
+  val_bytes_per_token: float
+  unigram_loss: float
+
+
+def _prepare_data(config: Config) -> _Data:
+  """Tokenizer, corpus, split and the fixed validation subset, with their checks."""
+  t, m = config.train, config.model
+  tokenizer = get_tokenizer(config.data.tokenizer)
+  if tokenizer.vocab_size > m.vocab_size:
+    raise ChimeraError(
+        f"config.model.vocab_size={m.vocab_size} does not match tokenizer "
+        f"'{config.data.tokenizer}', which has {tokenizer.vocab_size} tokens")
+  splits = batches_lib.make_splits(load_corpus(config.data.corpus), tokenizer,
+                                   val_fraction=config.data.val_fraction, mode=config.data.split)
+  log(f"data: {config.data.corpus}: train {len(splits.train):,} tokens, "
+      f"validation {len(splits.val):,} tokens ({config.data.tokenizer} tokenizer)")
+  val_batches = batches_lib.eval_batches(splits.val, batch_size=t.batch_size,
+                                         window=t.context + 1, num_batches=t.eval_batches,
+                                         seed=config.data.seed)
+  rows = t.batch_size // jax.process_count()
+  val_batches = val_batches[:, jax.process_index() * rows:(jax.process_index() + 1) * rows]
+  return _Data(splits, val_batches, splits.val_bytes / len(splits.val),
+               unigram_cross_entropy(splits.train, splits.val, m.vocab_size))
 
 
 @dataclasses.dataclass
@@ -176,58 +214,62 @@ def train(config: Config, workdir: str | Path, *, stop_after: int | None = None)
   this call; the run is resumed by calling again with the same workdir.
   """
   started = time.perf_counter()
-  t, m = config.train, config.model
+  sharding.check_mesh(config, jax.device_count())
   workdir = Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
-  (workdir / "config.json").write_text(json.dumps(config_lib.to_dict(config), indent=2))
+  if jax.process_index() == 0:
+    (workdir / "config.json").write_text(json.dumps(config_lib.to_dict(config), indent=2))
+  data = _prepare_data(config)
+  mesh = sharding.make_mesh(config.mesh)
+  with jax.set_mesh(mesh):
+    return _train_loop(config, workdir, data, mesh, started, stop_after)
 
-  tokenizer = get_tokenizer(config.data.tokenizer)
-  if tokenizer.vocab_size > m.vocab_size:
-    raise ChimeraError(
-        f"config.model.vocab_size={m.vocab_size} does not match tokenizer "
-        f"'{config.data.tokenizer}', which has {tokenizer.vocab_size} tokens")
-  splits = batches_lib.make_splits(load_corpus(config.data.corpus), tokenizer,
-                                   val_fraction=config.data.val_fraction, mode=config.data.split)
-  log(f"data: {config.data.corpus}: train {len(splits.train):,} tokens, "
-      f"validation {len(splits.val):,} tokens ({config.data.tokenizer} tokenizer)")
+
+def _train_loop(config: Config, workdir: Path, data: _Data, mesh: jax.sharding.Mesh,
+                started: float, stop_after: int | None) -> dict:
+  t, m = config.train, config.model
   window = t.context + 1
-  val_batches = batches_lib.eval_batches(splits.val, batch_size=t.batch_size, window=window,
-                                         num_batches=t.eval_batches, seed=config.data.seed)
-  val_bytes_per_token = splits.val_bytes / len(splits.val)
-  unigram_loss = unigram_cross_entropy(splits.train, splits.val, m.vocab_size)
-
   counts = accounting.count(m, t.context)
   model = Decoder(m)
-  eval_model = Decoder(m)
-  state = init_state(config)
+  state = init_state(config, mesh)
   checkpointer = Checkpointer(workdir / "checkpoints", keep=t.keep_checkpoints)
   meta = {"sampler": None, "best_val_loss": math.inf, "final_val_loss": None,
           "wall_seconds": 0.0, "tokens_seen": 0}
   if checkpointer.latest_step() is not None:
-    state, meta = checkpointer.restore(state)
+    state, meta = checkpointer.restore(state)  # onto this mesh, whatever the saving one was
     log(f"resumed from {workdir / 'checkpoints'} at step {int(state.step)}")
   start_step = int(state.step)
-  sampler = batches_lib.WindowSampler(splits.train, batch_size=t.batch_size, window=window,
+  sampler = batches_lib.WindowSampler(data.splits.train, batch_size=t.batch_size, window=window,
                                       seed=config.data.seed, step=start_step,
                                       process_index=jax.process_index(),
                                       process_count=jax.process_count())
+  train_batch = sharding.batch_sharding(mesh, ndim=3, batch_axis=1)  # [A, B, L+1]
+  eval_batch = sharding.batch_sharding(mesh, ndim=2)  # [B, L+1]
+  to_global = jax.make_array_from_process_local_data
+  val_batches = [to_global(eval_batch, batch) for batch in data.val_batches]
 
   writer = MetricWriter(workdir)
   if start_step == 0:
-    writer.write("setup", 0, {**counts._asdict(), "train_tokens": len(splits.train),
-                              "val_tokens": len(splits.val), "unigram_val_loss": unigram_loss})
+    writer.write("setup", 0, {**counts._asdict(), "train_tokens": len(data.splits.train),
+                              "val_tokens": len(data.splits.val),
+                              "unigram_val_loss": data.unigram_loss})
   log(f"model: {counts.params_total:,} params, {counts.params_active:,} active, "
-      f"{counts.flops_per_token / 1e6:.1f} MFLOPs/token")
-  step_fn = jax.jit(functools.partial(train_step, model=model, config=m), donate_argnums=0)
-  eval_fn = jax.jit(functools.partial(eval_step, model=eval_model, config=m))
+      f"{counts.flops_per_token / 1e6:.1f} MFLOPs/token; mesh {dict(mesh.shape)}")
+  replicated = NamedSharding(mesh, PartitionSpec())
+  state_shardings = sharding.state_sharding(mesh, state)
+  step_fn = jax.jit(functools.partial(train_step, model=model, config=m), donate_argnums=0,
+                    out_shardings=(state_shardings, replicated))
+  eval_fn = jax.jit(functools.partial(eval_step, model=model, config=m),
+                    out_shardings=replicated)
   rng = jax.random.key(t.seed + 1)
   tokens_per_step = t.batch_size * t.context
+  val_bytes_per_token = data.val_bytes_per_token
 
   def evaluate(step: int) -> float:
-    results = [eval_fn(state.params, batch) for batch in val_batches]
-    averaged = jax.tree.map(lambda *xs: np.mean(xs, axis=0), *jax.device_get(results))
-    val_loss = float(np.sum([r["loss_sum"] for r in jax.device_get(results)])
-                     / np.sum([r["tokens"] for r in jax.device_get(results)]))
+    results = jax.device_get([eval_fn(state.params, batch) for batch in val_batches])
+    averaged = jax.tree.map(lambda *xs: np.mean(xs, axis=0), *results)
+    val_loss = float(np.sum([r["loss_sum"] for r in results])
+                     / np.sum([r["tokens"] for r in results]))
     meta["best_val_loss"] = min(meta["best_val_loss"], val_loss)
     meta["final_val_loss"] = val_loss
     bits_per_byte = val_loss / math.log(2) / val_bytes_per_token
@@ -239,10 +281,8 @@ def train(config: Config, workdir: str | Path, *, stop_after: int | None = None)
         f"{bits_per_byte:.4f} bits/byte")
     return val_loss
 
-  def flush(window: _Window, step: int) -> dict | None:
-    """Fetches pending metrics; stops the run on a non-finite loss."""
-    if not window.pending:
-      return None
+  def flush(window: _Window, step: int) -> tuple[dict, float]:
+    """Fetches pending metrics (and their window's seconds); stops on a non-finite loss."""
     records = jax.device_get(window.pending)
     first_step = step - len(records) + 1
     for offset, record in enumerate(records):
@@ -253,12 +293,12 @@ def train(config: Config, workdir: str | Path, *, stop_after: int | None = None)
             f"{record['param_norm']}) at step {first_step + offset}; stopping. The last good "
             f"checkpoint in {workdir / 'checkpoints'} is untouched")
     averaged = _average(records)
-    seconds = time.perf_counter() - window.started
+    seconds = time.perf_counter() - window.started  # after device_get: the steps are done
     averaged["tokens_per_second"] = len(records) * tokens_per_step / seconds
     averaged["learning_rate"] = float(schedule(step - 1))
     window.pending.clear()
     window.started = time.perf_counter()
-    return averaged
+    return averaged, seconds
 
   schedule = make_schedule(t)
   last_train = None
@@ -269,7 +309,7 @@ def train(config: Config, workdir: str | Path, *, stop_after: int | None = None)
   try:
     with _StopRequest() as stop:
       while step < t.steps:
-        batch = sampler.next().reshape(t.grad_accum, -1, window)
+        batch = to_global(train_batch, sampler.next().reshape(t.grad_accum, -1, window))
         state, step_metrics = step_fn(state, batch, rng)
         window_metrics.pending.append(step_metrics)
         step += 1
@@ -278,9 +318,8 @@ def train(config: Config, workdir: str | Path, *, stop_after: int | None = None)
         is_save = step % t.checkpoint_every == 0 or step == t.steps
         interrupted = stop.requested or (stop_after is not None and step - start_step >= stop_after)
         if step % t.log_every == 0 or is_eval or is_save or interrupted:
-          window_seconds = time.perf_counter() - window_metrics.started
           count = len(window_metrics.pending)
-          averaged = flush(window_metrics, step)
+          averaged, window_seconds = flush(window_metrics, step)
           if step - count > start_step:  # the first window holds compilation: not timed
             timed_tokens += count * tokens_per_step
             timed_seconds += window_seconds
@@ -315,7 +354,7 @@ def train(config: Config, workdir: str | Path, *, stop_after: int | None = None)
       "params_active": counts.params_active,
       "flops_per_token": counts.flops_per_token,
       "dispatch_flops_per_token": counts.dispatch_flops_per_token,
-      "unigram_val_loss": unigram_loss,
+      "unigram_val_loss": data.unigram_loss,
       "val_bits_per_byte": (meta["final_val_loss"] / math.log(2) / val_bytes_per_token
                             if meta["final_val_loss"] is not None else None),
       "completed": not stopped_early,

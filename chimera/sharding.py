@@ -1,0 +1,90 @@
+"""The device mesh and the partition rules, in one place.
+
+The mesh has two axes, `data` and `expert` (config.mesh.data x config.mesh.expert
+devices; 1 x 1 is a single device and runs the same code). The rules:
+- The batch is split over every device, `data` and `expert` together: devices that hold
+  different experts also hold different tokens, as in GShard, so no device routes
+  tokens another one already routes.
+- Expert weights (the leading E axis of `moe/wi`, `wi_gate`, `wi_up`, `wo`) are split
+  over `expert`: each device holds E / mesh.expert experts.
+- Everything else is replicated. The optimiser state follows its parameters (the rule
+  looks at the parameter path, which optax's state repeats).
+Inside the MoE layer, `constrain` pins the dispatched tokens [E, G, C, M] to be split by
+expert, so GSPMD turns the dispatch and combine einsums into all-to-alls over `expert`.
+
+Multi-host: `initialize_distributed` starts jax.distributed when SLURM or the usual
+coordinator variables say there are several processes.
+"""
+
+import os
+
+import jax
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
+from chimera.config import Config, MeshConfig
+from chimera.errors import ChimeraError
+
+DATA, EXPERT = "data", "expert"
+BATCH = (DATA, EXPERT)  # the axes the batch (and the MoE groups) are split over
+EXPERT_WEIGHTS = ("wi", "wi_gate", "wi_up", "wo")
+
+
+def initialize_distributed() -> None:
+  """jax.distributed.initialize() when the environment describes several processes."""
+  if jax.distributed.is_initialized():
+    return
+  slurm_tasks = int(os.environ.get("SLURM_NTASKS", "1"))
+  if slurm_tasks > 1 or "JAX_COORDINATOR_ADDRESS" in os.environ:
+    jax.distributed.initialize()  # reads SLURM_* or JAX_COORDINATOR_ADDRESS etc. itself
+
+
+def check_mesh(config: Config, device_count: int) -> None:
+  """Rejects a mesh that does not fit the devices, the experts or the batch."""
+  mesh, model, train = config.mesh, config.model, config.train
+  if mesh.data * mesh.expert != device_count:
+    raise ChimeraError(
+        f"config.mesh: data={mesh.data} x expert={mesh.expert} = {mesh.data * mesh.expert} "
+        f"devices, but {device_count} are available")
+  if model.num_experts and model.num_experts % mesh.expert:
+    raise ChimeraError(
+        f"config.model.num_experts={model.num_experts} is not divisible by "
+        f"config.mesh.expert={mesh.expert}")
+  micro_batch = train.batch_size // train.grad_accum
+  if micro_batch % device_count:
+    raise ChimeraError(
+        f"config.train.batch_size: a micro-batch of {micro_batch} sequences cannot be split "
+        f"over {device_count} devices")
+
+
+def make_mesh(config: MeshConfig) -> jax.sharding.Mesh:
+  return jax.make_mesh((config.data, config.expert), (DATA, EXPERT),
+                       axis_types=(AxisType.Auto, AxisType.Auto))
+
+
+def _spec(path, leaf) -> P:
+  names = [getattr(key, "key", getattr(key, "name", None)) for key in path]
+  if getattr(leaf, "ndim", 0) == 3 and "moe" in names and names[-1] in EXPERT_WEIGHTS:
+    return P(EXPERT)
+  return P()
+
+
+def state_sharding(mesh: jax.sharding.Mesh, state):
+  """NamedShardings for every leaf of a TrainState (params and optimiser state)."""
+  return jax.tree_util.tree_map_with_path(lambda path, leaf: NamedSharding(mesh, _spec(path, leaf)),
+                                          state)
+
+
+def batch_sharding(mesh: jax.sharding.Mesh, ndim: int, batch_axis: int = 0) -> NamedSharding:
+  """Token arrays: the batch axis split over every device."""
+  spec = [None] * ndim
+  spec[batch_axis] = BATCH
+  return NamedSharding(mesh, P(*spec))
+
+
+def constrain(x: jax.Array, *spec) -> jax.Array:
+  """with_sharding_constraint(x, P(*spec)) under a mesh that has an expert axis; a no-op
+  otherwise (a single device, or model code used outside chimera's mesh)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or EXPERT not in mesh.axis_names:
+    return x
+  return jax.lax.with_sharding_constraint(x, P(*spec))

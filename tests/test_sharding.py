@@ -1,0 +1,76 @@
+"""Data and expert parallelism on 8 fake CPU devices (each run in its own process)."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from chimera import sharding
+from chimera.errors import ChimeraError
+
+from conftest import ROOT
+
+DRIVER = ROOT / "tests" / "multidevice_run.py"
+STEPS = 4
+
+
+def run(tmp_path, name, devices, data, expert, corpus, stop_after=None, workdir=None):
+  workdir = workdir or tmp_path / name
+  args = [sys.executable, str(DRIVER), str(devices), str(data), str(expert), str(workdir),
+          str(corpus), str(STEPS)] + ([str(stop_after)] if stop_after else [])
+  result = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "XLA_FLAGS": ""})
+  assert result.returncode == 0, result.stderr[-3000:]
+  return dict(np.load(workdir / "result.npz"))
+
+
+@pytest.fixture(scope="module")
+def single_device(tmp_path_factory):
+  tmp = tmp_path_factory.mktemp("single")
+  from conftest import write_corpus
+  corpus = write_corpus(tmp / "corpus.txt")
+  return corpus, run(tmp, "reference", 1, 1, 1, corpus)
+
+
+def assert_same_training(result, reference):
+  assert int(result["step"]) == int(reference["step"]) == STEPS
+  np.testing.assert_allclose(result["last_loss"], reference["last_loss"], rtol=1e-5)
+  for name in reference:
+    if "/" in name:  # a parameter
+      np.testing.assert_allclose(result[name], reference[name], rtol=2e-4, atol=2e-5,
+                                 err_msg=name)
+
+
+@pytest.mark.parametrize("data, expert", [(2, 4), (8, 1), (1, 8)])
+def test_sharded_training_equals_single_device(data, expert, single_device, tmp_path):
+  corpus, reference = single_device
+  result = run(tmp_path, f"mesh{data}x{expert}", 8, data, expert, corpus)
+  assert_same_training(result, reference)
+  # The expert weights really are split: E / mesh.expert experts on each device.
+  assert int(result["experts_per_device"]) == 8 // expert
+  assert int(result["num_shards"]) == 8
+
+
+def test_checkpoint_moves_from_8_to_4_to_1_devices(single_device, tmp_path):
+  corpus, reference = single_device
+  workdir = tmp_path / "moving"
+  first = run(tmp_path, "", 8, 2, 4, corpus, stop_after=2, workdir=workdir)
+  assert int(first["step"]) == 2
+  second = run(tmp_path, "", 4, 1, 4, corpus, stop_after=1, workdir=workdir)
+  assert int(second["step"]) == 3
+  final = run(tmp_path, "", 1, 1, 1, corpus, workdir=workdir)
+  assert_same_training(final, reference)
+
+
+def test_bad_mesh_is_rejected(make_config, corpus):
+  config = make_config("moe_top2", corpus, mesh__data=2, mesh__expert=2, train__batch_size=8)
+  with pytest.raises(ChimeraError, match=r"config.mesh: data=2 x expert=2 = 4 devices, but 8"):
+    sharding.check_mesh(config, device_count=8)
+  config = make_config("moe_top2", corpus, mesh__data=1, mesh__expert=3, model__num_experts=8)
+  with pytest.raises(ChimeraError, match="num_experts=8 is not divisible by config.mesh.expert=3"):
+    sharding.check_mesh(config, device_count=3)
+  config = make_config("moe_top2", corpus, mesh__data=8, train__batch_size=4)
+  with pytest.raises(ChimeraError, match="cannot be split over 8 devices"):
+    sharding.check_mesh(config, device_count=8)
