@@ -13,7 +13,10 @@ Conventions:
 - `dispatch_flops_per_token` is the cost of the dispatch and combine einsums, which are
   not model FLOPs: 2 einsums * 2 * E * C * M per token per MoE layer forward, times 3.
   With C ~ k * cf * S / E this is 12 * k * cf * S * M per MoE layer, so its ratio to the
-  expert FLOPs (6 * k * 2 * M * H, GELU) is about cf * S / H.
+  expert FLOPs (6 * k * 2 * M * H, GELU) is about cf * S / H. Under
+  `dispatch="dropless"` it is 0: the sort, gather and scatter move K*M values per token
+  per MoE layer and do no multiply-adds, so they are not counted as FLOPs (nor is the
+  gate-weighted sum of the k expert outputs, 2 * K * M per token).
 """
 
 from typing import NamedTuple
@@ -57,9 +60,10 @@ def count(config: ModelConfig, context: int) -> Accounting:
       total += router + config.num_experts * expert_matmul
       active += router + config.top_k * expert_matmul
       matmul += router + config.top_k * expert_matmul
-      capacity = expert_capacity(config.group_size, config.num_experts, config.top_k,
-                                 config.capacity_factor, config.min_capacity)
-      dispatch += 3 * 2 * 2 * config.num_experts * capacity * m
+      if config.dispatch == "einsum":
+        capacity = expert_capacity(config.group_size, config.num_experts, config.top_k,
+                                   config.capacity_factor, config.min_capacity)
+        dispatch += 3 * 2 * 2 * config.num_experts * capacity * m
     else:
       total += mlp_matmul + mlp_bias
       active += mlp_matmul + mlp_bias

@@ -41,6 +41,9 @@ class ModelConfig:
   min_capacity: int = 4
   group_size: int = 256
   priority: Literal["token", "rank"] = "token"
+  # "einsum": static capacity, one-hot dispatch/combine; "dropless": sort by expert and
+  # run the experts as a grouped matmul, no capacity and no drops (see chimera/moe.py).
+  dispatch: Literal["einsum", "dropless"] = "einsum"
   renormalize_gates: bool = False
   router_jitter: float = 0.0  # epsilon of the multiplicative U(1-eps, 1+eps) jitter
   expert_init_scale: float = 0.1  # variance scale of the truncated-normal expert/router init
@@ -151,6 +154,8 @@ def validate_model(m: ModelConfig) -> None:
          f"must be in [0, model.num_layers={m.num_layers}), got {m.first_moe_layer}")
   _check(m.priority in ("token", "rank"), "model.priority",
          f"expected 'token' or 'rank', got {m.priority!r}")
+  _check(m.dispatch in ("einsum", "dropless"), "model.dispatch",
+         f"expected 'einsum' or 'dropless', got {m.dispatch!r}")
   _check(0.0 <= m.router_jitter < 1.0, "model.router_jitter",
          f"must be in [0, 1), got {m.router_jitter}")
 

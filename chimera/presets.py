@@ -24,7 +24,7 @@ def base(name: str, arg: str | None) -> ml_collections.ConfigDict:
       dropout=0.0, dtype="float32", init_std=0.02,
       # Dense by default; the MoE configs set these.
       num_experts=0, top_k=2, expert_d_ff=256, capacity_factor=1.25,
-      eval_capacity_factor=2.0, min_capacity=4, group_size=64, priority="token",
+      eval_capacity_factor=2.0, min_capacity=4, group_size=64, priority="token", dispatch="einsum",
       renormalize_gates=False, router_jitter=0.0, expert_init_scale=0.1, moe_every=1,
       first_moe_layer=0, load_balance_coef=0.01, z_loss_coef=0.001)
   c.data = dict(corpus="shakespeare", tokenizer="byte", split="auto", val_fraction=0.1, seed=0)

@@ -15,7 +15,7 @@ os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from chimera import config as config_lib  # noqa: E402
+from chimera import config as config_lib, sharding  # noqa: E402
 from chimera.checkpoints import Checkpointer  # noqa: E402
 from chimera.train import init_state, train  # noqa: E402
 
@@ -29,7 +29,7 @@ config = config_lib.load(os.path.join(root, "configs", "moe_top2.py") + ":tiny",
 assert jax.device_count() == devices
 summary = train(config, workdir, stop_after=stop_after)
 
-mesh = jax.make_mesh((data, expert), ("data", "expert"))
+mesh = sharding.make_mesh(config.mesh)
 checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), keep=2)
 with jax.set_mesh(mesh):
   state, _ = checkpointer.restore(init_state(config, mesh))

@@ -1,0 +1,96 @@
+"""All-to-all volume and per-device memory of a sharded train step, measured from XLA.
+
+  XLA_FLAGS=--xla_force_host_platform_device_count=8 \\
+      python -m chimera.scaling --config=configs/moe_top2.py --mesh=2,4
+
+It compiles the real train step on the mesh (no training), reads every all-to-all in the
+optimized HLO and XLA's per-device memory accounting, and prints them beside the formula
+of docs/scaling.md:
+
+  all-to-all buffer bytes per device per step = 4 * N_moe * k * cf' * T_d * M * b
+  (dispatch and combine, forward and backward), of which (X - 1) / X leave the device,
+
+with N_moe MoE layers, T_d = tokens per device, M = d_model, X = mesh.expert, b = bytes
+per element, and k * cf' = E * C / S the slots per token after rounding C up.
+"""
+
+import functools
+import re
+
+import jax
+import numpy as np
+from absl import app, flags
+
+from chimera import config as config_lib, sharding
+from chimera.bench import parse_override
+from chimera.decoder import Decoder
+from chimera.moe import expert_capacity
+from chimera.train import init_state, train_step
+
+_CONFIG = flags.DEFINE_string("config", "configs/moe_top2.py", "Config file[:preset].")
+_MESH = flags.DEFINE_list("mesh", ["2", "4"], "data,expert")
+_SET = flags.DEFINE_multi_string("set", [], "Overrides: section.field=value.")
+
+_BYTES = {"f32": 4, "bf16": 2, "f16": 2, "s32": 4}
+
+
+def all_to_all_bytes(hlo_text: str) -> tuple[int, int]:
+  """(number of all-to-all ops, bytes they output on one device) in an HLO module."""
+  count, total = 0, 0
+  for line in hlo_text.splitlines():
+    match = re.search(r"= \(?(.*?)\)? all-to-all\(", line)
+    if not match:
+      continue
+    count += 1
+    for dtype, dims in re.findall(r"(\w+)\[([\d,]*)\]", match.group(1)):
+      total += _BYTES.get(dtype, 4) * int(np.prod([int(d) for d in dims.split(",") if d]))
+  return count, total
+
+
+def predicted_bytes(config: config_lib.Config) -> float:
+  """The formula above: all-to-all buffer bytes per device per training step."""
+  m, t, mesh = config.model, config.train, config.mesh
+  if mesh.expert == 1:
+    return 0.0
+  tokens_per_device = t.batch_size // t.grad_accum * t.context / (mesh.data * mesh.expert)
+  capacity = expert_capacity(m.group_size, m.num_experts, m.top_k, m.capacity_factor,
+                             m.min_capacity)
+  slots_per_token = m.num_experts * capacity / m.group_size  # k * cf'
+  element = 2 if m.dtype == "bfloat16" else 4
+  return 4 * m.num_moe_layers * slots_per_token * tokens_per_device * m.d_model * element
+
+
+def main(argv):
+  del argv
+  data, expert = (int(v) for v in _MESH.value)
+  overrides = {"mesh.data": data, "mesh.expert": expert}
+  overrides.update(dict(parse_override(s) for s in _SET.value))
+  config = config_lib.load(_CONFIG.value, overrides)
+  sharding.check_mesh(config, jax.device_count())
+  mesh = sharding.make_mesh(config.mesh)
+  with jax.set_mesh(mesh):
+    state = init_state(config, mesh)
+    shape = (config.train.grad_accum, config.train.batch_size // config.train.grad_accum,
+             config.train.context + 1)
+    batch = jax.make_array_from_process_local_data(
+        sharding.batch_sharding(mesh, 3, 1), np.zeros(shape, np.int32))
+    step = jax.jit(functools.partial(train_step, model=Decoder(config.model),
+                                     config=config.model), donate_argnums=0)
+    compiled = step.lower(state, batch, jax.random.key(0)).compile()
+  count, measured = all_to_all_bytes(compiled.as_text())
+  memory = compiled.memory_analysis()
+  per_device = (memory.argument_size_in_bytes + memory.output_size_in_bytes
+                + memory.temp_size_in_bytes - memory.alias_size_in_bytes)
+  print(f"config {_CONFIG.value} on mesh data={data} x expert={expert} "
+        f"({jax.device_count()} {jax.devices()[0].platform} devices)")
+  print(f"all-to-all ops per step: {count}")
+  print(f"all-to-all buffer bytes per device per step: measured {measured:,}, "
+        f"formula {predicted_bytes(config):,.0f}; of these {(expert - 1) / expert:.0%} "
+        f"cross to other devices")
+  print(f"per-device memory of the step (XLA): {per_device:,} bytes "
+        f"(arguments {memory.argument_size_in_bytes:,}, temporaries "
+        f"{memory.temp_size_in_bytes:,})")
+
+
+if __name__ == "__main__":
+  app.run(main)
