@@ -13,7 +13,7 @@ The default set is:
   parameters match moe_top2's (all of them active).
 A sweep trains configs/moe_top2.py (or --base) once per value of one field instead.
 
-Every run is a normal chimera.main run in runs/compare/<name>-<hash>-seed<k>/, so an
+Every run is a normal chimera.main run in runs/compare/<config hash>/, so an
 interrupted study resumes where it stopped, and runs shared between studies (the same
 config and seed) are trained once. The report, plots and summary.json go to
 results/<preset>/ (or results/<preset>-sweep-<field>/).
@@ -78,10 +78,12 @@ def sweep_models(base: str, preset_arg: str, sweep: str,
           for value in values.split(",")]
 
 
-def run_dir(root: Path, name: str, config: Config) -> Path:
-  """A run's directory, keyed by its whole config so identical runs are shared."""
-  digest = hashlib.sha1(json.dumps(config_lib.to_dict(config), sort_keys=True).encode())
-  return root / f"{name.replace('=', '-')}-{digest.hexdigest()[:8]}"
+def run_dir(root: Path, config: Config) -> Path:
+  """A run's directory, keyed by its whole config but its name, so identical runs are
+  shared between studies (a sweep's num_experts=8 is the study's moe_top2)."""
+  values = config_lib.to_dict(config)
+  values.pop("name")
+  return root / hashlib.sha1(json.dumps(values, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def train_all(models: list[tuple[str, Config]], seeds: list[int], root: Path) -> dict:
@@ -94,7 +96,7 @@ def train_all(models: list[tuple[str, Config]], seeds: list[int], root: Path) ->
           config, name=f"{name}-seed{seed}",
           train=dataclasses.replace(config.train, seed=seed),
           data=dataclasses.replace(config.data, seed=seed))
-      workdir = run_dir(root, name, seeded) / f"seed{seed}"
+      workdir = run_dir(root, seeded)
       print(f"== {name}, seed {seed}: {workdir}", file=sys.stderr, flush=True)
       train(seeded, workdir)
       runs.setdefault(name, []).append(report.load_run(workdir, seed))
