@@ -5,7 +5,6 @@ from the bench records; nothing is typed in by hand.
 """
 
 import json
-import math
 import time
 from pathlib import Path
 from typing import NamedTuple

@@ -22,6 +22,9 @@ from chimera.decoder import Decoder
 from chimera.errors import ChimeraError
 from chimera.moe import MoeLayer, dropless_experts
 
+# The per-token reference: y_s = sum over the experts e in mask_s of gate_se * expert_e(x_s).
+from test_moe import reference_moe
+
 D_MODEL, EXPERT_D_FF, NUM_EXPERTS = 8, 16, 4
 BATCH, LENGTH = 2, 8  # one group per sequence: G = 2, S = 8
 
@@ -68,28 +71,6 @@ def layer_value_and_grad(cfg: ModelConfig, deterministic: bool):
     return aux, grads
 
   return value_and_grad
-
-
-def expert_mlp(params, e: int, x_t: jax.Array, activation: str) -> jax.Array:
-  """Expert e on one token x_t: [M] -> [M]."""
-  if activation == "swiglu":
-    hidden = nn.silu(x_t @ params["wi_gate"][e]) * (x_t @ params["wi_up"][e])
-  else:
-    hidden = nn.gelu(x_t @ params["wi"][e])
-  return hidden @ params["wo"][e]
-
-
-@functools.partial(jax.vmap, in_axes=(None, 0, 0, None))
-def reference_moe(params, x_t: jax.Array, chosen_t: jax.Array, activation: str) -> jax.Array:
-  """One token, no capacity: y_t = sum over its chosen experts e of gate_te * expert_e(x_t).
-
-  x_t: [M]; chosen_t: [E] bool, the token's top-k experts. Mapped over tokens.
-  """
-  gates = jax.nn.softmax(x_t @ params["router"]["kernel"])  # [E]
-  y_t = jnp.zeros_like(x_t)
-  for e in range(chosen_t.shape[0]):
-    y_t = y_t + jnp.where(chosen_t[e], gates[e] * expert_mlp(params, e, x_t, activation), 0.0)
-  return y_t
 
 
 EQUIVALENCE_CASES = [

@@ -5,7 +5,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import chex
 import jax
@@ -16,7 +15,7 @@ from chimera.checkpoints import Checkpointer
 from chimera.errors import ChimeraError
 from chimera.train import TrainingDiverged, init_state, train
 
-from conftest import ROOT, write_corpus
+from conftest import ROOT
 
 
 def run_main(*args, env_extra=None, **kwargs):
@@ -86,7 +85,7 @@ def test_sigterm_saves_and_resumes_exactly(make_config, corpus, tmp_path):
   train(config, tmp_path / "straight")
 
   workdir = tmp_path / "killed"
-  args = [f"--config=configs/moe_top2.py:tiny", f"--config.data.corpus={corpus}",
+  args = ["--config=configs/moe_top2.py:tiny", f"--config.data.corpus={corpus}",
           f"--workdir={workdir}"] + [f"--config.{k.replace('__', '.')}={v}"
                                      for k, v in overrides.items()]
   process = subprocess.Popen([sys.executable, "-m", "chimera.main", *args], cwd=ROOT,
@@ -120,7 +119,7 @@ def test_bad_config_is_one_line_before_compiling(corpus, tmp_path):
       "--config.model.num_expertz=4": "num_expertz",
   }
   for flag, expected in cases.items():
-    args = [f"--config=configs/moe_top2.py:tiny", f"--workdir={tmp_path / 'run'}"]
+    args = ["--config=configs/moe_top2.py:tiny", f"--workdir={tmp_path / 'run'}"]
     if "corpus" not in flag:
       args.append(f"--config.data.corpus={corpus}")
     result = run_main(*args, flag)
