@@ -1,7 +1,7 @@
 """Speed, MFU and memory of each config, measured in one process.
 
   python -m chimera.bench [--configs=configs/dense.py,configs/moe_top2.py] [--repeats=5]
-      [--json=FILE] [--set=model.group_size=128]
+      [--json=FILE] [--set=model.group_size=128] [--variants=model.dispatch=einsum,dropless]
 
 For each config (default preset unless `path:preset` is given):
 - train step: median seconds per step after warm-up, and tokens/s;
@@ -221,6 +221,8 @@ def define_flags() -> None:
   flags.DEFINE_list("configs", ["configs/dense.py", "configs/moe_top2.py"],
                     "Config files, each optionally path:preset.")
   flags.DEFINE_multi_string("set", [], "Override for every config: section.field=value.")
+  flags.DEFINE_string("variants", None, "section.field=v1,v2: measure each config once per "
+                      "value, e.g. model.dispatch=einsum,dropless.")
   flags.DEFINE_integer("repeats", 5, "Interleaved repeats per config.")
   flags.DEFINE_integer("steps", 10, "Timed train steps per repeat.")
   flags.DEFINE_integer("prompt_len", 64, "Decode prompt length.")
@@ -237,8 +239,13 @@ def main(argv):
   settings = Settings(steps=FLAGS.steps, prompt_len=FLAGS.prompt_len, new_tokens=FLAGS.new_tokens,
                       decode_batches=tuple(int(b) for b in FLAGS.decode_batches))
   try:
-    records = run([(spec, config_lib.load(spec, overrides)) for spec in FLAGS.configs],
-                  FLAGS.repeats, settings)
+    named = [(spec, config_lib.load(spec, overrides)) for spec in FLAGS.configs]
+    if FLAGS.variants:
+      key, _, values = FLAGS.variants.partition("=")
+      named = [(f"{spec} {key.split('.')[-1]}={value}",
+                config_lib.load(spec, {**overrides, key: parse_value(value)}))
+               for spec in FLAGS.configs for value in values.split(",")]
+    records = run(named, FLAGS.repeats, settings)
   except ChimeraError as error:
     print(f"error: {error}", file=sys.stderr)
     sys.exit(2)

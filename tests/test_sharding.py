@@ -74,3 +74,21 @@ def test_bad_mesh_is_rejected(make_config, corpus):
   config = make_config("moe_top2", corpus, mesh__data=8, train__batch_size=4)
   with pytest.raises(ChimeraError, match="cannot be split over 8 devices"):
     sharding.check_mesh(config, device_count=8)
+
+
+@pytest.mark.parametrize("env, expected", [
+    ({}, False),
+    ({"SLURM_NTASKS": "1"}, False),
+    ({"SLURM_NTASKS": "4"}, True),
+    ({"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234"}, True),
+])
+def test_distributed_starts_only_when_the_environment_says_so(env, expected, monkeypatch):
+  import jax
+  calls = []
+  monkeypatch.setattr(jax.distributed, "initialize", lambda *a, **k: calls.append(1))
+  for name in ("SLURM_NTASKS", "JAX_COORDINATOR_ADDRESS"):
+    monkeypatch.delenv(name, raising=False)
+  for name, value in env.items():
+    monkeypatch.setenv(name, value)
+  sharding.initialize_distributed()
+  assert bool(calls) == expected
