@@ -239,6 +239,10 @@ def _train_loop(config: Config, workdir: Path, data: _Data, mesh: jax.sharding.M
     state, meta = checkpointer.restore(state)  # onto this mesh, whatever the saving one was
     log(f"resumed from {workdir / 'checkpoints'} at step {int(state.step)}")
   start_step = int(state.step)
+  if start_step >= t.steps and (workdir / "summary.json").exists():
+    log(f"{workdir} already holds a finished run of {t.steps} steps")
+    checkpointer.close()
+    return json.loads((workdir / "summary.json").read_text())
   sampler = batches_lib.WindowSampler(data.splits.train, batch_size=t.batch_size, window=window,
                                       seed=config.data.seed, step=start_step,
                                       process_index=jax.process_index(),

@@ -75,6 +75,10 @@ def test_resume_is_exact(name, make_config, corpus, tmp_path):
   assert losses(straight) == losses(resumed)
   for field in ("final_val_loss", "best_val_loss", "steps", "tokens_seen"):
     assert summary[field] == second[field], field
+  # Running a finished run again changes nothing and returns its summary.
+  written = (straight / "summary.json").read_text()
+  assert train(config, straight) == json.loads(written)
+  assert (straight / "summary.json").read_text() == written
 
 
 def test_sigterm_saves_and_resumes_exactly(make_config, corpus, tmp_path):
