@@ -181,8 +181,8 @@ def findings(summary: dict) -> list[str]:
         f"the FLOPs per token and {moe['train_tokens_per_second'] / wide['train_tokens_per_second']:.2f}x "
         f"the step time of moe_top2.")
   if "dense" not in summary:  # a sweep: the loss against the swept value
-    ordered = sorted(summary.items(), key=lambda item: item[1]["params_total"])
-    lines.append("Final validation loss as total parameters grow: " + "; ".join(
+    ordered = summary.items()
+    lines.append("Final validation loss by swept value (total parameters, FLOPs per token): " + "; ".join(
         f"{name}: {entry['final_val_loss']['mean']:.4f} ({entry['params_total'] / 1e6:.2f}M total, "
         f"{entry['flops_per_token'] / 1e6:.1f} MFLOPs/token)" for name, entry in ordered) + ".")
   for name, entry in summary.items():
