@@ -267,7 +267,7 @@ def _train_loop(config: Config, workdir: Path, data: _Data, mesh: jax.sharding.M
                     out_shardings=replicated)
   rng = jax.random.key(t.seed + 1)
   tokens_per_step = t.batch_size * t.context
-  val_bytes_per_token = data.val_bytes_per_token
+  bits_per_byte = lambda loss: loss / math.log(2) / data.val_bytes_per_token
 
   def evaluate(step: int) -> float:
     results = jax.device_get([eval_fn(state.params, batch) for batch in val_batches])
@@ -276,13 +276,12 @@ def _train_loop(config: Config, workdir: Path, data: _Data, mesh: jax.sharding.M
                      / np.sum([r["tokens"] for r in results]))
     meta["best_val_loss"] = min(meta["best_val_loss"], val_loss)
     meta["final_val_loss"] = val_loss
-    bits_per_byte = val_loss / math.log(2) / val_bytes_per_token
     writer.write("eval", step, {"val_loss": val_loss, "val_perplexity": math.exp(val_loss),
-                                "val_bits_per_byte": bits_per_byte,
+                                "val_bits_per_byte": bits_per_byte(val_loss),
                                 "dropped_fraction": averaged["dropped_fraction"],
                                 "expert_load": averaged["expert_load"]})
     log(f"eval step {step}: val loss {val_loss:.4f} | ppl {math.exp(val_loss):.2f} | "
-        f"{bits_per_byte:.4f} bits/byte")
+        f"{bits_per_byte(val_loss):.4f} bits/byte")
     return val_loss
 
   def flush(window: _Window, step: int) -> tuple[dict, float]:
@@ -359,7 +358,7 @@ def _train_loop(config: Config, workdir: Path, data: _Data, mesh: jax.sharding.M
       "flops_per_token": counts.flops_per_token,
       "dispatch_flops_per_token": counts.dispatch_flops_per_token,
       "unigram_val_loss": data.unigram_loss,
-      "val_bits_per_byte": (meta["final_val_loss"] / math.log(2) / val_bytes_per_token
+      "val_bits_per_byte": (bits_per_byte(meta["final_val_loss"])
                             if meta["final_val_loss"] is not None else None),
       "completed": not stopped_early,
   }
