@@ -34,7 +34,7 @@ from chimera.decoder import Decoder
 from chimera.errors import ChimeraError
 from chimera.generate import generate
 from chimera.moe import MoeLayer
-from chimera.train import init_state, train_step
+from chimera.steps import init_state, train_step
 
 
 

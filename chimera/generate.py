@@ -100,7 +100,7 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)
   from chimera.checkpoints import Checkpointer
   from chimera.data.tokenizers import get_tokenizer
-  from chimera.train import init_state
+  from chimera.steps import init_state
   try:
     workdir = Path(_WORKDIR.value or "")
     if not (workdir / "config.json").exists():

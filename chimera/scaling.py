@@ -25,7 +25,7 @@ from chimera import config as config_lib, sharding
 from chimera.bench import parse_override
 from chimera.decoder import Decoder
 from chimera.moe import expert_capacity
-from chimera.train import init_state, train_step
+from chimera.steps import init_state, train_step
 
 _CONFIG = flags.DEFINE_string("config", "configs/moe_top2.py", "Config file[:preset].")
 _MESH = flags.DEFINE_list("mesh", ["2", "4"], "data,expert")

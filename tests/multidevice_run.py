@@ -17,7 +17,8 @@ import numpy as np  # noqa: E402
 
 from chimera import config as config_lib, sharding  # noqa: E402
 from chimera.checkpoints import Checkpointer  # noqa: E402
-from chimera.train import init_state, train  # noqa: E402
+from chimera.steps import init_state  # noqa: E402
+from chimera.train import train  # noqa: E402
 
 workdir, corpus, steps = sys.argv[4], sys.argv[5], int(sys.argv[6])
 stop_after = int(sys.argv[7]) if len(sys.argv) > 7 else None

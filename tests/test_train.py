@@ -13,7 +13,8 @@ import pytest
 
 from chimera.checkpoints import Checkpointer
 from chimera.errors import ChimeraError
-from chimera.train import TrainingDiverged, init_state, train
+from chimera.steps import init_state
+from chimera.train import TrainingDiverged, train
 
 from conftest import ROOT
 

@@ -1,0 +1,112 @@
+"""The pure pieces of training: state, optimiser, loss and the jitted steps.
+
+Train, bench, generate and scaling all import these; none of them imports the loop.
+`train_step` and `eval_step` are module-level pure functions: bind the model and config
+with functools.partial and jit them once.
+"""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from flax.training import train_state
+
+from chimera import sharding
+from chimera.config import Config, ModelConfig, TrainConfig
+from chimera.decoder import Decoder
+
+TrainState = train_state.TrainState
+
+
+def make_schedule(t: TrainConfig) -> optax.Schedule:
+  """Linear warmup from 0, then cosine decay to `min_learning_rate` at `steps`."""
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=t.learning_rate, warmup_steps=t.warmup_steps,
+      decay_steps=t.steps, end_value=t.min_learning_rate)
+
+
+def make_optimizer(t: TrainConfig) -> optax.GradientTransformation:
+  """AdamW on the schedule above, after global-norm clipping.
+
+  Weight decay applies to matrices (embeddings, kernels, expert weights), not to norm
+  scales or biases.
+  """
+  schedule = make_schedule(t)
+  decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
+  return optax.chain(
+      optax.clip_by_global_norm(t.grad_clip),
+      optax.adamw(schedule, b1=t.b1, b2=t.b2, weight_decay=t.weight_decay, mask=decay_mask))
+
+
+def loss_fn(params, model: nn.Module, config: ModelConfig, tokens: jax.Array, rng: jax.Array,
+          deterministic: bool):
+  """Mean next-token cross-entropy plus the weighted MoE losses. tokens: [B, L+1]."""
+  inputs, targets = tokens[:, :-1], tokens[:, 1:]
+  logits, stats = model.apply({"params": params}, inputs, deterministic=deterministic,
+                              rngs={"dropout": rng})
+  token_loss = optax.softmax_cross_entropy_with_integer_labels(logits, targets)  # [B, L]
+  loss = (token_loss.mean() + config.load_balance_coef * stats["load_balance_loss"]
+          + config.z_loss_coef * stats["z_loss"])
+  return loss, (token_loss.sum(), stats)
+
+
+def train_step(state: TrainState, tokens: jax.Array, rng: jax.Array, *, model: nn.Module,
+               config: ModelConfig) -> tuple[TrainState, dict]:
+  """One optimiser step over tokens [A, B/A, L+1] (A gradient-accumulation micro-batches).
+
+  Returns the new state and metrics as sums with their denominators (`tokens`, and
+  `steps` = 1), to be averaged on the host.
+  """
+  rng = jax.random.fold_in(rng, state.step)
+  grad_fn = jax.grad(loss_fn, has_aux=True)
+
+  def micro_step(grads_sum, micro):
+    index, micro_tokens = micro
+    grads, (loss_sum, stats) = grad_fn(state.params, model, config, micro_tokens,
+                                       jax.random.fold_in(rng, index), False)
+    return jax.tree.map(jnp.add, grads_sum, grads), (loss_sum, stats)
+
+  accum = tokens.shape[0]
+  if accum == 1:  # no accumulation buffers: they cost a pass over the params on XLA:CPU
+    grads, (loss_sum, stats) = grad_fn(state.params, model, config, tokens[0],
+                                       jax.random.fold_in(rng, 0), False)
+    loss_sums, stats = loss_sum[None], jax.tree.map(lambda x: x[None], stats)
+  else:
+    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    grads, (loss_sums, stats) = jax.lax.scan(micro_step, zeros, (jnp.arange(accum), tokens))
+    grads = jax.tree.map(lambda g: g / accum, grads)
+  new_state = state.apply_gradients(grads=grads)
+  updates = jax.tree.map(jnp.subtract, new_state.params, state.params)
+  metrics = {
+      "loss_sum": loss_sums.sum(),
+      "tokens": jnp.asarray(tokens[..., 1:].size, jnp.float32),
+      "steps": jnp.ones((), jnp.float32),
+      "grad_norm": optax.tree.norm(grads),
+      "param_norm": optax.tree.norm(new_state.params),
+      "update_norm": optax.tree.norm(updates),
+      **{name: value.mean(axis=0) for name, value in stats.items()},
+  }
+  return new_state, metrics
+
+
+def eval_step(params, tokens: jax.Array, *, model: nn.Module, config: ModelConfig) -> dict:
+  """Summed cross-entropy over tokens [B, L+1], evaluation capacity, no dropout."""
+  _, (loss_sum, stats) = loss_fn(params, model, config, tokens, jax.random.key(0), True)
+  return {"loss_sum": loss_sum, "tokens": jnp.asarray(tokens[:, 1:].size, jnp.float32),
+          "dropped_fraction": stats["dropped_fraction"], "expert_load": stats["expert_load"]}
+
+
+def init_state(config: Config, mesh: jax.sharding.Mesh | None = None) -> TrainState:
+  """A fresh TrainState; with a mesh, each leaf is created where `sharding` puts it."""
+  model = Decoder(config.model)
+  tx = make_optimizer(config.train)
+
+  def create():
+    dummy = jnp.zeros((1, config.train.context), jnp.int32)
+    params = model.init(jax.random.key(config.train.seed), dummy)["params"]
+    return TrainState.create(apply_fn=model.apply, params=params, tx=tx)
+
+  if mesh is None:
+    return jax.jit(create)()
+  shardings = sharding.state_sharding(mesh, jax.eval_shape(create))
+  return jax.jit(create, out_shardings=shardings)()
