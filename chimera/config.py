@@ -1,30 +1,46 @@
-"""Typed, validated configuration.
+"""Typed, validated configuration: the one place where fields and their defaults live.
 
-A run's ConfigDict (from `configs/*.py`) is checked once, here, and turned into frozen
-dataclasses. Past this point the code trusts them. Every check raises `ChimeraError` with
-one line that names the offending field, before anything is compiled.
+The frozen dataclasses below hold every field and its only default. `config_dict()`
+turns them into the ml_collections ConfigDict that `configs/*.py` (through
+`chimera.presets`) change and `--config.model.x=` overrides; `from_config_dict` turns the
+final ConfigDict back into dataclasses, resolves the derived fields from the final values
+and validates the whole run once. Past this point the code trusts the config.
+
+Allowed values are written once: a `Literal` annotation, or the keys of a registry
+(`model.router` is a key of `chimera.routers.ROUTERS`). Every check raises `ChimeraError`
+with one line that names the offending field, before anything is compiled.
 """
 
 import dataclasses
 import importlib.util
+import typing
 from pathlib import Path
 from typing import Literal
 
 import ml_collections
+from ml_collections import config_dict as config_dict_lib
 
 from chimera.errors import ChimeraError
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-  """The decoder. `num_experts == 0` means a dense feed-forward in every block."""
+  """The decoder. `num_experts == 0` means a dense feed-forward in every block.
+
+  Derived fields (None = derive) are resolved when the config is built, from the final
+  values of the fields they follow, so `--config.model.d_ff=...` keeps an MoE matched:
+  - expert_d_ff: d_ff // (top_k + num_shared_experts), the same active hidden size per
+    token as the dense MLP;
+  - renormalize_gates: on when top_k >= 2;
+  - group_size: one sequence (train.context tokens) per routing group.
+  """
 
   vocab_size: int = 257
   num_layers: int = 4
-  num_heads: int = 4
-  d_model: int = 128
-  d_ff: int = 512  # hidden size of the dense MLP
-  max_len: int = 256  # longest context the model supports
+  num_heads: int = 3
+  d_model: int = 192
+  d_ff: int = 768  # hidden size of the dense MLP
+  max_len: int = 512  # longest context the model supports
   positions: Literal["learned", "rotary"] = "learned"
   norm: Literal["layernorm", "rmsnorm"] = "layernorm"
   activation: Literal["gelu", "swiglu"] = "gelu"
@@ -35,22 +51,41 @@ class ModelConfig:
   # Mixture of Experts.
   num_experts: int = 0
   top_k: int = 2
-  expert_d_ff: int = 256  # hidden size of one expert
+  expert_d_ff: int | None = None  # hidden size of one expert; None: compute-matched
+  num_shared_experts: int = 0  # always-on experts of expert_d_ff (DeepSeekMoE)
+  router: str = "top_k"  # a key of chimera.routers.ROUTERS
+  priority: Literal["token", "rank"] = "token"
+  renormalize_gates: bool | None = None  # None: on when top_k >= 2
   capacity_factor: float = 1.25  # training
   eval_capacity_factor: float = 2.0
   min_capacity: int = 4
-  group_size: int = 256
-  priority: Literal["token", "rank"] = "token"
+  group_size: int | None = None  # tokens per routing group; None: one sequence
   # "einsum": static capacity, one-hot dispatch/combine; "dropless": sort by expert and
   # run the experts as a grouped matmul, no capacity and no drops (see chimera/moe.py).
   dispatch: Literal["einsum", "dropless"] = "einsum"
-  renormalize_gates: bool = False
   router_jitter: float = 0.0  # epsilon of the multiplicative U(1-eps, 1+eps) jitter
-  expert_init_scale: float = 0.1  # variance scale of the truncated-normal expert/router init
+  # "switch": truncated normal of variance expert_init_scale / fan_in (Switch); "dense":
+  # the dense MLP's init, residual projection scaled by 1/sqrt(2 * num_layers).
+  expert_init: Literal["switch", "dense"] = "switch"
+  expert_init_scale: float = 0.1
   moe_every: int = 1  # an MoE layer every `moe_every` layers...
   first_moe_layer: int = 0  # ...starting at this layer index
   load_balance_coef: float = 0.01
+  # "group": the load-balance loss per routing group, averaged; "batch": over the whole
+  # (global) micro-batch, across data-parallel devices (Qwen's global-batch balancing).
+  load_balance_scope: Literal["group", "batch"] = "group"
+  # Auxiliary-loss-free balancing (DeepSeek-V3): > 0 turns on a per-expert bias added to
+  # the logits that choose experts, moved by this rate * sign(mean load - load) each step.
+  router_bias_rate: float = 0.0
   z_loss_coef: float = 0.001
+
+  def __post_init__(self):
+    # Frozen, so derived fields are filled through object.__setattr__, once.
+    if self.expert_d_ff is None:
+      object.__setattr__(self, "expert_d_ff",
+                         max(1, self.d_ff // max(1, self.top_k + self.num_shared_experts)))
+    if self.renormalize_gates is None:
+      object.__setattr__(self, "renormalize_gates", self.top_k >= 2)
 
   @property
   def head_dim(self) -> int:
@@ -67,21 +102,21 @@ class ModelConfig:
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-  corpus: str = "shakespeare"  # "shakespeare", a path or glob, or "tfds:NAME"
+  corpus: str = "shakespeare"  # "shakespeare", a path, folder or glob, "tfds:NAME", "hf:NAME"
   tokenizer: Literal["byte", "gpt2"] = "byte"
   split: Literal["auto", "documents", "tail"] = "auto"
   val_fraction: float = 0.1
-  seed: int = 0
+  seed: int = 0  # the training batches' order
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
   steps: int = 1000
-  batch_size: int = 16
+  batch_size: int = 32
   context: int = 128
   grad_accum: int = 1
-  learning_rate: float = 1e-3
-  min_learning_rate: float = 1e-4
+  learning_rate: float = 2e-3
+  min_learning_rate: float = 2e-4
   warmup_steps: int = 100
   b1: float = 0.9
   b2: float = 0.99
@@ -90,7 +125,7 @@ class TrainConfig:
   seed: int = 0
   log_every: int = 50
   eval_every: int = 250
-  eval_batches: int = 20
+  eval_batches: int = 20  # a fixed validation subset, the same for every seed
   checkpoint_every: int = 500
   keep_checkpoints: int = 2
 
@@ -103,11 +138,38 @@ class MeshConfig:
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-  name: str
-  model: ModelConfig
-  data: DataConfig
-  train: TrainConfig
-  mesh: MeshConfig
+  name: str = "run"
+  model: ModelConfig = ModelConfig()
+  data: DataConfig = DataConfig()
+  train: TrainConfig = TrainConfig()
+  mesh: MeshConfig = MeshConfig()
+
+
+SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "mesh": MeshConfig}
+
+# Fields that do not change what a run computes: a workdir's run may be resumed with
+# other values of these (see `run_differences`).
+_RUN_NEUTRAL = {"name", "train.log_every", "train.eval_every", "train.checkpoint_every",
+                "train.keep_checkpoints", "train.steps"}
+
+
+def _field_value(field: dataclasses.Field):
+  """A dataclass field's default as a ConfigDict value: `X | None` becomes a typed
+  placeholder, so that `--config.model.expert_d_ff=384` can still override it."""
+  if field.default is None:
+    types = [t for t in typing.get_args(field.type) if t is not type(None)]
+    return config_dict_lib.placeholder(types[0])
+  return field.default
+
+
+def config_dict(name: str = "run") -> ml_collections.ConfigDict:
+  """The defaults of every field, as the ConfigDict that presets and flags change."""
+  c = ml_collections.ConfigDict()
+  c.name = name
+  for section, cls in SECTIONS.items():
+    c[section] = ml_collections.ConfigDict(
+        {f.name: _field_value(f) for f in dataclasses.fields(cls)})
+  return c
 
 
 def _build(cls, section: str, values) -> object:
@@ -123,78 +185,115 @@ def _check(ok: bool, field: str, message: str) -> None:
     raise ChimeraError(f"config.{field}: {message}")
 
 
+def _check_choices(section: str, value) -> None:
+  """Every `Literal` field holds one of its allowed values (read from the annotation)."""
+  for field in dataclasses.fields(value):
+    allowed = typing.get_args(field.type) if typing.get_origin(field.type) is Literal else ()
+    current = getattr(value, field.name)
+    _check(not allowed or current in allowed, f"{section}.{field.name}",
+           f"expected one of {', '.join(map(repr, allowed))}, got {current!r}")
+
+
+def _check_positive(section: str, value, names: tuple[str, ...]) -> None:
+  for name in names:
+    current = getattr(value, name)
+    _check(current > 0, f"{section}.{name}", f"must be > 0, got {current}")
+
+
 def validate_model(m: ModelConfig) -> None:
   """Raises ChimeraError on the first bad field of a ModelConfig."""
-  for field in ("vocab_size", "num_layers", "num_heads", "d_model", "d_ff", "max_len"):
-    _check(getattr(m, field) > 0, f"model.{field}", f"must be > 0, got {getattr(m, field)}")
+  from chimera.routers import ROUTERS  # the registry imports jax: only when validating
+  _check_choices("model", m)
+  _check_positive("model", m, ("vocab_size", "num_layers", "num_heads", "d_model", "d_ff",
+                               "max_len", "init_std"))
   _check(m.d_model % m.num_heads == 0, "model.d_model",
          f"{m.d_model} is not divisible by model.num_heads={m.num_heads}")
-  _check(m.positions in ("learned", "rotary"), "model.positions",
-         f"expected 'learned' or 'rotary', got {m.positions!r}")
   _check(m.positions != "rotary" or m.head_dim % 2 == 0, "model.positions",
          f"rotary needs an even head dim, got {m.head_dim}")
-  _check(m.norm in ("layernorm", "rmsnorm"), "model.norm",
-         f"expected 'layernorm' or 'rmsnorm', got {m.norm!r}")
-  _check(m.activation in ("gelu", "swiglu"), "model.activation",
-         f"expected 'gelu' or 'swiglu', got {m.activation!r}")
-  _check(m.dtype in ("float32", "bfloat16"), "model.dtype",
-         f"expected 'float32' or 'bfloat16', got {m.dtype!r}")
   _check(0.0 <= m.dropout < 1.0, "model.dropout", f"must be in [0, 1), got {m.dropout}")
   _check(m.num_experts >= 0, "model.num_experts", f"must be >= 0, got {m.num_experts}")
+  _check(m.num_experts > 0 or m.num_shared_experts == 0, "model.num_shared_experts",
+         f"{m.num_shared_experts} shared experts need routed ones (model.num_experts > 0)")
   if m.num_experts == 0:
     return
+  _check(m.router in ROUTERS, "model.router",
+         f"expected one of {', '.join(map(repr, sorted(ROUTERS)))}, got {m.router!r}")
   _check(1 <= m.top_k <= m.num_experts, "model.top_k",
          f"must be between 1 and model.num_experts={m.num_experts}, got {m.top_k}")
-  _check(m.capacity_factor > 0, "model.capacity_factor", f"must be > 0, got {m.capacity_factor}")
-  _check(m.eval_capacity_factor > 0, "model.eval_capacity_factor",
-         f"must be > 0, got {m.eval_capacity_factor}")
-  for field in ("expert_d_ff", "group_size", "min_capacity", "moe_every"):
-    _check(getattr(m, field) > 0, f"model.{field}", f"must be > 0, got {getattr(m, field)}")
+  _check(m.num_shared_experts >= 0, "model.num_shared_experts",
+         f"must be >= 0, got {m.num_shared_experts}")
+  _check_positive("model", m, ("capacity_factor", "eval_capacity_factor", "expert_d_ff",
+                               "min_capacity", "moe_every", "expert_init_scale"))
+  _check(m.group_size is None or m.group_size > 0, "model.group_size",
+         f"must be > 0, got {m.group_size}")
   _check(0 <= m.first_moe_layer < m.num_layers, "model.first_moe_layer",
          f"must be in [0, model.num_layers={m.num_layers}), got {m.first_moe_layer}")
-  _check(m.priority in ("token", "rank"), "model.priority",
-         f"expected 'token' or 'rank', got {m.priority!r}")
-  _check(m.dispatch in ("einsum", "dropless"), "model.dispatch",
-         f"expected 'einsum' or 'dropless', got {m.dispatch!r}")
   _check(0.0 <= m.router_jitter < 1.0, "model.router_jitter",
          f"must be in [0, 1), got {m.router_jitter}")
+  for name in ("load_balance_coef", "z_loss_coef", "router_bias_rate"):
+    _check(getattr(m, name) >= 0, f"model.{name}", f"must be >= 0, got {getattr(m, name)}")
+  _check(m.top_k >= 2 or not m.renormalize_gates, "model.renormalize_gates",
+         "with model.top_k=1 the renormalised gate is a constant 1 and the router gets no "
+         "gradient from the loss")
+
+
+def _validate_groups(c: Config) -> None:
+  """Routing groups lie inside one sequence or hold whole ones, and tile every batch."""
+  m, t = c.model, c.train
+  if not m.num_experts:
+    return
+  group, context = m.group_size, t.context
+  _check(context % group == 0 or group % context == 0, "model.group_size",
+         f"{group} straddles sequences of train.context={context}: use a divisor or a "
+         f"multiple of it")
+  devices = c.mesh.data * c.mesh.expert
+  micro_batch = t.batch_size // t.grad_accum
+  if micro_batch % devices == 0:  # otherwise sharding.check_mesh names the batch
+    local_tokens = micro_batch // devices * context
+    _check(local_tokens % group == 0, "model.group_size",
+           f"{group} does not divide the {local_tokens} tokens of a micro-batch on one "
+           f"device (train.batch_size={t.batch_size}, grad_accum={t.grad_accum}, "
+           f"{devices} devices)")
 
 
 def validate(c: Config) -> None:
   """Raises ChimeraError on the first bad field of a whole run's Config."""
   validate_model(c.model)
   t, d = c.train, c.data
-  for field in ("steps", "batch_size", "context", "grad_accum", "log_every", "eval_every",
-                "eval_batches", "checkpoint_every", "keep_checkpoints"):
-    _check(getattr(t, field) > 0, f"train.{field}", f"must be > 0, got {getattr(t, field)}")
+  _check_choices("data", d)
+  _check_positive("train", t, ("steps", "batch_size", "context", "grad_accum", "log_every",
+                               "eval_every", "eval_batches", "checkpoint_every",
+                               "keep_checkpoints", "learning_rate"))
   _check(t.context <= c.model.max_len, "train.context",
          f"{t.context} is longer than the model supports (model.max_len={c.model.max_len})")
   _check(t.batch_size % t.grad_accum == 0, "train.batch_size",
          f"{t.batch_size} is not divisible by train.grad_accum={t.grad_accum}")
-  _check(t.learning_rate > 0, "train.learning_rate", f"must be > 0, got {t.learning_rate}")
   _check(0 <= t.warmup_steps < t.steps, "train.warmup_steps",
          f"must be in [0, train.steps={t.steps}), got {t.warmup_steps}")
-  _check(d.tokenizer in ("byte", "gpt2"), "data.tokenizer",
-         f"expected 'byte' or 'gpt2', got {d.tokenizer!r}")
-  _check(d.split in ("auto", "documents", "tail"), "data.split",
-         f"expected 'auto', 'documents' or 'tail', got {d.split!r}")
+  _check(0 <= t.min_learning_rate <= t.learning_rate, "train.min_learning_rate",
+         f"must be in [0, train.learning_rate={t.learning_rate}], got {t.min_learning_rate}")
+  _check(0 <= t.b1 < 1 and 0 <= t.b2 < 1, "train.b1", f"b1={t.b1} and b2={t.b2} must be in [0, 1)")
+  _check(t.weight_decay >= 0, "train.weight_decay", f"must be >= 0, got {t.weight_decay}")
+  _check(t.grad_clip > 0, "train.grad_clip", f"must be > 0, got {t.grad_clip}")
   _check(0.0 < d.val_fraction < 1.0, "data.val_fraction",
          f"must be in (0, 1), got {d.val_fraction}")
   _check(bool(d.corpus), "data.corpus", "is empty")
-  for field in ("data", "expert"):
-    _check(getattr(c.mesh, field) > 0, f"mesh.{field}", f"must be > 0, got {getattr(c.mesh, field)}")
+  _check_positive("mesh", c.mesh, ("data", "expert"))
+  _validate_groups(c)
+
+
+def resolve(c: Config) -> Config:
+  """The derived fields that need more than the model: group_size (one sequence)."""
+  if c.model.group_size is None:
+    c = dataclasses.replace(c, model=dataclasses.replace(c.model, group_size=c.train.context))
+  return c
 
 
 def from_config_dict(cd: ml_collections.ConfigDict) -> Config:
-  """Builds and validates a Config from a `configs/*.py` ConfigDict."""
-  mesh = cd.mesh.to_dict() if "mesh" in cd else {}
-  config = Config(
-      name=cd.get("name", "run"),
-      model=_build(ModelConfig, "model", cd.model.to_dict()),
-      data=_build(DataConfig, "data", cd.data.to_dict()),
-      train=_build(TrainConfig, "train", cd.train.to_dict()),
-      mesh=_build(MeshConfig, "mesh", mesh),
-  )
+  """Builds, resolves and validates a Config from a `configs/*.py` ConfigDict."""
+  sections = {name: _build(cls, name, cd[name].to_dict() if name in cd else {})
+              for name, cls in SECTIONS.items()}
+  config = resolve(Config(name=cd.get("name", "run"), **sections))
   validate(config)
   return config
 
@@ -205,13 +304,24 @@ def to_dict(config: Config) -> dict:
 
 def from_dict(values: dict) -> Config:
   """Inverse of `to_dict`, for `WORKDIR/config.json`."""
-  return Config(
-      name=values["name"],
-      model=ModelConfig(**values["model"]),
-      data=DataConfig(**values["data"]),
-      train=TrainConfig(**values["train"]),
-      mesh=MeshConfig(**values.get("mesh", {})),
-  )
+  return Config(name=values["name"], **{name: cls(**values.get(name, {}))
+                                        for name, cls in SECTIONS.items()})
+
+
+def run_differences(saved: Config, new: Config) -> list[str]:
+  """The fields, as "section.field", in which `new` computes a different run than `saved`.
+
+  Logging, evaluation and checkpoint intervals and `train.steps` (extending a run) do not
+  count; see `_RUN_NEUTRAL`.
+  """
+  old, now = to_dict(saved), to_dict(new)
+  differing = []
+  for section in SECTIONS:
+    for field in sorted(set(old[section]) | set(now[section])):
+      key = f"{section}.{field}"
+      if key not in _RUN_NEUTRAL and old[section].get(field) != now[section].get(field):
+        differing.append(key)
+  return differing
 
 
 def load_config_dict(spec: str) -> ml_collections.ConfigDict:

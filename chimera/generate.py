@@ -48,18 +48,22 @@ def sample_logits(logits: jax.Array, rng: jax.Array, temperature: float, top_k: 
                                               "vocab_limit"))
 def generate(params, prompt: jax.Array, rng: jax.Array, *, config: ModelConfig,
              max_new_tokens: int, temperature: float = 1.0, top_k: int = 0,
-             vocab_limit: int | None = None) -> tuple[jax.Array, jax.Array]:
+             vocab_limit: int | None = None,
+             model_state: dict | None = None) -> tuple[jax.Array, jax.Array]:
   """Continues prompt [B, P] by `max_new_tokens` tokens with the KV cache.
 
   Returns (new tokens [B, N], the logits that chose them [B, N, V]). `vocab_limit` masks
-  ids at or above it (a vocabulary padded beyond the tokenizer's).
+  ids at or above it (a vocabulary padded beyond the tokenizer's). `model_state`: the
+  TrainState's non-parameter collections (the router bias of aux-loss-free balancing).
+  Raises ChimeraError (when traced) if P + N exceeds the model's max_len.
   """
+  check_length(config, prompt.shape[1], max_new_tokens)
   model = Decoder(config)
   cache = init_cache(config, prompt.shape[0])
 
   def forward(cache, tokens):
-    (logits, _), variables = model.apply({"params": params, "cache": cache}, tokens,
-                                         decode=True, mutable=["cache"])
+    variables = {"params": params, "cache": cache, **(model_state or {})}
+    (logits, _), variables = model.apply(variables, tokens, decode=True, mutable=["cache"])
     logits = logits[:, -1]
     if vocab_limit is not None:
       logits = jnp.where(jnp.arange(logits.shape[-1]) < vocab_limit, logits, -jnp.inf)
@@ -109,14 +113,13 @@ def main(argv):
     checkpointer = Checkpointer(workdir / "checkpoints", keep=config.train.keep_checkpoints)
     if checkpointer.latest_step() is None:
       raise ChimeraError(f"--workdir: {workdir}/checkpoints holds no checkpoint yet")
-    params = checkpointer.restore(init_state(config))[0].params
+    state = checkpointer.restore(init_state(config))[0]
     tokenizer = get_tokenizer(config.data.tokenizer)
     prompt = tokenizer.encode(_PROMPT.value)
-    check_length(config.model, len(prompt), _MAX_NEW.value)
-    tokens, _ = generate(params, jnp.asarray(prompt)[None], jax.random.key(_SEED.value),
+    tokens, _ = generate(state.params, jnp.asarray(prompt)[None], jax.random.key(_SEED.value),
                          config=config.model, max_new_tokens=_MAX_NEW.value,
                          temperature=_TEMPERATURE.value, top_k=_TOP_K.value,
-                         vocab_limit=tokenizer.vocab_size)
+                         vocab_limit=tokenizer.vocab_size, model_state=state.model_state)
   except ChimeraError as error:
     print(f"error: {error}", file=sys.stderr)
     sys.exit(2)

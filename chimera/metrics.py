@@ -12,6 +12,8 @@ import jax
 import numpy as np
 from tensorboardX import SummaryWriter
 
+from chimera.data.corpora import write_atomic
+
 
 def _plain(value):
   """JSON-friendly: arrays become (nested) lists of floats."""
@@ -22,14 +24,35 @@ def _plain(value):
   return value
 
 
-class MetricWriter:
-  """Appends one JSON object per event (each with `step`) and mirrors scalars to TensorBoard."""
+def truncate_after(path: Path, step: int) -> int:
+  """Drops the records of steps after `step` from a metrics.jsonl (atomically); returns
+  how many were dropped. A run that crashed after its last checkpoint wrote such rows,
+  and the resumed run writes those steps again."""
+  if not path.exists():
+    return 0
+  lines = path.read_text().splitlines()
+  kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
+  if len(kept) != len(lines):
+    write_atomic(path, "".join(line + "\n" for line in kept).encode())
+  return len(lines) - len(kept)
 
-  def __init__(self, workdir: Path):
+
+class MetricWriter:
+  """Appends one JSON object per event (each with `step`) and mirrors scalars to TensorBoard.
+
+  `resume_step`: the step a resumed run restarts from; later rows are dropped first.
+  """
+
+  def __init__(self, workdir: Path, resume_step: int = 0):
     self.enabled = jax.process_index() == 0
     if not self.enabled:
       return
-    self._jsonl = open(Path(workdir) / "metrics.jsonl", "a")
+    jsonl = Path(workdir) / "metrics.jsonl"
+    dropped = truncate_after(jsonl, resume_step)
+    if dropped:
+      log(f"metrics.jsonl: dropped {dropped} rows written after the step-{resume_step} "
+          f"checkpoint by the interrupted run")
+    self._jsonl = open(jsonl, "a")
     self._tensorboard = SummaryWriter(str(Path(workdir) / "tensorboard"))
 
   def write(self, event: str, step: int, values: dict) -> None:

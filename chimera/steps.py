@@ -5,17 +5,25 @@ Train, bench, generate and scaling all import these; none of them imports the lo
 with functools.partial and jit them once.
 """
 
+from typing import Any
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
+from flax import struct
 from flax.training import train_state
 
 from chimera import sharding
 from chimera.config import Config, ModelConfig, TrainConfig
 from chimera.decoder import Decoder
 
-TrainState = train_state.TrainState
+class TrainState(train_state.TrainState):
+  """flax's TrainState plus `model_state`: the model's non-parameter collections that
+  the step updates itself, outside the optimiser (today "router_bias", the per-expert
+  bias of auxiliary-loss-free balancing). Saved and restored with the rest."""
+
+  model_state: Any = struct.field(default_factory=dict)
 
 
 def make_schedule(t: TrainConfig) -> optax.Schedule:
@@ -38,12 +46,12 @@ def make_optimizer(t: TrainConfig) -> optax.GradientTransformation:
       optax.adamw(schedule, b1=t.b1, b2=t.b2, weight_decay=t.weight_decay, mask=decay_mask))
 
 
-def loss_fn(params, model: nn.Module, config: ModelConfig, tokens: jax.Array, rng: jax.Array,
-          deterministic: bool):
+def loss_fn(params, model_state: dict, model: nn.Module, config: ModelConfig,
+            tokens: jax.Array, rng: jax.Array, deterministic: bool):
   """Mean next-token cross-entropy plus the weighted MoE losses. tokens: [B, L+1]."""
   inputs, targets = tokens[:, :-1], tokens[:, 1:]
-  logits, stats = model.apply({"params": params}, inputs, deterministic=deterministic,
-                              rngs={"dropout": rng})
+  logits, stats = model.apply({"params": params, **model_state}, inputs,
+                              deterministic=deterministic, rngs={"dropout": rng})
   token_loss = optax.softmax_cross_entropy_with_integer_labels(logits, targets)  # [B, L]
   loss = (token_loss.mean() + config.load_balance_coef * stats["load_balance_loss"]
           + config.z_loss_coef * stats["z_loss"])
@@ -62,13 +70,13 @@ def train_step(state: TrainState, tokens: jax.Array, rng: jax.Array, *, model: n
 
   def micro_step(grads_sum, micro):
     index, micro_tokens = micro
-    grads, (loss_sum, stats) = grad_fn(state.params, model, config, micro_tokens,
+    grads, (loss_sum, stats) = grad_fn(state.params, state.model_state, model, config, micro_tokens,
                                        jax.random.fold_in(rng, index), False)
     return jax.tree.map(jnp.add, grads_sum, grads), (loss_sum, stats)
 
   accum = tokens.shape[0]
   if accum == 1:  # no accumulation buffers: they cost a pass over the params on XLA:CPU
-    grads, (loss_sum, stats) = grad_fn(state.params, model, config, tokens[0],
+    grads, (loss_sum, stats) = grad_fn(state.params, state.model_state, model, config, tokens[0],
                                        jax.random.fold_in(rng, 0), False)
     loss_sums, stats = loss_sum[None], jax.tree.map(lambda x: x[None], stats)
   else:
@@ -76,6 +84,12 @@ def train_step(state: TrainState, tokens: jax.Array, rng: jax.Array, *, model: n
     grads, (loss_sums, stats) = jax.lax.scan(micro_step, zeros, (jnp.arange(accum), tokens))
     grads = jax.tree.map(lambda g: g / accum, grads)
   new_state = state.apply_gradients(grads=grads)
+  if config.router_bias_rate > 0:  # auxiliary-loss-free balancing: after the step
+    from chimera.moe import update_router_bias  # TODO(lead): top-level once moe.py has it
+    new_state = new_state.replace(model_state={
+        **state.model_state, "router_bias": update_router_bias(
+            state.model_state["router_bias"], stats["expert_load"].mean(axis=0),
+            config.router_bias_rate, config)})
   updates = jax.tree.map(jnp.subtract, new_state.params, state.params)
   metrics = {
       "loss_sum": loss_sums.sum(),
@@ -89,9 +103,11 @@ def train_step(state: TrainState, tokens: jax.Array, rng: jax.Array, *, model: n
   return new_state, metrics
 
 
-def eval_step(params, tokens: jax.Array, *, model: nn.Module, config: ModelConfig) -> dict:
+def eval_step(params, model_state: dict, tokens: jax.Array, *, model: nn.Module,
+              config: ModelConfig) -> dict:
   """Summed cross-entropy over tokens [B, L+1], evaluation capacity, no dropout."""
-  _, (loss_sum, stats) = loss_fn(params, model, config, tokens, jax.random.key(0), True)
+  _, (loss_sum, stats) = loss_fn(params, model_state, model, config, tokens,
+                                 jax.random.key(0), True)
   return {"loss_sum": loss_sum, "tokens": jnp.asarray(tokens[:, 1:].size, jnp.float32),
           "dropped_fraction": stats["dropped_fraction"], "expert_load": stats["expert_load"]}
 
@@ -103,8 +119,10 @@ def init_state(config: Config, mesh: jax.sharding.Mesh | None = None) -> TrainSt
 
   def create():
     dummy = jnp.zeros((1, config.train.context), jnp.int32)
-    params = model.init(jax.random.key(config.train.seed), dummy)["params"]
-    return TrainState.create(apply_fn=model.apply, params=params, tx=tx)
+    variables = model.init(jax.random.key(config.train.seed), dummy)
+    params = variables.pop("params")
+    return TrainState.create(apply_fn=model.apply, params=params, tx=tx,
+                             model_state=dict(variables))
 
   if mesh is None:
     return jax.jit(create)()

@@ -1,14 +1,17 @@
-"""Training: the optimiser, the pure jitted steps, and the loop around them.
+"""The training loop: one run in one workdir, resumable, with its logs and summary.
 
-`train_step` and `eval_step` are module-level pure functions; the loop binds the model
-and config with functools.partial and jits them once. Everything host-side (logging,
-evaluation bookkeeping, checkpoints) happens between steps.
+The pure pieces (state, optimiser, loss, the jitted steps) live in chimera.steps. Here is
+only what happens between steps, in small named parts: the workdir and its lock
+(`open_workdir`), the data (`prepare_data`), the metric window (`TrainLog`), evaluation
+(`Evaluator`), checkpoints (chimera.checkpoints) and the summary (chimera.records).
 """
 
-import dataclasses
+import contextlib
+import fcntl
 import functools
 import json
 import math
+import os
 import signal
 import time
 from pathlib import Path
@@ -25,32 +28,99 @@ from chimera.data import batches as batches_lib
 from chimera.data.corpora import load_corpus
 from chimera.data.tokenizers import get_tokenizer
 from chimera.decoder import Decoder
-from chimera.steps import eval_step, init_state, make_schedule, train_step
 from chimera.errors import ChimeraError
 from chimera.metrics import MetricWriter, log, progress_line
+from chimera.records import EvalRecord, Progress, RunSummary
+from chimera.steps import TrainState, eval_step, init_state, make_schedule, train_step
+
+EVAL_SEED = 0  # the validation subset is the same for every training seed
+UNIGRAM_TOKENS = 1 << 24  # the unigram baseline counts at most this many training tokens
 
 
 class TrainingDiverged(ChimeraError):
   """The loss became NaN or inf."""
 
 
-def unigram_cross_entropy(train_tokens: np.ndarray, val_tokens: np.ndarray,
-                          vocab_size: int) -> float:
-  """Validation loss (nats/token) of the add-one-smoothed unigram model of the training
-  split: the bar a language model must clear."""
-  counts = np.bincount(train_tokens, minlength=vocab_size) + 1.0
-  log_probs = np.log(counts / counts.sum())
-  return float(-log_probs[val_tokens].mean())
+# --- The workdir: one run, one live process. -------------------------------------------
 
 
-class _Data(NamedTuple):
+@contextlib.contextmanager
+def open_workdir(workdir: Path, config: Config):
+  """Claims `workdir` for `config`'s run for the duration of the block.
+
+  Refuses (one-line ChimeraError) a path that is a file, a second live run on the same
+  workdir, and a config that computes a different run than the one saved there. The
+  lock is an flock held by this process: the kernel drops it when the process dies, so
+  a killed run never blocks the next one.
+  """
+  if workdir.exists() and not workdir.is_dir():
+    raise ChimeraError(f"--workdir: {workdir} is a file, not a directory")
+  workdir.mkdir(parents=True, exist_ok=True)
+  if jax.process_index() != 0:  # process 0 speaks for the run
+    yield
+    return
+  with open(workdir / ".lock", "a+") as lock:
+    try:
+      fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      lock.seek(0)
+      raise ChimeraError(f"--workdir: {workdir} is in use by another live run "
+                         f"(pid {lock.read().strip() or '?'})") from None
+    lock.truncate(0)
+    lock.write(str(os.getpid()))
+    lock.flush()
+    _check_same_run(workdir, config)
+    (workdir / "config.json").write_text(json.dumps(config_lib.to_dict(config), indent=2))
+    yield
+
+
+def _check_same_run(workdir: Path, config: Config) -> None:
+  path = workdir / "config.json"
+  if not path.exists():
+    return
+  try:
+    saved = config_lib.from_dict(json.loads(path.read_text()))
+  except (TypeError, KeyError, ValueError) as error:
+    raise ChimeraError(f"--workdir: {path} is not a config this version can read ({error}); "
+                       f"use a new workdir") from None
+  differing = config_lib.run_differences(saved, config)
+  if differing:
+    old, new = config_lib.to_dict(saved), config_lib.to_dict(config)
+    changes = ", ".join(f"{key} ({_lookup(old, key)!r} -> {_lookup(new, key)!r})"
+                        for key in differing)
+    raise ChimeraError(f"--workdir: {workdir} holds another run; these fields differ: "
+                       f"{changes}. Use a new workdir")
+  if config.train.steps != saved.train.steps:
+    log(f"train.steps: {saved.train.steps} -> {config.train.steps}. The cosine schedule is "
+        f"stretched to the new length, so the learning rate at the steps still to run "
+        f"follows it, not the old one")
+
+
+def _lookup(values: dict, key: str):
+  section, _, field = key.partition(".")
+  return values[section].get(field)
+
+
+# --- Data. ------------------------------------------------------------------------------
+
+
+class Data(NamedTuple):
   splits: batches_lib.Splits
   val_batches: np.ndarray  # [N, B / processes, context + 1]: this process's rows
   val_bytes_per_token: float
   unigram_loss: float
 
 
-def _prepare_data(config: Config) -> _Data:
+def unigram_cross_entropy(train_tokens: np.ndarray, val_tokens: np.ndarray,
+                          vocab_size: int) -> float:
+  """Validation loss (nats/token) of the add-one-smoothed unigram model of the training
+  split (its first UNIGRAM_TOKENS tokens): the bar a language model must clear."""
+  counts = np.bincount(np.asarray(train_tokens[:UNIGRAM_TOKENS]), minlength=vocab_size) + 1.0
+  log_probs = np.log(counts / counts.sum())
+  return float(-log_probs[np.asarray(val_tokens)].mean())
+
+
+def prepare_data(config: Config) -> Data:
   """Tokenizer, corpus, split and the fixed validation subset, with their checks."""
   t, m = config.train, config.model
   tokenizer = get_tokenizer(config.data.tokenizer)
@@ -64,19 +134,80 @@ def _prepare_data(config: Config) -> _Data:
       f"validation {len(splits.val):,} tokens ({config.data.tokenizer} tokenizer)")
   val_batches = batches_lib.eval_batches(splits.val, batch_size=t.batch_size,
                                          window=t.context + 1, num_batches=t.eval_batches,
-                                         seed=config.data.seed)
+                                         seed=EVAL_SEED)
   rows = t.batch_size // jax.process_count()
   val_batches = val_batches[:, jax.process_index() * rows:(jax.process_index() + 1) * rows]
-  return _Data(splits, val_batches, splits.val_bytes / len(splits.val),
-               unigram_cross_entropy(splits.train, splits.val, m.vocab_size))
+  return Data(splits, val_batches, splits.val_bytes / len(splits.val),
+              unigram_cross_entropy(splits.train, splits.val, m.vocab_size))
 
 
-@dataclasses.dataclass
-class _Window:
-  """Per-step metrics not yet fetched from the device."""
+# --- Between steps: the clock, the metric window, evaluation. -----------------------------
 
-  pending: list = dataclasses.field(default_factory=list)
-  started: float = dataclasses.field(default_factory=time.perf_counter)
+
+class Clock:
+  """Training seconds: those of earlier sessions (from the checkpoint) plus this one's."""
+
+  def __init__(self, earlier_seconds: float):
+    self.earlier_seconds = earlier_seconds
+    self.started = time.perf_counter()
+
+  def __call__(self) -> float:
+    return self.earlier_seconds + time.perf_counter() - self.started
+
+
+class TrainLog:
+  """Per-step metrics, fetched from the device once per logging window and averaged.
+
+  Also the run's throughput: windows after the first (which holds compilation), with
+  evaluation and saving left out (`restart_window`).
+  """
+
+  def __init__(self, config: Config, start_step: int, writer: MetricWriter):
+    self.config, self.start_step, self.writer = config, start_step, writer
+    self.tokens_per_step = config.train.batch_size * config.train.context
+    self.schedule = make_schedule(config.train)
+    self.pending: list = []
+    self.window_started = time.perf_counter()
+    self.timed_tokens, self.timed_seconds = 0, 0.0
+    self.last: dict | None = None
+
+  def add(self, step_metrics: dict) -> None:
+    self.pending.append(step_metrics)
+
+  def restart_window(self) -> None:
+    self.window_started = time.perf_counter()
+
+  @property
+  def tokens_per_second(self) -> float | None:
+    return self.timed_tokens / self.timed_seconds if self.timed_seconds else None
+
+  def flush(self, step: int, wall_seconds: float, workdir: Path) -> dict:
+    """Fetches and averages the window ending at `step`; stops on a non-finite loss."""
+    records = jax.device_get(self.pending)
+    first_step = step - len(records) + 1
+    for offset, record in enumerate(records):
+      # The loss checks the parameters the step started from, the norm the ones it made.
+      if not (np.isfinite(record["loss_sum"]) and np.isfinite(record["param_norm"])):
+        raise TrainingDiverged(
+            f"non-finite loss ({record['loss_sum']}) or parameters (norm "
+            f"{record['param_norm']}) at step {first_step + offset}; stopping. The last good "
+            f"checkpoint in {workdir / 'checkpoints'} is untouched")
+    seconds = time.perf_counter() - self.window_started  # after device_get: steps are done
+    if first_step - 1 > self.start_step:  # the first window holds compilation: not timed
+      self.timed_tokens += len(records) * self.tokens_per_step
+      self.timed_seconds += seconds
+    averaged = _average(records)
+    averaged["tokens_per_second"] = len(records) * self.tokens_per_step / seconds
+    averaged["learning_rate"] = float(self.schedule(step - 1))
+    averaged["wall_seconds"] = wall_seconds
+    self.writer.write("train", step, averaged)
+    eta = (self.config.train.steps - step) * seconds / len(records)
+    log(progress_line(step, self.config.train.steps, averaged["loss"],
+                      averaged["tokens_per_second"], eta))
+    self.pending.clear()
+    self.restart_window()
+    self.last = averaged
+    return averaged
 
 
 def _average(records: list[dict]) -> dict:
@@ -85,6 +216,40 @@ def _average(records: list[dict]) -> dict:
   averaged = {k: v / steps for k, v in summed.items() if k not in ("loss_sum", "tokens")}
   averaged["loss"] = summed["loss_sum"] / summed["tokens"]
   return averaged
+
+
+class Evaluator:
+  """Validation loss on the fixed subset, written as an EvalRecord."""
+
+  def __init__(self, config: Config, data: Data, mesh: jax.sharding.Mesh, writer: MetricWriter):
+    self.data, self.writer = data, writer
+    batch_sharding = sharding.batch_sharding(mesh, ndim=2)  # [B, L+1]
+    self.batches = [jax.make_array_from_process_local_data(batch_sharding, batch)
+                    for batch in data.val_batches]
+    self.eval_fn = jax.jit(
+        functools.partial(eval_step, model=Decoder(config.model), config=config.model),
+        out_shardings=NamedSharding(mesh, PartitionSpec()))
+
+  def bits_per_byte(self, loss: float) -> float:
+    return loss / math.log(2) / self.data.val_bytes_per_token
+
+  def __call__(self, state: TrainState, step: int, progress: Progress) -> float:
+    results = jax.device_get([self.eval_fn(state.params, state.model_state, batch)
+                              for batch in self.batches])
+    val_loss = float(sum(r["loss_sum"] for r in results) / sum(r["tokens"] for r in results))
+    layers = lambda name: np.mean([r[name] for r in results], axis=0).tolist()
+    record = EvalRecord(step=step, tokens_seen=progress.tokens_seen,
+                        wall_seconds=progress.wall_seconds, val_loss=val_loss,
+                        val_perplexity=math.exp(val_loss),
+                        val_bits_per_byte=self.bits_per_byte(val_loss),
+                        dropped_fraction=layers("dropped_fraction"),
+                        expert_load=layers("expert_load"))
+    self.writer.write("eval", step, record.values())
+    log(f"eval step {step}: val loss {val_loss:.4f} | ppl {record.val_perplexity:.2f} | "
+        f"{record.val_bits_per_byte:.4f} bits/byte")
+    progress.final_val_loss = val_loss
+    progress.best_val_loss = min(val_loss, progress.best_val_loss or math.inf)
+    return val_loss
 
 
 class _StopRequest:
@@ -107,172 +272,119 @@ class _StopRequest:
       signal.signal(sig, handler)
 
 
-def train(config: Config, workdir: str | Path, *, stop_after: int | None = None) -> dict:
-  """Trains (or resumes) the run in `workdir`; returns the summary written to summary.json.
+# --- The run. ---------------------------------------------------------------------------
+
+
+def train(config: Config, workdir: str | Path, *, stop_after: int | None = None) -> RunSummary:
+  """Trains (or resumes) the run in `workdir`; returns its summary (also summary.json).
 
   `stop_after`: stop as on SIGTERM (checkpoint, then return) after this many steps in
   this call; the run is resumed by calling again with the same workdir.
   """
-  started = time.perf_counter()
-  sharding.check_mesh(config, jax.device_count())
   workdir = Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
-  if jax.process_index() == 0:
-    (workdir / "config.json").write_text(json.dumps(config_lib.to_dict(config), indent=2))
-  data = _prepare_data(config)
-  mesh = sharding.make_mesh(config.mesh)
-  with jax.set_mesh(mesh):
-    return _train_loop(config, workdir, data, mesh, started, stop_after)
+  sharding.check_mesh(config, jax.device_count())
+  with open_workdir(workdir, config):
+    data = prepare_data(config)
+    mesh = sharding.make_mesh(config.mesh)
+    with jax.set_mesh(mesh):
+      checkpointer = Checkpointer(workdir / "checkpoints", keep=config.train.keep_checkpoints)
+      try:
+        return _train_loop(config, workdir, data, mesh, checkpointer, stop_after)
+      finally:  # a pending save completes even if the run stops on an error
+        checkpointer.wait()
+        checkpointer.close()
 
 
-def _train_loop(config: Config, workdir: Path, data: _Data, mesh: jax.sharding.Mesh,
-                started: float, stop_after: int | None) -> dict:
-  t, m = config.train, config.model
-  window = t.context + 1
-  counts = accounting.count(m, t.context)
-  model = Decoder(m)
-  state = init_state(config, mesh)
-  checkpointer = Checkpointer(workdir / "checkpoints", keep=t.keep_checkpoints)
-  meta = {"sampler": None, "best_val_loss": math.inf, "final_val_loss": None,
-          "wall_seconds": 0.0, "tokens_seen": 0}
-  if checkpointer.latest_step() is not None:
-    state, meta = checkpointer.restore(state)  # onto this mesh, whatever the saving one was
-    log(f"resumed from {workdir / 'checkpoints'} at step {int(state.step)}")
-  start_step = int(state.step)
-  if start_step >= t.steps and (workdir / "summary.json").exists():
+def _train_loop(config: Config, workdir: Path, data: Data, mesh: jax.sharding.Mesh,
+                checkpointer: Checkpointer, stop_after: int | None) -> RunSummary:
+  t = config.train
+  state, progress = _restore(config, mesh, checkpointer, workdir)
+  start_step = step = int(state.step)
+  if start_step >= t.steps and RunSummary.exists(workdir):
     log(f"{workdir} already holds a finished run of {t.steps} steps")
-    checkpointer.close()
-    return json.loads((workdir / "summary.json").read_text())
-  sampler = batches_lib.WindowSampler(data.splits.train, batch_size=t.batch_size, window=window,
-                                      seed=config.data.seed, step=start_step,
-                                      process_index=jax.process_index(),
+    return RunSummary.load(workdir)
+  writer = MetricWriter(workdir, resume_step=start_step)
+  _log_setup(config, data, mesh, writer, start_step)
+  sampler = batches_lib.WindowSampler(data.splits.train, batch_size=t.batch_size,
+                                      window=t.context + 1, seed=config.data.seed,
+                                      step=start_step, process_index=jax.process_index(),
                                       process_count=jax.process_count())
-  train_batch = sharding.batch_sharding(mesh, ndim=3, batch_axis=1)  # [A, B, L+1]
-  eval_batch = sharding.batch_sharding(mesh, ndim=2)  # [B, L+1]
-  to_global = jax.make_array_from_process_local_data
-  val_batches = [to_global(eval_batch, batch) for batch in data.val_batches]
+  to_batch = functools.partial(jax.make_array_from_process_local_data,
+                               sharding.batch_sharding(mesh, ndim=3, batch_axis=1))
+  step_fn = _jit_train_step(config, mesh, state)
+  evaluate = Evaluator(config, data, mesh, writer)
+  train_log, clock = TrainLog(config, start_step, writer), Clock(progress.wall_seconds)
+  rng, interrupted = jax.random.key(t.seed + 1), False
+  with _StopRequest() as stop:
+    while step < t.steps and not interrupted:
+      batch = to_batch(sampler.next().reshape(t.grad_accum, -1, t.context + 1))
+      state, step_metrics = step_fn(state, batch, rng)
+      train_log.add(step_metrics)
+      step += 1
+      progress.tokens_seen += t.batch_size * t.context
+      progress.wall_seconds = clock()
+      is_eval = step % t.eval_every == 0 or step == t.steps
+      is_save = step % t.checkpoint_every == 0 or step == t.steps
+      interrupted = stop.requested or (stop_after is not None and step - start_step >= stop_after)
+      if step % t.log_every == 0 or is_eval or is_save or interrupted:
+        train_log.flush(step, progress.wall_seconds, workdir)
+      val_loss = evaluate(state, step, progress) if is_eval else None
+      if is_save or interrupted:
+        checkpointer.save(step, state, progress.to_json(), val_loss=val_loss)
+      if is_eval or is_save:  # keep evaluation and saving out of the next window's timing
+        train_log.restart_window()
+  writer.close()
+  summary = _summarize(config, data, progress, train_log, step, completed=step >= t.steps)
+  if not summary.completed:
+    log(f"stopped at step {step}; checkpoint saved. Run the same command with "
+        f"--workdir={workdir} to resume.")
+    return summary
+  if jax.process_index() == 0:
+    summary.save(workdir)
+  log(f"done: final val loss {summary.final_val_loss:.4f}, best {summary.best_val_loss:.4f}. "
+      f"Results in {workdir}/ (summary.json, metrics.jsonl, tensorboard/, checkpoints/)")
+  return summary
 
-  writer = MetricWriter(workdir)
+
+def _restore(config: Config, mesh: jax.sharding.Mesh, checkpointer: Checkpointer,
+             workdir: Path) -> tuple[TrainState, Progress]:
+  """A fresh state, or the latest checkpoint's, laid out on this mesh."""
+  state = init_state(config, mesh)
+  if checkpointer.latest_step() is None:
+    return state, Progress()
+  state, meta = checkpointer.restore(state)  # onto this mesh, whatever the saving one was
+  log(f"resumed from {workdir / 'checkpoints'} at step {int(state.step)}")
+  return state, Progress.from_json(meta)
+
+
+def _jit_train_step(config: Config, mesh: jax.sharding.Mesh, state: TrainState):
+  replicated = NamedSharding(mesh, PartitionSpec())
+  return jax.jit(functools.partial(train_step, model=Decoder(config.model), config=config.model),
+                 donate_argnums=0,
+                 out_shardings=(sharding.state_sharding(mesh, state), replicated))
+
+
+def _log_setup(config: Config, data: Data, mesh: jax.sharding.Mesh, writer: MetricWriter,
+               start_step: int) -> None:
+  counts = accounting.count(config.model, config.train.context)
   if start_step == 0:
     writer.write("setup", 0, {**counts._asdict(), "train_tokens": len(data.splits.train),
                               "val_tokens": len(data.splits.val),
                               "unigram_val_loss": data.unigram_loss})
   log(f"model: {counts.params_total:,} params, {counts.params_active:,} active, "
       f"{counts.flops_per_token / 1e6:.1f} MFLOPs/token; mesh {dict(mesh.shape)}")
-  replicated = NamedSharding(mesh, PartitionSpec())
-  state_shardings = sharding.state_sharding(mesh, state)
-  step_fn = jax.jit(functools.partial(train_step, model=model, config=m), donate_argnums=0,
-                    out_shardings=(state_shardings, replicated))
-  eval_fn = jax.jit(functools.partial(eval_step, model=model, config=m),
-                    out_shardings=replicated)
-  rng = jax.random.key(t.seed + 1)
-  tokens_per_step = t.batch_size * t.context
-  bits_per_byte = lambda loss: loss / math.log(2) / data.val_bytes_per_token
 
-  def evaluate(step: int) -> float:
-    results = jax.device_get([eval_fn(state.params, batch) for batch in val_batches])
-    averaged = jax.tree.map(lambda *xs: np.mean(xs, axis=0), *results)
-    val_loss = float(np.sum([r["loss_sum"] for r in results])
-                     / np.sum([r["tokens"] for r in results]))
-    meta["best_val_loss"] = min(meta["best_val_loss"], val_loss)
-    meta["final_val_loss"] = val_loss
-    writer.write("eval", step, {"val_loss": val_loss, "val_perplexity": math.exp(val_loss),
-                                "val_bits_per_byte": bits_per_byte(val_loss),
-                                "dropped_fraction": averaged["dropped_fraction"],
-                                "expert_load": averaged["expert_load"]})
-    log(f"eval step {step}: val loss {val_loss:.4f} | ppl {math.exp(val_loss):.2f} | "
-        f"{bits_per_byte(val_loss):.4f} bits/byte")
-    return val_loss
 
-  def flush(window: _Window, step: int) -> tuple[dict, float]:
-    """Fetches pending metrics (and their window's seconds); stops on a non-finite loss."""
-    records = jax.device_get(window.pending)
-    first_step = step - len(records) + 1
-    for offset, record in enumerate(records):
-      # The loss checks the parameters the step started from, the norm the ones it made.
-      if not (np.isfinite(record["loss_sum"]) and np.isfinite(record["param_norm"])):
-        raise TrainingDiverged(
-            f"non-finite loss ({record['loss_sum']}) or parameters (norm "
-            f"{record['param_norm']}) at step {first_step + offset}; stopping. The last good "
-            f"checkpoint in {workdir / 'checkpoints'} is untouched")
-    averaged = _average(records)
-    seconds = time.perf_counter() - window.started  # after device_get: the steps are done
-    averaged["tokens_per_second"] = len(records) * tokens_per_step / seconds
-    averaged["learning_rate"] = float(schedule(step - 1))
-    window.pending.clear()
-    window.started = time.perf_counter()
-    return averaged, seconds
-
-  schedule = make_schedule(t)
-  last_train = None
-  window_metrics = _Window()
-  timed_tokens, timed_seconds = 0, 0.0
-  step = start_step
-  stopped_early = False
-  try:
-    with _StopRequest() as stop:
-      while step < t.steps:
-        batch = to_global(train_batch, sampler.next().reshape(t.grad_accum, -1, window))
-        state, step_metrics = step_fn(state, batch, rng)
-        window_metrics.pending.append(step_metrics)
-        step += 1
-        meta["tokens_seen"] += tokens_per_step
-        is_eval = step % t.eval_every == 0 or step == t.steps
-        is_save = step % t.checkpoint_every == 0 or step == t.steps
-        interrupted = stop.requested or (stop_after is not None and step - start_step >= stop_after)
-        if step % t.log_every == 0 or is_eval or is_save or interrupted:
-          count = len(window_metrics.pending)
-          averaged, window_seconds = flush(window_metrics, step)
-          if step - count > start_step:  # the first window holds compilation: not timed
-            timed_tokens += count * tokens_per_step
-            timed_seconds += window_seconds
-          last_train = averaged
-          writer.write("train", step, averaged)
-          eta = (t.steps - step) * window_seconds / max(count, 1)
-          log(progress_line(step, t.steps, averaged["loss"], averaged["tokens_per_second"], eta))
-        val_loss = evaluate(step) if is_eval else None
-        if is_save or interrupted:
-          meta["sampler"] = sampler.state()
-          meta["wall_seconds"] += time.perf_counter() - started
-          started = time.perf_counter()
-          checkpointer.save(step, state, meta, val_loss=val_loss)
-        if interrupted and step < t.steps:
-          stopped_early = True
-          break
-        if is_eval or is_save:  # keep evaluation and saving out of the next window's timing
-          window_metrics.started = time.perf_counter()
-  finally:  # a pending save completes even if the run stops on an error
-    checkpointer.wait()
-    checkpointer.close()
-
-  summary = {
-      "config": config.name,
-      "final_val_loss": meta["final_val_loss"],
-      "best_val_loss": meta["best_val_loss"],
-      "steps": step,
-      "tokens_seen": meta["tokens_seen"],
-      "wall_seconds": meta["wall_seconds"],
-      "train_tokens_per_second": timed_tokens / timed_seconds if timed_seconds else None,
-      "params_total": counts.params_total,
-      "params_active": counts.params_active,
-      "flops_per_token": counts.flops_per_token,
-      "dispatch_flops_per_token": counts.dispatch_flops_per_token,
-      "unigram_val_loss": data.unigram_loss,
-      "val_bits_per_byte": (bits_per_byte(meta["final_val_loss"])
-                            if meta["final_val_loss"] is not None else None),
-      "completed": not stopped_early,
-  }
-  if m.num_experts and last_train is not None:
-    summary["expert_load"] = np.asarray(last_train["expert_load"]).tolist()
-    summary["dropped_fraction"] = np.asarray(last_train["dropped_fraction"]).tolist()
-  writer.close()
-  if stopped_early:
-    log(f"stopped at step {step}; checkpoint saved. Run the same command with "
-        f"--workdir={workdir} to resume.")
-    return summary
-  if jax.process_index() == 0:
-    (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
-  log(f"done: final val loss {summary['final_val_loss']:.4f}, best "
-      f"{summary['best_val_loss']:.4f}. Results in {workdir}/ (summary.json, metrics.jsonl, "
-      f"tensorboard/, checkpoints/)")
-  return summary
+def _summarize(config: Config, data: Data, progress: Progress, train_log: TrainLog, step: int,
+               completed: bool) -> RunSummary:
+  last = train_log.last or {}
+  moe_field = lambda name: np.asarray(last[name]).tolist() if config.model.num_experts and name in last else []
+  bits = lambda loss: None if loss is None else loss / math.log(2) / data.val_bytes_per_token
+  return RunSummary(
+      name=config.name, completed=completed, steps=step, tokens_seen=progress.tokens_seen,
+      wall_seconds=progress.wall_seconds, train_tokens_per_second=train_log.tokens_per_second,
+      final_val_loss=progress.final_val_loss, best_val_loss=progress.best_val_loss,
+      val_bits_per_byte=bits(progress.final_val_loss), unigram_val_loss=data.unigram_loss,
+      accounting=accounting.count(config.model, config.train.context)._asdict(),
+      config=config_lib.to_dict(config), expert_load=moe_field("expert_load"),
+      dropped_fraction=moe_field("dropped_fraction"))

@@ -39,3 +39,17 @@ def corpus(tmp_path) -> Path:
 @pytest.fixture(name="make_config")
 def _make_config_fixture():
   return make_config
+
+
+@pytest.fixture(name="write_corpus", scope="session")
+def _write_corpus_fixture():
+  return write_corpus
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+  return ROOT
+
+
+def pytest_configure(config):
+  config.addinivalue_line("markers", "slow: trains in a subprocess; skip with -m 'not slow'")

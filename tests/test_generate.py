@@ -15,8 +15,6 @@ from chimera.decoder import Decoder
 from chimera.errors import ChimeraError
 from chimera.generate import check_length, generate
 
-from conftest import ROOT
-
 BASE = ModelConfig(vocab_size=40, num_layers=2, num_heads=2, d_model=16, d_ff=32, max_len=16)
 
 
@@ -60,15 +58,21 @@ def test_sampling_respects_top_k():
 def test_too_long_a_request_is_refused():
   with pytest.raises(ChimeraError, match="exceed the model's context"):
     check_length(BASE, prompt_length=10, max_new_tokens=7)
+  # generate() itself refuses, before anything runs: 5 + 40 tokens with max_len 16.
+  params = Decoder(BASE).init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]
+  with pytest.raises(ChimeraError, match=r"^prompt: 5 prompt tokens \+ max_new_tokens=40"):
+    generate(params, jnp.zeros((1, 5), jnp.int32), jax.random.key(0), config=BASE,
+             max_new_tokens=40)
 
 
-def test_generate_entry_point_samples_from_a_run(make_config, corpus, tmp_path):
+@pytest.mark.slow
+def test_generate_entry_point_samples_from_a_run(make_config, corpus, tmp_path, repo_root):
   from chimera.train import train
   workdir = tmp_path / "run"
   train(make_config("moe_top2", corpus, train__steps=2, train__warmup_steps=0), workdir)
   result = subprocess.run(
       [sys.executable, "-m", "chimera.generate", f"--workdir={workdir}", "--prompt=the king",
        "--max_new_tokens=12", "--temperature=0.8", "--top_k=5"],
-      cwd=ROOT, capture_output=True, text=True, timeout=300)
+      cwd=repo_root, capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-2000:]
   assert result.stdout.startswith("the king") and len(result.stdout) > len("the king")

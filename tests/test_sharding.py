@@ -4,14 +4,15 @@ import os
 import subprocess
 import sys
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
 from chimera import sharding
 from chimera.errors import ChimeraError
 
-from conftest import ROOT
-
+ROOT = Path(__file__).resolve().parents[1]
 DRIVER = ROOT / "tests" / "multidevice_run.py"
 STEPS = 4
 
@@ -27,9 +28,8 @@ def run(tmp_path, name, devices, data, expert, corpus, stop_after=None, workdir=
 
 
 @pytest.fixture(scope="module")
-def single_device(tmp_path_factory):
+def single_device(tmp_path_factory, write_corpus):
   tmp = tmp_path_factory.mktemp("single")
-  from conftest import write_corpus
   corpus = write_corpus(tmp / "corpus.txt")
   return corpus, run(tmp, "reference", 1, 1, 1, corpus)
 
@@ -43,6 +43,7 @@ def assert_same_training(result, reference):
                                  err_msg=name)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("data, expert", [(2, 4), (8, 1), (1, 8)])
 def test_sharded_training_equals_single_device(data, expert, single_device, tmp_path):
   corpus, reference = single_device
@@ -53,6 +54,7 @@ def test_sharded_training_equals_single_device(data, expert, single_device, tmp_
   assert int(result["num_shards"]) == 8
 
 
+@pytest.mark.slow
 def test_checkpoint_moves_from_8_to_4_to_1_devices(single_device, tmp_path):
   corpus, reference = single_device
   workdir = tmp_path / "moving"

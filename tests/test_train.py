@@ -1,28 +1,45 @@
 """The main job end to end on the `tiny` preset: smoke runs, exact resume, bad input, NaN."""
 
+import fcntl
 import json
 import os
 import signal
 import subprocess
 import sys
+import time
 
 import chex
 import jax
 import numpy as np
 import pytest
+from pathlib import Path
 
 from chimera.checkpoints import Checkpointer
 from chimera.errors import ChimeraError
+from chimera.records import Progress, RunSummary, read_events
 from chimera.steps import init_state
 from chimera.train import TrainingDiverged, train
 
-from conftest import ROOT
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_main(*args, env_extra=None, **kwargs):
   env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env_extra or {})}
   return subprocess.run([sys.executable, "-m", "chimera.main", *args], cwd=ROOT, env=env,
                         capture_output=True, text=True, timeout=300, **kwargs)
+
+
+def start_main(*args):
+  return subprocess.Popen([sys.executable, "-m", "chimera.main", *args], cwd=ROOT,
+                          stderr=subprocess.PIPE, text=True,
+                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def wait_for_line(process, prefix: str) -> str:
+  for line in process.stderr:
+    if line.startswith(prefix):
+      return line
+  raise AssertionError(f"the run ended before printing {prefix!r}")
 
 
 def final_params(config, workdir):
@@ -38,6 +55,7 @@ def losses(workdir):
           if r["event"] in ("train", "eval")]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["dense", "moe_top2"])
 def test_entry_point_one_step(name, corpus, tmp_path):
   workdir = tmp_path / "run"
@@ -45,15 +63,19 @@ def test_entry_point_one_step(name, corpus, tmp_path):
                     "--config.train.steps=1", "--config.train.warmup_steps=0",
                     f"--workdir={workdir}")
   assert result.returncode == 0, result.stderr
-  summary = json.loads((workdir / "summary.json").read_text())
-  assert summary["steps"] == 1 and summary["tokens_seen"] == 4 * 32
-  for field in ("final_val_loss", "best_val_loss", "wall_seconds", "params_total",
-                "params_active", "flops_per_token"):
-    assert summary[field] is not None and summary[field] > 0, field
-  assert np.isfinite(summary["final_val_loss"])
-  assert ("expert_load" in summary) == (name != "dense")
+  summary = RunSummary.load(workdir)
+  assert summary.steps == 1 and summary.tokens_seen == 4 * 32 and summary.completed
+  for value in (summary.final_val_loss, summary.best_val_loss, summary.wall_seconds,
+                summary.accounting["params_total"], summary.accounting["params_active"],
+                summary.accounting["flops_per_token"]):
+    assert value is not None and value > 0
+  assert np.isfinite(summary.final_val_loss)
+  assert bool(summary.expert_load) == (name != "dense")
   config = json.loads((workdir / "config.json").read_text())
   assert config["model"]["num_experts"] == (0 if name == "dense" else 8)
+  # The resolved config is recorded: derived fields hold numbers, not "derive".
+  assert summary.config == config and config["model"]["group_size"] == 32
+  assert config["model"]["expert_d_ff"] == 128 // 2 and config["model"]["renormalize_gates"]
   assert list((workdir / "tensorboard").iterdir()), "no TensorBoard events"
   assert (workdir / "checkpoints" / "1").is_dir()
   assert str(workdir) in result.stderr  # says where the results are
@@ -65,23 +87,24 @@ def test_resume_is_exact(name, make_config, corpus, tmp_path):
   straight, resumed = tmp_path / "straight", tmp_path / "resumed"
   summary = train(config, straight)
   first = train(config, resumed, stop_after=3)
-  assert not first["completed"] and first["steps"] == 3
+  assert not first.completed and first.steps == 3
   second = train(config, resumed)
 
   (state_a, meta_a), (state_b, meta_b) = final_params(config, straight), final_params(config, resumed)
   assert int(state_a.step) == int(state_b.step) == 6
   chex.assert_trees_all_equal(state_a.params, state_b.params)
   chex.assert_trees_all_equal(state_a.opt_state, state_b.opt_state)
-  assert meta_a["sampler"] == meta_b["sampler"]
+  assert meta_a["tokens_seen"] == meta_b["tokens_seen"] == 6 * 4 * 32
   assert losses(straight) == losses(resumed)
   for field in ("final_val_loss", "best_val_loss", "steps", "tokens_seen"):
-    assert summary[field] == second[field], field
+    assert getattr(summary, field) == getattr(second, field), field
   # Running a finished run again changes nothing and returns its summary.
   written = (straight / "summary.json").read_text()
-  assert train(config, straight) == json.loads(written)
+  assert train(config, straight) == RunSummary.load(straight)
   assert (straight / "summary.json").read_text() == written
 
 
+@pytest.mark.slow
 def test_sigterm_saves_and_resumes_exactly(make_config, corpus, tmp_path):
   steps = 300
   overrides = dict(train__steps=steps, train__checkpoint_every=1000, train__eval_every=1000,
@@ -112,6 +135,7 @@ def test_sigterm_saves_and_resumes_exactly(make_config, corpus, tmp_path):
   chex.assert_trees_all_equal(state_a.params, state_b.params)
 
 
+@pytest.mark.slow
 def test_bad_config_is_one_line_before_compiling(corpus, tmp_path):
   cases = {
       "--config.model.top_k=9": "config.model.top_k",
@@ -122,9 +146,16 @@ def test_bad_config_is_one_line_before_compiling(corpus, tmp_path):
       "--config.data.corpus=/no/such/file.txt": "/no/such/file.txt",
       "--config.model.vocab_size=100": "vocab_size",
       "--config.model.num_expertz=4": "num_expertz",
+      "--config.model.group_size=48": "config.model.group_size",
+      "--config.model.priority=ranked": "config.model.priority",
+      "--config.model.router=nope": "config.model.router",
+      "--config.train.min_learning_rate=1": "config.train.min_learning_rate",
+      f"--workdir={corpus}": "is a file",
   }
   for flag, expected in cases.items():
-    args = ["--config=configs/moe_top2.py:tiny", f"--workdir={tmp_path / 'run'}"]
+    args = ["--config=configs/moe_top2.py:tiny"]
+    if "workdir" not in flag:
+      args.append(f"--workdir={tmp_path / 'run'}")
     if "corpus" not in flag:
       args.append(f"--config.data.corpus={corpus}")
     result = run_main(*args, flag)
@@ -160,3 +191,79 @@ def test_nan_stops_and_keeps_last_good_checkpoint(make_config, corpus, tmp_path)
   assert checkpointer.latest_step() == bad_step - 1
   state, _ = checkpointer.restore(init_state(config))
   assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(state.params))
+
+
+@pytest.mark.slow
+def test_sigkill_between_checkpoints_cuts_the_log_and_the_downtime(make_config, corpus,
+                                                                    tmp_path):
+  steps, every = 400, 100
+  overrides = dict(train__steps=steps, train__checkpoint_every=every, train__eval_every=every,
+                   train__log_every=1)
+  config = make_config("dense", corpus, **overrides)
+  train(config, tmp_path / "straight")
+
+  workdir = tmp_path / "killed"
+  args = ["--config=configs/dense.py:tiny", f"--config.data.corpus={corpus}",
+          f"--workdir={workdir}"] + [f"--config.{k.replace('__', '.')}={v}"
+                                     for k, v in overrides.items()]
+  process = start_main(*args)
+  wait_for_line(process, f"step    {every + 20}/")  # past the first checkpoint
+  process.kill()  # SIGKILL: no handler runs, no checkpoint is written
+  process.wait(timeout=60)
+  saved = Checkpointer(workdir / "checkpoints", keep=2).latest_step()
+  rows = read_events(workdir, "train")
+  assert saved is not None and saved % every == 0 and rows[-1]["step"] > saved, \
+      "the kill did not land between two checkpoints"
+  wall_at_checkpoint = next(r["wall_seconds"] for r in rows if r["step"] == saved)
+
+  downtime = 6.0
+  time.sleep(downtime)
+  restarted = time.time()
+  result = run_main(*args)  # the .lock file of the killed run is still there
+  assert result.returncode == 0, result.stderr[-2000:]
+  # The rows the killed run wrote after its checkpoint are gone, not duplicated.
+  assert losses(workdir) == losses(tmp_path / "straight")
+  after = next(r for r in read_events(workdir, "train") if r["step"] == saved + 1)
+  # Training time runs on from the checkpoint's; the downtime is not in it.
+  assert after["wall_seconds"] - wall_at_checkpoint <= after["time"] - restarted + 0.5
+  summary = RunSummary.load(workdir)
+  assert summary.steps == steps
+  assert summary.wall_seconds < RunSummary.load(tmp_path / "straight").wall_seconds + downtime
+
+
+def test_a_workdir_holds_one_run(make_config, corpus, tmp_path):
+  workdir = tmp_path / "run"
+  dense = make_config("dense", corpus, train__steps=2, train__warmup_steps=0)
+  train(dense, workdir)
+  with pytest.raises(ChimeraError, match=r"^--workdir: .* holds another run; these fields "
+                                         r"differ: model\.num_experts \(0 -> 8\)"):
+    train(make_config("moe_top2", corpus, train__steps=2, train__warmup_steps=0), workdir)
+  with pytest.raises(ChimeraError, match=r"train\.learning_rate \(0\.002 -> 0\.001\)"):
+    train(make_config("dense", corpus, train__steps=2, train__warmup_steps=0,
+                      train__learning_rate=1e-3), workdir)
+  # Logging intervals do not change the run; more steps extend it.
+  same = make_config("dense", corpus, train__steps=2, train__warmup_steps=0, train__log_every=1)
+  assert train(same, workdir).steps == 2
+  longer = make_config("dense", corpus, train__steps=4, train__warmup_steps=0)
+  assert train(longer, workdir).steps == 4
+  assert [r["step"] for r in read_events(workdir, "eval")] == [2, 3, 4]
+
+
+def test_a_workdir_that_is_a_file_or_in_use_is_refused(make_config, corpus, tmp_path):
+  config = make_config("dense", corpus, train__steps=2, train__warmup_steps=0)
+  with pytest.raises(ChimeraError, match="is a file"):
+    train(config, corpus)
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  with open(workdir / ".lock", "w") as lock:  # as a live run holds it
+    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    with pytest.raises(ChimeraError, match="in use by another live run"):
+      train(config, workdir)
+  assert train(config, workdir).completed  # released: the next run goes ahead
+
+
+def test_progress_saved_is_a_copy():
+  progress = Progress(tokens_seen=10)
+  saved = progress.to_json()
+  progress.tokens_seen += 5  # the loop goes on while orbax writes `saved`
+  assert saved["tokens_seen"] == 10 and Progress.from_json(saved).tokens_seen == 10

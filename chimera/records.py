@@ -1,0 +1,99 @@
+"""The records a run writes and other modules read back, as typed dataclasses.
+
+- `RunSummary`: WORKDIR/summary.json, written by chimera.train at the end of a run and
+  read by chimera.report and chimera.compare.
+- `EvalRecord`: one evaluation, a line of WORKDIR/metrics.jsonl (event "eval"), written by
+  chimera.train and read back by `read_evals`.
+- `Progress`: what a checkpoint carries beside the arrays (its `meta` item).
+
+Each is written and read here, so a field added to one is added in one place.
+"""
+
+import dataclasses
+import json
+from pathlib import Path
+
+from chimera.data.corpora import write_atomic
+
+
+@dataclasses.dataclass
+class Progress:
+  """The host-side state of a run, saved with every checkpoint."""
+
+  tokens_seen: int = 0
+  wall_seconds: float = 0.0  # training time so far, without the time between sessions
+  best_val_loss: float | None = None
+  final_val_loss: float | None = None
+
+  def to_json(self) -> dict:
+    return dataclasses.asdict(self)  # a fresh dict: safe to hand to a background save
+
+  @classmethod
+  def from_json(cls, values: dict) -> "Progress":
+    return cls(**{f.name: values[f.name] for f in dataclasses.fields(cls) if f.name in values})
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalRecord:
+  """One evaluation on the fixed validation subset."""
+
+  step: int
+  tokens_seen: int
+  wall_seconds: float
+  val_loss: float
+  val_perplexity: float
+  val_bits_per_byte: float
+  dropped_fraction: list[float]  # [Y] per MoE layer, at evaluation capacity
+  expert_load: list[list[float]]  # [Y, E]
+
+  def values(self) -> dict:
+    """The fields MetricWriter writes (it adds event, step and time itself)."""
+    values = dataclasses.asdict(self)
+    del values["step"]
+    return values
+
+
+def read_events(workdir: Path, event: str) -> list[dict]:
+  """Every metrics.jsonl record of one event ("setup", "train", "eval"), in order."""
+  path = Path(workdir) / "metrics.jsonl"
+  records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+  return [r for r in records if r.get("event") == event]
+
+
+def read_evals(workdir: Path) -> list[EvalRecord]:
+  names = [f.name for f in dataclasses.fields(EvalRecord)]
+  return [EvalRecord(**{name: r[name] for name in names}) for r in read_events(workdir, "eval")]
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSummary:
+  """What a run ended with (WORKDIR/summary.json)."""
+
+  name: str
+  completed: bool
+  steps: int
+  tokens_seen: int
+  wall_seconds: float
+  # Tokens per second of the timed steps: compilation, evaluation and saving left out.
+  train_tokens_per_second: float | None
+  final_val_loss: float | None
+  best_val_loss: float | None
+  val_bits_per_byte: float | None
+  unigram_val_loss: float
+  accounting: dict  # chimera.accounting.count(...) of the model, field by field
+  config: dict  # the resolved config (chimera.config.to_dict), derived fields filled in
+  # MoE only (empty for dense): means over the last logging window, per MoE layer.
+  expert_load: list = dataclasses.field(default_factory=list)  # [Y, E]
+  dropped_fraction: list = dataclasses.field(default_factory=list)  # [Y]
+
+  def save(self, workdir: Path) -> None:
+    write_atomic(Path(workdir) / "summary.json",
+                 json.dumps(dataclasses.asdict(self), indent=2).encode())
+
+  @classmethod
+  def load(cls, workdir: Path) -> "RunSummary":
+    return cls(**json.loads((Path(workdir) / "summary.json").read_text()))
+
+  @staticmethod
+  def exists(workdir: Path) -> bool:
+    return (Path(workdir) / "summary.json").exists()
