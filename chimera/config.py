@@ -242,7 +242,8 @@ def _validate_groups(c: Config) -> None:
   m, t = c.model, c.train
   if not m.num_experts:
     return
-  group, context = m.group_size, t.context
+  context = t.context
+  group = m.group_size or context  # unresolved: one sequence
   _check(context % group == 0 or group % context == 0, "model.group_size",
          f"{group} straddles sequences of train.context={context}: use a divisor or a "
          f"multiple of it")

@@ -1,31 +1,135 @@
-"""ModelConfig validation: each bad field raises ChimeraError naming that field."""
+"""Every shipped config x preset, and the config machinery they rest on.
+
+A new configs/*.py or a new preset is covered here without a new test: each one loads,
+validates, and builds its model with jax.eval_shape (no memory spent on full-size models).
+"""
 
 import dataclasses
 import re
 
+import jax
+import jax.numpy as jnp
 import pytest
 
-from chimera.config import ModelConfig, validate_model
+from chimera import accounting, config as config_lib, presets
+from chimera.config import Config, ModelConfig
+from chimera.decoder import Decoder
 from chimera.errors import ChimeraError
 
-MOE = ModelConfig(d_model=64, num_heads=4, num_experts=4, top_k=2)
+from pathlib import Path
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.py"))
 
 
-def test_valid_configs_pass():
-  validate_model(ModelConfig())
-  validate_model(MOE)
-  validate_model(dataclasses.replace(MOE, top_k=4))  # k = E is allowed
+@pytest.mark.parametrize("preset", sorted(presets.PRESETS))
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+def test_every_config_and_preset_builds(path, preset):
+  config = config_lib.load(f"{path}:{preset}")
+  assert config.name.startswith(path.stem)
+  batch = (config.train.batch_size // config.train.grad_accum, config.train.context)
+  model = Decoder(config.model)
+  variables = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(batch, jnp.int32)))
+  logits, stats = jax.eval_shape(
+      lambda v: model.apply(v, jnp.zeros(batch, jnp.int32)), variables)
+  assert logits.shape == (*batch, config.model.vocab_size)
+  assert stats["expert_load"].shape == (config.model.num_moe_layers, config.model.num_experts)
+  # The resolved config survives the round trip through WORKDIR/config.json.
+  assert config_lib.from_dict(config_lib.to_dict(config)) == config
 
 
-@pytest.mark.parametrize("changes,field", [
-    (dict(top_k=5), "model.top_k"),
-    (dict(top_k=0), "model.top_k"),
-    (dict(capacity_factor=0.0), "model.capacity_factor"),
-    (dict(capacity_factor=-1.0), "model.capacity_factor"),
-    (dict(eval_capacity_factor=0.0), "model.eval_capacity_factor"),
-    (dict(d_model=66), "model.d_model"),
+def test_the_dataclasses_hold_the_only_defaults():
+  """A preset is a diff: the default preset is exactly the dataclass defaults."""
+  loaded = config_lib.load(f"{CONFIGS[0]}")  # dense.py:default sets nothing of its own
+  defaults = config_lib.resolve(Config(name=loaded.name))
+  assert loaded == defaults
+  assert presets.PRESETS["default"] == {}
+
+
+@pytest.mark.parametrize("override", [{"model.d_ff": 1024}, {"model.d_ff": 300},
+                                      {"model.top_k": 1}, {"model.top_k": 4},
+                                      {"model.d_model": 256, "model.num_heads": 4,
+                                       "model.d_ff": 1024}])
+def test_overrides_keep_moe_top2_compute_matched(override):
+  """expert_d_ff is derived from the final d_ff and top_k, so FLOPs stay within 10%."""
+  root = CONFIGS[0].parent
+  dense = config_lib.load(f"{root}/dense.py", override)
+  moe = config_lib.load(f"{root}/moe_top2.py", override)
+  flops = lambda c: accounting.count(c.model, c.train.context).flops_per_token
+  assert abs(flops(moe) / flops(dense) - 1) <= 0.10, (override, flops(moe), flops(dense))
+  assert moe.model.expert_d_ff == moe.model.d_ff // moe.model.top_k
+
+
+def test_an_explicit_expert_width_is_kept():
+  config = config_lib.load(f"{CONFIGS[0].parent}/moe_top2.py",
+                           {"model.expert_d_ff": 100, "model.d_ff": 1024})
+  assert config.model.expert_d_ff == 100
+
+
+def test_derived_fields():
+  assert ModelConfig(d_ff=768, top_k=2).expert_d_ff == 384
+  assert ModelConfig(d_ff=768, top_k=3, num_shared_experts=1).expert_d_ff == 192
+  assert ModelConfig(top_k=1).renormalize_gates is False
+  assert ModelConfig(top_k=2).renormalize_gates is True
+  assert ModelConfig(top_k=2, renormalize_gates=False).renormalize_gates is False
+  config = config_lib.resolve(Config(train=config_lib.TrainConfig(context=64)))
+  assert config.model.group_size == 64
+
+
+MOE = Config(model=ModelConfig(num_experts=8, top_k=2),
+             train=config_lib.TrainConfig(batch_size=8, context=64))
+
+
+@pytest.mark.parametrize("section, changes, field", [
+    ("model", dict(top_k=9), "model.top_k"),
+    ("model", dict(top_k=0), "model.top_k"),
+    ("model", dict(capacity_factor=0.0), "model.capacity_factor"),
+    ("model", dict(capacity_factor=-1.0), "model.capacity_factor"),
+    ("model", dict(eval_capacity_factor=0.0), "model.eval_capacity_factor"),
+    ("model", dict(d_model=65), "model.d_model"),
+    ("model", dict(positions="alibi"), "model.positions"),
+    ("model", dict(dispatch="megablocks"), "model.dispatch"),
+    ("model", dict(router="nope"), "model.router"),
+    ("model", dict(group_size=48), "model.group_size"),  # straddles 64-token sequences
+    ("model", dict(group_size=1024), "model.group_size"),  # 8 x 64 tokens hold no 1024 group
+    ("model", dict(top_k=1, renormalize_gates=True), "model.renormalize_gates"),
+    ("model", dict(num_experts=0, num_shared_experts=1), "model.num_shared_experts"),
+    ("model", dict(load_balance_scope="device"), "model.load_balance_scope"),
+    ("model", dict(router_bias_rate=-1.0), "model.router_bias_rate"),
+    ("data", dict(tokenizer="bpe"), "data.tokenizer"),
+    ("data", dict(split="head"), "data.split"),
+    ("train", dict(min_learning_rate=1.0), "train.min_learning_rate"),
+    ("train", dict(warmup_steps=1000), "train.warmup_steps"),
+    ("train", dict(context=1024), "train.context"),
 ])
-def test_bad_field_is_named(changes, field):
-  with pytest.raises(ChimeraError, match="^" + re.escape(f"config.{field}:")):
-    validate_model(dataclasses.replace(MOE, **changes))
+def test_contradictions_are_one_line_naming_the_field(section, changes, field):
+  config = dataclasses.replace(MOE, **{section: dataclasses.replace(getattr(MOE, section),
+                                                                    **changes)})
+  with pytest.raises(ChimeraError, match="^" + re.escape(f"config.{field}:")) as error:
+    config_lib.validate(config)
+  assert "\n" not in str(error.value)
 
+
+def test_allowed_values_are_listed_from_the_annotation():
+  config = dataclasses.replace(MOE, model=dataclasses.replace(MOE.model, priority="first"))
+  with pytest.raises(ChimeraError, match="expected one of 'token', 'rank', got 'first'"):
+    config_lib.validate(config)
+
+
+def test_groups_that_hold_whole_sequences_are_allowed():
+  for group_size in (16, 64, 128, 512):
+    config_lib.validate(dataclasses.replace(
+        MOE, model=dataclasses.replace(MOE.model, group_size=group_size)))
+
+
+def test_run_differences_ignore_logging_and_steps():
+  changed = dataclasses.replace(MOE, name="other", train=dataclasses.replace(
+      MOE.train, log_every=1, eval_every=7, checkpoint_every=9, steps=5000))
+  assert config_lib.run_differences(MOE, changed) == []
+  changed = dataclasses.replace(changed, model=dataclasses.replace(MOE.model, top_k=1),
+                                data=dataclasses.replace(MOE.data, seed=3))
+  assert config_lib.run_differences(MOE, changed) == ["model.top_k", "data.seed"]
+
+
+def test_unknown_preset_is_one_line():
+  with pytest.raises(ChimeraError, match="^config: unknown preset 'huge'"):
+    config_lib.load(f"{CONFIGS[0]}:huge")
