@@ -30,12 +30,25 @@ EXPERT_WEIGHTS = ("wi", "wi_gate", "wi_up", "wo")
 
 
 def initialize_distributed() -> None:
-  """jax.distributed.initialize() when the environment describes several processes."""
+  """jax.distributed.initialize() when the environment describes several processes.
+
+  Under SLURM, JAX reads the SLURM_* variables itself. Elsewhere a launch is
+  JAX_COORDINATOR_ADDRESS (host:port of process 0), JAX_NUM_PROCESSES and JAX_PROCESS_ID;
+  JAX reads only the first, so the other two are passed here.
+  """
   if jax.distributed.is_initialized():
     return
   slurm_tasks = int(os.environ.get("SLURM_NTASKS", "1"))
-  if slurm_tasks > 1 or "JAX_COORDINATOR_ADDRESS" in os.environ:
-    jax.distributed.initialize()  # reads SLURM_* or JAX_COORDINATOR_ADDRESS etc. itself
+  if "JAX_COORDINATOR_ADDRESS" in os.environ and slurm_tasks == 1:
+    missing = [name for name in ("JAX_NUM_PROCESSES", "JAX_PROCESS_ID") if name not in os.environ]
+    if missing:
+      raise ChimeraError(f"JAX_COORDINATOR_ADDRESS is set but {' and '.join(missing)} "
+                         f"{'is' if len(missing) == 1 else 'are'} not: set all three")
+    jax.distributed.initialize(coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],
+                               num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
+                               process_id=int(os.environ["JAX_PROCESS_ID"]))
+  elif slurm_tasks > 1:
+    jax.distributed.initialize()  # reads SLURM_* itself
 
 
 def check_mesh(config: Config, device_count: int) -> None:

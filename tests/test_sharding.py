@@ -82,15 +82,28 @@ def test_bad_mesh_is_rejected(make_config, corpus):
     ({}, False),
     ({"SLURM_NTASKS": "1"}, False),
     ({"SLURM_NTASKS": "4"}, True),
-    ({"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234"}, True),
+    ({"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234", "JAX_NUM_PROCESSES": "2",
+      "JAX_PROCESS_ID": "1"},
+     dict(coordinator_address="10.0.0.1:1234", num_processes=2, process_id=1)),
 ])
 def test_distributed_starts_only_when_the_environment_says_so(env, expected, monkeypatch):
   import jax
   calls = []
-  monkeypatch.setattr(jax.distributed, "initialize", lambda *a, **k: calls.append(1))
-  for name in ("SLURM_NTASKS", "JAX_COORDINATOR_ADDRESS"):
+  monkeypatch.setattr(jax.distributed, "initialize", lambda *a, **k: calls.append(k))
+  for name in ("SLURM_NTASKS", "JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
     monkeypatch.delenv(name, raising=False)
   for name, value in env.items():
     monkeypatch.setenv(name, value)
   sharding.initialize_distributed()
-  assert bool(calls) == expected
+  assert bool(calls) == bool(expected)
+  if isinstance(expected, dict):
+    assert calls == [expected]
+
+
+def test_a_partial_coordinator_environment_is_one_line(monkeypatch):
+  monkeypatch.delenv("SLURM_NTASKS", raising=False)
+  monkeypatch.delenv("JAX_PROCESS_ID", raising=False)
+  monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "127.0.0.1:1234")
+  monkeypatch.setenv("JAX_NUM_PROCESSES", "2")
+  with pytest.raises(ChimeraError, match="^JAX_COORDINATOR_ADDRESS is set but JAX_PROCESS_ID is not"):
+    sharding.initialize_distributed()
