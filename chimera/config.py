@@ -102,7 +102,8 @@ class ModelConfig:
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-  corpus: str = "shakespeare"  # "shakespeare", a path, folder or glob, "tfds:NAME", "hf:NAME"
+  corpus: str = "shakespeare"  # "shakespeare", a path, folder or glob, "tfds:NAME", "hf:NAME[:CONFIG]"
+  text_field: str = "text"  # the text column of an hf: corpus
   tokenizer: Literal["byte", "gpt2"] = "byte"
   split: Literal["auto", "documents", "tail"] = "auto"
   val_fraction: float = 0.1
@@ -279,6 +280,7 @@ def validate(c: Config) -> None:
   _check(0.0 < d.val_fraction < 1.0, "data.val_fraction",
          f"must be in (0, 1), got {d.val_fraction}")
   _check(bool(d.corpus), "data.corpus", "is empty")
+  _check(bool(d.text_field), "data.text_field", "is empty")
   _check_positive("mesh", c.mesh, ("data", "expert"))
   _validate_groups(c)
 

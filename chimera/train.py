@@ -24,8 +24,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from chimera import accounting, config as config_lib, sharding
 from chimera.checkpoints import Checkpointer
 from chimera.config import Config
-from chimera.data import batches as batches_lib
-from chimera.data.corpora import load_corpus
+from chimera.data import batches as batches_lib, load_splits
 from chimera.data.tokenizers import get_tokenizer
 from chimera.decoder import Decoder
 from chimera.errors import ChimeraError
@@ -34,7 +33,6 @@ from chimera.records import EvalRecord, Progress, RunSummary
 from chimera.steps import TrainState, eval_step, init_state, make_schedule, train_step
 
 EVAL_SEED = 0  # the validation subset is the same for every training seed
-UNIGRAM_TOKENS = 1 << 24  # the unigram baseline counts at most this many training tokens
 
 
 class TrainingDiverged(ChimeraError):
@@ -111,25 +109,17 @@ class Data(NamedTuple):
   unigram_loss: float
 
 
-def unigram_cross_entropy(train_tokens: np.ndarray, val_tokens: np.ndarray,
-                          vocab_size: int) -> float:
-  """Validation loss (nats/token) of the add-one-smoothed unigram model of the training
-  split (its first UNIGRAM_TOKENS tokens): the bar a language model must clear."""
-  counts = np.bincount(np.asarray(train_tokens[:UNIGRAM_TOKENS]), minlength=vocab_size) + 1.0
-  log_probs = np.log(counts / counts.sum())
-  return float(-log_probs[np.asarray(val_tokens)].mean())
-
-
 def prepare_data(config: Config) -> Data:
-  """Tokenizer, corpus, split and the fixed validation subset, with their checks."""
-  t, m = config.train, config.model
-  tokenizer = get_tokenizer(config.data.tokenizer)
+  """Tokenizer, the cached split (memory-mapped tokens; chimera.data.cache) and the fixed
+  validation subset, with their checks."""
+  t, m, d = config.train, config.model, config.data
+  tokenizer = get_tokenizer(d.tokenizer)
   if tokenizer.vocab_size > m.vocab_size:
     raise ChimeraError(
         f"config.model.vocab_size={m.vocab_size} does not match tokenizer "
         f"'{config.data.tokenizer}', which has {tokenizer.vocab_size} tokens")
-  splits = batches_lib.make_splits(load_corpus(config.data.corpus), tokenizer,
-                                   val_fraction=config.data.val_fraction, mode=config.data.split)
+  splits = load_splits(d.corpus, tokenizer, split=d.split, val_fraction=d.val_fraction,
+                       text_field=d.text_field)
   log(f"data: {config.data.corpus}: train {len(splits.train):,} tokens, "
       f"validation {len(splits.val):,} tokens ({config.data.tokenizer} tokenizer)")
   val_batches = batches_lib.eval_batches(splits.val, batch_size=t.batch_size,
@@ -138,7 +128,7 @@ def prepare_data(config: Config) -> Data:
   rows = t.batch_size // jax.process_count()
   val_batches = val_batches[:, jax.process_index() * rows:(jax.process_index() + 1) * rows]
   return Data(splits, val_batches, splits.val_bytes / len(splits.val),
-              unigram_cross_entropy(splits.train, splits.val, m.vocab_size))
+              batches_lib.unigram_cross_entropy(splits.counts, m.vocab_size))
 
 
 # --- Between steps: the clock, the metric window, evaluation. -----------------------------

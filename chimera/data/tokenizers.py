@@ -1,11 +1,13 @@
 """Tokenizers: "byte" (UTF-8 bytes) and "gpt2" (tiktoken's r50k_base, GPT-2's ranks).
 
 Both give int32 ids, keep end-of-text out of `encode`, and drop it in `decode`.
+`encode_batch` encodes many texts on several threads, for the token cache.
 `token_bytes[id]` is the number of UTF-8 bytes a token stands for (0 for end-of-text),
 which turns token counts into byte counts for bits per byte.
 """
 import hashlib
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -20,9 +22,21 @@ WHISPER_SDIST = ("openai-whisper", "20250625", "37a91a3921809d9f44748ffc73c0a55c
 WHISPER_RANKS = "*/whisper/assets/gpt2.tiktoken"
 
 
+def _split_evenly(texts: list[str], parts: int) -> list[list[str]]:
+  """`texts` cut into at most `parts` consecutive runs of about equal total length."""
+  total, bounds, length = sum(map(len, texts)), [0], 0
+  for i, text in enumerate(texts):
+    length += len(text)
+    if length * parts >= total * len(bounds) and len(bounds) < parts:
+      bounds.append(i + 1)
+  bounds.append(len(texts))
+  return [texts[a:b] for a, b in zip(bounds, bounds[1:]) if b > a]
+
+
 class ByteTokenizer:
   """UTF-8 bytes as ids 0..255, with end-of-text as 256."""
   name = "byte"
+  identity = "byte"  # names the id mapping in a token cache's key
   vocab_size = 257
   eot_id = 256
 
@@ -31,6 +45,10 @@ class ByteTokenizer:
 
   def encode(self, text: str) -> np.ndarray:
     return np.frombuffer(text.encode("utf-8"), np.uint8).astype(np.int32)
+
+  def encode_batch(self, texts: list[str], num_threads: int = 1) -> list[np.ndarray]:
+    """The ids of each text, [N_i] uint8 or wider."""
+    return [np.frombuffer(text.encode("utf-8"), np.uint8) for text in texts]
 
   def decode(self, ids) -> str:
     ids = np.asarray(ids)
@@ -67,13 +85,27 @@ class GPT2Tokenizer:
     path = ensure_gpt2_ranks()
     os.environ["TIKTOKEN_CACHE_DIR"] = str(path.parent)
     self._encoding = tiktoken.get_encoding("r50k_base")
+    self.identity = f"gpt2 r50k_base sha256:{R50K_SHA256}"
     self.vocab_size = self._encoding.n_vocab
     self.eot_id = self._encoding.eot_token
     self.token_bytes = np.array(
         [len(self._encoding.decode_single_token_bytes(i)) for i in range(self.eot_id)] + [0], np.int32)
 
+  def _encode(self, text: str) -> np.ndarray:
+    # As encode_ordinary (special-token text is ordinary text), without a Python list.
+    return self._encoding.encode_to_numpy(text, disallowed_special=())
+
   def encode(self, text: str) -> np.ndarray:
-    return np.asarray(self._encoding.encode_ordinary(text), np.int32)
+    return self._encode(text).astype(np.int32)
+
+  def encode_batch(self, texts: list[str], num_threads: int = 1) -> list[np.ndarray]:
+    """The ids of each text, [N_i] uint32. tiktoken releases the GIL while it encodes, so
+    `num_threads` threads, each with a run of consecutive texts, keep as many cores busy."""
+    runs = _split_evenly(texts, num_threads)
+    if len(runs) <= 1:
+      return [self._encode(text) for text in texts]
+    with ThreadPoolExecutor(len(runs)) as pool:
+      return [ids for run in pool.map(lambda run: [self._encode(t) for t in run], runs) for ids in run]
 
   def decode(self, ids) -> str:
     ids = np.asarray(ids)

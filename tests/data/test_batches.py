@@ -4,7 +4,8 @@ import json
 import numpy as np
 import pytest
 
-from chimera.data.batches import WindowSampler, eval_batches, join_documents, make_splits, split_documents
+from chimera.data.batches import (WindowSampler, eval_batches, held_out, join_documents, make_splits,
+                                   split_documents)
 from chimera.data.corpora import Document
 from chimera.data.tokenizers import ByteTokenizer
 from chimera.errors import ChimeraError
@@ -127,3 +128,24 @@ def test_bad_arguments():
     sampler(np.arange(100), process_count=3)
   with pytest.raises(ChimeraError, match="data.split: unknown mode 'random'"):
     make_splits([Document("a", "abc")], TOK, mode="random")
+
+
+def held_out_by_loop(doc_chars, val_fraction):
+  """The reference: walk the held-out order one document at a time."""
+  k = max(2, round(1 / val_fraction))
+  order = [i for offset in range(k - 1, -1, -1) for i in range(offset, len(doc_chars), k)]
+  held, chars = set(), 0
+  for i in order:
+    if chars >= val_fraction * sum(doc_chars) or len(held) == len(doc_chars) - 1:
+      break
+    held.add(i)
+    chars += doc_chars[i]
+  return [i in held for i in range(len(doc_chars))]
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_held_out_matches_the_reference_loop(seed):
+  rng = np.random.default_rng(seed)
+  doc_chars = rng.integers(0, 50, size=int(rng.integers(1, 40))).tolist()
+  val_fraction = float(rng.choice([0.05, 0.1, 0.25, 0.5, 0.9]))
+  assert held_out(doc_chars, val_fraction).tolist() == held_out_by_loop(doc_chars, val_fraction)

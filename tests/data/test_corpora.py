@@ -3,6 +3,7 @@ import hashlib
 import importlib.util
 import io
 import shutil
+import sys
 import tarfile
 
 import pytest
@@ -97,7 +98,7 @@ def test_local_file_and_glob(tmp_path):
     (lambda d: None, "*.md", r"data.corpus: no file matches .*\*.md"),
     (lambda d: (d / "e.txt").write_text(" \n\t"), "e.txt", "data.corpus: .*e.txt is empty"),
     (lambda d: (d / "x.txt").write_bytes(b"abc\xff"), "x.txt", r"data.corpus: .*x.txt is not valid UTF-8 \(byte offset 3\)"),
-    (lambda d: (d / "dir").mkdir(), "dir", "data.corpus: .*dir is a directory"),
+    (lambda d: (d / "dir").mkdir(), "dir", "data.corpus: the folder .*dir holds no files"),
 ])
 def test_local_corpus_errors(tmp_path, setup, spec, message):
   setup(tmp_path)
@@ -115,3 +116,35 @@ def test_tfds_without_the_package_says_how_to_install_it():
 def test_unknown_tfds_corpus():
   with pytest.raises(ChimeraError, match="unknown tfds corpus 'mnist'"):
     corpora.load_corpus("tfds:mnist")
+
+
+def test_folder_is_every_visible_file_under_it(tmp_path):
+  (tmp_path / "b" / "deep").mkdir(parents=True)
+  (tmp_path / ".git").mkdir()
+  files = {"a.txt": "one", "b/deep/c.md": "three", "b/a.txt": "two", "z": "four",
+           ".hidden.txt": "no", ".git/HEAD": "no"}
+  for name, text in files.items():
+    (tmp_path / name).write_text(text)
+  docs = corpora.load_corpus(str(tmp_path))
+  assert [(d.name, d.text) for d in docs] == [
+      (str(tmp_path / name), files[name]) for name in ["a.txt", "b/a.txt", "b/deep/c.md", "z"]]
+
+
+def test_files_are_decoded_in_blocks(tmp_path, monkeypatch):
+  monkeypatch.setattr(corpora, "FILE_BLOCK", 3)  # cuts through the 2- and 3-byte characters
+  text = "naïve café — 日本語 ☃!\n" * 5
+  (tmp_path / "u.txt").write_text(text)
+  assert corpora.load_corpus(str(tmp_path / "u.txt"))[0].text == text
+  (tmp_path / "cut.txt").write_bytes("ab☃".encode()[:-1])  # ends inside a character
+  with pytest.raises(ChimeraError, match=r"cut.txt is not valid UTF-8 \(byte offset 2\)"):
+    corpora.load_corpus(str(tmp_path / "cut.txt"))
+  (tmp_path / "bad.txt").write_bytes(b"abcdefg\xffhij")
+  with pytest.raises(ChimeraError, match=r"bad.txt is not valid UTF-8 \(byte offset 7\)"):
+    corpora.load_corpus(str(tmp_path / "bad.txt"))
+
+
+def test_hf_without_the_package_says_how_to_install_it(tmp_path, monkeypatch):
+  monkeypatch.setitem(sys.modules, "datasets", None)  # `import datasets` fails
+  (tmp_path / "train.jsonl").write_text('{"text": "a"}\n')
+  with pytest.raises(ChimeraError, match=r'data.corpus: hf:.* needs the datasets package; run pip install -e "\.\[hf\]"'):
+    corpora.load_corpus(f"hf:{tmp_path}")

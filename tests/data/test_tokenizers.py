@@ -85,3 +85,18 @@ def test_gpt2_ranks_already_cached_need_no_sdist(cache, monkeypatch):
   (cache / "tiktoken").mkdir(parents=True)
   (cache / "tiktoken" / R50K_CACHE_NAME).write_bytes(FAKE_RANKS)
   assert tokenizers.ensure_gpt2_ranks().read_bytes() == FAKE_RANKS
+
+
+@pytest.mark.parametrize("lengths, parts", [([5, 1, 1, 1, 5, 3], 2), ([1] * 7, 3), ([0, 0], 4), ([9], 2), ([], 2)])
+def test_texts_are_split_into_consecutive_runs_for_threads(lengths, parts):
+  texts = ["x" * n for n in lengths]
+  runs = tokenizers._split_evenly(texts, parts)
+  assert [t for run in runs for t in run] == texts and len(runs) <= parts and all(runs)
+  if sum(lengths) and len(lengths) >= parts:
+    assert max(sum(map(len, run)) for run in runs) <= sum(lengths) / parts + max(lengths)
+
+
+def test_byte_encode_batch():
+  tok = tokenizers.ByteTokenizer()
+  texts = ["héllo", "", "☃"]
+  assert [ids.tolist() for ids in tok.encode_batch(texts, 4)] == [tok.encode(t).tolist() for t in texts]

@@ -1,0 +1,48 @@
+"""Builds the token cache of a corpus ahead of training, e.g. on a cluster's login node.
+
+  python -m chimera.data --corpus=shakespeare --tokenizer=gpt2 \
+      [--split=auto] [--val_fraction=0.1] [--text_field=text] [--threads=N]
+
+Prints the cache's folder, and each split's tokens, documents and bytes per token. A
+training run with the same data settings then memory-maps it.
+"""
+import sys
+
+from absl import app, flags
+
+from chimera.config import DataConfig
+from chimera.data.cache import prepare
+from chimera.data.tokenizers import get_tokenizer
+from chimera.errors import ChimeraError
+
+_DEFAULTS = DataConfig()
+_CORPUS = flags.DEFINE_string("corpus", None, "As data.corpus: shakespeare, a file, folder or "
+                              "glob, tfds:NAME or hf:NAME[:CONFIG].", required=True)
+_TOKENIZER = flags.DEFINE_string("tokenizer", _DEFAULTS.tokenizer, "As data.tokenizer.")
+_SPLIT = flags.DEFINE_string("split", _DEFAULTS.split, "As data.split: auto, documents or tail.")
+_VAL_FRACTION = flags.DEFINE_float("val_fraction", _DEFAULTS.val_fraction, "As data.val_fraction.")
+_TEXT_FIELD = flags.DEFINE_string("text_field", _DEFAULTS.text_field, "As data.text_field: an hf: corpus's text column.")
+_THREADS = flags.DEFINE_integer("threads", None, "Tokenizer threads (default: every core).")
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  try:
+    cache = prepare(_CORPUS.value, get_tokenizer(_TOKENIZER.value), split=_SPLIT.value,
+                    val_fraction=_VAL_FRACTION.value, text_field=_TEXT_FIELD.value,
+                    num_threads=_THREADS.value)
+  except ChimeraError as error:
+    print(f"error: {error}", file=sys.stderr)
+    sys.exit(1)
+  m = cache.manifest
+  print(f"cache: {cache.path}")
+  print(f"corpus: {_CORPUS.value}, {m.num_documents:,} documents, {_TOKENIZER.value} tokenizer, "
+        f"{m.split} split (val_fraction {_VAL_FRACTION.value}), built in {m.build_seconds:.1f} s")
+  for name in ("train", "val"):
+    print(f"{name}: {m.tokens[name]:,} tokens, {m.documents[name]:,} documents, "
+          f"{m.bytes[name]:,} bytes, {m.bytes[name] / max(m.tokens[name], 1):.3f} bytes/token")
+
+
+if __name__ == "__main__":
+  app.run(main)

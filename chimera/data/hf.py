@@ -1,0 +1,120 @@
+"""`hf:NAME[:CONFIG]` corpora: the train split of a Hugging Face dataset, one document per row.
+
+NAME is a dataset on the Hub (read by streaming, so nothing is downloaded whole), a local
+folder of data files the `datasets` loaders read (JSON lines, parquet, CSV, text), or a
+folder written by `Dataset.save_to_disk`. The text is the `text_field` column.
+"""
+from collections.abc import Iterator
+from pathlib import Path
+
+from chimera.data.corpora import Corpus, files_under
+from chimera.errors import ChimeraError
+
+ROWS_PER_READ = 1000  # rows fetched from the dataset at a time
+
+
+def _import_datasets(spec: str):
+  try:
+    import datasets
+  except ImportError:
+    raise ChimeraError(f'data.corpus: {spec} needs the datasets package; run pip install -e ".[hf]"') from None
+  datasets.disable_progress_bars()
+  return datasets
+
+
+def _one_line(error: Exception) -> str:
+  text = " ".join(str(error).split()).split(" Example of usage")[0]
+  return text[:300] or type(error).__name__
+
+
+def _load_saved(datasets, path: Path, config: str, spec: str):
+  """The train split of a `save_to_disk` folder."""
+  if config:
+    raise ChimeraError(f"data.corpus: {spec}: a dataset saved with save_to_disk has no "
+                       f"configs, so drop ':{config}'")
+  dataset = datasets.load_from_disk(str(path))
+  if isinstance(dataset, datasets.DatasetDict):
+    if "train" not in dataset:
+      raise ChimeraError(f"data.corpus: {spec} has no 'train' split (splits: {', '.join(dataset)})")
+    dataset = dataset["train"]
+  return dataset
+
+
+def _load(datasets, name: str, config: str, spec: str):
+  """The train split, streamed, of a Hub dataset or a local folder of data files."""
+  try:
+    return datasets.load_dataset(name, config or None, split="train", streaming=True)
+  except (datasets.exceptions.DatasetNotFoundError, FileNotFoundError, ConnectionError) as e:
+    raise ChimeraError(f"data.corpus: hf dataset '{name}' not found ({_one_line(e)})") from None
+  except ValueError as e:
+    message = _one_line(e)
+    if config and f"'{config}'" in message:
+      raise ChimeraError(f"data.corpus: hf dataset '{name}' has no config '{config}' ({message})") from None
+    if "config" in message.lower():
+      raise ChimeraError(f"data.corpus: hf dataset '{name}' needs a config, as hf:{name}:CONFIG ({message})") from None
+    if "split" in message.lower():
+      raise ChimeraError(f"data.corpus: hf dataset '{name}' has no 'train' split ({message})") from None
+    raise ChimeraError(f"data.corpus: {spec}: {message}") from None
+
+
+def _check_field(dataset, field: str, spec: str) -> None:
+  features = dataset.features  # None for some streamed datasets: then rows are checked as read
+  if features is None:
+    return
+  if field not in features:
+    raise ChimeraError(f"data.text_field: {spec} has no column '{field}' "
+                       f"(columns: {', '.join(features)})")
+  dtype = getattr(features[field], "dtype", None)
+  if dtype not in ("string", "large_string"):
+    raise ChimeraError(f"data.text_field: column '{field}' of {spec} holds {dtype or features[field]}, not text")
+
+
+def _num_rows(dataset) -> dict:
+  """{"documents": rows} where the dataset knows its length ahead, for the progress ETA."""
+  rows = getattr(dataset, "num_rows", None)
+  if not rows:
+    splits = dataset.info.splits or {}
+    rows = splits["train"].num_examples if "train" in splits else None
+  return {"documents": rows} if rows else {}
+
+
+def open_hf(spec: str, text_field: str) -> Corpus:
+  """The corpus `hf:NAME[:CONFIG]`. A missing dataset, config, split or column is a one-line
+  ChimeraError when it is read. A local NAME (a path) is identified by its files' content;
+  a Hub NAME by its name alone."""
+  name, _, config = spec.removeprefix("hf:").partition(":")
+  if not name:
+    raise ChimeraError(f"data.corpus: {spec} names no dataset (expected hf:NAME[:CONFIG])")
+  local = Path(name).expanduser()
+  is_local = name.startswith(("/", ".", "~")) or local.exists()
+  if is_local and not local.is_dir():
+    raise ChimeraError(f"data.corpus: hf dataset '{name}' not found (no such local folder)")
+  files = tuple(files_under(str(local.resolve()))) if is_local else ()
+  key = f"hf:{local.resolve() if is_local else name}:{config} text_field={text_field}"
+
+  def read() -> Iterator[tuple[str, Iterator[str]]]:
+    datasets = _import_datasets(spec)
+    if is_local and ((local / "state.json").exists() or (local / "dataset_dict.json").exists()):
+      dataset = _load_saved(datasets, local, config, spec)
+    else:
+      dataset = _load(datasets, str(local.resolve()) if is_local else name, config, spec)
+    _check_field(dataset, text_field, spec)
+    expected.update(_num_rows(dataset))
+    if dataset.features is not None:  # else the rows are checked as they are read
+      dataset = dataset.select_columns([text_field])
+    index = 0
+    for rows in dataset.iter(batch_size=ROWS_PER_READ):
+      if text_field not in rows:
+        raise ChimeraError(f"data.text_field: {spec} has no column '{text_field}' "
+                           f"(columns: {', '.join(rows)})")
+      for text in rows[text_field]:
+        if text is not None and not isinstance(text, str):
+          raise ChimeraError(f"data.text_field: column '{text_field}' of {spec} holds "
+                             f"{type(text).__name__}, not text")
+        # Zero-padded numbers keep name order and reading order the same. A null text is
+        # an empty document.
+        yield f"{spec}/{index:010d}", iter([text or ""])
+        index += 1
+
+  expected = {}
+  return Corpus(spec, key, files, read, expected)

@@ -1,0 +1,311 @@
+"""The token cache against the in-memory path (`make_splits`), offline.
+
+GPT-2's real rank file is a download, so a small BPE with GPT-2's own pre-tokenizer pattern
+stands in for it: the cutting of long documents is checked against that pattern.
+"""
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tiktoken
+from tiktoken_ext.openai_public import r50k_pat_str
+
+from chimera.data import cache, load_splits, tokenizers
+from chimera.data.batches import WindowSampler, eval_batches, make_splits, unigram_cross_entropy
+from chimera.data.corpora import load_corpus
+from chimera.errors import ChimeraError
+
+ROOT = Path(__file__).resolve().parents[2]
+WORDS = ("the king queen lord love death night day heart thou thee hath doth shall will "
+         "naïve café 日本語 ☃ it's they'll 1234 3.14 -- ... ! ? ; ( )").split()
+
+
+class SmallGPT2(tokenizers.GPT2Tokenizer):
+  """GPT2Tokenizer's code over a byte-level BPE of a few merges and GPT-2's split pattern."""
+
+  def __init__(self):
+    ranks = {bytes([i]): i for i in range(256)}
+    for merge in [b"th", b"he", b" t", b" th", b"the", b" the", b"  ", b"\n\n", b"in", b"an", b" a"]:
+      ranks[merge] = len(ranks)
+    self._encoding = tiktoken.Encoding("small_r50k", pat_str=r50k_pat_str, mergeable_ranks=ranks,
+                                       special_tokens={"<|endoftext|>": len(ranks)})
+    self.identity, self.vocab_size, self.eot_id = "small", self._encoding.n_vocab, self._encoding.eot_token
+    self.token_bytes = np.array([len(t) for t in sorted(ranks, key=ranks.get)] + [0], np.int32)
+
+
+TOKENIZERS = {"byte": tokenizers.ByteTokenizer, "small_gpt2": SmallGPT2}
+
+
+def random_text(rng, words: int) -> str:
+  seps = [" ", " ", " ", "\n", "  ", "\n\n", "\t", " \n", "\u00a0", "\x1c", "\u3000"]
+  return "".join(str(rng.choice(WORDS)) + str(rng.choice(seps)) for _ in range(words))
+
+
+def write_docs(folder: Path, count: int, seed: int = 0) -> Path:
+  """`count` files of random lengths, one with a marker "<doc i>" at its start."""
+  rng = np.random.default_rng(seed)
+  folder.mkdir(parents=True, exist_ok=True)
+  for i in range(count):
+    (folder / f"doc{i:03d}.txt").write_text(f"<doc {i}> " + random_text(rng, int(rng.integers(5, 120))))
+  return folder
+
+
+def assert_splits_equal(a, b):
+  assert len(a) == len(b)
+  for x, y in zip(a, b):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_cut_matches_gpt2_pre_tokenization():
+  """Pieces from `_cut`, encoded one by one, give the tokens of the whole text."""
+  tok, rng = SmallGPT2(), np.random.default_rng(1)
+  for trial in range(30):
+    text = random_text(rng, 400) + str(rng.choice(["", " ", "\n", "  \n"]))
+    pieces, rest = cache._cut(text, int(rng.integers(1, 60)))
+    assert len(pieces) > 5 and "".join(pieces) + rest == text
+    joined = np.concatenate([tok.encode(p) for p in pieces + [rest]])
+    np.testing.assert_array_equal(joined, tok.encode(text))
+
+
+@pytest.mark.parametrize("tokenizer", sorted(TOKENIZERS))
+@pytest.mark.parametrize("mode", ["auto", "documents", "tail"])
+def test_cache_equals_in_memory_splits(tmp_path, monkeypatch, tokenizer, mode):
+  # Small batches and pieces, so documents are cut and span batches.
+  monkeypatch.setattr(cache, "BATCH_CHARS", 300)
+  monkeypatch.setattr(cache, "PIECE_CHARS", 40)
+  monkeypatch.setattr(cache, "COPY_TOKENS", 7)
+  corpus = write_docs(tmp_path / "docs", 23)
+  tok = TOKENIZERS[tokenizer]()
+  cached = load_splits(str(corpus), tok, split=mode, val_fraction=0.2)
+  assert isinstance(cached.train, np.memmap) and cached.train.dtype == np.uint16
+  assert_splits_equal(cached, make_splits(load_corpus(str(corpus)), tok, val_fraction=0.2, mode=mode))
+
+
+def test_a_single_file_and_threads(tmp_path, monkeypatch):
+  monkeypatch.setattr(cache, "BATCH_CHARS", 1000)
+  monkeypatch.setattr(cache, "PIECE_CHARS", 50)
+  path = tmp_path / "one.txt"
+  path.write_text(random_text(np.random.default_rng(2), 3000))
+  tok = SmallGPT2()
+  cached = cache.prepare(str(path), tok, num_threads=3).splits()
+  assert_splits_equal(cached, make_splits(load_corpus(str(path)), tok))
+
+
+def test_memmapped_batches_and_resume_are_exact(tmp_path):
+  corpus, tok = write_docs(tmp_path / "docs", 30), tokenizers.ByteTokenizer()
+  cached = load_splits(str(corpus), tok)
+  memory = make_splits(load_corpus(str(corpus)), tok)
+  kwargs = dict(batch_size=4, window=17, seed=5)
+  from_cache, from_memory = WindowSampler(cached.train, **kwargs), WindowSampler(memory.train, **kwargs)
+  batches = [from_cache.next() for _ in range(6)]
+  for batch in batches:
+    assert batch.dtype == np.int32 and not isinstance(batch, np.memmap)
+    np.testing.assert_array_equal(batch, from_memory.next())
+  resumed = WindowSampler.restore(cached.train, json.loads(json.dumps({"seed": 5, "step": 3})),
+                                  batch_size=4, window=17)
+  np.testing.assert_array_equal(np.stack([resumed.next() for _ in range(3)]), np.stack(batches[3:]))
+  np.testing.assert_array_equal(eval_batches(cached.val, batch_size=3, window=9, num_batches=4),
+                                eval_batches(memory.val, batch_size=3, window=9, num_batches=4))
+
+
+def refuse_to_tokenize(monkeypatch, tok):
+  def fail(*args, **kwargs):
+    raise AssertionError("tokenized again")
+  monkeypatch.setattr(tok, "encode_batch", fail)
+
+
+def test_second_load_maps_without_tokenizing(tmp_path, monkeypatch):
+  corpus, tok = write_docs(tmp_path / "docs", 10), tokenizers.ByteTokenizer()
+  first = load_splits(str(corpus), tok)
+  refuse_to_tokenize(monkeypatch, tok)
+  assert_splits_equal(load_splits(str(corpus), tok), first)
+  # The same corpus from another working directory is the same cache.
+  monkeypatch.chdir(tmp_path)
+  assert_splits_equal(load_splits("docs", tok), first)
+  # Other split settings are another cache.
+  with pytest.raises(AssertionError, match="tokenized again"):
+    load_splits(str(corpus), tok, val_fraction=0.3)
+
+
+def test_a_touched_corpus_is_reused_and_a_changed_one_rebuilt(tmp_path, monkeypatch):
+  corpus, tok = write_docs(tmp_path / "docs", 6), tokenizers.ByteTokenizer()
+  built = cache.prepare(str(corpus), tok)
+  os.utime(corpus / "doc001.txt", ns=(1, 1))  # same content, another mtime
+  with monkeypatch.context() as m:
+    refuse_to_tokenize(m, tok)
+    again = cache.prepare(str(corpus), tok)
+  assert again.manifest.content_hash == built.manifest.content_hash
+  assert again.manifest.files != built.manifest.files  # updated, so the next check is a stat
+  (corpus / "doc001.txt").write_text("<doc 1> changed")
+  changed = cache.prepare(str(corpus), tok)
+  assert changed.manifest.content_hash != built.manifest.content_hash
+  assert "changed" in tok.decode(np.concatenate([changed.splits().train, changed.splits().val]))
+
+
+def damage(name):
+  def drop(folder):
+    (folder / name).unlink()
+
+  def truncate(folder):
+    os.truncate(folder / name, (folder / name).stat().st_size - 2)
+
+  return {"drop": drop, "truncate": truncate}
+
+
+def edit_manifest(change):
+  def edit(folder):
+    manifest = json.loads((folder / "manifest.json").read_text())
+    change(manifest)
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+  return edit
+
+
+DAMAGE = {
+    "missing val.bin": damage("val.bin")["drop"],
+    "short train.bin": damage("train.bin")["truncate"],
+    "missing counts": damage("counts.npy")["drop"],
+    "no manifest (half-written)": damage("manifest.json")["drop"],
+    "garbled manifest": lambda folder: (folder / "manifest.json").write_text('{"key": '),
+    "manifest of another key": edit_manifest(lambda m: m["key"].update(val_fraction=0.5)),
+    "manifest token count": edit_manifest(lambda m: m["tokens"].update(train=m["tokens"]["train"] - 1)),
+    "manifest missing a field": edit_manifest(lambda m: m.pop("dtype")),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(DAMAGE))
+def test_a_damaged_cache_is_rebuilt(tmp_path, capsys, kind):
+  corpus, tok = write_docs(tmp_path / "docs", 8), tokenizers.ByteTokenizer()
+  built = cache.prepare(str(corpus), tok)
+  expected = [np.array(x) for x in built.splits()]  # in memory: damage may truncate the maps
+  DAMAGE[kind](built.path)
+  rebuilt = cache.prepare(str(corpus), tok)
+  assert "rebuilding the token cache" in capsys.readouterr().err
+  assert rebuilt.path == built.path
+  assert_splits_equal(rebuilt.splits(), expected)
+
+
+def test_a_failed_build_leaves_no_cache(tmp_path, monkeypatch):
+  monkeypatch.setattr(cache, "BATCH_CHARS", 200)
+  corpus, tok = write_docs(tmp_path / "docs", 8), tokenizers.ByteTokenizer()
+  calls = []
+
+  def fail_on_third_batch(texts, num_threads=1):
+    calls.append(1)
+    if len(calls) == 3:
+      raise KeyboardInterrupt
+    return tokenizers.ByteTokenizer().encode_batch(texts)
+
+  monkeypatch.setattr(tok, "encode_batch", fail_on_third_batch)
+  with pytest.raises(KeyboardInterrupt):
+    load_splits(str(corpus), tok)
+  tokens = Path(os.environ["CHIMERA_CACHE"]) / "tokens"
+  assert [p.name for p in tokens.iterdir() if not p.name.endswith(".lock")] == []
+
+
+KILL_MID_BUILD = """
+import os, signal, sys
+from chimera.data import cache, tokenizers
+def killed(*args, **kwargs):
+  os.kill(os.getpid(), signal.SIGKILL)  # after tokenizing, before the cache is in place
+cache._write_split = killed
+cache.prepare(sys.argv[1], tokenizers.ByteTokenizer())
+"""
+
+
+def test_a_killed_build_is_never_used(tmp_path):
+  corpus, tok = write_docs(tmp_path / "docs", 8), tokenizers.ByteTokenizer()
+  result = subprocess.run([sys.executable, "-c", KILL_MID_BUILD, str(corpus)], cwd=ROOT,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+  assert result.returncode == -signal.SIGKILL
+  tokens = Path(os.environ["CHIMERA_CACHE"]) / "tokens"
+  (leftover,) = [p for p in tokens.iterdir() if ".build-" in p.name]
+  assert (leftover / "all.bin").exists()
+  built = cache.prepare(str(corpus), tok)
+  assert not leftover.exists()  # the next build clears it
+  assert_splits_equal(built.splits(), make_splits(load_corpus(str(corpus)), tok))
+
+
+def test_splits_share_no_document_and_record_boundaries(tmp_path):
+  corpus, tok = write_docs(tmp_path / "docs", 23), tokenizers.ByteTokenizer()
+  built = cache.prepare(str(corpus), tok, split="documents", val_fraction=0.15)
+  splits, manifest = built.splits(), built.manifest
+  train_text, val_text = tok.decode(splits.train), tok.decode(splits.val)
+  for i in range(23):
+    assert (f"<doc {i}>" in train_text) != (f"<doc {i}>" in val_text)
+  texts = [p.read_text() for p in sorted(corpus.iterdir())]
+  for name, stream in [("train", splits.train), ("val", splits.val)]:
+    docs = built.documents(name)
+    assert len(docs) == manifest.documents[name]
+    ends = np.append(docs[1:, 1] - 1, len(stream))
+    for (number, start), end in zip(docs, ends):
+      assert tok.decode(stream[start:end]) == texts[number]
+  assert sorted(built.documents("train")[:, 0].tolist() + built.documents("val")[:, 0].tolist()) == list(range(23))
+  assert manifest.split == "documents" and manifest.num_documents == 23
+  assert splits.train_bytes + splits.val_bytes == sum(len(t.encode()) for t in texts)
+
+
+def test_tail_split_is_one_cut(tmp_path):
+  corpus, tok = write_docs(tmp_path / "docs", 5), tokenizers.ByteTokenizer()
+  built = cache.prepare(str(corpus), tok, split="tail", val_fraction=0.25)
+  splits = built.splits()
+  whole = make_splits(load_corpus(str(corpus)), tok, mode="tail", val_fraction=0.999)
+  joined = np.concatenate([whole.train, whole.val])
+  np.testing.assert_array_equal(np.concatenate([splits.train, splits.val]), joined)
+  assert len(splits.train) == int(len(joined) * 0.75)
+  # The document at the cut is in both lists, and starts the validation stream.
+  train_docs, val_docs = built.documents("train"), built.documents("val")
+  assert train_docs[-1, 0] == val_docs[0, 0] and val_docs[0, 1] == 0
+  assert len(train_docs) + len(val_docs) == 6
+
+
+def test_wide_vocabularies_get_uint32():
+  assert cache.token_dtype(257) == cache.token_dtype(1 << 16) == np.uint16
+  assert cache.token_dtype((1 << 16) + 1) == np.uint32
+
+
+def test_counts_and_unigram_loss(tmp_path):
+  corpus, tok = write_docs(tmp_path / "docs", 12), tokenizers.ByteTokenizer()
+  splits = load_splits(str(corpus), tok)
+  np.testing.assert_array_equal(splits.counts[0], np.bincount(splits.train, minlength=257))
+  np.testing.assert_array_equal(splits.counts[1], np.bincount(splits.val, minlength=257))
+  # The add-one unigram model over a padded vocabulary, token by token.
+  probs = (np.bincount(splits.train, minlength=300) + 1.0) / (len(splits.train) + 300)
+  expected = -np.log(probs[np.asarray(splits.val)]).mean()
+  assert unigram_cross_entropy(splits.counts, 300) == pytest.approx(expected, rel=1e-12)
+
+
+def test_empty_and_bad_corpora(tmp_path):
+  tok = tokenizers.ByteTokenizer()
+  (tmp_path / "blank").mkdir()
+  (tmp_path / "blank" / "a.txt").write_text(" \n")
+  (tmp_path / "blank" / "b.txt").write_text("")
+  with pytest.raises(ChimeraError, match="data.corpus: .*blank is empty"):
+    load_splits(str(tmp_path / "blank"), tok)
+  with pytest.raises(ChimeraError, match="data.val_fraction: must be in"):
+    load_splits(str(tmp_path / "blank"), tok, val_fraction=1.5)
+  with pytest.raises(ChimeraError, match="data.corpus: no such file"):
+    load_splits(str(tmp_path / "nothing.txt"), tok)
+
+
+def test_cli_prepares_and_reports(tmp_path):
+  corpus = write_docs(tmp_path / "docs", 10)
+  command = [sys.executable, "-m", "chimera.data", f"--corpus={corpus}", "--tokenizer=byte",
+             "--split=documents", "--val_fraction=0.2"]
+  result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+  assert result.returncode == 0, result.stderr
+  lines = result.stdout.splitlines()
+  assert lines[0].startswith(f"cache: {os.environ['CHIMERA_CACHE']}/tokens/docs-byte-")
+  assert "10 documents" in lines[1] and "documents split" in lines[1]
+  # Bytes per token is just under 1: end-of-text stands for no bytes.
+  assert re.fullmatch(r"train: [\d,]+ tokens, \d+ documents, [\d,]+ bytes, 0\.99\d bytes/token", lines[2])
+  assert re.fullmatch(r"val: [\d,]+ tokens, \d+ documents, [\d,]+ bytes, 0\.99\d bytes/token", lines[3])
+  assert "data: tokenizing" in result.stderr
+  bad = subprocess.run(command[:4] + ["--tokenizer=bpe"], cwd=ROOT, capture_output=True, text=True)
+  assert bad.returncode == 1 and bad.stderr.strip().splitlines() == [
+      "error: data.tokenizer: unknown tokenizer 'bpe' (expected 'byte' or 'gpt2')"]

@@ -1,0 +1,134 @@
+"""hf: corpora from local datasets built here; the Hub's errors are stood in for."""
+import json
+
+import numpy as np
+import pytest
+
+datasets = pytest.importorskip("datasets")
+
+from chimera.data import hf, load_splits
+from chimera.data.batches import make_splits
+from chimera.data.corpora import load_corpus
+from chimera.data.tokenizers import ByteTokenizer
+from chimera.errors import ChimeraError
+
+TEXTS = [f"<row {i}> " + "lorem ipsum dolor " * (i % 7 + 1) for i in range(30)]
+
+
+@pytest.fixture
+def saved(tmp_path):
+  """A Dataset saved with save_to_disk: a text column and a label column."""
+  path = tmp_path / "saved"
+  datasets.Dataset.from_dict({"body": TEXTS, "label": list(range(30))}).save_to_disk(str(path))
+  return path
+
+
+@pytest.fixture
+def json_folder(tmp_path):
+  """A folder of JSON lines with two configs, as the Hub's datasets declare them."""
+  for config, texts in [("first", TEXTS[:20]), ("second", TEXTS[20:])]:
+    (tmp_path / "hub" / config).mkdir(parents=True)
+    with open(tmp_path / "hub" / config / "train.jsonl", "w") as f:
+      for i, text in enumerate(texts):
+        f.write(json.dumps({"text": text, "n": i}) + "\n")
+  (tmp_path / "hub" / "README.md").write_text(
+      "---\nconfigs:\n"
+      + "".join(f"- config_name: {c}\n  data_files:\n  - split: train\n    path: {c}/*.jsonl\n"
+                for c in ("first", "second")) + "---\n")
+  return tmp_path / "hub"
+
+
+def test_saved_dataset_rows_are_documents(saved):
+  docs = load_corpus(f"hf:{saved}", text_field="body")
+  assert [d.text for d in docs] == TEXTS
+  assert docs[11].name == f"hf:{saved}/0000000011"
+  assert [d.name for d in docs] == sorted(d.name for d in docs)
+
+
+def test_saved_dataset_dict_uses_its_train_split(tmp_path):
+  path = tmp_path / "dict"
+  datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": TEXTS[:3]}),
+                        "test": datasets.Dataset.from_dict({"text": ["held"]})}).save_to_disk(str(path))
+  assert [d.text for d in load_corpus(f"hf:{path}")] == TEXTS[:3]
+
+
+def test_streamed_json_with_configs(json_folder):
+  assert [d.text for d in load_corpus(f"hf:{json_folder}:second")] == TEXTS[20:]
+
+
+def test_cached_hf_corpus_equals_in_memory(saved, monkeypatch):
+  tok = ByteTokenizer()
+  cached = load_splits(f"hf:{saved}", tok, text_field="body")
+  expected = make_splits(load_corpus(f"hf:{saved}", text_field="body"), tok)
+  for a, b in zip(cached, expected):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert isinstance(cached.train, np.memmap)
+  # A later run needs neither the dataset library's reader nor the tokenizer.
+  monkeypatch.setattr(hf, "_import_datasets", lambda spec: pytest.fail("read the dataset again"))
+  monkeypatch.setattr(tok, "encode_batch", lambda *a, **k: pytest.fail("tokenized again"))
+  np.testing.assert_array_equal(load_splits(f"hf:{saved}", tok, text_field="body").val, cached.val)
+
+
+def test_the_text_field_is_part_of_the_cache_key(saved, tmp_path):
+  path = tmp_path / "two"
+  datasets.Dataset.from_dict({"text": ["a b c"] * 8, "title": ["x y"] * 8}).save_to_disk(str(path))
+  tok = ByteTokenizer()
+  by_text, by_title = (load_splits(f"hf:{path}", tok, text_field=f) for f in ("text", "title"))
+  assert tok.decode(by_text.train).startswith("a b c") and tok.decode(by_title.train).startswith("x y")
+
+
+def one_line_error(spec, message, text_field="text"):
+  with pytest.raises(ChimeraError, match=message) as error:
+    load_corpus(spec, text_field=text_field)
+  assert "\n" not in str(error.value)
+
+
+def test_missing_local_dataset(tmp_path):
+  one_line_error(f"hf:{tmp_path}/nowhere", r"data.corpus: hf dataset '.*nowhere' not found \(no such local folder\)")
+
+
+def test_missing_text_field(saved, json_folder):
+  one_line_error(f"hf:{saved}", r"data.text_field: hf:.*saved has no column 'text' \(columns: body, label\)")
+  one_line_error(f"hf:{json_folder}:first", r"data.text_field: .* has no column 'story' \(columns: text, n\)",
+                 text_field="story")
+  one_line_error(f"hf:{saved}", "data.text_field: column 'label' of hf:.* holds int64, not text",
+                 text_field="label")
+
+
+def test_missing_config(json_folder, saved):
+  one_line_error(f"hf:{json_folder}:third",
+                 r"data.corpus: hf dataset '.*hub' has no config 'third' \(.*Available: \['first', 'second'\]\)")
+  one_line_error(f"hf:{json_folder}",
+                 r"data.corpus: hf dataset '.*hub' needs a config, as hf:.*hub:CONFIG \(.*\['first', 'second'\]\)")
+  one_line_error(f"hf:{saved}:first", "a dataset saved with save_to_disk has no configs, so drop ':first'")
+
+
+def test_missing_train_split(tmp_path):
+  path = tmp_path / "nosplit"
+  datasets.DatasetDict({"test": datasets.Dataset.from_dict({"text": ["a"]})}).save_to_disk(str(path))
+  one_line_error(f"hf:{path}", r"data.corpus: hf:.*nosplit has no 'train' split \(splits: test\)")
+
+
+@pytest.mark.parametrize("error, message", [
+    (lambda: datasets.exceptions.DatasetNotFoundError(
+        "Dataset 'someone/missing' doesn't exist on the Hub or cannot be accessed."),
+     r"data.corpus: hf dataset 'someone/missing' not found \(Dataset 'someone/missing' doesn't exist"),
+    (lambda: ConnectionError("Couldn't reach 'someone/missing' on the Hub (LocalEntryNotFoundError)"),
+     r"data.corpus: hf dataset 'someone/missing' not found \(Couldn't reach"),
+])
+def test_hub_errors_name_the_dataset(monkeypatch, error, message):
+  def load_dataset(*args, **kwargs):
+    raise error()
+  monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+  one_line_error("hf:someone/missing", message)
+
+
+def test_hub_datasets_are_streamed_by_name(monkeypatch):
+  calls = []
+
+  def load_dataset(name, config, split, streaming):
+    calls.append((name, config, split, streaming))
+    return datasets.Dataset.from_dict({"text": ["one", "two"]}).to_iterable_dataset()
+  monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+  assert [d.text for d in load_corpus("hf:someone/corpus:sample-10BT")] == ["one", "two"]
+  assert calls == [("someone/corpus", "sample-10BT", "train", True)]
