@@ -48,6 +48,16 @@ PRESETS["gpu_large"] = {**PRESETS["gpu"], "model": {
     **PRESETS["gpu"]["model"], "num_layers": 12, "num_heads": 16, "d_model": 1024,
     "d_ff": 4096}}
 
+# The GPU study at scale: the gpu backbone on FineWeb-Edu's 10B-token sample (GPT-2 BPE),
+# one pass over about 1B tokens (30,500 steps of 64 x 512). Needs the network once, for
+# `python -m chimera.data --corpus=hf:HuggingFaceFW/fineweb-edu:sample-10BT --tokenizer=gpt2
+# --val_fraction=0.0005`; offline, point --config.data.corpus at a local file or folder.
+PRESETS["gpu_fineweb"] = {**PRESETS["gpu"], "data": {
+    **PRESETS["gpu"]["data"], "corpus": "hf:HuggingFaceFW/fineweb-edu:sample-10BT",
+    "val_fraction": 0.0005}, "train": {
+    **PRESETS["gpu"]["train"], "steps": 30_500, "warmup_steps": 700, "eval_every": 1000,
+    "checkpoint_every": 2000}}
+
 
 def base(name: str, arg: str | None) -> ml_collections.ConfigDict:
   """The ConfigDict of preset `arg` (None = "default"), before the FFN is chosen."""
