@@ -301,10 +301,10 @@ def _train_loop(config: Config, workdir: Path, data: Data, mesh: jax.sharding.Me
                                       process_count=jax.process_count())
   to_batch = functools.partial(jax.make_array_from_process_local_data,
                                sharding.batch_sharding(mesh, ndim=3, batch_axis=1))
-  step_fn = _jit_train_step(config, mesh, state)
+  rng, interrupted = jax.random.key(t.seed + 1), False
+  step_fn = _compile_train_step(config, mesh, state, rng)
   evaluate = Evaluator(config, data, mesh, writer)
   train_log, clock = TrainLog(config, start_step, writer), Clock(progress.wall_seconds)
-  rng, interrupted = jax.random.key(t.seed + 1), False
   with _StopRequest() as stop:
     while step < t.steps and not interrupted:
       batch = to_batch(sampler.next().reshape(t.grad_accum, -1, t.context + 1))
@@ -347,11 +347,21 @@ def _restore(config: Config, mesh: jax.sharding.Mesh, checkpointer: Checkpointer
   return state, Progress.from_json(meta)
 
 
-def _jit_train_step(config: Config, mesh: jax.sharding.Mesh, state: TrainState):
+def _compile_train_step(config: Config, mesh: jax.sharding.Mesh, state: TrainState,
+                        rng: jax.Array):
+  """The jitted train step, compiled ahead of the loop, so that the run's clock (and the
+  loss-at-equal-time comparisons built on it) leaves compilation out."""
+  t = config.train
+  started = time.perf_counter()
   replicated = NamedSharding(mesh, PartitionSpec())
-  return jax.jit(functools.partial(train_step, model=Decoder(config.model), config=config.model),
-                 donate_argnums=0,
-                 out_shardings=(sharding.state_sharding(mesh, state), replicated))
+  jitted = jax.jit(functools.partial(train_step, model=Decoder(config.model), config=config.model),
+                   donate_argnums=0,
+                   out_shardings=(sharding.state_sharding(mesh, state), replicated))
+  batch = jax.ShapeDtypeStruct((t.grad_accum, t.batch_size // t.grad_accum, t.context + 1),
+                               np.int32, sharding=sharding.batch_sharding(mesh, ndim=3, batch_axis=1))
+  compiled = jitted.lower(state, batch, rng).compile()
+  log(f"compiled the train step in {time.perf_counter() - started:.1f} s")
+  return compiled
 
 
 def _log_setup(config: Config, data: Data, mesh: jax.sharding.Mesh, writer: MetricWriter,
