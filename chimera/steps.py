@@ -17,6 +17,8 @@ from flax.training import train_state
 from chimera import sharding
 from chimera.config import Config, ModelConfig, TrainConfig
 from chimera.decoder import Decoder
+from chimera.routers import update_router_bias
+from chimera.layers import cross_entropy
 
 class TrainState(train_state.TrainState):
   """flax's TrainState plus `model_state`: the model's non-parameter collections that
@@ -52,7 +54,7 @@ def loss_fn(params, model_state: dict, model: nn.Module, config: ModelConfig,
   inputs, targets = tokens[:, :-1], tokens[:, 1:]
   logits, stats = model.apply({"params": params, **model_state}, inputs,
                               deterministic=deterministic, rngs={"dropout": rng})
-  token_loss = optax.softmax_cross_entropy_with_integer_labels(logits, targets)  # [B, L]
+  token_loss = cross_entropy(logits, targets)  # [B, L] float32, from logits in compute dtype
   loss = (token_loss.mean() + config.load_balance_coef * stats["load_balance_loss"]
           + config.z_loss_coef * stats["z_loss"])
   return loss, (token_loss.sum(), stats)
@@ -85,7 +87,6 @@ def train_step(state: TrainState, tokens: jax.Array, rng: jax.Array, *, model: n
     grads = jax.tree.map(lambda g: g / accum, grads)
   new_state = state.apply_gradients(grads=grads)
   if config.router_bias_rate > 0:  # auxiliary-loss-free balancing: after the step
-    from chimera.moe import update_router_bias  # TODO(lead): top-level once moe.py has it
     new_state = new_state.replace(model_state={
         **state.model_state, "router_bias": update_router_bias(
             state.model_state["router_bias"], stats["expert_load"].mean(axis=0),

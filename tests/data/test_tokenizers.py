@@ -100,3 +100,26 @@ def test_byte_encode_batch():
   tok = tokenizers.ByteTokenizer()
   texts = ["héllo", "", "☃"]
   assert [ids.tolist() for ids in tok.encode_batch(texts, 4)] == [tok.encode(t).tolist() for t in texts]
+
+
+def test_gpt2_methods_treat_special_token_text_as_text():
+  """GPT2Tokenizer's methods on a tiny byte-level tiktoken Encoding (the real ranks need
+  the network). Literal "<|endoftext|>" in a corpus is text, never the special id: tiktoken
+  before 0.11 let encode_to_numpy emit the special id here, hence the version floor."""
+  import tiktoken
+  from chimera.data.tokenizers import GPT2Tokenizer
+
+  ranks = {bytes([i]): i for i in range(256)}
+  ranks[b"th"] = 256
+  encoding = tiktoken.Encoding(
+      name="tiny", pat_str=r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""",
+      mergeable_ranks=ranks, special_tokens={"<|endoftext|>": 257})
+  tokenizer = GPT2Tokenizer.__new__(GPT2Tokenizer)
+  tokenizer._encoding, tokenizer.eot_id = encoding, encoding.eot_token
+  text = "the <|endoftext|> thé"
+  ids = tokenizer.encode(text)
+  assert ids.dtype == np.int32 and 256 in ids.tolist() and 257 not in ids.tolist()
+  assert tokenizer.decode(ids) == text
+  texts = [text, "", "th"]
+  assert ([a.tolist() for a in tokenizer.encode_batch(texts, 2)]
+          == [tokenizer.encode(t).tolist() for t in texts])
