@@ -2,27 +2,33 @@
 
 Conventions:
 - `params_total` counts every parameter, each tied embedding once.
-- `params_active` counts what one token uses: k of the E experts in each MoE layer, plus
-  the router, attention, norms and embeddings.
-- `flops_per_token` is training FLOPs per token, 6 * N_matmul + 12 * num_layers * T * M:
-  N_matmul is the active parameters that take part in matrix multiplies (attention,
-  MLP or the k chosen experts, the router, and the tied output head; not norms, biases
-  or position tables), 6 = 2 (multiply-add) * 3 (forward + backward); the second term is
-  the attention scores and weighted sum (QK^T and AV, 2 * 2 * T * M FLOPs per token
-  per layer forward, the full T x T square as computed, times 3), with T the context.
+- `params_active` counts what one token uses: k of the E routed experts and every shared
+  expert in each MoE layer, plus the router, attention, norms and embeddings.
+- `flops_per_token` (model FLOPs) is training FLOPs per token, 6 * N_matmul +
+  12 * num_layers * T * M: N_matmul is the active parameters that take part in matrix
+  multiplies (attention, MLP or the k chosen and the shared experts, the router, and the
+  tied output head; not norms, biases or position tables), 6 = 2 (multiply-add) *
+  3 (forward + backward); the second term is the attention scores and weighted sum
+  (QK^T and AV, 2 * 2 * T * M FLOPs per token per layer forward, the full T x T square as
+  computed, times 3), with T the context.
 - `dispatch_flops_per_token` is the cost of the dispatch and combine einsums, which are
   not model FLOPs: 2 einsums * 2 * E * C * M per token per MoE layer forward, times 3.
-  With C ~ k * cf * S / E this is 12 * k * cf * S * M per MoE layer, so its ratio to the
-  expert FLOPs (6 * k * 2 * M * H, GELU) is about cf * S / H. Under
-  `dispatch="dropless"` it is 0: the sort, gather and scatter move K*M values per token
-  per MoE layer and do no multiply-adds, so they are not counted as FLOPs (nor is the
-  gate-weighted sum of the k expert outputs, 2 * K * M per token).
+  With C ~ k * cf * S / E this is 12 * k * cf * S * M per MoE layer.
+- `executed_flops_per_token` is what the einsum path computes: the experts run on all
+  E * C / S slots per token (empty slots are computed too) instead of k, plus the
+  dispatch and combine einsums. C comes from `chimera.routers.expert_capacity` at the
+  training capacity factor. Under `dispatch="dropless"` it equals the model FLOPs: the
+  sort, gather and scatter move K*M values per token per MoE layer and do no
+  multiply-adds (nor is the gate-weighted sum of the k outputs, 2 * K * M, counted).
+  How a grouped matmul is lowered is not counted either (on XLA:CPU `ragged_dot` is a
+  masked matmul over all E experts).
 """
 
+import dataclasses
 from typing import NamedTuple
 
 from chimera.config import ModelConfig
-from chimera.moe import expert_capacity
+from chimera.routers import expert_capacity
 
 
 class Accounting(NamedTuple):
@@ -30,14 +36,28 @@ class Accounting(NamedTuple):
   params_active: int
   flops_per_token: int
   dispatch_flops_per_token: int
+  executed_flops_per_token: int
 
 
 def _ffn_matrices(config: ModelConfig) -> int:
   return 3 if config.activation == "swiglu" else 2
 
 
+def expert_slots_per_token(config: ModelConfig) -> float:
+  """Expert FFN evaluations per token on the einsum path, E * C / S (k when dropless)."""
+  if config.dispatch == "dropless":
+    return float(config.top_k)
+  capacity = expert_capacity(config, config.group_size)
+  return config.num_experts * capacity / config.group_size
+
+
 def count(config: ModelConfig, context: int) -> Accounting:
-  """Parameters and training FLOPs per token of `config` at sequence length `context`."""
+  """Parameters and training FLOPs per token of `config` at sequence length `context`.
+
+  `config.group_size` None means one sequence of `context` tokens per routing group.
+  """
+  if config.group_size is None:
+    config = dataclasses.replace(config, group_size=context)
   m, bias = config.d_model, config.use_bias
   norm = m if config.norm == "rmsnorm" else m + (m if bias else 0)
   attention_matmul = 4 * m * m
@@ -46,27 +66,28 @@ def count(config: ModelConfig, context: int) -> Accounting:
   mlp_bias = ((_ffn_matrices(config) - 1) * config.d_ff + m) if bias else 0
   expert_matmul = _ffn_matrices(config) * m * config.expert_d_ff
   router = m * config.num_experts
+  shared = config.num_shared_experts * expert_matmul
 
   embed = config.vocab_size * m
   positions = config.max_len * m if config.positions == "learned" else 0
   total = active = embed + positions + norm  # + final norm
   matmul = embed  # the tied output head
-  dispatch = 0
+  dispatch = padding = 0
   for layer in range(config.num_layers):
     total += attention
     active += attention
     matmul += attention_matmul
     if config.is_moe_layer(layer):
-      total += router + config.num_experts * expert_matmul
-      active += router + config.top_k * expert_matmul
-      matmul += router + config.top_k * expert_matmul
+      total += router + config.num_experts * expert_matmul + shared
+      active += router + config.top_k * expert_matmul + shared
+      matmul += router + config.top_k * expert_matmul + shared
       if config.dispatch == "einsum":
-        capacity = expert_capacity(config.group_size, config.num_experts, config.top_k,
-                                   config.capacity_factor, config.min_capacity)
+        capacity = expert_capacity(config, config.group_size)
         dispatch += 3 * 2 * 2 * config.num_experts * capacity * m
+        padding += 6 * (expert_slots_per_token(config) - config.top_k) * expert_matmul
     else:
       total += mlp_matmul + mlp_bias
       active += mlp_matmul + mlp_bias
       matmul += mlp_matmul
   flops = 6 * matmul + 12 * config.num_layers * context * m
-  return Accounting(total, active, flops, dispatch)
+  return Accounting(total, active, flops, dispatch, round(flops + padding + dispatch))

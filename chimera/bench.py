@@ -1,19 +1,33 @@
-"""Speed, MFU and memory of each config, measured in one process.
+"""Speed, MFU and memory of each config, measured in one process, on the tokens training sees.
 
   python -m chimera.bench [--configs=configs/dense.py,configs/moe_top2.py] [--repeats=5]
       [--json=FILE] [--set=model.group_size=128] [--variants=model.dispatch=einsum,dropless]
+      [--random_ids] [--decode_batches=1,8] [--profile]
 
 For each config (default preset unless `path:preset` is given):
-- train step: median seconds per step after warm-up, and tokens/s;
-- MFU: model FLOPs/s (chimera.accounting) over the peak matmul FLOP/s of this device,
-  which the bench measures itself with a large matmul in the compute dtype;
+- train step: median seconds per step after warm-up, and tokens/s, on batches drawn from
+  the config's own corpus with its tokenizer, as training draws them. Real text repeats
+  ids (Zipf), and the embedding's gradient is slow on GPU when they collide, so uniform
+  random ids (`--random_ids`) flatter the step;
+- MFU: model FLOPs/s (chimera.accounting) over the device's nominal dense peak for the
+  compute dtype (`NOMINAL_PEAK_FLOPS`), and beside it over the matmul peak the bench
+  measures itself. A device missing from the table falls back to the measured peak, and
+  the record says which one it used (`peak_source`);
 - dispatch share (MoE): the MoE layer's forward+backward timed with and without its
   expert matmuls; the difference is the experts, the rest routing, dispatch and combine;
-- decode: tokens/s and ms/token with the KV cache, prompt 64, 256 new tokens, batch 1 and 8;
+- decode: tokens/s and ms/token with the KV cache at each batch size; the prompt and the
+  new tokens are cut to fit the model's max_len, and the record keeps the lengths used;
 - memory: XLA's own accounting of the compiled train step (arguments + outputs +
-  temporaries - aliased), per config, and the device's peak where the backend reports it.
+  temporaries - aliased), per config, and the device's peak where the backend reports it;
+- with `--profile`: where the step's time goes, by model part and pass, from a
+  jax.profiler trace (chimera.bench_profile).
 The configs are interleaved and repeated, so a comparison holds while the machine's speed
 drifts; every figure is a median over repeats.
+
+`--variants=KEY=v1,v2` measures each config once per value. KEY is a config field
+(`model.dispatch`), a field of `chimera.layers.Kernels` (`kernels.embed_grad`), or `ids`
+(`corpus`, `random`). Several `--variants` add their rows together; a row that is the
+same case as an earlier one is measured once.
 """
 
 import dataclasses
@@ -28,14 +42,44 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
 
-from chimera import accounting, config as config_lib
-from chimera.config import Config
+from chimera import accounting, bench_profile, config as config_lib
+from chimera.config import Config, DataConfig
+from chimera.data import load_splits
+from chimera.data.batches import WindowSampler
+from chimera.data.tokenizers import get_tokenizer
 from chimera.decoder import Decoder
 from chimera.errors import ChimeraError
 from chimera.generate import generate
+from chimera.layers import Kernels
 from chimera.moe import MoeLayer
 from chimera.steps import init_state, train_step
 
+# Dense (no sparsity) peak matmul FLOP/s by jax `device_kind` substring; the first match
+# wins, so a name that contains another comes before it. Columns: bfloat16, float32. The
+# float32 figure of an NVIDIA part is its TF32 tensor-core peak, which XLA uses for
+# float32 matmuls at jax's default precision; None where no peak is known.
+NOMINAL_PEAK_FLOPS = (
+    ("H100 PCIe", 756e12, 378e12),
+    ("H100", 989e12, 494.7e12),  # SXM ("NVIDIA H100 80GB HBM3")
+    ("H200", 989e12, 494.7e12),  # also GH200
+    ("A100", 312e12, 156e12),
+    ("L40S", 362e12, 183e12),
+    ("L40", 181e12, 90.5e12),
+    ("L4", 121e12, 60e12),
+    ("RTX 4090", 165e12, 82.6e12),
+    ("TPU v4", 275e12, None),
+    ("TPU v5 lite", 197e12, None),
+    ("TPU v5", 459e12, None),  # v5p
+    ("TPU v6 lite", 918e12, None),
+)
+
+
+def nominal_peak_flops(device_kind: str, dtype: str) -> float | None:
+  """The table's peak for this device and compute dtype ("bfloat16" or "float32")."""
+  for name, bf16, f32 in NOMINAL_PEAK_FLOPS:
+    if name in device_kind:
+      return bf16 if dtype == "bfloat16" else f32
+  return None
 
 
 def _timed(fn, *args) -> float:
@@ -50,7 +94,7 @@ def peak_matmul_flops(dtype, repeats: int = 10) -> float:
   sizes = (4096, 8192) if jax.default_backend() == "gpu" else (512, 1024, 2048)
   best = 0.0
   for size in sizes:
-    a = jnp.ones((size, size), dtype)
+    a = jax.random.normal(jax.random.key(size), (size, size), dtype)  # not constant: real power
     matmul = jax.jit(lambda x, y: x @ y)
     matmul(a, a).block_until_ready()
     best = max(best, 2 * size ** 3 / np.median([_timed(matmul, a, a) for _ in range(repeats)]))
@@ -62,47 +106,146 @@ def device_peak_memory() -> int | None:
   return stats.get("peak_bytes_in_use") if stats else None
 
 
+@functools.cache
+def _train_stream(data: DataConfig, vocab_size: int) -> np.ndarray:
+  """The training split of a corpus, as chimera.train reads it (the token cache)."""
+  tokenizer = get_tokenizer(data.tokenizer)
+  if tokenizer.vocab_size > vocab_size:
+    raise ChimeraError(f"config.model.vocab_size={vocab_size} is smaller than tokenizer "
+                       f"'{data.tokenizer}', which has {tokenizer.vocab_size} tokens")
+  return load_splits(data.corpus, tokenizer, split=data.split, val_fraction=data.val_fraction,
+                     text_field=data.text_field).train
+
+
+def token_batches(config: Config, count: int, random_ids: bool) -> np.ndarray:
+  """`count` training batches [count, A, B/A, context + 1] int32 (A accumulation steps):
+  windows of the config's corpus drawn by training's sampler, or uniform random ids."""
+  t, d = config.train, config.data
+  shape = (t.grad_accum, t.batch_size // t.grad_accum, t.context + 1)
+  if random_ids:
+    rng = np.random.default_rng(0)
+    return rng.integers(0, config.model.vocab_size, (count, *shape)).astype(np.int32)
+  stream = _train_stream(d, config.model.vocab_size)
+  sampler = WindowSampler(stream, batch_size=t.batch_size, window=t.context + 1, seed=d.seed)
+  return np.stack([sampler.next().reshape(shape) for _ in range(count)])
+
+
 @dataclasses.dataclass(frozen=True)
 class Settings:
   steps: int = 10  # timed train steps per repeat
-  prompt_len: int = 64
+  prompt_len: int = 64  # decode lengths, cut to fit each model's max_len (`decode_lengths`)
   new_tokens: int = 256
-  decode_batches: tuple[int, ...] = (1, 8)
+  decode_batches: tuple[int, ...] = (1, 8)  # () skips decoding
+  batches: int = 4  # distinct token batches the timed steps cycle through
+  moe_split: bool = True  # time the MoE layer with and without its experts (dispatch share)
+  profile: bool = False  # trace `steps` steps after the measurements (chimera.bench_profile)
 
 
-@dataclasses.dataclass
-class Subject:
-  """One config and its compiled functions, measured a slice at a time."""
+def decode_lengths(settings: Settings, max_len: int) -> tuple[int, int]:
+  """(prompt length, new tokens) within max_len: the prompt at most half of it."""
+  prompt = min(settings.prompt_len, max_len // 2)
+  return prompt, min(settings.new_tokens, max_len - prompt)
 
-  spec: str
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+  """One row of the bench: a config, and how to run it."""
+
+  name: str  # what the row is called
+  spec: str  # the config file[:preset] it was loaded from
   config: Config
-  settings: Settings
-  times: dict = dataclasses.field(default_factory=lambda: {})
+  overrides: dict = dataclasses.field(default_factory=dict)  # applied to spec: "section.field" -> value
+  kernels: Kernels = Kernels()
+  random_ids: bool = False
 
-  def __post_init__(self):
-    c = self.config
+
+@dataclasses.dataclass(frozen=True)
+class DecodeSpeed:
+  batch: int
+  prompt_len: int
+  new_tokens: int
+  tokens_per_second: float
+  ms_per_token: float
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchRecord:
+  """One case's figures: what `--json` writes, one per row. Written and read here only."""
+
+  name: str
+  spec: str
+  overrides: dict
+  kernels: dict  # chimera.layers.Kernels, field by field
+  token_ids: str  # "corpus:<corpus>/<tokenizer>" or "random"
+  device: str  # jax device_kind
+  jax_version: str
+  params_total: int
+  params_active: int
+  flops_per_token: int
+  train_step_seconds: float
+  train_tokens_per_second: float
+  mfu: float  # model FLOPs/s over peak_flops
+  peak_flops: float  # nominal where the device is in NOMINAL_PEAK_FLOPS, else measured
+  peak_source: str  # "nominal" or "measured"
+  measured_peak_flops: float  # the square-matmul peak this process measured
+  mfu_vs_measured_peak: float
+  peak_memory_bytes: int | None  # XLA's accounting of the compiled train step
+  device_peak_memory_bytes: int | None
+  decode: tuple[DecodeSpeed, ...] = ()
+  dispatch_share_of_moe_layer: float | None = None  # MoE only, with Settings.moe_split
+  dispatch_share_of_step: float | None = None
+  profile: dict | None = None  # chimera.bench_profile.summarize, with Settings.profile
+
+  def decode_speed(self, batch: int) -> DecodeSpeed | None:
+    return next((d for d in self.decode if d.batch == batch), None)
+
+  def to_json(self) -> dict:
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_json(cls, values: dict) -> "BenchRecord":
+    values = dict(values)
+    values["decode"] = tuple(DecodeSpeed(**d) for d in values["decode"])
+    return cls(**values)
+
+
+def save_records(path: str | Path, records: list[BenchRecord]) -> None:
+  Path(path).write_text(json.dumps([r.to_json() for r in records], indent=2))
+
+
+def load_records(path: str | Path) -> list[BenchRecord]:
+  return [BenchRecord.from_json(values) for values in json.loads(Path(path).read_text())]
+
+
+class Subject:
+  """One case and its compiled functions, measured a slice at a time."""
+
+  def __init__(self, case: Case, settings: Settings):
+    self.case, self.settings, self.times = case, settings, {}
+    c = case.config
     self.accounting = accounting.count(c.model, c.train.context)
     self.state = init_state(c)
-    self.step = jax.jit(functools.partial(train_step, model=Decoder(c.model), config=c.model),
-                        donate_argnums=0)
-    rng = np.random.default_rng(0)
-    self.batch = rng.integers(0, c.model.vocab_size,
-                              (c.train.grad_accum, c.train.batch_size // c.train.grad_accum,
-                               c.train.context + 1)).astype(np.int32)
+    step = jax.jit(functools.partial(train_step, model=Decoder(c.model, case.kernels),
+                                     config=c.model), donate_argnums=0)
+    batches = token_batches(c, settings.batches, case.random_ids)
+    self.batches = [jax.device_put(b) for b in batches]
     self.rng = jax.random.key(0)
-    compiled = self.step.lower(self.state, self.batch, self.rng).compile()
-    memory = compiled.memory_analysis()
+    self.step = step.lower(self.state, self.batches[0], self.rng).compile()
+    memory = self.step.memory_analysis()
     self.compiled_memory = None if memory is None else int(
         memory.argument_size_in_bytes + memory.output_size_in_bytes
         + memory.temp_size_in_bytes - memory.alias_size_in_bytes)
-    self.prompts = {b: rng.integers(0, c.model.vocab_size, (b, self.settings.prompt_len))
-                    for b in self.settings.decode_batches}
-    self.moe_layer = self._moe_layer_fns() if c.model.num_experts else None
+    self.prompt_len, self.new_tokens = decode_lengths(settings, c.model.max_len)
+    # Prompts from the same tokens as training: [B, P] for each decode batch size.
+    rows = batches.reshape(-1, batches.shape[-1])[:, :self.prompt_len]
+    self.prompts = {b: jnp.asarray(np.resize(rows, (b, self.prompt_len)))
+                    for b in settings.decode_batches}
+    self.moe_layer = self._moe_layer_fns() if c.model.num_experts and settings.moe_split else None
     self.measure(warmup=True)
 
   def _moe_layer_fns(self):
     """Forward+backward of one MoE layer on a training batch, with and without experts."""
-    c = self.config
+    c = self.case.config
     x = jax.random.normal(jax.random.key(1), (c.train.batch_size, c.train.context,
                                               c.model.d_model)).astype(jnp.float32)
     fns = []
@@ -114,25 +257,24 @@ class Subject:
       fns.append((jax.jit(jax.grad(loss, argnums=(0, 1))), params, x))
     return fns
 
-  def _train_seconds(self) -> float:
+  def _train_seconds(self) -> list[float]:
     seconds = []
-    for _ in range(self.settings.steps):
+    for i in range(self.settings.steps):
       start = time.perf_counter()
-      self.state, metrics = self.step(self.state, self.batch, self.rng)
+      self.state, metrics = self.step(self.state, self.batches[i % len(self.batches)], self.rng)
       jax.block_until_ready(metrics)
       seconds.append(time.perf_counter() - start)
-    return float(np.median(seconds))
+    return seconds
 
   def _decode_seconds(self, batch: int) -> float:
     return _timed(lambda: generate(self.state.params, self.prompts[batch], jax.random.key(0),
-                                   config=self.config.model,
-                                   max_new_tokens=self.settings.new_tokens,
-                                   temperature=1.0))
+                                   config=self.case.config.model,
+                                   max_new_tokens=self.new_tokens, temperature=1.0))
 
   def measure(self, warmup: bool = False) -> None:
     """One slice: train steps, decode per batch size, and the MoE layer split."""
     record = lambda name, value: None if warmup else self.times.setdefault(name, []).append(value)
-    record("train_step_seconds", self._train_seconds())
+    record("train_step_seconds", float(np.median(self._train_seconds())))
     for batch in self.prompts:
       record(f"decode_seconds_b{batch}", self._decode_seconds(batch))
     if self.moe_layer:
@@ -141,33 +283,93 @@ class Subject:
       record("moe_routing_seconds",
              np.median([_timed(routing_only, routing_params, x) for _ in range(5)]))
 
-  def result(self, peak_flops: float) -> dict:
-    c, median = self.config, lambda name: float(np.median(self.times[name]))
+  def profile(self) -> dict:
+    """Where the time of `steps` train steps goes (chimera.bench_profile)."""
+    return bench_profile.profile(self._train_seconds, self.step.as_text(), self.settings.steps,
+                                 float(np.median(self.times["train_step_seconds"])))
+
+  def result(self, measured_peak: float) -> BenchRecord:
+    case, c = self.case, self.case.config
+    median = lambda name: float(np.median(self.times[name]))
     step_seconds = median("train_step_seconds")
     tokens_per_second = c.train.batch_size * c.train.context / step_seconds
-    out = {
-        "config": self.spec,
-        "params_total": self.accounting.params_total,
-        "params_active": self.accounting.params_active,
-        "flops_per_token": self.accounting.flops_per_token,
-        "train_step_seconds": step_seconds,
-        "train_tokens_per_second": tokens_per_second,
-        "mfu": self.accounting.flops_per_token * tokens_per_second / peak_flops,
-        "peak_memory_bytes": self.compiled_memory,
-        "device_peak_memory_bytes": device_peak_memory(),
-    }
-    for batch in self.prompts:
-      seconds = median(f"decode_seconds_b{batch}")
-      out[f"decode_tokens_per_second_b{batch}"] = batch * self.settings.new_tokens / seconds
-      out[f"decode_ms_per_token_b{batch}"] = 1e3 * seconds / self.settings.new_tokens
-    first = min(self.prompts)
-    out["decode_tokens_per_second"] = out[f"decode_tokens_per_second_b{first}"]
-    out["decode_ms_per_token"] = out[f"decode_ms_per_token_b{first}"]
+    model_flops = self.accounting.flops_per_token * tokens_per_second
+    device = jax.devices()[0].device_kind
+    nominal = nominal_peak_flops(device, c.model.dtype)
+    decode_speed = lambda batch, seconds: DecodeSpeed(
+        batch, self.prompt_len, self.new_tokens, tokens_per_second=batch * self.new_tokens / seconds,
+        ms_per_token=1e3 * seconds / self.new_tokens)
+    decode = tuple(decode_speed(batch, median(f"decode_seconds_b{batch}")) for batch in self.prompts)
+    moe = {}
     if self.moe_layer:
       layer, routing = median("moe_layer_seconds"), median("moe_routing_seconds")
-      out["dispatch_share_of_moe_layer"] = routing / layer
-      out["dispatch_share_of_step"] = c.model.num_moe_layers * routing / step_seconds
-    return out
+      moe = dict(dispatch_share_of_moe_layer=routing / layer,
+                 dispatch_share_of_step=c.model.num_moe_layers * routing / step_seconds)
+    return BenchRecord(
+        name=case.name, spec=case.spec, overrides=dict(case.overrides),
+        kernels=dataclasses.asdict(case.kernels),
+        token_ids="random" if case.random_ids else f"corpus:{c.data.corpus}/{c.data.tokenizer}",
+        device=device, jax_version=jax.__version__,
+        params_total=self.accounting.params_total,
+        params_active=self.accounting.params_active,
+        flops_per_token=self.accounting.flops_per_token,
+        train_step_seconds=step_seconds, train_tokens_per_second=tokens_per_second,
+        mfu=model_flops / (nominal or measured_peak),
+        peak_flops=nominal or measured_peak, peak_source="nominal" if nominal else "measured",
+        measured_peak_flops=measured_peak, mfu_vs_measured_peak=model_flops / measured_peak,
+        peak_memory_bytes=self.compiled_memory, device_peak_memory_bytes=device_peak_memory(),
+        decode=decode, **moe, profile=self.profile() if self.settings.profile else None)
+
+
+def run(cases: list[Case], repeats: int, settings: Settings = Settings()) -> list[BenchRecord]:
+  """Measures every case, interleaved `repeats` times; one record per case."""
+  subjects = [Subject(case, settings) for case in cases]
+  dtypes = {s.case.config.model.dtype for s in subjects}
+  peak = {d: peak_matmul_flops(jnp.bfloat16 if d == "bfloat16" else jnp.float32) for d in dtypes}
+  for _ in range(repeats):
+    for subject in subjects:
+      subject.measure()
+  return [s.result(peak[s.case.config.model.dtype]) for s in subjects]
+
+
+def format_table(records: list[BenchRecord]) -> str:
+  decode = lambda batch, field: lambda r: getattr(r.decode_speed(batch), field, None)
+  columns = [
+      ("name", "{}", lambda r: r.name),
+      ("step s", "{:.4f}", lambda r: r.train_step_seconds),
+      ("tokens/s", "{:,.0f}", lambda r: r.train_tokens_per_second),
+      ("MFU", "{:.1%}", lambda r: r.mfu),
+      ("MFU measured peak", "{:.1%}", lambda r: r.mfu_vs_measured_peak),
+      ("decode b1 tok/s", "{:,.0f}", decode(1, "tokens_per_second")),
+      ("decode b1 ms/tok", "{:.2f}", decode(1, "ms_per_token")),
+      ("decode b8 tok/s", "{:,.0f}", decode(8, "tokens_per_second")),
+      ("step memory", "{:,}", lambda r: r.peak_memory_bytes),
+      ("dispatch share", "{:.1%}", lambda r: r.dispatch_share_of_step),
+  ]
+  lines = [" | ".join(name for name, _, _ in columns)]
+  for r in records:
+    lines.append(" | ".join("-" if get(r) is None else fmt.format(get(r))
+                            for _, fmt, get in columns))
+  return "\n".join(lines)
+
+
+def device_line(record: BenchRecord) -> str:
+  return (f"device: {record.device}, jax {record.jax_version}; MFU over the {record.peak_source} "
+          f"peak {record.peak_flops / 1e12:.1f} TFLOP/s ({record.spec} dtype); measured "
+          f"matmul peak {record.measured_peak_flops / 1e12:.1f} TFLOP/s")
+
+
+def comparison_lines(records: list[BenchRecord]) -> list[str]:
+  """Each record's train step and decode speed against the first record's."""
+  first, lines = records[0], []
+  for r in records[1:]:
+    line = f"{r.name} vs {first.name}: train step {r.train_step_seconds / first.train_step_seconds:.2f}x"
+    for batch in (1, 8):
+      if r.decode_speed(batch) and first.decode_speed(batch):
+        ratio = r.decode_speed(batch).tokens_per_second / first.decode_speed(batch).tokens_per_second
+        line += f", decode b{batch} {ratio:.2f}x tokens/s"
+    lines.append(line)
+  return lines
 
 
 def parse_value(text: str):
@@ -186,33 +388,39 @@ def parse_override(text: str) -> tuple[str, object]:
   return key, parse_value(value)
 
 
-def run(named_configs: list[tuple[str, Config]], repeats: int,
-        settings: Settings = Settings()) -> list[dict]:
-  """Measures every (name, config), interleaved `repeats` times; one record per config."""
-  subjects = [Subject(name, config, settings) for name, config in named_configs]
-  dtypes = {s.config.model.dtype for s in subjects}
-  peak = {d: peak_matmul_flops(jnp.bfloat16 if d == "bfloat16" else jnp.float32) for d in dtypes}
-  for _ in range(repeats):
-    for subject in subjects:
-      subject.measure()
-  records = [s.result(peak[s.config.model.dtype]) for s in subjects]
-  for record, subject in zip(records, subjects):
-    record["peak_matmul_flops"] = peak[subject.config.model.dtype]
-    record["device"] = jax.devices()[0].device_kind
-  return records
+def make_cases(specs: list[str], overrides: dict, variants: list[str],
+               random_ids: bool) -> list[Case]:
+  """One case per spec, or per spec and variant value (see the module docstring)."""
+  if not variants:
+    return [Case(spec, spec, config_lib.load(spec, overrides), dict(overrides),
+                 random_ids=random_ids) for spec in specs]
+  cases = {}
+  for spec in specs:
+    for variant in variants:
+      key, _, values = variant.partition("=")
+      if not values:
+        raise ChimeraError(f"--variants: expected KEY=v1,v2,..., got {variant!r}")
+      for value in values.split(","):
+        case = _variant(spec, key, value, overrides, random_ids)
+        same = (spec, json.dumps(case.overrides, sort_keys=True), case.kernels, case.random_ids)
+        cases.setdefault(same, case)
+  return list(cases.values())
 
 
-def format_table(records: list[dict]) -> str:
-  columns = [("config", "{}"), ("train_step_seconds", "{:.4f}"),
-             ("train_tokens_per_second", "{:,.0f}"), ("mfu", "{:.1%}"),
-             ("decode_tokens_per_second_b1", "{:,.0f}"), ("decode_ms_per_token_b1", "{:.2f}"),
-             ("decode_tokens_per_second_b8", "{:,.0f}"), ("peak_memory_bytes", "{:,}"),
-             ("dispatch_share_of_step", "{:.1%}")]
-  lines = [" | ".join(name for name, _ in columns)]
-  for r in records:
-    lines.append(" | ".join("-" if r.get(name) is None else fmt.format(r[name])
-                            for name, fmt in columns))
-  return "\n".join(lines)
+def _variant(spec: str, key: str, value: str, overrides: dict, random_ids: bool) -> Case:
+  name, kernels, overrides = f"{spec} {key.split('.')[-1]}={value}", Kernels(), dict(overrides)
+  kernel_field = key.removeprefix("kernels.")
+  if key == "ids":
+    if value not in ("corpus", "random"):
+      raise ChimeraError(f"--variants: ids takes corpus or random, got {value!r}")
+    random_ids = value == "random"
+  elif key.startswith("kernels."):
+    if kernel_field not in {f.name for f in dataclasses.fields(Kernels)}:
+      raise ChimeraError(f"--variants: {key}: not a field of chimera.layers.Kernels")
+    kernels = dataclasses.replace(kernels, **{kernel_field: value})
+  else:
+    overrides[key] = parse_value(value)
+  return Case(name, spec, config_lib.load(spec, overrides), overrides, kernels, random_ids)
 
 
 def define_flags() -> None:
@@ -221,13 +429,16 @@ def define_flags() -> None:
   flags.DEFINE_list("configs", ["configs/dense.py", "configs/moe_top2.py"],
                     "Config files, each optionally path:preset.")
   flags.DEFINE_multi_string("set", [], "Override for every config: section.field=value.")
-  flags.DEFINE_string("variants", None, "section.field=v1,v2: measure each config once per "
-                      "value, e.g. model.dispatch=einsum,dropless.")
+  flags.DEFINE_multi_string("variants", [], "KEY=v1,v2: measure each config once per value; "
+                            "KEY is section.field, kernels.FIELD or ids (corpus, random).")
+  flags.DEFINE_bool("random_ids", False, "Uniform random token ids instead of the corpus.")
   flags.DEFINE_integer("repeats", 5, "Interleaved repeats per config.")
   flags.DEFINE_integer("steps", 10, "Timed train steps per repeat.")
-  flags.DEFINE_integer("prompt_len", 64, "Decode prompt length.")
-  flags.DEFINE_integer("new_tokens", 256, "Decode tokens generated.")
-  flags.DEFINE_list("decode_batches", ["1", "8"], "Decode batch sizes.")
+  flags.DEFINE_integer("prompt_len", 64, "Decode prompt length (at most half of max_len).")
+  flags.DEFINE_integer("new_tokens", 256, "Decode tokens generated (cut to fit max_len).")
+  flags.DEFINE_list("decode_batches", ["1", "8"], "Decode batch sizes; empty for none.")
+  flags.DEFINE_bool("moe_split", True, "Time MoE layers with and without their experts.")
+  flags.DEFINE_bool("profile", False, "Trace the train step and say where its time goes.")
   flags.DEFINE_string("json", None, "Write the records here as JSON.")
 
 
@@ -235,31 +446,24 @@ def main(argv):
   del argv
   FLAGS = flags.FLAGS
   logging.set_verbosity(logging.WARNING)
-  overrides = dict(map(parse_override, FLAGS.set))
   settings = Settings(steps=FLAGS.steps, prompt_len=FLAGS.prompt_len, new_tokens=FLAGS.new_tokens,
-                      decode_batches=tuple(int(b) for b in FLAGS.decode_batches))
+                      decode_batches=tuple(int(b) for b in FLAGS.decode_batches),
+                      moe_split=FLAGS.moe_split, profile=FLAGS.profile)
   try:
-    named = [(spec, config_lib.load(spec, overrides)) for spec in FLAGS.configs]
-    if FLAGS.variants:
-      key, _, values = FLAGS.variants.partition("=")
-      named = [(f"{spec} {key.split('.')[-1]}={value}",
-                config_lib.load(spec, {**overrides, key: parse_value(value)}))
-               for spec in FLAGS.configs for value in values.split(",")]
-    records = run(named, FLAGS.repeats, settings)
+    cases = make_cases(FLAGS.configs, dict(map(parse_override, FLAGS.set)), FLAGS.variants,
+                       FLAGS.random_ids)
+    records = run(cases, FLAGS.repeats, settings)
   except ChimeraError as error:
     print(f"error: {error}", file=sys.stderr)
     sys.exit(2)
-  print(f"device: {records[0]['device']}; peak matmul "
-        f"{records[0]['peak_matmul_flops'] / 1e9:.1f} GFLOP/s ({records[0]['config']} dtype)")
+  print(device_line(records[0]))
   print(format_table(records))
-  if len(records) > 1:
-    base = records[0]
-    for r in records[1:]:
-      print(f"{r['config']} vs {base['config']}: train step "
-            f"{r['train_step_seconds'] / base['train_step_seconds']:.2f}x, decode b1 "
-            f"{r['decode_tokens_per_second'] / base['decode_tokens_per_second']:.2f}x tokens/s")
+  print("\n".join(comparison_lines(records)))
+  for record in records if FLAGS.profile else ():
+    print(f"\nwhere the train step's time goes: {record.name}\n"
+          + bench_profile.format_summary(record.profile))
   if FLAGS.json:
-    Path(FLAGS.json).write_text(json.dumps(records, indent=2))
+    save_records(FLAGS.json, records)
 
 
 if __name__ == "__main__":

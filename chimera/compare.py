@@ -1,22 +1,23 @@
 """The study: train a set of models on the same tokens with the same seeds, then report.
 
-  python -m chimera.compare --preset=cpu                 # dense, MoE top-1/top-2, dense-wide
-  python -m chimera.compare --preset=gpu
-  python -m chimera.compare --preset=cpu --sweep=model.num_experts=4,8,16
-  python -m chimera.compare --preset=cpu --sweep=model.priority=token,rank --seeds=0
+  python -m chimera.compare --preset=cpu            # 5 models x 2 seeds, 10.24M tokens each
+  python -m chimera.compare --preset=gpu-small      # the same models, 20.97M tokens, 1 seed
+  python -m chimera.compare --preset=cpu --sweep=model.num_experts=4,8,16,32
+  python -m chimera.compare --preset=cpu --sweep=granularity   # or shared, balancing, capacity
 
-The default set is:
+The study's models:
 - dense: configs/dense.py, the baseline;
-- moe_top1, moe_top2: configs/moe_top*.py, compute-matched to dense (FLOPs per token
-  within 10 %, checked here before training);
-- dense_wide: the dense model with d_ff = E * expert_d_ff of moe_top2, so its total
-  parameters match moe_top2's (all of them active).
-A sweep trains configs/moe_top2.py (or --base) once per value of one field instead.
+- moe_top1, moe_top2, moe_fine: configs/<name>.py, compute-matched to dense (model FLOPs
+  per token within 10%, checked here before anything trains);
+- dense_wide: the dense model with moe_top2's total parameters, all of them active
+  (d_ff = (E + shared) * expert_d_ff).
+A sweep trains its base config once per point (chimera.study_sweeps) beside dense, one
+seed per point unless --seeds says otherwise.
 
-Every run is a normal chimera.main run in runs/compare/<config hash>/, so an
-interrupted study resumes where it stopped, and runs shared between studies (the same
-config and seed) are trained once. The report, plots and summary.json go to
-results/<preset>/ (or results/<preset>-sweep-<field>/).
+Every run is a normal training run in runs/compare/<config hash>/, so an interrupted study
+resumes where it stopped, and runs shared between studies (the same config and seed)
+train once. The report, plots and summary.json go to results/<preset>/ or
+results/<preset>-sweep-<name>/ (chimera.report).
 """
 
 import dataclasses
@@ -27,55 +28,138 @@ from pathlib import Path
 
 from absl import app, flags, logging
 
-from chimera import accounting, bench, config as config_lib, report
+from chimera import accounting, bench, config as config_lib, report, study_sweeps
 from chimera.config import Config
 from chimera.errors import ChimeraError
+from chimera.records import RunSummary
+from chimera.study_stats import Run
 
-_PRESET = flags.DEFINE_enum("preset", "cpu", ["cpu", "gpu"], "Scale of the study.")
+
+@dataclasses.dataclass(frozen=True)
+class StudyPreset:
+  """One scale of the study: a preset of configs/*.py and what the study sets over it."""
+
+  config_preset: str
+  overrides: dict  # {"section.field": value} for every model
+  seeds: tuple[int, ...]
+  sized_for: str
+
+
+PRESETS = {
+    # 2500 steps x 32 x 128 = 10.24M byte tokens per run; an evaluation every 10%.
+    "cpu": StudyPreset("small", {"train.steps": 2500, "train.batch_size": 32,
+                                 "train.context": 128, "train.eval_every": 250,
+                                 "train.log_every": 50, "train.checkpoint_every": 250},
+                       seeds=(0, 1), sized_for="2 CPU cores, about 4 h for the whole study"),
+    # 1280 steps x 64 x 256 = 20.97M byte tokens per run, every model in one GPU call.
+    "gpu-small": StudyPreset("small", {"train.steps": 1280, "train.batch_size": 64,
+                                       "train.context": 256, "train.eval_every": 128,
+                                       "train.log_every": 32, "train.checkpoint_every": 640},
+                             seeds=(0,), sized_for="one H100, under 8 minutes"),
+    "gpu": StudyPreset("gpu", {}, seeds=(0,), sized_for="one GPU, GPT-2 tokens"),
+}
+MOE_CONFIGS = ("moe_top1", "moe_top2", "moe_fine")  # configs/<name>.py, compute-matched
+COMPUTE_MATCH = 0.10  # MoE model FLOPs per token within 10% of dense's
+
+_PRESET = flags.DEFINE_enum("preset", "cpu", list(PRESETS), "Scale of the study.")
 _CORPUS = flags.DEFINE_string("corpus", None, "Corpus for every model (default: the configs').")
-_SEEDS = flags.DEFINE_list("seeds", ["0", "1"], "Seeds; each model is trained once per seed.")
-_SWEEP = flags.DEFINE_string("sweep", None, "section.field=v1,v2,...: sweep one field of --base.")
-_BASE = flags.DEFINE_string("base", "configs/moe_top2.py", "The config a sweep varies.")
+_SEEDS = flags.DEFINE_list("seeds", None, "Seeds (default: the preset's; a sweep's first).")
+_SWEEP = flags.DEFINE_string("sweep", None, "A named sweep (" + ", ".join(study_sweeps.SWEEPS)
+                             + ") or section.field=v1,v2,... of --base.")
+_BASE = flags.DEFINE_string("base", None, "The config a sweep varies (default: the sweep's).")
 _STEPS = flags.DEFINE_integer("train_steps", None, "Override the preset's training steps.")
+_SET = flags.DEFINE_multi_string("set", [], "section.field=value for every model, over the "
+                                 "preset (a changed config is a new run).")
 _OUT = flags.DEFINE_string("out", None, "Report directory (default: results/<preset>[...]).")
 _RUNS = flags.DEFINE_string("runs", "runs/compare", "Where the training runs live.")
-_BENCH_REPEATS = flags.DEFINE_integer("bench_repeats", 3, "Interleaved speed repeats.")
-
-# Per preset: which preset of the config files, and the training overrides.
-PRESETS = {
-    "cpu": ("default", {"train.steps": 600, "train.eval_every": 100, "train.log_every": 50,
-                        "train.checkpoint_every": 300}),
-    "gpu": ("gpu", {}),
-}
+_RESULTS = flags.DEFINE_string("results", "results", "Where the reports live.")
+_BENCH_REPEATS = flags.DEFINE_integer(
+    "bench_repeats", 3, "Interleaved speed repeats after training; 0: no bench (the report "
+    "then gives the throughput measured during training only).")
 
 
-def default_models(preset_arg: str, overrides: dict) -> list[tuple[str, Config]]:
-  """dense, moe_top1, moe_top2 and a dense model with moe_top2's total parameters."""
-  load = lambda name, extra={}: config_lib.load(
-      f"configs/{name}.py" + ("" if preset_arg == "default" else f":{preset_arg}"),
-      {**overrides, **extra})
-  dense, moe_top2 = load("dense"), load("moe_top2")
-  wide_ff = moe_top2.model.num_experts * moe_top2.model.expert_d_ff
-  models = [("dense", dense), ("moe_top1", load("moe_top1")), ("moe_top2", moe_top2),
-            ("dense_wide", load("dense", {"model.d_ff": wide_ff}))]
-  base_flops = accounting.count(dense.model, dense.train.context).flops_per_token
-  for name, config in models[1:3]:
-    flops = accounting.count(config.model, config.train.context).flops_per_token
-    if abs(flops / base_flops - 1) > 0.10:
-      raise ChimeraError(f"{name} is not compute-matched to dense: {flops:,} vs "
-                         f"{base_flops:,} FLOPs per token")
+@dataclasses.dataclass(frozen=True)
+class Model:
+  name: str
+  config: Config
+  role: str  # "baseline", "moe" (compute-matched MoE), "reference" (dense_wide), "point"
+  spec: str = ""  # the config file[:preset] it was loaded from
+  overrides: dict = dataclasses.field(default_factory=dict)  # {"section.field": value} over it
+
+
+@dataclasses.dataclass(frozen=True)
+class Study:
+  title: str
+  preset: str  # a key of PRESETS
+  models: list[Model]
+  slug: str  # the report's folder under results/
+  sweep: str | None = None  # the --sweep value, for a sweep
+
+
+def load(path: str, preset: StudyPreset, overrides: dict) -> Config:
+  return config_lib.load(f"{path}:{preset.config_preset}", {**preset.overrides, **overrides})
+
+
+def make_model(name: str, role: str, path: str, preset: StudyPreset, overrides: dict) -> Model:
+  return Model(name, load(path, preset, overrides), role, f"{path}:{preset.config_preset}",
+               {**preset.overrides, **overrides})
+
+
+def check_compute_matched(models: list[Model]) -> None:
+  flops = {m.name: accounting.count(m.config.model, m.config.train.context).flops_per_token
+           for m in models}
+  base = flops[models[0].name]
+  for m in models:
+    if m.role == "moe" and abs(flops[m.name] / base - 1) > COMPUTE_MATCH:
+      raise ChimeraError(f"{m.name} is not compute-matched to {models[0].name}: "
+                         f"{flops[m.name]:,} vs {base:,} FLOPs per token")
+
+
+def study_models(preset: StudyPreset, overrides: dict) -> list[Model]:
+  """dense, the compute-matched MoE configs and dense_wide, at the preset."""
+  moes = [make_model(name, "moe", f"configs/{name}.py", preset, overrides) for name in MOE_CONFIGS]
+  top2 = next(m.config.model for m in moes if m.name == "moe_top2")
+  wide_ff = (top2.num_experts + top2.num_shared_experts) * top2.expert_d_ff
+  models = [make_model("dense", "baseline", "configs/dense.py", preset, overrides), *moes,
+            make_model("dense_wide", "reference", "configs/dense.py", preset,
+                  {**overrides, "model.d_ff": wide_ff})]
+  check_compute_matched(models)
   return models
 
 
-def sweep_models(base: str, preset_arg: str, sweep: str,
-                 overrides: dict) -> list[tuple[str, Config]]:
-  key, _, values = sweep.partition("=")
-  if not values:
-    raise ChimeraError(f"--sweep: expected section.field=v1,v2,..., got {sweep!r}")
-  spec = base + ("" if preset_arg == "default" else f":{preset_arg}")
-  return [(f"{key.split('.')[-1]}={value}",
-           config_lib.load(spec, {**overrides, key: bench.parse_value(value)}))
-          for value in values.split(",")]
+def sweep_models(sweep: str, base: str | None, preset: StudyPreset,
+                 overrides: dict) -> tuple[str, list[Model]]:
+  """(question, [dense, point, point, ...]) for a named sweep or section.field=v1,v2,..."""
+  if "=" in sweep:
+    key, _, values = sweep.partition("=")
+    if not values:
+      raise ChimeraError(f"--sweep: expected section.field=v1,v2,..., got {sweep!r}")
+    base = base or "configs/moe_top2.py"
+    points = study_sweeps.field_points(key, [bench.parse_value(v) for v in values.split(",")])
+    question = f"{key} over {base}"
+  elif sweep in study_sweeps.SWEEPS:
+    named = study_sweeps.SWEEPS[sweep]
+    base = base or named.base
+    points = named.points(load(base, preset, overrides))
+    question = f"{named.question}, over {base}"
+  else:
+    raise ChimeraError(f"--sweep: expected one of {', '.join(study_sweeps.SWEEPS)} or "
+                       f"section.field=v1,v2,..., got {sweep!r}")
+  models = [make_model("dense", "baseline", "configs/dense.py", preset, overrides)]
+  models += [make_model(name, "point", base, preset, {**overrides, **point})
+             for name, point in points]
+  return question, models
+
+
+def make_study(preset_name: str, sweep: str | None, base: str | None, overrides: dict) -> Study:
+  preset = PRESETS[preset_name]
+  if sweep is None:
+    return Study(f"MoE against dense at equal compute ({preset_name} preset)", preset_name,
+                 study_models(preset, overrides), preset_name)
+  question, models = sweep_models(sweep, base, preset, overrides)
+  slug = sweep.partition("=")[0].split(".")[-1]
+  return Study(f"Sweep: {question} ({preset_name} preset)", preset_name, models,
+               f"{preset_name}-sweep-{slug}", sweep)
 
 
 def run_dir(root: Path, config: Config) -> Path:
@@ -86,51 +170,73 @@ def run_dir(root: Path, config: Config) -> Path:
   return root / hashlib.sha1(json.dumps(values, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def train_all(models: list[tuple[str, Config]], seeds: list[int], root: Path) -> dict:
-  """Trains every model for every seed (resuming finished or partial runs)."""
-  from chimera.train import train  # heavy import, after the arguments are checked
+def seeded(config: Config, name: str, seed: int) -> Config:
+  return dataclasses.replace(config, name=f"{name}-seed{seed}",
+                             train=dataclasses.replace(config.train, seed=seed),
+                             data=dataclasses.replace(config.data, seed=seed))
+
+
+def train_all(models: list[Model], seeds: list[int], root: Path) -> dict[str, list[Run]]:
+  """Trains every model for every seed, resuming partial runs and skipping finished ones."""
   runs = {}
   for seed in seeds:  # seed-major: a partial study still compares every model
-    for name, config in models:
-      seeded = dataclasses.replace(
-          config, name=f"{name}-seed{seed}",
-          train=dataclasses.replace(config.train, seed=seed),
-          data=dataclasses.replace(config.data, seed=seed))
-      workdir = run_dir(root, seeded)
-      print(f"== {name}, seed {seed}: {workdir}", file=sys.stderr, flush=True)
-      train(seeded, workdir)
-      runs.setdefault(name, []).append(report.load_run(workdir, seed))
+    for model in models:
+      config = seeded(model.config, model.name, seed)
+      workdir = run_dir(root, config)
+      finished = RunSummary.exists(workdir) and RunSummary.load(workdir).completed
+      print(f"== {model.name}, seed {seed}: {workdir}" + (" (done)" if finished else ""),
+            file=sys.stderr, flush=True)
+      if not finished:
+        from chimera.train import train  # heavy import, only when something trains
+        train(config, workdir)
+      runs.setdefault(model.name, []).append(Run.load(workdir, model.name, seed))
   return runs
+
+
+def measure_speed(models: list[Model], repeats: int) -> list:
+  """chimera.bench's records of every model, measured interleaved in this process."""
+  return bench.run([bench.Case(m.name, m.spec, m.config, m.overrides) for m in models], repeats)
+
+
+def related_summaries(results: Path, study: Study) -> dict:
+  """Reports that a study's targets read: the expert sweep and, away from the cpu
+  preset, the cpu study (for the ordering). Missing ones, and ones written by an older
+  report (no "targets"), are None."""
+  def read(path: Path) -> dict | None:
+    summary = json.loads(path.read_text()) if path.exists() else {}
+    return summary["models"] if "targets" in summary else None
+  return {"expert_sweep": read(results / f"{study.preset}-sweep-num_experts" / "summary.json"),
+          "reference_study": None if study.preset == "cpu"
+          else read(results / "cpu" / "summary.json")}
 
 
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
-  preset_arg, overrides = PRESETS[_PRESET.value]
-  overrides = dict(overrides)
+  overrides = dict(map(bench.parse_override, _SET.value))
   if _CORPUS.value:
     overrides["data.corpus"] = _CORPUS.value
   if _STEPS.value:
     overrides["train.steps"] = _STEPS.value
   try:
-    seeds = [int(s) for s in _SEEDS.value]
-    if _SWEEP.value:
-      models = sweep_models(_BASE.value, preset_arg, _SWEEP.value, overrides)
-      field = _SWEEP.value.partition("=")[0].split(".")[-1]
-      out = Path(_OUT.value or f"results/{_PRESET.value}-sweep-{field}")
-      title = f"Sweep over {_SWEEP.value.partition('=')[0]} ({_PRESET.value} preset)"
-    else:
-      models = default_models(preset_arg, overrides)
-      out = Path(_OUT.value or f"results/{_PRESET.value}")
-      title = f"MoE vs dense at equal compute ({_PRESET.value} preset)"
-    runs = train_all(models, seeds, Path(_RUNS.value))
+    study = make_study(_PRESET.value, _SWEEP.value, _BASE.value, overrides)
+    default_seeds = PRESETS[_PRESET.value].seeds
+    seeds = ([int(s) for s in _SEEDS.value] if _SEEDS.value
+             else list(default_seeds[:1] if study.sweep else default_seeds))
+    runs = train_all(study.models, seeds, Path(_RUNS.value))
   except ChimeraError as error:
     print(f"error: {error}", file=sys.stderr)
     sys.exit(2)
-  print("== measuring speed", file=sys.stderr, flush=True)
-  speed = bench.run(models, _BENCH_REPEATS.value)
-  report.write(out, title=title, models=models, runs=runs, speed=speed,
-               command="python -m chimera.compare " + " ".join(sys.argv[1:]))
+  speed = []
+  if _BENCH_REPEATS.value > 0:
+    print("== measuring speed", file=sys.stderr, flush=True)
+    speed = measure_speed(study.models, _BENCH_REPEATS.value)
+  import jax  # after training: the runs chose the backend
+  out = Path(_OUT.value or Path(_RESULTS.value) / study.slug)
+  report.write(out, study=study, runs=runs, speed=speed,
+               related=related_summaries(Path(_RESULTS.value), study),
+               command="python -m chimera.compare " + " ".join(sys.argv[1:]),
+               device=jax.devices()[0].device_kind)
   print(f"report: {out / 'REPORT.md'}")
 
 

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from chimera.config import ModelConfig
-from chimera.layers import CausalSelfAttention, Mlp, compute_dtype, make_norm
+from chimera.layers import CausalSelfAttention, Embed, Kernels, Mlp, compute_dtype, make_norm
 from chimera.moe import MoeLayer, Routing
 
 
@@ -17,14 +17,15 @@ class Block(nn.Module):
 
   config: ModelConfig
   use_moe: bool
+  kernels: Kernels = Kernels()
 
   @nn.compact
   def __call__(self, x: jax.Array, *, deterministic: bool,
                decode: bool) -> tuple[jax.Array, Routing | None]:
     cfg = self.config
     residual_dropout = nn.Dropout(cfg.dropout)
-    h = CausalSelfAttention(cfg, name="attn")(make_norm(cfg, "norm_attn")(x),
-                                              deterministic=deterministic, decode=decode)
+    h = CausalSelfAttention(cfg, self.kernels.attention, name="attn")(
+        make_norm(cfg, "norm_attn")(x), deterministic=deterministic, decode=decode)
     x = x + residual_dropout(h, deterministic=deterministic)
     h = make_norm(cfg, "norm_ffn")(x)
     routing = None
@@ -51,28 +52,33 @@ def collect_moe_stats(routings: list[Routing], num_experts: int) -> dict[str, ja
       "z_loss": mean("z_loss"),
       "dropped_fraction": stack("dropped_fraction"),  # [Y]
       "expert_load": stack("expert_load", (num_experts,)),  # [Y, E]
+      "max_violation": stack("max_violation"),  # [Y] MaxVio: max load / mean load - 1
       "router_entropy": stack("router_entropy"),  # [Y]
       "router_confidence": stack("router_confidence"),  # [Y]
   }
 
 
 class Decoder(nn.Module):
-  """Token ids [B, L] -> (logits [B, L, V] float32, MoE stats from `collect_moe_stats`).
+  """Token ids [B, L] -> (logits [B, L, V], MoE stats from `collect_moe_stats`).
 
-  The output head is the transposed token embedding (tied weights). With `decode=True`,
-  positions continue from a counter kept in the "cache" collection (see
-  `CausalSelfAttention`).
+  The logits are in the compute dtype (bfloat16 or float32): a [B, L, V] float32 copy is
+  the largest tensor of a bf16 step, and `layers.cross_entropy` upcasts inside its
+  reductions instead. The output head is the transposed token embedding (tied weights).
+  With `decode=True`, positions continue from a counter kept in the "cache" collection
+  (see `CausalSelfAttention`). `kernels` picks implementations, not math.
   """
 
   config: ModelConfig
+  kernels: Kernels = Kernels()
 
   @nn.compact
   def __call__(self, tokens: jax.Array, *, deterministic: bool = True,
                decode: bool = False) -> tuple[jax.Array, dict[str, jax.Array]]:
     cfg = self.config
     dtype = compute_dtype(cfg)
-    embed = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=dtype,
-                     embedding_init=nn.initializers.normal(cfg.init_std), name="embed")
+    embed = Embed(cfg.vocab_size, cfg.d_model, dtype=dtype,
+                  embedding_init=nn.initializers.normal(cfg.init_std),
+                  embed_grad=self.kernels.embed_grad, name="embed")
     x = embed(tokens)  # [B, L, M]
     if cfg.positions == "learned":
       start = jnp.zeros((), jnp.int32)
@@ -89,10 +95,10 @@ class Decoder(nn.Module):
 
     routings = []
     for layer in range(cfg.num_layers):
-      x, routing = Block(cfg, use_moe=cfg.is_moe_layer(layer), name=f"block_{layer}")(
-          x, deterministic=deterministic, decode=decode)
+      x, routing = Block(cfg, use_moe=cfg.is_moe_layer(layer), kernels=self.kernels,
+                         name=f"block_{layer}")(x, deterministic=deterministic, decode=decode)
       if routing is not None:
         routings.append(routing)
     x = make_norm(cfg, "norm_final")(x)
-    logits = embed.attend(x.astype(dtype)).astype(jnp.float32)  # [B, L, V]
+    logits = embed.attend(x)  # [B, L, V] in the compute dtype
     return logits, collect_moe_stats(routings, cfg.num_experts)

@@ -64,7 +64,7 @@ def generate(params, prompt: jax.Array, rng: jax.Array, *, config: ModelConfig,
   def forward(cache, tokens):
     variables = {"params": params, "cache": cache, **(model_state or {})}
     (logits, _), variables = model.apply(variables, tokens, decode=True, mutable=["cache"])
-    logits = logits[:, -1]
+    logits = logits[:, -1].astype(jnp.float32)  # bf16 models sample from float32 logits
     if vocab_limit is not None:
       logits = jnp.where(jnp.arange(logits.shape[-1]) < vocab_limit, logits, -jnp.inf)
     return variables["cache"], logits

@@ -1,245 +1,364 @@
 """REPORT.md, plots and summary.json for a study (see chimera.compare).
 
-Every number in the report comes from the runs' own metrics.jsonl and summary.json and
-from the bench records; nothing is typed in by hand.
+Every number comes from the runs' own records (summary.json, metrics.jsonl) and the
+bench; every sentence under "Findings" and every verdict under "Targets" is built from
+those numbers by the functions below, so they change when the numbers do.
 """
 
+import dataclasses
+import itertools
 import json
+import math
 import time
 from pathlib import Path
-from typing import NamedTuple
 
-import matplotlib
+from chimera import study_plots, study_targets
+from chimera.study_stats import Run, describe, same_sign, summarize, worst
+from chimera.study_targets import Target
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from chimera.config import Config  # noqa: E402
-
-
-class Run(NamedTuple):
-  seed: int
-  summary: dict
-  evals: list[dict]  # {"step", "tokens", "seconds", "val_loss"} per evaluation
-
-
-def load_run(workdir: Path, seed: int) -> Run:
-  """A finished run's summary and validation curve, from its workdir."""
-  config = json.loads((workdir / "config.json").read_text())
-  tokens_per_step = config["train"]["batch_size"] * config["train"]["context"]
-  records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-  start = records[0]["time"]
-  evals = [{"step": r["step"], "tokens": r["step"] * tokens_per_step,
-            "seconds": r["time"] - start, "val_loss": r["val_loss"]}
-           for r in records if r["event"] == "eval"]
-  return Run(seed, json.loads((workdir / "summary.json").read_text()), evals)
+SPREAD_NOTE = (
+    "**How to read the numbers.** n is the number of seeds. \"a ± b\" is the mean over the "
+    "n seeds and the sample standard deviation (ddof=1) of the per-seed values; with n=1 "
+    "there is no spread. A difference \"- dense\" is paired: each seed's run minus dense's "
+    "run of the same seed (the same batches in the same order, the same validation subset), "
+    "and the mean and SD are over those n differences. Losses are validation nats per token.")
+EFFICIENCY_NOTE = (
+    "Tokens: where the validation curve first reaches dense's final loss (same seed), "
+    "interpolated linearly between evaluations. Time: the loss each run had when dense's run "
+    "of the same seed ended, on the measured training clock and on the steady-state clock "
+    "(tokens / timed-step throughput: compilation and evaluation left out); a run that ended "
+    "sooner is read at its end.")
+BENCH_FIELDS = ("train_tokens_per_second", "mfu", "decode_tokens_per_second",
+                "peak_memory_bytes", "dispatch_share_of_step")
 
 
-def _stats(values: list[float]) -> dict:
-  return {"mean": float(np.mean(values)), "min": float(np.min(values)),
-          "max": float(np.max(values)), "per_seed": [float(v) for v in values]}
+def bench_figures(record) -> tuple[str, dict]:
+  """(model name, figures) of one chimera.bench record: the one place that reads its
+  layout (a BenchRecord; a plain dict of the same fields, or of the older layout with
+  "config" for the name and decode_tokens_per_second, reads too)."""
+  values = dataclasses.asdict(record) if dataclasses.is_dataclass(record) else dict(record)
+  name = values.get("name") or values.get("config")
+  figures = {field: values.get(field) for field in BENCH_FIELDS}
+  decode = sorted(values.get("decode") or (), key=lambda d: d["batch"])
+  if decode:  # the smallest batch measured, batch 1 by default
+    figures["decode_tokens_per_second"] = decode[0]["tokens_per_second"]
+  figures["device"] = values.get("device")
+  return name, figures
 
 
-def summarize(models: list[tuple[str, Config]], runs: dict[str, list[Run]],
-              speed: list[dict]) -> dict:
-  """One record per model: sizes, losses across seeds, speed, expert balance."""
-  by_name = {record["config"]: record for record in speed}
-  out = {}
-  for name, _ in models:
-    model_runs, bench_record = runs[name], by_name[name]
-    first = model_runs[0].summary
-    entry = {
-        "params_total": first["params_total"],
-        "params_active": first["params_active"],
-        "flops_per_token": first["flops_per_token"],
-        "tokens_seen": first["tokens_seen"],
-        "final_val_loss": _stats([r.summary["final_val_loss"] for r in model_runs]),
-        "best_val_loss": _stats([r.summary["best_val_loss"] for r in model_runs]),
-        "val_bits_per_byte": _stats([r.summary["val_bits_per_byte"] for r in model_runs]),
-        "unigram_val_loss": first.get("unigram_val_loss"),
-        "wall_seconds": _stats([r.summary["wall_seconds"] for r in model_runs]),
-        "train_tokens_per_second": bench_record["train_tokens_per_second"],
-        "train_step_seconds": bench_record["train_step_seconds"],
-        "mfu": bench_record["mfu"],
-        "decode_tokens_per_second": bench_record["decode_tokens_per_second"],
-        "decode_tokens_per_second_b8": bench_record.get("decode_tokens_per_second_b8"),
-        "peak_memory_bytes": bench_record["peak_memory_bytes"],
-    }
-    if "expert_load" in first:
-      loads = np.array([r.summary["expert_load"] for r in model_runs])  # [seeds, Y, E]
-      entry["expert_load"] = loads.mean(axis=0).tolist()
-      entry["expert_load_max_over_min"] = float(np.mean(
-          loads.max(axis=-1) / np.maximum(loads.min(axis=-1), 1e-9)))
-      entry["dropped_fraction"] = float(np.mean([r.summary["dropped_fraction"]
-                                                 for r in model_runs]))
-      entry["dispatch_share_of_step"] = bench_record.get("dispatch_share_of_step")
-    out[name] = entry
-  return out
+# --- Findings: sentences from the numbers. ---------------------------------------------------
 
 
-def _plot_curves(path: Path, runs: dict[str, list[Run]], x: str, xlabel: str) -> None:
-  fig, ax = plt.subplots(figsize=(7, 4.5))
-  for index, (name, model_runs) in enumerate(runs.items()):
-    color = f"C{index}"
-    for run in model_runs:
-      ax.plot([e[x] for e in run.evals], [e["val_loss"] for e in run.evals], color=color,
-              alpha=0.35, linewidth=1)
-    steps = min(len(r.evals) for r in model_runs)
-    mean_x = np.mean([[e[x] for e in r.evals[:steps]] for r in model_runs], axis=0)
-    mean_y = np.mean([[e["val_loss"] for e in r.evals[:steps]] for r in model_runs], axis=0)
-    ax.plot(mean_x, mean_y, color=color, linewidth=2, label=f"{name} (mean of {len(model_runs)})")
-  ax.set_xlabel(xlabel)
-  ax.set_ylabel("validation loss (nats/token)")
-  ax.set_ylim(top=min(ax.get_ylim()[1], np.percentile(
-      [e["val_loss"] for rs in runs.values() for r in rs for e in r.evals], 90) * 1.05))
-  ax.grid(alpha=0.3)
-  ax.legend()
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+def _seeds_clause(spread: dict) -> str:
+  """The paired difference with its n, spread, per-seed values and their agreement."""
+  if spread["n"] < 2:
+    return f"paired difference {describe(spread, signed=True)}: one seed, so no spread"
+  values = ", ".join(f"{v:+.4f}" for v in spread["values"] if v is not None)
+  agreement = ("every seed agrees in sign" if same_sign(spread)
+               else "the seeds disagree in sign")
+  size = "larger than" if abs(spread["mean"]) > spread["sd"] else "within"
+  return (f"paired difference {spread['mean']:+.4f} ± {spread['sd']:.4f}, mean ± SD over "
+          f"n={spread['n']} seeds, per seed {values}; {agreement}, and the mean is {size} "
+          f"one SD")
 
 
-def _plot_expert_load(path: Path, summary: dict) -> bool:
-  moe = {name: np.array(entry["expert_load"]) for name, entry in summary.items()
-         if "expert_load" in entry}
-  if not moe:
-    return False
-  layers = max(load.shape[0] for load in moe.values())
-  fig, axes = plt.subplots(len(moe), layers, figsize=(2.6 * layers, 2.2 * len(moe)),
-                           squeeze=False)
-  for row, (name, load) in enumerate(moe.items()):
-    for layer in range(layers):
-      ax = axes[row][layer]
-      if layer < load.shape[0]:
-        experts = load.shape[1]
-        ax.bar(range(experts), load[layer], color=f"C{row}")
-        ax.axhline(1 / experts, color="black", linewidth=0.8, linestyle="--")
-        ax.set_title(f"{name}, MoE layer {layer}", fontsize=8)
-        ax.set_xticks(range(experts))
-        ax.tick_params(labelsize=7)
-      else:
-        ax.axis("off")
-  fig.supxlabel("expert (dashed: uniform load)", fontsize=9)
-  fig.supylabel("share of assignments", fontsize=9)
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
-  return True
+def loss_finding(name: str, entry: dict) -> str:
+  diff = entry["vs_baseline"]["final_val_loss"]
+  bits = entry["vs_baseline"]["val_bits_per_byte"]
+  if diff["mean"] is None:
+    return f"**{name}** has no run paired with dense."
+  side = "below" if diff["mean"] < 0 else "above"
+  return (f"**{name}** ends {abs(diff['mean']):.4f} nats {side} dense ({_seeds_clause(diff)}); "
+          f"in bits per byte {describe(bits, signed=True)}.")
 
 
-def _plot_throughput(path: Path, summary: dict) -> None:
-  names = list(summary)
-  fig, axes = plt.subplots(1, 2, figsize=(9, 3.8))
-  for ax, field, label in ((axes[0], "train_tokens_per_second", "training tokens/s"),
-                           (axes[1], "decode_tokens_per_second", "decode tokens/s (batch 1)")):
-    values = [summary[n][field] for n in names]
-    ax.bar(names, values, color=[f"C{i}" for i in range(len(names))])
-    ax.set_title(label)
-    ax.tick_params(axis="x", rotation=20, labelsize=8)
-    ax.grid(axis="y", alpha=0.3)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+CLOCK_WORDS = {"measured": "training time as measured (compilation and evaluation included)",
+               "steady": "steady-state training time (tokens / timed-step throughput)"}
 
 
-def _loss_cell(stats: dict) -> str:
-  spread = (stats["max"] - stats["min"]) / 2
-  return f"{stats['mean']:.4f} ± {spread:.4f}"
+def _time_clause(equal_time: dict, clock: str) -> str:
+  at_time = equal_time["difference"]
+  if at_time["mean"] is None:
+    return ""
+  side = "below" if at_time["mean"] < 0 else "above"
+  text = (f" At dense's {CLOCK_WORDS[clock]}, {equal_time['seconds']['mean']:,.0f} s, it is "
+          f"{abs(at_time['mean']):.4f} nats {side} dense "
+          f"({describe(at_time, signed=True, missing='no evaluation yet')})")
+  ended = equal_time["ended_before"]
+  return text + (f"; in {ended} of {len(at_time['values'])} seeds it had finished sooner, "
+                 f"and its final loss is used." if ended else ".")
 
 
-def findings(summary: dict) -> list[str]:
-  """Plain sentences from the numbers: where each model wins and where it loses."""
+def efficiency_finding(name: str, entry: dict) -> str:
+  vs = entry["vs_baseline"]
+  reach = vs["token_fraction"]
+  if reach["n"] == 0:
+    text = f"{name} does not reach dense's final loss in any of its {len(reach['values'])} seeds."
+  else:
+    text = (f"{name} reaches dense's final loss after "
+            f"{describe(reach, digits=2, suffix='x', missing='not reached')} dense's tokens.")
+  return text + "".join(_time_clause(vs["equal_time"][clock], clock) for clock in CLOCK_WORDS)
+
+
+def cost_finding(name: str, entry: dict) -> str:
+  vs = entry["vs_baseline"]
+  text = (f"{name} has {vs['params_total_ratio']:.2f}x dense's parameters "
+          f"({entry['params_active'] / entry['params_total']:.0%} active per token) and "
+          f"{vs['flops_ratio']:.2f}x its model FLOPs per token")
+  if vs["executed_flops_ratio"] is not None:
+    text += (f"; it executes {vs['executed_flops_ratio']:.2f}x dense's FLOPs per token "
+             f"with capacity padding and dispatch")
+  return text + "."
+
+
+def routing_finding(name: str, entry: dict) -> str | None:
+  routing = entry.get("routing")
+  if not routing or worst(routing["dropped_after_warmup"]) is None:
+    return None
+  dropped, n = worst(routing["dropped_after_warmup"]), routing["dropped_after_warmup"]["n"]
+  experts, window = entry["shape"]["num_experts"], worst(routing["dropped_worst_window"])
+  return (f"{name} drops {dropped:.2%} of its assignments after warm-up in its worst layer "
+          f"(worst of n={n} seeds; worst logging window {window:.2%}), "
+          f"MaxVio {describe(routing['max_violation_after_warmup'], digits=2)}; in the last "
+          f"window its router entropy is {describe(routing['router_entropy'], digits=3)} nats "
+          f"(uniform over {experts} experts: {math.log(experts):.3f}) and its top-1 "
+          f"probability {describe(routing['router_confidence'], digits=3)}.")
+
+
+def wide_finding(models: dict) -> str | None:
+  """dense_wide (moe_top2's parameters, all active) against moe_top2, paired by seed."""
+  if "dense_wide" not in models or "moe_top2" not in models:
+    return None
+  wide = models["dense_wide"]["vs_baseline"]["final_val_loss"]
+  top2 = models["moe_top2"]["vs_baseline"]["final_val_loss"]
+  per_seed = [None if a is None or b is None else a - b
+              for a, b in zip(wide["values"], top2["values"])]
+  defined = [v for v in per_seed if v is not None]
+  if not defined:
+    return None
+  mean = sum(defined) / len(defined)
+  ratio = models["dense_wide"]["flops_per_token"] / models["moe_top2"]["flops_per_token"]
+  return (f"dense_wide, with moe_top2's total parameters all active, ends "
+          f"{abs(mean):.4f} nats {'below' if mean < 0 else 'above'} moe_top2 (mean of "
+          f"n={len(defined)} paired seeds, per seed "
+          f"{', '.join(f'{v:+.4f}' for v in defined)}) at {ratio:.2f}x its model FLOPs.")
+
+
+def sweep_finding(models: dict) -> str | None:
+  """The sweep's points in their order: each one's loss, the steps between neighbours,
+  and the gap between the best and the worst against the seeds' spread."""
+  points = {n: e["final_val_loss"] for n, e in models.items() if e["role"] == "point"}
+  if not points:
+    return None
+  names = list(points)
+  ranked = sorted(names, key=lambda n: points[n]["mean"])
+  gap = points[ranked[-1]]["mean"] - points[ranked[0]]["mean"]
+  steps = "; ".join(f"{a} -> {b}: {points[b]['mean'] - points[a]['mean']:+.4f}"
+                    for a, b in itertools.pairwise(names))
+  text = (f"Final validation loss per point: "
+          f"{'; '.join(f'{n}: {describe(points[n])}' for n in names)}. From each point to the "
+          f"next: {steps or '-'}. The lowest is {ranked[0]}, {gap:.4f} nats below the highest "
+          f"({ranked[-1]})")
+  spreads = [points[n]["sd"] for n in names if points[n]["sd"] is not None]
+  if len(spreads) < len(names):
+    return text + "; with one seed per point there is no seed spread to weigh that gap against."
+  return text + f"; the largest seed SD of a point is {max(spreads):.4f}."
+
+
+def findings(models: dict, targets: list[Target]) -> list[str]:
+  """The Findings section: one sentence group per model, then the study as a whole."""
   lines = []
-  if "dense" in summary:
-    dense = summary["dense"]
-    for name, entry in summary.items():
-      if name == "dense":
-        continue
-      delta = entry["final_val_loss"]["mean"] - dense["final_val_loss"]["mean"]
-      spread = max(entry["final_val_loss"]["max"] - entry["final_val_loss"]["min"],
-                   dense["final_val_loss"]["max"] - dense["final_val_loss"]["min"])
-      verdict = ("beyond" if abs(delta) > spread else "within")
-      direction = "lower" if delta < 0 else "higher"
-      flops_ratio = entry["flops_per_token"] / dense["flops_per_token"]
-      lines.append(
-          f"**{name}** ends {abs(delta):.4f} nats {direction} than dense "
-          f"({entry['final_val_loss']['mean']:.4f} vs {dense['final_val_loss']['mean']:.4f}), "
-          f"{verdict} the seed spread ({spread:.4f}), at {flops_ratio:.2f}x dense's FLOPs per "
-          f"token and {entry['params_total'] / dense['params_total']:.2f}x its parameters "
-          f"({entry['params_active'] / entry['params_total']:.0%} of them active).")
-      lines.append(
-          f"  Its training step takes {dense['train_tokens_per_second'] / entry['train_tokens_per_second']:.2f}x "
-          f"dense's time and it decodes at {entry['decode_tokens_per_second'] / dense['decode_tokens_per_second']:.2f}x "
-          f"dense's tokens/s (batch 1).")
-  if "moe_top2" in summary and "dense_wide" in summary:
-    moe, wide = summary["moe_top2"], summary["dense_wide"]
-    lines.append(
-        f"With the same total parameters all active, **dense_wide** reaches "
-        f"{wide['final_val_loss']['mean']:.4f} against moe_top2's "
-        f"{moe['final_val_loss']['mean']:.4f}, for {wide['flops_per_token'] / moe['flops_per_token']:.2f}x "
-        f"the FLOPs per token and {moe['train_tokens_per_second'] / wide['train_tokens_per_second']:.2f}x "
-        f"the step time of moe_top2.")
-  if "dense" not in summary:  # a sweep: the loss against the swept value
-    ordered = summary.items()
-    lines.append("Final validation loss by swept value (total parameters, FLOPs per token): " + "; ".join(
-        f"{name}: {entry['final_val_loss']['mean']:.4f} ({entry['params_total'] / 1e6:.2f}M total, "
-        f"{entry['flops_per_token'] / 1e6:.1f} MFLOPs/token)" for name, entry in ordered) + ".")
-  for name, entry in summary.items():
-    if "expert_load" in entry:
-      lines.append(
-          f"{name}: busiest/idlest expert load ratio {entry['expert_load_max_over_min']:.2f} "
-          f"(mean over layers), {entry['dropped_fraction']:.1%} of assignments dropped in "
-          f"the last training window.")
+  best = study_targets.best_moe(models)
+  if best:
+    lines.append(f"Of the compute-matched MoE configs, **{best}** has the lowest mean paired "
+                 f"difference to dense.")
+  for name, entry in models.items():
+    if "vs_baseline" not in entry:
+      continue
+    lines.append(" ".join(filter(None, [loss_finding(name, entry),
+                                        efficiency_finding(name, entry),
+                                        cost_finding(name, entry),
+                                        routing_finding(name, entry)])))
+  lines += filter(None, [wide_finding(models), sweep_finding(models)])
+  if targets:
+    count = lambda status: sum(t.status == status for t in targets)
+    lines.append(f"Targets: {count(study_targets.PASS)} pass, {count(study_targets.FAIL)} fail, "
+                 f"{count(study_targets.NOT_MEASURED)} not measured, of {len(targets)}.")
   return lines
 
 
-def write(out: Path, *, title: str, models: list[tuple[str, Config]],
-          runs: dict[str, list[Run]], speed: list[dict], command: str) -> dict:
-  """Writes REPORT.md, summary.json and PNG plots into `out`; returns the summary."""
-  out.mkdir(parents=True, exist_ok=True)
-  summary = summarize(models, runs, speed)
-  _plot_curves(out / "loss_vs_tokens.png", runs, "tokens", "training tokens")
-  _plot_curves(out / "loss_vs_time.png", runs, "seconds", "wall-clock seconds")
-  has_load_plot = _plot_expert_load(out / "expert_load.png", summary)
-  _plot_throughput(out / "throughput.png", summary)
-  config = models[0][1]
-  meta = {"title": title, "command": command, "date": time.strftime("%Y-%m-%d"),
-          "device": speed[0]["device"], "peak_matmul_flops": speed[0]["peak_matmul_flops"],
-          "corpus": config.data.corpus, "tokenizer": config.data.tokenizer,
-          "steps": config.train.steps, "seeds": [r.seed for r in next(iter(runs.values()))]}
-  (out / "summary.json").write_text(json.dumps({**meta, "models": summary}, indent=2))
+# --- The report. -----------------------------------------------------------------------------
 
-  unigram = next(iter(summary.values()))["unigram_val_loss"]
+
+def targets_for(study, models: dict, related: dict, command: str) -> list[Target]:
+  """The issue's targets that this study measures (see chimera.study_targets)."""
+  expert_command = (f"python -m chimera.compare --preset={study.preset} "
+                    f"--sweep=model.num_experts=4,8,16,32")
+  if study.sweep is not None:
+    if study.sweep.partition("=")[0] == "model.num_experts":
+      return [study_targets.expert_sweep_target(models, command)]
+    return []
+  out = study_targets.loss_targets(models, command)
+  out.append(study_targets.expert_sweep_target(related.get("expert_sweep"), expert_command))
+  out.append(study_targets.token_target(models, command))
+  out += study_targets.routing_targets(models, command)
+  if study.preset != "cpu":
+    out.append(study_targets.ordering_target(models, related.get("reference_study"), command,
+                                             "python -m chimera.compare --preset=cpu"))
+  return out
+
+
+def _mega(value) -> str:
+  return "-" if value is None else f"{value / 1e6:.2f}"
+
+
+def _ratio(value) -> str:
+  return "" if value is None else f" ({value:.2f}x)"
+
+
+def _number(value, spec: str) -> str:
+  return "-" if value is None else format(value, spec)
+
+
+def _percent(spread: dict) -> str:
+  return "-" if worst(spread) is None else f"{worst(spread):.2%}"
+
+
+def _table(header: list[str], rows: list[list[str]], numbers: bool = True) -> list[str]:
+  """A markdown table; with `numbers`, every column but the first is right-aligned."""
+  align = " ---: |" if numbers else " --- |"
+  return ["| " + " | ".join(header) + " |", "| --- |" + align * (len(header) - 1)] + [
+      "| " + " | ".join(row) + " |" for row in rows]
+
+
+def _loss_row(name: str, e: dict) -> list[str]:
+  vs = e.get("vs_baseline")
+  def cell(field, **kw):
+    return describe(vs[field], **kw) if vs else "-"
+  return [name, describe(e["final_val_loss"]), cell("final_val_loss", signed=True),
+          describe(e["val_bits_per_byte"]), cell("val_bits_per_byte", signed=True)]
+
+
+def _efficiency_row(name: str, e: dict) -> list[str]:
+  vs = e["vs_baseline"]
+  row = [name, describe(vs["token_fraction"], digits=2, suffix="x", missing="not reached")]
+  for clock in CLOCK_WORDS:
+    at = vs["equal_time"][clock]
+    row += [describe(at["loss"], missing="no evaluation yet"),
+            describe(at["difference"], signed=True, missing="no evaluation yet")]
+  return row
+
+
+def _cost_row(name: str, e: dict, speed: dict) -> list[str]:
+  vs = e.get("vs_baseline", {})
+  return [name, _mega(e["params_total"]), _mega(e["params_active"]),
+          _mega(e["flops_per_token"]) + _ratio(vs.get("flops_ratio")),
+          _mega(e["executed_flops_per_token"]) + _ratio(vs.get("executed_flops_ratio")),
+          describe(e["train_tokens_per_second"], digits=0),
+          _number(speed.get("train_tokens_per_second"), ",.0f"),
+          _number(speed.get("mfu"), ".1%"), _number(speed.get("decode_tokens_per_second"), ",.0f")]
+
+
+def _routing_row(name: str, e: dict) -> list[str]:
+  r = e["routing"]
+  return [name, _percent(r["dropped_after_warmup"]), _percent(r["dropped_worst_window"]),
+          describe(r["max_violation_after_warmup"], digits=2),
+          describe(r["router_entropy"], digits=3), describe(r["router_confidence"], digits=3)]
+
+
+def _tables(models: dict, speed: dict) -> list[str]:
+  lines = ["## Loss", ""] + _table(
+      ["model", "final val loss", "- dense", "bits/byte", "- dense"],
+      [_loss_row(name, e) for name, e in models.items()])
+  compared = {name: e for name, e in models.items() if "vs_baseline" in e}
+  if compared:
+    lines += ["", "## Tokens and time to dense's loss", "", EFFICIENCY_NOTE, ""] + _table(
+        ["model", "tokens to dense's final loss (x dense's)", "loss at dense's measured time",
+         "- dense", "loss at dense's steady-state time", "- dense"],
+        [_efficiency_row(name, e) for name, e in compared.items()])
+  lines += ["", "## Cost", ""] + _table(
+      ["model", "params total (M)", "active (M)", "model MFLOPs/token", "executed MFLOPs/token",
+       "train tok/s (training)", "train tok/s (bench)", "MFU", "decode tok/s (b1)"],
+      [_cost_row(name, e, speed.get(name, {})) for name, e in models.items()])
+  moe = {name: e for name, e in models.items() if "routing" in e}
+  if moe:
+    lines += ["", "## Routing (training rows, training capacity)", ""] + _table(
+        ["model", "dropped after warm-up, worst layer (worst seed)", "worst window",
+         "MaxVio after warm-up, worst layer", "router entropy (nats, last window)",
+         "top-1 probability (last window)"],
+        [_routing_row(name, e) for name, e in moe.items()])
+  return lines
+
+
+def write(out: Path, *, study, runs: dict[str, list[Run]], speed: list, related: dict,
+          command: str, device: str | None = None) -> dict:
+  """Writes REPORT.md, summary.json and PNG plots for `study` (a chimera.compare.Study)
+  into `out`; returns what summary.json holds. `speed`: chimera.bench records (may be
+  empty); `related`: other studies' summary models that targets read (see targets_for);
+  `device`: what wrote the report, when no bench record says it."""
+  out.mkdir(parents=True, exist_ok=True)
+  roles = {m.name: m.role for m in study.models}
+  baseline = next((m.name for m in study.models if m.role == "baseline"), None)
+  models = summarize(runs, roles, baseline)
+  by_name = dict(map(bench_figures, speed))
+  study_command = f"python -m chimera.compare --preset={study.preset}" + (
+      f" --sweep={study.sweep}" if study.sweep else "")
+  targets = targets_for(study, models, related, study_command)
+  lines_found = findings(models, targets)
+  first = next(iter(runs.values()))[0].summary
+  train = first.config["train"]
+  meta = {"title": study.title, "command": command, "preset": study.preset,
+          "date": time.strftime("%Y-%m-%d"),
+          "device": next((s["device"] for s in by_name.values() if s.get("device")), device),
+          "corpus": first.config["data"]["corpus"], "tokenizer": first.config["data"]["tokenizer"],
+          "steps": train["steps"], "batch_size": train["batch_size"], "context": train["context"],
+          "tokens_per_run": first.tokens_seen, "eval_every": train["eval_every"],
+          "eval_tokens": train["eval_batches"] * train["batch_size"] * train["context"],
+          "seeds": sorted({r.seed for rs in runs.values() for r in rs})}
+  (out / "summary.json").write_text(json.dumps(
+      {**meta, "models": models, "targets": [dataclasses.asdict(t) for t in targets],
+       "findings": lines_found, "speed": by_name}, indent=2))
+
+  plots = [("loss_vs_tokens.png", "validation loss against training tokens",
+            study_plots.loss_curves(out / "loss_vs_tokens.png", runs, "tokens_seen",
+                                    "training tokens")),
+           ("loss_vs_time.png", "validation loss against training seconds",
+            study_plots.loss_curves(out / "loss_vs_time.png", runs, "wall_seconds",
+                                    "training seconds (downtime excluded)")),
+           ("paired_differences.png", "paired differences to dense, per seed",
+            study_plots.paired_differences(out / "paired_differences.png", models)),
+           ("routing.png", "dropped fraction, MaxVio, router entropy and confidence over training",
+            study_plots.routing(out / "routing.png", runs)),
+           ("expert_load.png", "per-expert load per layer, last training window",
+            study_plots.expert_load(out / "expert_load.png", models)),
+           ("throughput.png", "training and decode throughput (bench)",
+            study_plots.throughput(out / "throughput.png", by_name))]
   lines = [
-      f"# {title}", "",
-      f"Generated by `{command}` on {meta['date']} ({meta['device']}, measured matmul peak "
-      f"{meta['peak_matmul_flops'] / 1e9:.0f} GFLOP/s). Corpus `{meta['corpus']}`, "
-      f"{meta['tokenizer']} tokens, {meta['steps']} steps per run, seeds {meta['seeds']}. "
-      f"Losses are validation nats per token: mean ± half the range across seeds. "
-      f"A unigram model scores {unigram:.4f}." if unigram else "", "",
-      "| model | params total | params active | MFLOPs/token | final val loss | best val loss "
-      "| bits/byte | train tok/s | MFU | decode tok/s (b1) | expert load max/min | dropped |",
-      "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
-  ]
-  for name, e in summary.items():
-    balance = (f"{e['expert_load_max_over_min']:.2f}", f"{e['dropped_fraction']:.1%}") \
-        if "expert_load" in e else ("-", "-")
-    lines.append(
-        f"| {name} | {e['params_total'] / 1e6:.2f}M | {e['params_active'] / 1e6:.2f}M | "
-        f"{e['flops_per_token'] / 1e6:.1f} | {_loss_cell(e['final_val_loss'])} | "
-        f"{_loss_cell(e['best_val_loss'])} | {e['val_bits_per_byte']['mean']:.4f} | "
-        f"{e['train_tokens_per_second']:,.0f} | {e['mfu']:.1%} | "
-        f"{e['decode_tokens_per_second']:,.0f} | {balance[0]} | {balance[1]} |")
-  lines += ["", "## Findings", ""] + [f"- {line}" if not line.startswith("  ") else line
-                                      for line in findings(summary)]
-  lines += ["", "## Plots", "", "![validation loss against tokens](loss_vs_tokens.png)", "",
-            "![validation loss against wall-clock time](loss_vs_time.png)", "",
-            "![training and decode throughput](throughput.png)", ""]
-  if has_load_plot:
-    lines += ["![per-expert load, per layer](expert_load.png)", ""]
-  lines += ["Speed figures come from `chimera.bench` run in the same process after training, "
-            "configs interleaved, medians over repeats. Expert loads are from each run's last "
-            "training window.", ""]
+      f"# {study.title}", "",
+      f"Generated by `{command}` on {meta['date']}"
+      + (f" ({meta['device']})" if meta["device"] else "") + ". "
+      f"Corpus `{meta['corpus']}`, {meta['tokenizer']} tokens; every run trains "
+      f"{meta['steps']} steps of {meta['batch_size']} x {meta['context']} = "
+      f"{meta['tokens_per_run']:,} tokens, evaluated every {meta['eval_every']} steps "
+      f"on a fixed validation subset of {meta['eval_tokens']:,} tokens (the same for every "
+      f"model and seed); seeds {meta['seeds']}. A unigram model scores "
+      f"{first.unigram_val_loss:.4f}.", "", SPREAD_NOTE, ""]
+  lines += _tables(models, by_name)
+  if targets:
+    lines += ["", "## Targets", ""] + _table(
+        ["target", "measured", "status", "note", "command"],
+        [[t.claim, t.measured, f"**{t.status}**", t.note, f"`{t.command}`"] for t in targets],
+        numbers=False)
+  lines += ["", "## Findings", ""] + [f"- {line}" for line in lines_found]
+  for name, _, made in plots:
+    if not made and (out / name).exists():  # left by an earlier report of this folder
+      (out / name).unlink()
+  lines += ["", "## Plots", ""] + [f"![{caption}]({name})\n" for name, caption, made in plots
+                                   if made]
+  lines += ["Training throughput and wall-clock seconds are measured during training, "
+            "evaluation included, downtime between sessions excluded. "
+            + ("Bench figures come from `chimera.bench` run after training in one process, "
+               "configs interleaved, medians over repeats." if by_name else
+               "No bench was run for this report (--bench_repeats=0)."), ""]
   (out / "REPORT.md").write_text("\n".join(lines))
-  return summary
+  return json.loads((out / "summary.json").read_text())

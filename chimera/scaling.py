@@ -24,7 +24,7 @@ from absl import app, flags
 from chimera import config as config_lib, sharding
 from chimera.bench import parse_override
 from chimera.decoder import Decoder
-from chimera.moe import expert_capacity
+from chimera.routers import expert_capacity
 from chimera.steps import init_state, train_step
 
 _CONFIG = flags.DEFINE_string("config", "configs/moe_top2.py", "Config file[:preset].")
@@ -53,8 +53,7 @@ def predicted_bytes(config: config_lib.Config) -> float:
   if mesh.expert == 1:
     return 0.0
   tokens_per_device = t.batch_size // t.grad_accum * t.context / (mesh.data * mesh.expert)
-  capacity = expert_capacity(m.group_size, m.num_experts, m.top_k, m.capacity_factor,
-                             m.min_capacity)
+  capacity = expert_capacity(m, m.group_size)
   slots_per_token = m.num_experts * capacity / m.group_size  # k * cf'
   element = 2 if m.dtype == "bfloat16" else 4
   return 4 * m.num_moe_layers * slots_per_token * tokens_per_device * m.d_model * element

@@ -65,6 +65,44 @@ def test_moe_counts_by_hand():
       + 12 * 2 * 16 * 8
   # One MoE layer: 3 * 2 einsums * 2 * E 4 * C 5 * M 8.
   assert accounting.dispatch_flops_per_token == 3 * 2 * 2 * 4 * 5 * 8 == 1920
+  # Executed: the experts run on E * C / S = 4 * 5 / 8 = 2.5 slots per token, not 2, so
+  # 0.5 * 6 * 256 more, plus the dispatch and combine einsums.
+  assert accounting.executed_flops_per_token == accounting.flops_per_token + 768 + 1920
+
+
+def test_dense_executes_its_model_flops():
+  accounting = count(DENSE, context=16)
+  assert accounting.executed_flops_per_token == accounting.flops_per_token
+
+
+def test_dropless_executes_its_model_flops():
+  accounting = count(dataclasses.replace(MOE, dispatch="dropless"), context=16)
+  assert accounting.flops_per_token == count(MOE, context=16).flops_per_token
+  assert accounting.dispatch_flops_per_token == 0
+  assert accounting.executed_flops_per_token == accounting.flops_per_token
+
+
+def test_shared_experts_count_as_active():
+  # One shared expert of hidden size 16 in the MoE block: 256 more parameters, all active.
+  plain, shared = count(MOE, context=16), count(
+      dataclasses.replace(MOE, num_shared_experts=1), context=16)
+  assert shared.params_total - plain.params_total == 256
+  assert shared.params_active - plain.params_active == 256
+  assert shared.flops_per_token - plain.flops_per_token == 6 * 256
+  assert init_param_count(dataclasses.replace(MOE, num_shared_experts=1)) == shared.params_total
+
+
+@pytest.mark.parametrize("top_k,num_shared", [(2, 0), (8, 0), (7, 1), (6, 2)])
+def test_resolved_expert_width_is_compute_matched(top_k, num_shared):
+  # expert_d_ff resolves to d_ff / (k + shared): every MoE model's FLOPs are dense's plus
+  # only its router's 6 * M * E per MoE layer.
+  dense = dataclasses.replace(DENSE, d_ff=64)
+  # expert_d_ff=None: replace() would otherwise keep the width DENSE resolved for top_k=2.
+  moe = dataclasses.replace(dense, num_experts=16, top_k=top_k, num_shared_experts=num_shared,
+                            group_size=16, expert_d_ff=None)
+  assert moe.expert_d_ff == 64 // (top_k + num_shared)
+  router_flops = 6 * 8 * 16 * dense.num_layers
+  assert count(moe, 16).flops_per_token == count(dense, 16).flops_per_token + router_flops
 
 
 @pytest.mark.parametrize("changes", [
@@ -77,6 +115,7 @@ def test_moe_counts_by_hand():
     dict(num_experts=3, top_k=1, positions="rotary", norm="rmsnorm", activation="swiglu"),
     dict(num_experts=4, num_layers=3, moe_every=2, activation="swiglu", use_bias=True,
          norm="layernorm", expert_d_ff=24),
+    dict(num_experts=4, top_k=1, num_shared_experts=2, activation="swiglu"),
 ], ids=lambda changes: ",".join(f"{k}={v}" for k, v in changes.items()) or "default")
 def test_count_matches_init(changes):
   cfg = dataclasses.replace(DENSE, **changes)

@@ -1,33 +1,162 @@
-"""`python -m chimera.bench --json` on tiny configs: the record fields other tools read."""
+"""chimera.bench: the records `--json` writes, the tokens it times, the peak it divides by."""
 
-import json
+import re
 import subprocess
 import sys
 
+import numpy as np
+import pytest
+
+from chimera import bench, bench_profile
+from chimera.data.batches import WindowSampler, make_splits
+from chimera.data.corpora import load_corpus
+from chimera.data.tokenizers import get_tokenizer
+from chimera.errors import ChimeraError
 from conftest import ROOT
 
-FIELDS = ("config", "train_step_seconds", "train_tokens_per_second", "mfu",
-          "decode_tokens_per_second", "decode_ms_per_token", "peak_memory_bytes")
 
-
-def test_bench_json_records(tmp_path):
+def test_bench_json_records(tmp_path, corpus):
   out = tmp_path / "bench.json"
   result = subprocess.run(
       [sys.executable, "-m", "chimera.bench",
-       "--configs=configs/dense.py:tiny,configs/moe_top2.py:tiny",
+       "--configs=configs/dense.py:tiny,configs/moe_top2.py:tiny", f"--set=data.corpus={corpus}",
        "--variants=model.dispatch=einsum,dropless", "--repeats=1", "--steps=2",
-       "--prompt_len=4", "--new_tokens=4", "--decode_batches=1,2", f"--json={out}"],
+       "--prompt_len=64", "--new_tokens=256", "--decode_batches=1,2", f"--json={out}"],
       cwd=ROOT, capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stderr[-2000:]
-  records = json.loads(out.read_text())
-  assert [r["config"] for r in records] == [
-      "configs/dense.py:tiny dispatch=einsum", "configs/dense.py:tiny dispatch=dropless",
-      "configs/moe_top2.py:tiny dispatch=einsum", "configs/moe_top2.py:tiny dispatch=dropless"]
+  records = bench.load_records(out)
+  assert [(r.name, r.spec) for r in records] == [
+      ("configs/dense.py:tiny dispatch=einsum", "configs/dense.py:tiny"),
+      ("configs/dense.py:tiny dispatch=dropless", "configs/dense.py:tiny"),
+      ("configs/moe_top2.py:tiny dispatch=einsum", "configs/moe_top2.py:tiny"),
+      ("configs/moe_top2.py:tiny dispatch=dropless", "configs/moe_top2.py:tiny")]
+  assert records[1].overrides == {"data.corpus": str(corpus), "model.dispatch": "dropless"}
   for record in records:
-    for field in FIELDS:
-      assert record[field] is not None and (field == "config" or record[field] > 0), field
-    assert 0 < record["mfu"] < 1
-    assert record["decode_ms_per_token"] == record["decode_ms_per_token_b1"]
-  moe = records[2]
-  assert 0 < moe["dispatch_share_of_moe_layer"] < 1
+    assert record.token_ids == f"corpus:{corpus}/byte"
+    for field in ("train_step_seconds", "train_tokens_per_second", "mfu", "peak_memory_bytes",
+                  "measured_peak_flops", "flops_per_token"):
+      assert getattr(record, field) > 0, field
+    assert 0 < record.mfu < 1
+    # A CPU is not in the nominal table: MFU falls back to the measured peak, and says so.
+    assert record.peak_source == "measured"
+    assert record.mfu == record.mfu_vs_measured_peak
+    # tiny has max_len 64: the prompt is cut to half of it and the new tokens to the rest.
+    assert [(d.batch, d.prompt_len, d.new_tokens) for d in record.decode] == [(1, 32, 32),
+                                                                              (2, 32, 32)]
+    assert record.decode_speed(2).tokens_per_second > 0
+  assert 0 < records[2].dispatch_share_of_moe_layer < 1
+  assert records[0].dispatch_share_of_step is None
   assert "configs/moe_top2.py:tiny dispatch=einsum" in result.stdout  # the printed table
+  assert bench.load_records(out) == records  # to_json and from_json round-trip
+
+
+@pytest.mark.parametrize("device_kind,dtype,peak", [
+    ("NVIDIA H100 80GB HBM3", "bfloat16", 989e12),
+    ("NVIDIA H100 PCIe", "bfloat16", 756e12),
+    ("NVIDIA H200", "bfloat16", 989e12),
+    ("NVIDIA A100-SXM4-80GB", "bfloat16", 312e12),
+    ("NVIDIA A100-SXM4-80GB", "float32", 156e12),
+    ("NVIDIA L40S", "bfloat16", 362e12),
+    ("NVIDIA L4", "bfloat16", 121e12),
+    ("TPU v4", "float32", None),
+    ("cpu", "bfloat16", None),
+])
+def test_nominal_peak_by_device_kind(device_kind, dtype, peak):
+  assert bench.nominal_peak_flops(device_kind, dtype) == peak
+
+
+def test_token_batches_are_training_windows(make_config, corpus):
+  config = make_config("dense", corpus, train__grad_accum=2)
+  batches = bench.token_batches(config, count=3, random_ids=False)
+  t = config.train
+  assert batches.shape == (3, 2, t.batch_size // 2, t.context + 1)
+  train = make_splits(load_corpus(str(corpus)), get_tokenizer("byte"),
+                      val_fraction=config.data.val_fraction, mode=config.data.split).train
+  sampler = WindowSampler(train, batch_size=t.batch_size, window=t.context + 1,
+                          seed=config.data.seed)
+  for batch in batches:
+    np.testing.assert_array_equal(batch.reshape(t.batch_size, -1), sampler.next())
+  random = bench.token_batches(config, count=2, random_ids=True)
+  assert random.shape == (2, *batches.shape[1:])
+  assert 0 <= random.min() and random.max() < config.model.vocab_size
+
+
+def test_decode_lengths_fit_max_len():
+  settings = bench.Settings(prompt_len=64, new_tokens=256)
+  assert bench.decode_lengths(settings, max_len=512) == (64, 256)
+  assert bench.decode_lengths(settings, max_len=64) == (32, 32)
+  assert bench.decode_lengths(settings, max_len=300) == (64, 236)
+
+
+def test_variants_of_kernels_and_ids(corpus):
+  overrides = {"data.corpus": str(corpus)}
+  cases = bench.make_cases(["configs/dense.py:tiny"], overrides,
+                           ["kernels.embed_grad=onehot,sorted"], random_ids=False)
+  assert [(c.name, c.kernels.embed_grad) for c in cases] == [
+      ("configs/dense.py:tiny embed_grad=onehot", "onehot"),
+      ("configs/dense.py:tiny embed_grad=sorted", "sorted")]
+  # Two lists of variants add up; the default case they share is measured once.
+  cases = bench.make_cases(["configs/dense.py:tiny"], overrides,
+                           ["ids=corpus,random", "kernels.embed_grad=onehot"], False)
+  assert [c.random_ids for c in cases] == [False, True]
+  with pytest.raises(ChimeraError, match="kernels.embed_grad"):
+    bench.make_cases(["configs/dense.py:tiny"], overrides, ["kernels.embed_grad=gather"], False)
+  with pytest.raises(ChimeraError, match="ids"):
+    bench.make_cases(["configs/dense.py:tiny"], overrides, ["ids=zipf"], False)
+  records = bench.run(cases, repeats=1,
+                      settings=bench.Settings(steps=2, decode_batches=(), profile=True))
+  assert [r.token_ids for r in records] == [f"corpus:{corpus}/byte", "random"]
+  assert all(r.decode == () for r in records)
+  profile = records[0].profile  # where the step's time goes, from a jax.profiler trace
+  assert {"embedding", "attention", "mlp", "norms", "head", "loss", "optimizer, metrics"} <= set(
+      profile["by_part"])
+  assert 0 < profile["op_seconds"] and profile["top_ops"][0]["seconds"] > 0
+
+
+def test_profile_sums_device_ops_by_part_and_pass():
+  hlo = """
+ENTRY %main.1 (p: f32[4]) -> f32[4] {
+  %fusion.3 = f32[4]{0} fusion(%p), kind=kLoop, calls=%f3, metadata={op_name="jit(train_step)/jvp(Decoder)/block_0/attn/dot_general"}
+  %dot.7 = f32[4]{0} dot(%p, %p), metadata={op_name="jit(train_step)/transpose(jvp(Decoder))/embed/rv,rm->vm/dot_general"}
+  ROOT %add.2 = f32[4]{0} add(%p, %p), metadata={op_name="jit(train_step)/add"}
+}"""
+  ops = bench_profile.hlo_ops(hlo)
+  assert ops["fusion.3"].opcode == "fusion" and ops["fusion_3"] == ops["fusion.3"]
+  trace = {"traceEvents": [
+      {"ph": "M", "pid": 1, "name": "process_name", "args": {"name": "/host:CPU"}},
+      {"ph": "M", "pid": 2, "name": "process_name", "args": {"name": "/device:GPU:0"}},
+      {"ph": "M", "pid": 2, "tid": 5, "name": "thread_name", "args": {"name": "XLA Ops"}},
+      {"ph": "M", "pid": 2, "tid": 6, "name": "thread_name", "args": {"name": "Stream #1"}},
+      {"ph": "X", "pid": 1, "tid": 9, "name": "fusion.3", "dur": 1000.0},  # host: left out
+      {"ph": "X", "pid": 2, "tid": 6, "name": "fusion_3", "dur": 1000.0},  # the op's kernel
+      {"ph": "X", "pid": 2, "tid": 5, "name": "fusion.3", "dur": 30.0},
+      {"ph": "X", "pid": 2, "tid": 5, "name": "fusion.3", "dur": 50.0},
+      {"ph": "X", "pid": 2, "tid": 5, "name": "%dot.7 = f32[4] dot(...)", "dur": 20.0},
+      {"ph": "X", "pid": 2, "tid": 5, "name": "add.2", "dur": 100.0},
+  ]}
+  seconds, source = bench_profile.op_seconds(trace, ops)
+  assert source == "device XLA Ops line"
+  assert seconds == {"fusion.3": 80e-6, "dot.7": 20e-6, "add.2": 100e-6}
+  summary = bench_profile.summarize(seconds, ops, steps=2, step_seconds=1e-4, top=2)
+  assert summary["by_part"] == {"optimizer, metrics": {"update": 50e-6},
+                                "attention": {"forward": 40e-6},
+                                "embedding": {"backward": 10e-6}}
+  assert [op["op"] for op in summary["top_ops"]] == ["add.2", "fusion.3"]
+  assert "attention | 0.04 | 0.00 | 0.00 | 40.0%" in bench_profile.format_summary(
+      {**summary, "events": source})
+
+
+def test_numerics_and_grouped_matmul_tools_run():
+  """The device checks of launch/gpu_check.sh, on the CPU at the tiny preset."""
+  numerics = subprocess.run(
+      [sys.executable, "-m", "chimera.bench_numerics", "--config=configs/moe_top2.py:tiny"],
+      cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert numerics.returncode == 0, numerics.stderr[-2000:]
+  errors = [float(e) for e in re.findall(r"(\d\.\de[-+]\d\d)", numerics.stdout)]
+  assert len(errors) == 9 and max(errors) < 1e-5, numerics.stdout  # float32 everywhere
+  grouped = subprocess.run(
+      [sys.executable, "-m", "chimera.bench_grouped", "--config=configs/moe_top2.py:tiny",
+       "--block_sizes=8,64", "--repeats=2"], cwd=ROOT, capture_output=True, text=True,
+      timeout=600)
+  assert grouped.returncode == 0, grouped.stderr[-2000:]
+  assert "ragged_dot |" in grouped.stdout and "blocks, b=64 |" in grouped.stdout

@@ -1,57 +1,276 @@
-"""The study pipeline on the tiny preset: train, bench, report."""
+"""The study: its math on hand-made numbers, its sweeps and presets from configs alone,
+and the whole pipeline (train, report) on the tiny preset."""
 
+import copy
+import dataclasses
 import json
+import math
+from pathlib import Path
 
 import pytest
 
-from chimera import bench, compare, report
+from chimera import accounting, bench, compare, report, study_stats, study_sweeps, study_targets
 from chimera.errors import ChimeraError
+from chimera.study_stats import Spread, paired, router_stats, tokens_to_reach, value_at
+
+# --- The math, on numbers worked out by hand. ---------------------------------------------
 
 
-def test_study_writes_report_plots_and_summary(make_config, corpus, tmp_path):
-  models = [("dense", make_config("dense", corpus, train__steps=4)),
-            ("moe_top2", make_config("moe_top2", corpus, train__steps=4))]
-  runs = compare.train_all(models, seeds=[0, 1], root=tmp_path / "runs")
+def test_paired_differences_by_hand():
+  moe = {0: 1.50, 1: 1.46, 2: 1.40}  # seed 2 has no dense run: left out
+  dense = {0: 1.55, 1: 1.50}
+  spread = paired(moe, dense)
+  assert spread.seeds == [0, 1]
+  assert spread.values == pytest.approx([-0.05, -0.04])
+  assert spread.mean == pytest.approx(-0.045)
+  assert spread.sd == pytest.approx(math.sqrt(((-0.005) ** 2 + 0.005 ** 2) / 1))  # ddof=1
+  assert spread.n == 2
+  assert study_stats.same_sign(spread.to_json())
+  one = paired({0: 1.6}, {0: 1.5})
+  assert (one.n, one.sd) == (1, None) and one.mean == pytest.approx(0.1)
+  assert not study_stats.same_sign(paired({0: 1.4, 1: 1.6}, {0: 1.5, 1: 1.5}).to_json())
+  assert study_stats.describe(spread.to_json(), signed=True) == "-0.0450 ± 0.0071 (n=2)"
+  assert study_stats.describe(one.to_json()) == "0.1000 (n=1)"
+  reached = Spread.of({0: 0.5, 1: None}).to_json()
+  assert study_stats.describe(reached, digits=2, missing="not reached") == (
+      "0.50 (n=1; not reached in 1 of 2 seeds)")
+
+
+def test_tokens_to_reach_interpolates_between_evaluations():
+  tokens, losses = [100, 200, 300, 400], [2.0, 1.8, 1.5, 1.4]
+  # 1.6 lies 2/3 of the way from 1.8 (200 tokens) to 1.5 (300 tokens).
+  assert tokens_to_reach(tokens, losses, 1.6) == pytest.approx(200 + 100 * 2 / 3)
+  assert tokens_to_reach(tokens, losses, 1.5) == pytest.approx(300)
+  assert tokens_to_reach(tokens, losses, 1.3) is None  # never reached
+  assert tokens_to_reach(tokens, losses, 2.5) == 100  # the first evaluation: an upper bound
+  # Not "the last point below": a curve that rises again is read at its first crossing.
+  assert tokens_to_reach([1, 2, 3], [2.0, 1.0, 1.9], 1.5) == pytest.approx(1.5)
+
+
+def test_value_at_equal_wall_clock():
+  seconds, losses = [10.0, 20.0, 30.0], [2.0, 1.6, 1.4]
+  assert value_at(seconds, losses, 25.0) == (pytest.approx(1.5), False)
+  assert value_at(seconds, losses, 5.0) == (None, False)  # before its first evaluation
+  assert value_at(seconds, losses, 40.0) == (1.4, True)  # it ended sooner: its final loss
+
+
+def test_router_stats_after_warmup_worst_layer():
+  rows = [  # windows 1-2, 3-4, 5-8 of a run with 2 MoE layers of 2 experts, warmup 2
+      {"step": 2, "dropped_fraction": [0.5, 0.5], "expert_load": [[0.9, 0.1], [0.9, 0.1]],
+       "router_entropy": [0.1, 0.1], "router_confidence": [0.9, 0.9]},
+      {"step": 4, "dropped_fraction": [0.02, 0.0], "expert_load": [[0.6, 0.4], [0.5, 0.5]],
+       "router_entropy": [0.5, 0.6], "router_confidence": [0.7, 0.6]},
+      {"step": 8, "dropped_fraction": [0.0, 0.03], "expert_load": [[0.5, 0.5], [0.7, 0.3]],
+       "router_entropy": [0.6, 0.4], "router_confidence": [0.6, 0.8]},
+  ]
+  stats = router_stats(rows, warmup_steps=2)
+  # Layer 0: (2 * 0.02 + 4 * 0) / 6; layer 1: (2 * 0 + 4 * 0.03) / 6 = 0.02, the worst.
+  assert stats["dropped_after_warmup"] == pytest.approx(0.02)
+  assert stats["dropped_worst_window"] == pytest.approx(0.03)
+  # MaxVio = E * max load - 1: layer 0 (2 * 0.2 + 4 * 0) / 6, layer 1 (0 + 4 * 0.4) / 6.
+  assert stats["max_violation_after_warmup"] == pytest.approx(1.6 / 6)
+  assert stats["router_entropy"] == pytest.approx(0.5)
+  assert stats["router_confidence"] == pytest.approx(0.7)
+  logged = [{**row, "max_violation": [1.0, 2.0]} for row in rows]  # the run's own MaxVio wins
+  assert router_stats(logged, 2)["max_violation_after_warmup"] == pytest.approx(2.0)
+  assert router_stats([{"step": 2, "dropped_fraction": []}], 2)["dropped_after_warmup"] is None
+
+
+def _entry(role, diffs, *, fraction=(0.6, 0.65), dropped=(0.005, 0.004), executed=1.2,
+           num_experts=8, top_k=2, expert_d_ff=256):
+  """A summarize()-shaped model entry with the figures the targets read."""
+  seeds = dict(enumerate(diffs))
+  return {"role": role, "largest_eval_gap": 0.1,
+          "shape": {"num_experts": num_experts, "top_k": top_k, "expert_d_ff": expert_d_ff},
+          "final_val_loss": Spread.of({s: 1.5 + d for s, d in seeds.items()}).to_json(),
+          "vs_baseline": {"final_val_loss": Spread.of(seeds).to_json(),
+                          "token_fraction": Spread.of(dict(enumerate(fraction))).to_json(),
+                          "executed_flops_ratio": executed},
+          "routing": {"dropped_after_warmup": Spread.of(dict(enumerate(dropped))).to_json()}}
+
+
+def test_targets_pass_fail_and_not_measured():
+  models = {"dense": {"role": "baseline", "largest_eval_gap": 0.1},
+            "moe_top1": _entry("moe", [0.01, -0.002]),
+            "moe_top2": _entry("moe", [-0.035, -0.031], dropped=(0.02, 0.0)),
+            "moe_fine": _entry("moe", [-0.06, -0.05], executed=1.45)}
+  status = {t.claim: t.status for t in study_targets.loss_targets(models, "cmd")}
+  assert list(status.values()) == ["PASS", "PASS", "FAIL"]  # best, top2, top1 (mean +0.004)
+  assert study_targets.best_moe(models) == "moe_fine"
+  assert study_targets.token_target(models, "cmd").status == "PASS"
+  routing = {t.claim.split(":")[0] + (" flops" if "FLOPs" in t.claim else ""): t.status
+             for t in study_targets.routing_targets(models, "cmd")}
+  assert routing["moe_top2"] == "FAIL" and routing["moe_fine flops"] == "FAIL"
+  assert routing["moe_top1"] == "PASS"
+  # One seed is too few for a study target; an unreached loss fails at any n.
+  models["moe_fine"] = _entry("moe", [-0.06], fraction=(None,))
+  assert study_targets.loss_targets(models, "cmd")[0].status == "NOT MEASURED"
+  assert study_targets.token_target(models, "cmd").status == "FAIL"
+  models["dense"]["largest_eval_gap"] = 0.2
+  assert study_targets.token_target(models, "cmd").status == "NOT MEASURED"
+  # The expert sweep: loss must fall by >= 0.005 at each doubling.
+  sweep = {f"E={e}": _entry("point", [d], num_experts=e)
+           for e, d in ((4, 0.0), (8, -0.01), (16, -0.016), (32, -0.020))}
+  target = study_targets.expert_sweep_target(sweep, "cmd")
+  assert target.status == "FAIL" and "16->32: -0.0040" in target.measured
+  sweep["E=32"] = _entry("point", [-0.0211], num_experts=32)
+  assert study_targets.expert_sweep_target(sweep, "cmd").status == "PASS"
+  assert study_targets.expert_sweep_target(None, "cmd").status == "NOT MEASURED"
+  # A sweep's report checks the sweep's own target, and only a number-of-experts sweep has one.
+  sweep_study = lambda sweep: compare.Study("t", "cpu", [], "t", sweep)
+  targets = report.targets_for(sweep_study("model.num_experts=4,8,16,32"), sweep, {}, "cmd")
+  assert [t.status for t in targets] == ["PASS"]
+  assert report.targets_for(sweep_study("capacity"), sweep, {}, "cmd") == []
+  main = report.targets_for(compare.Study("t", "cpu", [], "cpu"), models, {"expert_sweep": sweep},
+                            "cmd")
+  assert "PASS" in [t.status for t in main if "Number-of-experts" in t.claim]
+
+
+def test_findings_are_generated_from_the_numbers():
+  entry = {"vs_baseline": {"final_val_loss": Spread.of({0: -0.04, 1: -0.02}).to_json(),
+                           "val_bits_per_byte": Spread.of({0: -0.06, 1: -0.03}).to_json()}}
+  below = report.loss_finding("moe_top2", entry)
+  assert "0.0300 nats below dense" in below and "n=2" in below
+  assert "every seed agrees in sign" in below and "larger than one SD" in below
+  entry["vs_baseline"]["final_val_loss"] = Spread.of({0: 0.04, 1: -0.01}).to_json()
+  above = report.loss_finding("moe_top2", entry)
+  assert "0.0150 nats above dense" in above and "disagree in sign" in above
+  assert "within one SD" in above
+  point = lambda *losses: {"role": "point",
+                           "final_val_loss": Spread.of(dict(enumerate(losses))).to_json()}
+  sweep = {"E=8": point(1.50), "E=16": point(1.49), "E=32": point(1.495)}
+  text = report.sweep_finding(sweep)
+  assert "E=8 -> E=16: -0.0100; E=16 -> E=32: +0.0050" in text
+  assert "The lowest is E=16, 0.0100 nats below the highest (E=8)" in text
+  assert "one seed per point" in text
+  sweep = {"E=8": point(1.50, 1.52), "E=16": point(1.53, 1.49)}
+  assert "largest seed SD of a point is 0.0283" in report.sweep_finding(sweep)
+
+
+def test_bench_figures_reads_bench_records():
+  record = bench.BenchRecord(
+      name="moe_top2", spec="configs/moe_top2.py:small", overrides={}, kernels={},
+      token_ids="random", device="cpu", jax_version="0", params_total=1, params_active=1,
+      flops_per_token=1, train_step_seconds=0.5, train_tokens_per_second=8000.0, mfu=0.25,
+      peak_flops=1.0, peak_source="measured", measured_peak_flops=1.0,
+      mfu_vs_measured_peak=0.25, peak_memory_bytes=None, device_peak_memory_bytes=None,
+      decode=(bench.DecodeSpeed(8, 64, 256, 900.0, 1.1), bench.DecodeSpeed(1, 64, 256, 300.0, 3.3)))
+  name, figures = report.bench_figures(record)
+  assert name == "moe_top2" and figures["mfu"] == 0.25
+  assert figures["decode_tokens_per_second"] == 300.0  # batch 1
+  name, figures = report.bench_figures({"config": "dense", "decode_tokens_per_second": 5.0})
+  assert name == "dense" and figures["decode_tokens_per_second"] == 5.0
+
+
+# --- Presets and sweeps, from the configs alone. ----------------------------------------------
+
+
+@pytest.mark.parametrize("preset, min_tokens, seeds", [("cpu", 10_000_000, 2),
+                                                       ("gpu-small", 20_000_000, 1)])
+def test_presets_meet_the_budget(preset, min_tokens, seeds, corpus):
+  study = compare.make_study(preset, None, None, {"data.corpus": str(corpus)})
+  assert [m.name for m in study.models] == ["dense", *compare.MOE_CONFIGS, "dense_wide"]
+  assert len(compare.PRESETS[preset].seeds) == seeds
+  for model in study.models:
+    t = model.config.train
+    assert t.steps * t.batch_size * t.context >= min_tokens, model.name
+    assert t.eval_every <= t.steps // 10, model.name  # an evaluation at least every 10%
+  counts = {m.name: accounting.count(m.config.model, m.config.train.context)
+            for m in study.models}
+  assert counts["dense_wide"].params_total == pytest.approx(counts["moe_top2"].params_total,
+                                                            rel=0.02)
+  for name in compare.MOE_CONFIGS:
+    assert counts[name].flops_per_token == pytest.approx(counts["dense"].flops_per_token, rel=0.1)
+
+
+def test_sweeps_hold_what_they_claim(corpus):
+  overrides = {"data.corpus": str(corpus)}
+  preset = dataclasses.replace(compare.PRESETS["cpu"], config_preset="tiny", overrides={})
+  _, models = compare.sweep_models("granularity", None, preset, overrides)
+  assert models[0].name == "dense" and models[0].role == "baseline"
+  points = [m.config.model for m in models[1:]]
+  assert [(m.num_experts, m.top_k, m.expert_d_ff) for m in points] == [
+      (2 * g * 4, 2 * g, 64 // g) for g in (1, 2, 4, 8)][:len(points)]
+  counts = [accounting.count(m, 32) for m in points]
+  expert_params = lambda m, c: c.params_total - m.num_experts * m.d_model * m.num_moe_layers
+  assert len({expert_params(m, c) for m, c in zip(points, counts)}) == 1  # router aside
+  assert len({c.flops_per_token - 6 * m.num_experts * m.d_model * m.num_moe_layers
+              for m, c in zip(points, counts)}) == 1
+  _, models = compare.sweep_models("shared", "configs/moe_top2.py", preset, overrides)
+  assert [(m.config.model.num_shared_experts, m.config.model.top_k) for m in models[1:]] == [
+      (0, 2), (1, 1)]
+  for sweep in ("balancing", "capacity"):
+    _, models = compare.sweep_models(sweep, None, preset, overrides)
+    assert len({compare.run_dir(Path("r"), m.config) for m in models}) == len(models)
+  _, models = compare.sweep_models("model.num_experts=2,4", None, preset, overrides)
+  assert [m.name for m in models] == ["dense", "num_experts=2", "num_experts=4"]
+  assert {m.config.model.expert_d_ff for m in models[1:]} == {64}
+  with pytest.raises(ChimeraError, match="unknown field"):
+    compare.sweep_models("model.num_expertz=2,4", None, preset, overrides)
+  with pytest.raises(ChimeraError, match="--sweep"):
+    compare.sweep_models("granularty", None, preset, overrides)
+  assert set(study_sweeps.SWEEPS) == {"granularity", "shared", "balancing", "capacity"}
+
+
+# --- The whole pipeline on the tiny preset. ---------------------------------------------------
+
+
+def test_tiny_study_trains_reports_and_resumes(make_config, corpus, tmp_path, monkeypatch):
+  tiny = lambda name: make_config(name, corpus, train__steps=6, train__eval_every=2,
+                                  train__log_every=1)
+  study = compare.Study("tiny study", "tiny", [compare.Model("dense", tiny("dense"), "baseline"),
+                                                compare.Model("moe_top2", tiny("moe_top2"), "moe")],
+                        "tiny")
+  runs = compare.train_all(study.models, seeds=[0, 1], root=tmp_path / "runs")
   assert [r.seed for r in runs["dense"]] == [0, 1]
-  # Different seeds give different runs; the same seed on two models the same tokens.
-  assert runs["dense"][0].summary["final_val_loss"] != runs["dense"][1].summary["final_val_loss"]
+  dense_losses = [r.summary.final_val_loss for r in runs["dense"]]
+  assert dense_losses[0] != dense_losses[1]  # the seeds differ
 
-  speed = bench.run(models, repeats=1, settings=bench.Settings(
-      steps=2, prompt_len=4, new_tokens=4, decode_batches=(1,)))
   out = tmp_path / "results"
-  summary = report.write(out, title="tiny study", models=models, runs=runs, speed=speed,
-                         command="pytest")
+  written = report.write(out, study=study, runs=runs, speed=[], related={}, command="pytest")
   for name in ("REPORT.md", "summary.json", "loss_vs_tokens.png", "loss_vs_time.png",
-               "expert_load.png", "throughput.png"):
+               "paired_differences.png", "routing.png", "expert_load.png"):
     assert (out / name).stat().st_size > 0, name
-  written = json.loads((out / "summary.json").read_text())["models"]
-  assert written == json.loads(json.dumps(summary))
-  losses = [r.summary["final_val_loss"] for r in runs["moe_top2"]]
-  assert written["moe_top2"]["final_val_loss"]["per_seed"] == pytest.approx(losses)
-  assert written["moe_top2"]["params_active"] < written["moe_top2"]["params_total"]
-  assert len(written["moe_top2"]["expert_load"]) == 2  # tiny has 2 MoE layers
+  assert not (out / "throughput.png").exists()  # no bench, no plot
+  assert written == json.loads((out / "summary.json").read_text())
+  moe = written["models"]["moe_top2"]
+  expected = [r.summary.final_val_loss - d for r, d in zip(runs["moe_top2"], dense_losses)]
+  assert moe["vs_baseline"]["final_val_loss"]["values"] == pytest.approx(expected)
+  assert moe["executed_flops_per_token"] >= moe["flops_per_token"]
+  assert len(moe["expert_load"]) == 2  # tiny has 2 MoE layers
+  assert moe["routing"]["dropped_after_warmup"]["n"] == 2
   text = (out / "REPORT.md").read_text()
-  assert "## Findings" in text and "moe_top2" in text
-  assert f"{written['dense']['final_val_loss']['mean']:.4f}" in text
+  for heading in ("## Loss", "## Cost", "## Routing", "## Targets", "## Findings"):
+    assert heading in text
+  assert f"{written['models']['dense']['final_val_loss']['mean']:.4f}" in text
+  assert all(line in text for line in written["findings"])
+
+  # The findings follow the numbers: flip moe_top2's differences and its sentence flips.
+  flipped = copy.deepcopy(written["models"])
+  diff = flipped["moe_top2"]["vs_baseline"]["final_val_loss"]
+  diff["values"] = [-v + (0.1 if diff["mean"] < 0 else -0.1) for v in diff["values"]]
+  diff["mean"] = sum(diff["values"]) / 2
+  before = report.findings(written["models"], [])
+  after = report.findings(flipped, [])
+  assert before != after
+  claim = lambda lines: next(line for line in lines
+                             if line.startswith("**moe_top2** ends")).split(" (")[0]
+  assert claim(after) == (f"**moe_top2** ends {abs(diff['mean']):.4f} nats "
+                          f"{'below' if diff['mean'] < 0 else 'above'} dense")
+  assert claim(before).split()[-2] != claim(after).split()[-2]  # below <-> above
 
   # A second study over the same runs trains nothing again.
-  before = (tmp_path / "runs").stat().st_mtime_ns, sorted(p.name for p in (tmp_path / "runs").iterdir())
-  compare.train_all(models, seeds=[0], root=tmp_path / "runs")
-  assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == before[1]
+  monkeypatch.setattr("chimera.train.train", lambda *a, **k: pytest.fail("trained again"))
+  again = compare.train_all(study.models, seeds=[0], root=tmp_path / "runs")
+  assert again["dense"][0].summary == runs["dense"][0].summary
 
 
-def test_sweep_models_vary_one_field(corpus):
-  models = compare.sweep_models("configs/moe_top2.py", "tiny", "model.num_experts=2,4",
-                                {"data.corpus": str(corpus)})
-  assert [name for name, _ in models] == ["num_experts=2", "num_experts=4"]
-  assert [c.model.num_experts for _, c in models] == [2, 4]
-  with pytest.raises(ChimeraError, match="unknown field"):
-    compare.sweep_models("configs/moe_top2.py", "tiny", "model.num_expertz=2,4", {})
-
-
-def test_default_models_are_compute_matched(corpus):
-  models = dict(compare.default_models("tiny", {"data.corpus": str(corpus)}))
-  assert set(models) == {"dense", "moe_top1", "moe_top2", "dense_wide"}
-  from chimera.accounting import count
-  total = {name: count(c.model, c.train.context).params_total for name, c in models.items()}
-  assert abs(total["dense_wide"] / total["moe_top2"] - 1) < 0.02
+def test_related_summaries_skip_older_reports(tmp_path):
+  (tmp_path / "cpu").mkdir()
+  (tmp_path / "cpu" / "summary.json").write_text(json.dumps({"models": {"dense": {}}}))
+  study = compare.Study("t", "gpu-small", [], "gpu-small")
+  assert compare.related_summaries(tmp_path, study) == {"expert_sweep": None,
+                                                         "reference_study": None}
+  (tmp_path / "cpu" / "summary.json").write_text(json.dumps({"models": {"dense": {}},
+                                                             "targets": []}))
+  assert compare.related_summaries(tmp_path, study)["reference_study"] == {"dense": {}}

@@ -162,6 +162,11 @@ def test_full_size_shapes_with_eval_shape():
       functools.partial(model.apply, deterministic=True), {"params": params}, tokens)
   chex.assert_shape(logits, (2, 512, 50304))
   assert logits.dtype == jnp.float32
+  # In bf16 the logits stay bf16: the loss upcasts inside its reductions (layers.cross_entropy).
+  bf16_model = Decoder(dataclasses.replace(cfg, dtype="bfloat16"))
+  bf16_logits, _ = jax.eval_shape(functools.partial(bf16_model.apply, deterministic=True),
+                                  {"params": params}, tokens)
+  assert bf16_logits.dtype == jnp.bfloat16
   chex.assert_shape(stats["expert_load"], (6, 8))  # MoE in blocks 0, 2, ..., 10
   chex.assert_shape(stats["dropped_fraction"], (6,))
 

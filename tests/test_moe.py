@@ -17,7 +17,8 @@ import pytest
 
 from chimera.config import ModelConfig
 from chimera.layers import Mlp
-from chimera.moe import MoeLayer, expert_capacity, route
+from chimera.moe import MoeLayer, decode_experts, expert_capacity, route
+from chimera.routers import ROUTERS
 
 D_MODEL, EXPERT_D_FF, NUM_EXPERTS = 8, 16, 4
 BATCH, LENGTH = 2, 8  # one group per sequence: G = 2, S = 8
@@ -56,32 +57,52 @@ def expert_mlp(params, e: int, x_s: jax.Array, activation: str) -> jax.Array:
   return hidden @ params["wo"][e]
 
 
-@functools.partial(jax.vmap, in_axes=(None, 0, 0, None))
-def reference_moe(params, x_s: jax.Array, kept_s: jax.Array, activation: str) -> jax.Array:
+def reference_gates(probs: jax.Array, chosen: jax.Array, renormalize: bool) -> jax.Array:
+  """The gate of every expert for one token: probs [E] (softmax), chosen [E] its top k.
+
+  Renormalised: p_e / sum of the chosen p. Otherwise p_e.
+  """
+  if renormalize:
+    return probs / jnp.sum(jnp.where(chosen, probs, 0.0))
+  return probs
+
+
+@functools.partial(jax.vmap, in_axes=(None, 0, 0, 0, None, None))
+def reference_moe(params, x_s: jax.Array, chosen_s: jax.Array, kept_s: jax.Array,
+                  activation: str, renormalize: bool) -> jax.Array:
   """One token: y_s = sum over the experts e that kept it of gate_se * expert_e(x_s).
 
-  Written for one token x_s [M] with its keep decisions kept_s [E] (from `naive_routing`)
-  and mapped over tokens; gradients flow through the gates and the expert weights.
+  Written for one token x_s [M] with its choices chosen_s [E] and keep decisions kept_s
+  [E] (from `naive_routing`) and mapped over tokens; gradients flow through the gates and
+  the expert weights.
   """
-  gates = jax.nn.softmax(x_s @ params["router"]["kernel"])  # [E]
+  probs = jax.nn.softmax(x_s @ params["router"]["kernel"])  # [E]
+  gates = reference_gates(probs, chosen_s, renormalize)
   y_s = jnp.zeros_like(x_s)
   for e in range(kept_s.shape[0]):
     y_s = y_s + jnp.where(kept_s[e], gates[e] * expert_mlp(params, e, x_s, activation), 0.0)
   return y_s
 
 
-@functools.partial(jax.jit, static_argnames="activation")
-def reference_value_and_grad(params, tokens, kept, cotangent, activation):
+@functools.partial(jax.jit, static_argnames=("activation", "renormalize"))
+def reference_value_and_grad(params, tokens, chosen, kept, cotangent, activation,
+                             renormalize):
   """y = reference_moe(...) and the gradient of sum(y * cotangent) w.r.t. (params, tokens).
 
-  tokens: [N, M]; kept: [N, E] bool; cotangent: [N, M].
+  tokens: [N, M]; chosen, kept: [N, E] bool; cotangent: [N, M].
   """
   def loss(params, tokens):
-    y = reference_moe(params, tokens, kept, activation)
+    y = reference_moe(params, tokens, chosen, kept, activation, renormalize)
     return jnp.sum(y * cotangent), y
 
   (_, y), grads = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(params, tokens)
   return y, grads
+
+
+def top_k_mask(router_logits: np.ndarray, k: int) -> np.ndarray:
+  """[..., E] -> [..., E] bool, True at each token's k best experts (ties: lower index)."""
+  top = np.argsort(-router_logits, axis=-1, kind="stable")[..., :k]
+  return (top[..., None] == np.arange(router_logits.shape[-1])).any(axis=-2)
 
 
 def random_params(shapes, seed: int):
@@ -95,20 +116,25 @@ def random_params(shapes, seed: int):
 
 # (deterministic, capacity the reference uses). "drops": training factor 0.5 gives
 # C = ceil(k * 0.5 * 8 / 4) = k, fewer slots than the 2k assignments an expert gets on
-# average, so tokens are dropped. "no drops": eval factor 4.0 gives C = 8k >= S.
+# average, so tokens are dropped. "no drops": eval factor 4.0 gives C = min(S, 8k) = S.
 CAPACITY_CASES = {"drops": (False, lambda k: k), "no_drops": (True, lambda k: None)}
-MOE_CASES = ([(k, p, c, "gelu") for k, p, c in itertools.product(
+# renormalize None: the config's default (on for k >= 2).
+MOE_CASES = ([(k, p, c, "gelu", None) for k, p, c in itertools.product(
     (1, 2, NUM_EXPERTS), ("token", "rank"), CAPACITY_CASES)]
-             + [(2, p, "drops", "swiglu") for p in ("token", "rank")])
+             + [(2, p, "drops", "swiglu", None) for p in ("token", "rank")]
+             + [(2, "token", "drops", "gelu", False)])
 
 
-@pytest.mark.parametrize("k,priority,capacity_case,activation", MOE_CASES)
-def test_moe_layer_matches_per_token_reference(k, priority, capacity_case, activation):
+@pytest.mark.parametrize("k,priority,capacity_case,activation,renormalize", MOE_CASES)
+def test_moe_layer_matches_per_token_reference(k, priority, capacity_case, activation,
+                                               renormalize):
   deterministic, reference_capacity = CAPACITY_CASES[capacity_case]
   cfg = ModelConfig(d_model=D_MODEL, num_experts=NUM_EXPERTS, top_k=k,
                     expert_d_ff=EXPERT_D_FF, group_size=LENGTH, capacity_factor=0.5,
                     eval_capacity_factor=4.0, min_capacity=1, priority=priority,
-                    activation=activation, dropout=0.0, router_jitter=0.0)
+                    activation=activation, dropout=0.0, router_jitter=0.0,
+                    renormalize_gates=renormalize)
+  assert cfg.renormalize_gates == (k >= 2 if renormalize is None else renormalize)
   layer = MoeLayer(cfg)
   rng = np.random.default_rng(k)
   x = jnp.asarray(rng.normal(size=(BATCH, LENGTH, D_MODEL)), jnp.float32)
@@ -131,6 +157,7 @@ def test_moe_layer_matches_per_token_reference(k, priority, capacity_case, activ
   x_groups = x.reshape(BATCH * LENGTH // cfg.group_size, cfg.group_size, D_MODEL)
   router_logits = np.asarray(x_groups) @ np.asarray(params["router"]["kernel"])
   kept = naive_routing(router_logits, k, reference_capacity(k), priority).sum(-1) > 0
+  chosen = top_k_mask(router_logits, k)
   num_assignments = kept.shape[0] * kept.shape[1] * k
   if capacity_case == "drops":
     assert kept.sum() < num_assignments  # the case exercises dropping
@@ -140,8 +167,9 @@ def test_moe_layer_matches_per_token_reference(k, priority, capacity_case, activ
                              atol=1e-6)
 
   y_expected, (params_grad, tokens_grad) = reference_value_and_grad(
-      params, x.reshape(-1, D_MODEL), kept.reshape(-1, NUM_EXPERTS),
-      cotangent.reshape(-1, D_MODEL), activation)
+      params, x.reshape(-1, D_MODEL), chosen.reshape(-1, NUM_EXPERTS),
+      kept.reshape(-1, NUM_EXPERTS), cotangent.reshape(-1, D_MODEL), activation,
+      cfg.renormalize_gates)
   chex.assert_shape(y, (BATCH, LENGTH, D_MODEL))
   chex.assert_trees_all_close(y, y_expected.reshape(y.shape), atol=1e-5, rtol=1e-5)
   chex.assert_trees_all_close(grads, (params_grad, tokens_grad.reshape(x.shape)),
@@ -150,7 +178,16 @@ def test_moe_layer_matches_per_token_reference(k, priority, capacity_case, activ
   assert np.abs(grads[0]["router"]["kernel"]).max() > 1e-3
 
 
-jit_route = jax.jit(route, static_argnames=("k", "capacity", "priority", "renormalize"))
+_jit_route = jax.jit(route, static_argnames=("config", "capacity"))
+
+
+def jit_route(router_logits, *, k: int, capacity: int | None, priority: str = "token",
+              renormalize: bool = False, scope: str = "group", bias=None):
+  """The top_k router on logits [G, S, E], configured by keywords."""
+  cfg = ModelConfig(num_experts=np.shape(router_logits)[-1], top_k=k, priority=priority,
+                    renormalize_gates=renormalize, load_balance_scope=scope)
+  return _jit_route(jnp.asarray(router_logits, jnp.float32), cfg, capacity=capacity,
+                    bias=bias)
 
 
 def log_probs(probs):
@@ -205,6 +242,8 @@ def test_route_hand_computed_masks(priority, dispatch, combine):
   # Chosen before drops: e0 by t0 t1 t2 t3, e1 by t0 t2 t3, e2 by t1; of 8 assignments.
   np.testing.assert_allclose(routing.expert_load, [4 / 8, 3 / 8, 1 / 8], atol=1e-6)
   np.testing.assert_allclose(routing.router_confidence, (0.5 + 0.5 + 0.6 + 0.4) / 4, atol=1e-6)
+  # MaxVio: max load 4/8 over mean load 1/3, minus 1.
+  np.testing.assert_allclose(routing.max_violation, 0.5, atol=1e-6)
 
 
 @pytest.mark.parametrize("groups,group_size,num_experts,k,capacity,priority", [
@@ -279,14 +318,21 @@ def test_z_loss_hand_computed():
 
 
 def test_expert_capacity():
-  assert expert_capacity(8, 4, 2, 1.25, min_capacity=1) == 5  # ceil(2 * 1.25 * 8 / 4)
-  assert expert_capacity(10, 4, 1, 1.0, min_capacity=1) == 3  # ceil(2.5)
-  assert expert_capacity(8, 4, 1, 0.5, min_capacity=4) == 4  # the floor wins over 1
+  def capacity(group_size, num_experts, k, factor, min_capacity, deterministic=False):
+    cfg = ModelConfig(num_experts=num_experts, top_k=k, capacity_factor=factor,
+                      eval_capacity_factor=2 * factor, min_capacity=min_capacity)
+    return expert_capacity(cfg, group_size, deterministic=deterministic)
+  assert capacity(8, 4, 2, 1.25, min_capacity=1) == 5  # ceil(2 * 1.25 * 8 / 4)
+  assert capacity(8, 4, 2, 1.25, min_capacity=1, deterministic=True) == 8  # ceil(10), <= S
+  assert capacity(10, 4, 1, 1.0, min_capacity=1) == 3  # ceil(2.5)
+  assert capacity(8, 4, 1, 0.5, min_capacity=4) == 4  # the floor wins over 1
+  assert capacity(8, 4, 1, 0.5, min_capacity=16) == 8  # but never above S
+  assert capacity(128, 32, 8, 1.25, min_capacity=4) == 40  # ceil(8 * 1.25 * 128 / 32)
 
 
 def test_route_rejects_bad_k():
   with pytest.raises(ValueError, match="k=3"):
-    route(jnp.zeros((1, 4, 2)), k=3, capacity=2)
+    route(jnp.zeros((1, 4, 2)), ModelConfig(num_experts=2, top_k=3), capacity=2)
 
 
 @pytest.mark.parametrize("activation", ["gelu", "swiglu"])
@@ -326,3 +372,223 @@ def test_moe_init_scales_by_fan_in():
   for name, std in expected_std.items():
     weights = params[name]["kernel"] if name == "router" else params[name]
     np.testing.assert_allclose(np.std(weights), std, rtol=0.1, err_msg=name)
+
+
+def test_load_balance_loss_batch_scope_hand_computed():
+  # Two groups of 2 tokens, E=2, top-1. Group 0: both tokens pick e0, f = [1, 0],
+  # P = [0.675, 0.325], loss 2 * 0.675 = 1.35. Group 1: both pick e1, f = [0, 1],
+  # P = [0.25, 0.75], loss 1.5. "group" averages the losses: 1.425. "batch" averages f and
+  # P first: f = [0.5, 0.5], P = [0.4625, 0.5375], loss 2 * 0.5 = 1.0, balanced.
+  probs = [[[0.75, 0.25], [0.6, 0.4]], [[0.2, 0.8], [0.3, 0.7]]]
+  group = jit_route(log_probs(probs), k=1, capacity=2, scope="group")
+  batch = jit_route(log_probs(probs), k=1, capacity=2, scope="batch")
+  np.testing.assert_allclose(group.load_balance_loss, 1.425, atol=1e-6)
+  np.testing.assert_allclose(batch.load_balance_loss, 1.0, atol=1e-6)
+  # The routing itself does not depend on the scope.
+  chex.assert_trees_all_close(group._replace(load_balance_loss=0.0),
+                              batch._replace(load_balance_loss=0.0))
+
+
+def layer_params(cfg: ModelConfig, x: jax.Array, seed: int):
+  shapes = jax.eval_shape(functools.partial(MoeLayer(cfg).init, deterministic=True),
+                          jax.random.key(0), x)["params"]
+  return random_params(shapes, seed=seed)
+
+
+@pytest.mark.parametrize("activation", ["gelu", "swiglu"])
+def test_shared_experts_add_an_always_on_ffn(activation):
+  # No drops (eval capacity S): y = routed experts as in the reference + sum_j shared_j(x).
+  k, num_shared = 2, 2
+  cfg = ModelConfig(d_model=D_MODEL, num_experts=NUM_EXPERTS, top_k=k,
+                    expert_d_ff=EXPERT_D_FF, num_shared_experts=num_shared,
+                    group_size=LENGTH, eval_capacity_factor=4.0, activation=activation)
+  rng = np.random.default_rng(7)
+  x = jnp.asarray(rng.normal(size=(BATCH, LENGTH, D_MODEL)), jnp.float32)
+  cotangent = jnp.asarray(rng.normal(size=x.shape), jnp.float32)
+  params = layer_params(cfg, x, seed=8)
+  matrices = ("wi_gate", "wi_up", "wo") if activation == "swiglu" else ("wi", "wo")
+  chex.assert_shape([params["shared_" + name] for name in matrices],
+                    [(num_shared, D_MODEL, EXPERT_D_FF)] * (len(matrices) - 1)
+                    + [(num_shared, EXPERT_D_FF, D_MODEL)])
+
+  def layer_loss(params, x):
+    y, _ = MoeLayer(cfg).apply({"params": params}, x, deterministic=True)
+    return jnp.sum(y * cotangent), y
+
+  tokens = x.reshape(-1, D_MODEL)
+  chosen = top_k_mask(np.asarray(tokens) @ np.asarray(params["router"]["kernel"]), k)
+  shared = {name: params["shared_" + name] for name in matrices}
+
+  def reference_loss(params, tokens):
+    y = reference_moe(params, tokens, chosen, chosen, activation, True)
+    for j in range(num_shared):
+      y = y + jax.vmap(lambda x_s: expert_mlp(shared, j, x_s, activation))(tokens)
+    return jnp.sum(y * cotangent.reshape(-1, D_MODEL)), y
+
+  (_, y), grads = jax.value_and_grad(layer_loss, argnums=(0, 1), has_aux=True)(params, x)
+  (_, y_expected), (params_grad, tokens_grad) = jax.value_and_grad(
+      reference_loss, argnums=(0, 1), has_aux=True)(params, tokens)
+  chex.assert_trees_all_close(y, y_expected.reshape(y.shape), atol=1e-5, rtol=1e-5)
+  chex.assert_trees_all_close(grads[1], tokens_grad.reshape(x.shape), atol=1e-5, rtol=1e-5)
+  for name in matrices:  # checked against a reference in the next test
+    assert float(jnp.abs(grads[0]["shared_" + name]).max()) > 1e-3, name
+  routed = {name: g for name, g in grads[0].items() if not name.startswith("shared_")}
+  chex.assert_trees_all_close(routed, {n: params_grad[n] for n in routed}, atol=1e-5,
+                              rtol=1e-5)
+
+
+def test_shared_expert_gradients_match_reference():
+  # The shared experts' weights get the gradient of sum_j shared_j(x) alone: the routed
+  # part does not depend on them.
+  cfg = ModelConfig(d_model=D_MODEL, num_experts=NUM_EXPERTS, top_k=2,
+                    expert_d_ff=EXPERT_D_FF, num_shared_experts=2, group_size=LENGTH,
+                    eval_capacity_factor=4.0)
+  rng = np.random.default_rng(9)
+  x = jnp.asarray(rng.normal(size=(BATCH, LENGTH, D_MODEL)), jnp.float32)
+  cotangent = jnp.asarray(rng.normal(size=x.shape), jnp.float32)
+  params = layer_params(cfg, x, seed=10)
+  shared_names = ("shared_wi", "shared_wo")
+
+  def layer_loss(shared):
+    y, _ = MoeLayer(cfg).apply({"params": {**params, **shared}}, x, deterministic=True)
+    return jnp.sum(y * cotangent)
+
+  def reference_loss(shared):
+    weights = {"wi": shared["shared_wi"], "wo": shared["shared_wo"]}
+    y = sum(jax.vmap(lambda x_s: expert_mlp(weights, j, x_s, "gelu"))(x.reshape(-1, D_MODEL))
+            for j in range(2))
+    return jnp.sum(y * cotangent.reshape(-1, D_MODEL))
+
+  shared = {name: params[name] for name in shared_names}
+  chex.assert_trees_all_close(jax.grad(layer_loss)(shared), jax.grad(reference_loss)(shared),
+                              atol=1e-5, rtol=1e-5)
+
+
+def test_dense_expert_init_matches_the_dense_mlp():
+  # "dense": normal(init_std) for wi, init_std / sqrt(2 * num_layers) for the residual wo,
+  # as chimera.layers.dense_init; the router keeps its own init.
+  d_model, hidden, layers = 128, 256, 8
+  cfg = ModelConfig(d_model=d_model, num_experts=8, expert_d_ff=hidden, group_size=16,
+                    num_layers=layers, init_std=0.02, expert_init="dense",
+                    num_shared_experts=1)
+  params = jax.jit(functools.partial(MoeLayer(cfg).init, deterministic=True))(
+      jax.random.key(0), jnp.ones((1, 16, d_model)))["params"]
+  expected_std = {"wi": 0.02, "wo": 0.02 / math.sqrt(2 * layers), "shared_wi": 0.02,
+                  "shared_wo": 0.02 / math.sqrt(2 * layers),
+                  "router": math.sqrt(cfg.expert_init_scale / d_model)}
+  for name, std in expected_std.items():
+    weights = params[name]["kernel"] if name == "router" else params[name]
+    np.testing.assert_allclose(np.std(weights), std, rtol=0.1, err_msg=name)
+    np.testing.assert_allclose(np.mean(weights), 0.0, atol=0.1 * std, err_msg=name)
+
+
+@pytest.mark.parametrize("num_tokens,k", [(1, 1), (1, 2), (2, 2), (4, 2), (3, NUM_EXPERTS)])
+@pytest.mark.parametrize("activation", ["gelu", "swiglu"])
+def test_decode_experts_match_per_token_loop(num_tokens, k, activation):
+  # T*K < E gathers each choice's weights; T*K >= E runs every expert on every token.
+  rng = np.random.default_rng(num_tokens * 10 + k)
+  x = jnp.asarray(rng.normal(size=(num_tokens, D_MODEL)), jnp.float32)
+  expert_index = jnp.asarray(np.stack([rng.permutation(NUM_EXPERTS)[:k]
+                                       for _ in range(num_tokens)]), jnp.int32)
+  gate = jnp.asarray(rng.uniform(size=(num_tokens, k)), jnp.float32)
+  names = ("wi_gate", "wi_up") if activation == "swiglu" else ("wi",)
+  weights = {name: jnp.asarray(rng.normal(size=(NUM_EXPERTS, D_MODEL, EXPERT_D_FF)),
+                               jnp.float32) for name in names}
+  weights["wo"] = jnp.asarray(rng.normal(size=(NUM_EXPERTS, EXPERT_D_FF, D_MODEL)),
+                              jnp.float32)
+  y = jax.jit(decode_experts, static_argnums=4)(x, gate, expert_index, weights, activation)
+  expected = np.zeros((num_tokens, D_MODEL), np.float32)
+  for t in range(num_tokens):
+    for r in range(k):
+      expected[t] += gate[t, r] * expert_mlp(weights, int(expert_index[t, r]), x[t], activation)
+  chex.assert_shape(y, (num_tokens, D_MODEL))
+  chex.assert_trees_all_close(y, expected, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("batch,k", [(1, 1), (4, 2)])  # gathered, and all experts
+def test_single_token_decode_equals_the_routed_layer(batch, k):
+  # A one-token group has capacity 1 and drops nothing, so decode must give the same y.
+  cfg = ModelConfig(d_model=D_MODEL, num_experts=NUM_EXPERTS, top_k=k,
+                    expert_d_ff=EXPERT_D_FF, num_shared_experts=1)
+  x = jnp.asarray(np.random.default_rng(3).normal(size=(batch, 1, D_MODEL)), jnp.float32)
+  params = layer_params(cfg, x, seed=4)
+  y_decode, routing = MoeLayer(cfg).apply({"params": params}, x, deterministic=True,
+                                          decode=True)
+  y_routed, _ = MoeLayer(cfg).apply({"params": params}, x, deterministic=True)
+  assert routing is None
+  chex.assert_trees_all_close(y_decode, y_routed, atol=1e-5, rtol=1e-5)
+
+
+def test_group_size_that_does_not_tile_the_batch_is_an_error():
+  cfg = ModelConfig(d_model=D_MODEL, num_experts=NUM_EXPERTS, expert_d_ff=EXPERT_D_FF,
+                    group_size=8)
+  x = jnp.zeros((1, 12, D_MODEL))
+  # init's output is thrown away: any dummy batch builds the params.
+  variables = MoeLayer(cfg).init(jax.random.key(0), x, deterministic=True)
+  with pytest.raises(ValueError, match="group_size=8 does not divide the 12 tokens"):
+    MoeLayer(cfg).apply(variables, x, deterministic=True)
+  # Decoding routes each sequence as one group, whatever group_size says.
+  MoeLayer(cfg).apply(variables, x, deterministic=True, decode=True)
+
+
+def test_router_bias_lives_in_its_collection_and_only_chooses():
+  cfg = ModelConfig(d_model=D_MODEL, num_experts=NUM_EXPERTS, top_k=2,
+                    expert_d_ff=EXPERT_D_FF, group_size=LENGTH, router_bias_rate=1e-3,
+                    renormalize_gates=False, eval_capacity_factor=4.0)
+  x = jnp.asarray(np.random.default_rng(5).normal(size=(BATCH, LENGTH, D_MODEL)), jnp.float32)
+  variables = MoeLayer(cfg).init(jax.random.key(0), x, deterministic=True)
+  np.testing.assert_array_equal(variables["router_bias"]["bias"], np.zeros(NUM_EXPERTS))
+  params = layer_params(cfg, x, seed=6)
+  # A large bias on expert 3 makes every token choose it; its gate stays the softmax
+  # probability of the unbiased logits.
+  bias = jnp.array([0.0, 0.0, 0.0, 100.0])
+  _, routing = MoeLayer(cfg).apply({"params": params, "router_bias": {"bias": bias}}, x,
+                                   deterministic=True)
+  probs = jax.nn.softmax(x.reshape(BATCH * LENGTH // LENGTH, LENGTH, D_MODEL)
+                         @ params["router"]["kernel"])
+  np.testing.assert_array_equal(routing.expert_index[..., 0], 3)
+  np.testing.assert_allclose(routing.gate[..., 0], probs[..., 3], atol=1e-6)
+  np.testing.assert_allclose(routing.expert_load[3], 0.5, atol=1e-6)  # 1 of each token's 2
+  with pytest.raises(Exception):  # the bias is read, never created, at apply time
+    MoeLayer(cfg).apply({"params": params}, x, deterministic=True)
+
+
+def test_decoder_stats_carry_max_violation_per_layer():
+  from chimera.decoder import Decoder
+  cfg = ModelConfig(vocab_size=11, num_layers=3, num_heads=2, d_model=D_MODEL, d_ff=32,
+                    max_len=16, num_experts=NUM_EXPERTS, moe_every=2, group_size=LENGTH)
+  tokens = jnp.asarray(np.random.default_rng(0).integers(0, 11, (BATCH, LENGTH)), jnp.int32)
+  variables = Decoder(cfg).init(jax.random.key(0), tokens)
+  _, stats = jax.jit(Decoder(cfg).apply)(variables, tokens)
+  chex.assert_shape(stats["max_violation"], (cfg.num_moe_layers,))
+  load = np.asarray(stats["expert_load"])  # [Y, E]
+  np.testing.assert_allclose(stats["max_violation"], load.max(-1) / load.mean(-1) - 1, atol=1e-6)
+
+
+@pytest.mark.parametrize("router", sorted(ROUTERS))
+@pytest.mark.parametrize("dispatch", ["einsum", "dropless"])
+def test_layer_runs_every_router_as_routed(router, dispatch):
+  # The layer's output is sum over each token's kept choices of gate * expert(x), with
+  # the choices, gates and slots the router returned (each router's own reference is in
+  # tests/test_routers.py). Training capacity factor 0.5 drops choices on the einsum path.
+  cfg = ModelConfig(d_model=D_MODEL, num_experts=NUM_EXPERTS, top_k=2, router=router,
+                    expert_d_ff=EXPERT_D_FF, group_size=LENGTH, capacity_factor=0.5,
+                    min_capacity=1, dispatch=dispatch)
+  x = jnp.asarray(np.random.default_rng(11).normal(size=(BATCH, LENGTH, D_MODEL)), jnp.float32)
+  params = layer_params(cfg, x, seed=12)
+  y, routing = jax.jit(functools.partial(MoeLayer(cfg).apply, deterministic=False))(
+      {"params": params}, x)
+  tokens = np.asarray(x).reshape(-1, D_MODEL)
+  index = np.asarray(routing.expert_index).reshape(-1, 2)
+  gate = np.asarray(routing.gate).reshape(-1, 2)
+  if dispatch == "einsum":
+    kept_by_expert = np.asarray(routing.dispatch).sum(-1).reshape(-1, NUM_EXPERTS) > 0
+    assert float(routing.dropped_fraction) > 0
+  else:
+    kept_by_expert = np.ones((tokens.shape[0], NUM_EXPERTS), bool)
+  expected = np.zeros_like(tokens)
+  for t in range(tokens.shape[0]):
+    for r in range(2):
+      if kept_by_expert[t, index[t, r]]:
+        expected[t] += gate[t, r] * expert_mlp(params, index[t, r], tokens[t], "gelu")
+  chex.assert_trees_all_close(y.reshape(-1, D_MODEL), expected, atol=1e-5, rtol=1e-5)

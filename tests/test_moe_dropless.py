@@ -22,7 +22,7 @@ from chimera.decoder import Decoder
 from chimera.errors import ChimeraError
 from chimera.moe import MoeLayer, dropless_experts
 
-# The per-token reference: y_s = sum over the experts e in mask_s of gate_se * expert_e(x_s).
+# The per-token reference: y_s = sum over the experts e kept for s of gate_se * expert_e(x_s).
 from test_moe import reference_moe
 
 D_MODEL, EXPERT_D_FF, NUM_EXPERTS = 8, 16, 4
@@ -98,8 +98,8 @@ def test_dropless_matches_einsum_when_nothing_is_dropped(k, activation, determin
   assert dropless_routing.dispatch is None and dropless_routing.combine is None
   chex.assert_shape(y_dropless, (BATCH, LENGTH, D_MODEL))
   chex.assert_trees_all_close(y_dropless, y_einsum, atol=1e-5, rtol=1e-5)
-  for field in ("load_balance_loss", "z_loss", "expert_load", "router_entropy",
-                "router_confidence"):
+  for field in ("load_balance_loss", "z_loss", "expert_load", "max_violation",
+                "router_entropy", "router_confidence", "gate", "expert_index"):
     chex.assert_trees_all_close(getattr(dropless_routing, field),
                                 getattr(einsum_routing, field), atol=1e-6, rtol=1e-6)
   # Every parameter (router, wi or wi_gate/wi_up, wo) and x.
@@ -146,7 +146,8 @@ def test_dropless_drops_nothing_where_einsum_does(k, activation):
     assert chosen.sum() == BATCH * LENGTH * k
 
     def reference_loss(params, tokens):
-      y = reference_moe(params, tokens, chosen, activation)
+      y = reference_moe(params, tokens, chosen, chosen, activation,
+                        dropless_cfg.renormalize_gates)
       return jnp.sum(y * cotangent.reshape(-1, D_MODEL)), y
 
     (_, y_expected), (params_expected, tokens_expected) = jax.value_and_grad(
@@ -211,6 +212,7 @@ def test_decoder_with_dropless_trains():
 
 def test_validation_rejects_unknown_dispatch():
   with pytest.raises(ChimeraError,
-                     match="config.model.dispatch: expected 'einsum' or 'dropless', got 'foo'"):
+                     match="config.model.dispatch: expected one of 'einsum', 'dropless', "
+                           "got 'foo'"):
     validate_model(ModelConfig(num_experts=4, dispatch="foo"))
   validate_model(ModelConfig(num_experts=4, dispatch="dropless"))

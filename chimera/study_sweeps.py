@@ -1,0 +1,94 @@
+"""Named sweeps for chimera.compare: a base config and the points it is trained at.
+
+  python -m chimera.compare --preset=cpu --sweep=granularity
+  python -m chimera.compare --preset=cpu --sweep=model.num_experts=4,8,16,32   # one field
+
+A point is a name and the {"section.field": value} overrides that make it from the base
+config (resolved at the study's preset, so sizes follow the preset's d_ff). Every point
+states all the fields its sweep is about, so one point of one sweep is the same run as
+the same point of another (runs are keyed by their whole config). Adding a sweep is one
+function and one entry in SWEEPS.
+"""
+
+import dataclasses
+from collections.abc import Callable
+
+from chimera.config import Config
+from chimera.errors import ChimeraError
+
+Point = tuple[str, dict]
+
+BIAS_RATE = 1e-3  # DeepSeek-V3's bias update speed for auxiliary-loss-free balancing
+DEFAULT_BALANCE_COEF = 0.01
+
+
+@dataclasses.dataclass(frozen=True)
+class Sweep:
+  question: str  # what the sweep asks, for the report's title
+  base: str  # the config file it varies
+  points: Callable[[Config], list[Point]]
+
+
+def granularity(base: Config) -> list[Point]:
+  """Experts split g ways (E*g experts of H/g, top k*g): the total and active expert
+  parameters and the model FLOPs stay those of the base; only the router grows."""
+  m = base.model
+  points = []
+  for g in (1, 2, 4, 8):
+    if m.expert_d_ff % g:
+      continue
+    e, k, h = m.num_experts * g, m.top_k * g, m.expert_d_ff // g
+    points.append((f"E={e} k={k} H={h}",
+                   {"model.num_experts": e, "model.top_k": k, "model.expert_d_ff": h}))
+  return points
+
+
+def shared_expert(base: Config) -> list[Point]:
+  """No shared expert against one shared expert that takes the place of one routed
+  choice (DeepSeekMoE): the same expert size and the same active experts per token."""
+  m = base.model
+  active = m.top_k + m.num_shared_experts
+  if active < 2:
+    raise ChimeraError(f"--sweep=shared: the base activates {active} expert; need >= 2")
+  return [(f"no shared, top-{active}", {"model.num_shared_experts": 0, "model.top_k": active,
+                                        "model.expert_d_ff": m.expert_d_ff}),
+          (f"1 shared + top-{active - 1}", {"model.num_shared_experts": 1,
+                                            "model.top_k": active - 1,
+                                            "model.expert_d_ff": m.expert_d_ff})]
+
+
+def balancing(base: Config) -> list[Point]:
+  """Load-balance loss per routing group or per batch, the auxiliary-loss-free bias
+  (with and without the batch loss), and no balancing at all."""
+  coef = base.model.load_balance_coef or DEFAULT_BALANCE_COEF
+  point = lambda scope, loss, rate: {"model.load_balance_scope": scope,
+                                     "model.load_balance_coef": coef if loss else 0.0,
+                                     "model.router_bias_rate": rate}
+  return [("loss per group", point("group", True, 0.0)),
+          ("loss per batch", point("batch", True, 0.0)),
+          ("bias, no loss", point("group", False, BIAS_RATE)),
+          ("bias + loss per batch", point("batch", True, BIAS_RATE)),
+          ("none", point("group", False, 0.0))]
+
+
+def capacity(base: Config) -> list[Point]:
+  """Training capacity factor 1.0 / 1.25 / 2.0 on the einsum path, and dropless."""
+  del base
+  return [(f"capacity {cf}", {"model.dispatch": "einsum", "model.capacity_factor": cf})
+          for cf in (1.0, 1.25, 2.0)] + [("dropless", {"model.dispatch": "dropless"})]
+
+
+SWEEPS: dict[str, Sweep] = {
+    "granularity": Sweep("Expert granularity at fixed total and active parameters",
+                         "configs/moe_top2.py", granularity),
+    "shared": Sweep("A shared expert, on or off, at the same active experts per token",
+                    "configs/moe_fine.py", shared_expert),
+    "balancing": Sweep("Balancing method", "configs/moe_top2.py", balancing),
+    "capacity": Sweep("Training capacity and dropless dispatch", "configs/moe_top2.py",
+                      capacity),
+}
+
+
+def field_points(key: str, values: list) -> list[Point]:
+  """One field at each value (`--sweep=model.num_experts=4,8,16,32`)."""
+  return [(f"{key.split('.')[-1]}={value}", {key: value}) for value in values]

@@ -1,0 +1,29 @@
+"""Fine-grained MoE (DeepSeekMoE / Krajewski et al. granularity), compute-matched to
+configs/dense.py.
+
+Every block's feed-forward is 32 experts and each token goes to its top 8. The expert
+width is left to the config: d_ff / (top_k + num_shared_experts) = d_ff / 8, so the same
+matmul FLOPs per token as the dense MLP (plus a router) with 4x its feed-forward
+parameters. The gates are renormalised over the 8 chosen (the default for top_k >= 2).
+Dispatch is dropless: at this granularity the einsum path's dispatch and combine einsums
+and capacity padding would execute about 2.1x dense's FLOPs per token
+(`chimera.accounting.count(...).executed_flops_per_token`), the grouped matmul executes
+the model FLOPs.
+
+  python -m chimera.main --config=configs/moe_fine.py          # CPU default preset
+  python -m chimera.main --config=configs/moe_fine.py:tiny     # seconds, smoke test
+  python -m chimera.main --config=configs/moe_fine.py \\
+      --config.model.num_shared_experts=1 --config.model.top_k=7   # one shared expert, matched
+
+What it reaches against dense is measured by `python -m chimera.compare` (results/).
+"""
+
+from chimera import presets
+
+
+def get_config(arg=None):
+  c = presets.base("moe_fine", arg)
+  c.model.num_experts = 32
+  c.model.top_k = 8
+  c.model.dispatch = "dropless"
+  return presets.finish(c)

@@ -1,0 +1,94 @@
+#!/usr/bin/env bash
+# Every GPU figure of issue 11 ("Speed on real text") on the gpu preset, in about 6 minutes.
+#
+#   CHIMERA_CACHE=.gpu-cache launch/gpu_check.sh            # figures under $OUT
+#   DEADLINE=600 STEPS=100 launch/gpu_check.sh               # more time, longer main runs
+#
+# Made for a lent GPU with no network: the project must import (`pip install --no-deps -e .`
+# or PYTHONPATH=.), and $CHIMERA_CACHE must already hold the Shakespeare texts and GPT-2's
+# ranks (and, to save a few seconds, their token cache). Fill it on a machine with the
+# network first:
+#   CHIMERA_CACHE=.gpu-cache python -m chimera.data --corpus=shakespeare --tokenizer=gpt2
+#
+# Stages, most important first; each is cut off at DEADLINE seconds after the start
+# (default 360), and a stage with under 30 s left is skipped:
+#   numerics  the fast paths against float32 references at full size (cuDNN attention,
+#             embedding gradients, cross-entropy, grouped matmul): relative errors
+#   main      chimera.bench, dense and MoE top-2: step time, tokens/s, MFU against the
+#             nominal and the measured peak, decode at batch 1 and 8, and a profile of
+#             where each step's time goes (by model part and pass, costliest ops)
+#   dropless  MoE top-2, einsum against dropless dispatch (grouped matmul: "blocks")
+#   grouped   the grouped matmul alone at the MoE's shapes: ragged_dot against blocks
+#   dense     dense: real text against random ids, and the embedding-gradient kernels
+#   d1024     dense and MoE at d_model 1024, 12 layers: MFU
+#   train     chimera.main for STEPS steps (default 60) of each model: summary.json's
+#             train_tokens_per_second, to compare with the bench's
+#   attention dense: cuDNN flash attention ("auto") against XLA's
+# Writes to $OUT (default results/gpu/check): gpu_check.log (everything printed, versions
+# first), bench_<stage>.json (chimera.bench records), train.json ({model: summary.json}).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+OUT=${OUT:-results/gpu/check}
+DEADLINE=${DEADLINE:-360}
+STEPS=${STEPS:-60}
+PYTHON=${PYTHON:-python3}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+# Stages share compiled executables: the dense step compiled for "main" is reused later.
+export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-/tmp/chimera-jax-cache}
+export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0
+export JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES=0
+exec > >(tee "$OUT/gpu_check.log") 2>&1
+
+DENSE=${DENSE:-configs/dense.py:gpu}  # other presets (tiny) only to try the script out
+MOE=${MOE:-configs/moe_top2.py:gpu}
+BENCH=(-m chimera.bench --repeats=3 --steps=10 --decode_batches= --nomoe_split)
+
+stage() {  # stage NAME COMMAND...: runs COMMAND with whatever is left before DEADLINE
+  local name=$1 left=$(( DEADLINE - SECONDS ))
+  shift
+  if (( left < 30 )); then
+    echo "== $name: skipped, ${left}s left of ${DEADLINE}s"
+    return
+  fi
+  echo "== $name: $* (at ${SECONDS}s, ${left}s left)"
+  timeout "$left" "$@" || echo "== $name: stopped with exit code $?"
+}
+
+echo "== versions"
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader || true
+"$PYTHON" -c "import jax, jaxlib, flax, optax; print('jax', jax.__version__, 'jaxlib', \
+jaxlib.__version__, 'flax', flax.__version__, 'optax', optax.__version__); print(jax.devices())"
+git log -1 --format='commit %H %s' 2>/dev/null || true
+
+stage numerics "$PYTHON" -m chimera.bench_numerics --config=$MOE
+stage main "$PYTHON" "${BENCH[@]}" --configs=$DENSE,$MOE --decode_batches=1,8 --profile \
+  --json="$OUT/bench_main.json"
+stage dropless "$PYTHON" "${BENCH[@]}" --configs=$MOE \
+  --variants=model.dispatch=einsum,dropless --json="$OUT/bench_dropless.json"
+stage grouped "$PYTHON" -m chimera.bench_grouped --config=$MOE
+stage dense "$PYTHON" "${BENCH[@]}" --configs=$DENSE --variants=ids=corpus,random \
+  --variants=kernels.embed_grad=onehot,sorted,scatter --json="$OUT/bench_dense.json"
+stage d1024 "$PYTHON" "${BENCH[@]}" --configs=$DENSE,$MOE --set=model.d_model=1024 \
+  --set=model.num_layers=12 --json="$OUT/bench_d1024.json"
+rm -rf /tmp/chimera-runs  # a warm machine's earlier runs would be resumed, not timed
+for spec in $DENSE $MOE; do
+  name=$(basename "${spec%%:*}" .py)
+  stage "train $name" "$PYTHON" -m chimera.main --config="$spec" \
+    --workdir="/tmp/chimera-runs/$name" --config.train.steps="$STEPS" \
+    --config.train.warmup_steps=$(( STEPS / 6 )) --config.train.log_every=20 \
+    --config.train.eval_every="$STEPS" --config.train.eval_batches=4 \
+    --config.train.checkpoint_every="$STEPS"
+done
+"$PYTHON" - "$OUT/train.json" <<'EOF'
+import json, pathlib, sys
+runs = {p.parent.name: json.loads(p.read_text())
+        for p in pathlib.Path("/tmp/chimera-runs").glob("*/summary.json")}
+pathlib.Path(sys.argv[1]).write_text(json.dumps(runs, indent=2))
+for name, summary in runs.items():
+  print(f"chimera.main {name}: train_tokens_per_second {summary.get('train_tokens_per_second')}")
+EOF
+stage attention "$PYTHON" "${BENCH[@]}" --configs=$DENSE --variants=kernels.attention=auto,xla \
+  --json="$OUT/bench_attention.json"
+echo "== done at ${SECONDS}s"

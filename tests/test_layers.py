@@ -1,0 +1,155 @@
+"""The layers' fast paths against plain references: the embedding's gradient against
+flax's nn.Embed, attention against softmax attention written out, the cross-entropy
+against optax.
+
+Shape letters as in chimera/layers.py: B batch, L length, N heads, D head dim, M model
+dim, V vocab.
+"""
+
+import dataclasses
+import functools
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from chimera.config import ModelConfig
+from chimera.decoder import Decoder
+from chimera.layers import CausalSelfAttention, Embed, Kernels, cross_entropy
+
+VOCAB, FEATURES = 13, 8
+# Zipf-like repeats, as in real text: id 3 six times, id 0 three times, most ids never.
+IDS = np.array([[3, 3, 0, 7, 3, 3], [0, 12, 3, 0, 3, 5]], np.int32)  # [B=2, L=6]
+
+TOLERANCE = {jnp.float32: dict(atol=1e-6, rtol=1e-6), jnp.bfloat16: dict(atol=2e-2, rtol=2e-2)}
+
+
+@pytest.mark.parametrize("embed_grad", ["onehot", "sorted", "scatter"])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_embed_matches_flax_embed(embed_grad, dtype):
+  init = nn.initializers.normal(1.0)
+  ours = Embed(VOCAB, FEATURES, dtype=dtype, embedding_init=init, embed_grad=embed_grad)
+  reference = nn.Embed(VOCAB, FEATURES, dtype=dtype, embedding_init=init)
+  params = reference.init(jax.random.key(0), IDS)
+  chex.assert_trees_all_equal_shapes_and_dtypes(ours.init(jax.random.key(0), IDS), params)
+  # A cotangent that differs per position, so a wrong sum over repeats shows.
+  weights = jax.random.normal(jax.random.key(1), (*IDS.shape, FEATURES))
+  query = jax.random.normal(jax.random.key(2), (3, FEATURES))
+
+  def loss(module, params):
+    rows = module.apply(params, IDS)  # [B, L, M]
+    logits = module.apply(params, query, method="attend")  # [3, V]: the tied head
+    return (rows.astype(jnp.float32) * weights).sum() + logits.astype(jnp.float32).sum()
+
+  chex.assert_trees_all_equal(ours.apply(params, IDS), reference.apply(params, IDS))
+  value, grads = jax.jit(jax.value_and_grad(functools.partial(loss, ours)))(params)
+  expected_value, expected_grads = jax.value_and_grad(functools.partial(loss, reference))(params)
+  chex.assert_trees_all_close(value, expected_value, **TOLERANCE[dtype])
+  # nn.Embed sums the repeats in the compute dtype, ours in float32: bf16 differs by rounding.
+  chex.assert_trees_all_close(grads, expected_grads, **TOLERANCE[dtype])
+
+
+def test_embed_gradient_sums_repeats_by_hand():
+  table = jnp.zeros((4, 1))
+  ids = jnp.array([2, 0, 2, 2], jnp.int32)
+  cotangent = jnp.array([[1.0], [10.0], [100.0], [1000.0]])
+  for embed_grad in ("onehot", "sorted", "scatter"):
+    module = Embed(4, 1, embed_grad=embed_grad)
+    grad = jax.grad(lambda t: (module.apply({"params": {"embedding": t}}, ids)
+                               * cotangent).sum())(table)
+    np.testing.assert_array_equal(grad[:, 0], [10.0, 0.0, 1101.0, 0.0], err_msg=embed_grad)
+
+
+def reference_attention(params, x: np.ndarray, num_heads: int) -> np.ndarray:
+  """Causal softmax attention, one head at a time in float64 numpy. x: [B, L, M]."""
+  batch, length, d_model = x.shape
+  head_dim = d_model // num_heads
+  qkv = x.reshape(-1, d_model) @ np.asarray(params["qkv"]["kernel"], np.float64)
+  q, k, v = qkv.reshape(batch, length, 3, num_heads, head_dim).transpose(2, 0, 3, 1, 4)
+  out = np.zeros((batch, num_heads, length, head_dim))
+  for b in range(batch):
+    for n in range(num_heads):
+      for i in range(length):
+        scores = q[b, n, i] @ k[b, n, :i + 1].T / np.sqrt(head_dim)  # keys 0..i only
+        weights = np.exp(scores - scores.max())
+        out[b, n, i] = (weights / weights.sum()) @ v[b, n, :i + 1]
+  out = out.transpose(0, 2, 1, 3).reshape(-1, d_model)
+  return (out @ np.asarray(params["out"]["kernel"], np.float64)).reshape(batch, length, d_model)
+
+
+CONFIG = ModelConfig(vocab_size=VOCAB, num_layers=2, num_heads=2, d_model=16, d_ff=32,
+                     max_len=16)
+
+
+@pytest.mark.parametrize("kernel", ["auto", "xla", "einsum"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_attention_matches_reference(kernel, dtype):
+  cfg = dataclasses.replace(CONFIG, dtype=dtype)
+  x = np.random.default_rng(0).normal(size=(2, 7, cfg.d_model)).astype(np.float32)
+  layer = CausalSelfAttention(cfg, kernel)
+  params = layer.init(jax.random.key(0), x, deterministic=True)["params"]
+  out = jax.jit(functools.partial(layer.apply, deterministic=True))({"params": params}, x)
+  chex.assert_shape(out, x.shape)
+  tolerance = dict(atol=1e-5, rtol=1e-5) if dtype == "float32" else dict(atol=2e-2, rtol=5e-2)
+  np.testing.assert_allclose(np.asarray(out, np.float32),
+                             reference_attention(params, x.astype(np.float64), cfg.num_heads),
+                             **tolerance)
+
+
+@pytest.mark.parametrize("positions", ["learned", "rotary"])
+def test_decoder_kernels_agree_forward_and_gradients(positions):
+  """Every Kernels choice computes the same decoder: logits and parameter gradients."""
+  cfg = dataclasses.replace(CONFIG, positions=positions)
+  tokens = jnp.asarray(np.random.default_rng(1).integers(0, VOCAB, (2, 9)), jnp.int32)
+  params = Decoder(cfg).init(jax.random.key(0), tokens[:, :-1])["params"]
+
+  def loss_and_grads(kernels: Kernels):
+    def loss(params):
+      logits, _ = Decoder(cfg, kernels).apply({"params": params}, tokens[:, :-1])
+      return cross_entropy(logits, tokens[:, 1:]).mean(), logits
+    return jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+
+  (loss, logits), grads = loss_and_grads(Kernels(embed_grad="scatter", attention="einsum"))
+  for kernels in (Kernels(), Kernels(embed_grad="sorted", attention="xla")):
+    (other_loss, other_logits), other_grads = loss_and_grads(kernels)
+    chex.assert_trees_all_close(other_logits, logits, atol=1e-5, rtol=1e-5)
+    chex.assert_trees_all_close(other_loss, loss, atol=1e-6, rtol=1e-6)
+    chex.assert_trees_all_close(other_grads, grads, atol=1e-6, rtol=1e-5)
+
+
+def test_attention_dropout_still_drops():
+  cfg = dataclasses.replace(CONFIG, dropout=0.5)
+  x = np.random.default_rng(0).normal(size=(1, 6, cfg.d_model)).astype(np.float32)
+  layer = CausalSelfAttention(cfg)
+  params = layer.init(jax.random.key(0), x, deterministic=True)
+  train = lambda seed: layer.apply(params, x, deterministic=False,
+                                   rngs={"dropout": jax.random.key(seed)})
+  evaluate = layer.apply(params, x, deterministic=True)
+  assert not np.allclose(train(0), evaluate)
+  assert not np.allclose(train(0), train(1))
+  np.testing.assert_array_equal(train(0), train(0))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_cross_entropy_matches_optax(dtype):
+  rng = np.random.default_rng(0)
+  logits = jnp.asarray(4 * rng.normal(size=(2, 5, 11)), dtype)  # [B, L, V]
+  targets = jnp.asarray(rng.integers(0, 11, (2, 5)), jnp.int32)
+  weights = jnp.asarray(rng.normal(size=(2, 5)), jnp.float32)
+  ours = lambda logits: (cross_entropy(logits, targets) * weights).sum()
+  # The reference sees the same bf16 values, upcast: ours must not lose precision to bf16.
+  reference = lambda logits: (optax.softmax_cross_entropy_with_integer_labels(
+      logits.astype(jnp.float32), targets) * weights).sum()
+  loss = cross_entropy(logits, targets)
+  assert loss.dtype == jnp.float32
+  chex.assert_trees_all_close(loss, optax.softmax_cross_entropy_with_integer_labels(
+      logits.astype(jnp.float32), targets), atol=1e-5, rtol=1e-6)
+  grad = jax.jit(jax.grad(ours))(logits)
+  assert grad.dtype == dtype
+  chex.assert_trees_all_close(grad.astype(jnp.float32),
+                              jax.grad(reference)(logits).astype(jnp.float32),
+                              **TOLERANCE[dtype])

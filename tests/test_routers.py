@@ -1,0 +1,298 @@
+"""Every registered router: shapes, causality where claimed, and a per-token reference.
+
+Adding a router to chimera.routers means adding its plain per-token reference to
+REFERENCES below; `test_every_router_has_a_reference` fails until it is there.
+
+Shape letters as in chimera/routers.py: G groups, S tokens per group, E experts,
+C capacity, K choices per token, Y MoE layers.
+"""
+
+import dataclasses
+import itertools
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from chimera.config import ModelConfig, validate_model
+from chimera.decoder import Decoder
+from chimera.errors import ChimeraError
+from chimera.routers import (ROUTERS, is_causal, moe_layer_names, route,
+                             update_router_bias)
+
+GROUPS, GROUP_SIZE, NUM_EXPERTS = 2, 8, 4
+
+
+def softmax(v: np.ndarray) -> np.ndarray:
+  e = np.exp(v - v.max())
+  return e / e.sum()
+
+
+def reference_top_k(logits_s: np.ndarray, bias: np.ndarray, cfg: ModelConfig):
+  """One token's logits [E] -> (router distribution [E], chosen experts [K], gates [K])."""
+  probs = softmax(logits_s)
+  chosen = np.argsort(-(logits_s + bias), kind="stable")[:cfg.top_k]
+  gate = probs[chosen]
+  if cfg.renormalize_gates:
+    gate = gate / gate.sum()
+  return probs, chosen, gate
+
+
+def reference_sigmoid_top_k(logits_s: np.ndarray, bias: np.ndarray, cfg: ModelConfig):
+  affinity = 1.0 / (1.0 + np.exp(-logits_s))
+  chosen = np.argsort(-(logits_s + bias), kind="stable")[:cfg.top_k]
+  gate = affinity[chosen]
+  if cfg.renormalize_gates:
+    gate = gate / gate.sum()
+  return affinity / affinity.sum(), chosen, gate
+
+
+REFERENCES = {"top_k": reference_top_k, "sigmoid_top_k": reference_sigmoid_top_k}
+
+
+def reference_routing(logits: np.ndarray, bias: np.ndarray | None, cfg: ModelConfig,
+                      capacity: int | None) -> dict:
+  """The router's reference token by token, then the slots by walking the choices in
+  priority order, then every metric by its definition."""
+  groups, group_size, num_experts = logits.shape
+  k = cfg.top_k
+  bias = np.zeros(num_experts) if bias is None else bias
+  probs = np.zeros(logits.shape)
+  index = np.zeros((groups, group_size, k), np.int32)
+  gate = np.zeros((groups, group_size, k))
+  for g, s in itertools.product(range(groups), range(group_size)):
+    probs[g, s], index[g, s], gate[g, s] = REFERENCES[cfg.router](logits[g, s], bias, cfg)
+
+  slots = group_size if capacity is None else capacity
+  dispatch = np.zeros((groups, group_size, num_experts, slots))
+  combine = np.zeros_like(dispatch)
+  kept = 0
+  for g in range(groups):
+    if cfg.priority == "token":
+      order = [(s, r) for s in range(group_size) for r in range(k)]
+    else:
+      order = [(s, r) for r in range(k) for s in range(group_size)]
+    fill = [0] * num_experts
+    for s, r in order:
+      e = index[g, s, r]
+      if fill[e] < slots:
+        dispatch[g, s, e, fill[e]] = 1.0
+        combine[g, s, e, fill[e]] = gate[g, s, r]
+        fill[e] += 1
+        kept += 1
+
+  share = np.zeros((groups, num_experts))  # f: the share of each group's choices
+  for g, s, r in itertools.product(range(groups), range(group_size), range(k)):
+    share[g, index[g, s, r]] += 1.0 / (group_size * k)
+  mean_prob = probs.mean(axis=1)  # P: [G, E]
+  if cfg.load_balance_scope == "batch":
+    balance = num_experts * np.sum(share.mean(0) * mean_prob.mean(0))
+  else:
+    balance = np.mean([num_experts * np.sum(share[g] * mean_prob[g]) for g in range(groups)])
+  load = share.mean(axis=0)
+  logsumexp = np.log(np.exp(logits).sum(-1))
+  return dict(
+      gate=gate, expert_index=index, load_balance_loss=balance,
+      z_loss=np.mean(logsumexp ** 2), dropped_fraction=1.0 - kept / (groups * group_size * k),
+      expert_load=load, max_violation=load.max() / load.mean() - 1.0,
+      router_entropy=np.mean(-np.sum(probs * np.log(probs), axis=-1)),
+      router_confidence=np.mean(probs.max(-1)),
+      **({} if capacity is None else dict(dispatch=dispatch, combine=combine)))
+
+
+def router_config(router: str, k: int, **changes) -> ModelConfig:
+  return ModelConfig(num_experts=NUM_EXPERTS, router=router, top_k=k, **changes)
+
+
+jit_route = jax.jit(route, static_argnames=("config", "capacity"))
+
+
+def random_logits(seed: int, shape=(GROUPS, GROUP_SIZE, NUM_EXPERTS)) -> np.ndarray:
+  return np.random.default_rng(seed).normal(size=shape).astype(np.float32) * 2
+
+
+def test_every_router_has_a_reference():
+  assert set(REFERENCES) == set(ROUTERS)
+  for name in ROUTERS:
+    validate_model(router_config(name, 2))
+  with pytest.raises(ChimeraError, match="config.model.router: expected one of"):
+    validate_model(router_config("no_such_router", 2))
+
+
+# (k, priority, capacity or None, renormalize or None for the default, scope, with bias)
+REFERENCE_CASES = [
+    (1, "token", 2, None, "group", False),
+    (1, "token", None, None, "batch", True),
+    (2, "token", 3, None, "group", True),
+    (2, "rank", 3, None, "batch", False),
+    (2, "rank", 3, False, "group", True),
+    (2, "token", None, False, "group", False),
+    (3, "token", 5, None, "batch", True),
+    (NUM_EXPERTS, "rank", GROUP_SIZE, None, "group", False),
+]
+
+
+@pytest.mark.parametrize("router", sorted(ROUTERS))
+@pytest.mark.parametrize("k,priority,capacity,renormalize,scope,with_bias", REFERENCE_CASES)
+def test_router_matches_per_token_reference(router, k, priority, capacity, renormalize, scope,
+                                            with_bias):
+  cfg = router_config(router, k, priority=priority, renormalize_gates=renormalize,
+                      load_balance_scope=scope)
+  logits = random_logits(seed=k * 7 + (capacity or 0))
+  bias = (np.random.default_rng(1).normal(size=NUM_EXPERTS).astype(np.float32)
+          if with_bias else None)
+  routing = jit_route(logits, cfg, capacity=capacity, bias=bias)
+  expected = reference_routing(logits, bias, cfg, capacity)
+  if capacity is None:
+    assert routing.dispatch is None and routing.combine is None
+  for field, value in expected.items():
+    np.testing.assert_allclose(getattr(routing, field), value, atol=1e-5, rtol=1e-5,
+                               err_msg=field)
+  if capacity is not None and capacity < GROUP_SIZE:
+    assert float(routing.dropped_fraction) > 0 or k == 1  # most cases exercise drops
+
+
+@pytest.mark.parametrize("router", sorted(ROUTERS))
+@pytest.mark.parametrize("capacity", [3, None])
+def test_router_shapes(router, capacity):
+  k = 2
+  routing = jit_route(random_logits(0), router_config(router, k), capacity=capacity)
+  chex.assert_shape([routing.gate, routing.expert_index], [(GROUPS, GROUP_SIZE, k)] * 2)
+  assert routing.expert_index.dtype == jnp.int32
+  if capacity is not None:
+    chex.assert_shape([routing.dispatch, routing.combine],
+                      [(GROUPS, GROUP_SIZE, NUM_EXPERTS, capacity)] * 2)
+  chex.assert_shape(routing.expert_load, (NUM_EXPERTS,))
+  for field in ("load_balance_loss", "z_loss", "dropped_fraction", "max_violation",
+                "router_entropy", "router_confidence"):
+    chex.assert_shape(getattr(routing, field), ())
+  np.testing.assert_allclose(routing.expert_load.sum(), 1.0, atol=1e-6)
+
+
+def future_leak(cfg: ModelConfig, capacity: int | None, seed: int) -> float:
+  """The largest change of any token's routing (gate, choices, slots) when the logits of
+  later tokens of its group change, over every cut point t of one group."""
+  base = random_logits(seed, (1, GROUP_SIZE, NUM_EXPERTS))
+  rng = np.random.default_rng(seed + 1)
+  reference = jit_route(base, cfg, capacity=capacity)
+  leak = 0.0
+  for t in range(GROUP_SIZE - 1):
+    for _ in range(4):
+      changed = base.copy()
+      changed[:, t + 1:] = rng.normal(size=changed[:, t + 1:].shape) * 2
+      routing = jit_route(changed, cfg, capacity=capacity)
+      for field in ("gate", "expert_index", "dispatch", "combine"):
+        before, after = getattr(reference, field), getattr(routing, field)
+        if before is not None:
+          delta = np.abs(np.asarray(after[:, :t + 1], np.float32)
+                         - np.asarray(before[:, :t + 1], np.float32))
+          leak = max(leak, float(delta.max()))
+  return leak
+
+
+CAUSALITY_CASES = [(k, priority, capacity) for k in (1, 2, 3) for priority in ("token", "rank")
+                   for capacity in (2, None)]
+
+
+@pytest.mark.parametrize("router", sorted(ROUTERS))
+@pytest.mark.parametrize("k,priority,capacity", CAUSALITY_CASES)
+def test_causal_routers_ignore_later_tokens(router, k, priority, capacity):
+  dispatch = "dropless" if capacity is None else "einsum"
+  cfg = router_config(router, k, priority=priority, dispatch=dispatch)
+  leak = future_leak(cfg, capacity, seed=k)
+  if is_causal(cfg):
+    assert leak == 0.0, f"{router} claims to be causal under {cfg.priority=}, {k=}"
+  else:  # the flag is honest both ways: a non-causal router does leak
+    assert leak > 0.0, f"{router} claims not to be causal under {cfg.priority=}, {k=}"
+
+
+def test_top_k_causality_flag():
+  cfg = router_config("top_k", 2)
+  assert is_causal(dataclasses.replace(cfg, priority="token"))
+  assert not is_causal(dataclasses.replace(cfg, priority="rank"))
+  assert is_causal(dataclasses.replace(cfg, priority="rank", top_k=1))
+  assert is_causal(dataclasses.replace(cfg, priority="rank", dispatch="dropless"))
+
+
+@pytest.mark.parametrize("router", sorted(ROUTERS))
+def test_bias_changes_choice_not_gate(router):
+  # k = E: every expert is chosen either way, so the bias can only reorder the choices;
+  # each expert's gate must not move. A large bias on expert 2 puts it first everywhere.
+  cfg = router_config(router, NUM_EXPERTS, renormalize_gates=False)
+  logits = random_logits(3)
+  bias = jnp.array([0.0, 0.0, 50.0, 0.0])
+
+  def gate_per_expert(routing):  # [G, S, E]
+    return jnp.einsum("gsk,gske->gse", routing.gate,
+                      jax.nn.one_hot(routing.expert_index, NUM_EXPERTS))
+
+  plain = jit_route(logits, cfg, capacity=None)
+  biased = jit_route(logits, cfg, capacity=None, bias=bias)
+  np.testing.assert_array_equal(biased.expert_index[..., 0], 2)
+  assert (np.asarray(plain.expert_index[..., 0]) != 2).any()  # the bias did change choices
+  np.testing.assert_allclose(gate_per_expert(biased), gate_per_expert(plain), atol=1e-6)
+
+
+def test_top1_gate_is_the_probability_and_trains_the_router():
+  # Switch: the top-1 gate is p_i, so d(sum of gates)/d logits = p_i * (onehot(i) - p).
+  cfg = router_config("top_k", 1)
+  logits = jnp.asarray(random_logits(4))
+  routing = jit_route(logits, cfg, capacity=None)
+  probs = jax.nn.softmax(logits)
+  chosen = jax.nn.one_hot(routing.expert_index[..., 0], NUM_EXPERTS)
+  np.testing.assert_allclose(routing.gate[..., 0], (chosen * probs).sum(-1), atol=1e-6)
+  grad = jax.grad(lambda z: route(z, cfg, capacity=None).gate.sum())(logits)
+  np.testing.assert_allclose(grad, routing.gate * (chosen - probs), atol=1e-6)
+
+
+def test_update_router_bias_hand_computed():
+  # MoE blocks 1 and 3 of 4. Layer y=0 loads [0.5, 0.25, 0.25, 0], mean 0.25: the busiest
+  # expert moves down by the rate, the idle one up; layer y=1 is balanced and stays.
+  cfg = ModelConfig(num_layers=4, num_experts=NUM_EXPERTS, moe_every=2, first_moe_layer=1)
+  assert moe_layer_names(cfg) == ["block_1", "block_3"]
+  router_bias = {name: {"moe": {"bias": jnp.full((NUM_EXPERTS,), 0.5)}}
+                 for name in moe_layer_names(cfg)}
+  expert_load = jnp.array([[0.5, 0.25, 0.25, 0.0], [0.25, 0.25, 0.25, 0.25]])
+  updated = jax.jit(update_router_bias, static_argnums=(2, 3))(router_bias, expert_load,
+                                                               0.1, cfg)
+  chex.assert_trees_all_equal_structs(updated, router_bias)
+  np.testing.assert_allclose(updated["block_1"]["moe"]["bias"], [0.4, 0.5, 0.5, 0.6],
+                             atol=1e-6)
+  np.testing.assert_allclose(updated["block_3"]["moe"]["bias"], [0.5] * 4, atol=1e-6)
+
+
+@pytest.mark.parametrize("router", sorted(ROUTERS))
+def test_bias_updates_balance_a_skewed_router(router):
+  # Logits that favour expert 0 for every token; 200 updates of the bias, with no change
+  # to the logits, bring MaxVio from 1 to near 0 (the aux-loss-free loop of DeepSeek-V3).
+  cfg = router_config(router, 2, group_size=GROUP_SIZE)
+  logits = random_logits(5) * 0.5 + jnp.array([2.0, 0.0, 0.0, 0.0])
+  router_bias = {"block_0": {"moe": {"bias": jnp.zeros((NUM_EXPERTS,))}}}
+  one_layer = dataclasses.replace(cfg, num_layers=1)
+
+  @jax.jit
+  def step(router_bias):
+    routing = route(logits, cfg, capacity=None, bias=router_bias["block_0"]["moe"]["bias"])
+    return update_router_bias(router_bias, routing.expert_load[None], 0.01, one_layer), \
+        routing.max_violation
+
+  _, first = step(router_bias)
+  for _ in range(200):
+    router_bias, last = step(router_bias)
+  np.testing.assert_allclose(first, 1.0)  # expert 0 in every token's 2: load 0.5 vs 0.25
+  assert float(last) < 0.3
+
+
+def test_decoder_declares_router_bias_per_moe_layer():
+  cfg = ModelConfig(vocab_size=11, num_layers=3, num_heads=2, d_model=8, d_ff=32, max_len=16,
+                    num_experts=NUM_EXPERTS, moe_every=2, router_bias_rate=0.01,
+                    group_size=8)
+  variables = jax.eval_shape(Decoder(cfg).init, jax.random.key(0),
+                             jax.ShapeDtypeStruct((2, 8), jnp.int32))
+  assert set(variables["router_bias"]) == set(moe_layer_names(cfg)) == {"block_0", "block_2"}
+  chex.assert_shape(variables["router_bias"]["block_0"]["moe"]["bias"], (NUM_EXPERTS,))
+  no_bias = jax.eval_shape(Decoder(dataclasses.replace(cfg, router_bias_rate=0.0)).init,
+                           jax.random.key(0), jax.ShapeDtypeStruct((2, 8), jnp.int32))
+  assert "router_bias" not in no_bias
