@@ -40,8 +40,10 @@ def make_norm(config: ModelConfig, name: str) -> nn.Module:
 # each device multiplies its own rows, and the [V, M] sums are all-reduced like any
 # gradient); "sorted": sort the rows by id, a segmented prefix sum, then a gather per
 # vocab entry (no FLOPs to speak of, but a sharded batch is gathered onto every device
-# first); "scatter": autodiff's scatter-add, whose colliding updates serialise on GPU when
-# ids repeat (real text is Zipfian: 57 of 95 ms of a gpu-preset step on an H100).
+# first); "scatter": autodiff's scatter-add, whose colliding updates serialised on an H100
+# when ids repeat (real text is Zipfian: 57 of 95 ms of a gpu-preset step, issue 11).
+# Default "sorted": on an H200 its step was 0.75x onehot's and equal to scatter's
+# (docs/performance.md). Under data parallelism "onehot" avoids gathering the batch.
 EmbedGrad = Literal["onehot", "sorted", "scatter"]
 # "auto": cuDNN flash attention on GPU for bf16/fp16 (when cuDNN takes the shape), XLA's
 # dot_product_attention elsewhere; "einsum": the plain einsum path (also used whenever
@@ -56,7 +58,7 @@ class Kernels:
   --variants=kernels.embed_grad=onehot,sorted` compares them; docs/performance.md has the
   measurements behind the defaults."""
 
-  embed_grad: EmbedGrad = "onehot"
+  embed_grad: EmbedGrad = "sorted"
   attention: AttentionKernel = "auto"
 
   def __post_init__(self):
@@ -115,7 +117,7 @@ def _lookup_bwd(embed_grad, residuals, cotangent):
 _lookup.defvjp(_lookup_fwd, _lookup_bwd)
 
 
-def embed_lookup(table: jax.Array, ids: jax.Array, embed_grad: EmbedGrad = "onehot") -> jax.Array:
+def embed_lookup(table: jax.Array, ids: jax.Array, embed_grad: EmbedGrad = "sorted") -> jax.Array:
   """table [V, M], ids [...] integer -> rows [..., M] in the table's dtype; the gradient
   with respect to the table is summed as `embed_grad` says."""
   if embed_grad == "scatter":
@@ -131,7 +133,7 @@ class Embed(nn.Module):
   features: int
   dtype: jnp.dtype = jnp.float32  # compute dtype of the looked-up rows and the head
   embedding_init: Callable = nn.initializers.normal(0.02)
-  embed_grad: EmbedGrad = "onehot"
+  embed_grad: EmbedGrad = "sorted"
 
   def setup(self):
     self.embedding = self.param("embedding", self.embedding_init,

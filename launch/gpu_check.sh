@@ -62,16 +62,8 @@ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=c
 jaxlib.__version__, 'flax', flax.__version__, 'optax', optax.__version__); print(jax.devices())"
 git log -1 --format='commit %H %s' 2>/dev/null || true
 
-stage numerics "$PYTHON" -m chimera.bench_numerics --config=$MOE
 stage main "$PYTHON" "${BENCH[@]}" --configs=$DENSE,$MOE --decode_batches=1,8 --profile \
   --json="$OUT/bench_main.json"
-stage dropless "$PYTHON" "${BENCH[@]}" --configs=$MOE \
-  --variants=model.dispatch=einsum,dropless --json="$OUT/bench_dropless.json"
-stage grouped "$PYTHON" -m chimera.bench_grouped --config=$MOE
-stage dense "$PYTHON" "${BENCH[@]}" --configs=$DENSE --variants=ids=corpus,random \
-  --variants=kernels.embed_grad=onehot,sorted,scatter --json="$OUT/bench_dense.json"
-stage d1024 "$PYTHON" "${BENCH[@]}" --configs=$DENSE,$MOE --set=model.d_model=1024 \
-  --set=model.num_layers=12 --json="$OUT/bench_d1024.json"
 rm -rf /tmp/chimera-runs  # a warm machine's earlier runs would be resumed, not timed
 for spec in $DENSE $MOE; do
   name=$(basename "${spec%%:*}" .py)
@@ -89,6 +81,14 @@ pathlib.Path(sys.argv[1]).write_text(json.dumps(runs, indent=2))
 for name, summary in runs.items():
   print(f"chimera.main {name}: train_tokens_per_second {summary.get('train_tokens_per_second')}")
 EOF
+stage dropless "$PYTHON" "${BENCH[@]}" --configs=$MOE \
+  --variants=model.dispatch=einsum,dropless --json="$OUT/bench_dropless.json"
+stage d1024 "$PYTHON" "${BENCH[@]}" --configs=$DENSE,$MOE --set=model.d_model=1024 \
+  --set=model.num_layers=12 --json="$OUT/bench_d1024.json"
+stage grouped "$PYTHON" -m chimera.bench_grouped --config=$MOE
+stage dense "$PYTHON" "${BENCH[@]}" --configs=$DENSE --variants=ids=corpus,random \
+  --variants=kernels.embed_grad=onehot,sorted,scatter --json="$OUT/bench_dense.json"
+stage numerics "$PYTHON" -m chimera.bench_numerics --config=$MOE
 stage attention "$PYTHON" "${BENCH[@]}" --configs=$DENSE --variants=kernels.attention=auto,xla \
   --json="$OUT/bench_attention.json"
 echo "== done at ${SECONDS}s"
