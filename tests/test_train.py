@@ -35,6 +35,13 @@ def start_main(*args):
                           env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
 
+def main_args(name: str, corpus, workdir, overrides: dict) -> list[str]:
+  """chimera.main's flags for configs/<name>.py:tiny with `section__field` overrides."""
+  return [f"--config=configs/{name}.py:tiny", f"--config.data.corpus={corpus}",
+          f"--workdir={workdir}"] + [f"--config.{k.replace('__', '.')}={v}"
+                                     for k, v in overrides.items()]
+
+
 def wait_for_line(process, prefix: str) -> str:
   for line in process.stderr:
     if line.startswith(prefix):
@@ -113,15 +120,8 @@ def test_sigterm_saves_and_resumes_exactly(make_config, corpus, tmp_path):
   train(config, tmp_path / "straight")
 
   workdir = tmp_path / "killed"
-  args = ["--config=configs/moe_top2.py:tiny", f"--config.data.corpus={corpus}",
-          f"--workdir={workdir}"] + [f"--config.{k.replace('__', '.')}={v}"
-                                     for k, v in overrides.items()]
-  process = subprocess.Popen([sys.executable, "-m", "chimera.main", *args], cwd=ROOT,
-                             stderr=subprocess.PIPE, text=True,
-                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
-  for line in process.stderr:  # wait until training is under way
-    if line.startswith("step") and "/300" in line:
-      break
+  process = start_main(*main_args("moe_top2", corpus, workdir, overrides))
+  wait_for_line(process, "step")  # training is under way
   process.send_signal(signal.SIGTERM)
   rest = process.stderr.read()
   assert process.wait(timeout=120) == 0, rest
@@ -203,9 +203,7 @@ def test_sigkill_between_checkpoints_cuts_the_log_and_the_downtime(make_config, 
   train(config, tmp_path / "straight")
 
   workdir = tmp_path / "killed"
-  args = ["--config=configs/dense.py:tiny", f"--config.data.corpus={corpus}",
-          f"--workdir={workdir}"] + [f"--config.{k.replace('__', '.')}={v}"
-                                     for k, v in overrides.items()]
+  args = main_args("dense", corpus, workdir, overrides)
   process = start_main(*args)
   wait_for_line(process, f"step    {every + 20}/")  # past the first checkpoint
   process.kill()  # SIGKILL: no handler runs, no checkpoint is written
