@@ -2,6 +2,7 @@
 
 import re
 import subprocess
+from pathlib import Path
 import sys
 
 import numpy as np
@@ -12,9 +13,11 @@ from chimera.data.batches import WindowSampler, make_splits
 from chimera.data.corpora import load_corpus
 from chimera.data.tokenizers import get_tokenizer
 from chimera.errors import ChimeraError
-from conftest import ROOT
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_bench_json_records(tmp_path, corpus):
   out = tmp_path / "bench.json"
   result = subprocess.run(
@@ -146,6 +149,7 @@ ENTRY %main.1 (p: f32[4]) -> f32[4] {
       {**summary, "events": source})
 
 
+@pytest.mark.slow
 def test_numerics_and_grouped_matmul_tools_run():
   """The device checks of launch/gpu_check.sh, on the CPU at the tiny preset."""
   numerics = subprocess.run(
