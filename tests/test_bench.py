@@ -100,7 +100,7 @@ def test_variants_of_kernels_and_ids(corpus):
       ("configs/dense.py:tiny embed_grad=sorted", "sorted")]
   # Two lists of variants add up; the default case they share is measured once.
   cases = bench.make_cases(["configs/dense.py:tiny"], overrides,
-                           ["ids=corpus,random", "kernels.embed_grad=onehot"], False)
+                           ["ids=corpus,random", "kernels.embed_grad=sorted"], False)
   assert [c.random_ids for c in cases] == [False, True]
   with pytest.raises(ChimeraError, match="kernels.embed_grad"):
     bench.make_cases(["configs/dense.py:tiny"], overrides, ["kernels.embed_grad=gather"], False)

@@ -133,3 +133,9 @@ def test_run_differences_ignore_logging_and_steps():
 def test_unknown_preset_is_one_line():
   with pytest.raises(ChimeraError, match="^config: unknown preset 'huge'"):
     config_lib.load(f"{CONFIGS[0]}:huge")
+
+
+def test_the_mesh_does_not_change_the_run():
+  """A checkpoint restores onto any mesh: resuming on another mesh is the same run."""
+  other = dataclasses.replace(MOE, mesh=config_lib.MeshConfig(data=2, expert=4))
+  assert config_lib.run_differences(MOE, other) == []
