@@ -1,22 +1,25 @@
 #!/usr/bin/env bash
-# Run the study (chimera.compare): dense vs MoE top-1/top-2 vs dense-wide, two seeds each,
-# then the sweep over the number of experts; reports land in results/<preset>/ and
-# results/<preset>-sweep-num_experts/.
+# Run the study (chimera.compare): the number-of-experts sweep first (the main report reads
+# it), then dense vs moe_top1 / moe_top2 / moe_fine vs dense_wide, then the named sweeps.
+# Reports land in results/<preset>/ and results/<preset>-sweep-<name>/.
 #
-#   launch/compare.sh            # PRESET=cpu: under an hour on a 2-core CPU
-#   PRESET=gpu launch/compare.sh # one GPU
+#   launch/compare.sh                  # PRESET=cpu: 10M tokens per run, 2 seeds (hours on 2 cores)
+#   PRESET=gpu-small launch/compare.sh # one GPU, 21M tokens per run, one seed
 #
-# What to edit: PRESET, SEEDS, SWEEP (any one config field and its values), and CORPUS
-# (empty = the configs' default corpus; a path, glob or tfds:NAME otherwise). Finished
-# runs in runs/compare/ are reused, so an interrupted study resumes.
+# What to edit: PRESET, SWEEPS (named sweeps or section.field=v1,v2), and CORPUS (empty =
+# the configs' default corpus; a path, folder, glob, tfds:NAME or hf:NAME otherwise).
+# Seeds: the preset's (compare's --seeds overrides them). Finished runs in runs/compare/
+# are reused, so an interrupted study resumes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PRESET=${PRESET:-cpu}
-SEEDS=${SEEDS:-0,1}
-SWEEP=${SWEEP:-model.num_experts=4,8,16}
+SWEEPS=${SWEEPS:-granularity shared balancing capacity}
 corpus=()
 if [[ -n ${CORPUS:-} ]]; then corpus=(--corpus="$CORPUS"); fi
 
-python -m chimera.compare --preset="$PRESET" --seeds="$SEEDS" "${corpus[@]}" "$@"
-python -m chimera.compare --preset="$PRESET" --seeds="$SEEDS" --sweep="$SWEEP" "${corpus[@]}" "$@"
+python -m chimera.compare --preset="$PRESET" --sweep=model.num_experts=4,8,16,32 "${corpus[@]}" "$@"
+python -m chimera.compare --preset="$PRESET" "${corpus[@]}" "$@"
+for sweep in $SWEEPS; do
+  python -m chimera.compare --preset="$PRESET" --sweep="$sweep" "${corpus[@]}" "$@"
+done
