@@ -9,6 +9,13 @@ d_ff and top_k, so the same matmul FLOPs per token as the dense MLP (plus a rout
   python -m chimera.main --config=configs/moe_top2.py:tiny     # seconds, smoke test
   python -m chimera.main --config=configs/moe_top2.py --config.model.num_experts=16
 
+Balancing is over the whole micro-batch (`load_balance_scope="batch"`) and dispatch is
+dropless. In a short check (small preset, 600 steps of 32 x 128 byte tokens, seeds 0 and 1,
+a loaded 2-core CPU), batch-scope balancing ended 0.010 nats below group scope in both
+seeds, and the einsum path executes 1.39x (default preset) and 1.48x (small) dense's FLOPs
+per token with capacity padding and dispatch (`chimera.accounting`); dropless executes the model FLOPs and
+drops nothing. `--config.model.dispatch=einsum` gives the static-capacity path.
+
 What it reaches against dense is measured by `python -m chimera.compare` (results/).
 """
 
@@ -19,4 +26,6 @@ def get_config(arg=None):
   c = presets.base("moe_top2", arg)
   c.model.num_experts = 8
   c.model.top_k = 2
+  c.model.load_balance_scope = "batch"
+  c.model.dispatch = "dropless"
   return presets.finish(c)
