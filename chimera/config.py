@@ -33,6 +33,8 @@ class ModelConfig:
     token as the dense MLP;
   - renormalize_gates: on when top_k >= 2;
   - group_size: one sequence (train.context tokens) per routing group.
+  They are filled in when the dataclass is built: `dataclasses.replace(m, top_k=4)` keeps
+  the resolved expert_d_ff and renormalize_gates unless it also passes them as None.
   """
 
   vocab_size: int = 257
