@@ -21,8 +21,6 @@ from pathlib import Path
 
 import numpy as np
 
-from chimera import accounting
-from chimera.config import ModelConfig
 from chimera.records import EvalRecord, RunSummary, read_evals, read_events
 
 
@@ -187,12 +185,8 @@ def _mean(values) -> float | None:
 
 def executed_flops_per_token(summary: RunSummary) -> int | None:
   """Executed training FLOPs per token (capacity padding and dispatch included), from the
-  run's accounting, or recounted from its config for runs written before the field."""
-  if "executed_flops_per_token" in summary.accounting:
-    return summary.accounting["executed_flops_per_token"]
-  recount = accounting.count(ModelConfig(**summary.config["model"]),
-                             summary.config["train"]["context"])._asdict()
-  return recount.get("executed_flops_per_token")
+  run's accounting."""
+  return summary.accounting["executed_flops_per_token"]
 
 
 @dataclasses.dataclass(frozen=True)

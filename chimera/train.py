@@ -108,6 +108,10 @@ class Data(NamedTuple):
   val_bytes_per_token: float
   unigram_loss: float
 
+  def bits_per_byte(self, loss: float) -> float:
+    """A validation loss (nats per token) in bits per byte of the validation text."""
+    return loss / math.log(2) / self.val_bytes_per_token
+
 
 def prepare_data(config: Config) -> Data:
   """Tokenizer, the cached split (memory-mapped tokens; chimera.data.cache) and the fixed
@@ -220,9 +224,6 @@ class Evaluator:
         functools.partial(eval_step, model=Decoder(config.model), config=config.model),
         out_shardings=NamedSharding(mesh, PartitionSpec()))
 
-  def bits_per_byte(self, loss: float) -> float:
-    return loss / math.log(2) / self.data.val_bytes_per_token
-
   def __call__(self, state: TrainState, step: int, progress: Progress) -> float:
     results = jax.device_get([self.eval_fn(state.params, state.model_state, batch)
                               for batch in self.batches])
@@ -231,7 +232,7 @@ class Evaluator:
     record = EvalRecord(step=step, tokens_seen=progress.tokens_seen,
                         wall_seconds=progress.wall_seconds, val_loss=val_loss,
                         val_perplexity=math.exp(val_loss),
-                        val_bits_per_byte=self.bits_per_byte(val_loss),
+                        val_bits_per_byte=self.data.bits_per_byte(val_loss),
                         dropped_fraction=layers("dropped_fraction"),
                         expert_load=layers("expert_load"))
     self.writer.write("eval", step, record.values())
@@ -379,12 +380,13 @@ def _summarize(config: Config, data: Data, progress: Progress, train_log: TrainL
                completed: bool) -> RunSummary:
   last = train_log.last or {}
   moe_field = lambda name: np.asarray(last[name]).tolist() if config.model.num_experts and name in last else []
-  bits = lambda loss: None if loss is None else loss / math.log(2) / data.val_bytes_per_token
   return RunSummary(
       name=config.name, completed=completed, steps=step, tokens_seen=progress.tokens_seen,
       wall_seconds=progress.wall_seconds, train_tokens_per_second=train_log.tokens_per_second,
       final_val_loss=progress.final_val_loss, best_val_loss=progress.best_val_loss,
-      val_bits_per_byte=bits(progress.final_val_loss), unigram_val_loss=data.unigram_loss,
+      val_bits_per_byte=(None if progress.final_val_loss is None
+                         else data.bits_per_byte(progress.final_val_loss)),
+      unigram_val_loss=data.unigram_loss,
       accounting=accounting.count(config.model, config.train.context)._asdict(),
       config=config_lib.to_dict(config), expert_load=moe_field("expert_load"),
       dropped_fraction=moe_field("dropped_fraction"))
