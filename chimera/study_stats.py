@@ -222,6 +222,17 @@ class Run:
       return None, None
     return [e.tokens_seen / speed for e in self.evals], self.summary.tokens_seen / speed
 
+  def last_train_loss(self) -> float | None:
+    """The training loss of the last logging window (dropout on, if the config has it)."""
+    return self.train_rows[-1]["loss"] if self.train_rows else None
+
+  def generalization_gap(self) -> float | None:
+    """Final validation loss - last window's training loss: how far a model has begun to
+    fit its training text (the study's runs see the corpus more than once)."""
+    train = self.last_train_loss()
+    final = self.summary.final_val_loss
+    return None if train is None or final is None else final - train
+
   @property
   def warmup_steps(self) -> int:
     return self.summary.config["train"]["warmup_steps"]
@@ -266,6 +277,8 @@ def summarize(runs: dict[str, list[Run]], roles: dict[str, str],
         "largest_eval_gap": max(r.largest_eval_gap() for r in model_runs),
         "final_val_loss": Spread.of(per_seed(lambda r: r.summary.final_val_loss)).to_json(),
         "val_bits_per_byte": Spread.of(per_seed(lambda r: r.summary.val_bits_per_byte)).to_json(),
+        "train_loss": Spread.of(per_seed(Run.last_train_loss)).to_json(),
+        "generalization_gap": Spread.of(per_seed(Run.generalization_gap)).to_json(),
         "wall_seconds": Spread.of(per_seed(lambda r: r.summary.wall_seconds)).to_json(),
         "train_tokens_per_second": Spread.of(
             per_seed(lambda r: r.summary.train_tokens_per_second)).to_json(),

@@ -145,6 +145,9 @@ def test_findings_are_generated_from_the_numbers():
   assert "one seed per point" in text
   sweep = {"E=8": point(1.50, 1.52), "E=16": point(1.53, 1.49)}
   assert "largest seed SD of a point is 0.0283" in report.sweep_finding(sweep)
+  for entry, gap in zip(sweep.values(), (0.01, 0.04)):
+    entry["generalization_gap"] = Spread.of({0: gap, 1: gap}).to_json()
+  assert "E=8: +0.0100 ± 0.0000 (n=2); E=16: +0.0400 ± 0.0000 (n=2)" in report.sweep_finding(sweep)
 
 
 def test_bench_figures_reads_bench_records():
@@ -244,6 +247,19 @@ def test_tiny_study_trains_reports_and_resumes(make_config, corpus, tmp_path, mo
     assert heading in text
   assert f"{written['models']['dense']['final_val_loss']['mean']:.4f}" in text
   assert all(line in text for line in written["findings"])
+  dense_run = runs["dense"][0]
+  assert written["models"]["dense"]["generalization_gap"]["values"][0] == pytest.approx(
+      dense_run.summary.final_val_loss - dense_run.train_rows[-1]["loss"])
+
+  # README's headline block is rewritten from the summary its marker names.
+  readme = tmp_path / "README.md"
+  readme.write_text("intro\n" + report.HEADLINE_START.format(study="results") + "\nstale\n"
+                    + report.HEADLINE_END + "\noutro\n")
+  assert report.update_readme(readme)
+  new = readme.read_text()
+  assert "stale" not in new and new.startswith("intro\n") and new.endswith("outro\n")
+  assert f"{written['models']['dense']['final_val_loss']['mean']:.4f}" in new
+  assert not report.update_readme(readme)  # already current
 
   # The findings follow the numbers: flip moe_top2's differences and its sentence flips.
   flipped = copy.deepcopy(written["models"])
@@ -274,3 +290,10 @@ def test_related_summaries_skip_older_reports(tmp_path):
   (tmp_path / "cpu" / "summary.json").write_text(json.dumps({"models": {"dense": {}},
                                                              "targets": []}))
   assert compare.related_summaries(tmp_path, study)["reference_study"] == {"dense": {}}
+
+
+def test_readme_headline_is_the_summary_it_names():
+  root = Path(__file__).resolve().parents[1]
+  text = (root / "README.md").read_text()
+  start, end, block = report.readme_headline(text, root)
+  assert text[start:end] == block, "README's headline is stale: python -m chimera.report --readme"
