@@ -1,6 +1,6 @@
 """Named sweeps for chimera.compare: a base config and the points it is trained at.
 
-  python -m chimera.compare --preset=cpu --sweep=granularity
+  python -m chimera.compare --preset=cpu --sweep=granularity   # shared, balancing, capacity, init
   python -m chimera.compare --preset=cpu --sweep=model.num_experts=4,8,16,32   # one field
 
 A point is a name and the {"section.field": value} overrides that make it from the base
@@ -78,6 +78,17 @@ def capacity(base: Config) -> list[Point]:
           for cf in (1.0, 1.25, 2.0)] + [("dropless", {"model.dispatch": "dropless"})]
 
 
+def initialisation(base: Config) -> list[Point]:
+  """The experts' init: Switch's truncated normal at expert_init_scale / fan_in (0.1 by
+  default), Switch's at the dense MLP's scale (1.0), and the dense MLP's own (normal
+  init_std, output projection scaled by 1/sqrt(2 * layers)). The router's init follows
+  expert_init_scale too, so the scale-1.0 point also starts with larger router logits."""
+  del base
+  return [("switch, scale 0.1", {"model.expert_init": "switch", "model.expert_init_scale": 0.1}),
+          ("switch, scale 1.0", {"model.expert_init": "switch", "model.expert_init_scale": 1.0}),
+          ("dense MLP's", {"model.expert_init": "dense", "model.expert_init_scale": 0.1})]
+
+
 SWEEPS: dict[str, Sweep] = {
     "granularity": Sweep("Expert granularity at fixed total and active parameters",
                          "configs/moe_top2.py", granularity),
@@ -86,6 +97,7 @@ SWEEPS: dict[str, Sweep] = {
     "balancing": Sweep("Balancing method", "configs/moe_top2.py", balancing),
     "capacity": Sweep("Training capacity and dropless dispatch", "configs/moe_top2.py",
                       capacity),
+    "init": Sweep("Expert initialisation", "configs/moe_top2.py", initialisation),
 }
 
 

@@ -202,7 +202,7 @@ def test_sweeps_hold_what_they_claim(corpus):
   _, models = compare.sweep_models("shared", "configs/moe_top2.py", preset, overrides)
   assert [(m.config.model.num_shared_experts, m.config.model.top_k) for m in models[1:]] == [
       (0, 2), (1, 1)]
-  for sweep in ("balancing", "capacity"):
+  for sweep in ("balancing", "capacity", "init"):
     _, models = compare.sweep_models(sweep, None, preset, overrides)
     assert len({compare.run_dir(Path("r"), m.config) for m in models}) == len(models)
   _, models = compare.sweep_models("model.num_experts=2,4", None, preset, overrides)
@@ -212,7 +212,10 @@ def test_sweeps_hold_what_they_claim(corpus):
     compare.sweep_models("model.num_expertz=2,4", None, preset, overrides)
   with pytest.raises(ChimeraError, match="--sweep"):
     compare.sweep_models("granularty", None, preset, overrides)
-  assert set(study_sweeps.SWEEPS) == {"granularity", "shared", "balancing", "capacity"}
+  assert set(study_sweeps.SWEEPS) == {"granularity", "shared", "balancing", "capacity", "init"}
+  _, models = compare.sweep_models("init", None, preset, overrides)
+  assert [(m.config.model.expert_init, m.config.model.expert_init_scale)
+          for m in models[1:]] == [("switch", 0.1), ("switch", 1.0), ("dense", 0.1)]
 
 
 # --- The whole pipeline on the tiny preset. ---------------------------------------------------
