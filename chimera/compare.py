@@ -3,7 +3,7 @@
   python -m chimera.compare --preset=cpu            # 5 models x 2 seeds, 10.24M tokens each
   python -m chimera.compare --preset=gpu-small      # the same models, 20.97M tokens, 1 seed
   python -m chimera.compare --preset=cpu --sweep=model.num_experts=4,8,16,32
-  python -m chimera.compare --preset=cpu --sweep=granularity   # or shared, balancing, capacity, init
+  python -m chimera.compare --preset=cpu --sweep=granularity   # or shared, balancing, capacity, init, calibration
 
 The study's models:
 - dense: configs/dense.py, the baseline;

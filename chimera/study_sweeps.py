@@ -1,6 +1,6 @@
 """Named sweeps for chimera.compare: a base config and the points it is trained at.
 
-  python -m chimera.compare --preset=cpu --sweep=granularity   # shared, balancing, capacity, init
+  python -m chimera.compare --preset=cpu --sweep=granularity   # shared, balancing, capacity, init, calibration
   python -m chimera.compare --preset=cpu --sweep=model.num_experts=4,8,16,32   # one field
 
 A point is a name and the {"section.field": value} overrides that make it from the base
@@ -78,6 +78,22 @@ def capacity(base: Config) -> list[Point]:
           for cf in (1.0, 1.25, 2.0)] + [("dropless", {"model.dispatch": "dropless"})]
 
 
+def calibration(base: Config) -> list[Point]:
+  """moe_top2 as it first shipped (einsum at capacity factor 1.25 over 64-token groups,
+  gates not renormalised, balanced per group) against moe_top2 now (dropless, renormalised,
+  balanced over the batch). The study's dense and moe_fine runs complete the issue's
+  calibration: on the default backbone at 20M tokens, the first moe_top2 had lost its lead
+  over dense and the 32-expert top-8 MoE led; this checks the same on the study's backbone."""
+  del base
+  return [("moe_top2 as first shipped", {"model.dispatch": "einsum",
+                                         "model.capacity_factor": 1.25, "model.group_size": 64,
+                                         "model.renormalize_gates": False,
+                                         "model.load_balance_scope": "group"}),
+          ("moe_top2 now", {"model.dispatch": "dropless", "model.capacity_factor": 1.25,
+                            "model.renormalize_gates": True,
+                            "model.load_balance_scope": "batch"})]
+
+
 def initialisation(base: Config) -> list[Point]:
   """The experts' init: Switch's truncated normal at expert_init_scale / fan_in (0.1 by
   default), Switch's at the dense MLP's scale (1.0), and the dense MLP's own (normal
@@ -98,6 +114,8 @@ SWEEPS: dict[str, Sweep] = {
     "capacity": Sweep("Training capacity and dropless dispatch", "configs/moe_top2.py",
                       capacity),
     "init": Sweep("Expert initialisation", "configs/moe_top2.py", initialisation),
+    "calibration": Sweep("moe_top2 as first shipped against moe_top2 now",
+                         "configs/moe_top2.py", calibration),
 }
 
 

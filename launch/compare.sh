@@ -14,7 +14,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PRESET=${PRESET:-cpu}
-SWEEPS=${SWEEPS:-granularity shared balancing capacity init}
+SWEEPS=${SWEEPS:-calibration granularity shared balancing capacity init}
 corpus=()
 if [[ -n ${CORPUS:-} ]]; then corpus=(--corpus="$CORPUS"); fi
 

@@ -212,7 +212,12 @@ def test_sweeps_hold_what_they_claim(corpus):
     compare.sweep_models("model.num_expertz=2,4", None, preset, overrides)
   with pytest.raises(ChimeraError, match="--sweep"):
     compare.sweep_models("granularty", None, preset, overrides)
-  assert set(study_sweeps.SWEEPS) == {"granularity", "shared", "balancing", "capacity", "init"}
+  assert set(study_sweeps.SWEEPS) == {"granularity", "shared", "balancing", "capacity", "init",
+                                      "calibration"}
+  _, models = compare.sweep_models("calibration", None, preset, overrides)
+  shipped = compare.load("configs/moe_top2.py", preset, overrides)
+  assert models[2].config == dataclasses.replace(shipped, name=models[2].config.name)
+  assert compare.run_dir(Path("r"), models[2].config) == compare.run_dir(Path("r"), shipped)
   _, models = compare.sweep_models("init", None, preset, overrides)
   assert [(m.config.model.expert_init, m.config.model.expert_init_scale)
           for m in models[1:]] == [("switch", 0.1), ("switch", 1.0), ("dense", 0.1)]
