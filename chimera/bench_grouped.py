@@ -6,6 +6,11 @@ MoE shapes: rows R = batch * context * top_k, M = d_model, H = expert_d_ff, E ex
 The rows are split among the experts unevenly, as a router in training splits them
 (Dirichlet(2) shares, fixed seed). Prints ms per forward+backward of one [R, M] x [E, M, H]
 grouped matmul, and its useful TFLOP/s (2 * R * M * H per pass, 3 passes).
+
+Then the whole dropless FFN (`chimera.moe.dropless_experts`: sort, block layout, both
+matmuls and the activation, un-sort and gates; forward and backward) at each block size
+against the dense MLP of the same FLOPs per token (hidden k * H), timed interleaved with
+`--repeats` rounds, medians.
 """
 
 import time
@@ -15,8 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from chimera import config as config_lib
-from chimera.grouped_matmul import ragged_matmul
+from chimera import config as config_lib, moe
+from chimera.grouped_matmul import default_block_size, ragged_matmul
 from chimera.layers import compute_dtype
 
 _CONFIG = flags.DEFINE_string("config", "configs/moe_top2.py", "Config file[:preset].")
@@ -54,7 +59,8 @@ def main(argv):
   flops = 3 * 2 * rows * m.d_model * m.expert_d_ff
   print(f"{_CONFIG.value} on {jax.devices()[0].device_kind}: R={rows} M={m.d_model} "
         f"H={m.expert_d_ff} E={m.num_experts} {m.dtype}; rows per expert "
-        f"{np.asarray(group_sizes).tolist()}")
+        f"{np.asarray(group_sizes).tolist()}; the default block size here: "
+        f"{default_block_size(rows, m.num_experts)}")
   print("method | ms per forward+backward | useful TFLOP/s")
   methods = [("ragged_dot", 0)] + [("blocks", int(b)) for b in _BLOCK_SIZES.value]
   for method, block_size in methods:
@@ -64,6 +70,45 @@ def main(argv):
     seconds = seconds_per_call(step, x, w, repeats=_REPEATS.value)
     name = method if method == "ragged_dot" else f"blocks, b={block_size}"
     print(f"{name} | {1e3 * seconds:.3f} | {flops / seconds / 1e12:.2f}")
+  ffn_against_dense(m, dtype)
+
+
+def ffn_against_dense(m, dtype) -> None:
+  """The dropless FFN per block size against the dense MLP of equal FLOPs, interleaved."""
+  t = config_lib.load(_CONFIG.value).train
+  tokens = t.batch_size * t.context
+  keys = jax.random.split(jax.random.key(1), 6)
+  x = jax.random.normal(keys[0], (tokens, m.d_model), dtype)
+  probs, expert_index = jax.lax.top_k(
+      jax.nn.softmax(1.5 * jax.random.normal(keys[1], (tokens, m.num_experts))), m.top_k)
+  gate = probs.astype(dtype)
+  init = lambda key, shape: (0.05 * jax.random.normal(key, shape)).astype(dtype)
+  experts = {"wi": init(keys[2], (m.num_experts, m.d_model, m.expert_d_ff)),
+             "wo": init(keys[3], (m.num_experts, m.expert_d_ff, m.d_model))}
+  dense = {"wi": init(keys[4], (m.d_model, m.top_k * m.expert_d_ff)),
+           "wo": init(keys[5], (m.top_k * m.expert_d_ff, m.d_model))}
+  summed = lambda f: jax.jit(jax.grad(lambda x, w: f(x, w).astype(jnp.float32).sum(),
+                                      argnums=(0, 1)))
+  cases = {"dense MLP": (summed(lambda x, w: moe.ffn(x, w, "gelu")), dense)}
+  default = default_block_size(tokens * m.top_k, m.num_experts)
+  for block in sorted({int(b) for b in _BLOCK_SIZES.value} | {default}):
+    name = f"dropless, b={block}" + (" (default)" if block == default else "")
+    cases[name] = (summed(lambda x, w, block=block: moe.dropless_experts(
+        x, gate, expert_index, w, "gelu", block_size=block)), experts)
+  for fn, weights in cases.values():
+    jax.block_until_ready(fn(x, weights))
+  times = {name: [] for name in cases}
+  for _ in range(_REPEATS.value):
+    for name, (fn, weights) in cases.items():
+      start = time.perf_counter()
+      jax.block_until_ready(fn(x, weights))
+      times[name].append(time.perf_counter() - start)
+  base = float(np.median(times["dense MLP"]))
+  print(f"\nthe dropless FFN, forward+backward, T={tokens} tokens, k={m.top_k}, GELU; "
+        f"medians of {_REPEATS.value} interleaved rounds")
+  print("case | ms | x dense MLP")
+  for name, values in times.items():
+    print(f"{name} | {1e3 * np.median(values):.2f} | {np.median(values) / base:.2f}")
 
 
 if __name__ == "__main__":

@@ -7,8 +7,10 @@ rows[sum(group_sizes[:e]) : sum(group_sizes[:e + 1])] are multiplied by weights[
 past sum(group_sizes) give zeros. Two implementations of the same function:
 - "blocks" (the default): every group padded to a multiple of `block_size` rows, then one
   batched matmul over the blocks, each with its group's weights. Work and memory follow
-  the routed rows: R + E * block_size rows at most, and R / block_size + E copies of the
-  weights. Pure JAX, static shapes, and no scatter in either pass.
+  the routed rows: R + E * block_size rows (static shapes: the blocks a batch leaves
+  unused are computed too), and R / block_size + E copies of the weights. Pure JAX, and
+  no scatter in either pass. `default_block_size` keeps the E * block_size padding at
+  most R / 4 (and blocks between 64 and 512 rows).
 - "ragged_dot": `jax.lax.ragged_dot`. XLA:CPU and (as of jax 0.11) XLA:GPU lower it to a
   dense matmul per group, E times the work: 5-10x slower than "blocks" on 2 CPU cores
   at the default preset (`python -m chimera.bench_grouped`).
@@ -25,11 +27,28 @@ import jax.numpy as jnp
 Method = Literal["ragged_dot", "blocks"]
 
 
+MAX_BLOCK, MIN_BLOCK = 512, 64
+
+
+def default_block_size(num_rows: int, num_groups: int) -> int:
+  """The largest power of two in [MIN_BLOCK, MAX_BLOCK] with num_groups * b <= num_rows / 4:
+  big blocks run the batched matmul fastest, but every group can leave up to a block of
+  padding, and the static layout always computes num_rows + num_groups * b rows.
+  `python -m chimera.bench_grouped` times the dropless FFN per block size; docs/performance.md
+  has the figures (2 CPU cores: the best block was 256 for moe_top2, 128-256 for moe_fine)."""
+  block = MAX_BLOCK
+  while block > MIN_BLOCK and num_groups * block * 4 > num_rows:
+    block //= 2
+  return block
+
+
 def ragged_matmul(rows: jax.Array, weights: jax.Array, group_sizes: jax.Array,
-                  method: Method = "blocks", block_size: int = 512) -> jax.Array:
-  """rows [R, M] sorted by group, weights [E, M, H], group_sizes [E] -> [R, H]."""
+                  method: Method = "blocks", block_size: int | None = None) -> jax.Array:
+  """rows [R, M] sorted by group, weights [E, M, H], group_sizes [E] -> [R, H].
+  block_size: of the "blocks" method; None: `default_block_size`."""
   if method == "ragged_dot":
     return jax.lax.ragged_dot(rows, weights, group_sizes)
+  block_size = block_size or default_block_size(rows.shape[0], weights.shape[0])
   return block_matmul(rows, weights, group_sizes, block_size)
 
 
@@ -75,7 +94,7 @@ def block_layout(group_sizes: jax.Array, num_rows: int, block_size: int) -> Bloc
 
 
 @jax.custom_vjp
-def _move_rows(x: jax.Array, source: jax.Array, inverse: jax.Array) -> jax.Array:
+def move_rows(x: jax.Array, source: jax.Array, inverse: jax.Array) -> jax.Array:
   """y[i] = x[source[i]] (zero where source[i] is out of range). `inverse` maps each row
   of x to the one y row that reads it (out of range if none), so the gradient is a gather
   too, not a scatter-add."""
@@ -83,7 +102,7 @@ def _move_rows(x: jax.Array, source: jax.Array, inverse: jax.Array) -> jax.Array
 
 
 def _move_rows_fwd(x, source, inverse):
-  return _move_rows(x, source, inverse), (source, inverse)
+  return move_rows(x, source, inverse), (source, inverse)
 
 
 def _move_rows_bwd(residuals, cotangent):
@@ -91,20 +110,41 @@ def _move_rows_bwd(residuals, cotangent):
   return jnp.take(cotangent, inverse, axis=0, mode="fill", fill_value=0), None, None
 
 
-_move_rows.defvjp(_move_rows_fwd, _move_rows_bwd)
+move_rows.defvjp(_move_rows_fwd, _move_rows_bwd)
+
+
+def to_blocks(rows: jax.Array, group_sizes: jax.Array,
+              block_size: int) -> tuple[jax.Array, BlockLayout]:
+  """rows [R, M] sorted by group -> ([N, b, M], layout): each group from a block
+  boundary, zeros in the padding."""
+  layout = block_layout(group_sizes, rows.shape[0], block_size)
+  blocks = move_rows(rows, layout.row_of_slot, layout.slot_of_row)  # [S, M]
+  return blocks.reshape(-1, block_size, rows.shape[1]), layout
+
+
+def from_blocks(blocks: jax.Array, layout: BlockLayout) -> jax.Array:
+  """The inverse of to_blocks: [N, b, H] -> [R, H] (zeros for rows in no group)."""
+  return move_rows(blocks.reshape(-1, blocks.shape[-1]), layout.slot_of_row,
+                   layout.row_of_slot)
+
+
+def blocks_matmul(blocks: jax.Array, weights: jax.Array, block_group: jax.Array) -> jax.Array:
+  """Each block [b, M] times its group's weights [M, H]: [N, b, M] -> [N, b, H].
+
+  A row of zeros stays zeros, so a chain of these, with elementwise maps that keep 0 at 0
+  between them (GELU, SiLU, products), may stay in the block layout from to_blocks to
+  from_blocks: one layout and two row moves for a whole feed-forward.
+  """
+  # Each block's weights, as a one-hot matmul: its gradient sums the blocks of a group
+  # with a matmul rather than a scatter-add. Blocks past the last group get zeros.
+  block_weights = jnp.einsum("ne,emh->nmh",
+                             jax.nn.one_hot(block_group, weights.shape[0], dtype=weights.dtype),
+                             weights)  # [N, M, H]
+  return jnp.einsum("nbm,nmh->nbh", blocks, block_weights)
 
 
 def block_matmul(rows: jax.Array, weights: jax.Array, group_sizes: jax.Array,
                  block_size: int) -> jax.Array:
   """ragged_matmul through the padded block layout (see the module docstring)."""
-  num_rows, num_groups = rows.shape[0], weights.shape[0]
-  layout = block_layout(group_sizes, num_rows, block_size)
-  blocks = _move_rows(rows, layout.row_of_slot, layout.slot_of_row)  # [S, M]
-  blocks = blocks.reshape(-1, block_size, rows.shape[1])  # [N, b, M]
-  # Each block's weights, as a one-hot matmul: its gradient sums the blocks of a group
-  # with a matmul rather than a scatter-add. Blocks past the last group get zeros.
-  block_weights = jnp.einsum("ne,emh->nmh",
-                             jax.nn.one_hot(layout.block_group, num_groups, dtype=weights.dtype),
-                             weights)  # [N, M, H]
-  out = jnp.einsum("nbm,nmh->nbh", blocks, block_weights)  # [N, b, H]
-  return _move_rows(out.reshape(-1, out.shape[-1]), layout.slot_of_row, layout.row_of_slot)
+  blocks, layout = to_blocks(rows, group_sizes, block_size)
+  return from_blocks(blocks_matmul(blocks, weights, layout.block_group), layout)

@@ -14,6 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from chimera import sharding
 from chimera.config import ModelConfig
 from chimera.errors import ChimeraError
 
@@ -110,7 +111,10 @@ def _lookup_fwd(table, ids, embed_grad):
 def _lookup_bwd(embed_grad, residuals, cotangent):
   ids, empty_table = residuals  # the table's shape and dtype, without its values
   vocab_size, features = empty_table.shape[1:]
-  grad = _ROWS_GRAD[embed_grad](ids.reshape(-1), cotangent.reshape(-1, features), vocab_size)
+  rows_grad = lambda ids, cotangent: _ROWS_GRAD[embed_grad](
+      ids.reshape(-1), cotangent.reshape(-1, features), vocab_size)
+  # Per device, then summed: sorted over the global batch, the ids would be all-gathered.
+  grad = sharding.sum_over_batch(rows_grad, ids, cotangent)
   return grad.astype(empty_table.dtype), None
 
 

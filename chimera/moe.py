@@ -7,7 +7,7 @@ and combine. Two ways to run the experts (`config.dispatch`):
   einsums move the tokens in and out, and choices beyond C are dropped (Switch
   Transformer, Fedus et al., 2021; GShard, Lepikhin et al., 2020).
 - "dropless": no capacity and no drops. The token-expert choices are sorted by expert and
-  the experts run as one grouped matmul (`chimera.grouped_matmul.ragged_matmul`).
+  the experts run as one grouped FFN in a block layout (`chimera.grouped_matmul`).
 Shared experts (`num_shared_experts`, DeepSeekMoE) see every token with gate 1.
 
 One FFN function, `ffn`, is the feed-forward math of every path: batched over E for the
@@ -17,15 +17,17 @@ Shape letters: B batch, L length, G groups, S tokens per group, E experts, C cap
 K choices per token, M model dim, H expert hidden dim, T tokens (G*S), R sorted rows (T*K).
 """
 
+import functools
 from typing import Callable, Literal
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from chimera import sharding
+from chimera import expert_parallel, sharding
 from chimera.config import ModelConfig
-from chimera.grouped_matmul import ragged_matmul
+from chimera.grouped_matmul import (blocks_matmul, default_block_size, from_blocks, move_rows,
+                                    to_blocks)
 from chimera.layers import compute_dtype, dense_init
 from chimera.routers import Routing, expert_capacity, route, update_router_bias
 
@@ -52,18 +54,20 @@ def ffn(x: jax.Array, weights: Weights, activation: Literal["gelu", "swiglu"],
 
 def dropless_experts(x: jax.Array, gate: jax.Array, expert_index: jax.Array,
                      weights: Weights, activation: Literal["gelu", "swiglu"],
-                     skip_experts: bool = False) -> jax.Array:
-  """y_t = sum_r gate[t, r] * expert_{expert_index[t, r]}(x_t), as one grouped matmul.
+                     skip_experts: bool = False, block_size: int | None = None) -> jax.Array:
+  """y_t = sum_r gate[t, r] * expert_{expert_index[t, r]}(x_t), as one grouped FFN.
 
-  The T*K choices are sorted by expert, so that each expert's rows are contiguous, and
-  `ragged_matmul` multiplies each run of rows by that expert's weights. Nothing is padded
-  and nothing is dropped.
+  The T*K choices are sorted by expert, so that each expert's rows are contiguous, then
+  laid out in blocks of one expert each (`chimera.grouped_matmul.to_blocks`); the whole
+  FFN runs in that layout, each block with its expert's weights. Nothing is dropped.
+  Every move of rows is a gather whose gradient is a gather too (no scatter-add).
 
   Args:
     x: [T, M] tokens, in the compute dtype.
     gate: [T, K] gate weights; expert_index: [T, K] int32 chosen experts.
     weights: "wi" (or "wi_gate" and "wi_up") [E, M, H] and "wo" [E, H, M].
     skip_experts: benchmarks only; each expert returns its input rows unchanged.
+    block_size: rows per block; None: `chimera.grouped_matmul.default_block_size`.
 
   Returns:
     y: [T, M].
@@ -73,13 +77,37 @@ def dropless_experts(x: jax.Array, gate: jax.Array, expert_index: jax.Array,
   expert_ids = expert_index.reshape(-1)  # [R], choice a = t * K + r
   # Stable, so within an expert the rows stay in token order.
   order = jnp.argsort(expert_ids, stable=True)  # [R] choice ids, sorted by expert
-  rows = x[order // k]  # [R, M]
+  position = jnp.argsort(order)  # [R] each choice's row in the sorted order
+  rows = _choice_rows(x, order, position, k)  # [R, M]
   group_sizes = jnp.bincount(expert_ids, length=num_experts).astype(jnp.int32)  # [E]
   if not skip_experts:
-    rows = ffn(rows, weights, activation,
-               matmul=lambda rows, w: ragged_matmul(rows, w, group_sizes))  # [R, M]
-  out = rows[jnp.argsort(order)].reshape(num_tokens, k, -1)  # [T, K, M], token order
+    block_size = block_size or default_block_size(rows.shape[0], num_experts)
+    blocks, layout = to_blocks(rows, group_sizes, block_size)  # [N, b, M]
+    blocks = ffn(blocks, weights, activation,
+                 matmul=functools.partial(blocks_matmul, block_group=layout.block_group))
+    rows = from_blocks(blocks, layout)  # [R, M]
+  out = move_rows(rows, position, order).reshape(num_tokens, k, -1)  # [T, K, M], token order
   return jnp.einsum("tkm,tk->tm", out, gate.astype(out.dtype))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _choice_rows(x: jax.Array, order: jax.Array, position: jax.Array, k: int) -> jax.Array:
+  """x [T, M] -> [R, M], row i = x[order[i] // k]: each token once per choice, sorted.
+  The gradient gathers each token's K rows and sums them (no scatter-add)."""
+  return x[order // k]
+
+
+def _choice_rows_fwd(x, order, position, k):
+  return _choice_rows(x, order, position, k), (order, position)
+
+
+def _choice_rows_bwd(k, residuals, cotangent):
+  order, position = residuals
+  grad = cotangent[position].reshape(-1, k, cotangent.shape[-1]).sum(axis=1)  # [T, M]
+  return grad, None, None
+
+
+_choice_rows.defvjp(_choice_rows_fwd, _choice_rows_bwd)
 
 
 def decode_experts(x: jax.Array, gate: jax.Array, expert_index: jax.Array, weights: Weights,
@@ -183,21 +211,26 @@ class MoeLayer(nn.Module):
   def _einsum_experts(self, x: jax.Array, routing: Routing, weights: Weights) -> jax.Array:
     """Dispatch x [G, S, M] into [E, G, C, M] buffers, run the experts, combine: [G, S, M].
 
-    Expert parallelism, through GSPMD rather than shard_map: the groups G are split over
-    every device (`sharding.BATCH`), and the expert buffers over `expert` (G over `data`),
-    so the dispatch and combine einsums become all-to-alls over the expert axis that XLA
-    inserts and schedules. On one device the constraints are no-ops.
+    Expert parallelism, through GSPMD rather than shard_map: the shapes are static, so
+    sharding constraints are enough. The groups G, their routing and the einsums that
+    build and read the buffers stay split over every device (`sharding.BATCH`); only the
+    buffers move, resharded from split-by-group to split-by-expert (G over `data`) and
+    back, which XLA turns into all-to-alls over the expert axis, forward and backward.
+    Left to itself, GSPMD all-gathers the masks and the output gradient over the global
+    batch instead. On one device the constraints are no-ops.
     """
     dtype = compute_dtype(self.config)
-    expert_in = jnp.einsum("gsec,gsm->egcm", routing.dispatch.astype(dtype), x.astype(dtype))
-    expert_in = sharding.constrain(expert_in, sharding.EXPERT, sharding.DATA)
+    by_group = lambda buffers: sharding.constrain(buffers, None, sharding.BATCH)
+    by_expert = lambda buffers: sharding.constrain(buffers, sharding.EXPERT, sharding.DATA)
+    dispatch = sharding.constrain(routing.dispatch.astype(dtype), sharding.BATCH)
+    combine = sharding.constrain(routing.combine.astype(dtype), sharding.BATCH)
+    expert_in = by_expert(by_group(jnp.einsum("gsec,gsm->egcm", dispatch, x.astype(dtype))))
     num_experts, _, _, d_model = expert_in.shape
     expert_out = expert_in.reshape(num_experts, -1, d_model)  # [E, G*C, M]
     if not self.skip_experts:
       expert_out = ffn(expert_out, weights, self.config.activation)
-    expert_out = sharding.constrain(expert_out.reshape(expert_in.shape), sharding.EXPERT,
-                                    sharding.DATA)
-    y = jnp.einsum("egcm,gsec->gsm", expert_out, routing.combine.astype(dtype))
+    expert_out = by_group(by_expert(expert_out.reshape(expert_in.shape)))
+    y = jnp.einsum("egcm,gsec->gsm", expert_out, combine)
     return sharding.constrain(y, sharding.BATCH)
 
   def _shared_experts(self, x: jax.Array) -> jax.Array:
@@ -230,10 +263,14 @@ class MoeLayer(nn.Module):
                          routing.expert_index.reshape(-1, cfg.top_k), weights, cfg.activation)
       routing = None  # nothing to balance
     elif cfg.dispatch == "dropless":
+      # Not GSPMD, unlike the einsum path: the sort is data-dependent, and GSPMD would run
+      # it over the global batch. shard_map sorts per device and writes out the all-to-alls.
       routing = route(router_logits, cfg, capacity=None, bias=bias)
-      y = dropless_experts(tokens, routing.gate.reshape(-1, cfg.top_k),
-                           routing.expert_index.reshape(-1, cfg.top_k), weights,
-                           cfg.activation, self.skip_experts)  # [T, M]
+      experts = functools.partial(dropless_experts, activation=cfg.activation,
+                                  skip_experts=self.skip_experts)
+      y = expert_parallel.dropless(experts, tokens, routing.gate.reshape(-1, cfg.top_k),
+                                   routing.expert_index.reshape(-1, cfg.top_k),
+                                   weights)  # [T, M]
     else:
       capacity = group_size if decode else expert_capacity(cfg, group_size,
                                                             deterministic=deterministic)

@@ -21,6 +21,7 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from chimera import sharding
 from chimera.config import ModelConfig
 
 
@@ -87,7 +88,9 @@ def choose(scores: jax.Array, bias: jax.Array | None, k: int) -> jax.Array:
     raise ValueError(f"k={k} must be between 1 and the number of experts {num_experts}")
   if bias is not None:
     scores = scores + bias.astype(scores.dtype)
-  return jax.lax.top_k(scores, k)[1]
+  # Per device: under GSPMD, XLA's SPMD partitioner all-gathers TopK's operand when the
+  # token axes are split (it partitions only the sorted axis).
+  return sharding.map_over_batch(lambda scores: jax.lax.top_k(scores, k)[1], scores)
 
 
 def _slot_index(choice: jax.Array, priority: str) -> jax.Array:

@@ -7,11 +7,14 @@ It compiles the real train step on the mesh (no training), reads every all-to-al
 optimized HLO and XLA's per-device memory accounting, and prints them beside the formula
 of docs/scaling.md:
 
-  all-to-all buffer bytes per device per step = 4 * N_moe * k * cf' * T_d * M * b
-  (dispatch and combine, forward and backward), of which (X - 1) / X leave the device,
+  einsum:   all-to-all buffer bytes per device per step = 4 * N_moe * k * cf' * T_d * M * b
+  dropless: 4 * N_moe * X * min(k, E / X) * T_d * M * b  (+ 4 * N_moe * E bytes of counts)
 
+(dispatch and combine, forward and backward), of which (X - 1) / X leave the device,
 with N_moe MoE layers, T_d = tokens per device, M = d_model, X = mesh.expert, b = bytes
-per element, and k * cf' = E * C / S the slots per token after rounding C up.
+per element, and k * cf' = E * C / S the slots per token after rounding C up. Dropless
+pads each destination to T_d * min(k, E / X) rows, the most it can receive
+(`chimera.expert_parallel`).
 """
 
 import functools
@@ -53,10 +56,28 @@ def predicted_bytes(config: config_lib.Config) -> float:
   if mesh.expert == 1:
     return 0.0
   tokens_per_device = t.batch_size // t.grad_accum * t.context / (mesh.data * mesh.expert)
+  element = 2 if m.dtype == "bfloat16" else 4
+  if m.dispatch == "dropless":  # X destinations of T_d * min(k, E / X) rows, int32 counts
+    rows = mesh.expert * min(m.top_k, m.num_experts // mesh.expert) * tokens_per_device
+    return m.num_moe_layers * (4 * rows * m.d_model * element + 4 * m.num_experts)
   capacity = expert_capacity(m, m.group_size)
   slots_per_token = m.num_experts * capacity / m.group_size  # k * cf'
-  element = 2 if m.dtype == "bfloat16" else 4
   return 4 * m.num_moe_layers * slots_per_token * tokens_per_device * m.d_model * element
+
+
+def compile_train_step(config: config_lib.Config, mesh: jax.sharding.Mesh):
+  """The real train step of `config`, lowered and compiled for `mesh` (a fresh state is
+  built, no step runs): its `as_text()` is the optimised HLO, `memory_analysis()` XLA's
+  per-device accounting."""
+  with jax.set_mesh(mesh):
+    state = init_state(config, mesh)
+    shape = (config.train.grad_accum, config.train.batch_size // config.train.grad_accum,
+             config.train.context + 1)
+    batch = jax.make_array_from_process_local_data(
+        sharding.batch_sharding(mesh, 3, 1), np.zeros(shape, np.int32))
+    step = jax.jit(functools.partial(train_step, model=Decoder(config.model),
+                                     config=config.model), donate_argnums=0)
+    return step.lower(state, batch, jax.random.key(0)).compile()
 
 
 def main(argv):
@@ -66,16 +87,7 @@ def main(argv):
   overrides.update(dict(parse_override(s) for s in _SET.value))
   config = config_lib.load(_CONFIG.value, overrides)
   sharding.check_mesh(config, jax.device_count())
-  mesh = sharding.make_mesh(config.mesh)
-  with jax.set_mesh(mesh):
-    state = init_state(config, mesh)
-    shape = (config.train.grad_accum, config.train.batch_size // config.train.grad_accum,
-             config.train.context + 1)
-    batch = jax.make_array_from_process_local_data(
-        sharding.batch_sharding(mesh, 3, 1), np.zeros(shape, np.int32))
-    step = jax.jit(functools.partial(train_step, model=Decoder(config.model),
-                                     config=config.model), donate_argnums=0)
-    compiled = step.lower(state, batch, jax.random.key(0)).compile()
+  compiled = compile_train_step(config, sharding.make_mesh(config.mesh))
   count, measured = all_to_all_bytes(compiled.as_text())
   memory = compiled.memory_analysis()
   per_device = (memory.argument_size_in_bytes + memory.output_size_in_bytes

@@ -101,3 +101,33 @@ def constrain(x: jax.Array, *spec) -> jax.Array:
   if mesh.empty or EXPERT not in mesh.axis_names:
     return x
   return jax.lax.with_sharding_constraint(x, P(*spec))
+
+
+def batch_mesh(batch_size: int) -> jax.sharding.AbstractMesh | None:
+  """The current mesh when it splits a batch of `batch_size` over several devices."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if (mesh.empty or not set(BATCH) <= set(mesh.axis_names) or mesh.size == 1
+      or batch_size % mesh.size):
+    return None
+  return mesh
+
+
+def sum_over_batch(fn, *args):
+  """sum over devices of fn(*args split over every device on axis 0), as shard_map: fn
+  runs on each device's share of the batch, and only its (batch-free) result is summed.
+  Without chimera's mesh, or with a batch that does not split evenly, fn(*args)."""
+  mesh = batch_mesh(args[0].shape[0])
+  if mesh is None:
+    return fn(*args)
+  local_sum = lambda *local: jax.lax.psum(fn(*local), BATCH)
+  return jax.shard_map(local_sum, mesh=mesh, in_specs=P(BATCH), out_specs=P())(*args)
+
+
+def map_over_batch(fn, *args):
+  """fn on each device's share of the batch (axis 0 of every arg and of the result), as
+  shard_map, for ops GSPMD would gather the batch for. Without chimera's mesh, or with a
+  batch that does not split evenly, fn(*args)."""
+  mesh = batch_mesh(args[0].shape[0])
+  if mesh is None:
+    return fn(*args)
+  return jax.shard_map(fn, mesh=mesh, in_specs=P(BATCH), out_specs=P(BATCH))(*args)

@@ -1,7 +1,9 @@
 """Driver for tests/test_sharding.py: one training run on N fake CPU devices.
 
 XLA_FLAGS must name the device count before jax is imported, so each run is its own
-process:  python tests/multidevice_run.py DEVICES DATA EXPERT WORKDIR CORPUS STEPS [STOP_AFTER]
+process:
+  python tests/multidevice_run.py DEVICES DATA EXPERT WORKDIR CORPUS STEPS [STOP_AFTER] [DISPATCH]
+(STOP_AFTER 0: run every step; DISPATCH: model.dispatch, the config's own if absent).
 It trains (or resumes) the tiny MoE config and writes WORKDIR/result.npz: the final
 parameters, the last training loss, and how the expert weights are laid out.
 """
@@ -21,12 +23,13 @@ from chimera.steps import init_state  # noqa: E402
 from chimera.train import train  # noqa: E402
 
 workdir, corpus, steps = sys.argv[4], sys.argv[5], int(sys.argv[6])
-stop_after = int(sys.argv[7]) if len(sys.argv) > 7 else None
+stop_after = int(sys.argv[7]) if len(sys.argv) > 7 and int(sys.argv[7]) else None
+dispatch = {"model.dispatch": sys.argv[8]} if len(sys.argv) > 8 else {}
 root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 config = config_lib.load(os.path.join(root, "configs", "moe_top2.py") + ":tiny", {
     "data.corpus": corpus, "train.steps": steps, "train.batch_size": 8, "train.log_every": 1,
     "train.eval_every": 1000, "train.checkpoint_every": 1000, "mesh.data": data,
-    "mesh.expert": expert, "model.num_experts": 8})
+    "mesh.expert": expert, "model.num_experts": 8, **dispatch})
 assert jax.device_count() == devices
 summary = train(config, workdir, stop_after=stop_after)
 

@@ -9,7 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from chimera.grouped_matmul import block_layout, ragged_matmul
+from chimera.grouped_matmul import (MAX_BLOCK, MIN_BLOCK, block_layout, default_block_size,
+                                    ragged_matmul)
 
 ROWS, M, H = 13, 4, 3
 
@@ -58,3 +59,13 @@ def test_block_layout_by_hand():
   np.testing.assert_array_equal(layout.row_of_slot,
                                 [0, 1, 2, 8, 3, 4, 5, 6, 7, 8, 8, 8, 8, 8])
   np.testing.assert_array_equal(layout.block_group, [0, 0, 2, 2, 2, 3, 3])
+
+
+def test_default_block_size_bounds_the_padding():
+  assert default_block_size(8192, 8) == 256  # moe_top2, small preset: 8 * 256 = R / 4
+  assert default_block_size(65536, 8) == MAX_BLOCK  # the gpu preset
+  assert default_block_size(64, 8) == MIN_BLOCK  # tiny batches: the floor
+  for rows, groups in [(8192, 8), (32768, 32), (100_000, 64), (4096, 2)]:
+    block = default_block_size(rows, groups)
+    assert groups * block * 4 <= rows and block & (block - 1) == 0
+    assert block == MAX_BLOCK or groups * block * 2 * 4 > rows  # the largest that fits

@@ -1,0 +1,159 @@
+"""Does a sharded MoE train step scale with the local batch? Read from XLA's optimised HLO.
+
+  XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m chimera.scaling_hlo \
+      --config=configs/moe_top2.py:tiny --mesh=1,8 --set=train.batch_size=32 \
+      --set=train.context=64 --set=model.group_size=64
+
+(the flags are chimera.scaling's). For each dispatch (einsum, dropless) it compiles the
+train step of the config on one device and on the mesh, at the same global batch, and
+prints
+- per-device memory, XLA's temporaries plus arguments (`memory_analysis`), on both meshes,
+  and their ratio;
+- every all-to-all, with the bytes it outputs on one device, beside the formula of
+  `chimera.scaling.predicted_bytes`;
+- the token-sized all-gathers and all-reduces: those whose arrays change when the batch
+  doubles (`token_sized`). Parameter gradients keep their shapes whatever the batch, so
+  they never count; routing, masks and activations do.
+Nothing is trained; the numbers are compiled sizes on fake CPU devices.
+"""
+
+import collections
+import dataclasses
+import re
+
+import jax
+import numpy as np
+from absl import app, flags
+from jax.sharding import AxisType
+
+from chimera import config as config_lib
+from chimera.bench import parse_override
+from chimera.scaling import compile_train_step, predicted_bytes
+from chimera.sharding import DATA, EXPERT
+
+FLAGS = flags.FLAGS  # chimera.scaling's --config, --mesh and --set
+_BYTES = {"f64": 8, "s64": 8, "u64": 8, "f32": 4, "s32": 4, "u32": 4, "bf16": 2, "f16": 2,
+          "s16": 2, "u16": 2, "s8": 1, "u8": 1, "pred": 1}
+_KINDS = ("all-to-all", "all-gather", "all-reduce", "reduce-scatter", "collective-permute")
+_COLLECTIVE = re.compile(r"= \(?(.*?)\)? (" + "|".join(_KINDS) + r")(?:-start)?\(")
+
+
+@dataclasses.dataclass(frozen=True)
+class Collective:
+  """One collective op of an HLO module, as one device sees it."""
+
+  kind: str  # "all-to-all", "all-gather", ...
+  arrays: tuple[str, ...]  # its outputs, e.g. ("f32[1,256,32]", ...)
+  bytes: int  # what it outputs on one device
+  op_name: str  # the JAX op it came from (metadata), for the reader
+
+
+@dataclasses.dataclass(frozen=True)
+class StepReport:
+  """One compiled train step on one mesh."""
+
+  dispatch: str
+  mesh: tuple[int, int]  # (data, expert)
+  memory_bytes: int  # per device: temporaries + arguments
+  all_to_alls: list[Collective]
+  predicted_all_to_all_bytes: float  # chimera.scaling.predicted_bytes
+
+
+def _array_bytes(array: str) -> int:
+  dtype, dims = re.fullmatch(r"(\w+)\[([\d,]*)\]", array).groups()
+  return _BYTES.get(dtype, 4) * int(np.prod([int(d) for d in dims.split(",") if d]))
+
+
+def collectives(hlo_text: str) -> list[Collective]:
+  """Every collective op in an optimised HLO module."""
+  found = []
+  for line in hlo_text.splitlines():
+    match = _COLLECTIVE.search(line)
+    if not match:
+      continue
+    arrays = tuple(re.findall(r"\w+\[[\d,]*\]", match.group(1)))
+    op_name = re.search(r'op_name="([^"]*)"', line)
+    found.append(Collective(match.group(2), arrays, sum(map(_array_bytes, arrays)),
+                            op_name.group(1) if op_name else ""))
+  return found
+
+
+def token_sized(hlo_text: str, doubled_hlo_text: str) -> list[tuple[str, str, str]]:
+  """(kind, array, op_name) of each all-gather, all-reduce, reduce-scatter or
+  collective-permute array of `doubled_hlo_text` (the same step at twice the batch) that
+  `hlo_text` does not have: the arrays that grow with the tokens. All-to-alls are left
+  out; they carry tokens by design."""
+  def arrays(text):
+    return [(c.kind, array, c.op_name) for c in collectives(text) if c.kind != "all-to-all"
+            for array in c.arrays]
+  remaining = collections.Counter((kind, array) for kind, array, _ in arrays(hlo_text))
+  grown = []
+  for kind, array, op_name in arrays(doubled_hlo_text):
+    if remaining[kind, array]:
+      remaining[kind, array] -= 1
+    else:
+      grown.append((kind, array, op_name))
+  return grown
+
+
+def first_devices_mesh(data: int, expert: int) -> jax.sharding.Mesh:
+  """chimera's mesh over the first data * expert devices, so that 1 x 1 and 1 x 8 compile
+  in one process."""
+  return jax.make_mesh((data, expert), (DATA, EXPERT), devices=jax.devices()[:data * expert],
+                       axis_types=(AxisType.Auto, AxisType.Auto))
+
+
+def load(spec: str, overrides: dict, data: int, expert: int) -> config_lib.Config:
+  return config_lib.load(spec, {**overrides, "mesh.data": data, "mesh.expert": expert})
+
+
+def compile_step(spec: str, overrides: dict, data: int, expert: int):
+  return compile_train_step(load(spec, overrides, data, expert), first_devices_mesh(data, expert))
+
+
+def measure(spec: str, overrides: dict, data: int, expert: int) -> tuple[StepReport, str]:
+  """The step compiled on a data x expert mesh: its report and its optimised HLO."""
+  compiled = compile_step(spec, overrides, data, expert)
+  memory = compiled.memory_analysis()
+  text = compiled.as_text()
+  report = StepReport(
+      dispatch=overrides["model.dispatch"], mesh=(data, expert),
+      memory_bytes=memory.temp_size_in_bytes + memory.argument_size_in_bytes,
+      all_to_alls=[c for c in collectives(text) if c.kind == "all-to-all"],
+      predicted_all_to_all_bytes=predicted_bytes(load(spec, overrides, data, expert)))
+  return report, text
+
+
+def doubled(overrides: dict, batch_size: int) -> dict:
+  return {**overrides, "train.batch_size": 2 * batch_size}
+
+
+def main(argv):
+  del argv
+  data, expert = (int(v) for v in FLAGS.mesh)
+  spec, base = FLAGS.config, dict(parse_override(s) for s in FLAGS.set)
+  batch_size = load(spec, base, 1, 1).train.batch_size
+  print(f"config {spec} {' '.join(FLAGS.set)}; {jax.device_count()} "
+        f"{jax.devices()[0].platform} devices; per-device memory = XLA temporaries + arguments")
+  for dispatch in ("einsum", "dropless"):
+    overrides = {**base, "model.dispatch": dispatch}
+    single, _ = measure(spec, overrides, 1, 1)
+    sharded, text = measure(spec, overrides, data, expert)
+    grown = token_sized(text, compile_step(spec, doubled(overrides, batch_size),
+                                           data, expert).as_text())
+    print(f"\n== dispatch={dispatch}")
+    print(f"per-device memory: 1x1 {single.memory_bytes:,} B, {data}x{expert} "
+          f"{sharded.memory_bytes:,} B, ratio {sharded.memory_bytes / single.memory_bytes:.3f}")
+    total = sum(c.bytes for c in sharded.all_to_alls)
+    print(f"all-to-alls: {len(sharded.all_to_alls)} ops, {total:,} B per device per step "
+          f"(formula {sharded.predicted_all_to_all_bytes:,.0f} B)")
+    for c in sharded.all_to_alls:
+      print(f"  {c.bytes:>9,} B  {len(c.arrays)} x {c.arrays[0]}  {c.op_name[-70:]}")
+    print(f"token-sized all-gathers / all-reduces (arrays that grow with the batch): "
+          f"{len(grown)}")
+    for kind, array, op_name in grown:
+      print(f"  {kind} {array}  {op_name[-90:]}")
+
+
+if __name__ == "__main__":
+  app.run(main)

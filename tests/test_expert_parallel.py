@@ -1,0 +1,121 @@
+"""Expert parallelism on 8 fake CPU devices, each case in its own process: the dropless
+exchange of chimera/expert_parallel.py against one device, and the collectives of the
+compiled train step (issue 13).
+
+The send plan of the exchange is also checked here in-process, on one device, by hand.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from chimera.expert_parallel import received_experts, send_plan
+from test_sharding import assert_same_training
+
+ROOT = Path(__file__).resolve().parents[1]
+DRIVER = ROOT / "tests" / "expert_parallel_run.py"
+TRAIN_DRIVER = ROOT / "tests" / "multidevice_run.py"
+STEPS = 4
+
+
+def run(args: list[str]) -> None:
+  result = subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=600, env={**os.environ, "XLA_FLAGS": ""})
+  assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_send_plan_by_hand():
+  # 3 tokens, K = 2, E = 4 experts on X = 2 devices (experts 0, 1 on device 0; 2, 3 on 1),
+  # C = 4 slots per destination.
+  expert_index = jnp.array([[2, 0], [1, 3], [3, 2]])  # choices a = 0..5: 2 0 1 3 3 2
+  plan = send_plan(expert_index, num_experts=4, num_devices=2, rows_per_destination=4)
+  # Sorted by expert: a=1 (e0), a=2 (e1) | a=0 (e2), a=5 (e2), a=3 (e3), a=4 (e3).
+  np.testing.assert_array_equal(plan.counts, [[1, 1], [2, 2]])
+  # Device 0 gets two rows and two padding slots (6: no choice), device 1 four rows.
+  np.testing.assert_array_equal(plan.choice_of_slot, [1, 2, 6, 6, 0, 5, 3, 4])
+  np.testing.assert_array_equal(plan.slot_of_choice, [4, 0, 1, 6, 7, 5])
+  # A device that receives counts [1, 1] from source 0 and [2, 2] from source 1: each
+  # source's rows sorted by local expert, then padding (local expert 2: none).
+  np.testing.assert_array_equal(received_experts(jnp.array([[1, 1], [2, 2]]), 4),
+                                [0, 1, 2, 2, 0, 0, 1, 1])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("data, expert", [(2, 4), (1, 8)])
+def test_layer_on_a_mesh_equals_one_device(data, expert, tmp_path):
+  """Outputs and gradients (router, experts, input) of the MoE layer, dropless and einsum,
+  including a routing that sends every row to one device and fills its buffer exactly."""
+  out = tmp_path / "layer.npz"
+  run([DRIVER, "layer", data, expert, out])
+  results = np.load(out)
+  for name in results.files:
+    if "/single/" in name:
+      single, sharded = results[name], results[name.replace("/single/", "/sharded/")]
+      np.testing.assert_allclose(sharded, single, rtol=1e-5,
+                                 atol=1e-5 * float(np.abs(single).max()), err_msg=name)
+  # Really exchanged: counts, rows and results forward, two transposes backward.
+  for case in ("dropless_k2", "dropless_k1_swiglu", "dropless_k2_skewed"):
+    assert int(results[f"{case}/all_to_alls"]) == 5, case
+  assert int(results["einsum_k2/all_to_alls"]) == 4  # dispatch, combine; forward, backward
+
+
+def train(tmp_path, name: str, devices: int, data: int, expert: int, corpus, dispatch: str):
+  workdir = tmp_path / name
+  run([TRAIN_DRIVER, devices, data, expert, workdir, corpus, STEPS, 0, dispatch])
+  return dict(np.load(workdir / "result.npz"))
+
+
+@pytest.fixture(scope="module")
+def single_device_runs(tmp_path_factory, write_corpus):
+  tmp = tmp_path_factory.mktemp("single")
+  corpus = write_corpus(tmp / "corpus.txt")
+  return corpus, {dispatch: train(tmp, dispatch, 1, 1, 1, corpus, dispatch)
+                  for dispatch in ("dropless", "einsum")}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dispatch, data, expert",
+                         [("dropless", 2, 4), ("dropless", 1, 8), ("einsum", 1, 8)])
+def test_training_on_a_mesh_equals_one_device(dispatch, data, expert, single_device_runs,
+                                              tmp_path):
+  corpus, references = single_device_runs
+  result = train(tmp_path, f"{dispatch}{data}x{expert}", 8, data, expert, corpus, dispatch)
+  assert_same_training(result, references[dispatch])
+  assert int(result["experts_per_device"]) == 8 // expert
+
+
+_HLO = {}
+
+
+def compiled_step(dispatch: str, tmp_path_factory) -> dict:
+  """tests/expert_parallel_run.py hlo, once per dispatch for this module."""
+  if dispatch not in _HLO:
+    out = tmp_path_factory.mktemp("hlo") / f"{dispatch}.json"
+    run([DRIVER, "hlo", dispatch, out])
+    _HLO[dispatch] = json.loads(out.read_text())
+  return _HLO[dispatch]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dispatch", ["einsum", "dropless"])
+def test_compiled_step_moves_tokens_by_all_to_all(dispatch, tmp_path_factory):
+  """configs/moe_top2.py:tiny, 32 x 64 tokens, groups of 64, on 1 x 8: the all-to-alls
+  are there and carry what chimera.scaling's formula says."""
+  report = compiled_step(dispatch, tmp_path_factory)
+  # Per MoE layer: einsum 2 forward + 2 backward; dropless also the counts.
+  assert len(report["all_to_alls"]) == {"einsum": 8, "dropless": 10}[dispatch]
+  assert sum(c["bytes"] for c in report["all_to_alls"]) == report["predicted_all_to_all_bytes"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dispatch", ["einsum", "dropless"])
+def test_compiled_step_gathers_nothing_token_sized(dispatch, tmp_path_factory):
+  """No all-gather or all-reduce whose arrays grow with the batch (routing, masks,
+  activations, token ids); parameter gradients keep their shapes and may be all-reduced."""
+  assert compiled_step(dispatch, tmp_path_factory)["token_sized"] == []
