@@ -72,21 +72,20 @@ def train(tmp_path, name: str, devices: int, data: int, expert: int, corpus, dis
 
 
 @pytest.fixture(scope="module")
-def single_device_runs(tmp_path_factory, write_corpus):
+def single_device_run(tmp_path_factory, write_corpus):
   tmp = tmp_path_factory.mktemp("single")
   corpus = write_corpus(tmp / "corpus.txt")
-  return corpus, {dispatch: train(tmp, dispatch, 1, 1, 1, corpus, dispatch)
-                  for dispatch in ("dropless", "einsum")}
+  return corpus, train(tmp, "dropless", 1, 1, 1, corpus, "dropless")
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("dispatch, data, expert",
-                         [("dropless", 2, 4), ("dropless", 1, 8), ("einsum", 1, 8)])
-def test_training_on_a_mesh_equals_one_device(dispatch, data, expert, single_device_runs,
-                                              tmp_path):
-  corpus, references = single_device_runs
-  result = train(tmp_path, f"{dispatch}{data}x{expert}", 8, data, expert, corpus, dispatch)
-  assert_same_training(result, references[dispatch])
+@pytest.mark.parametrize("data, expert", [(2, 4), (1, 8)])
+def test_dropless_training_on_a_mesh_equals_one_device(data, expert, single_device_run,
+                                                       tmp_path):
+  """Dropless through shard_map; tests/test_sharding.py runs the einsum path."""
+  corpus, reference = single_device_run
+  result = train(tmp_path, f"dropless{data}x{expert}", 8, data, expert, corpus, "dropless")
+  assert_same_training(result, reference)
   assert int(result["experts_per_device"]) == 8 // expert
 
 

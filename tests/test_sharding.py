@@ -19,8 +19,9 @@ STEPS = 4
 
 def run(tmp_path, name, devices, data, expert, corpus, stop_after=None, workdir=None):
   workdir = workdir or tmp_path / name
+  # The einsum (GSPMD) path; tests/test_expert_parallel.py runs dropless on a mesh.
   args = [sys.executable, str(DRIVER), str(devices), str(data), str(expert), str(workdir),
-          str(corpus), str(STEPS)] + ([str(stop_after)] if stop_after else [])
+          str(corpus), str(STEPS), str(stop_after or 0), "einsum"]
   result = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "XLA_FLAGS": ""})
   assert result.returncode == 0, result.stderr[-3000:]
