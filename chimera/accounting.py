@@ -20,8 +20,11 @@ Conventions:
   training capacity factor. Under `dispatch="dropless"` it equals the model FLOPs: the
   sort, gather and scatter move K*M values per token per MoE layer and do no
   multiply-adds (nor is the gate-weighted sum of the k outputs, 2 * K * M, counted).
-  How a grouped matmul is lowered is not counted either (on XLA:CPU `ragged_dot` is a
-  masked matmul over all E experts).
+  How a grouped matmul is lowered is not counted either: the default "blocks" layout
+  computes R + E * b rows for R = tokens * k routed rows (b from
+  `grouped_matmul.default_block_size`, so at most 1.25 R), and on XLA:CPU `ragged_dot` is
+  a masked matmul over all E experts. That padding depends on the batch, which this count
+  does not see.
 """
 
 import dataclasses

@@ -403,7 +403,7 @@ def headline(summary: dict, study: str) -> list[str]:
                  describe(e["train_tokens_per_second"], digits=0)])
   lines += _table(["model", "final val loss", "- dense", "bits/byte",
                    "tokens to dense's final loss", "executed MFLOPs/token",
-                   "train tok/s"], rows)
+                   "train tok/s (during training)"], rows)
   best = study_targets.best_moe(models)
   if best:
     lines += ["", f"Lowest of the compute-matched MoE configs: **{best}**, "
