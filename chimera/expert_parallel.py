@@ -51,6 +51,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from chimera import sharding
+from chimera.grouped_matmul import sort_by_group
 from chimera.sharding import BATCH, EXPERT
 
 # (x [T, M], gate [T, K], expert_index [T, K], weights {name: [E, ...]}) -> y [T, M]:
@@ -93,10 +94,8 @@ def send_plan(expert_index: jax.Array, num_experts: int, num_devices: int,
   experts_per_device = num_experts // num_devices
   expert_ids = expert_index.reshape(-1)  # [R], choice a = t * K + r
   num_choices = expert_ids.shape[0]
-  # Stable: within an expert the rows stay in token order, as on one device.
-  order = jnp.argsort(expert_ids, stable=True)  # [R] choices sorted by expert
-  rank = jnp.argsort(order)  # [R] the sorted position of each choice
-  counts = jnp.bincount(expert_ids, length=num_experts).astype(jnp.int32)
+  # In token order within an expert, as on one device; rank: each choice's sorted place.
+  order, rank, counts = sort_by_group(expert_ids, num_experts)
   counts = counts.reshape(num_devices, experts_per_device)  # [X, E_d]
   per_destination = counts.sum(axis=1)  # [X]
   starts = jnp.cumsum(per_destination) - per_destination  # [X] first sorted position

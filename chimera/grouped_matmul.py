@@ -52,6 +52,17 @@ def ragged_matmul(rows: jax.Array, weights: jax.Array, group_sizes: jax.Array,
   return block_matmul(rows, weights, group_sizes, block_size)
 
 
+def sort_by_group(group_ids: jax.Array, num_groups: int) -> tuple[jax.Array, jax.Array,
+                                                                    jax.Array]:
+  """(order, position, group_sizes) of rows labelled group_ids [R]: order [R] lists the
+  rows group by group (stable, so each group keeps the rows' order), position [R] is each
+  row's place in that order, group_sizes [E] int32 counts them (ids >= num_groups count
+  nowhere and sort last)."""
+  order = jnp.argsort(group_ids, stable=True)
+  group_sizes = jnp.bincount(group_ids, length=num_groups).astype(jnp.int32)
+  return order, jnp.argsort(order), group_sizes
+
+
 class BlockLayout(NamedTuple):
   """Where the rows go when each group is padded to whole blocks."""
 

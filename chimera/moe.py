@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from chimera import expert_parallel, sharding
 from chimera.config import ModelConfig
 from chimera.grouped_matmul import (blocks_matmul, default_block_size, from_blocks, move_rows,
-                                    to_blocks)
+                                    sort_by_group, to_blocks)
 from chimera.layers import compute_dtype, dense_init
 from chimera.routers import Routing, expert_capacity, route, update_router_bias
 
@@ -74,12 +74,10 @@ def dropless_experts(x: jax.Array, gate: jax.Array, expert_index: jax.Array,
   """
   num_tokens, k = expert_index.shape
   num_experts = weights["wo"].shape[0]
-  expert_ids = expert_index.reshape(-1)  # [R], choice a = t * K + r
-  # Stable, so within an expert the rows stay in token order.
-  order = jnp.argsort(expert_ids, stable=True)  # [R] choice ids, sorted by expert
-  position = jnp.argsort(order)  # [R] each choice's row in the sorted order
+  # order [R]: choice ids (a = t * K + r) by expert, in token order within an expert;
+  # position [R]: each choice's sorted row; group_sizes [E].
+  order, position, group_sizes = sort_by_group(expert_index.reshape(-1), num_experts)
   rows = _choice_rows(x, order, position, k)  # [R, M]
-  group_sizes = jnp.bincount(expert_ids, length=num_experts).astype(jnp.int32)  # [E]
   if not skip_experts:
     block_size = block_size or default_block_size(rows.shape[0], num_experts)
     blocks, layout = to_blocks(rows, group_sizes, block_size)  # [N, b, M]

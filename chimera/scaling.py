@@ -17,6 +17,7 @@ pads each destination to T_d * min(k, E / X) rows, the most it can receive
 (`chimera.expert_parallel`).
 """
 
+import dataclasses
 import functools
 import re
 
@@ -34,20 +35,45 @@ _CONFIG = flags.DEFINE_string("config", "configs/moe_top2.py", "Config file[:pre
 _MESH = flags.DEFINE_list("mesh", ["2", "4"], "data,expert")
 _SET = flags.DEFINE_multi_string("set", [], "Overrides: section.field=value.")
 
-_BYTES = {"f32": 4, "bf16": 2, "f16": 2, "s32": 4}
+_BYTES = {"f64": 8, "s64": 8, "u64": 8, "f32": 4, "s32": 4, "u32": 4, "bf16": 2, "f16": 2,
+          "s16": 2, "u16": 2, "s8": 1, "u8": 1, "pred": 1}
+_KINDS = ("all-to-all", "all-gather", "all-reduce", "reduce-scatter", "collective-permute")
+_COLLECTIVE = re.compile(r"= \(?(.*?)\)? (" + "|".join(_KINDS) + r")(?:-start)?\(")
+
+
+@dataclasses.dataclass(frozen=True)
+class Collective:
+  """One collective op of an HLO module, as one device sees it."""
+
+  kind: str  # "all-to-all", "all-gather", ...
+  arrays: tuple[str, ...]  # its outputs, e.g. ("f32[1,256,32]", ...)
+  bytes: int  # what it outputs on one device
+  op_name: str  # the JAX op it came from (metadata), for the reader
+
+
+def _array_bytes(array: str) -> int:
+  dtype, dims = re.fullmatch(r"(\w+)\[([\d,]*)\]", array).groups()
+  return _BYTES.get(dtype, 4) * int(np.prod([int(d) for d in dims.split(",") if d]))
+
+
+def collectives(hlo_text: str) -> list[Collective]:
+  """Every collective op in an optimised HLO module."""
+  found = []
+  for line in hlo_text.splitlines():
+    match = _COLLECTIVE.search(line)
+    if not match:
+      continue
+    arrays = tuple(re.findall(r"\w+\[[\d,]*\]", match.group(1)))
+    op_name = re.search(r'op_name="([^"]*)"', line)
+    found.append(Collective(match.group(2), arrays, sum(map(_array_bytes, arrays)),
+                            op_name.group(1) if op_name else ""))
+  return found
 
 
 def all_to_all_bytes(hlo_text: str) -> tuple[int, int]:
   """(number of all-to-all ops, bytes they output on one device) in an HLO module."""
-  count, total = 0, 0
-  for line in hlo_text.splitlines():
-    match = re.search(r"= \(?(.*?)\)? all-to-all\(", line)
-    if not match:
-      continue
-    count += 1
-    for dtype, dims in re.findall(r"(\w+)\[([\d,]*)\]", match.group(1)):
-      total += _BYTES.get(dtype, 4) * int(np.prod([int(d) for d in dims.split(",") if d]))
-  return count, total
+  found = [c for c in collectives(hlo_text) if c.kind == "all-to-all"]
+  return len(found), sum(c.bytes for c in found)
 
 
 def predicted_bytes(config: config_lib.Config) -> float:

@@ -19,35 +19,16 @@ Nothing is trained; the numbers are compiled sizes on fake CPU devices.
 
 import collections
 import dataclasses
-import re
 
 import jax
-import numpy as np
 from absl import app, flags
-from jax.sharding import AxisType
 
 from chimera import config as config_lib
 from chimera.bench import parse_override
-from chimera.scaling import compile_train_step, predicted_bytes
-from chimera.sharding import DATA, EXPERT
+from chimera.scaling import Collective, collectives, compile_train_step, predicted_bytes
+from chimera.sharding import make_mesh
 
 FLAGS = flags.FLAGS  # chimera.scaling's --config, --mesh and --set
-_BYTES = {"f64": 8, "s64": 8, "u64": 8, "f32": 4, "s32": 4, "u32": 4, "bf16": 2, "f16": 2,
-          "s16": 2, "u16": 2, "s8": 1, "u8": 1, "pred": 1}
-_KINDS = ("all-to-all", "all-gather", "all-reduce", "reduce-scatter", "collective-permute")
-_COLLECTIVE = re.compile(r"= \(?(.*?)\)? (" + "|".join(_KINDS) + r")(?:-start)?\(")
-
-
-@dataclasses.dataclass(frozen=True)
-class Collective:
-  """One collective op of an HLO module, as one device sees it."""
-
-  kind: str  # "all-to-all", "all-gather", ...
-  arrays: tuple[str, ...]  # its outputs, e.g. ("f32[1,256,32]", ...)
-  bytes: int  # what it outputs on one device
-  op_name: str  # the JAX op it came from (metadata), for the reader
-
-
 @dataclasses.dataclass(frozen=True)
 class StepReport:
   """One compiled train step on one mesh."""
@@ -57,25 +38,6 @@ class StepReport:
   memory_bytes: int  # per device: temporaries + arguments
   all_to_alls: list[Collective]
   predicted_all_to_all_bytes: float  # chimera.scaling.predicted_bytes
-
-
-def _array_bytes(array: str) -> int:
-  dtype, dims = re.fullmatch(r"(\w+)\[([\d,]*)\]", array).groups()
-  return _BYTES.get(dtype, 4) * int(np.prod([int(d) for d in dims.split(",") if d]))
-
-
-def collectives(hlo_text: str) -> list[Collective]:
-  """Every collective op in an optimised HLO module."""
-  found = []
-  for line in hlo_text.splitlines():
-    match = _COLLECTIVE.search(line)
-    if not match:
-      continue
-    arrays = tuple(re.findall(r"\w+\[[\d,]*\]", match.group(1)))
-    op_name = re.search(r'op_name="([^"]*)"', line)
-    found.append(Collective(match.group(2), arrays, sum(map(_array_bytes, arrays)),
-                            op_name.group(1) if op_name else ""))
-  return found
 
 
 def token_sized(hlo_text: str, doubled_hlo_text: str) -> list[tuple[str, str, str]]:
@@ -96,31 +58,26 @@ def token_sized(hlo_text: str, doubled_hlo_text: str) -> list[tuple[str, str, st
   return grown
 
 
-def first_devices_mesh(data: int, expert: int) -> jax.sharding.Mesh:
-  """chimera's mesh over the first data * expert devices, so that 1 x 1 and 1 x 8 compile
-  in one process."""
-  return jax.make_mesh((data, expert), (DATA, EXPERT), devices=jax.devices()[:data * expert],
-                       axis_types=(AxisType.Auto, AxisType.Auto))
-
-
 def load(spec: str, overrides: dict, data: int, expert: int) -> config_lib.Config:
   return config_lib.load(spec, {**overrides, "mesh.data": data, "mesh.expert": expert})
 
 
 def compile_step(spec: str, overrides: dict, data: int, expert: int):
-  return compile_train_step(load(spec, overrides, data, expert), first_devices_mesh(data, expert))
+  config = load(spec, overrides, data, expert)
+  return compile_train_step(config, make_mesh(config.mesh))
 
 
 def measure(spec: str, overrides: dict, data: int, expert: int) -> tuple[StepReport, str]:
   """The step compiled on a data x expert mesh: its report and its optimised HLO."""
-  compiled = compile_step(spec, overrides, data, expert)
+  config = load(spec, overrides, data, expert)
+  compiled = compile_train_step(config, make_mesh(config.mesh))
   memory = compiled.memory_analysis()
   text = compiled.as_text()
   report = StepReport(
       dispatch=overrides["model.dispatch"], mesh=(data, expert),
       memory_bytes=memory.temp_size_in_bytes + memory.argument_size_in_bytes,
       all_to_alls=[c for c in collectives(text) if c.kind == "all-to-all"],
-      predicted_all_to_all_bytes=predicted_bytes(load(spec, overrides, data, expert)))
+      predicted_all_to_all_bytes=predicted_bytes(config))
   return report, text
 
 

@@ -70,7 +70,10 @@ def check_mesh(config: Config, device_count: int) -> None:
 
 
 def make_mesh(config: MeshConfig) -> jax.sharding.Mesh:
+  """The data x expert mesh over the first data * expert devices (all of them in training,
+  which `check_mesh` requires; fewer where a tool compiles several meshes in one process)."""
   return jax.make_mesh((config.data, config.expert), (DATA, EXPERT),
+                       devices=jax.devices()[:config.data * config.expert],
                        axis_types=(AxisType.Auto, AxisType.Auto))
 
 

@@ -23,8 +23,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from chimera import scaling_hlo, sharding  # noqa: E402
-from chimera.config import ModelConfig  # noqa: E402
+from chimera import scaling, scaling_hlo, sharding  # noqa: E402
+from chimera.config import MeshConfig, ModelConfig  # noqa: E402
 from chimera.moe import MoeLayer  # noqa: E402
 
 BATCH, LENGTH, D_MODEL, NUM_EXPERTS = 8, 16, 8, 8
@@ -75,7 +75,7 @@ def flat(prefix: str, tree) -> dict:
 
 
 def run_layer(data: int, expert: int, out: str):
-  mesh = scaling_hlo.first_devices_mesh(data, expert)
+  mesh = sharding.make_mesh(MeshConfig(data, expert))
   results = {}
   for name, (changes, skewed) in CASES.items():
     cfg = layer_config(changes)
@@ -93,7 +93,7 @@ def run_layer(data: int, expert: int, out: str):
       hlo = step.lower(params, x, cotangent).compile().as_text()
     results |= flat(f"{name}/sharded", {"y": y, "grads": grads})
     results[f"{name}/all_to_alls"] = np.asarray(
-        sum(c.kind == "all-to-all" for c in scaling_hlo.collectives(hlo)))
+        sum(c.kind == "all-to-all" for c in scaling.collectives(hlo)))
   np.savez(out, **results)
 
 
