@@ -17,20 +17,24 @@ Conventions:
 - `executed_flops_per_token` is what the einsum path computes: the experts run on all
   E * C / S slots per token (empty slots are computed too) instead of k, plus the
   dispatch and combine einsums. C comes from `chimera.routers.expert_capacity` at the
-  training capacity factor. Under `dispatch="dropless"` it equals the model FLOPs: the
-  sort, gather and scatter move K*M values per token per MoE layer and do no
-  multiply-adds (nor is the gate-weighted sum of the k outputs, 2 * K * M, counted).
-  How a grouped matmul is lowered is not counted either: the default "blocks" layout
-  computes R + E * b rows for R = tokens * k routed rows (b from
-  `grouped_matmul.default_block_size`, so at most 1.25 R), and on XLA:CPU `ragged_dot` is
-  a masked matmul over all E experts. That padding depends on the batch, which this count
-  does not see.
+  training capacity factor. Under `dispatch="dropless"` with `tokens_per_call` given, it
+  counts what the "blocks" layout (`chimera.grouped_matmul`) computes: R = tokens_per_call * k
+  routed rows laid out as N = R // b + E blocks of b rows (b from
+  `grouped_matmul.default_block_size`; the static layout computes all N * b rows, empty
+  ones too), so the experts run N * b / R times the model's; plus the one-hot matmul that
+  picks each block's weights, 2 * N * E * M * H per expert matrix forward, times 3. The
+  sort, gathers and the gate-weighted sum of the k outputs do no matmul and are not
+  counted. Without `tokens_per_call` (or on XLA:CPU's `ragged_dot`, a masked matmul over all
+  E experts) dropless is counted at its model FLOPs.
+- `count_run(config)` is `count` at a run's context and micro-batch, as one device runs
+  it: on a data-parallel mesh each device lays out fewer rows and b follows them.
 """
 
 import dataclasses
 from typing import NamedTuple
 
-from chimera.config import ModelConfig
+from chimera.config import Config, ModelConfig
+from chimera.grouped_matmul import default_block_size
 from chimera.routers import expert_capacity
 
 
@@ -54,10 +58,21 @@ def expert_slots_per_token(config: ModelConfig) -> float:
   return config.num_experts * capacity / config.group_size
 
 
-def count(config: ModelConfig, context: int) -> Accounting:
+def block_padding(config: ModelConfig, tokens_per_call: int) -> tuple[float, int]:
+  """(N * b / R, N) of the dropless "blocks" layout for one call on `tokens_per_call`
+  tokens: the expert rows computed per routed row, and the number of blocks."""
+  rows = tokens_per_call * config.top_k
+  block = default_block_size(rows, config.num_experts)
+  num_blocks = rows // block + config.num_experts
+  return num_blocks * block / rows, num_blocks
+
+
+def count(config: ModelConfig, context: int, tokens_per_call: int | None = None) -> Accounting:
   """Parameters and training FLOPs per token of `config` at sequence length `context`.
 
   `config.group_size` None means one sequence of `context` tokens per routing group.
+  tokens_per_call: the tokens one dropless layer call routes (a device's micro-batch);
+  None leaves the dropless block padding out of the executed FLOPs.
   """
   if config.group_size is None:
     config = dataclasses.replace(config, group_size=context)
@@ -88,9 +103,19 @@ def count(config: ModelConfig, context: int) -> Accounting:
         capacity = expert_capacity(config, config.group_size)
         dispatch += 3 * 2 * 2 * config.num_experts * capacity * m
         padding += 6 * (expert_slots_per_token(config) - config.top_k) * expert_matmul
+      elif tokens_per_call is not None:
+        rows_ratio, num_blocks = block_padding(config, tokens_per_call)
+        padding += 6 * (rows_ratio - 1) * config.top_k * expert_matmul
+        dispatch += 6 * num_blocks * config.num_experts * expert_matmul / tokens_per_call
     else:
       total += mlp_matmul + mlp_bias
       active += mlp_matmul + mlp_bias
       matmul += mlp_matmul
   flops = 6 * matmul + 12 * config.num_layers * context * m
-  return Accounting(total, active, flops, dispatch, round(flops + padding + dispatch))
+  return Accounting(total, active, flops, round(dispatch), round(flops + padding + dispatch))
+
+
+def count_run(config: Config) -> Accounting:
+  """`count` of a run's model at its context and micro-batch (one device's layout)."""
+  t = config.train
+  return count(config.model, t.context, tokens_per_call=t.batch_size // t.grad_accum * t.context)

@@ -223,7 +223,7 @@ class Subject:
   def __init__(self, case: Case, settings: Settings):
     self.case, self.settings, self.times = case, settings, {}
     c = case.config
-    self.accounting = accounting.count(c.model, c.train.context)
+    self.accounting = accounting.count_run(c)
     self.state = init_state(c)
     step = jax.jit(functools.partial(train_step, model=Decoder(c.model, case.kernels),
                                      config=c.model), donate_argnums=0)

@@ -11,7 +11,7 @@ Pure functions over plain lists, so each can be checked on hand-made numbers:
   confidence from the training-window rows of metrics.jsonl.
 
 `Run` ties one finished run's records together; `executed_flops_per_token` is the one
-place that reads executed FLOPs from a run's accounting.
+place that counts a run's executed FLOPs (from its saved config).
 """
 
 import dataclasses
@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from chimera import accounting, config as config_lib
 from chimera.records import EvalRecord, RunSummary, read_evals, read_events
 
 
@@ -184,9 +185,10 @@ def _mean(values) -> float | None:
 
 
 def executed_flops_per_token(summary: RunSummary) -> int | None:
-  """Executed training FLOPs per token (capacity padding and dispatch included), from the
-  run's accounting."""
-  return summary.accounting["executed_flops_per_token"]
+  """Executed training FLOPs per token (capacity or block padding and dispatch included),
+  counted now from the run's saved config by `chimera.accounting.count_run`, so that runs
+  summarised before a change to the count are reported by the same rule as new ones."""
+  return accounting.count_run(config_lib.from_dict(summary.config)).executed_flops_per_token
 
 
 @dataclasses.dataclass(frozen=True)

@@ -367,7 +367,7 @@ def _compile_train_step(config: Config, mesh: jax.sharding.Mesh, state: TrainSta
 
 def _log_setup(config: Config, data: Data, mesh: jax.sharding.Mesh, writer: MetricWriter,
                start_step: int) -> None:
-  counts = accounting.count(config.model, config.train.context)
+  counts = accounting.count_run(config)
   if start_step == 0:
     writer.write("setup", 0, {**counts._asdict(), "train_tokens": len(data.splits.train),
                               "val_tokens": len(data.splits.val),
@@ -387,6 +387,6 @@ def _summarize(config: Config, data: Data, progress: Progress, train_log: TrainL
       val_bits_per_byte=(None if progress.final_val_loss is None
                          else data.bits_per_byte(progress.final_val_loss)),
       unigram_val_loss=data.unigram_loss,
-      accounting=accounting.count(config.model, config.train.context)._asdict(),
+      accounting=accounting.count_run(config)._asdict(),
       config=config_lib.to_dict(config), expert_load=moe_field("expert_load"),
       dropped_fraction=moe_field("dropped_fraction"))

@@ -10,6 +10,7 @@ import pytest
 from chimera.accounting import count
 from chimera.config import ModelConfig
 from chimera.decoder import Decoder
+from chimera.grouped_matmul import default_block_size, to_blocks
 
 # vocab 11, d_model 8, 2 heads, d_ff 32, max_len 16, 2 layers, learned positions,
 # layernorm without bias, GELU, no biases.
@@ -75,11 +76,32 @@ def test_dense_executes_its_model_flops():
   assert accounting.executed_flops_per_token == accounting.flops_per_token
 
 
-def test_dropless_executes_its_model_flops():
+def test_dropless_without_a_batch_counts_its_model_flops():
   accounting = count(dataclasses.replace(MOE, dispatch="dropless"), context=16)
   assert accounting.flops_per_token == count(MOE, context=16).flops_per_token
   assert accounting.dispatch_flops_per_token == 0
   assert accounting.executed_flops_per_token == accounting.flops_per_token
+
+
+def test_dropless_counts_the_block_layout_it_computes():
+  # 512 tokens per call, top-2: R = 1024 routed rows over E = 4 experts. The layout is read
+  # from chimera.grouped_matmul itself: N blocks of b rows, all computed.
+  tokens, moe = 512, dataclasses.replace(MOE, dispatch="dropless")
+  rows = jnp.zeros((tokens * 2, 8))
+  group_sizes = jnp.array([1024, 0, 0, 0], jnp.int32)
+  block = default_block_size(1024, 4)
+  blocks, _ = to_blocks(rows, group_sizes, block)
+  num_blocks = blocks.shape[0]
+  assert (block, num_blocks) == (64, 20)  # 1024 / 64 + 4: 1.25x the routed rows
+  plain, padded = count(moe, context=16), count(moe, context=16, tokens_per_call=tokens)
+  expert_matmul = 2 * 8 * 16  # wi, wo of one expert
+  # One MoE layer: 0.25 * 2 routed rows of padding per token, and the one-hot matmul
+  # that picks each block's weights, 2 * N * E * M * H per matrix, times 3.
+  dispatch = 6 * num_blocks * 4 * expert_matmul / tokens
+  assert padded.dispatch_flops_per_token == round(dispatch) == 240
+  assert padded.executed_flops_per_token == plain.flops_per_token + 6 * 0.25 * 2 * expert_matmul \
+      + 240
+  assert padded.flops_per_token == plain.flops_per_token  # model FLOPs do not change
 
 
 def test_shared_experts_count_as_active():
