@@ -176,8 +176,14 @@ def seeded(config: Config, name: str, seed: int) -> Config:
                              data=dataclasses.replace(config.data, seed=seed))
 
 
+class StudyStopped(Exception):
+  """A run of the study stopped before its last step (SIGTERM, SIGINT): it saved a
+  checkpoint, and the same command resumes the study from it."""
+
+
 def train_all(models: list[Model], seeds: list[int], root: Path) -> dict[str, list[Run]]:
-  """Trains every model for every seed, resuming partial runs and skipping finished ones."""
+  """Trains every model for every seed, resuming partial runs and skipping finished ones.
+  Raises StudyStopped if a run stops early."""
   runs = {}
   for seed in seeds:  # seed-major: a partial study still compares every model
     for model in models:
@@ -188,7 +194,11 @@ def train_all(models: list[Model], seeds: list[int], root: Path) -> dict[str, li
             file=sys.stderr, flush=True)
       if not finished:
         from chimera.train import train  # heavy import, only when something trains
-        train(config, workdir)
+        summary = train(config, workdir)
+        if not summary.completed:
+          raise StudyStopped(f"study stopped in {model.name}, seed {seed}, at step "
+                             f"{summary.steps} of {config.train.steps} (checkpoint saved in "
+                             f"{workdir}); run the same command to resume")
       runs.setdefault(model.name, []).append(Run.load(workdir, model.name, seed))
   return runs
 
@@ -227,6 +237,9 @@ def main(argv):
   except ChimeraError as error:
     print(f"error: {error}", file=sys.stderr)
     sys.exit(2)
+  except StudyStopped as stopped:
+    print(stopped, file=sys.stderr)
+    sys.exit(1)
   speed = []
   if _BENCH_REPEATS.value > 0:
     print("== measuring speed", file=sys.stderr, flush=True)

@@ -109,7 +109,7 @@ def cost_finding(name: str, entry: dict) -> str:
           f"{vs['flops_ratio']:.2f}x its model FLOPs per token")
   if vs["executed_flops_ratio"] is not None:
     text += (f"; it executes {vs['executed_flops_ratio']:.2f}x dense's FLOPs per token "
-             f"with capacity padding and dispatch")
+             f"with capacity or block padding and dispatch")
   return text + "."
 
 

@@ -289,6 +289,22 @@ def test_tiny_study_trains_reports_and_resumes(make_config, corpus, tmp_path, mo
   assert again["dense"][0].summary == runs["dense"][0].summary
 
 
+def test_a_stopped_run_stops_the_study_and_the_same_call_resumes(make_config, corpus, tmp_path,
+                                                                 monkeypatch):
+  # A run that stops early (as on SIGTERM) ends the study with one line, not a missing
+  # summary.json; the same call then resumes it from the checkpoint and finishes.
+  from chimera import train as train_lib
+  models = [compare.Model("dense", make_config("dense", corpus, train__steps=4), "baseline")]
+  real_train = train_lib.train
+  monkeypatch.setattr("chimera.train.train",
+                      lambda config, workdir: real_train(config, workdir, stop_after=2))
+  with pytest.raises(compare.StudyStopped, match=r"dense, seed 0, at step 2 of 4 \(checkpoint"):
+    compare.train_all(models, seeds=[0], root=tmp_path)
+  monkeypatch.setattr("chimera.train.train", real_train)
+  runs = compare.train_all(models, seeds=[0], root=tmp_path)
+  assert runs["dense"][0].summary.completed and runs["dense"][0].summary.steps == 4
+
+
 def test_related_summaries_skip_older_reports(tmp_path):
   (tmp_path / "cpu").mkdir()
   (tmp_path / "cpu" / "summary.json").write_text(json.dumps({"models": {"dense": {}}}))
