@@ -33,15 +33,15 @@ def test_greedy_generation_equals_naive_full_forward(config):
   tokens, logits = generate(params, prompt, jax.random.key(2), config=config,
                             max_new_tokens=new_tokens, temperature=0.0)
 
-  # Naive: the whole sequence through the model again for every new token.
-  sequence = prompt
-  naive_logits = []
-  for _ in range(new_tokens):
-    full, _ = model.apply({"params": params}, sequence)
-    naive_logits.append(full[:, -1])
-    sequence = jnp.concatenate([sequence, jnp.argmax(full[:, -1], -1)[:, None]], axis=1)
-  np.testing.assert_array_equal(tokens, sequence[:, prompt.shape[1]:])
-  chex.assert_trees_all_close(logits, jnp.stack(naive_logits, axis=1), atol=1e-5, rtol=1e-5)
+  # Naive: the prompt and the generated tokens through the model in one full, causal
+  # pass. Position p's logits see tokens <= p only, so the logits at the prompt's last
+  # position and at each generated token but the last are the ones that chose the next
+  # token, and greedy decoding must have taken their argmax.
+  sequence = jnp.concatenate([prompt, tokens], axis=1)
+  full, _ = model.apply({"params": params}, sequence)
+  naive_logits = full[:, prompt.shape[1] - 1:-1]  # [B, new_tokens, V]
+  np.testing.assert_array_equal(tokens, jnp.argmax(naive_logits, -1))
+  chex.assert_trees_all_close(logits, naive_logits, atol=1e-5, rtol=1e-5)
 
 
 def test_sampling_respects_top_k():
