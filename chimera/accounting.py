@@ -22,7 +22,8 @@ Conventions:
   routed rows laid out as N = R // b + E blocks of b rows (b from
   `grouped_matmul.default_block_size`; the static layout computes all N * b rows, empty
   ones too), so the experts run N * b / R times the model's; plus the one-hot matmul that
-  picks each block's weights, 2 * N * E * M * H per expert matrix forward, times 3. The
+  picks each block's weights, 2 * N * E * M * H per expert matrix, forward and once more
+  for the weights' gradient (the one-hot itself is a constant: times 2, not 3). The
   sort, gathers and the gate-weighted sum of the k outputs do no matmul and are not
   counted. Without `tokens_per_call` (or on XLA:CPU's `ragged_dot`, a masked matmul over all
   E experts) dropless is counted at its model FLOPs.
@@ -106,7 +107,7 @@ def count(config: ModelConfig, context: int, tokens_per_call: int | None = None)
       elif tokens_per_call is not None:
         rows_ratio, num_blocks = block_padding(config, tokens_per_call)
         padding += 6 * (rows_ratio - 1) * config.top_k * expert_matmul
-        dispatch += 6 * num_blocks * config.num_experts * expert_matmul / tokens_per_call
+        dispatch += 4 * num_blocks * config.num_experts * expert_matmul / tokens_per_call
     else:
       total += mlp_matmul + mlp_bias
       active += mlp_matmul + mlp_bias

@@ -8,7 +8,7 @@ parameters. The gates are renormalised over the 8 chosen (the default for top_k 
 Dispatch is dropless: at this granularity the einsum path's dispatch and combine einsums
 and capacity padding would execute about 2.1x dense's FLOPs per token
 (`chimera.accounting.count(...).executed_flops_per_token`); the grouped matmul's block
-layout executes 1.24x (small preset) and 1.25x (default) dense's, padding and block weights
+layout executes 1.21x (small preset) and 1.22x (default) dense's, padding and block weights
 included (`chimera.accounting.count_run`).
 
   python -m chimera.main --config=configs/moe_fine.py          # CPU default preset

@@ -14,7 +14,7 @@ dropless. In a short check (small preset, 600 steps of 32 x 128 byte tokens, see
 a loaded 2-core CPU), batch-scope balancing ended 0.010 nats below group scope in both
 seeds, and the einsum path executes 1.39x (default preset) and 1.48x (small) dense's FLOPs
 per token with capacity padding and dispatch (`chimera.accounting`); dropless drops
-nothing and executes 1.16x (small) and 1.17x (default preset) with its block layout's
+nothing and executes 1.15x (small) and 1.16x (default preset) with its block layout's
 padding. `--config.model.dispatch=einsum` gives the static-capacity path.
 
 What it reaches against dense is measured by `python -m chimera.compare` (results/).

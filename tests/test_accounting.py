@@ -96,11 +96,12 @@ def test_dropless_counts_the_block_layout_it_computes():
   plain, padded = count(moe, context=16), count(moe, context=16, tokens_per_call=tokens)
   expert_matmul = 2 * 8 * 16  # wi, wo of one expert
   # One MoE layer: 0.25 * 2 routed rows of padding per token, and the one-hot matmul
-  # that picks each block's weights, 2 * N * E * M * H per matrix, times 3.
-  dispatch = 6 * num_blocks * 4 * expert_matmul / tokens
-  assert padded.dispatch_flops_per_token == round(dispatch) == 240
+  # that picks each block's weights, 2 * N * E * M * H per matrix, forward and for the
+  # weights' gradient (times 2: the one-hot is a constant).
+  dispatch = 4 * num_blocks * 4 * expert_matmul / tokens
+  assert padded.dispatch_flops_per_token == round(dispatch) == 160
   assert padded.executed_flops_per_token == plain.flops_per_token + 6 * 0.25 * 2 * expert_matmul \
-      + 240
+      + 160
   assert padded.flops_per_token == plain.flops_per_token  # model FLOPs do not change
 
 
