@@ -27,9 +27,11 @@ SPREAD_NOTE = (
 EFFICIENCY_NOTE = (
     "Tokens: where the validation curve first reaches dense's final loss (same seed), "
     "interpolated linearly between evaluations. Time: the loss each run had when dense's run "
-    "of the same seed ended, on the measured training clock and on the steady-state clock "
-    "(tokens / timed-step throughput: compilation and evaluation left out); a run that ended "
-    "sooner is read at its end.")
+    "of the same seed ended, on the measured training clock, on the steady-state clock "
+    "(tokens / timed-step throughput: compilation and evaluation left out), and on the bench "
+    "clock (tokens / the bench's training throughput for that model, every model measured "
+    "interleaved in one process: the one clock that does not depend on what else the machine "
+    "ran while each run trained); a run that ended sooner is read at its end.")
 BENCH_FIELDS = ("train_tokens_per_second", "mfu", "decode_tokens_per_second",
                 "peak_memory_bytes", "dispatch_share_of_step")
 
@@ -75,7 +77,8 @@ def loss_finding(name: str, entry: dict) -> str:
 
 
 CLOCK_WORDS = {"measured": "training time as measured (compilation and evaluation included)",
-               "steady": "steady-state training time (tokens / timed-step throughput)"}
+               "steady": "steady-state training time (tokens / timed-step throughput)",
+               "bench": "time on the bench clock (tokens / the bench's throughput)"}
 
 
 def _time_clause(equal_time: dict, clock: str) -> str:
@@ -253,8 +256,9 @@ def _efficiency_row(name: str, e: dict) -> list[str]:
   row = [name, describe(vs["token_fraction"], digits=2, suffix="x", missing="not reached")]
   for clock in CLOCK_WORDS:
     at = vs["equal_time"][clock]
-    row += [describe(at["loss"], missing="no evaluation yet"),
-            describe(at["difference"], signed=True, missing="no evaluation yet")]
+    missing = "no bench" if clock == "bench" else "no evaluation yet"
+    row += [describe(at["loss"], missing=missing),
+            describe(at["difference"], signed=True, missing=missing)]
   return row
 
 
@@ -284,7 +288,8 @@ def _tables(models: dict, speed: dict) -> list[str]:
   if compared:
     lines += ["", "## Tokens and time to dense's loss", "", EFFICIENCY_NOTE, ""] + _table(
         ["model", "tokens to dense's final loss (x dense's)", "loss at dense's measured time",
-         "- dense", "loss at dense's steady-state time", "- dense"],
+         "- dense", "loss at dense's steady-state time", "- dense", "loss at dense's bench time",
+         "- dense"],
         [_efficiency_row(name, e) for name, e in compared.items()])
   lines += ["", "## Cost", ""] + _table(
       ["model", "params total (M)", "active (M)", "model MFLOPs/token", "executed MFLOPs/token",
@@ -309,8 +314,9 @@ def write(out: Path, *, study, runs: dict[str, list[Run]], speed: list, related:
   out.mkdir(parents=True, exist_ok=True)
   roles = {m.name: m.role for m in study.models}
   baseline = next((m.name for m in study.models if m.role == "baseline"), None)
-  models = summarize(runs, roles, baseline)
   by_name = dict(map(bench_figures, speed))
+  models = summarize(runs, roles, baseline, {name: figures["train_tokens_per_second"]
+                                             for name, figures in by_name.items()})
   study_command = f"python -m chimera.compare --preset={study.preset}" + (
       f" --sweep={study.sweep}" if study.sweep else "")
   targets = targets_for(study, models, related, study_command)

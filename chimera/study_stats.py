@@ -210,16 +210,20 @@ class Run:
     """The validation curve against "tokens_seen" or "wall_seconds"."""
     return [getattr(e, x) for e in self.evals], [e.val_loss for e in self.evals]
 
-  def seconds(self, clock: str) -> tuple[list[float] | None, float | None]:
+  def seconds(self, clock: str, bench_speed: float | None = None
+              ) -> tuple[list[float] | None, float | None]:
     """(seconds at each evaluation, seconds at the end) on one of CLOCKS:
     - "measured": the run's training clock (compilation and evaluation included,
       downtime between sessions excluded);
     - "steady": tokens / the run's steady training throughput (timed steps only), the
-      time the run would take with compilation and evaluation left out.
+      time the run would take with compilation and evaluation left out;
+    - "bench": tokens / `bench_speed`, the model's training tokens per second from the
+      study's bench (all models interleaved in one process after training), so that runs
+      trained under different loads are put on one machine's clock. None without it.
     """
     if clock == "measured":
       return self.curve("wall_seconds")[0], self.summary.wall_seconds
-    speed = self.summary.train_tokens_per_second
+    speed = bench_speed if clock == "bench" else self.summary.train_tokens_per_second
     if not speed:
       return None, None
     return [e.tokens_seen / speed for e in self.evals], self.summary.tokens_seen / speed
@@ -247,18 +251,20 @@ class Run:
 
 # --- A study's figures, per model. ----------------------------------------------------------
 
-CLOCKS = ("measured", "steady")  # see Run.seconds
+CLOCKS = ("measured", "steady", "bench")  # see Run.seconds
 ROUTING_FIELDS = ("dropped_after_warmup", "dropped_worst_window", "max_violation_after_warmup",
                   "router_entropy", "router_confidence")
 
 
 def summarize(runs: dict[str, list[Run]], roles: dict[str, str],
-              baseline: str | None = "dense") -> dict[str, dict]:
+              baseline: str | None = "dense",
+              bench_speed: dict[str, float] | None = None) -> dict[str, dict]:
   """Every figure of every model, as JSON-ready dicts (a Spread becomes its `to_json`).
 
   `roles[name]` says what a model is in the study ("baseline", "moe": a compute-matched
   MoE config, "reference": e.g. dense_wide, "point": a sweep point). Against the
-  baseline, each seed is paired with the baseline's run of the same seed.
+  baseline, each seed is paired with the baseline's run of the same seed. `bench_speed`:
+  each model's bench training tokens per second, for the "bench" clock (see Run.seconds).
   """
   base = {r.seed: r for r in runs.get(baseline, [])} if baseline else {}
   out = {}
@@ -287,7 +293,9 @@ def summarize(runs: dict[str, list[Run]], roles: dict[str, str],
         "unigram_val_loss": first.unigram_val_loss,
     }
     if base and name != baseline:
-      entry["vs_baseline"] = _against(model_runs, base, entry, out.get(baseline))
+      speeds = bench_speed or {}
+      entry["vs_baseline"] = _against(model_runs, base, entry, out.get(baseline),
+                                      (speeds.get(name), speeds.get(baseline)))
     if model["num_experts"]:
       stats = {r.seed: router_stats(r.train_rows, r.warmup_steps) for r in model_runs}
       entry["routing"] = {field: Spread.of({s: v[field] for s, v in stats.items()}).to_json()
@@ -302,13 +310,15 @@ def _per_seed(runs: list[Run], value) -> dict[int, float | None]:
   return {r.seed: value(r) for r in runs}
 
 
-def _equal_time(runs: dict[int, Run], base: dict[int, Run], clock: str) -> dict:
+def _equal_time(runs: dict[int, Run], base: dict[int, Run], clock: str,
+                bench_speeds: tuple[float | None, float | None]) -> dict:
   """Each run's loss at the time its baseline run ended, on one clock (see Run.seconds),
-  and its paired difference to the baseline's final loss."""
+  and its paired difference to the baseline's final loss. bench_speeds: (the model's,
+  the baseline's) bench throughput, for the "bench" clock."""
   at_time, ended_before, seconds = {}, 0, {}
   for seed, run in runs.items():
-    times, _ = run.seconds(clock)
-    base_times, base_end = base[seed].seconds(clock)
+    times, _ = run.seconds(clock, bench_speeds[0])
+    base_times, base_end = base[seed].seconds(clock, bench_speeds[1])
     if times is None or base_times is None:
       at_time[seed] = seconds[seed] = None
       continue
@@ -322,7 +332,7 @@ def _equal_time(runs: dict[int, Run], base: dict[int, Run], clock: str) -> dict:
 
 
 def _against(model_runs: list[Run], base: dict[int, Run], entry: dict,
-             base_entry: dict | None) -> dict:
+             base_entry: dict | None, bench_speeds: tuple[float | None, float | None]) -> dict:
   """The paired figures of one model against the baseline's runs of the same seeds."""
   runs = {r.seed: r for r in model_runs if r.seed in base}
   final = lambda run: run.summary.final_val_loss
@@ -339,7 +349,7 @@ def _against(model_runs: list[Run], base: dict[int, Run], entry: dict,
           {s: r.summary.val_bits_per_byte for s, r in runs.items()},
           {s: base[s].summary.val_bits_per_byte for s in runs}).to_json(),
       "token_fraction": Spread.of(reach).to_json(),
-      "equal_time": {clock: _equal_time(runs, base, clock) for clock in CLOCKS},
+      "equal_time": {clock: _equal_time(runs, base, clock, bench_speeds) for clock in CLOCKS},
       "params_total_ratio": ratio("params_total"),
       "flops_ratio": ratio("flops_per_token"),
       "executed_flops_ratio": ratio("executed_flops_per_token"),

@@ -259,6 +259,17 @@ def test_tiny_study_trains_reports_and_resumes(make_config, corpus, tmp_path, mo
   assert written["models"]["dense"]["generalization_gap"]["values"][0] == pytest.approx(
       dense_run.summary.final_val_loss - dense_run.train_rows[-1]["loss"])
 
+  # The bench clock: each run's tokens over its model's bench throughput. At half dense's
+  # speed, moe_top2 is read where it had seen half dense's tokens; without a bench, nothing.
+  assert written["models"]["moe_top2"]["vs_baseline"]["equal_time"]["bench"]["loss"]["n"] == 0
+  clocked = study_stats.summarize(runs, {"dense": "baseline", "moe_top2": "moe"}, "dense",
+                                  {"dense": 1000.0, "moe_top2": 500.0})
+  at_bench = clocked["moe_top2"]["vs_baseline"]["equal_time"]["bench"]["loss"]["values"]
+  for run, dense_run, value in zip(runs["moe_top2"], runs["dense"], at_bench):
+    tokens, losses = run.curve("tokens_seen")
+    half = value_at(tokens, losses, dense_run.summary.tokens_seen / 2)[0]
+    assert value == pytest.approx(half) and half is not None
+
   # README's headline block is rewritten from the summary its marker names.
   readme = tmp_path / "README.md"
   readme.write_text("intro\n" + report.HEADLINE_START.format(study="results") + "\nstale\n"
