@@ -35,7 +35,7 @@ import dataclasses
 from typing import NamedTuple
 
 from chimera.config import Config, ModelConfig
-from chimera.grouped_matmul import default_block_size
+from chimera.grouped_matmul import default_block_size, num_blocks
 from chimera.routers import expert_capacity
 
 
@@ -64,8 +64,8 @@ def block_padding(config: ModelConfig, tokens_per_call: int) -> tuple[float, int
   tokens: the expert rows computed per routed row, and the number of blocks."""
   rows = tokens_per_call * config.top_k
   block = default_block_size(rows, config.num_experts)
-  num_blocks = rows // block + config.num_experts
-  return num_blocks * block / rows, num_blocks
+  blocks = num_blocks(rows, config.num_experts, block)
+  return blocks * block / rows, blocks
 
 
 def count(config: ModelConfig, context: int, tokens_per_call: int | None = None) -> Accounting:
@@ -105,9 +105,9 @@ def count(config: ModelConfig, context: int, tokens_per_call: int | None = None)
         dispatch += 3 * 2 * 2 * config.num_experts * capacity * m
         padding += 6 * (expert_slots_per_token(config) - config.top_k) * expert_matmul
       elif tokens_per_call is not None:
-        rows_ratio, num_blocks = block_padding(config, tokens_per_call)
+        rows_ratio, blocks = block_padding(config, tokens_per_call)
         padding += 6 * (rows_ratio - 1) * config.top_k * expert_matmul
-        dispatch += 4 * num_blocks * config.num_experts * expert_matmul / tokens_per_call
+        dispatch += 4 * blocks * config.num_experts * expert_matmul / tokens_per_call
     else:
       total += mlp_matmul + mlp_bias
       active += mlp_matmul + mlp_bias

@@ -49,8 +49,8 @@ def seconds_per_call(fn, *args, repeats: int) -> float:
 
 def main(argv):
   del argv
-  m = config_lib.load(_CONFIG.value).model
-  t = config_lib.load(_CONFIG.value).train
+  config = config_lib.load(_CONFIG.value)
+  m, t = config.model, config.train
   rows, dtype = t.batch_size * t.context * m.top_k, compute_dtype(m)
   keys = jax.random.split(jax.random.key(0), 2)
   x = jax.random.normal(keys[0], (rows, m.d_model), dtype)
@@ -70,13 +70,11 @@ def main(argv):
     seconds = seconds_per_call(step, x, w, repeats=_REPEATS.value)
     name = method if method == "ragged_dot" else f"blocks, b={block_size}"
     print(f"{name} | {1e3 * seconds:.3f} | {flops / seconds / 1e12:.2f}")
-  ffn_against_dense(m, dtype)
+  ffn_against_dense(m, t.batch_size * t.context, dtype)
 
 
-def ffn_against_dense(m, dtype) -> None:
+def ffn_against_dense(m, tokens: int, dtype) -> None:
   """The dropless FFN per block size against the dense MLP of equal FLOPs, interleaved."""
-  t = config_lib.load(_CONFIG.value).train
-  tokens = t.batch_size * t.context
   keys = jax.random.split(jax.random.key(1), 6)
   x = jax.random.normal(keys[0], (tokens, m.d_model), dtype)
   probs, expert_index = jax.lax.top_k(

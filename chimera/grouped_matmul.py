@@ -42,6 +42,12 @@ def default_block_size(num_rows: int, num_groups: int) -> int:
   return block
 
 
+def num_blocks(num_rows: int, num_groups: int, block_size: int) -> int:
+  """N, the blocks of the static layout of `num_rows` rows in `num_groups` groups: always
+  enough, since sum(ceil(g / b)) <= sum(g) / b + E."""
+  return num_rows // block_size + num_groups
+
+
 def ragged_matmul(rows: jax.Array, weights: jax.Array, group_sizes: jax.Array,
                   method: Method = "blocks", block_size: int | None = None) -> jax.Array:
   """rows [R, M] sorted by group, weights [E, M, H], group_sizes [E] -> [R, H].
@@ -73,11 +79,10 @@ class BlockLayout(NamedTuple):
 
 def block_layout(group_sizes: jax.Array, num_rows: int, block_size: int) -> BlockLayout:
   """The padded layout of `num_rows` rows in groups of `group_sizes` [E]: the groups in
-  order, each starting on a block boundary. N = num_rows // block_size + E blocks always
-  suffice, since sum(ceil(g / b)) <= sum(g) / b + E."""
+  order, each starting on a block boundary, in `num_blocks` blocks."""
   num_groups = group_sizes.shape[0]
-  num_blocks = num_rows // block_size + num_groups
-  num_slots = num_blocks * block_size
+  blocks_total = num_blocks(num_rows, num_groups, block_size)
+  num_slots = blocks_total * block_size
   group_sizes = group_sizes.astype(jnp.int32)
   group_ends = jnp.cumsum(group_sizes)  # [E]
   group_starts = group_ends - group_sizes
@@ -94,7 +99,7 @@ def block_layout(group_sizes: jax.Array, num_rows: int, block_size: int) -> Bloc
   slot_of_row = jnp.where(in_group, slot_starts[row_group] + row - group_starts[row_group],
                           num_slots)
 
-  block_group = jnp.searchsorted(block_ends, jnp.arange(num_blocks, dtype=jnp.int32),
+  block_group = jnp.searchsorted(block_ends, jnp.arange(blocks_total, dtype=jnp.int32),
                                  side="right", method="scan_unrolled")  # [N]
   slot = jnp.arange(num_slots, dtype=jnp.int32)
   slot_group = jnp.minimum(block_group[slot // block_size], num_groups - 1)  # [S]

@@ -29,6 +29,8 @@ from chimera.scaling import Collective, collectives, compile_train_step, predict
 from chimera.sharding import make_mesh
 
 FLAGS = flags.FLAGS  # chimera.scaling's --config, --mesh and --set
+
+
 @dataclasses.dataclass(frozen=True)
 class StepReport:
   """One compiled train step on one mesh."""
@@ -63,14 +65,14 @@ def load(spec: str, overrides: dict, data: int, expert: int) -> config_lib.Confi
 
 
 def compile_step(spec: str, overrides: dict, data: int, expert: int):
+  """(config, the train step compiled on a data x expert mesh)."""
   config = load(spec, overrides, data, expert)
-  return compile_train_step(config, make_mesh(config.mesh))
+  return config, compile_train_step(config, make_mesh(config.mesh))
 
 
 def measure(spec: str, overrides: dict, data: int, expert: int) -> tuple[StepReport, str]:
   """The step compiled on a data x expert mesh: its report and its optimised HLO."""
-  config = load(spec, overrides, data, expert)
-  compiled = compile_train_step(config, make_mesh(config.mesh))
+  config, compiled = compile_step(spec, overrides, data, expert)
   memory = compiled.memory_analysis()
   text = compiled.as_text()
   report = StepReport(
@@ -96,8 +98,8 @@ def main(argv):
     overrides = {**base, "model.dispatch": dispatch}
     single, _ = measure(spec, overrides, 1, 1)
     sharded, text = measure(spec, overrides, data, expert)
-    grown = token_sized(text, compile_step(spec, doubled(overrides, batch_size),
-                                           data, expert).as_text())
+    _, doubled_step = compile_step(spec, doubled(overrides, batch_size), data, expert)
+    grown = token_sized(text, doubled_step.as_text())
     print(f"\n== dispatch={dispatch}")
     print(f"per-device memory: 1x1 {single.memory_bytes:,} B, {data}x{expert} "
           f"{sharded.memory_bytes:,} B, ratio {sharded.memory_bytes / single.memory_bytes:.3f}")

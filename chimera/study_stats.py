@@ -10,8 +10,8 @@ Pure functions over plain lists, so each can be checked on hand-made numbers:
 - `router_stats` / `router_curves`: dropped fraction, MaxVio, router entropy and
   confidence from the training-window rows of metrics.jsonl.
 
-`Run` ties one finished run's records together; `executed_flops_per_token` is the one
-place that counts a run's executed FLOPs (from its saved config).
+`Run` ties one finished run's records together; `run_accounting` is the one place that
+counts a run's parameters and FLOPs (from its saved config).
 """
 
 import dataclasses
@@ -184,11 +184,12 @@ def _mean(values) -> float | None:
 # --- One run's records. -------------------------------------------------------------------
 
 
-def executed_flops_per_token(summary: RunSummary) -> int | None:
-  """Executed training FLOPs per token (capacity or block padding and dispatch included),
-  counted now from the run's saved config by `chimera.accounting.count_run`, so that runs
-  summarised before a change to the count are reported by the same rule as new ones."""
-  return accounting.count_run(config_lib.from_dict(summary.config)).executed_flops_per_token
+def run_accounting(summary: RunSummary) -> accounting.Accounting:
+  """Parameters and FLOPs per token (executed: capacity or block padding and dispatch
+  included), counted now from the run's saved config by `chimera.accounting.count_run`,
+  so that runs summarised before a change to the count are reported by the same rule as
+  new ones."""
+  return accounting.count_run(config_lib.from_dict(summary.config))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -277,9 +278,7 @@ def summarize(runs: dict[str, list[Run]], roles: dict[str, str],
         "role": roles[name],
         "shape": {k: model[k] for k in ("num_experts", "top_k", "expert_d_ff", "d_ff",
                                         "num_shared_experts", "dispatch", "capacity_factor")},
-        **{k: first.accounting[k] for k in ("params_total", "params_active",
-                                             "flops_per_token", "dispatch_flops_per_token")},
-        "executed_flops_per_token": executed_flops_per_token(first),
+        **run_accounting(first)._asdict(),
         "steps": first.steps,
         "tokens_seen": first.tokens_seen,
         "largest_eval_gap": max(r.largest_eval_gap() for r in model_runs),

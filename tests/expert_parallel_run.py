@@ -103,7 +103,7 @@ def run_hlo(dispatch: str, out: str):
   spec = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                       "configs", "moe_top2.py") + ":tiny"
   report, text = scaling_hlo.measure(spec, overrides, 1, 8)
-  doubled = scaling_hlo.compile_step(spec, scaling_hlo.doubled(overrides, 32), 1, 8)
+  _, doubled = scaling_hlo.compile_step(spec, scaling_hlo.doubled(overrides, 32), 1, 8)
   with open(out, "w") as f:
     json.dump({"all_to_alls": [dataclasses.asdict(c) for c in report.all_to_alls],
                "predicted_all_to_all_bytes": report.predicted_all_to_all_bytes,
