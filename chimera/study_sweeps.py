@@ -88,7 +88,8 @@ def calibration(base: Config) -> list[Point]:
   return [("moe_top2 as first shipped", {"model.dispatch": "einsum",
                                          "model.capacity_factor": 1.25, "model.group_size": 64,
                                          "model.renormalize_gates": False,
-                                         "model.load_balance_scope": "group"}),
+                                         "model.load_balance_scope": "group",
+                                         "model.router_bias_rate": 0.0}),
           ("moe_top2 now", {"model.dispatch": "dropless", "model.capacity_factor": 1.25,
                             "model.renormalize_gates": True,
                             "model.load_balance_scope": "batch"})]
