@@ -4,6 +4,7 @@
   python -m chimera.compare --preset=gpu-small      # the same models, 20.97M tokens, 1 seed
   python -m chimera.compare --preset=cpu --sweep=model.num_experts=4,8,16,32
   python -m chimera.compare --preset=cpu --sweep=granularity   # or shared, balancing, capacity, init, calibration
+  python -m chimera.compare --preset=cpu --sweep=balancing --base_set=model.num_experts=32
 
 The study's models:
 - dense: configs/dense.py, the baseline;
@@ -67,6 +68,9 @@ _SEEDS = flags.DEFINE_list("seeds", None, "Seeds (default: the preset's; a sweep
 _SWEEP = flags.DEFINE_string("sweep", None, "A named sweep (" + ", ".join(study_sweeps.SWEEPS)
                              + ") or section.field=v1,v2,... of --base.")
 _BASE = flags.DEFINE_string("base", None, "The config a sweep varies (default: the sweep's).")
+_BASE_SET = flags.DEFINE_multi_string(
+    "base_set", [], "section.field=value over a sweep's base only, not dense: the sweep at "
+    "another point of its base (--sweep=balancing --base_set=model.num_experts=32).")
 _STEPS = flags.DEFINE_integer("train_steps", None, "Override the preset's training steps.")
 _SET = flags.DEFINE_multi_string("set", [], "section.field=value for every model, over the "
                                  "preset (a changed config is a new run).")
@@ -127,9 +131,13 @@ def study_models(preset: StudyPreset, overrides: dict) -> list[Model]:
   return models
 
 
-def sweep_models(sweep: str, base: str | None, preset: StudyPreset,
-                 overrides: dict) -> tuple[str, list[Model]]:
-  """(question, [dense, point, point, ...]) for a named sweep or section.field=v1,v2,..."""
+def sweep_models(sweep: str, base: str | None, preset: StudyPreset, overrides: dict,
+                 base_overrides: dict | None = None) -> tuple[str, list[Model]]:
+  """(question, [dense, point, point, ...]) for a named sweep or section.field=v1,v2,...
+
+  base_overrides apply to the base and so to every point, not to dense (a point's own
+  fields win over them)."""
+  base_overrides = base_overrides or {}
   if "=" in sweep:
     key, _, values = sweep.partition("=")
     if not values:
@@ -140,24 +148,31 @@ def sweep_models(sweep: str, base: str | None, preset: StudyPreset,
   elif sweep in study_sweeps.SWEEPS:
     named = study_sweeps.SWEEPS[sweep]
     base = base or named.base
-    points = named.points(load(base, preset, overrides))
+    points = named.points(load(base, preset, {**overrides, **base_overrides}))
     question = f"{named.question}, over {base}"
   else:
     raise ChimeraError(f"--sweep: expected one of {', '.join(study_sweeps.SWEEPS)} or "
                        f"section.field=v1,v2,..., got {sweep!r}")
+  if base_overrides:
+    question += " at " + ", ".join(f"{key}={value}" for key, value in base_overrides.items())
   models = [make_model("dense", "baseline", "configs/dense.py", preset, overrides)]
-  models += [make_model(name, "point", base, preset, {**overrides, **point})
+  models += [make_model(name, "point", base, preset, {**overrides, **base_overrides, **point})
              for name, point in points]
   return question, models
 
 
-def make_study(preset_name: str, sweep: str | None, base: str | None, overrides: dict) -> Study:
+def make_study(preset_name: str, sweep: str | None, base: str | None, overrides: dict,
+               base_overrides: dict | None = None) -> Study:
   preset = PRESETS[preset_name]
   if sweep is None:
+    if base_overrides:
+      raise ChimeraError("--base_set: only with --sweep (the study's models are its configs)")
     return Study(f"MoE against dense at equal compute ({preset_name} preset)", preset_name,
                  study_models(preset, overrides), preset_name)
-  question, models = sweep_models(sweep, base, preset, overrides)
+  question, models = sweep_models(sweep, base, preset, overrides, base_overrides)
   slug = sweep.partition("=")[0].split(".")[-1]
+  for key, value in (base_overrides or {}).items():  # e.g. balancing-at-num_experts-32
+    slug += f"-at-{key.split('.')[-1]}-{value}"
   return Study(f"Sweep: {question} ({preset_name} preset)", preset_name, models,
                f"{preset_name}-sweep-{slug}", sweep)
 
@@ -229,7 +244,8 @@ def main(argv):
   if _STEPS.value:
     overrides["train.steps"] = _STEPS.value
   try:
-    study = make_study(_PRESET.value, _SWEEP.value, _BASE.value, overrides)
+    study = make_study(_PRESET.value, _SWEEP.value, _BASE.value, overrides,
+                       dict(map(bench.parse_override, _BASE_SET.value)))
     default_seeds = PRESETS[_PRESET.value].seeds
     seeds = ([int(s) for s in _SEEDS.value] if _SEEDS.value
              else list(default_seeds[:1] if study.sweep else default_seeds))

@@ -218,6 +218,22 @@ def test_sweeps_hold_what_they_claim(corpus):
   shipped = compare.load("configs/moe_top2.py", preset, overrides)
   assert models[2].config == dataclasses.replace(shipped, name=models[2].config.name)
   assert compare.run_dir(Path("r"), models[2].config) == compare.run_dir(Path("r"), shipped)
+  # --base_set moves the base (every point), not dense: a sweep at another point of it.
+  plain = compare.make_study("cpu", "balancing", None, overrides)
+  at_16 = compare.make_study("cpu", "balancing", None, overrides, {"model.num_experts": 16})
+  assert at_16.slug == "cpu-sweep-balancing-at-num_experts-16" != plain.slug
+  assert "model.num_experts=16" in at_16.title
+  assert at_16.models[0].config == plain.models[0].config  # dense: the same run
+  for moved, point in zip(at_16.models[1:], plain.models[1:], strict=True):
+    assert moved.config.model.num_experts == 16 != point.config.model.num_experts
+    assert moved.config == dataclasses.replace(
+        point.config, model=dataclasses.replace(point.config.model, num_experts=16))
+  _, models = compare.sweep_models("model.load_balance_coef=0.001,0.01", None, preset,
+                                   overrides, {"model.num_experts": 16})
+  assert [(m.config.model.num_experts, m.config.model.load_balance_coef)
+          for m in models[1:]] == [(16, 0.001), (16, 0.01)]
+  with pytest.raises(ChimeraError, match="--base_set"):
+    compare.make_study("cpu", None, None, overrides, {"model.num_experts": 16})
   _, models = compare.sweep_models("init", None, preset, overrides)
   assert [(m.config.model.expert_init, m.config.model.expert_init_scale)
           for m in models[1:]] == [("switch", 0.1), ("switch", 1.0), ("dense", 0.1)]
