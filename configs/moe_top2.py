@@ -12,7 +12,13 @@ d_ff and top_k, so the same matmul FLOPs per token as the dense MLP (plus a rout
 Balancing is over the whole micro-batch (`load_balance_scope="batch"`) and dispatch is
 dropless. In a short check (small preset, 600 steps of 32 x 128 byte tokens, seeds 0 and 1,
 a loaded 2-core CPU), batch-scope balancing ended 0.010 nats below group scope in both
-seeds, and the einsum path executes 1.39x (default preset) and 1.48x (small) dense's FLOPs
+seeds. At the cpu study's full budget, one seed (`python -m chimera.compare --preset=cpu
+--sweep=balancing`, results/cpu-sweep-balancing), the final losses were: the aux-loss-free
+bias plus the batch loss 1.5361, the loss per group 1.5412, per batch (this config) 1.5437,
+the bias alone 1.5508, no balancing 1.5529. At 32 experts the bias plus the batch loss
+ended 1.5605 against this recipe's 1.5479 (results/cpu-sweep-router_bias_rate-at-num_experts-32,
+one seed), so the recipe stays until more seeds and expert counts back a change. The einsum
+path executes 1.39x (default preset) and 1.48x (small) dense's FLOPs
 per token with capacity padding and dispatch (`chimera.accounting`); dropless drops
 nothing and executes 1.15x (small) and 1.16x (default preset) with its block layout's
 padding. `--config.model.dispatch=einsum` gives the static-capacity path.
