@@ -163,7 +163,7 @@ def sweep_models(sweep: str, base: str | None, preset: StudyPreset, overrides: d
 
 def make_study(preset_name: str, sweep: str | None, base: str | None, overrides: dict,
                base_overrides: dict | None = None) -> Study:
-  preset = PRESETS[preset_name]
+  preset, base_overrides = PRESETS[preset_name], base_overrides or {}
   if sweep is None:
     if base_overrides:
       raise ChimeraError("--base_set: only with --sweep (the study's models are its configs)")
@@ -171,7 +171,7 @@ def make_study(preset_name: str, sweep: str | None, base: str | None, overrides:
                  study_models(preset, overrides), preset_name)
   question, models = sweep_models(sweep, base, preset, overrides, base_overrides)
   slug = sweep.partition("=")[0].split(".")[-1]
-  for key, value in (base_overrides or {}).items():  # e.g. balancing-at-num_experts-32
+  for key, value in base_overrides.items():  # e.g. balancing-at-num_experts-32
     slug += f"-at-{key.split('.')[-1]}-{value}"
   return Study(f"Sweep: {question} ({preset_name} preset)", preset_name, models,
                f"{preset_name}-sweep-{slug}", sweep)

@@ -268,6 +268,7 @@ def summarize(runs: dict[str, list[Run]], roles: dict[str, str],
   each model's bench training tokens per second, for the "bench" clock (see Run.seconds).
   """
   base = {r.seed: r for r in runs.get(baseline, [])} if baseline else {}
+  speeds = bench_speed or {}
   out = {}
   for name in sorted(runs, key=lambda name: name != baseline):  # the baseline first
     model_runs = runs[name]
@@ -292,7 +293,6 @@ def summarize(runs: dict[str, list[Run]], roles: dict[str, str],
         "unigram_val_loss": first.unigram_val_loss,
     }
     if base and name != baseline:
-      speeds = bench_speed or {}
       entry["vs_baseline"] = _against(model_runs, base, entry, out.get(baseline),
                                       (speeds.get(name), speeds.get(baseline)))
     if model["num_experts"]:
