@@ -33,6 +33,7 @@ same case as an earlier one is measured once.
 import dataclasses
 import functools
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -139,6 +140,7 @@ class Settings:
   batches: int = 4  # distinct token batches the timed steps cycle through
   moe_split: bool = True  # time the MoE layer with and without its experts (dispatch share)
   profile: bool = False  # trace `steps` steps after the measurements (chimera.bench_profile)
+  profile_dir: str | None = None  # keep each profiled config's trace and HLO here
 
 
 def decode_lengths(settings: Settings, max_len: int) -> tuple[int, int]:
@@ -285,8 +287,11 @@ class Subject:
 
   def profile(self) -> dict:
     """Where the time of `steps` train steps goes (chimera.bench_profile)."""
+    keep = None
+    if self.settings.profile_dir:
+      keep = Path(self.settings.profile_dir) / re.sub(r"[^A-Za-z0-9._-]+", "_", self.case.name)
     return bench_profile.profile(self._train_seconds, self.step.as_text(), self.settings.steps,
-                                 float(np.median(self.times["train_step_seconds"])))
+                                 float(np.median(self.times["train_step_seconds"])), keep=keep)
 
   def result(self, measured_peak: float) -> BenchRecord:
     case, c = self.case, self.case.config
@@ -439,6 +444,8 @@ def define_flags() -> None:
   flags.DEFINE_list("decode_batches", ["1", "8"], "Decode batch sizes; empty for none.")
   flags.DEFINE_bool("moe_split", True, "Time MoE layers with and without their experts.")
   flags.DEFINE_bool("profile", False, "Trace the train step and say where its time goes.")
+  flags.DEFINE_string("profile_dir", None, "With --profile: keep each config's trace "
+                      "(NAME.trace.json.gz) and compiled HLO (NAME.hlo.txt) in this folder.")
   flags.DEFINE_string("json", None, "Write the records here as JSON.")
 
 
@@ -448,7 +455,8 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)
   settings = Settings(steps=FLAGS.steps, prompt_len=FLAGS.prompt_len, new_tokens=FLAGS.new_tokens,
                       decode_batches=tuple(int(b) for b in FLAGS.decode_batches),
-                      moe_split=FLAGS.moe_split, profile=FLAGS.profile)
+                      moe_split=FLAGS.moe_split, profile=FLAGS.profile,
+                      profile_dir=FLAGS.profile_dir)
   try:
     cases = make_cases(FLAGS.configs, dict(map(parse_override, FLAGS.set)), FLAGS.variants,
                        FLAGS.random_ids)

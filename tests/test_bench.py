@@ -1,5 +1,7 @@
 """chimera.bench: the records `--json` writes, the tokens it times, the peak it divides by."""
 
+import gzip
+import json
 import re
 import subprocess
 import sys
@@ -91,7 +93,7 @@ def test_decode_lengths_fit_max_len():
   assert bench.decode_lengths(settings, max_len=300) == (64, 236)
 
 
-def test_variants_of_kernels_and_ids(corpus):
+def test_variants_of_kernels_and_ids(corpus, tmp_path):
   overrides = {"data.corpus": str(corpus)}
   cases = bench.make_cases(["configs/dense.py:tiny"], overrides,
                            ["kernels.embed_grad=onehot,sorted"], random_ids=False)
@@ -107,13 +109,21 @@ def test_variants_of_kernels_and_ids(corpus):
   with pytest.raises(ChimeraError, match="ids"):
     bench.make_cases(["configs/dense.py:tiny"], overrides, ["ids=zipf"], False)
   records = bench.run(cases, repeats=1,
-                      settings=bench.Settings(steps=2, decode_batches=(), profile=True))
+                      settings=bench.Settings(steps=2, decode_batches=(), profile=True,
+                                              profile_dir=str(tmp_path)))
   assert [r.token_ids for r in records] == [f"corpus:{corpus}/byte", "random"]
   assert all(r.decode == () for r in records)
   profile = records[0].profile  # where the step's time goes, from a jax.profiler trace
   assert {"embedding", "attention", "mlp", "norms", "head", "loss", "optimizer, metrics"} <= set(
       profile["by_part"])
   assert 0 < profile["op_seconds"] and profile["top_ops"][0]["seconds"] > 0
+  # The kept trace and HLO give the same ops again, offline.
+  kept = str(sorted(tmp_path.glob("*.hlo.txt"))[0]).removesuffix(".hlo.txt")
+  assert len(list(tmp_path.glob("*.trace.json.gz"))) == len(records)
+  ops = bench_profile.hlo_ops(Path(f"{kept}.hlo.txt").read_text())
+  with gzip.open(f"{kept}.trace.json.gz") as f:
+    seconds, _ = bench_profile.op_seconds(json.load(f), ops)
+  assert seconds and set(seconds) <= set(ops)
 
 
 def test_profile_sums_device_ops_by_part_and_pass():
@@ -140,6 +150,20 @@ ENTRY %main.1 (p: f32[4]) -> f32[4] {
   seconds, source = bench_profile.op_seconds(trace, ops)
   assert source == "device XLA Ops line"
   assert seconds == {"fusion.3": 80e-6, "dot.7": 20e-6, "add.2": 100e-6}
+  # Without an XLA Ops line every kernel counts: a library kernel (a cuBLAS GEMM) is named
+  # after its own code and matched by the hlo_op its args carry; one with neither is kept
+  # apart, in its own row, not under any model part.
+  kernels = {"traceEvents": [e for e in trace["traceEvents"] if e.get("tid") != 5] + [
+      {"ph": "X", "pid": 2, "tid": 6, "name": "sm90_xmma_gemm_bf16", "dur": 300.0,
+       "args": {"hlo_op": "dot.7", "hlo_module": "jit_train_step"}},
+      {"ph": "X", "pid": 2, "tid": 6, "name": "cudnn_flash_fprop", "dur": 40.0}]}
+  seconds, source = bench_profile.op_seconds(kernels, ops)
+  assert source == "device kernels"
+  assert seconds == {"fusion_3": 1000e-6, "dot.7": 300e-6, bench_profile.UNMATCHED: 40e-6}
+  by_part = bench_profile.summarize(seconds, ops, steps=1, step_seconds=1e-3, top=3)["by_part"]
+  assert by_part == {"attention": {"forward": 1000e-6}, "embedding": {"backward": 300e-6},
+                     bench_profile.UNMATCHED: {"?": 40e-6}}
+  seconds, source = bench_profile.op_seconds(trace, ops)
   summary = bench_profile.summarize(seconds, ops, steps=2, step_seconds=1e-4, top=2)
   assert summary["by_part"] == {"optimizer, metrics": {"update": 50e-6},
                                 "attention": {"forward": 40e-6},
