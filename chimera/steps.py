@@ -18,7 +18,7 @@ from chimera import sharding
 from chimera.config import Config, ModelConfig, TrainConfig
 from chimera.decoder import Decoder
 from chimera.routers import update_router_bias
-from chimera.layers import cross_entropy
+from chimera.layers import Kernels, cross_entropy
 
 class TrainState(train_state.TrainState):
   """flax's TrainState plus `model_state`: the model's non-parameter collections that
@@ -54,7 +54,8 @@ def loss_fn(params, model_state: dict, model: nn.Module, config: ModelConfig,
   inputs, targets = tokens[:, :-1], tokens[:, 1:]
   logits, stats = model.apply({"params": params, **model_state}, inputs,
                               deterministic=deterministic, rngs={"dropout": rng})
-  token_loss = cross_entropy(logits, targets)  # [B, L] float32, from logits in compute dtype
+  kernel = getattr(model, "kernels", Kernels()).cross_entropy
+  token_loss = cross_entropy(logits, targets, kernel)  # [B, L] float32, logits in compute dtype
   loss = (token_loss.mean() + config.load_balance_coef * stats["load_balance_loss"]
           + config.z_loss_coef * stats["z_loss"])
   return loss, (token_loss.sum(), stats)

@@ -4,6 +4,7 @@
 #
 #   CHIMERA_CACHE=.gpu-cache launch/gpu_check.sh            # figures under $OUT
 #   DEADLINE=600 STEPS=100 STUDY=0 launch/gpu_check.sh       # more time, longer runs, no study
+#   STAGES="loss train_dense numerics" launch/gpu_check.sh  # only these stages ("train": all 3)
 #
 # Made for a lent GPU with no network: the project must import (`pip install --no-deps -e .`
 # or PYTHONPATH=.), and $CHIMERA_CACHE must already hold the Shakespeare texts and GPT-2's
@@ -28,6 +29,7 @@
 #   dense     dense: real text against random ids, and the embedding-gradient kernels
 #   numerics  the fast paths against float32 references at full size (cuDNN attention,
 #             embedding gradients, cross-entropy, grouped matmul): relative errors
+#   loss      dense: the cross-entropy's logsumexp in one pass against two
 #   attention dense: cuDNN flash attention ("auto") against XLA's
 #   cublas    dense and MoE with XLA_FLAGS=--xla_gpu_enable_triton_gemm=false (every dot
 #             through cuBLAS), against the main stage's step
@@ -55,6 +57,9 @@ BENCH=(-m chimera.bench --repeats=3 --steps=10 --decode_batches= --nomoe_split)
 stage() {  # stage NAME COMMAND...: runs COMMAND with whatever is left before DEADLINE
   local name=$1 left=$(( DEADLINE - SECONDS ))
   shift
+  if [[ -n ${STAGES:-} && " $STAGES " != *" ${name%% *} "* && " $STAGES " != *" ${name// /_} "* ]]; then
+    return  # not among the STAGES asked for
+  fi
   if (( left < 30 )); then
     echo "== $name: skipped, ${left}s left of ${DEADLINE}s"
     return
@@ -93,7 +98,7 @@ for name, summary in runs.items():
 EOF
 # Issue 10's gpu-small study (its expert sweep first, which the study's targets read), one
 # seed per model; reports in results/gpu-small*/, copied to $OUT/study/.
-if [[ ${STUDY:-1} == 1 ]]; then
+if [[ ${STUDY:-1} == 1 && ( -z ${STAGES:-} || " $STAGES " == *" study "* ) ]]; then
   stage study bash -c "$PYTHON -m chimera.compare --preset=gpu-small --runs=/tmp/chimera-study \
     --sweep=model.num_experts=4,8,16,32 --bench_repeats=0 ${STUDY_ARGS:-} && $PYTHON -m \
     chimera.compare --preset=gpu-small --runs=/tmp/chimera-study --bench_repeats=1 ${STUDY_ARGS:-}"
@@ -108,6 +113,8 @@ stage grouped "$PYTHON" -m chimera.bench_grouped --config=$MOE
 stage dense "$PYTHON" "${BENCH[@]}" --configs=$DENSE --variants=ids=corpus,random \
   --variants=kernels.embed_grad=onehot,sorted,scatter --json="$OUT/bench_dense.json"
 stage numerics "$PYTHON" -m chimera.bench_numerics --config=$MOE
+stage loss "$PYTHON" "${BENCH[@]}" --configs=$DENSE \
+  --variants=kernels.cross_entropy=one_pass,two_pass --json="$OUT/bench_loss.json"
 stage attention "$PYTHON" "${BENCH[@]}" --configs=$DENSE --variants=kernels.attention=auto,xla \
   --json="$OUT/bench_attention.json"
 # XLA's own GEMMs (Triton) against cuBLAS for every dot: one environment variable, no code.

@@ -17,7 +17,9 @@ import numpy as np
 import optax
 import pytest
 
+from chimera import layers
 from chimera.config import ModelConfig
+from chimera.errors import ChimeraError
 from chimera.decoder import Decoder
 from chimera.layers import CausalSelfAttention, Embed, Kernels, cross_entropy
 
@@ -134,17 +136,19 @@ def test_attention_dropout_still_drops():
   np.testing.assert_array_equal(train(0), train(0))
 
 
+@pytest.mark.parametrize("kernel", ["one_pass", "two_pass"])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_cross_entropy_matches_optax(dtype):
+def test_cross_entropy_matches_optax(dtype, kernel):
   rng = np.random.default_rng(0)
   logits = jnp.asarray(4 * rng.normal(size=(2, 5, 11)), dtype)  # [B, L, V]
+  logits = logits.at[0, 0].add(60.0)  # a row far from the others: the running max moves
   targets = jnp.asarray(rng.integers(0, 11, (2, 5)), jnp.int32)
   weights = jnp.asarray(rng.normal(size=(2, 5)), jnp.float32)
-  ours = lambda logits: (cross_entropy(logits, targets) * weights).sum()
+  ours = lambda logits: (cross_entropy(logits, targets, kernel) * weights).sum()
   # The reference sees the same bf16 values, upcast: ours must not lose precision to bf16.
   reference = lambda logits: (optax.softmax_cross_entropy_with_integer_labels(
       logits.astype(jnp.float32), targets) * weights).sum()
-  loss = cross_entropy(logits, targets)
+  loss = cross_entropy(logits, targets, kernel)
   assert loss.dtype == jnp.float32
   chex.assert_trees_all_close(loss, optax.softmax_cross_entropy_with_integer_labels(
       logits.astype(jnp.float32), targets), atol=1e-5, rtol=1e-6)
@@ -153,3 +157,18 @@ def test_cross_entropy_matches_optax(dtype):
   chex.assert_trees_all_close(grad.astype(jnp.float32),
                               jax.grad(reference)(logits).astype(jnp.float32),
                               **TOLERANCE[dtype])
+
+
+def test_one_pass_logsumexp():
+  """The one-pass reduction against jax.nn.logsumexp: rows whose max comes first, last
+  or in the middle (the running max moves at every element, or never), a row of one large
+  value (exp underflows for the rest), -inf entries (masked logits), and a long row."""
+  rng = np.random.default_rng(1)
+  rows = np.stack([np.arange(9.0), -np.arange(9.0), [0, 1, 2, 30, 2, 1, 0, -5, 3],
+                   [-200.0] * 8 + [200.0], [-np.inf, 1, 2, -np.inf, 0, 0, 0, 0, 0]])
+  for x in (rows, 8 * rng.normal(size=(3, 50304))):
+    chex.assert_trees_all_close(layers.logsumexp_one_pass(jnp.asarray(x, jnp.float32)),
+                                jax.nn.logsumexp(jnp.asarray(x, jnp.float32), axis=-1),
+                                rtol=1e-6, atol=1e-5)
+  with pytest.raises(ChimeraError, match="kernels.cross_entropy"):
+    cross_entropy(jnp.zeros((2, 3)), jnp.zeros((2,), jnp.int32), "fused")
