@@ -1,6 +1,8 @@
 """Where a train step's time goes: a jax.profiler trace of a few steps, summed by op.
 
   python -m chimera.bench --configs=configs/dense.py:gpu --profile --repeats=1
+  python -m chimera.bench_profile results/gpu/h100/profile/configs_dense.py_gpu --steps=10
+      # again, offline, from a trace and HLO kept by `chimera.bench --profile_dir`
 
 Each XLA op in the trace (a thunk on CPU; on GPU the "XLA Ops" line, or the kernels,
 which XLA names after their fusion) is matched to its instruction in the compiled step's
@@ -22,11 +24,13 @@ import jax
 
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([^\s=]+) = .*? ([a-z][a-z0-9-]*)\(")
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
+_TARGET = re.compile(r'custom_call_target="([^"]*)"')
 
 
 class Op(NamedTuple):
   opcode: str  # "fusion", "dot", "custom-call", ...
   op_name: str  # the metadata's jax name stack, e.g. "jit(train_step)/jvp(Decoder)/block_0/attn/..."
+  target: str = ""  # a custom-call's custom_call_target, e.g. "__cublas$lt$matmul"
 
 
 def hlo_ops(hlo_text: str) -> dict[str, Op]:
@@ -36,8 +40,9 @@ def hlo_ops(hlo_text: str) -> dict[str, Op]:
   for line in hlo_text.splitlines():
     match = _INSTRUCTION.match(line)
     if match:
-      op_name = _OP_NAME.search(line)
-      name, op = match.group(1), Op(match.group(2), op_name.group(1) if op_name else "")
+      op_name, target = _OP_NAME.search(line), _TARGET.search(line)
+      name, op = match.group(1), Op(match.group(2), op_name.group(1) if op_name else "",
+                                    target.group(1) if target else "")
       ops[name] = op
       ops.setdefault(name.replace(".", "_"), op)
   return ops
@@ -66,6 +71,71 @@ def step_pass(op_name: str) -> str:
 
 
 UNMATCHED = "(kernels not matched to an HLO op)"
+COPIES = "(memory copies and sets)"
+# Library kernels are named after their own code, not the instruction that called them:
+# family -> (words in a kernel's name, words in the calling custom-call's target).
+_LIBRARIES = {"cudnn": (("cudnn", "sdpa", "fmha"), ("cudnn",)),
+              "cublas": (("nvjet", "gemm", "xmma", "cutlass", "cublas"), ("cublas",)),
+              "cub": (("cub::", "radixsort", "devicesort"), ("cub_",))}
+
+
+def entry_order(hlo_text: str) -> list[str]:
+  """The instructions of a compiled module's ENTRY computation, in its schedule order (the
+  order XLA prints a scheduled module in, and the order one stream runs them in)."""
+  order, inside = [], False
+  for line in hlo_text.splitlines():
+    if line.startswith("ENTRY "):
+      inside = True
+    elif inside and line.startswith("}"):
+      break
+    elif inside and (match := _INSTRUCTION.match(line)):
+      order.append(match.group(1))
+  return order
+
+
+def _library(kernel: str) -> tuple[str | None, bool]:
+  """(library family of a kernel's name or None, whether it is the call's main kernel).
+  cuDNN's attention backward runs helper kernels around its flash kernel: those do not
+  start a new call."""
+  lowered = kernel.lower()
+  for family, (words, _) in _LIBRARIES.items():
+    if any(w in lowered for w in words):
+      return family, family != "cudnn" or "sdpa" in lowered or "flash" in lowered
+  return None, False
+
+
+class _LibraryAligner:
+  """Attributes library kernels (cuBLAS GEMMs, cuDNN attention, CUB sorts) to the
+  custom-calls that launched them. On one stream kernels run in the ENTRY schedule's
+  order, and fusion kernels are named after an instruction: so a library kernel belongs
+  to the next custom-call of its library after the furthest instruction seen."""
+
+  def __init__(self, ops: dict[str, Op], order: list[str]):
+    self.position = {}
+    for i, name in enumerate(order):
+      self.position[name] = self.position[name.replace(".", "_")] = i
+    self.calls = {family: [(i, n) for i, n in enumerate(order) if ops[n].opcode == "custom-call"
+                           and any(w in ops[n].target.lower() for w in targets)]
+                  for family, (_, targets) in _LIBRARIES.items()}
+    self.cursor = -1
+
+  def seen(self, name: str) -> None:
+    # Only forward: XLA reuses one compiled kernel for identical fusions, under the name of
+    # the first, so a kernel's name can point back in the schedule. A new step shows as a
+    # library call with none of its kind left after the cursor (`call`).
+    self.cursor = max(self.cursor, self.position.get(name, -1))
+
+  def call(self, kernel: str) -> str | None:
+    family, starts_call = _library(kernel)
+    calls = self.calls.get(family) or []
+    if not calls:
+      return None
+    after = [c for c in calls if c[0] > self.cursor]
+    if not starts_call:  # a helper: the call it runs for is next, or the one just run
+      return (after or calls[-1:])[0][1]
+    position, name = after[0] if after else calls[0]  # none left: the next step began
+    self.cursor = position
+    return name
 
 
 def _hlo_name(event: dict, ops: dict[str, Op]) -> str | None:
@@ -80,10 +150,13 @@ def _hlo_name(event: dict, ops: dict[str, Op]) -> str | None:
   return None
 
 
-def op_seconds(trace: dict, ops: dict[str, Op]) -> tuple[collections.Counter, str]:
+def op_seconds(trace: dict, ops: dict[str, Op],
+               order: list[str] | None = None) -> tuple[collections.Counter, str]:
   """Seconds per HLO instruction in a perfetto trace, and where they were read: device
   processes (GPU, TPU) win over the host; on a device, the "XLA Ops" line if it has one,
-  else every kernel."""
+  else every kernel. With the ENTRY schedule (`entry_order`), library kernels are
+  attributed to their custom-calls (`_LibraryAligner`); memory copies and sets, and
+  kernels still unmatched, get rows of their own."""
   events = trace["traceEvents"] if isinstance(trace, dict) else trace
   processes, threads = {}, {}
   for e in events:
@@ -94,16 +167,22 @@ def op_seconds(trace: dict, ops: dict[str, Op]) -> tuple[collections.Counter, st
   devices = {pid for pid, name in processes.items() if "/device:" in name}
   op_lines = {key for key, name in threads.items() if key[0] in devices and name == "XLA Ops"}
   seconds = collections.Counter()
-  for e in events:
-    if e.get("ph") != "X" or (devices and e["pid"] not in devices):
+  aligner = _LibraryAligner(ops, order or [])
+  for e in sorted((e for e in events if e.get("ph") == "X"), key=lambda e: e.get("ts", 0.0)):
+    if devices and e["pid"] not in devices:
       continue
     if op_lines and (e["pid"], e.get("tid")) not in op_lines:
       continue
     name = _hlo_name(e, ops)
     if name is not None:
-      seconds[name] += e.get("dur", 0.0) / 1e6
+      aligner.seen(name)
     elif devices:
-      seconds[UNMATCHED] += e.get("dur", 0.0) / 1e6
+      kernel = e.get("name", "")
+      name = aligner.call(kernel) or (
+          COPIES if re.match(r"(memcpy|memset)", kernel, re.I) else UNMATCHED)
+    else:
+      continue
+    seconds[name] += e.get("dur", 0.0) / 1e6
   source = ("device XLA Ops line" if op_lines else "device kernels") if devices else "host"
   return seconds, source
 
@@ -113,8 +192,8 @@ def summarize(seconds: collections.Counter, ops: dict[str, Op], steps: int,
   """Per-step seconds by model part and pass, and the `top` costliest ops."""
   by_part = collections.defaultdict(lambda: collections.Counter())
   for name, s in seconds.items():
-    if name == UNMATCHED:  # no op_name to place it by: its own row, not "optimizer"
-      by_part[UNMATCHED]["?"] += s / steps
+    if name in (UNMATCHED, COPIES):  # no op_name to place it by: a row of its own
+      by_part[name]["?"] += s / steps
       continue
     op = ops[name]
     by_part[model_part(op.op_name)][step_pass(op.op_name)] += s / steps
@@ -162,5 +241,32 @@ def profile(run_steps: Callable[[], object], hlo_text: str, steps: int, step_sec
     with gzip.open(trace_file) as f:
       trace = json.load(f)
   ops = hlo_ops(hlo_text)
-  seconds, source = op_seconds(trace, ops)
+  seconds, source = op_seconds(trace, ops, entry_order(hlo_text))
   return {**summarize(seconds, ops, steps, step_seconds, top), "events": source}
+
+
+def summarize_kept(prefix: str, steps: int, step_seconds: float, top: int = 15) -> dict:
+  """`profile`'s summary from the files `profile(keep=prefix)` wrote (the HLO may be
+  gzipped, as `<prefix>.hlo.txt.gz`)."""
+  hlo = Path(f"{prefix}.hlo.txt")
+  hlo_text = hlo.read_text() if hlo.exists() else gzip.decompress(
+      Path(f"{hlo}.gz").read_bytes()).decode()
+  with gzip.open(f"{prefix}.trace.json.gz") as f:
+    trace = json.load(f)
+  ops = hlo_ops(hlo_text)
+  seconds, source = op_seconds(trace, ops, entry_order(hlo_text))
+  return {**summarize(seconds, ops, steps, step_seconds, top), "events": source}
+
+
+def main(argv):
+  from absl import flags
+  if len(argv) != 2:
+    raise SystemExit("usage: python -m chimera.bench_profile PREFIX [--steps=N] [--step_ms=MS]")
+  print(format_summary(summarize_kept(argv[1], flags.FLAGS.steps, flags.FLAGS.step_ms / 1e3)))
+
+
+if __name__ == "__main__":
+  from absl import app, flags
+  flags.DEFINE_integer("steps", 10, "Train steps the trace holds (chimera.bench's --steps).")
+  flags.DEFINE_float("step_ms", 0.0, "The untraced step time to print beside it, if known.")
+  app.run(main)

@@ -114,7 +114,7 @@ stage dense "$PYTHON" "${BENCH[@]}" --configs=$DENSE --variants=ids=corpus,rando
   --variants=kernels.embed_grad=onehot,sorted,scatter --json="$OUT/bench_dense.json"
 stage numerics "$PYTHON" -m chimera.bench_numerics --config=$MOE
 stage loss "$PYTHON" "${BENCH[@]}" --configs=$DENSE \
-  --variants=kernels.cross_entropy=one_pass,two_pass --json="$OUT/bench_loss.json"
+  --variants=kernels.cross_entropy=two_pass,one_pass --json="$OUT/bench_loss.json"
 stage attention "$PYTHON" "${BENCH[@]}" --configs=$DENSE --variants=kernels.attention=auto,xla \
   --json="$OUT/bench_attention.json"
 # XLA's own GEMMs (Triton) against cuBLAS for every dot: one environment variable, no code.

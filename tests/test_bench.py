@@ -150,19 +150,46 @@ ENTRY %main.1 (p: f32[4]) -> f32[4] {
   seconds, source = bench_profile.op_seconds(trace, ops)
   assert source == "device XLA Ops line"
   assert seconds == {"fusion.3": 80e-6, "dot.7": 20e-6, "add.2": 100e-6}
-  # Without an XLA Ops line every kernel counts: a library kernel (a cuBLAS GEMM) is named
-  # after its own code and matched by the hlo_op its args carry; one with neither is kept
-  # apart, in its own row, not under any model part.
-  kernels = {"traceEvents": [e for e in trace["traceEvents"] if e.get("tid") != 5] + [
-      {"ph": "X", "pid": 2, "tid": 6, "name": "sm90_xmma_gemm_bf16", "dur": 300.0,
-       "args": {"hlo_op": "dot.7", "hlo_module": "jit_train_step"}},
-      {"ph": "X", "pid": 2, "tid": 6, "name": "cudnn_flash_fprop", "dur": 40.0}]}
-  seconds, source = bench_profile.op_seconds(kernels, ops)
+  # Without an XLA Ops line every kernel counts. Library kernels (cuBLAS, cuDNN) are named
+  # after their own code: each goes to the next custom-call of its library after the
+  # furthest instruction seen, in the ENTRY schedule; memory copies get a row of their own,
+  # and a kernel that is neither stays unmatched, under no model part.
+  library_hlo = """
+ENTRY %main.2 (p: bf16[4,4]) -> bf16[4,4] {
+  %fusion.1 = bf16[4,4]{1,0} fusion(%p), kind=kLoop, calls=%f1, metadata={op_name="jit(train_step)/jvp(Decoder)/block_0/norm_attn/mul"}
+  %custom-call.1 = (bf16[4,4]{1,0}, s8[8]{0}) custom-call(%fusion.1, %p), custom_call_target="__cublas$lt$matmul", metadata={op_name="jit(train_step)/jvp(Decoder)/block_0/attn/qkv/dot_general"}
+  %custom-call.2 = (bf16[4,4]{1,0}, s8[8]{0}) custom-call(%p, %p), custom_call_target="__cudnn$fmhaSoftmax", metadata={op_name="jit(train_step)/jvp(Decoder)/block_0/attn/dot_product_attention_fwd"}
+  %custom-call.3 = (bf16[4,4]{1,0}, s8[8]{0}) custom-call(%p, %p), custom_call_target="__cublas$lt$matmul", metadata={op_name="jit(train_step)/jvp(Decoder)/block_0/attn/out/dot_general"}
+  %fusion.2 = bf16[4,4]{1,0} fusion(%p), kind=kLoop, calls=%f2, metadata={op_name="jit(train_step)/jvp(Decoder)/block_0/mlp/mul"}
+  ROOT %custom-call.4 = (bf16[4,4]{1,0}, s8[8]{0}) custom-call(%fusion.2, %p), custom_call_target="__cublas$lt$matmul", metadata={op_name="jit(train_step)/jvp(Decoder)/block_0/mlp/wo/dot_general"}
+}"""
+  library_ops = bench_profile.hlo_ops(library_hlo)
+  order = bench_profile.entry_order(library_hlo)
+  assert order == ["fusion.1", "custom-call.1", "custom-call.2", "custom-call.3", "fusion.2",
+                   "custom-call.4"]
+  assert library_ops["custom-call.2"].target == "__cudnn$fmhaSoftmax"
+  device = [{"ph": "M", "pid": 2, "name": "process_name", "args": {"name": "/device:GPU:0"}}]
+  step = [("fusion_1", 10.0), ("nvjet_sm90_tst_128x128", 100.0), ("memcpy128", 1.0),
+          ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop", 50.0),
+          ("nvjet_sm90_tss_256x128", 200.0), ("fusion_1", 3.0),  # a kernel reused by name
+          ("fusion_2", 20.0), ("nvjet_sm90_tst_176x128", 400.0), ("mystery_kernel", 7.0)]
+  events = [{"ph": "X", "pid": 2, "tid": 6, "ts": float(i), "name": name, "dur": dur,
+             "args": {"hlo_op": "command_buffer_3"}}  # XLA's name for a CUDA graph
+            for i, (name, dur) in enumerate(step + step)]  # two steps
+  seconds, source = bench_profile.op_seconds({"traceEvents": device + events}, library_ops,
+                                             order)
   assert source == "device kernels"
-  assert seconds == {"fusion_3": 1000e-6, "dot.7": 300e-6, bench_profile.UNMATCHED: 40e-6}
-  by_part = bench_profile.summarize(seconds, ops, steps=1, step_seconds=1e-3, top=3)["by_part"]
-  assert by_part == {"attention": {"forward": 1000e-6}, "embedding": {"backward": 300e-6},
-                     bench_profile.UNMATCHED: {"?": 40e-6}}
+  assert seconds == pytest.approx({
+      "fusion_1": 26e-6, "custom-call.1": 200e-6, "custom-call.2": 100e-6,
+      "custom-call.3": 400e-6, "fusion_2": 40e-6, "custom-call.4": 800e-6,
+      bench_profile.COPIES: 2e-6, bench_profile.UNMATCHED: 14e-6})
+  by_part = bench_profile.summarize(seconds, library_ops, steps=2, step_seconds=1e-3,
+                                    top=3)["by_part"]
+  flat = {(part, p): s for part, passes in by_part.items() for p, s in passes.items()}
+  assert flat == pytest.approx({
+      ("attention", "forward"): 350e-6, ("mlp", "forward"): 420e-6,
+      ("norms", "forward"): 13e-6, (bench_profile.COPIES, "?"): 1e-6,
+      (bench_profile.UNMATCHED, "?"): 7e-6})
   seconds, source = bench_profile.op_seconds(trace, ops)
   summary = bench_profile.summarize(seconds, ops, steps=2, step_seconds=1e-4, top=2)
   assert summary["by_part"] == {"optimizer, metrics": {"update": 50e-6},
