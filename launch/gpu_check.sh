@@ -13,7 +13,10 @@
 #   CHIMERA_CACHE=.gpu-cache python -m chimera.data --corpus=shakespeare --tokenizer=gpt2
 #
 # Stages, in this order (most important first); each is cut off at DEADLINE seconds after
-# the start (default 540), and a stage with under 30 s left is skipped:
+# the start (default 540), and a stage with under 30 s left is skipped. Measured on an
+# H100 (results/gpu/h100), compiles included: main 115 s, each train run 46-51 s, d1024
+# 124 s, the study over 242 s (it trained every model, then ran out of time in its bench).
+# All stages do not fit in one call's 10 minutes: split them with STAGES across calls.
 #   main      chimera.bench, dense and MoE top-2: step time, tokens/s, MFU against the
 #             nominal and the measured peak, decode at batch 1 and 8, and a profile of
 #             where each step's time goes (by model part and pass, costliest ops); the
