@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Callable, NamedTuple
 
 import jax
+from absl import app, flags
 
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([^\s=]+) = .*? ([a-z][a-z0-9-]*)\(")
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
@@ -238,8 +239,15 @@ def profile(run_steps: Callable[[], object], hlo_text: str, steps: int, step_sec
       keep.parent.mkdir(parents=True, exist_ok=True)
       shutil.copyfile(trace_file, f"{keep}.trace.json.gz")
       Path(f"{keep}.hlo.txt").write_text(hlo_text)
-    with gzip.open(trace_file) as f:
-      trace = json.load(f)
+    return summarize_trace(trace_file, hlo_text, steps, step_seconds, top)
+
+
+def summarize_trace(trace_file: str | Path, hlo_text: str, steps: int, step_seconds: float,
+                    top: int = 15) -> dict:
+  """The summary of a perfetto trace (.json.gz) of `steps` steps of the compiled step
+  whose HLO is `hlo_text`."""
+  with gzip.open(trace_file) as f:
+    trace = json.load(f)
   ops = hlo_ops(hlo_text)
   seconds, source = op_seconds(trace, ops, entry_order(hlo_text))
   return {**summarize(seconds, ops, steps, step_seconds, top), "events": source}
@@ -251,22 +259,16 @@ def summarize_kept(prefix: str, steps: int, step_seconds: float, top: int = 15) 
   hlo = Path(f"{prefix}.hlo.txt")
   hlo_text = hlo.read_text() if hlo.exists() else gzip.decompress(
       Path(f"{hlo}.gz").read_bytes()).decode()
-  with gzip.open(f"{prefix}.trace.json.gz") as f:
-    trace = json.load(f)
-  ops = hlo_ops(hlo_text)
-  seconds, source = op_seconds(trace, ops, entry_order(hlo_text))
-  return {**summarize(seconds, ops, steps, step_seconds, top), "events": source}
+  return summarize_trace(f"{prefix}.trace.json.gz", hlo_text, steps, step_seconds, top)
 
 
 def main(argv):
-  from absl import flags
   if len(argv) != 2:
     raise SystemExit("usage: python -m chimera.bench_profile PREFIX [--steps=N] [--step_ms=MS]")
   print(format_summary(summarize_kept(argv[1], flags.FLAGS.steps, flags.FLAGS.step_ms / 1e3)))
 
 
 if __name__ == "__main__":
-  from absl import app, flags
   flags.DEFINE_integer("steps", 10, "Train steps the trace holds (chimera.bench's --steps).")
   flags.DEFINE_float("step_ms", 0.0, "The untraced step time to print beside it, if known.")
   app.run(main)

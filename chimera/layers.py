@@ -73,11 +73,15 @@ class Kernels:
   cross_entropy: CrossEntropyKernel = "two_pass"
 
   def __post_init__(self):
-    for field, allowed in (("embed_grad", EmbedGrad), ("attention", AttentionKernel),
-                           ("cross_entropy", CrossEntropyKernel)):
-      if getattr(self, field) not in get_args(allowed):
-        raise ChimeraError(f"kernels.{field}: expected one of {get_args(allowed)}, "
-                           f"got {getattr(self, field)!r}")
+    for field in dataclasses.fields(self):
+      check_kernel(field.name, getattr(self, field.name))
+
+
+def check_kernel(field: str, value: str) -> None:
+  """A one-line ChimeraError unless `value` is one of the choices of Kernels.`field`."""
+  allowed = get_args(Kernels.__annotations__[field])
+  if value not in allowed:
+    raise ChimeraError(f"kernels.{field}: expected one of {allowed}, got {value!r}")
 
 
 def _onehot_rows_grad(ids: jax.Array, cotangent: jax.Array, vocab_size: int) -> jax.Array:
@@ -172,9 +176,7 @@ def cross_entropy(logits: jax.Array, targets: jax.Array,
   float32; the backward pass is one elementwise pass, softmax - one_hot, written in the
   logits' dtype.
   """
-  if kernel not in get_args(CrossEntropyKernel):
-    raise ChimeraError(f"kernels.cross_entropy: expected one of "
-                       f"{get_args(CrossEntropyKernel)}, got {kernel!r}")
+  check_kernel("cross_entropy", kernel)
   with jax.named_scope("cross_entropy"):
     return _cross_entropy(logits, targets, kernel)
 
