@@ -177,11 +177,22 @@ def make_study(preset_name: str, sweep: str | None, base: str | None, overrides:
                f"{preset_name}-sweep-{slug}", sweep)
 
 
+# Fields added after runs were first keyed by their config. While one is at its default
+# (the behaviour from before it existed) it is left out of the key, so adding it kept
+# every stored run's directory. A field whose default changes must leave this list.
+KEY_OMITS_AT_DEFAULT = ("train.router_lr_scale", "train.router_weight_decay")
+
+
 def run_dir(root: Path, config: Config) -> Path:
   """A run's directory, keyed by its whole config but its name, so identical runs are
   shared between studies (a sweep's num_experts=8 is the study's moe_top2)."""
   values = config_lib.to_dict(config)
   values.pop("name")
+  defaults = config_lib.to_dict(Config())
+  for key in KEY_OMITS_AT_DEFAULT:
+    section, field = key.split(".")
+    if values[section][field] == defaults[section][field]:
+      del values[section][field]
   return root / hashlib.sha1(json.dumps(values, sort_keys=True).encode()).hexdigest()[:12]
 
 

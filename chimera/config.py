@@ -127,6 +127,10 @@ class TrainConfig:
   b1: float = 0.9
   b2: float = 0.99
   weight_decay: float = 0.1
+  # The MoE routers' own optimiser settings: their learning rate as a multiple of the
+  # schedule's, and whether AdamW's weight decay pulls them towards zero (uniform routing).
+  router_lr_scale: float = 1.0
+  router_weight_decay: bool = True
   grad_clip: float = 1.0
   seed: int = 0
   log_every: int = 50
@@ -282,6 +286,8 @@ def validate(c: Config) -> None:
          f"must be in [0, train.learning_rate={t.learning_rate}], got {t.min_learning_rate}")
   _check(0 <= t.b1 < 1 and 0 <= t.b2 < 1, "train.b1", f"b1={t.b1} and b2={t.b2} must be in [0, 1)")
   _check(t.weight_decay >= 0, "train.weight_decay", f"must be >= 0, got {t.weight_decay}")
+  _check(t.router_lr_scale > 0, "train.router_lr_scale",
+         f"must be > 0, got {t.router_lr_scale}")
   _check(t.grad_clip > 0, "train.grad_clip", f"must be > 0, got {t.grad_clip}")
   _check(0.0 < d.val_fraction < 1.0, "data.val_fraction",
          f"must be in (0, 1), got {d.val_fraction}")

@@ -35,17 +35,28 @@ def make_schedule(t: TrainConfig) -> optax.Schedule:
       decay_steps=t.steps, end_value=t.min_learning_rate)
 
 
+def _is_router(path) -> bool:
+  return any(getattr(key, "key", None) == "router" for key in path)
+
+
 def make_optimizer(t: TrainConfig) -> optax.GradientTransformation:
   """AdamW on the schedule above, after global-norm clipping.
 
   Weight decay applies to matrices (embeddings, kernels, expert weights), not to norm
-  scales or biases.
+  scales or biases, and not to the MoE routers when `router_weight_decay` is off. The
+  routers' updates (decay included) are scaled by `router_lr_scale`.
   """
   schedule = make_schedule(t)
-  decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
-  return optax.chain(
-      optax.clip_by_global_norm(t.grad_clip),
-      optax.adamw(schedule, b1=t.b1, b2=t.b2, weight_decay=t.weight_decay, mask=decay_mask))
+  decay_mask = lambda params: jax.tree_util.tree_map_with_path(
+      lambda path, p: p.ndim >= 2 and (t.router_weight_decay or not _is_router(path)), params)
+  parts = [optax.clip_by_global_norm(t.grad_clip),
+           optax.adamw(schedule, b1=t.b1, b2=t.b2, weight_decay=t.weight_decay,
+                       mask=decay_mask)]
+  if t.router_lr_scale != 1.0:
+    router_mask = lambda params: jax.tree_util.tree_map_with_path(
+        lambda path, _: _is_router(path), params)
+    parts.append(optax.masked(optax.scale(t.router_lr_scale), router_mask))
+  return optax.chain(*parts)
 
 
 def loss_fn(params, model_state: dict, model: nn.Module, config: ModelConfig,

@@ -3,13 +3,14 @@ and the whole pipeline (train, report) on the tiny preset."""
 
 import copy
 import dataclasses
+import hashlib
 import json
 import math
 from pathlib import Path
 
 import pytest
 
-from chimera import accounting, bench, compare, report, study_stats, study_sweeps, study_targets
+from chimera import accounting, bench, compare, config as config_lib, report, study_stats, study_sweeps, study_targets
 from chimera.errors import ChimeraError
 from chimera.study_stats import Spread, paired, router_stats, tokens_to_reach, value_at
 
@@ -348,3 +349,19 @@ def test_readme_headline_is_the_summary_it_names():
   text = (root / "README.md").read_text()
   start, end, block = report.readme_headline(text, root)
   assert text[start:end] == block, "README's headline is stale: python -m chimera.report --readme"
+
+
+def test_a_field_added_at_its_default_keeps_the_run_directory():
+  """The run key leaves out KEY_OMITS_AT_DEFAULT fields at their default: the key of a
+  config equals the hash of its values from before those fields existed."""
+  config = compare.load("configs/moe_top2.py", compare.PRESETS["cpu"], {})
+  values = config_lib.to_dict(config)
+  values.pop("name")
+  for key in compare.KEY_OMITS_AT_DEFAULT:
+    section, field = key.split(".")
+    del values[section][field]
+  before = hashlib.sha1(json.dumps(values, sort_keys=True).encode()).hexdigest()[:12]
+  assert compare.run_dir(Path("r"), config) == Path("r") / before
+  for change in (dict(router_lr_scale=3.0), dict(router_weight_decay=False)):
+    moved = dataclasses.replace(config, train=dataclasses.replace(config.train, **change))
+    assert compare.run_dir(Path("r"), moved) != Path("r") / before
