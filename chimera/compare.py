@@ -180,7 +180,8 @@ def make_study(preset_name: str, sweep: str | None, base: str | None, overrides:
 # Fields added after runs were first keyed by their config. While one is at its default
 # (the behaviour from before it existed) it is left out of the key, so adding it kept
 # every stored run's directory. A field whose default changes must leave this list.
-KEY_OMITS_AT_DEFAULT = ("train.router_lr_scale", "train.router_weight_decay")
+KEY_OMITS_AT_DEFAULT = ("train.router_lr_scale", "train.router_weight_decay",
+                        "train.expert_lr_scale")
 
 
 def run_dir(root: Path, config: Config) -> Path:

@@ -131,6 +131,9 @@ class TrainConfig:
   # schedule's, and whether AdamW's weight decay pulls them towards zero (uniform routing).
   router_lr_scale: float = 1.0
   router_weight_decay: bool = True
+  # The routed experts' learning rate as a multiple of the schedule's (shared experts
+  # and everything else keep the schedule's): each expert sees only about k/E of a batch.
+  expert_lr_scale: float = 1.0
   grad_clip: float = 1.0
   seed: int = 0
   log_every: int = 50
@@ -286,8 +289,8 @@ def validate(c: Config) -> None:
          f"must be in [0, train.learning_rate={t.learning_rate}], got {t.min_learning_rate}")
   _check(0 <= t.b1 < 1 and 0 <= t.b2 < 1, "train.b1", f"b1={t.b1} and b2={t.b2} must be in [0, 1)")
   _check(t.weight_decay >= 0, "train.weight_decay", f"must be >= 0, got {t.weight_decay}")
-  _check(t.router_lr_scale > 0, "train.router_lr_scale",
-         f"must be > 0, got {t.router_lr_scale}")
+  for name in ("router_lr_scale", "expert_lr_scale"):
+    _check(getattr(t, name) > 0, f"train.{name}", f"must be > 0, got {getattr(t, name)}")
   _check(t.grad_clip > 0, "train.grad_clip", f"must be > 0, got {t.grad_clip}")
   _check(0.0 < d.val_fraction < 1.0, "data.val_fraction",
          f"must be in (0, 1), got {d.val_fraction}")

@@ -35,8 +35,20 @@ def make_schedule(t: TrainConfig) -> optax.Schedule:
       decay_steps=t.steps, end_value=t.min_learning_rate)
 
 
-def _is_router(path) -> bool:
-  return any(getattr(key, "key", None) == "router" for key in path)
+def _module_and_name(path) -> tuple[str | None, str | None]:
+  """The (parent module, leaf name) of a parameter's path: ("router", "kernel") for a
+  router kernel, ("moe", "wi") for a routed expert matrix."""
+  keys = [getattr(key, "key", None) for key in path]
+  return (keys[-2] if len(keys) > 1 else None), (keys[-1] if keys else None)
+
+
+def is_router(path) -> bool:
+  return _module_and_name(path)[0] == "router"
+
+
+def is_routed_expert(path) -> bool:
+  module, name = _module_and_name(path)
+  return module == "moe" and name in ("wi", "wi_gate", "wi_up", "wo")
 
 
 def make_optimizer(t: TrainConfig) -> optax.GradientTransformation:
@@ -44,18 +56,18 @@ def make_optimizer(t: TrainConfig) -> optax.GradientTransformation:
 
   Weight decay applies to matrices (embeddings, kernels, expert weights), not to norm
   scales or biases, and not to the MoE routers when `router_weight_decay` is off. The
-  routers' updates (decay included) are scaled by `router_lr_scale`.
+  routers' updates (decay included) are scaled by `router_lr_scale`, the routed experts'
+  by `expert_lr_scale`: per-group learning rates.
   """
   schedule = make_schedule(t)
-  decay_mask = lambda params: jax.tree_util.tree_map_with_path(
-      lambda path, p: p.ndim >= 2 and (t.router_weight_decay or not _is_router(path)), params)
+  mask = lambda keep: lambda params: jax.tree_util.tree_map_with_path(
+      lambda path, p: keep(path, p), params)
+  decay = mask(lambda path, p: p.ndim >= 2 and (t.router_weight_decay or not is_router(path)))
   parts = [optax.clip_by_global_norm(t.grad_clip),
-           optax.adamw(schedule, b1=t.b1, b2=t.b2, weight_decay=t.weight_decay,
-                       mask=decay_mask)]
-  if t.router_lr_scale != 1.0:
-    router_mask = lambda params: jax.tree_util.tree_map_with_path(
-        lambda path, _: _is_router(path), params)
-    parts.append(optax.masked(optax.scale(t.router_lr_scale), router_mask))
+           optax.adamw(schedule, b1=t.b1, b2=t.b2, weight_decay=t.weight_decay, mask=decay)]
+  for scale, group in ((t.router_lr_scale, is_router), (t.expert_lr_scale, is_routed_expert)):
+    if scale != 1.0:
+      parts.append(optax.masked(optax.scale(scale), mask(lambda path, _, g=group: g(path))))
   return optax.chain(*parts)
 
 

@@ -362,6 +362,7 @@ def test_a_field_added_at_its_default_keeps_the_run_directory():
     del values[section][field]
   before = hashlib.sha1(json.dumps(values, sort_keys=True).encode()).hexdigest()[:12]
   assert compare.run_dir(Path("r"), config) == Path("r") / before
-  for change in (dict(router_lr_scale=3.0), dict(router_weight_decay=False)):
+  for change in (dict(router_lr_scale=3.0), dict(router_weight_decay=False),
+                 dict(expert_lr_scale=0.5)):
     moved = dataclasses.replace(config, train=dataclasses.replace(config.train, **change))
     assert compare.run_dir(Path("r"), moved) != Path("r") / before

@@ -266,28 +266,34 @@ def test_progress_saved_is_a_copy():
   assert saved["tokens_seen"] == 10 and Progress.from_json(saved).tokens_seen == 10
 
 
-def test_router_learning_rate_and_weight_decay():
-  """router_lr_scale multiplies the routers' updates; router_weight_decay=False drops
-  AdamW's decay term (lr * weight_decay * param) from them. Everything else is untouched."""
+def test_router_and_expert_learning_rates_and_router_weight_decay():
+  """router_lr_scale and expert_lr_scale multiply the routers' and the routed experts'
+  updates; router_weight_decay=False drops AdamW's decay term (lr * weight_decay * param)
+  from the routers'. Shared experts, norms and the rest keep the plain AdamW update."""
   import dataclasses
   import jax.numpy as jnp
-  keys = jax.random.split(jax.random.key(0), 8)
+  keys = jax.random.split(jax.random.key(0), 9)
   params = {"block": {"moe": {"router": {"kernel": jax.random.normal(keys[0], (6, 4))},
-                              "wi": jax.random.normal(keys[1], (4, 6, 3))}},
+                              "wi": jax.random.normal(keys[1], (4, 6, 3)),
+                              "shared_wi": jax.random.normal(keys[2], (1, 6, 3))}},
             "norm": {"scale": jnp.ones(6)}}
   base = TrainConfig(steps=10, warmup_steps=0, grad_clip=1e6)
-  moved = dataclasses.replace(base, router_lr_scale=3.0, router_weight_decay=False)
+  moved = dataclasses.replace(base, router_lr_scale=3.0, router_weight_decay=False,
+                              expert_lr_scale=0.5)
   plain_tx, moved_tx = make_optimizer(base), make_optimizer(moved)
   plain_state, moved_state = plain_tx.init(params), moved_tx.init(params)
-  for step, key in enumerate(keys[2:]):
+  for step, key in enumerate(keys[3:]):
     grads = jax.tree.map(lambda p: jax.random.normal(key, p.shape), params)
     plain, plain_state = plain_tx.update(grads, plain_state, params)
     moved, moved_state = moved_tx.update(grads, moved_state, params)
-    np.testing.assert_array_equal(moved["block"]["moe"]["wi"], plain["block"]["moe"]["wi"])
+    np.testing.assert_array_equal(moved["block"]["moe"]["shared_wi"],
+                                  plain["block"]["moe"]["shared_wi"])
     np.testing.assert_array_equal(moved["norm"]["scale"], plain["norm"]["scale"])
-    lr = make_schedule(base)(step)
+    np.testing.assert_allclose(moved["block"]["moe"]["wi"], 0.5 * plain["block"]["moe"]["wi"],
+                               rtol=1e-6)
     kernel = params["block"]["moe"]["router"]["kernel"]
-    undecayed = plain["block"]["moe"]["router"]["kernel"] + lr * base.weight_decay * kernel
+    undecayed = (plain["block"]["moe"]["router"]["kernel"]
+                 + make_schedule(base)(step) * base.weight_decay * kernel)
     np.testing.assert_allclose(moved["block"]["moe"]["router"]["kernel"], 3.0 * undecayed,
                                rtol=1e-5, atol=1e-7)
     assert not np.allclose(undecayed, plain["block"]["moe"]["router"]["kernel"])
