@@ -11,6 +11,7 @@ function and one entry in SWEEPS.
 """
 
 import dataclasses
+import math
 from collections.abc import Callable
 
 from chimera.config import Config
@@ -106,6 +107,17 @@ def initialisation(base: Config) -> list[Point]:
           ("dense MLP's", {"model.expert_init": "dense", "model.expert_init_scale": 0.1})]
 
 
+def experts_sqrt_lr(base: Config) -> list[Point]:
+  """The number of experts (4, 8, 16, 32) at the base's k and expert size, each point's
+  routed experts on a learning rate scaled by sqrt(k / E): Adam's square-root rule
+  (learning rate ~ sqrt(batch)) for the share k / E of a batch that one expert sees,
+  relative to the dense MLP, which sees all of it."""
+  k = base.model.top_k
+  return [(f"E={e}, expert lr x sqrt({k}/{e})",
+           {"model.num_experts": e, "train.expert_lr_scale": math.sqrt(k / e)})
+          for e in (8, 16, 32, 4)]
+
+
 SWEEPS: dict[str, Sweep] = {
     "granularity": Sweep("Expert granularity at fixed total and active parameters",
                          "configs/moe_top2.py", granularity),
@@ -115,6 +127,8 @@ SWEEPS: dict[str, Sweep] = {
     "capacity": Sweep("Training capacity and dropless dispatch", "configs/moe_top2.py",
                       capacity),
     "init": Sweep("Expert initialisation", "configs/moe_top2.py", initialisation),
+    "experts_sqrt_lr": Sweep("Number of experts, each expert's learning rate scaled by "
+                             "sqrt(k / E)", "configs/moe_top2.py", experts_sqrt_lr),
     "calibration": Sweep("moe_top2 as first shipped against moe_top2 now",
                          "configs/moe_top2.py", calibration),
 }

@@ -214,7 +214,12 @@ def test_sweeps_hold_what_they_claim(corpus):
   with pytest.raises(ChimeraError, match="--sweep"):
     compare.sweep_models("granularty", None, preset, overrides)
   assert set(study_sweeps.SWEEPS) == {"granularity", "shared", "balancing", "capacity", "init",
-                                      "calibration"}
+                                      "calibration", "experts_sqrt_lr"}
+  _, models = compare.sweep_models("experts_sqrt_lr", None, preset, overrides)
+  k = models[1].config.model.top_k
+  assert [(m.config.model.num_experts, m.config.train.expert_lr_scale) for m in models[1:]] == [
+      (e, math.sqrt(k / e)) for e in (8, 16, 32, 4)]
+  assert {m.config.model.expert_d_ff for m in models[1:]} == {shipped_width(preset, overrides)}
   _, models = compare.sweep_models("calibration", None, preset, overrides)
   shipped = compare.load("configs/moe_top2.py", preset, overrides)
   assert models[2].config == dataclasses.replace(shipped, name=models[2].config.name)
@@ -349,6 +354,10 @@ def test_readme_headline_is_the_summary_it_names():
   text = (root / "README.md").read_text()
   start, end, block = report.readme_headline(text, root)
   assert text[start:end] == block, "README's headline is stale: python -m chimera.report --readme"
+
+
+def shipped_width(preset, overrides) -> int:
+  return compare.load("configs/moe_top2.py", preset, overrides).model.expert_d_ff
 
 
 def test_a_field_added_at_its_default_keeps_the_run_directory():
