@@ -1,6 +1,6 @@
 """Named sweeps for chimera.compare: a base config and the points it is trained at.
 
-  python -m chimera.compare --preset=cpu --sweep=granularity   # shared, balancing, capacity, init, calibration
+  python -m chimera.compare --preset=cpu --sweep=granularity   # shared, balancing, capacity, init, calibration, experts_sqrt_lr
   python -m chimera.compare --preset=cpu --sweep=model.num_experts=4,8,16,32   # one field
 
 A point is a name and the {"section.field": value} overrides that make it from the base
@@ -108,14 +108,14 @@ def initialisation(base: Config) -> list[Point]:
 
 
 def experts_sqrt_lr(base: Config) -> list[Point]:
-  """The number of experts (4, 8, 16, 32) at the base's k and expert size, each point's
+  """The number of experts (8, 16, 32) at the base's k and expert size, each point's
   routed experts on a learning rate scaled by sqrt(k / E): Adam's square-root rule
   (learning rate ~ sqrt(batch)) for the share k / E of a batch that one expert sees,
   relative to the dense MLP, which sees all of it."""
   k = base.model.top_k
   return [(f"E={e}, expert lr x sqrt({k}/{e})",
            {"model.num_experts": e, "train.expert_lr_scale": math.sqrt(k / e)})
-          for e in (8, 16, 32, 4)]
+          for e in (8, 16, 32)]
 
 
 SWEEPS: dict[str, Sweep] = {

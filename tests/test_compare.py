@@ -117,10 +117,11 @@ def test_targets_pass_fail_and_not_measured():
   sweep["E=32"] = _entry("point", [-0.0211], num_experts=32)
   assert study_targets.expert_sweep_target(sweep, "cmd").status == "PASS"
   assert study_targets.expert_sweep_target(None, "cmd").status == "NOT MEASURED"
-  # A sweep's report checks the sweep's own target, and only a number-of-experts sweep has one.
+  # A sweep's report checks the sweep's own target; only the number-of-experts sweeps have one.
   sweep_study = lambda sweep: compare.Study("t", "cpu", [], "t", sweep)
   targets = report.targets_for(sweep_study("model.num_experts=4,8,16,32"), sweep, {}, "cmd")
   assert [t.status for t in targets] == ["PASS"]
+  assert report.targets_for(sweep_study("experts_sqrt_lr"), sweep, {}, "cmd") == targets
   assert report.targets_for(sweep_study("capacity"), sweep, {}, "cmd") == []
   main = report.targets_for(compare.Study("t", "cpu", [], "cpu"), models, {"expert_sweep": sweep},
                             "cmd")
@@ -218,7 +219,7 @@ def test_sweeps_hold_what_they_claim(corpus):
   _, models = compare.sweep_models("experts_sqrt_lr", None, preset, overrides)
   k = models[1].config.model.top_k
   assert [(m.config.model.num_experts, m.config.train.expert_lr_scale) for m in models[1:]] == [
-      (e, math.sqrt(k / e)) for e in (8, 16, 32, 4)]
+      (e, math.sqrt(k / e)) for e in (8, 16, 32)]
   assert {m.config.model.expert_d_ff for m in models[1:]} == {shipped_width(preset, overrides)}
   _, models = compare.sweep_models("calibration", None, preset, overrides)
   shipped = compare.load("configs/moe_top2.py", preset, overrides)
