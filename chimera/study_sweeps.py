@@ -108,13 +108,13 @@ def initialisation(base: Config) -> list[Point]:
 
 
 def experts_sqrt_lr(base: Config) -> list[Point]:
-  """The number of experts (8, 16, 32) at the base's k and expert size, each point's
-  routed experts on a learning rate scaled by sqrt(k / E): Adam's square-root rule
-  (learning rate ~ sqrt(batch)) for the share k / E of a batch that one expert sees,
-  relative to the dense MLP, which sees all of it."""
-  k = base.model.top_k
-  return [(f"E={e}, expert lr x sqrt({k}/{e})",
-           {"model.num_experts": e, "train.expert_lr_scale": math.sqrt(k / e)})
+  """The number of experts (8, 16, 32) at the base's k and expert size, the routed
+  experts' learning rate scaled by sqrt(E_base / E): Adam's square-root rule (learning
+  rate ~ sqrt(batch)) for the share k / E of a batch that one expert sees, relative to
+  the base config's share, at which the schedule's rate was chosen."""
+  e_base = base.model.num_experts
+  return [(f"E={e}, expert lr x sqrt({e_base}/{e})",
+           {"model.num_experts": e, "train.expert_lr_scale": math.sqrt(e_base / e)})
           for e in (8, 16, 32)]
 
 
@@ -127,8 +127,8 @@ SWEEPS: dict[str, Sweep] = {
     "capacity": Sweep("Training capacity and dropless dispatch", "configs/moe_top2.py",
                       capacity),
     "init": Sweep("Expert initialisation", "configs/moe_top2.py", initialisation),
-    "experts_sqrt_lr": Sweep("Number of experts, each expert's learning rate scaled by "
-                             "sqrt(k / E)", "configs/moe_top2.py", experts_sqrt_lr),
+    "experts_sqrt_lr": Sweep("Number of experts, the experts' learning rate scaled by "
+                             "sqrt(E_base / E)", "configs/moe_top2.py", experts_sqrt_lr),
     "calibration": Sweep("moe_top2 as first shipped against moe_top2 now",
                          "configs/moe_top2.py", calibration),
 }

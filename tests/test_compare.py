@@ -217,9 +217,9 @@ def test_sweeps_hold_what_they_claim(corpus):
   assert set(study_sweeps.SWEEPS) == {"granularity", "shared", "balancing", "capacity", "init",
                                       "calibration", "experts_sqrt_lr"}
   _, models = compare.sweep_models("experts_sqrt_lr", None, preset, overrides)
-  k = models[1].config.model.top_k
+  base = compare.load("configs/moe_top2.py", preset, overrides).model.num_experts
   assert [(m.config.model.num_experts, m.config.train.expert_lr_scale) for m in models[1:]] == [
-      (e, math.sqrt(k / e)) for e in (8, 16, 32)]
+      (e, math.sqrt(base / e)) for e in (8, 16, 32)]
   assert {m.config.model.expert_d_ff for m in models[1:]} == {shipped_width(preset, overrides)}
   _, models = compare.sweep_models("calibration", None, preset, overrides)
   shipped = compare.load("configs/moe_top2.py", preset, overrides)
