@@ -98,6 +98,7 @@ class Study:
   models: list[Model]
   slug: str  # the report's folder under results/
   sweep: str | None = None  # the --sweep value, for a sweep
+  base_set: tuple[str, ...] = ()  # its --base_set values, "section.field=value"
 
 
 def load(path: str, preset: StudyPreset, overrides: dict) -> Config:
@@ -174,7 +175,8 @@ def make_study(preset_name: str, sweep: str | None, base: str | None, overrides:
   for key, value in base_overrides.items():  # e.g. balancing-at-num_experts-32
     slug += f"-at-{key.split('.')[-1]}-{value}"
   return Study(f"Sweep: {question} ({preset_name} preset)", preset_name, models,
-               f"{preset_name}-sweep-{slug}", sweep)
+               f"{preset_name}-sweep-{slug}", sweep,
+               tuple(f"{key}={value}" for key, value in base_overrides.items()))
 
 
 # Fields added after runs were first keyed by their config. While one is at its default

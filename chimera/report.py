@@ -318,7 +318,8 @@ def write(out: Path, *, study, runs: dict[str, list[Run]], speed: list, related:
   models = summarize(runs, roles, baseline, {name: figures["train_tokens_per_second"]
                                              for name, figures in by_name.items()})
   study_command = f"python -m chimera.compare --preset={study.preset}" + (
-      f" --sweep={study.sweep}" if study.sweep else "")
+      f" --sweep={study.sweep}" if study.sweep else "") + "".join(
+          f" --base_set={value}" for value in study.base_set)
   targets = targets_for(study, models, related, study_command)
   lines_found = findings(models, targets)
   first = next(iter(runs.values()))[0].summary

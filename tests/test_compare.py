@@ -230,6 +230,7 @@ def test_sweeps_hold_what_they_claim(corpus):
   at_16 = compare.make_study("cpu", "balancing", None, overrides, {"model.num_experts": 16})
   assert at_16.slug == "cpu-sweep-balancing-at-num_experts-16" != plain.slug
   assert "model.num_experts=16" in at_16.title
+  assert at_16.base_set == ("model.num_experts=16",) and plain.base_set == ()
   assert at_16.models[0].config == plain.models[0].config  # dense: the same run
   for moved, point in zip(at_16.models[1:], plain.models[1:], strict=True):
     assert moved.config.model.num_experts == 16 != point.config.model.num_experts
@@ -281,6 +282,14 @@ def test_tiny_study_trains_reports_and_resumes(make_config, corpus, tmp_path, mo
   dense_run = runs["dense"][0]
   assert written["models"]["dense"]["generalization_gap"]["values"][0] == pytest.approx(
       dense_run.summary.final_val_loss - dense_run.train_rows[-1]["loss"])
+
+  # A sweep's report names its whole command, --base_set included, in its target row.
+  sweep = compare.Study("tiny sweep", "tiny", [study.models[0], dataclasses.replace(
+      study.models[1], role="point")], "tiny-sweep", "model.num_experts=2",
+      ("train.expert_lr_scale=0.5",))
+  report.write(tmp_path / "sweep", study=sweep, runs=runs, speed=[], related={}, command="pytest")
+  assert ("`python -m chimera.compare --preset=tiny --sweep=model.num_experts=2 "
+          "--base_set=train.expert_lr_scale=0.5`") in (tmp_path / "sweep" / "REPORT.md").read_text()
 
   # The bench clock: each run's tokens over its model's bench throughput. At half dense's
   # speed, moe_top2 is read where it had seen half dense's tokens; without a bench, nothing.
