@@ -26,7 +26,12 @@ padding. `--config.model.dispatch=einsum` gives the static-capacity path.
 More experts at this k and expert size do not keep paying at the cpu study's budget
 (`python -m chimera.compare --preset=cpu --sweep=model.num_experts=4,8,16,32 --seeds=0,1`,
 results/cpu-sweep-num_experts, mean ± SD over n=2 seeds): E=8 1.5465 ± 0.0040, E=16
-1.5380 ± 0.0058, E=32 1.5575 ± 0.0136; 32 experts end above 16 in both seeds.
+1.5380 ± 0.0058, E=32 1.5575 ± 0.0136; 32 experts end above 16 in both seeds. At 32
+experts, the routed experts at half the schedule's learning rate
+(`--config.train.expert_lr_scale=0.5`) ended at 1.5293 against 1.5479, one seed
+(results/cpu-sweep-expert_lr_scale-at-num_experts-32); the same half rate at E=8 ended at
+1.5539 against 1.5437 (results/cpu-sweep-num_experts-at-expert_lr_scale-0.5), so this
+config keeps the schedule's rate.
 
 What it reaches against dense is measured by `python -m chimera.compare` (results/).
 """
