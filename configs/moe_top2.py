@@ -28,8 +28,9 @@ More experts at this k and expert size do not keep paying at the cpu study's bud
 results/cpu-sweep-num_experts, mean ± SD over n=2 seeds): E=8 1.5465 ± 0.0040, E=16
 1.5380 ± 0.0058, E=32 1.5575 ± 0.0136; 32 experts end above 16 in both seeds. At 32
 experts, the routed experts at half the schedule's learning rate
-(`--config.train.expert_lr_scale=0.5`) ended at 1.5293 against 1.5479, one seed
-(results/cpu-sweep-expert_lr_scale-at-num_experts-32); the same half rate at E=8 ended at
+(`--config.train.expert_lr_scale=0.5`) ended at 1.5293 and 1.5416 against 1.5479 and
+1.5671, seeds 0 and 1 (results/cpu-sweep-expert_lr_scale-at-num_experts-32,
+results/cpu-sweep-experts_sqrt_lr); the same half rate at E=8 ended at
 1.5539 against 1.5437 (results/cpu-sweep-num_experts-at-expert_lr_scale-0.5), so this
 config keeps the schedule's rate.
 
