@@ -31,8 +31,8 @@ from chimera.grouped_matmul import (blocks_matmul, default_block_size, from_bloc
 from chimera.layers import compute_dtype, dense_init
 from chimera.routers import Routing, expert_capacity, route, update_router_bias
 
-__all__ = ["MoeLayer", "Routing", "dropless_experts", "expert_capacity", "ffn", "route",
-           "update_router_bias"]
+__all__ = ["MoeLayer", "ROUTED_EXPERT_PARAMS", "Routing", "dropless_experts", "expert_capacity",
+           "ffn", "route", "update_router_bias"]
 
 Weights = dict[str, jax.Array]
 
@@ -130,6 +130,10 @@ def decode_experts(x: jax.Array, gate: jax.Array, expert_index: jax.Array, weigh
   expert_gate = jnp.einsum("tk,tke->te", gate,
                            jax.nn.one_hot(expert_index, num_experts, dtype=gate.dtype))
   return jnp.einsum("etm,te->tm", out, expert_gate.astype(out.dtype))
+
+
+# The routed experts' parameter names in a MoeLayer (the shared experts' carry "shared_").
+ROUTED_EXPERT_PARAMS = ("wi", "wi_gate", "wi_up", "wo")
 
 
 class MoeLayer(nn.Module):

@@ -14,7 +14,7 @@ import math
 import time
 from pathlib import Path
 
-from chimera import study_plots, study_targets
+from chimera import study_plots, study_sweeps, study_targets
 from chimera.study_stats import Run, describe, same_sign, summarize, worst
 from chimera.study_targets import Target
 
@@ -206,7 +206,7 @@ def targets_for(study, models: dict, related: dict, command: str) -> list[Target
   expert_command = (f"python -m chimera.compare --preset={study.preset} "
                     f"--sweep=model.num_experts=4,8,16,32")
   if study.sweep is not None:
-    if study.sweep.partition("=")[0] in ("model.num_experts", "experts_sqrt_lr"):
+    if study_sweeps.varies_num_experts(study.sweep):
       return [study_targets.expert_sweep_target(models, command)]
     return []
   out = study_targets.loss_targets(models, command)

@@ -17,6 +17,7 @@ from flax.training import train_state
 from chimera import sharding
 from chimera.config import Config, ModelConfig, TrainConfig
 from chimera.decoder import Decoder
+from chimera.moe import ROUTED_EXPERT_PARAMS
 from chimera.routers import update_router_bias
 from chimera.layers import Kernels, cross_entropy
 
@@ -48,7 +49,7 @@ def is_router(path) -> bool:
 
 def is_routed_expert(path) -> bool:
   module, name = _module_and_name(path)
-  return module == "moe" and name in ("wi", "wi_gate", "wi_up", "wo")
+  return module == "moe" and name in ROUTED_EXPERT_PARAMS
 
 
 def make_optimizer(t: TrainConfig) -> optax.GradientTransformation:
@@ -60,8 +61,7 @@ def make_optimizer(t: TrainConfig) -> optax.GradientTransformation:
   by `expert_lr_scale`: per-group learning rates.
   """
   schedule = make_schedule(t)
-  mask = lambda keep: lambda params: jax.tree_util.tree_map_with_path(
-      lambda path, p: keep(path, p), params)
+  mask = lambda keep: lambda params: jax.tree_util.tree_map_with_path(keep, params)
   decay = mask(lambda path, p: p.ndim >= 2 and (t.router_weight_decay or not is_router(path)))
   parts = [optax.clip_by_global_norm(t.grad_clip),
            optax.adamw(schedule, b1=t.b1, b2=t.b2, weight_decay=t.weight_decay, mask=decay)]

@@ -28,6 +28,7 @@ class Sweep:
   question: str  # what the sweep asks, for the report's title
   base: str  # the config file it varies
   points: Callable[[Config], list[Point]]
+  varies_num_experts: bool = False  # its report checks the number-of-experts target
 
 
 def granularity(base: Config) -> list[Point]:
@@ -128,10 +129,19 @@ SWEEPS: dict[str, Sweep] = {
                       capacity),
     "init": Sweep("Expert initialisation", "configs/moe_top2.py", initialisation),
     "experts_sqrt_lr": Sweep("Number of experts, the experts' learning rate scaled by "
-                             "sqrt(E_base / E)", "configs/moe_top2.py", experts_sqrt_lr),
+                             "sqrt(E_base / E)", "configs/moe_top2.py", experts_sqrt_lr,
+                             varies_num_experts=True),
     "calibration": Sweep("moe_top2 as first shipped against moe_top2 now",
                          "configs/moe_top2.py", calibration),
 }
+
+
+def varies_num_experts(sweep: str) -> bool:
+  """Whether `--sweep=...` trains points at several numbers of experts: a named sweep
+  that says so, or `model.num_experts=...`."""
+  if sweep in SWEEPS:
+    return SWEEPS[sweep].varies_num_experts
+  return sweep.partition("=")[0] == "model.num_experts"
 
 
 def field_points(key: str, values: list) -> list[Point]:
