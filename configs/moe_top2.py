@@ -31,8 +31,10 @@ experts, the routed experts at half the schedule's learning rate
 (`--config.train.expert_lr_scale=0.5`) ended at 1.5293 and 1.5416 against 1.5479 and
 1.5671, seeds 0 and 1 (results/cpu-sweep-expert_lr_scale-at-num_experts-32,
 results/cpu-sweep-experts_sqrt_lr); the same half rate at E=8 ended at
-1.5539 against 1.5437 (results/cpu-sweep-num_experts-at-expert_lr_scale-0.5), so this
-config keeps the schedule's rate.
+1.5539 against 1.5437 (results/cpu-sweep-num_experts-at-expert_lr_scale-0.5), and at
+E=16 the rate sqrt(8/16) ended above the schedule's in both seeds run at both (1.5356,
+1.5496 against 1.5339, 1.5421), so this config keeps the schedule's rate and no rule
+from the share k/E is shipped.
 
 What it reaches against dense is measured by `python -m chimera.compare` (results/).
 """
