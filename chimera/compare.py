@@ -3,7 +3,8 @@
   python -m chimera.compare --preset=cpu            # 5 models x 2 seeds, 10.24M tokens each
   python -m chimera.compare --preset=gpu-small      # the same models, 20.97M tokens, 1 seed
   python -m chimera.compare --preset=cpu --sweep=model.num_experts=4,8,16,32
-  python -m chimera.compare --preset=cpu --sweep=granularity   # or shared, balancing, capacity, init, calibration, experts_sqrt_lr
+  python -m chimera.compare --preset=cpu --sweep=granularity
+      # or shared, balancing, capacity, init, calibration, experts_sqrt_lr, experts_best_lr
   python -m chimera.compare --preset=cpu --sweep=balancing --base_set=model.num_experts=32
 
 The study's models:

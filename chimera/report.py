@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from chimera import study_plots, study_sweeps, study_targets
-from chimera.study_stats import Run, describe, same_sign, summarize, worst
+from chimera.study_stats import Run, describe, paired, same_sign, summarize, worst
 from chimera.study_targets import Target
 
 SPREAD_NOTE = (
@@ -149,6 +149,19 @@ def wide_finding(models: dict) -> str | None:
           f"{', '.join(f'{v:+.4f}' for v in defined)}) at {ratio:.2f}x its model FLOPs.")
 
 
+def sweep_step(a: dict, b: dict) -> str:
+  """From point a to point b (Spread JSONs of the final loss): the difference of their
+  means and, with 2 or more seeds run at both, the same difference seed by seed (the
+  seeds share batches and validation subset, so the per-seed steps show whether the
+  seeds agree)."""
+  text = f"{b['mean'] - a['mean']:+.4f}"
+  step = paired(dict(zip(b["seeds"], b["values"])), dict(zip(a["seeds"], a["values"])))
+  if step.n >= 2:
+    per_seed = ", ".join(f"{v:+.4f}" for v in step.values if v is not None)
+    text += f" (per seed {per_seed}; paired {describe(step.to_json(), signed=True)})"
+  return text
+
+
 def sweep_finding(models: dict) -> str | None:
   """The sweep's points in their order: each one's loss, the steps between neighbours,
   and the gap between the best and the worst against the seeds' spread."""
@@ -158,7 +171,7 @@ def sweep_finding(models: dict) -> str | None:
   names = list(points)
   ranked = sorted(names, key=lambda n: points[n]["mean"])
   gap = points[ranked[-1]]["mean"] - points[ranked[0]]["mean"]
-  steps = "; ".join(f"{a} -> {b}: {points[b]['mean'] - points[a]['mean']:+.4f}"
+  steps = "; ".join(f"{a} -> {b}: {sweep_step(points[a], points[b])}"
                     for a, b in itertools.pairwise(names))
   text = (f"Final validation loss per point: "
           f"{'; '.join(f'{n}: {describe(points[n])}' for n in names)}. From each point to the "

@@ -1,6 +1,7 @@
 """Named sweeps for chimera.compare: a base config and the points it is trained at.
 
-  python -m chimera.compare --preset=cpu --sweep=granularity   # shared, balancing, capacity, init, calibration, experts_sqrt_lr
+  python -m chimera.compare --preset=cpu --sweep=granularity
+      # or shared, balancing, capacity, init, calibration, experts_sqrt_lr, experts_best_lr
   python -m chimera.compare --preset=cpu --sweep=model.num_experts=4,8,16,32   # one field
 
 A point is a name and the {"section.field": value} overrides that make it from the base
@@ -119,6 +120,22 @@ def experts_sqrt_lr(base: Config) -> list[Point]:
           for e in (8, 16, 32)]
 
 
+# The routed experts' learning-rate multiple that ended lowest at each number of experts
+# (moe_top2's k and expert size, cpu preset): 1.0, 0.707, 0.5 at E=16 (1.0 lower in both
+# seeds run at both) and 1.0, 0.5, 0.25 at E=32 (0.5 lowest, seed 0; 0.5 below 1.0 in
+# seeds 0 and 1). results/cpu-sweep-expert_lr_scale-at-num_experts-{16,32}, -experts_sqrt_lr.
+BEST_MEASURED_EXPERT_LR = {8: 1.0, 16: 1.0, 32: 0.5}
+
+
+def experts_best_lr(base: Config) -> list[Point]:
+  """The number of experts (8, 16, 32) at the base's k and expert size, each point's
+  routed experts at the learning-rate multiple that measured best for that E: the most
+  that tuning the experts' rate alone gave the number-of-experts target."""
+  return [(f"E={e}, expert lr x {scale}",
+           {"model.num_experts": e, "train.expert_lr_scale": scale})
+          for e, scale in BEST_MEASURED_EXPERT_LR.items()]
+
+
 SWEEPS: dict[str, Sweep] = {
     "granularity": Sweep("Expert granularity at fixed total and active parameters",
                          "configs/moe_top2.py", granularity),
@@ -130,6 +147,9 @@ SWEEPS: dict[str, Sweep] = {
     "init": Sweep("Expert initialisation", "configs/moe_top2.py", initialisation),
     "experts_sqrt_lr": Sweep("Number of experts, the experts' learning rate scaled by "
                              "sqrt(E_base / E)", "configs/moe_top2.py", experts_sqrt_lr,
+                             varies_num_experts=True),
+    "experts_best_lr": Sweep("Number of experts, each at the experts' learning rate that "
+                             "measured best for it", "configs/moe_top2.py", experts_best_lr,
                              varies_num_experts=True),
     "calibration": Sweep("moe_top2 as first shipped against moe_top2 now",
                          "configs/moe_top2.py", calibration),

@@ -147,6 +147,9 @@ def test_findings_are_generated_from_the_numbers():
   assert "one seed per point" in text
   sweep = {"E=8": point(1.50, 1.52), "E=16": point(1.53, 1.49)}
   assert "largest seed SD of a point is 0.0283" in report.sweep_finding(sweep)
+  # With seeds at both points, each step also reads seed by seed (paired by seed).
+  assert ("E=8 -> E=16: +0.0000 (per seed +0.0300, -0.0300; paired +0.0000 ± 0.0424 (n=2))"
+          in report.sweep_finding(sweep))
   for entry, gap in zip(sweep.values(), (0.01, 0.04)):
     entry["generalization_gap"] = Spread.of({0: gap, 1: gap}).to_json()
   assert "E=8: +0.0100 ± 0.0000 (n=2); E=16: +0.0400 ± 0.0000 (n=2)" in report.sweep_finding(sweep)
@@ -215,12 +218,20 @@ def test_sweeps_hold_what_they_claim(corpus):
   with pytest.raises(ChimeraError, match="--sweep"):
     compare.sweep_models("granularty", None, preset, overrides)
   assert set(study_sweeps.SWEEPS) == {"granularity", "shared", "balancing", "capacity", "init",
-                                      "calibration", "experts_sqrt_lr"}
+                                      "calibration", "experts_sqrt_lr", "experts_best_lr"}
   _, models = compare.sweep_models("experts_sqrt_lr", None, preset, overrides)
   base = compare.load("configs/moe_top2.py", preset, overrides).model.num_experts
   assert [(m.config.model.num_experts, m.config.train.expert_lr_scale) for m in models[1:]] == [
       (e, math.sqrt(base / e)) for e in (8, 16, 32)]
   assert {m.config.model.expert_d_ff for m in models[1:]} == {shipped_width(preset, overrides)}
+  _, best = compare.sweep_models("experts_best_lr", None, preset, overrides)
+  assert [(m.config.model.num_experts, m.config.train.expert_lr_scale) for m in best[1:]] == [
+      (8, 1.0), (16, 1.0), (32, 0.5)]
+  assert study_sweeps.varies_num_experts("experts_best_lr")
+  # Its E=8 and E=16 points are the plain sweep's runs (the schedule's rate is the default).
+  _, plain = compare.sweep_models("model.num_experts=8,16", None, preset, overrides)
+  assert ([compare.run_dir(Path("r"), m.config) for m in plain[1:]]
+          == [compare.run_dir(Path("r"), m.config) for m in best[1:3]])
   _, models = compare.sweep_models("calibration", None, preset, overrides)
   shipped = compare.load("configs/moe_top2.py", preset, overrides)
   assert models[2].config == dataclasses.replace(shipped, name=models[2].config.name)
