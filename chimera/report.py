@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from chimera import study_plots, study_sweeps, study_targets
-from chimera.study_stats import Run, describe, paired, same_sign, summarize, worst
+from chimera.study_stats import Run, Spread, describe, paired, same_sign, summarize, worst
 from chimera.study_targets import Target
 
 SPREAD_NOTE = (
@@ -134,19 +134,22 @@ def wide_finding(models: dict) -> str | None:
   """dense_wide (moe_top2's parameters, all active) against moe_top2, paired by seed."""
   if "dense_wide" not in models or "moe_top2" not in models:
     return None
-  wide = models["dense_wide"]["vs_baseline"]["final_val_loss"]
-  top2 = models["moe_top2"]["vs_baseline"]["final_val_loss"]
-  per_seed = [None if a is None or b is None else a - b
-              for a, b in zip(wide["values"], top2["values"])]
-  defined = [v for v in per_seed if v is not None]
+  step = seed_by_seed(models["moe_top2"]["vs_baseline"]["final_val_loss"],
+                      models["dense_wide"]["vs_baseline"]["final_val_loss"])
+  defined = [v for v in step.values if v is not None]
   if not defined:
     return None
-  mean = sum(defined) / len(defined)
+  mean = step.mean
   ratio = models["dense_wide"]["flops_per_token"] / models["moe_top2"]["flops_per_token"]
   return (f"dense_wide, with moe_top2's total parameters all active, ends "
           f"{abs(mean):.4f} nats {'below' if mean < 0 else 'above'} moe_top2 (mean of "
           f"n={len(defined)} paired seeds, per seed "
           f"{', '.join(f'{v:+.4f}' for v in defined)}) at {ratio:.2f}x its model FLOPs.")
+
+
+def seed_by_seed(a: dict, b: dict) -> Spread:
+  """b - a for each seed both Spread JSONs have a value for."""
+  return paired(dict(zip(b["seeds"], b["values"])), dict(zip(a["seeds"], a["values"])))
 
 
 def sweep_step(a: dict, b: dict) -> str:
@@ -155,7 +158,7 @@ def sweep_step(a: dict, b: dict) -> str:
   seeds share batches and validation subset, so the per-seed steps show whether the
   seeds agree)."""
   text = f"{b['mean'] - a['mean']:+.4f}"
-  step = paired(dict(zip(b["seeds"], b["values"])), dict(zip(a["seeds"], a["values"])))
+  step = seed_by_seed(a, b)
   if step.n >= 2:
     per_seed = ", ".join(f"{v:+.4f}" for v in step.values if v is not None)
     text += f" (per seed {per_seed}; paired {describe(step.to_json(), signed=True)})"

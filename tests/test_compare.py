@@ -150,6 +150,11 @@ def test_findings_are_generated_from_the_numbers():
   # With seeds at both points, each step also reads seed by seed (paired by seed).
   assert ("E=8 -> E=16: +0.0000 (per seed +0.0300, -0.0300; paired +0.0000 ± 0.0424 (n=2))"
           in report.sweep_finding(sweep))
+  vs_dense = lambda *diffs: {"flops_per_token": 1.0, "vs_baseline": {
+      "final_val_loss": Spread.of(dict(enumerate(diffs))).to_json()}}
+  wide = report.wide_finding({"moe_top2": vs_dense(-0.06, -0.05),
+                              "dense_wide": vs_dense(-0.03, -0.01)})
+  assert "0.0350 nats above moe_top2 (mean of n=2 paired seeds, per seed +0.0300, +0.0400)" in wide
   for entry, gap in zip(sweep.values(), (0.01, 0.04)):
     entry["generalization_gap"] = Spread.of({0: gap, 1: gap}).to_json()
   assert "E=8: +0.0100 ± 0.0000 (n=2); E=16: +0.0400 ± 0.0000 (n=2)" in report.sweep_finding(sweep)
