@@ -32,6 +32,11 @@ EFFICIENCY_NOTE = (
     "clock (tokens / the bench's training throughput for that model, every model measured "
     "interleaved in one process: the one clock that does not depend on what else the machine "
     "ran while each run trained); a run that ended sooner is read at its end.")
+CURVE_NOTE = (
+    "Each column is a step from one sweep point to the next: the later point's validation "
+    "loss minus the earlier one's at the same evaluation, seed by seed (same batches, same "
+    "validation subset), mean ± SD over the seeds run at both. Negative: the later point is "
+    "lower.")
 BENCH_FIELDS = ("train_tokens_per_second", "mfu", "decode_tokens_per_second",
                 "peak_memory_bytes", "dispatch_share_of_step")
 
@@ -192,6 +197,42 @@ def sweep_finding(models: dict) -> str | None:
   return text
 
 
+def sweep_curves(models: dict) -> dict[str, dict[int, Spread]] | None:
+  """The steps between neighbouring sweep points at every evaluation they share:
+  {"a -> b": {step: b - a paired by seed}}. None for fewer than 2 points, or points from
+  a summary written before the curves were kept."""
+  points = [n for n, e in models.items() if e["role"] == "point"]
+  if len(points) < 2 or not all(models[n].get("val_curve") for n in points):
+    return None
+  curves = {n: {c["step"]: c for c in models[n]["val_curve"]} for n in points}
+  steps = sorted(set.intersection(*(set(curve) for curve in curves.values())))
+  return {f"{a} -> {b}": {step: seed_by_seed(curves[a][step], curves[b][step]) for step in steps}
+          for a, b in itertools.pairwise(points)}
+
+
+def sweep_curve_finding(models: dict) -> str | None:
+  """For each step between neighbouring points: where over training it was largest (most
+  negative: the later point furthest below), and what is left of it at the end."""
+  curves = sweep_curves(models)
+  if not curves:
+    return None
+  parts = []
+  for pair, by_step in curves.items():
+    defined = {step: d for step, d in by_step.items() if d.mean is not None}
+    if not defined:
+      continue
+    last = max(defined)
+    best = min(defined, key=lambda step: defined[step].mean)
+    parts.append(f"{pair}: {defined[best].mean:+.4f} at step {best} "
+                 f"({describe(defined[best].to_json(), signed=True)}), "
+                 f"{defined[last].mean:+.4f} at the last evaluation, step {last}")
+  if not parts:
+    return None
+  return ("Over training (validation loss at each evaluation, paired by seed), the step "
+          "between neighbouring points was lowest, and then at the end: " + "; ".join(parts)
+          + ".")
+
+
 def findings(models: dict, targets: list[Target]) -> list[str]:
   """The Findings section: one sentence group per model, then the study as a whole."""
   lines = []
@@ -206,7 +247,8 @@ def findings(models: dict, targets: list[Target]) -> list[str]:
                                         efficiency_finding(name, entry),
                                         cost_finding(name, entry),
                                         routing_finding(name, entry)])))
-  lines += filter(None, [wide_finding(models), sweep_finding(models)])
+  lines += filter(None, [wide_finding(models), sweep_finding(models),
+                         sweep_curve_finding(models)])
   if targets:
     count = lambda status: sum(t.status == status for t in targets)
     lines.append(f"Targets: {count(study_targets.PASS)} pass, {count(study_targets.FAIL)} fail, "
@@ -311,6 +353,13 @@ def _tables(models: dict, speed: dict) -> list[str]:
       ["model", "params total (M)", "active (M)", "model MFLOPs/token", "executed MFLOPs/token",
        "train tok/s (training)", "train tok/s (bench)", "MFU", "decode tok/s (b1)"],
       [_cost_row(name, e, speed.get(name, {})) for name, e in models.items()])
+  curves = sweep_curves(models)
+  if curves:
+    steps = sorted(set().union(*curves.values()))
+    lines += ["", "## Steps between points over training", "", CURVE_NOTE, ""] + _table(
+        ["step"] + list(curves),
+        [[str(step)] + [describe(by_step[step].to_json(), signed=True) if step in by_step
+                        else "-" for by_step in curves.values()] for step in steps])
   moe = {name: e for name, e in models.items() if "routing" in e}
   if moe:
     lines += ["", "## Routing (training rows, training capacity)", ""] + _table(

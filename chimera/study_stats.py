@@ -291,6 +291,7 @@ def summarize(runs: dict[str, list[Run]], roles: dict[str, str],
         "train_tokens_per_second": Spread.of(
             per_seed(lambda r: r.summary.train_tokens_per_second)).to_json(),
         "unigram_val_loss": first.unigram_val_loss,
+        "val_curve": val_curve(model_runs),
     }
     if base and name != baseline:
       entry["vs_baseline"] = _against(model_runs, base, entry, out.get(baseline),
@@ -303,6 +304,16 @@ def summarize(runs: dict[str, list[Run]], roles: dict[str, str],
                                      axis=0).tolist()  # [Y, E], last window, mean of seeds
     out[name] = entry
   return {name: out[name] for name in runs}
+
+
+def val_curve(runs: list[Run]) -> list[dict]:
+  """The validation loss at each evaluation step any run made, over seeds: a list of
+  {"step": step, **Spread JSON} (a seed's value is None where its run has no such step)."""
+  losses = {r.seed: {e.step: e.val_loss for e in r.evals} for r in runs}
+  steps = sorted(set().union(*losses.values()))
+  return [{"step": step, **Spread.of({seed: by_step.get(step)
+                                      for seed, by_step in losses.items()}).to_json()}
+          for step in steps]
 
 
 def _per_seed(runs: list[Run], value) -> dict[int, float | None]:

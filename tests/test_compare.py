@@ -159,6 +159,18 @@ def test_findings_are_generated_from_the_numbers():
     entry["generalization_gap"] = Spread.of({0: gap, 1: gap}).to_json()
   assert "E=8: +0.0100 ± 0.0000 (n=2); E=16: +0.0400 ± 0.0000 (n=2)" in report.sweep_finding(sweep)
 
+  # The steps over training: where each was lowest, and its value at the end.
+  assert report.sweep_curve_finding(sweep) is None  # no curves kept: nothing is said
+  curve = lambda *per_step: [{"step": 10 * (i + 1), **Spread.of(dict(enumerate(v))).to_json()}
+                             for i, v in enumerate(per_step)]
+  sweep["E=8"]["val_curve"] = curve((2.0, 2.2), (1.8, 1.8), (1.5, 1.52))
+  sweep["E=16"]["val_curve"] = curve((2.1, 2.1), (1.7, 1.6), (1.53, 1.49))
+  steps = report.sweep_curves(sweep)["E=8 -> E=16"]
+  assert [v for s in (10, 20, 30) for v in steps[s].values] == pytest.approx(
+      [0.1, -0.1, -0.1, -0.2, 0.03, -0.03])
+  assert ("E=8 -> E=16: -0.1500 at step 20 (-0.1500 ± 0.0707 (n=2)), +0.0000 at the last "
+          "evaluation, step 30" in report.sweep_curve_finding(sweep))
+
 
 def test_bench_figures_reads_bench_records():
   record = bench.BenchRecord(
@@ -306,6 +318,17 @@ def test_tiny_study_trains_reports_and_resumes(make_config, corpus, tmp_path, mo
   report.write(tmp_path / "sweep", study=sweep, runs=runs, speed=[], related={}, command="pytest")
   assert ("`python -m chimera.compare --preset=tiny --sweep=model.num_experts=2 "
           "--base_set=train.expert_lr_scale=0.5`") in (tmp_path / "sweep" / "REPORT.md").read_text()
+  # Every model keeps its validation curve over seeds, one entry per evaluation.
+  dense_curve = written["models"]["dense"]["val_curve"]
+  assert [c["step"] for c in dense_curve] == [e.step for e in runs["dense"][0].evals]
+  assert dense_curve[-1]["values"] == pytest.approx(dense_losses)
+  # With two points, the sweep's report tables the step between them at every evaluation.
+  two = compare.Study("tiny sweep", "tiny", [dataclasses.replace(m, role="point")
+                                             for m in study.models], "tiny-sweep", "x=1,2")
+  two_summary = report.write(tmp_path / "two", study=two, runs=runs, speed=[], related={},
+                             command="pytest")
+  assert "## Steps between points over training" in (tmp_path / "two" / "REPORT.md").read_text()
+  assert any(line.startswith("Over training") for line in two_summary["findings"])
 
   # The bench clock: each run's tokens over its model's bench throughput. At half dense's
   # speed, moe_top2 is read where it had seen half dense's tokens; without a bench, nothing.
