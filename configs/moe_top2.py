@@ -24,9 +24,9 @@ nothing and executes 1.15x (small) and 1.16x (default preset) with its block lay
 padding. `--config.model.dispatch=einsum` gives the static-capacity path.
 
 More experts at this k and expert size do not keep paying at the cpu study's budget
-(`python -m chimera.compare --preset=cpu --sweep=model.num_experts=4,8,16,32 --seeds=0,1`,
-results/cpu-sweep-num_experts, mean ± SD over n=2 seeds): E=8 1.5465 ± 0.0040, E=16
-1.5380 ± 0.0058, E=32 1.5575 ± 0.0136; 32 experts end above 16 in both seeds. At 32
+(`python -m chimera.compare --preset=cpu --sweep=model.num_experts=4,8,16,32 --seeds=0,1,2`,
+results/cpu-sweep-num_experts, mean ± SD over n=3 seeds): E=8 1.5467 ± 0.0029, E=16
+1.5397 ± 0.0051, E=32 1.5551 ± 0.0105; 32 experts end above 16 in every seed. At 32
 experts, the routed experts at half the schedule's learning rate
 (`--config.train.expert_lr_scale=0.5`) ended at 1.5293 and 1.5416 against 1.5479 and
 1.5671, seeds 0 and 1 (results/cpu-sweep-expert_lr_scale-at-num_experts-32,
