@@ -6,6 +6,7 @@
   python -m chimera.compare --preset=cpu --sweep=granularity
       # or shared, balancing, capacity, init, calibration, experts_sqrt_lr, experts_best_lr
   python -m chimera.compare --preset=cpu --sweep=balancing --base_set=model.num_experts=32
+  python -m chimera.compare --preset=cpu --bench_repeats=0 --report_only   # rewrite a report
 
 The study's models:
 - dense: configs/dense.py, the baseline;
@@ -78,6 +79,9 @@ _SET = flags.DEFINE_multi_string("set", [], "section.field=value for every model
 _OUT = flags.DEFINE_string("out", None, "Report directory (default: results/<preset>[...]).")
 _RUNS = flags.DEFINE_string("runs", "runs/compare", "Where the training runs live.")
 _RESULTS = flags.DEFINE_string("results", "results", "Where the reports live.")
+_REPORT_ONLY = flags.DEFINE_bool(
+    "report_only", False, "Write the report from runs already trained; refuse to train "
+    "(an unfinished run is an error).")
 _BENCH_REPEATS = flags.DEFINE_integer(
     "bench_repeats", 3, "Interleaved speed repeats after training; 0: no bench (the report "
     "then gives the throughput measured during training only).")
@@ -211,9 +215,11 @@ class StudyStopped(Exception):
   checkpoint, and the same command resumes the study from it."""
 
 
-def train_all(models: list[Model], seeds: list[int], root: Path) -> dict[str, list[Run]]:
+def train_all(models: list[Model], seeds: list[int], root: Path,
+              train: bool = True) -> dict[str, list[Run]]:
   """Trains every model for every seed, resuming partial runs and skipping finished ones.
-  Raises StudyStopped if a run stops early."""
+  Raises StudyStopped if a run stops early. With train=False (--report_only) nothing
+  trains: a run that has not finished raises ChimeraError instead."""
   runs = {}
   for seed in seeds:  # seed-major: a partial study still compares every model
     for model in models:
@@ -222,9 +228,12 @@ def train_all(models: list[Model], seeds: list[int], root: Path) -> dict[str, li
       finished = RunSummary.exists(workdir) and RunSummary.load(workdir).completed
       print(f"== {model.name}, seed {seed}: {workdir}" + (" (done)" if finished else ""),
             file=sys.stderr, flush=True)
+      if not finished and not train:
+        raise ChimeraError(f"--report_only: {model.name}, seed {seed} has not finished "
+                           f"training ({workdir}); run without --report_only to train it")
       if not finished:
-        from chimera.train import train  # heavy import, only when something trains
-        summary = train(config, workdir)
+        from chimera.train import train as train_run  # heavy import, only when training
+        summary = train_run(config, workdir)
         if not summary.completed:
           raise StudyStopped(f"study stopped in {model.name}, seed {seed}, at step "
                              f"{summary.steps} of {config.train.steps} (checkpoint saved in "
@@ -264,7 +273,7 @@ def main(argv):
     default_seeds = PRESETS[_PRESET.value].seeds
     seeds = ([int(s) for s in _SEEDS.value] if _SEEDS.value
              else list(default_seeds[:1] if study.sweep else default_seeds))
-    runs = train_all(study.models, seeds, Path(_RUNS.value))
+    runs = train_all(study.models, seeds, Path(_RUNS.value), train=not _REPORT_ONLY.value)
   except ChimeraError as error:
     print(f"error: {error}", file=sys.stderr)
     sys.exit(2)

@@ -369,6 +369,11 @@ def test_tiny_study_trains_reports_and_resumes(make_config, corpus, tmp_path, mo
   monkeypatch.setattr("chimera.train.train", lambda *a, **k: pytest.fail("trained again"))
   again = compare.train_all(study.models, seeds=[0], root=tmp_path / "runs")
   assert again["dense"][0].summary == runs["dense"][0].summary
+  # --report_only reads finished runs and refuses, in one line, to train a missing one.
+  assert compare.train_all(study.models, seeds=[1], root=tmp_path / "runs",
+                           train=False)["moe_top2"][0].summary == runs["moe_top2"][1].summary
+  with pytest.raises(ChimeraError, match=r"--report_only: dense, seed 7 has not finished"):
+    compare.train_all(study.models, seeds=[7], root=tmp_path / "runs", train=False)
 
 
 def test_a_stopped_run_stops_the_study_and_the_same_call_resumes(make_config, corpus, tmp_path,
