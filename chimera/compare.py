@@ -228,10 +228,10 @@ def train_all(models: list[Model], seeds: list[int], root: Path,
       finished = RunSummary.exists(workdir) and RunSummary.load(workdir).completed
       print(f"== {model.name}, seed {seed}: {workdir}" + (" (done)" if finished else ""),
             file=sys.stderr, flush=True)
-      if not finished and not train:
-        raise ChimeraError(f"--report_only: {model.name}, seed {seed} has not finished "
-                           f"training ({workdir}); run without --report_only to train it")
       if not finished:
+        if not train:
+          raise ChimeraError(f"--report_only: {model.name}, seed {seed} has not finished "
+                             f"training ({workdir}); run without --report_only to train it")
         from chimera.train import train as train_run  # heavy import, only when training
         summary = train_run(config, workdir)
         if not summary.completed:

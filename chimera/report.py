@@ -354,12 +354,12 @@ def _tables(models: dict, speed: dict) -> list[str]:
        "train tok/s (training)", "train tok/s (bench)", "MFU", "decode tok/s (b1)"],
       [_cost_row(name, e, speed.get(name, {})) for name, e in models.items()])
   curves = sweep_curves(models)
-  if curves:
-    steps = sorted(set().union(*curves.values()))
+  if curves:  # every pair has the same steps: those all the points share
+    steps = next(iter(curves.values()))
     lines += ["", "## Steps between points over training", "", CURVE_NOTE, ""] + _table(
         ["step"] + list(curves),
-        [[str(step)] + [describe(by_step[step].to_json(), signed=True) if step in by_step
-                        else "-" for by_step in curves.values()] for step in steps])
+        [[str(step)] + [describe(by_step[step].to_json(), signed=True)
+                        for by_step in curves.values()] for step in steps])
   moe = {name: e for name, e in models.items() if "routing" in e}
   if moe:
     lines += ["", "## Routing (training rows, training capacity)", ""] + _table(
