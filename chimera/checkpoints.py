@@ -30,6 +30,9 @@ class Checkpointer:
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
 
+  def all_steps(self) -> list[int]:
+    return sorted(self._manager.all_steps())
+
   def save(self, step: int, state: Any, meta: dict, val_loss: float | None = None) -> None:
     """Saves `state` and `meta` at `step`; `val_loss` (if evaluated at this step) ranks it."""
     self._manager.save(

@@ -1,0 +1,117 @@
+"""A trained run's loss on its whole validation split, not the fixed subset.
+
+  python -m chimera.evaluate --workdir=runs/moe_top2 [--step=2000] [--batch_size=64]
+
+Training evaluates on `train.eval_batches` fixed windows: cheap, and the same windows for
+every model and seed, so runs compare paired. That subset is a sample of the split,
+though: at the end of the nanogpt_cpu run it said 1.8909 and the split 1.8879, and nanoGPT's
+20 random batches said 1.8740 where its split said 1.8930 (results/nanogpt_cpu). This reads the run's config.json and a checkpoint (the latest, or --step), cuts the
+validation split into consecutive windows of the training context, so that every token
+but the first is predicted once, from the tokens before it in its window, and prints the
+mean loss over all of them in nats per token and bits per byte. One process, the
+checkpoint restored onto the default device.
+"""
+
+import dataclasses
+import functools
+import json
+import math
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+from absl import app, flags, logging
+
+from chimera import config as config_lib
+from chimera.checkpoints import Checkpointer
+from chimera.data import load_splits
+from chimera.data.tokenizers import get_tokenizer
+from chimera.decoder import Decoder
+from chimera.errors import ChimeraError
+from chimera.steps import eval_step, init_state
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitLoss:
+  step: int  # the checkpoint evaluated
+  loss: float  # nats per predicted token, over the whole split
+  bits_per_byte: float
+  tokens: int  # tokens predicted
+  windows: int
+
+
+def windows(tokens: np.ndarray, context: int) -> np.ndarray:
+  """[N, context + 1] consecutive windows that overlap by one token, so each token but the
+  first is a target exactly once; the split's tail that fills no window is left out."""
+  count = (len(tokens) - 1) // context
+  if count < 1:
+    raise ChimeraError(f"the validation split has {len(tokens)} tokens, fewer than one "
+                       f"window of context {context} + 1")
+  starts = np.arange(count) * context
+  return np.asarray(tokens)[starts[:, None] + np.arange(context + 1)]
+
+
+def split_loss(workdir: str | Path, step: int | None = None,
+               batch_size: int | None = None) -> SplitLoss:
+  """The validation-split loss of the run in `workdir` at checkpoint `step` (latest if
+  None), `batch_size` windows per forward pass (the run's batch size if None)."""
+  workdir = Path(workdir)
+  config_path = workdir / "config.json"
+  if not config_path.is_file():
+    raise ChimeraError(f"--workdir: {workdir} holds no run (no config.json)")
+  config = config_lib.from_dict(json.loads(config_path.read_text()))
+  checkpointer = Checkpointer(workdir / "checkpoints", keep=config.train.keep_checkpoints)
+  available = checkpointer.all_steps()
+  if not available:
+    raise ChimeraError(f"--workdir: {workdir} has no checkpoint yet")
+  step = available[-1] if step is None else step
+  if step not in available:
+    raise ChimeraError(f"--step: no checkpoint at step {step} in {workdir} (it has "
+                       f"{', '.join(map(str, available))})")
+  state, _ = checkpointer.restore(init_state(config), step)
+  checkpointer.close()
+
+  data = config.data
+  splits = load_splits(data.corpus, get_tokenizer(data.tokenizer), split=data.split,
+                       val_fraction=data.val_fraction, text_field=data.text_field)
+  rows = windows(splits.val, config.train.context)
+  batch_size = batch_size or config.train.batch_size
+  evaluate = jax.jit(functools.partial(eval_step, model=Decoder(config.model),
+                                       config=config.model))
+  loss_sum = 0.0
+  for start in range(0, len(rows), batch_size):  # the last batch may be short: one recompile
+    out = evaluate(state.params, state.model_state, rows[start:start + batch_size])
+    loss_sum += float(out["loss_sum"])
+  tokens = rows.shape[0] * config.train.context
+  loss = loss_sum / tokens
+  return SplitLoss(step=step, loss=loss,
+                   bits_per_byte=loss / math.log(2) / (splits.val_bytes / len(splits.val)),
+                   tokens=tokens, windows=rows.shape[0])
+
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "A run's workdir (chimera.main's).")
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", None,
+                                   "Windows per forward pass (default: the run's batch size).")
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.WARNING)  # orbax logs every restore at INFO
+  try:
+    if not _WORKDIR.value:
+      raise ChimeraError("--workdir is required")
+    if _BATCH_SIZE.value is not None and _BATCH_SIZE.value < 1:
+      raise ChimeraError(f"--batch_size: must be >= 1, got {_BATCH_SIZE.value}")
+    result = split_loss(_WORKDIR.value, _STEP.value, _BATCH_SIZE.value)
+  except ChimeraError as error:
+    print(f"error: {error}", file=sys.stderr)
+    sys.exit(2)
+  print(f"{_WORKDIR.value}, step {result.step}: validation split {result.loss:.4f} nats per "
+        f"token, {result.bits_per_byte:.4f} bits per byte ({result.tokens:,} tokens in "
+        f"{result.windows:,} windows)")
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,63 @@
+"""chimera.evaluate: a finished run's loss over its whole validation split."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from chimera import evaluate
+from chimera.errors import ChimeraError
+from chimera.train import train
+from conftest import make_config
+
+
+def test_windows_predict_every_token_once():
+  tokens = np.arange(23)
+  rows = evaluate.windows(tokens, context=5)  # (23 - 1) // 5 = 4 windows; token 21, 22 left out
+  assert rows.shape == (4, 6)
+  np.testing.assert_array_equal(rows[:, 0], [0, 5, 10, 15])
+  targets = rows[:, 1:].ravel()
+  np.testing.assert_array_equal(targets, np.arange(1, 21))  # each once, in order
+  with pytest.raises(ChimeraError, match="fewer than one window"):
+    evaluate.windows(np.arange(5), context=5)
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, write_corpus):
+  """A 12-step tiny dense run with checkpoints at steps 4, 8 and 12 (trained once)."""
+  root = tmp_path_factory.mktemp("evaluate")
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setenv("CHIMERA_CACHE", str(root / "cache"))
+    config = make_config("dense", write_corpus(root / "corpus.txt"), train__steps=12,
+                         train__checkpoint_every=4, train__keep_checkpoints=5)
+    yield root / "run", train(config, root / "run"), config
+
+
+def test_split_loss_counts_the_split_and_does_not_depend_on_batching(finished_run):
+  workdir, summary, config = finished_run
+  whole = evaluate.split_loss(workdir)
+  assert whole.step == 12
+  assert whole.tokens == whole.windows * config.train.context
+  assert whole.windows >= 2 * config.train.batch_size  # several batches, the last one short
+  # Batches of 1, 3 (a short last batch) and the run's own size give the same loss.
+  for batch_size in (1, 3):
+    assert evaluate.split_loss(workdir, batch_size=batch_size).loss == pytest.approx(
+        whole.loss, rel=1e-5)
+  # The fixed subset the run evaluated on is a sample of the same split.
+  assert abs(whole.loss - summary.final_val_loss) < 0.25
+
+
+def test_split_loss_reads_the_step_asked_for(finished_run):
+  workdir, _, _ = finished_run
+  early, late = evaluate.split_loss(workdir, step=4), evaluate.split_loss(workdir, step=12)
+  assert early.step == 4 and late.loss < early.loss  # trained longer, lower on held-out text
+  with pytest.raises(ChimeraError, match="no checkpoint at step 5"):
+    evaluate.split_loss(workdir, step=5)
+
+
+def test_bad_workdir_is_one_line(tmp_path):
+  result = subprocess.run([sys.executable, "-m", "chimera.evaluate", f"--workdir={tmp_path}"],
+                          capture_output=True, text=True)
+  assert result.returncode == 2
+  assert result.stderr.strip() == f"error: --workdir: {tmp_path} holds no run (no config.json)"
