@@ -61,6 +61,8 @@ def split_loss(workdir: str | Path, step: int | None = None,
   if not config_path.is_file():
     raise ChimeraError(f"--workdir: {workdir} holds no run (no config.json)")
   config = config_lib.from_dict(json.loads(config_path.read_text()))
+  if not (workdir / "checkpoints").is_dir():  # checked first: the manager would make it
+    raise ChimeraError(f"--workdir: {workdir} has no checkpoint yet")
   checkpointer = Checkpointer(workdir / "checkpoints", keep=config.train.keep_checkpoints)
   available = checkpointer.all_steps()
   if not available:

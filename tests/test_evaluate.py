@@ -56,6 +56,16 @@ def test_split_loss_reads_the_step_asked_for(finished_run):
     evaluate.split_loss(workdir, step=5)
 
 
+def test_a_run_without_checkpoints_is_refused_and_left_as_it_was(finished_run, tmp_path):
+  workdir, _, _ = finished_run
+  fresh = tmp_path / "fresh"
+  fresh.mkdir()
+  (fresh / "config.json").write_text((workdir / "config.json").read_text())
+  with pytest.raises(ChimeraError, match="has no checkpoint yet"):
+    evaluate.split_loss(fresh)
+  assert [p.name for p in fresh.iterdir()] == ["config.json"]
+
+
 def test_bad_workdir_is_one_line(tmp_path):
   result = subprocess.run([sys.executable, "-m", "chimera.evaluate", f"--workdir={tmp_path}"],
                           capture_output=True, text=True)
