@@ -92,28 +92,32 @@ def split_loss(workdir: str | Path, step: int | None = None,
                    tokens=tokens, windows=rows.shape[0])
 
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "A run's workdir (chimera.main's).")
-_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
-_BATCH_SIZE = flags.DEFINE_integer("batch_size", None,
-                                   "Windows per forward pass (default: the run's batch size).")
+def define_flags() -> None:
+  """Command-line flags, defined only when this runs as a program (its functions are a
+  library too, and chimera.generate defines its own --workdir)."""
+  flags.DEFINE_string("workdir", None, "A run's workdir (chimera.main's).")
+  flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+  flags.DEFINE_integer("batch_size", None, "Windows per forward pass (default: the run's batch size).")
 
 
 def main(argv):
   del argv
+  FLAGS = flags.FLAGS
   logging.set_verbosity(logging.WARNING)  # orbax logs every restore at INFO
   try:
-    if not _WORKDIR.value:
+    if not FLAGS.workdir:
       raise ChimeraError("--workdir is required")
-    if _BATCH_SIZE.value is not None and _BATCH_SIZE.value < 1:
-      raise ChimeraError(f"--batch_size: must be >= 1, got {_BATCH_SIZE.value}")
-    result = split_loss(_WORKDIR.value, _STEP.value, _BATCH_SIZE.value)
+    if FLAGS.batch_size is not None and FLAGS.batch_size < 1:
+      raise ChimeraError(f"--batch_size: must be >= 1, got {FLAGS.batch_size}")
+    result = split_loss(FLAGS.workdir, FLAGS.step, FLAGS.batch_size)
   except ChimeraError as error:
     print(f"error: {error}", file=sys.stderr)
     sys.exit(2)
-  print(f"{_WORKDIR.value}, step {result.step}: validation split {result.loss:.4f} nats per "
+  print(f"{FLAGS.workdir}, step {result.step}: validation split {result.loss:.4f} nats per "
         f"token, {result.bits_per_byte:.4f} bits per byte ({result.tokens:,} tokens in "
         f"{result.windows:,} windows)")
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

@@ -71,3 +71,9 @@ def test_bad_workdir_is_one_line(tmp_path):
                           capture_output=True, text=True)
   assert result.returncode == 2
   assert result.stderr.strip() == f"error: --workdir: {tmp_path} holds no run (no config.json)"
+
+
+def test_imports_beside_generate():
+  # Both are libraries as well as programs; their flags must not collide on import.
+  import chimera.evaluate  # noqa: F401
+  import chimera.generate  # noqa: F401
