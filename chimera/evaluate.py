@@ -4,8 +4,10 @@
 
 Training evaluates on `train.eval_batches` fixed windows: cheap, and the same windows for
 every model and seed, so runs compare paired. That subset is a sample of the split,
-though: at the end of the nanogpt_cpu run it said 1.8909 and the split 1.8879, and nanoGPT's
-20 random batches said 1.8740 where its split said 1.8930 (results/nanogpt_cpu). This reads the run's config.json and a checkpoint (the latest, or --step), cuts the
+though: at the end of the nanogpt_cpu run it said 1.8909 and the split 1.8879, and
+nanoGPT's 20 random batches said 1.8740 where its split said 1.8930 (results/nanogpt_cpu).
+
+This reads the run's config.json and a checkpoint (the latest, or --step), cuts the
 validation split into consecutive windows of the training context, so that every token
 but the first is predicted once, from the tokens before it in its window, and prints the
 mean loss over all of them in nats per token and bits per byte. One process, the
@@ -60,7 +62,11 @@ def split_loss(workdir: str | Path, step: int | None = None,
   config_path = workdir / "config.json"
   if not config_path.is_file():
     raise ChimeraError(f"--workdir: {workdir} holds no run (no config.json)")
-  config = config_lib.from_dict(json.loads(config_path.read_text()))
+  try:
+    config = config_lib.from_dict(json.loads(config_path.read_text()))
+  except (TypeError, KeyError, ValueError) as error:
+    raise ChimeraError(f"--workdir: {config_path} is not a config this version can read "
+                       f"({error})") from None
   if not (workdir / "checkpoints").is_dir():  # checked first: the manager would make it
     raise ChimeraError(f"--workdir: {workdir} has no checkpoint yet")
   checkpointer = Checkpointer(workdir / "checkpoints", keep=config.train.keep_checkpoints)

@@ -73,6 +73,12 @@ def test_bad_workdir_is_one_line(tmp_path):
   assert result.stderr.strip() == f"error: --workdir: {tmp_path} holds no run (no config.json)"
 
 
+def test_an_unreadable_config_is_one_line(tmp_path):
+  (tmp_path / "config.json").write_text('{"model": {}}')
+  with pytest.raises(ChimeraError, match="is not a config this version can read"):
+    evaluate.split_loss(tmp_path)
+
+
 def test_imports_beside_generate():
   # Both are libraries as well as programs; their flags must not collide on import.
   import chimera.evaluate  # noqa: F401
