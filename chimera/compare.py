@@ -26,6 +26,7 @@ results/<preset>-sweep-<name>/ (chimera.report).
 import dataclasses
 import hashlib
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -75,7 +76,8 @@ _BASE_SET = flags.DEFINE_multi_string(
     "another point of its base (--sweep=balancing --base_set=model.num_experts=32).")
 _STEPS = flags.DEFINE_integer("train_steps", None, "Override the preset's training steps.")
 _SET = flags.DEFINE_multi_string("set", [], "section.field=value for every model, over the "
-                                 "preset (a changed config is a new run).")
+                                 "preset (a changed config is a new run; the values name the "
+                                 "report's folder: results/<preset>-...-with-<field>-<value>).")
 _OUT = flags.DEFINE_string("out", None, "Report directory (default: results/<preset>[...]).")
 _RUNS = flags.DEFINE_string("runs", "runs/compare", "Where the training runs live.")
 _RESULTS = flags.DEFINE_string("results", "results", "Where the reports live.")
@@ -104,6 +106,7 @@ class Study:
   slug: str  # the report's folder under results/
   sweep: str | None = None  # the --sweep value, for a sweep
   base_set: tuple[str, ...] = ()  # its --base_set values, "section.field=value"
+  sets: tuple[str, ...] = ()  # the --set values over every model, "section.field=value"
 
 
 def load(path: str, preset: StudyPreset, overrides: dict) -> Config:
@@ -167,21 +170,34 @@ def sweep_models(sweep: str, base: str | None, preset: StudyPreset, overrides: d
   return question, models
 
 
+def sets_suffix(sets: tuple[str, ...]) -> str:
+  """The end of a report folder's name for --set values ("section.field=value")."""
+  return "".join(f"-with-{key.split('.')[-1]}-{re.sub(r'[^A-Za-z0-9._-]+', '_', value)}"
+                 for key, _, value in (item.partition("=") for item in sets))
+
+
 def make_study(preset_name: str, sweep: str | None, base: str | None, overrides: dict,
-               base_overrides: dict | None = None) -> Study:
-  preset, base_overrides = PRESETS[preset_name], base_overrides or {}
+               base_overrides: dict | None = None, sets: dict | None = None) -> Study:
+  """The study of a preset, or a sweep. `overrides` apply to every model (the --set values,
+  `sets`, among them); `base_overrides` to a sweep's base only. The --set and --base_set
+  values name the report's folder, so a study that changes them never writes over the
+  plain one (cpu-sweep-num_experts-with-batch_size-64, cpu-sweep-balancing-at-num_experts-32)."""
+  preset, base_overrides, sets = PRESETS[preset_name], base_overrides or {}, sets or {}
+  given = lambda values: tuple(f"{key}={value}" for key, value in values.items())
+  suffix = sets_suffix(given(sets))
+  with_sets = " with " + ", ".join(given(sets)) if sets else ""
   if sweep is None:
     if base_overrides:
       raise ChimeraError("--base_set: only with --sweep (the study's models are its configs)")
-    return Study(f"MoE against dense at equal compute ({preset_name} preset)", preset_name,
-                 study_models(preset, overrides), preset_name)
+    return Study(f"MoE against dense at equal compute ({preset_name} preset{with_sets})",
+                 preset_name, study_models(preset, overrides), preset_name + suffix,
+                 sets=given(sets))
   question, models = sweep_models(sweep, base, preset, overrides, base_overrides)
   slug = sweep.partition("=")[0].split(".")[-1]
   for key, value in base_overrides.items():  # e.g. balancing-at-num_experts-32
     slug += f"-at-{key.split('.')[-1]}-{value}"
-  return Study(f"Sweep: {question} ({preset_name} preset)", preset_name, models,
-               f"{preset_name}-sweep-{slug}", sweep,
-               tuple(f"{key}={value}" for key, value in base_overrides.items()))
+  return Study(f"Sweep: {question} ({preset_name} preset{with_sets})", preset_name, models,
+               f"{preset_name}-sweep-{slug}{suffix}", sweep, given(base_overrides), given(sets))
 
 
 # Fields added after runs were first keyed by their config. While one is at its default
@@ -248,13 +264,14 @@ def measure_speed(models: list[Model], repeats: int) -> list:
 
 
 def related_summaries(results: Path, study: Study) -> dict:
-  """Reports that a study's targets read: the expert sweep and, away from the cpu
-  preset, the cpu study (for the ordering). Missing ones, and ones written by an older
+  """Reports that a study's targets read: the expert sweep at the same --set values and,
+  away from the cpu preset, the cpu study (for the ordering). Missing ones, and ones written by an older
   report (no "targets"), are None."""
   def read(path: Path) -> dict | None:
     summary = json.loads(path.read_text()) if path.exists() else {}
     return summary["models"] if "targets" in summary else None
-  return {"expert_sweep": read(results / f"{study.preset}-sweep-num_experts" / "summary.json"),
+  sweep = f"{study.preset}-sweep-num_experts{sets_suffix(study.sets)}"  # same --set values
+  return {"expert_sweep": read(results / sweep / "summary.json"),
           "reference_study": None if study.preset == "cpu"
           else read(results / "cpu" / "summary.json")}
 
@@ -267,9 +284,10 @@ def main(argv):
     overrides["data.corpus"] = _CORPUS.value
   if _STEPS.value:
     overrides["train.steps"] = _STEPS.value
+  sets = dict(overrides)  # every override over the preset names the report's folder
   try:
     study = make_study(_PRESET.value, _SWEEP.value, _BASE.value, overrides,
-                       dict(map(bench.parse_override, _BASE_SET.value)))
+                       dict(map(bench.parse_override, _BASE_SET.value)), sets)
     default_seeds = PRESETS[_PRESET.value].seeds
     seeds = ([int(s) for s in _SEEDS.value] if _SEEDS.value
              else list(default_seeds[:1] if study.sweep else default_seeds))

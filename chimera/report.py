@@ -384,7 +384,8 @@ def write(out: Path, *, study, runs: dict[str, list[Run]], speed: list, related:
                                              for name, figures in by_name.items()})
   study_command = f"python -m chimera.compare --preset={study.preset}" + (
       f" --sweep={study.sweep}" if study.sweep else "") + "".join(
-          f" --base_set={value}" for value in study.base_set)
+          f" --base_set={value}" for value in study.base_set) + "".join(
+              f" --set={value}" for value in study.sets)
   targets = targets_for(study, models, related, study_command)
   lines_found = findings(models, targets)
   first = next(iter(runs.values()))[0].summary

@@ -270,6 +270,18 @@ def test_sweeps_hold_what_they_claim(corpus):
           for m in models[1:]] == [(16, 0.001), (16, 0.01)]
   with pytest.raises(ChimeraError, match="--base_set"):
     compare.make_study("cpu", None, None, overrides, {"model.num_experts": 16})
+  # --set changes every model, dense included, and names the report's folder, so such a
+  # study never writes over the plain one.
+  sets = {"train.batch_size": 64, "train.steps": 1250}
+  wider = compare.make_study("cpu", "model.num_experts=16,32", None, {**overrides, **sets},
+                             None, sets)
+  assert wider.slug == "cpu-sweep-num_experts-with-batch_size-64-with-steps-1250"
+  assert wider.sets == ("train.batch_size=64", "train.steps=1250")
+  assert "with train.batch_size=64, train.steps=1250" in wider.title
+  assert all(m.config.train.batch_size == 64 for m in wider.models)
+  main_study = compare.make_study("cpu", None, None, {**overrides, **sets}, None, sets)
+  assert main_study.slug == "cpu-with-batch_size-64-with-steps-1250"
+  assert compare.sets_suffix(("data.corpus=hf:a/b c",)) == "-with-corpus-hf_a_b_c"
   _, models = compare.sweep_models("init", None, preset, overrides)
   assert [(m.config.model.expert_init, m.config.model.expert_init_scale)
           for m in models[1:]] == [("switch", 0.1), ("switch", 1.0), ("dense", 0.1)]
@@ -314,10 +326,11 @@ def test_tiny_study_trains_reports_and_resumes(make_config, corpus, tmp_path, mo
   # A sweep's report names its whole command, --base_set included, in its target row.
   sweep = compare.Study("tiny sweep", "tiny", [study.models[0], dataclasses.replace(
       study.models[1], role="point")], "tiny-sweep", "model.num_experts=2",
-      ("train.expert_lr_scale=0.5",))
+      ("train.expert_lr_scale=0.5",), ("train.batch_size=4",))
   report.write(tmp_path / "sweep", study=sweep, runs=runs, speed=[], related={}, command="pytest")
   assert ("`python -m chimera.compare --preset=tiny --sweep=model.num_experts=2 "
-          "--base_set=train.expert_lr_scale=0.5`") in (tmp_path / "sweep" / "REPORT.md").read_text()
+          "--base_set=train.expert_lr_scale=0.5 --set=train.batch_size=4`") in (
+              tmp_path / "sweep" / "REPORT.md").read_text()
   # Every model keeps its validation curve over seeds, one entry per evaluation.
   dense_curve = written["models"]["dense"]["val_curve"]
   assert [c["step"] for c in dense_curve] == [e.step for e in runs["dense"][0].evals]
@@ -401,6 +414,15 @@ def test_related_summaries_skip_older_reports(tmp_path):
   (tmp_path / "cpu" / "summary.json").write_text(json.dumps({"models": {"dense": {}},
                                                              "targets": []}))
   assert compare.related_summaries(tmp_path, study)["reference_study"] == {"dense": {}}
+  # A study with --set values reads the expert sweep run with the same ones.
+  for slug, models in [("cpu-sweep-num_experts", {"plain": {}}),
+                       ("cpu-sweep-num_experts-with-batch_size-64", {"b64": {}})]:
+    (tmp_path / slug).mkdir()
+    (tmp_path / slug / "summary.json").write_text(json.dumps({"models": models, "targets": []}))
+  plain = compare.Study("t", "cpu", [], "cpu")
+  wide = compare.Study("t", "cpu", [], "cpu-with-batch_size-64", sets=("train.batch_size=64",))
+  assert compare.related_summaries(tmp_path, plain)["expert_sweep"] == {"plain": {}}
+  assert compare.related_summaries(tmp_path, wide)["expert_sweep"] == {"b64": {}}
 
 
 def test_readme_headline_is_the_summary_it_names():
