@@ -6,6 +6,7 @@
   python -m chimera.compare --preset=cpu --sweep=granularity
       # or shared, balancing, capacity, init, calibration, experts_sqrt_lr, experts_best_lr
   python -m chimera.compare --preset=cpu --sweep=balancing --base_set=model.num_experts=32
+  python -m chimera.compare --preset=cpu --sweep=model.num_experts=16,32 --set=train.batch_size=64
   python -m chimera.compare --preset=cpu --bench_repeats=0 --report_only   # rewrite a report
 
 The study's models:
@@ -20,7 +21,9 @@ seed per point unless --seeds says otherwise.
 Every run is a normal training run in runs/compare/<config hash>/, so an interrupted study
 resumes where it stopped, and runs shared between studies (the same config and seed)
 train once. The report, plots and summary.json go to results/<preset>/ or
-results/<preset>-sweep-<name>/ (chimera.report).
+results/<preset>-sweep-<name>/ (chimera.report); a --base_set value adds
+-at-<field>-<value> to the name, and a --set, --corpus or --steps value, which changes
+every model, adds -with-<field>-<value>.
 """
 
 import dataclasses
