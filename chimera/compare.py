@@ -22,8 +22,8 @@ Every run is a normal training run in runs/compare/<config hash>/, so an interru
 resumes where it stopped, and runs shared between studies (the same config and seed)
 train once. The report, plots and summary.json go to results/<preset>/ or
 results/<preset>-sweep-<name>/ (chimera.report); a --base_set value adds
--at-<field>-<value> to the name, and a --set, --corpus or --steps value, which changes
-every model, adds -with-<field>-<value>.
+-at-<field>-<value> to the name, and a --set, --corpus or --train_steps value, which
+changes every model, adds -with-<field>-<value>.
 """
 
 import dataclasses
@@ -268,8 +268,8 @@ def measure_speed(models: list[Model], repeats: int) -> list:
 
 def related_summaries(results: Path, study: Study) -> dict:
   """Reports that a study's targets read: the expert sweep at the same --set values and,
-  away from the cpu preset, the cpu study (for the ordering). Missing ones, and ones written by an older
-  report (no "targets"), are None."""
+  away from the cpu preset, the cpu study (for the ordering). Missing ones, and ones
+  written by an older report (no "targets"), are None."""
   def read(path: Path) -> dict | None:
     summary = json.loads(path.read_text()) if path.exists() else {}
     return summary["models"] if "targets" in summary else None
