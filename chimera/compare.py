@@ -173,9 +173,10 @@ def sweep_models(sweep: str, base: str | None, preset: StudyPreset, overrides: d
   return question, models
 
 
-def sets_suffix(sets: tuple[str, ...]) -> str:
-  """The end of a report folder's name for --set values ("section.field=value")."""
-  return "".join(f"-with-{key.split('.')[-1]}-{re.sub(r'[^A-Za-z0-9._-]+', '_', value)}"
+def sets_suffix(sets: tuple[str, ...], word: str = "with") -> str:
+  """The end of a report folder's name for "section.field=value" settings: -with-field-value
+  for --set values, -at-field-value (word="at") for --base_set values."""
+  return "".join(f"-{word}-{key.split('.')[-1]}-{re.sub(r'[^A-Za-z0-9._-]+', '_', value)}"
                  for key, _, value in (item.partition("=") for item in sets))
 
 
@@ -196,9 +197,7 @@ def make_study(preset_name: str, sweep: str | None, base: str | None, overrides:
                  preset_name, study_models(preset, overrides), preset_name + suffix,
                  sets=given(sets))
   question, models = sweep_models(sweep, base, preset, overrides, base_overrides)
-  slug = sweep.partition("=")[0].split(".")[-1]
-  for key, value in base_overrides.items():  # e.g. balancing-at-num_experts-32
-    slug += f"-at-{key.split('.')[-1]}-{value}"
+  slug = sweep.partition("=")[0].split(".")[-1] + sets_suffix(given(base_overrides), "at")
   return Study(f"Sweep: {question} ({preset_name} preset{with_sets})", preset_name, models,
                f"{preset_name}-sweep-{slug}{suffix}", sweep, given(base_overrides), given(sets))
 
@@ -287,10 +286,10 @@ def main(argv):
     overrides["data.corpus"] = _CORPUS.value
   if _STEPS.value:
     overrides["train.steps"] = _STEPS.value
-  sets = dict(overrides)  # every override over the preset names the report's folder
   try:
     study = make_study(_PRESET.value, _SWEEP.value, _BASE.value, overrides,
-                       dict(map(bench.parse_override, _BASE_SET.value)), sets)
+                       dict(map(bench.parse_override, _BASE_SET.value)),
+                       sets=overrides)  # every override over the preset names the folder
     default_seeds = PRESETS[_PRESET.value].seeds
     seeds = ([int(s) for s in _SEEDS.value] if _SEEDS.value
              else list(default_seeds[:1] if study.sweep else default_seeds))

@@ -17,7 +17,6 @@ checkpoint restored onto the default device.
 import dataclasses
 import functools
 import json
-import math
 import sys
 from pathlib import Path
 
@@ -27,11 +26,10 @@ from absl import app, flags, logging
 
 from chimera import config as config_lib
 from chimera.checkpoints import Checkpointer
-from chimera.data import load_splits
-from chimera.data.tokenizers import get_tokenizer
 from chimera.decoder import Decoder
 from chimera.errors import ChimeraError
 from chimera.steps import eval_step, init_state
+from chimera.train import prepare_data
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,10 +65,10 @@ def split_loss(workdir: str | Path, step: int | None = None,
   except (TypeError, KeyError, ValueError) as error:
     raise ChimeraError(f"--workdir: {config_path} is not a config this version can read "
                        f"({error})") from None
-  if not (workdir / "checkpoints").is_dir():  # checked first: the manager would make it
-    raise ChimeraError(f"--workdir: {workdir} has no checkpoint yet")
-  checkpointer = Checkpointer(workdir / "checkpoints", keep=config.train.keep_checkpoints)
-  available = checkpointer.all_steps()
+  available = []
+  if (workdir / "checkpoints").is_dir():  # checked first: the manager would make the folder
+    checkpointer = Checkpointer(workdir / "checkpoints", keep=config.train.keep_checkpoints)
+    available = checkpointer.all_steps()
   if not available:
     raise ChimeraError(f"--workdir: {workdir} has no checkpoint yet")
   step = available[-1] if step is None else step
@@ -80,10 +78,8 @@ def split_loss(workdir: str | Path, step: int | None = None,
   state, _ = checkpointer.restore(init_state(config), step)
   checkpointer.close()
 
-  data = config.data
-  splits = load_splits(data.corpus, get_tokenizer(data.tokenizer), split=data.split,
-                       val_fraction=data.val_fraction, text_field=data.text_field)
-  rows = windows(splits.val, config.train.context)
+  data = prepare_data(config)  # the run's split, as training loaded it
+  rows = windows(data.splits.val, config.train.context)
   batch_size = batch_size or config.train.batch_size
   evaluate = jax.jit(functools.partial(eval_step, model=Decoder(config.model),
                                        config=config.model))
@@ -93,8 +89,7 @@ def split_loss(workdir: str | Path, step: int | None = None,
     loss_sum += float(out["loss_sum"])
   tokens = rows.shape[0] * config.train.context
   loss = loss_sum / tokens
-  return SplitLoss(step=step, loss=loss,
-                   bits_per_byte=loss / math.log(2) / (splits.val_bytes / len(splits.val)),
+  return SplitLoss(step=step, loss=loss, bits_per_byte=data.bits_per_byte(loss),
                    tokens=tokens, windows=rows.shape[0])
 
 
