@@ -43,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
 
-from chimera import accounting, bench_profile, config as config_lib
+from chimera import accounting, allocator, bench_profile, config as config_lib
 from chimera.config import Config, DataConfig
 from chimera.data import load_splits
 from chimera.data.batches import WindowSampler
@@ -330,7 +330,9 @@ class Subject:
 
 
 def run(cases: list[Case], repeats: int, settings: Settings = Settings()) -> list[BenchRecord]:
-  """Measures every case, interleaved `repeats` times; one record per case."""
+  """Measures every case, interleaved `repeats` times; one record per case. malloc is set
+  as training sets it (chimera.allocator), so that the bench times what training runs."""
+  allocator.keep_freed_memory()
   subjects = [Subject(case, settings) for case in cases]
   dtypes = {s.case.config.model.dtype for s in subjects}
   peak = {d: peak_matmul_flops(jnp.bfloat16 if d == "bfloat16" else jnp.float32) for d in dtypes}

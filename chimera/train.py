@@ -21,7 +21,7 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from chimera import accounting, config as config_lib, sharding
+from chimera import accounting, allocator, config as config_lib, sharding
 from chimera.checkpoints import Checkpointer
 from chimera.config import Config
 from chimera.data import batches as batches_lib, load_splits
@@ -274,6 +274,7 @@ def train(config: Config, workdir: str | Path, *, stop_after: int | None = None)
   """
   workdir = Path(workdir)
   sharding.check_mesh(config, jax.device_count())
+  allocator.keep_freed_memory()  # each step's temporaries stay mapped (chimera.allocator)
   with open_workdir(workdir, config):
     data = prepare_data(config)
     mesh = sharding.make_mesh(config.mesh)
