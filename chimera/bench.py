@@ -228,7 +228,8 @@ class Subject:
     self.accounting = accounting.count_run(c)
     self.state = init_state(c)
     step = jax.jit(functools.partial(train_step, model=Decoder(c.model, case.kernels),
-                                     config=c.model), donate_argnums=0)
+                                     config=c.model, log_norms=c.train.log_norms),
+                   donate_argnums=0)
     batches = token_batches(c, settings.batches, case.random_ids)
     self.batches = [jax.device_put(b) for b in batches]
     self.rng = jax.random.key(0)

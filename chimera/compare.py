@@ -38,7 +38,7 @@ from absl import app, flags, logging
 from chimera import accounting, bench, config as config_lib, report, study_sweeps
 from chimera.config import Config
 from chimera.errors import ChimeraError
-from chimera.records import RunSummary
+from chimera.records import RunSummary, device_name
 from chimera.study_stats import Run
 
 
@@ -278,6 +278,13 @@ def related_summaries(results: Path, study: Study) -> dict:
           else read(results / "cpu" / "summary.json")}
 
 
+def trained_on(runs: dict[str, list[Run]]) -> str:
+  """What trained the runs, from their summaries (so that a report written again elsewhere,
+  with --report_only, names it), or for runs older than that record, this process's device."""
+  devices = sorted({r.summary.device for rs in runs.values() for r in rs if r.summary.device})
+  return ", ".join(devices) or device_name()
+
+
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
@@ -304,12 +311,11 @@ def main(argv):
   if _BENCH_REPEATS.value > 0:
     print("== measuring speed", file=sys.stderr, flush=True)
     speed = measure_speed(study.models, _BENCH_REPEATS.value)
-  import jax  # after training: the runs chose the backend
   out = Path(_OUT.value or Path(_RESULTS.value) / study.slug)
   report.write(out, study=study, runs=runs, speed=speed,
                related=related_summaries(Path(_RESULTS.value), study),
                command="python -m chimera.compare " + " ".join(sys.argv[1:]),
-               device=jax.devices()[0].device_kind)
+               device=trained_on(runs))
   print(f"report: {out / 'REPORT.md'}")
 
 

@@ -137,6 +137,9 @@ class TrainConfig:
   grad_clip: float = 1.0
   seed: int = 0
   log_every: int = 50
+  # Log the parameters' and the update's global norms every step (each a pass over the
+  # parameters; off: the non-finite check reads the loss and the gradient's norm).
+  log_norms: bool = True
   eval_every: int = 250
   eval_batches: int = 20  # a fixed validation subset, the same for every seed
   checkpoint_every: int = 500
@@ -163,7 +166,7 @@ SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "mes
 # Fields that do not change what a run computes: a workdir's run may be resumed with
 # other values of these (see `run_differences`). The mesh is one: a checkpoint restores
 # onto any mesh, and sharded training equals one device's.
-_RUN_NEUTRAL = {"name", "train.log_every", "train.eval_every", "train.checkpoint_every",
+_RUN_NEUTRAL = {"name", "train.log_every", "train.log_norms", "train.eval_every", "train.checkpoint_every",
                 "train.keep_checkpoints", "train.steps", "mesh.data", "mesh.expert"}
 
 

@@ -65,6 +65,13 @@ def read_evals(workdir: Path) -> list[EvalRecord]:
   return [EvalRecord(**{name: r[name] for name in names}) for r in read_events(workdir, "eval")]
 
 
+def device_name() -> str:
+  """The devices this process computes on: jax's device kind, with "x N" for N > 1."""
+  import jax  # only when asked: importing this module starts no backend
+  count = jax.device_count()
+  return jax.devices()[0].device_kind + (f" x {count}" if count > 1 else "")
+
+
 @dataclasses.dataclass(frozen=True)
 class RunSummary:
   """What a run ended with (WORKDIR/summary.json)."""
@@ -85,6 +92,9 @@ class RunSummary:
   # MoE only (empty for dense): means over the last logging window, per MoE layer.
   expert_load: list = dataclasses.field(default_factory=list)  # [Y, E]
   dropped_fraction: list = dataclasses.field(default_factory=list)  # [Y]
+  # What trained it: jax's device kind, "x N" for N devices ("NVIDIA H200", "cpu x 8");
+  # None in summaries written before this field.
+  device: str | None = None
 
   def save(self, workdir: Path) -> None:
     write_atomic(Path(workdir) / "summary.json",

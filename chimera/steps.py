@@ -85,11 +85,12 @@ def loss_fn(params, model_state: dict, model: nn.Module, config: ModelConfig,
 
 
 def train_step(state: TrainState, tokens: jax.Array, rng: jax.Array, *, model: nn.Module,
-               config: ModelConfig) -> tuple[TrainState, dict]:
+               config: ModelConfig, log_norms: bool = True) -> tuple[TrainState, dict]:
   """One optimiser step over tokens [A, B/A, L+1] (A gradient-accumulation micro-batches).
 
   Returns the new state and metrics as sums with their denominators (`tokens`, and
-  `steps` = 1), to be averaged on the host.
+  `steps` = 1), to be averaged on the host. The gradient's global norm is always among
+  them; the new parameters' and the update's only with `log_norms`.
   """
   rng = jax.random.fold_in(rng, state.step)
   grad_fn = jax.grad(loss_fn, has_aux=True)
@@ -115,16 +116,17 @@ def train_step(state: TrainState, tokens: jax.Array, rng: jax.Array, *, model: n
         **state.model_state, "router_bias": update_router_bias(
             state.model_state["router_bias"], stats["expert_load"].mean(axis=0),
             config.router_bias_rate, config)})
-  updates = jax.tree.map(jnp.subtract, new_state.params, state.params)
   metrics = {
       "loss_sum": loss_sums.sum(),
       "tokens": jnp.asarray(tokens[..., 1:].size, jnp.float32),
       "steps": jnp.ones((), jnp.float32),
       "grad_norm": optax.tree.norm(grads),
-      "param_norm": optax.tree.norm(new_state.params),
-      "update_norm": optax.tree.norm(updates),
       **{name: value.mean(axis=0) for name, value in stats.items()},
   }
+  if log_norms:
+    updates = jax.tree.map(jnp.subtract, new_state.params, state.params)
+    metrics.update(param_norm=optax.tree.norm(new_state.params),
+                   update_norm=optax.tree.norm(updates))
   return new_state, metrics
 
 

@@ -29,7 +29,7 @@ from chimera.data.tokenizers import get_tokenizer
 from chimera.decoder import Decoder
 from chimera.errors import ChimeraError
 from chimera.metrics import MetricWriter, log, progress_line
-from chimera.records import EvalRecord, Progress, RunSummary
+from chimera.records import EvalRecord, Progress, RunSummary, device_name
 from chimera.steps import TrainState, eval_step, init_state, make_schedule, train_step
 
 EVAL_SEED = 0  # the validation subset is the same for every training seed
@@ -180,12 +180,15 @@ class TrainLog:
     records = jax.device_get(self.pending)
     first_step = step - len(records) + 1
     for offset, record in enumerate(records):
-      # The loss checks the parameters the step started from, the norm the ones it made.
-      if not (np.isfinite(record["loss_sum"]) and np.isfinite(record["param_norm"])):
+      # The loss checks the parameters the step started from; the parameters' norm the ones
+      # it made, or without it (train.log_norms off) the gradient's norm, which with a
+      # finite loss keeps AdamW's update finite.
+      norm = "param_norm" if "param_norm" in record else "grad_norm"
+      if not (np.isfinite(record["loss_sum"]) and np.isfinite(record[norm])):
         raise TrainingDiverged(
-            f"non-finite loss ({record['loss_sum']}) or parameters (norm "
-            f"{record['param_norm']}) at step {first_step + offset}; stopping. The last good "
-            f"checkpoint in {workdir / 'checkpoints'} is untouched")
+            f"non-finite loss ({record['loss_sum']}) or {norm} ({record[norm]}) at step "
+            f"{first_step + offset}; stopping. The last good checkpoint in "
+            f"{workdir / 'checkpoints'} is untouched")
     seconds = time.perf_counter() - self.window_started  # after device_get: steps are done
     if first_step - 1 > self.start_step:  # the first window holds compilation: not timed
       self.timed_tokens += len(records) * self.tokens_per_step
@@ -356,7 +359,8 @@ def _compile_train_step(config: Config, mesh: jax.sharding.Mesh, state: TrainSta
   t = config.train
   started = time.perf_counter()
   replicated = NamedSharding(mesh, PartitionSpec())
-  jitted = jax.jit(functools.partial(train_step, model=Decoder(config.model), config=config.model),
+  jitted = jax.jit(functools.partial(train_step, model=Decoder(config.model), config=config.model,
+                                     log_norms=t.log_norms),
                    donate_argnums=0,
                    out_shardings=(sharding.state_sharding(mesh, state), replicated))
   batch = jax.ShapeDtypeStruct((t.grad_accum, t.batch_size // t.grad_accum, t.context + 1),
@@ -390,4 +394,4 @@ def _summarize(config: Config, data: Data, progress: Progress, train_log: TrainL
       unigram_val_loss=data.unigram_loss,
       accounting=accounting.count_run(config)._asdict(),
       config=config_lib.to_dict(config), expert_load=moe_field("expert_load"),
-      dropped_fraction=moe_field("dropped_fraction"))
+      dropped_fraction=moe_field("dropped_fraction"), device=device_name())

@@ -18,14 +18,15 @@
 # 124 s, the study over 242 s (it trained every model, then ran out of time in its bench).
 # All stages do not fit in one call's 10 minutes: split them with STAGES across calls.
 #   main      chimera.bench, dense and MoE top-2: step time, tokens/s, MFU against the
-#             nominal and the measured peak, decode at batch 1 and 8, and a profile of
-#             where each step's time goes (by model part and pass, costliest ops); the
-#             traces and HLO are kept in $OUT/profile, to read again offline
-#   train     chimera.main for STEPS steps (default 60) of dense, MoE top-2 as shipped
-#             (dropless) and with einsum dispatch: summary.json's train_tokens_per_second,
-#             to compare with the bench's
+#             nominal and the measured peak, decode at batch 1 and 8, and (PROFILE=0: not)
+#             a profile of where each step's time goes (by model part and pass, costliest
+#             ops); the traces and HLO are kept in $OUT/profile, to read again offline
+#   train     chimera.main for STEPS steps (default 60) of dense as shipped and with
+#             train.log_norms off, MoE top-2 as shipped (dropless) and with einsum
+#             dispatch: summary.json's train_tokens_per_second, to compare with the bench's
 #   study     issue 10's `chimera.compare --preset=gpu-small` and its expert sweep (STUDY=0:
-#             none), reports copied to $OUT/study
+#             none; SWEEP=: no sweep; STUDY_BENCH=0: no speed bench): the reports in
+#             $OUT/study_results.tgz, the runs' logs and configs in $OUT/study_runs.tgz
 #   dropless  MoE top-2, einsum against dropless dispatch (grouped matmul: "blocks")
 #   d1024     dense and MoE at d_model 1024, 12 layers: MFU
 #   grouped   the grouped matmul alone at the MoE's shapes: ragged_dot against blocks
@@ -77,14 +78,19 @@ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=c
 jaxlib.__version__, 'flax', flax.__version__, 'optax', optax.__version__); print(jax.devices())"
 git log -1 --format='commit %H %s' 2>/dev/null || true
 
-stage main "$PYTHON" "${BENCH[@]}" --configs=$DENSE,$MOE --decode_batches=1,8 --profile \
-  --profile_dir="$OUT/profile" --json="$OUT/bench_main.json"
+PROFILE_ARGS=(--profile --profile_dir="$OUT/profile")
+[[ ${PROFILE:-1} == 0 ]] && PROFILE_ARGS=()
+stage main "$PYTHON" "${BENCH[@]}" --configs=$DENSE,$MOE --decode_batches=1,8 \
+  "${PROFILE_ARGS[@]}" --json="$OUT/bench_main.json"
 rm -rf /tmp/chimera-runs  # a warm machine's earlier runs would be resumed, not timed
-# The MoE as shipped (dropless dispatch), then with einsum dispatch.
-for run in "$DENSE" "$MOE" "$MOE --config.model.dispatch=einsum"; do
+# Dense as shipped, then without the per-step parameter and update norms; the MoE as
+# shipped (dropless dispatch), then with einsum dispatch.
+for run in "$DENSE" "$DENSE --config.train.log_norms=false" "$MOE" \
+    "$MOE --config.model.dispatch=einsum"; do
   spec=${run%% *}
   name=$(basename "${spec%%:*}" .py)
   [[ $run == *dispatch=einsum ]] && name+=_einsum
+  [[ $run == *log_norms=false ]] && name+=_no_norms
   stage "train $name" "$PYTHON" -m chimera.main --config=$run \
     --workdir="/tmp/chimera-runs/$name" --config.train.steps="$STEPS" \
     --config.train.warmup_steps=$(( STEPS / 6 )) --config.train.log_every=20 \
@@ -101,12 +107,17 @@ for name, summary in runs.items():
 EOF
 # Issue 10's gpu-small study (its expert sweep first, which the study's targets read), one
 # seed per model; reports in results/gpu-small*/, copied to $OUT/study/.
+# SWEEP= (empty) trains the study alone; STUDY_BENCH=0 leaves out its speed bench. The runs'
+# logs and configs (no checkpoints) come back in $OUT/study_runs.tgz, to write the reports
+# again offline (`chimera.compare --preset=gpu-small --runs=DIR --report_only`).
+SWEEP=${SWEEP-model.num_experts=4,8,16,32}
 if [[ ${STUDY:-1} == 1 && ( -z ${STAGES:-} || " $STAGES " == *" study "* ) ]]; then
-  stage study bash -c "$PYTHON -m chimera.compare --preset=gpu-small --runs=/tmp/chimera-study \
-    --sweep=model.num_experts=4,8,16,32 --bench_repeats=0 ${STUDY_ARGS:-} && $PYTHON -m \
-    chimera.compare --preset=gpu-small --runs=/tmp/chimera-study --bench_repeats=1 ${STUDY_ARGS:-}"
-  mkdir -p "$OUT/study" && cp -r results/gpu-small "results/gpu-small-sweep-num_experts" \
-    "$OUT/study/" 2>/dev/null
+  study=(-m chimera.compare --preset=gpu-small --runs=/tmp/chimera-study ${STUDY_ARGS:-})
+  [[ -n $SWEEP ]] && stage "study sweep" "$PYTHON" "${study[@]}" --sweep="$SWEEP" --bench_repeats=0
+  stage study "$PYTHON" "${study[@]}" --bench_repeats="${STUDY_BENCH:-1}"
+  tar -czf "$OUT/study_results.tgz" results/gpu-small* 2>/dev/null
+  tar -czf "$OUT/study_runs.tgz" --exclude=checkpoints --exclude=tensorboard \
+    -C /tmp chimera-study 2>/dev/null
 fi
 stage dropless "$PYTHON" "${BENCH[@]}" --configs=$MOE \
   --variants=model.dispatch=einsum,dropless --json="$OUT/bench_dropless.json"

@@ -12,6 +12,7 @@ import pytest
 
 from chimera import accounting, bench, compare, config as config_lib, report, study_stats, study_sweeps, study_targets
 from chimera.errors import ChimeraError
+from chimera.records import device_name
 from chimera.study_stats import Spread, paired, router_stats, tokens_to_reach, value_at
 
 # --- The math, on numbers worked out by hand. ---------------------------------------------
@@ -300,6 +301,14 @@ def test_tiny_study_trains_reports_and_resumes(make_config, corpus, tmp_path, mo
   assert [r.seed for r in runs["dense"]] == [0, 1]
   dense_losses = [r.summary.final_val_loss for r in runs["dense"]]
   assert dense_losses[0] != dense_losses[1]  # the seeds differ
+  # Each summary names what trained it, and a report written elsewhere names that.
+  assert {r.summary.device for rs in runs.values() for r in rs} == {device_name()}
+  assert device_name().startswith("cpu")
+  elsewhere = {"dense": [dataclasses.replace(runs["dense"][0], summary=dataclasses.replace(
+      runs["dense"][0].summary, device="NVIDIA H200"))]}
+  assert compare.trained_on(elsewhere) == "NVIDIA H200"
+  assert compare.trained_on({"dense": [dataclasses.replace(elsewhere["dense"][0], summary=
+      dataclasses.replace(runs["dense"][0].summary, device=None))]}) == device_name()
 
   out = tmp_path / "results"
   written = report.write(out, study=study, runs=runs, speed=[], related={}, command="pytest")

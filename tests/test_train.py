@@ -180,10 +180,13 @@ def test_bad_corpus(content, expected, make_config, tmp_path):
     train(make_config("dense", path), tmp_path / "run")
 
 
-def test_nan_stops_and_keeps_last_good_checkpoint(make_config, corpus, tmp_path):
+@pytest.mark.parametrize("log_norms", [True, False])
+def test_nan_stops_and_keeps_last_good_checkpoint(log_norms, make_config, corpus, tmp_path):
+  """With train.log_norms off, the check reads the gradient's norm instead of the new
+  parameters': the checkpoint kept is still finite."""
   config = make_config("dense", corpus, train__steps=20, train__learning_rate=1e12,
                        train__warmup_steps=0, train__checkpoint_every=1, train__log_every=1,
-                       train__grad_clip=1e12)
+                       train__grad_clip=1e12, train__log_norms=log_norms)
   workdir = tmp_path / "run"
   with pytest.raises(TrainingDiverged, match=r"at step (\d+)") as error:
     train(config, workdir)
@@ -297,3 +300,26 @@ def test_router_and_expert_learning_rates_and_router_weight_decay():
     np.testing.assert_allclose(moved["block"]["moe"]["router"]["kernel"], 3.0 * undecayed,
                                rtol=1e-5, atol=1e-7)
     assert not np.allclose(undecayed, plain["block"]["moe"]["router"]["kernel"])
+
+
+def test_log_norms_off_drops_two_metrics_and_changes_no_step(make_config, corpus):
+  """train.log_norms=False leaves the parameters' and the update's norms out of the step's
+  metrics; the new state, the loss and the gradient's norm are the same bits."""
+  import functools
+  from chimera.decoder import Decoder
+  from chimera.steps import train_step
+  config = make_config("dense", corpus, train__warmup_steps=0)  # a non-zero first update
+  tokens = jax.random.randint(jax.random.key(1), (1, 4, config.train.context + 1), 0,
+                              config.model.vocab_size)
+  results = {}
+  for log_norms in (True, False):
+    step = jax.jit(functools.partial(train_step, model=Decoder(config.model),
+                                     config=config.model, log_norms=log_norms))
+    results[log_norms] = step(init_state(config), tokens, jax.random.key(2))
+  (with_state, with_metrics), (without_state, without_metrics) = results[True], results[False]
+  assert set(with_metrics) - set(without_metrics) == {"param_norm", "update_norm"}
+  for name in without_metrics:
+    np.testing.assert_array_equal(with_metrics[name], without_metrics[name])
+  jax.tree.map(np.testing.assert_array_equal, with_state.params, without_state.params)
+  assert float(with_metrics["update_norm"]) > 0
+
