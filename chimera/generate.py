@@ -23,6 +23,7 @@ from chimera import config as config_lib
 from chimera.config import ModelConfig
 from chimera.decoder import Decoder
 from chimera.errors import ChimeraError
+from chimera.layers import compute_dtype
 
 
 def init_cache(config: ModelConfig, batch_size: int):
@@ -58,6 +59,7 @@ def generate(params, prompt: jax.Array, rng: jax.Array, *, config: ModelConfig,
   Raises ChimeraError (when traced) if P + N exceeds the model's max_len.
   """
   check_length(config, prompt.shape[1], max_new_tokens)
+  params = cast_once(params, config)
   model = Decoder(config)
   cache = init_cache(config, prompt.shape[0])
 
@@ -80,6 +82,19 @@ def generate(params, prompt: jax.Array, rng: jax.Array, *, config: ModelConfig,
   _, (tokens, step_logits) = jax.lax.scan(step, (cache, logits),
                                           jax.random.split(rng, max_new_tokens))
   return tokens.T, step_logits.transpose(1, 0, 2)
+
+
+def cast_once(params, config: ModelConfig):
+  """The parameters the model casts to its compute dtype at every use (weight matrices,
+  embeddings, experts: every float array of 2 or more axes but the float32 routers), cast
+  once. Outside the decode loop, the loop then reads them at the compute width, not float32
+  with a cast per token; the model computes the same bits from either."""
+  dtype = compute_dtype(config)
+  def cast(path, p):
+    router = any(getattr(key, "key", None) == "router" for key in path)
+    floating = jnp.issubdtype(p.dtype, jnp.floating)
+    return p.astype(dtype) if floating and p.ndim >= 2 and not router else p
+  return jax.tree_util.tree_map_with_path(cast, params)
 
 
 def check_length(config: ModelConfig, prompt_length: int, max_new_tokens: int) -> None:

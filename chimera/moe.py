@@ -45,11 +45,15 @@ def ffn(x: jax.Array, weights: Weights, activation: Literal["gelu", "swiglu"],
   (the dense MLP, the shared experts) and x [E, C, M] with w [E, M, H] (experts batched
   over E); a grouped matmul serves the dropless path.
   """
+  return matmul(ffn_hidden(x, weights, activation, matmul), weights["wo"])
+
+
+def ffn_hidden(x: jax.Array, weights: Weights, activation: Literal["gelu", "swiglu"],
+               matmul: Callable[[jax.Array, jax.Array], jax.Array] = jnp.matmul) -> jax.Array:
+  """The feed-forward's hidden activations, before `wo` (see `ffn`)."""
   if activation == "swiglu":
-    hidden = nn.silu(matmul(x, weights["wi_gate"])) * matmul(x, weights["wi_up"])
-  else:
-    hidden = nn.gelu(matmul(x, weights["wi"]))
-  return matmul(hidden, weights["wo"])
+    return nn.silu(matmul(x, weights["wi_gate"])) * matmul(x, weights["wi_up"])
+  return nn.gelu(matmul(x, weights["wi"]))
 
 
 def dropless_experts(x: jax.Array, gate: jax.Array, expert_index: jax.Array,
@@ -115,9 +119,11 @@ def decode_experts(x: jax.Array, gate: jax.Array, expert_index: jax.Array, weigh
   x: [T, M]; gate, expert_index: [T, K]. Returns y [T, M].
 
   With T*K < E, each choice gathers its expert's weights: T*K weight reads. Otherwise
-  every expert runs on all T tokens and the gates pick the outputs: E weight reads, the
-  fewest possible, and one batched matmul (the grouped matmul would read the same weights
-  and on XLA:CPU is itself a masked matmul over all E).
+  every expert runs on all T tokens: E weight reads, the fewest possible (the grouped
+  matmul would read the same weights and on XLA:CPU is itself a masked matmul over all E).
+  There the gates scale each expert's hidden activations, zero for the experts a token did
+  not choose, and one matmul over (expert, hidden) both projects down and sums the
+  experts: no [E, T, M] outputs, and one kernel fewer per layer and token.
   """
   num_tokens, k = expert_index.shape
   num_experts = weights["wo"].shape[0]
@@ -126,10 +132,11 @@ def decode_experts(x: jax.Array, gate: jax.Array, expert_index: jax.Array, weigh
     token_in = jnp.repeat(x, k, axis=0)[:, None, :]  # [T*K, 1, M]
     out = ffn(token_in, chosen, activation).reshape(num_tokens, k, -1)  # [T, K, M]
     return jnp.einsum("tkm,tk->tm", out, gate.astype(out.dtype))
-  out = ffn(x, weights, activation)  # [T, M] x [E, M, H] -> [E, T, M]
-  expert_gate = jnp.einsum("tk,tke->te", gate,
+  hidden = ffn_hidden(x, weights, activation)  # [T, M] x [E, M, H] -> [E, T, H]
+  expert_gate = jnp.einsum("tk,tke->et", gate,
                            jax.nn.one_hot(expert_index, num_experts, dtype=gate.dtype))
-  return jnp.einsum("etm,te->tm", out, expert_gate.astype(out.dtype))
+  hidden = hidden * expert_gate[:, :, None].astype(hidden.dtype)
+  return jnp.einsum("eth,ehm->tm", hidden, weights["wo"])
 
 
 # The routed experts' parameter names in a MoeLayer (the shared experts' carry "shared_").

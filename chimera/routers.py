@@ -88,9 +88,33 @@ def choose(scores: jax.Array, bias: jax.Array | None, k: int) -> jax.Array:
     raise ValueError(f"k={k} must be between 1 and the number of experts {num_experts}")
   if bias is not None:
     scores = scores + bias.astype(scores.dtype)
+  if num_experts <= RANK_CHOICE_MAX_EXPERTS:
+    return _top_k_by_rank(scores, k)
   # Per device: under GSPMD, XLA's SPMD partitioner all-gathers TopK's operand when the
   # token axes are split (it partitions only the sorted axis).
   return sharding.map_over_batch(lambda scores: jax.lax.top_k(scores, k)[1], scores)
+
+
+# Up to this many experts, `choose` ranks them with E*E comparisons per token: elementwise
+# work and sums that XLA fuses with what surrounds them, where a TopK is a kernel (on GPU,
+# a library call) of its own, in every MoE layer, at every decoded token too.
+RANK_CHOICE_MAX_EXPERTS = 64
+
+
+def _top_k_by_rank(scores: jax.Array, k: int) -> jax.Array:
+  """jax.lax.top_k(scores, k)'s indices [..., K], from each expert's rank: the number of
+  experts that score higher, or the same with a lower index (top_k's order for ties).
+  Scores are compared in top_k's total order of floats (-0 below +0, NaN above all), as
+  integers of the same bits."""
+  num_experts = scores.shape[-1]
+  experts = jnp.arange(num_experts)
+  bits = jax.lax.bitcast_convert_type(scores, jnp.dtype(f"int{8 * scores.dtype.itemsize}"))
+  key = bits ^ ((bits >> (8 * scores.dtype.itemsize - 1)) & jnp.iinfo(bits.dtype).max)
+  mine, theirs = key[..., :, None], key[..., None, :]  # [..., E, 1], [..., 1, E]
+  ahead = (theirs > mine) | ((theirs == mine) & (experts[None, :] < experts[:, None]))
+  rank = ahead.sum(axis=-1, dtype=jnp.int32)  # [..., E], a permutation of 0..E-1
+  at_rank = rank[..., None, :] == jnp.arange(k, dtype=jnp.int32)[:, None]  # [..., K, E]
+  return (at_rank * experts.astype(jnp.int32)).sum(axis=-1, dtype=jnp.int32)
 
 
 def _slot_index(choice: jax.Array, priority: str) -> jax.Array:

@@ -13,7 +13,7 @@ import pytest
 from chimera.config import ModelConfig
 from chimera.decoder import Decoder
 from chimera.errors import ChimeraError
-from chimera.generate import check_length, generate
+from chimera.generate import cast_once, check_length, generate
 
 BASE = ModelConfig(vocab_size=40, num_layers=2, num_heads=2, d_model=16, d_ff=32, max_len=16)
 
@@ -42,6 +42,26 @@ def test_greedy_generation_equals_naive_full_forward(config):
   naive_logits = full[:, prompt.shape[1] - 1:-1]  # [B, new_tokens, V]
   np.testing.assert_array_equal(tokens, jnp.argmax(naive_logits, -1))
   chex.assert_trees_all_close(logits, naive_logits, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["dense", "moe_top1", "moe_top2", "moe_fine"])
+def test_weights_cast_once_give_the_same_bits(name, make_config, corpus):
+  """Every shipped config, in bfloat16: the model computes the same logits, in a full pass
+  and a decode step, from weights cast once (generate's loop) as from float32 ones."""
+  config = make_config(name, corpus, model__dtype="bfloat16").model
+  model = Decoder(config)
+  prompt = jax.random.randint(jax.random.key(1), (2, 32), 0, config.vocab_size)  # 2 groups
+  params = model.init(jax.random.key(0), prompt)["params"]
+  cast = cast_once(params, config)
+  widths = {jnp.dtype(leaf.dtype).name for leaf in jax.tree.leaves(cast)}
+  assert widths == {"bfloat16", "float32"}  # norms (and routers) stay float32
+  full = lambda p: model.apply({"params": p}, prompt)[0]
+  np.testing.assert_array_equal(full(cast), full(params))
+  cache = jax.tree.map(jnp.zeros_like, model.init(jax.random.key(0), prompt[:, :1],
+                                                  decode=True)["cache"])
+  step = lambda p: model.apply({"params": p, "cache": cache}, prompt[:, :1], decode=True,
+                               mutable=["cache"])[0][0]
+  np.testing.assert_array_equal(step(cast), step(params))
 
 
 def test_sampling_respects_top_k():
