@@ -207,6 +207,8 @@ def make_study(preset_name: str, sweep: str | None, base: str | None, overrides:
 # every stored run's directory. A field whose default changes must leave this list.
 KEY_OMITS_AT_DEFAULT = ("train.router_lr_scale", "train.router_weight_decay",
                         "train.expert_lr_scale")
+# Fields that change what a run logs, never what it trains: left out of the key always.
+KEY_OMITS = ("train.log_norms",)
 
 
 def run_dir(root: Path, config: Config) -> Path:
@@ -215,9 +217,9 @@ def run_dir(root: Path, config: Config) -> Path:
   values = config_lib.to_dict(config)
   values.pop("name")
   defaults = config_lib.to_dict(Config())
-  for key in KEY_OMITS_AT_DEFAULT:
+  for key in KEY_OMITS_AT_DEFAULT + KEY_OMITS:
     section, field = key.split(".")
-    if values[section][field] == defaults[section][field]:
+    if key in KEY_OMITS or values[section][field] == defaults[section][field]:
       del values[section][field]
   return root / hashlib.sha1(json.dumps(values, sort_keys=True).encode()).hexdigest()[:12]
 

@@ -16,6 +16,8 @@
 # the start (default 540), and a stage with under 30 s left is skipped. Measured on an
 # H100 (results/gpu/h100), compiles included: main 115 s, each train run 46-51 s, d1024
 # 124 s, the study over 242 s (it trained every model, then ran out of time in its bench).
+# On an H200 (results/gpu/h200), with PROFILE=0: main 71 s, each train run 23-43 s, the
+# study without its sweep and bench 137 s, d1024 87 s; that call took 433 s in all.
 # All stages do not fit in one call's 10 minutes: split them with STAGES across calls.
 #   main      chimera.bench, dense and MoE top-2: step time, tokens/s, MFU against the
 #             nominal and the measured peak, decode at batch 1 and 8, and (PROFILE=0: not)

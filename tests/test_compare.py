@@ -451,11 +451,18 @@ def test_a_field_added_at_its_default_keeps_the_run_directory():
   config = compare.load("configs/moe_top2.py", compare.PRESETS["cpu"], {})
   values = config_lib.to_dict(config)
   values.pop("name")
-  for key in compare.KEY_OMITS_AT_DEFAULT:
+  for key in compare.KEY_OMITS_AT_DEFAULT + compare.KEY_OMITS:
     section, field = key.split(".")
     del values[section][field]
   before = hashlib.sha1(json.dumps(values, sort_keys=True).encode()).hexdigest()[:12]
   assert compare.run_dir(Path("r"), config) == Path("r") / before
+  # A stored run keeps its directory: gpu-small's dense, seed 0, as keyed when it trained
+  # (results/gpu/h100/gpu_check_1.log, "== dense, seed 0: /tmp/chimera-study/3a632c8a0dae").
+  dense = compare.seeded(compare.load("configs/dense.py", compare.PRESETS["gpu-small"], {}),
+                         "dense", 0)
+  assert compare.run_dir(Path("r"), dense) == Path("r/3a632c8a0dae")
+  quiet = dataclasses.replace(dense, train=dataclasses.replace(dense.train, log_norms=False))
+  assert compare.run_dir(Path("r"), quiet) == Path("r/3a632c8a0dae")  # logs less, same run
   for change in (dict(router_lr_scale=3.0), dict(router_weight_decay=False),
                  dict(expert_lr_scale=0.5)):
     moved = dataclasses.replace(config, train=dataclasses.replace(config.train, **change))
