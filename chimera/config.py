@@ -134,6 +134,10 @@ class TrainConfig:
   # The routed experts' learning rate as a multiple of the schedule's (shared experts
   # and everything else keep the schedule's): each expert sees only about k/E of a batch.
   expert_lr_scale: float = 1.0
+  # Whether AdamW's weight decay pulls the routed experts' weights towards zero. It acts at
+  # every step on every expert, while each expert's gradient comes from about k/E of the
+  # batch.
+  expert_weight_decay: bool = True
   grad_clip: float = 1.0
   seed: int = 0
   log_every: int = 50

@@ -123,7 +123,7 @@ def decode_experts(x: jax.Array, gate: jax.Array, expert_index: jax.Array, weigh
   matmul would read the same weights and on XLA:CPU is itself a masked matmul over all E).
   There the gates scale each expert's hidden activations, zero for the experts a token did
   not choose, and one matmul over (expert, hidden) both projects down and sums the
-  experts: no [E, T, M] outputs, and one kernel fewer per layer and token.
+  experts: no [E, T, M] outputs to combine afterwards.
   """
   num_tokens, k = expert_index.shape
   num_experts = weights["wo"].shape[0]

@@ -96,8 +96,8 @@ def choose(scores: jax.Array, bias: jax.Array | None, k: int) -> jax.Array:
 
 
 # Up to this many experts, `choose` ranks them with E*E comparisons per token: elementwise
-# work and sums that XLA fuses with what surrounds them, where a TopK is a kernel (on GPU,
-# a library call) of its own, in every MoE layer, at every decoded token too.
+# work and sums that XLA can fuse with what surrounds them, where a TopK is an op of its
+# own, in every MoE layer, at every decoded token too.
 RANK_CHOICE_MAX_EXPERTS = 64
 
 

@@ -56,13 +56,15 @@ def make_optimizer(t: TrainConfig) -> optax.GradientTransformation:
   """AdamW on the schedule above, after global-norm clipping.
 
   Weight decay applies to matrices (embeddings, kernels, expert weights), not to norm
-  scales or biases, and not to the MoE routers when `router_weight_decay` is off. The
+  scales or biases, not to the MoE routers when `router_weight_decay` is off, and not to
+  the routed experts when `expert_weight_decay` is off. The
   routers' updates (decay included) are scaled by `router_lr_scale`, the routed experts'
   by `expert_lr_scale`: per-group learning rates.
   """
   schedule = make_schedule(t)
   mask = lambda keep: lambda params: jax.tree_util.tree_map_with_path(keep, params)
-  decay = mask(lambda path, p: p.ndim >= 2 and (t.router_weight_decay or not is_router(path)))
+  decay = mask(lambda path, p: p.ndim >= 2 and (t.router_weight_decay or not is_router(path))
+               and (t.expert_weight_decay or not is_routed_expert(path)))
   parts = [optax.clip_by_global_norm(t.grad_clip),
            optax.adamw(schedule, b1=t.b1, b2=t.b2, weight_decay=t.weight_decay, mask=decay)]
   for scale, group in ((t.router_lr_scale, is_router), (t.expert_lr_scale, is_routed_expert)):

@@ -464,6 +464,6 @@ def test_a_field_added_at_its_default_keeps_the_run_directory():
   quiet = dataclasses.replace(dense, train=dataclasses.replace(dense.train, log_norms=False))
   assert compare.run_dir(Path("r"), quiet) == Path("r/3a632c8a0dae")  # logs less, same run
   for change in (dict(router_lr_scale=3.0), dict(router_weight_decay=False),
-                 dict(expert_lr_scale=0.5)):
+                 dict(expert_lr_scale=0.5), dict(expert_weight_decay=False)):
     moved = dataclasses.replace(config, train=dataclasses.replace(config.train, **change))
     assert compare.run_dir(Path("r"), moved) != Path("r") / before

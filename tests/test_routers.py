@@ -18,6 +18,7 @@ import pytest
 
 from chimera.config import ModelConfig, validate_model
 from chimera.decoder import Decoder
+from chimera import routers
 from chimera.errors import ChimeraError
 from chimera.routers import (ROUTERS, is_causal, moe_layer_names, route,
                              update_router_bias)
@@ -296,3 +297,21 @@ def test_decoder_declares_router_bias_per_moe_layer():
   no_bias = jax.eval_shape(Decoder(dataclasses.replace(cfg, router_bias_rate=0.0)).init,
                            jax.random.key(0), jax.ShapeDtypeStruct((2, 8), jnp.int32))
   assert "router_bias" not in no_bias
+
+
+# 128 experts: above RANK_CHOICE_MAX_EXPERTS, choose calls top_k itself.
+@pytest.mark.parametrize("num_experts,k", [(4, 1), (8, 2), (32, 8), (64, 8), (128, 2)])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_choose_equals_lax_top_k(num_experts, k, dtype):
+  """choose ranks up to RANK_CHOICE_MAX_EXPERTS experts itself; its indices are top_k's,
+  order included, with ties (lower index first), -0 against +0, infinities and NaN."""
+  scores = jax.random.normal(jax.random.key(num_experts), (3, 40, num_experts))
+  scores = (jnp.round(scores * 2) / 2).astype(dtype)  # many ties, and -0.0
+  negative_nan = jax.lax.bitcast_convert_type(jnp.int32(-4194304), jnp.float32)
+  scores = (scores.at[0, 0, 0].set(jnp.nan).at[0, 1, 1].set(negative_nan.astype(dtype))
+            .at[0, 2].set(jnp.inf).at[0, 3, 2].set(-jnp.inf))
+  bias = jnp.linspace(-0.5, 0.5, num_experts)
+  for b in (None, bias):
+    expected = jax.lax.top_k(scores if b is None else scores + b.astype(dtype), k)[1]
+    np.testing.assert_array_equal(routers.choose(scores, b, k), expected)
+
