@@ -20,7 +20,8 @@ For each config (default preset unless `path:preset` is given):
 - memory: XLA's own accounting of the compiled train step (arguments + outputs +
   temporaries - aliased), per config, and the device's peak where the backend reports it;
 - with `--profile`: where the step's time goes, by model part and pass, from a
-  jax.profiler trace (chimera.bench_profile).
+  jax.profiler trace (chimera.bench_profile), and where decoding's goes at the largest
+  decode batch, per generated token.
 The configs are interleaved and repeated, so a comparison holds while the machine's speed
 drifts; every figure is a median over repeats.
 
@@ -197,6 +198,9 @@ class BenchRecord:
   dispatch_share_of_moe_layer: float | None = None  # MoE only, with Settings.moe_split
   dispatch_share_of_step: float | None = None
   profile: dict | None = None  # chimera.bench_profile.summarize, with Settings.profile
+  # The same for decoding at the largest decode batch, per generated token (the prompt's
+  # prefill included), with Settings.profile and decode batches.
+  decode_profile: dict | None = None
 
   def decode_speed(self, batch: int) -> DecodeSpeed | None:
     return next((d for d in self.decode if d.batch == batch), None)
@@ -289,13 +293,32 @@ class Subject:
       record("moe_routing_seconds",
              np.median([_timed(routing_only, routing_params, x) for _ in range(5)]))
 
+  def _keep(self, suffix: str = "") -> Path | None:
+    if not self.settings.profile_dir:
+      return None
+    return Path(self.settings.profile_dir) / re.sub(r"[^A-Za-z0-9._-]+", "_",
+                                                    self.case.name + suffix)
+
   def profile(self) -> dict:
     """Where the time of `steps` train steps goes (chimera.bench_profile)."""
-    keep = None
-    if self.settings.profile_dir:
-      keep = Path(self.settings.profile_dir) / re.sub(r"[^A-Za-z0-9._-]+", "_", self.case.name)
     return bench_profile.profile(self._train_seconds, self.step.as_text(), self.settings.steps,
-                                 float(np.median(self.times["train_step_seconds"])), keep=keep)
+                                 float(np.median(self.times["train_step_seconds"])),
+                                 keep=self._keep())
+
+  def decode_profile(self) -> dict | None:
+    """Where decoding's time goes at the largest decode batch, per generated token."""
+    if not self.prompts:
+      return None
+    batch = max(self.prompts)
+    compiled = generate.lower(self.state.params, self.prompts[batch], jax.random.key(0),
+                              config=self.case.config.model, max_new_tokens=self.new_tokens,
+                              temperature=1.0).compile()
+    seconds = float(np.median(self.times[f"decode_seconds_b{batch}"]))
+    return bench_profile.profile(lambda: self._decode_seconds(batch), compiled.as_text(),
+                                 self.new_tokens, seconds / self.new_tokens,
+                                 keep=self._keep(f" decode b{batch}"),
+                                 part_of=bench_profile.decode_part,
+                                 pass_of=bench_profile.decode_pass)
 
   def result(self, measured_peak: float) -> BenchRecord:
     case, c = self.case, self.case.config
@@ -327,7 +350,8 @@ class Subject:
         peak_flops=nominal or measured_peak, peak_source="nominal" if nominal else "measured",
         measured_peak_flops=measured_peak, mfu_vs_measured_peak=model_flops / measured_peak,
         peak_memory_bytes=self.compiled_memory, device_peak_memory_bytes=device_peak_memory(),
-        decode=decode, **moe, profile=self.profile() if self.settings.profile else None)
+        decode=decode, **moe, profile=self.profile() if self.settings.profile else None,
+        decode_profile=self.decode_profile() if self.settings.profile else None)
 
 
 def run(cases: list[Case], repeats: int, settings: Settings = Settings()) -> list[BenchRecord]:
@@ -449,7 +473,8 @@ def define_flags() -> None:
   flags.DEFINE_integer("new_tokens", 256, "Decode tokens generated (cut to fit max_len).")
   flags.DEFINE_list("decode_batches", ["1", "8"], "Decode batch sizes; empty for none.")
   flags.DEFINE_bool("moe_split", True, "Time MoE layers with and without their experts.")
-  flags.DEFINE_bool("profile", False, "Trace the train step and say where its time goes.")
+  flags.DEFINE_bool("profile", False, "Trace the train step and decoding and say where "
+                    "their time goes.")
   flags.DEFINE_string("profile_dir", None, "With --profile: keep each config's trace "
                       "(NAME.trace.json.gz) and compiled HLO (NAME.hlo.txt) in this folder.")
   flags.DEFINE_string("json", None, "Write the records here as JSON.")
@@ -476,6 +501,10 @@ def main(argv):
   for record in records if FLAGS.profile else ():
     print(f"\nwhere the train step's time goes: {record.name}\n"
           + bench_profile.format_summary(record.profile))
+    if record.decode_profile:
+      print(f"\nwhere decoding's time goes, batch {max(d.batch for d in record.decode)}, "
+            f"per generated token (prefill included): {record.name}\n"
+            + bench_profile.format_summary(record.decode_profile, unit="token"))
   if FLAGS.json:
     save_records(FLAGS.json, records)
 

@@ -49,12 +49,14 @@ def hlo_ops(hlo_text: str) -> dict[str, Op]:
   return ops
 
 
-def model_part(op_name: str) -> str:
-  """The part of the step an op belongs to, from its jax name stack."""
+def model_part(op_name: str, outside: str = "optimizer, metrics") -> str:
+  """The part of the step an op belongs to, from its jax name stack; `outside` names the
+  ops outside the model and its loss (the optimizer in a train step, the sampling and the
+  loop in decoding)."""
   segments = op_name.split("/")
   decoder = next((i for i, s in enumerate(segments) if "Decoder" in s), None)
   if decoder is None:
-    return "loss" if "cross_entropy" in op_name else "optimizer, metrics"
+    return "loss" if "cross_entropy" in op_name else outside
   inner = [s for s in segments[decoder + 1:] if not s.startswith("block_")]
   module = inner[0] if len(inner) > 1 else ""  # the last segment is the op itself
   if module == "embed.attend":
@@ -71,7 +73,19 @@ def step_pass(op_name: str) -> str:
   return "forward" if "jvp(" in op_name else "update"
 
 
+def decode_part(op_name: str) -> str:
+  return model_part(op_name, outside="sampling, loop")
+
+
+def decode_pass(op_name: str) -> str:
+  """Decoding runs the model forward only."""
+  return "forward"
+
+
 UNMATCHED = "(kernels not matched to an HLO op)"
+# Ops that run other computations (a decode loop, a sampler's loop): on the host line their
+# event spans their body's ops.
+CONTAINERS = ("while", "conditional", "call")
 COPIES = "(memory copies and sets)"
 # Library kernels are named after their own code, not the instruction that called them:
 # family -> (words in a kernel's name, words in the calling custom-call's target).
@@ -175,6 +189,8 @@ def op_seconds(trace: dict, ops: dict[str, Op],
     if op_lines and (e["pid"], e.get("tid")) not in op_lines:
       continue
     name = _hlo_name(e, ops)
+    if name is not None and ops[name].opcode in CONTAINERS:
+      continue  # its time is its body's ops', counted on their own
     if name is not None:
       aligner.seen(name)
     elif devices:
@@ -189,15 +205,17 @@ def op_seconds(trace: dict, ops: dict[str, Op],
 
 
 def summarize(seconds: collections.Counter, ops: dict[str, Op], steps: int,
-              step_seconds: float, top: int) -> dict:
-  """Per-step seconds by model part and pass, and the `top` costliest ops."""
+              step_seconds: float, top: int, part_of: Callable[[str], str] = model_part,
+              pass_of: Callable[[str], str] = step_pass) -> dict:
+  """Per-step seconds by model part and pass (`part_of`, `pass_of` of each op's jax name
+  stack), and the `top` costliest ops."""
   by_part = collections.defaultdict(lambda: collections.Counter())
   for name, s in seconds.items():
     if name in (UNMATCHED, COPIES):  # no op_name to place it by: a row of its own
       by_part[name]["?"] += s / steps
       continue
     op = ops[name]
-    by_part[model_part(op.op_name)][step_pass(op.op_name)] += s / steps
+    by_part[part_of(op.op_name)][pass_of(op.op_name)] += s / steps
   costliest = [{"op": name, "opcode": ops.get(name, Op("?", "")).opcode,
                 "seconds": s / steps, "jax": ops.get(name, Op("?", "")).op_name}
                for name, s in seconds.most_common(top)]
@@ -207,30 +225,35 @@ def summarize(seconds: collections.Counter, ops: dict[str, Op], steps: int,
           "top_ops": costliest}
 
 
-def format_summary(summary: dict) -> str:
+def format_summary(summary: dict, unit: str = "step") -> str:
+  """The summary as text; `unit` is what one of its steps is (a train step, a decoded
+  token)."""
   total = max(summary["op_seconds"], 1e-12)  # shares of nothing, if no op was traced
-  lines = [f"step {1e3 * summary['step_seconds']:.2f} ms (median, no profiler); ops in the "
-           f"trace ({summary['events']}) {1e3 * total:.2f} ms per step",
+  lines = [f"{unit} {1e3 * summary['step_seconds']:.2f} ms (median, no profiler); ops in the "
+           f"trace ({summary['events']}) {1e3 * total:.2f} ms per {unit}",
            "", "part | forward ms | backward ms | update ms | share of op time"]
   for part, passes in summary["by_part"].items():
     ms = [1e3 * passes.get(p, 0.0) for p in ("forward", "backward", "update")]
     cells = " | ".join(f"{t:.2f}" for t in ms) if "?" not in passes else "? | ? | ?"
     share = sum(passes.values()) / total
     lines.append(f"{part} | {cells} | {share:.1%}")
-  lines += ["", "op | opcode | ms per step | share | jax"]
+  lines += ["", f"op | opcode | ms per {unit} | share | jax"]
   for op in summary["top_ops"]:
-    where = re.sub(r"^jit\(train_step\)/", "", op["jax"])[:110]
+    where = re.sub(r"^jit\((train_step|generate)\)/", "", op["jax"])[:110]
     lines.append(f"{op['op']} | {op['opcode']} | {1e3 * op['seconds']:.3f} | "
                  f"{op['seconds'] / total:.1%} | {where}")
   return "\n".join(lines)
 
 
 def profile(run_steps: Callable[[], object], hlo_text: str, steps: int, step_seconds: float,
-            top: int = 15, keep: Path | None = None) -> dict:
+            top: int = 15, keep: Path | None = None, part_of: Callable[[str], str] = model_part,
+            pass_of: Callable[[str], str] = step_pass) -> dict:
   """Traces `run_steps()` (which runs `steps` steps of the compiled step whose HLO is
   `hlo_text`) and summarises where the time went; `step_seconds` is the untraced median.
   With `keep` (a path prefix), the trace and the HLO are also written to
-  `<keep>.trace.json.gz` and `<keep>.hlo.txt`, to read again with `hlo_ops`/`op_seconds`."""
+  `<keep>.trace.json.gz` and `<keep>.hlo.txt`, to read again with `hlo_ops`/`op_seconds`.
+  `part_of` and `pass_of` place each op (`summarize`): a train step's by default,
+  `decode_part` and `decode_pass` for decoding."""
   with tempfile.TemporaryDirectory() as trace_dir:
     with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
       run_steps()
@@ -239,18 +262,20 @@ def profile(run_steps: Callable[[], object], hlo_text: str, steps: int, step_sec
       keep.parent.mkdir(parents=True, exist_ok=True)
       shutil.copyfile(trace_file, f"{keep}.trace.json.gz")
       Path(f"{keep}.hlo.txt").write_text(hlo_text)
-    return summarize_trace(trace_file, hlo_text, steps, step_seconds, top)
+    return summarize_trace(trace_file, hlo_text, steps, step_seconds, top, part_of, pass_of)
 
 
 def summarize_trace(trace_file: str | Path, hlo_text: str, steps: int, step_seconds: float,
-                    top: int = 15) -> dict:
+                    top: int = 15, part_of: Callable[[str], str] = model_part,
+                    pass_of: Callable[[str], str] = step_pass) -> dict:
   """The summary of a perfetto trace (.json.gz) of `steps` steps of the compiled step
   whose HLO is `hlo_text`."""
   with gzip.open(trace_file) as f:
     trace = json.load(f)
   ops = hlo_ops(hlo_text)
   seconds, source = op_seconds(trace, ops, entry_order(hlo_text))
-  return {**summarize(seconds, ops, steps, step_seconds, top), "events": source}
+  return {**summarize(seconds, ops, steps, step_seconds, top, part_of, pass_of),
+          "events": source}
 
 
 def summarize_kept(prefix: str, steps: int, step_seconds: float, top: int = 15) -> dict:

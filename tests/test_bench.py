@@ -126,6 +126,44 @@ def test_variants_of_kernels_and_ids(corpus, tmp_path):
   assert seconds and set(seconds) <= set(ops)
 
 
+def test_profile_says_where_decoding_time_goes(corpus, tmp_path):
+  """--profile traces decoding too, at the largest decode batch: the model's parts,
+  forward only, and the sampling loop, per generated token."""
+  cases = bench.make_cases(["configs/moe_top2.py:tiny"], {"data.corpus": str(corpus)}, [],
+                           False)
+  record, = bench.run(cases, repeats=1, settings=bench.Settings(
+      steps=1, prompt_len=8, new_tokens=8, decode_batches=(1, 2), profile=True,
+      profile_dir=str(tmp_path)))
+  profile = record.decode_profile
+  assert {"attention", "moe", "head", "sampling, loop"} <= set(profile["by_part"])
+  assert {p for passes in profile["by_part"].values() for p in passes} <= {"forward", "?"}
+  assert profile["op_seconds"] > 0
+  assert profile["step_seconds"] == pytest.approx(record.decode_speed(2).ms_per_token / 1e3)
+  assert len(list(tmp_path.glob("*decode_b2.trace.json.gz"))) == 1
+  bench.save_records(tmp_path / "bench.json", [record])
+  assert bench.load_records(tmp_path / "bench.json")[0].decode_profile == profile
+  assert "per token" in bench_profile.format_summary(profile, unit="token")
+
+
+def test_profile_leaves_out_ops_that_contain_others():
+  """A host trace spans a while loop's event over its body's ops: only the body counts."""
+  hlo = """
+ENTRY %main.1 (p: f32[4]) -> f32[4] {
+  %while.1 = f32[4]{0} while(%p), condition=%c, body=%b, metadata={op_name="jit(generate)/while"}
+  ROOT %fusion.2 = f32[4]{0} fusion(%while.1), kind=kLoop, calls=%f2, metadata={op_name="jit(generate)/while/body/Decoder/block_0/moe/mul"}
+}"""
+  ops = bench_profile.hlo_ops(hlo)
+  trace = {"traceEvents": [
+      {"ph": "X", "pid": 1, "tid": 9, "name": "while.1", "dur": 100.0},
+      {"ph": "X", "pid": 1, "tid": 9, "name": "fusion.2", "dur": 40.0},
+  ]}
+  seconds, source = bench_profile.op_seconds(trace, ops)
+  assert source == "host" and seconds == {"fusion.2": 40e-6}
+  summary = bench_profile.summarize(seconds, ops, 1, 0.0, 5, bench_profile.decode_part,
+                                    bench_profile.decode_pass)
+  assert summary["by_part"] == {"moe": {"forward": 40e-6}}
+
+
 def test_profile_sums_device_ops_by_part_and_pass():
   hlo = """
 ENTRY %main.1 (p: f32[4]) -> f32[4] {
