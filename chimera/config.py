@@ -170,8 +170,9 @@ SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "mes
 # Fields that do not change what a run computes: a workdir's run may be resumed with
 # other values of these (see `run_differences`). The mesh is one: a checkpoint restores
 # onto any mesh, and sharded training equals one device's.
-_RUN_NEUTRAL = {"name", "train.log_every", "train.log_norms", "train.eval_every", "train.checkpoint_every",
-                "train.keep_checkpoints", "train.steps", "mesh.data", "mesh.expert"}
+_RUN_NEUTRAL = {"name", "train.log_every", "train.log_norms", "train.eval_every",
+                "train.checkpoint_every", "train.keep_checkpoints", "train.steps", "mesh.data",
+                "mesh.expert"}
 
 
 def _field_value(field: dataclasses.Field):

@@ -104,8 +104,8 @@ RANK_CHOICE_MAX_EXPERTS = 64
 def _top_k_by_rank(scores: jax.Array, k: int) -> jax.Array:
   """jax.lax.top_k(scores, k)'s indices [..., K], from each expert's rank: the number of
   experts that score higher, or the same with a lower index (top_k's order for ties).
-  Scores are compared in top_k's total order of floats (-0 below +0, NaN above all), as
-  integers of the same bits."""
+  Scores are compared in top_k's total order of floats, as integers of the same bits: -0
+  below +0, and a NaN above every number if its sign bit is clear, below them if set."""
   num_experts = scores.shape[-1]
   experts = jnp.arange(num_experts)
   bits = jax.lax.bitcast_convert_type(scores, jnp.dtype(f"int{8 * scores.dtype.itemsize}"))

@@ -181,8 +181,8 @@ class TrainLog:
     first_step = step - len(records) + 1
     for offset, record in enumerate(records):
       # The loss checks the parameters the step started from; the parameters' norm the ones
-      # it made, or without it (train.log_norms off) the gradient's norm, which with a
-      # finite loss keeps AdamW's update finite.
+      # it made, or without it (train.log_norms off) the gradient's norm: from finite
+      # gradients AdamW makes a finite update, unless the parameters overflow.
       norm = "param_norm" if "param_norm" in record else "grad_norm"
       if not (np.isfinite(record["loss_sum"]) and np.isfinite(record[norm])):
         raise TrainingDiverged(
