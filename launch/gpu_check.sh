@@ -108,7 +108,7 @@ for name, summary in runs.items():
   print(f"chimera.main {name}: train_tokens_per_second {summary.get('train_tokens_per_second')}")
 EOF
 # Issue 10's gpu-small study (its expert sweep first, which the study's targets read), one
-# seed per model; reports in results/gpu-small*/, copied to $OUT/study/.
+# seed per model; reports in results/gpu-small*/.
 # SWEEP= (empty) trains the study alone; STUDY_BENCH=0 leaves out its speed bench. The runs'
 # logs and configs (no checkpoints) come back in $OUT/study_runs.tgz, to write the reports
 # again offline (`chimera.compare --preset=gpu-small --runs=DIR --report_only`).
@@ -118,7 +118,7 @@ if [[ ${STUDY:-1} == 1 && ( -z ${STAGES:-} || " $STAGES " == *" study "* ) ]]; t
   [[ -n $SWEEP ]] && stage "study sweep" "$PYTHON" "${study[@]}" --sweep="$SWEEP" --bench_repeats=0
   stage study "$PYTHON" "${study[@]}" --bench_repeats="${STUDY_BENCH:-1}"
   tar -czf "$OUT/study_results.tgz" results/gpu-small* 2>/dev/null
-  tar -czf "$OUT/study_runs.tgz" --exclude=checkpoints --exclude=tensorboard \
+  tar -czf "$OUT/study_runs.tgz" --exclude=checkpoints --exclude=tensorboard --exclude=.lock \
     -C /tmp chimera-study 2>/dev/null
 fi
 stage dropless "$PYTHON" "${BENCH[@]}" --configs=$MOE \
