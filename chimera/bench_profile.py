@@ -36,17 +36,37 @@ class Op(NamedTuple):
 
 def hlo_ops(hlo_text: str) -> dict[str, Op]:
   """Every instruction of an HLO module's text, by name (also with "." written "_", as GPU
-  kernels spell them)."""
-  ops = {}
-  for line in hlo_text.splitlines():
+  kernels spell them).
+
+  An instruction with no jax name of its own (XLA adds some, such as a transpose of a
+  weight into the layout a dot wants) takes the name of the first instruction after it
+  that reads it and has one, so that its time counts where it is spent.
+  """
+  ops, lines = {}, hlo_text.splitlines()
+  for i, line in enumerate(lines):
     match = _INSTRUCTION.match(line)
     if match:
       op_name, target = _OP_NAME.search(line), _TARGET.search(line)
-      name, op = match.group(1), Op(match.group(2), op_name.group(1) if op_name else "",
-                                    target.group(1) if target else "")
+      name = match.group(1)
+      op = Op(match.group(2), op_name.group(1) if op_name else _reader_name(lines, i, name),
+              target.group(1) if target else "")
       ops[name] = op
       ops.setdefault(name.replace(".", "_"), op)
   return ops
+
+
+def _reader_name(lines: list[str], index: int, name: str) -> str:
+  """The jax name of the first instruction after lines[index], in the same computation,
+  that reads `name`; "" if none has one."""
+  read = re.compile(rf"[(,]\s*%?{re.escape(name)}[,)]")
+  for line in lines[index + 1:]:
+    if line.startswith("}"):
+      return ""  # the end of the computation
+    if read.search(line.split("=", 1)[-1]):
+      op_name = _OP_NAME.search(line)
+      if op_name:
+        return op_name.group(1)
+  return ""
 
 
 def model_part(op_name: str, outside: str = "optimizer, metrics") -> str:
@@ -278,22 +298,31 @@ def summarize_trace(trace_file: str | Path, hlo_text: str, steps: int, step_seco
           "events": source}
 
 
-def summarize_kept(prefix: str, steps: int, step_seconds: float, top: int = 15) -> dict:
+def summarize_kept(prefix: str, steps: int, step_seconds: float, top: int = 15,
+                   decode: bool = False) -> dict:
   """`profile`'s summary from the files `profile(keep=prefix)` wrote (the HLO may be
-  gzipped, as `<prefix>.hlo.txt.gz`)."""
+  gzipped, as `<prefix>.hlo.txt.gz`); `decode`: a decoding trace, `steps` its tokens."""
   hlo = Path(f"{prefix}.hlo.txt")
   hlo_text = hlo.read_text() if hlo.exists() else gzip.decompress(
       Path(f"{hlo}.gz").read_bytes()).decode()
-  return summarize_trace(f"{prefix}.trace.json.gz", hlo_text, steps, step_seconds, top)
+  places = (decode_part, decode_pass) if decode else (model_part, step_pass)
+  return summarize_trace(f"{prefix}.trace.json.gz", hlo_text, steps, step_seconds, top,
+                         *places)
 
 
 def main(argv):
   if len(argv) != 2:
-    raise SystemExit("usage: python -m chimera.bench_profile PREFIX [--steps=N] [--step_ms=MS]")
-  print(format_summary(summarize_kept(argv[1], flags.FLAGS.steps, flags.FLAGS.step_ms / 1e3)))
+    raise SystemExit("usage: python -m chimera.bench_profile PREFIX [--steps=N] [--step_ms=MS]"
+                     " [--decode]")
+  f = flags.FLAGS
+  summary = summarize_kept(argv[1], f.steps, f.step_ms / 1e3, decode=f.decode)
+  print(format_summary(summary, unit="token" if f.decode else "step"))
 
 
 if __name__ == "__main__":
-  flags.DEFINE_integer("steps", 10, "Train steps the trace holds (chimera.bench's --steps).")
-  flags.DEFINE_float("step_ms", 0.0, "The untraced step time to print beside it, if known.")
+  flags.DEFINE_integer("steps", 10, "Train steps the trace holds (chimera.bench's --steps); "
+                       "with --decode, the tokens decoded (its --new_tokens, 256).")
+  flags.DEFINE_float("step_ms", 0.0, "The untraced step (or token) time to print beside it.")
+  flags.DEFINE_bool("decode", False, "The trace is of decoding (a prefix ending in "
+                    "'_decode_bN'): parts as for decoding, figures per token.")
   app.run(main)

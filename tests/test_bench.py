@@ -139,7 +139,11 @@ def test_profile_says_where_decoding_time_goes(corpus, tmp_path):
   assert {p for passes in profile["by_part"].values() for p in passes} <= {"forward", "?"}
   assert profile["op_seconds"] > 0
   assert profile["step_seconds"] == pytest.approx(record.decode_speed(2).ms_per_token / 1e3)
-  assert len(list(tmp_path.glob("*decode_b2.trace.json.gz"))) == 1
+  kept, = tmp_path.glob("*decode_b2.trace.json.gz")
+  # Read again offline (python -m chimera.bench_profile PREFIX --decode --steps=TOKENS).
+  again = bench_profile.summarize_kept(str(kept).removesuffix(".trace.json.gz"), steps=8,
+                                       step_seconds=profile["step_seconds"], decode=True)
+  assert again["by_part"] == profile["by_part"]
   bench.save_records(tmp_path / "bench.json", [record])
   assert bench.load_records(tmp_path / "bench.json")[0].decode_profile == profile
   assert "per token" in bench_profile.format_summary(profile, unit="token")
@@ -162,6 +166,28 @@ ENTRY %main.1 (p: f32[4]) -> f32[4] {
   summary = bench_profile.summarize(seconds, ops, 1, 0.0, 5, bench_profile.decode_part,
                                     bench_profile.decode_pass)
   assert summary["by_part"] == {"moe": {"forward": 40e-6}}
+
+
+def test_profile_places_an_unnamed_op_with_its_reader():
+  """XLA's own transposes carry no jax name: they count where their result is read (the
+  first reader with a name, in the same computation), or nowhere named."""
+  hlo = """
+%body (p: bf16[8,512,1024]) -> bf16[8,8192] {
+  %p = bf16[8,512,1024]{2,1,0} parameter(0)
+  %wrapped_transpose = bf16[512,8,1024]{2,1,0} fusion(%p), kind=kLoop, calls=%t, metadata={scheduling_name="wrapped_transpose"}
+  %wrapped_transpose.10 = bf16[512,8,1024]{2,1,0} fusion(%p), kind=kLoop, calls=%t, metadata={scheduling_name="wrapped_transpose.10"}
+  %bitcast.1 = bf16[512,8192]{1,0} bitcast(%wrapped_transpose), metadata={op_name="jit(generate)/while/body/Decoder/block_0/moe/dot_general"}
+  ROOT %fusion.2 = bf16[8,8192]{1,0} fusion(%bitcast.1), kind=kCustom, calls=%g, metadata={op_name="jit(generate)/while/body/Decoder/block_0/moe/dot_general"}
+}
+
+ENTRY %main (q: bf16[4]) -> bf16[4] {
+  ROOT %add.3 = bf16[4]{0} add(%wrapped_transpose.10, %q), metadata={op_name="jit(generate)/add"}
+}"""
+  ops = bench_profile.hlo_ops(hlo)
+  assert ops["wrapped_transpose"].op_name.endswith("block_0/moe/dot_general")
+  assert bench_profile.decode_part(ops["wrapped_transpose"].op_name) == "moe"
+  # Read only in another computation (and "wrapped_transpose" is not "...transpose.10").
+  assert ops["wrapped_transpose.10"].op_name == ""
 
 
 def test_profile_sums_device_ops_by_part_and_pass():
