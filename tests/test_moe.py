@@ -17,7 +17,7 @@ import pytest
 
 from chimera.config import ModelConfig
 from chimera.layers import Mlp
-from chimera.moe import MoeLayer, decode_experts, expert_capacity, route
+from chimera.moe import MoeLayer, _multiply_sum, decode_experts, expert_capacity, route
 from chimera.routers import ROUTERS
 
 D_MODEL, EXPERT_D_FF, NUM_EXPERTS = 8, 16, 4
@@ -517,6 +517,19 @@ def test_single_token_decode_equals_the_routed_layer(batch, k):
   y_routed, _ = MoeLayer(cfg).apply({"params": params}, x, deterministic=True)
   assert routing is None
   chex.assert_trees_all_close(y_decode, y_routed, atol=1e-5, rtol=1e-5)
+
+
+def test_one_token_router_product_equals_the_dot():
+  # Decoding computes the router logits as a multiply and a sum (moe._multiply_sum, the
+  # nn.Dense's dot_general): the same product as the dot, to float32 rounding.
+  rng = np.random.default_rng(6)
+  x = jnp.asarray(rng.normal(size=(4, 1, D_MODEL)), jnp.float32)
+  kernel = jnp.asarray(rng.normal(size=(D_MODEL, NUM_EXPERTS)), jnp.float32)
+  dims = (((2,), (0,)), ((), ()))
+  chex.assert_trees_all_close(_multiply_sum(x, kernel, dims),
+                              jax.lax.dot_general(x, kernel, dims), atol=1e-6, rtol=1e-6)
+  with pytest.raises(ValueError, match="contracts x's last axis"):
+    _multiply_sum(x, kernel.T, (((1,), (1,)), ((), ())))
 
 
 def test_group_size_that_does_not_tile_the_batch_is_an_error():
