@@ -11,6 +11,7 @@ Each is written and read here, so a field added to one is added in one place.
 
 import dataclasses
 import json
+import subprocess
 from pathlib import Path
 
 from chimera.data.corpora import write_atomic
@@ -24,9 +25,18 @@ class Progress:
   wall_seconds: float = 0.0  # training time so far, without the time between sessions
   best_val_loss: float | None = None
   final_val_loss: float | None = None
+  # The code that trained the run, one `code_version()` per change, in order: a run
+  # resumed by other code lists both. "unknown" where it could not be told.
+  code: list[str] = dataclasses.field(default_factory=list)
 
   def to_json(self) -> dict:
     return dataclasses.asdict(self)  # a fresh dict: safe to hand to a background save
+
+  def trained_by(self, version: str | None) -> None:
+    """Notes that `version` (`code_version()`) trains from here on."""
+    version = version or "unknown"
+    if not self.code or self.code[-1] != version:
+      self.code.append(version)
 
   @classmethod
   def from_json(cls, values: dict) -> "Progress":
@@ -65,6 +75,25 @@ def read_evals(workdir: Path) -> list[EvalRecord]:
   return [EvalRecord(**{name: r[name] for name in names}) for r in read_events(workdir, "eval")]
 
 
+def code_version(package: Path = Path(__file__).resolve().parent) -> str | None:
+  """The git commit of the checkout `package` (this chimera package) lives in, with
+  "+dirty" if its `chimera/` or `configs/` differ from that commit (untracked files there
+  included, ignored ones not). None if the package is not the `chimera/` folder at the top
+  of a git checkout (an installed copy), or git is missing."""
+  def git(*args: str) -> str:
+    return subprocess.run(["git", "-C", str(package), *args], capture_output=True, text=True,
+                          timeout=30, check=True).stdout.strip()
+  try:
+    top = Path(git("rev-parse", "--show-toplevel")).resolve()
+    if top / package.name != package.resolve() or package.name != "chimera":
+      return None
+    commit = git("rev-parse", "--short=12", "HEAD")
+    changed = git("status", "--porcelain", "--", str(top / "chimera"), str(top / "configs"))
+  except (OSError, subprocess.SubprocessError):
+    return None
+  return commit + ("+dirty" if changed else "")
+
+
 def device_name() -> str:
   """The devices this process computes on: jax's device kind, with "x N" for N > 1."""
   import jax  # only when asked: importing this module starts no backend
@@ -95,6 +124,9 @@ class RunSummary:
   # What trained it: jax's device kind, "x N" for N devices ("NVIDIA H200", "cpu x 8");
   # None in summaries written before this field.
   device: str | None = None
+  # The code that trained it (Progress.code): git commits, "+dirty" for uncommitted
+  # changes, "unknown" outside a checkout; None in summaries written before this field.
+  code: list[str] | None = None
 
   def save(self, workdir: Path) -> None:
     write_atomic(Path(workdir) / "summary.json",

@@ -12,7 +12,7 @@ import pytest
 
 from chimera import accounting, bench, compare, config as config_lib, report, study_stats, study_sweeps, study_targets
 from chimera.errors import ChimeraError
-from chimera.records import device_name
+from chimera.records import code_version, device_name
 from chimera.study_stats import Spread, paired, router_stats, tokens_to_reach, value_at
 
 # --- The math, on numbers worked out by hand. ---------------------------------------------
@@ -312,6 +312,15 @@ def test_tiny_study_trains_reports_and_resumes(make_config, corpus, tmp_path, mo
 
   out = tmp_path / "results"
   written = report.write(out, study=study, runs=runs, speed=[], related={}, command="pytest")
+  # The report says which code trained the runs, and warns when it was not one commit.
+  version = code_version() or "unknown"
+  assert written["code"] == {version: 4}
+  assert f"{version} (4 runs)" in (out / "REPORT.md").read_text()
+  mixed = {"dense": [dataclasses.replace(runs["dense"][0], summary=dataclasses.replace(
+      runs["dense"][0].summary, code=None))], "moe_top2": runs["moe_top2"]}
+  assert report.trained_by(mixed) == {"not recorded": 1, version: 2}
+  assert "code changes" in report.code_sentence(report.trained_by(mixed))
+  assert "code changes" not in report.code_sentence({"abc123": 4})
   for name in ("REPORT.md", "summary.json", "loss_vs_tokens.png", "loss_vs_time.png",
                "paired_differences.png", "routing.png", "expert_load.png"):
     assert (out / name).stat().st_size > 0, name

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from chimera.checkpoints import Checkpointer
 from chimera.errors import ChimeraError
-from chimera.records import Progress, RunSummary, read_events
+from chimera.records import Progress, RunSummary, code_version, read_events
 from chimera.steps import init_state, make_optimizer, make_schedule
 from chimera.config import TrainConfig
 from chimera.train import TrainingDiverged, train
@@ -104,8 +104,9 @@ def test_resume_is_exact(name, make_config, corpus, tmp_path):
   chex.assert_trees_all_equal(state_a.opt_state, state_b.opt_state)
   assert meta_a["tokens_seen"] == meta_b["tokens_seen"] == 6 * 4 * 32
   assert losses(straight) == losses(resumed)
-  for field in ("final_val_loss", "best_val_loss", "steps", "tokens_seen"):
+  for field in ("final_val_loss", "best_val_loss", "steps", "tokens_seen", "code"):
     assert getattr(summary, field) == getattr(second, field), field
+  assert summary.code == [code_version() or "unknown"]  # one version, noted once
   # Running a finished run again changes nothing and returns its summary.
   written = (straight / "summary.json").read_text()
   assert train(config, straight) == RunSummary.load(straight)
@@ -260,6 +261,37 @@ def test_a_workdir_that_is_a_file_or_in_use_is_refused(make_config, corpus, tmp_
     with pytest.raises(ChimeraError, match="in use by another live run"):
       train(config, workdir)
   assert train(config, workdir).completed  # released: the next run goes ahead
+
+
+def test_code_version_names_the_commit_and_uncommitted_changes(tmp_path):
+  git = lambda *args: subprocess.run(["git", "-C", str(tmp_path), *args], check=True,
+                                     capture_output=True, text=True).stdout.strip()
+  package = tmp_path / "chimera"
+  package.mkdir()
+  (package / "__init__.py").write_text("")
+  assert code_version(package) is None  # not a checkout yet
+  git("init", "-q")
+  git("-c", "user.name=t", "-c", "user.email=t@t", "add", ".")
+  git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "first")
+  commit = git("rev-parse", "--short=12", "HEAD")
+  assert code_version(package) == commit
+  (tmp_path / "notes.txt").write_text("not code")  # outside chimera/ and configs/
+  assert code_version(package) == commit
+  (package / "new_module.py").write_text("x = 1")  # untracked code counts
+  assert code_version(package) == commit + "+dirty"
+  # A chimera/ that is not at the top of its checkout (a copy inside another repo).
+  nested = tmp_path / "site" / "chimera"
+  nested.mkdir(parents=True)
+  assert code_version(nested) is None
+  # This checkout: a run records what code_version says, and a resumed run by other code
+  # lists both.
+  progress = Progress()
+  progress.trained_by("abc")
+  progress.trained_by("abc")
+  progress.trained_by(None)
+  assert progress.code == ["abc", "unknown"]
+  assert Progress.from_json(progress.to_json()).code == ["abc", "unknown"]
+  assert Progress.from_json({"tokens_seen": 3}).code == []  # a checkpoint older than it
 
 
 def test_progress_saved_is_a_copy():
