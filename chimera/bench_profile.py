@@ -249,8 +249,9 @@ def format_summary(summary: dict, unit: str = "step") -> str:
   """The summary as text; `unit` is what one of its steps is (a train step, a decoded
   token)."""
   total = max(summary["op_seconds"], 1e-12)  # shares of nothing, if no op was traced
-  lines = [f"{unit} {1e3 * summary['step_seconds']:.2f} ms (median, no profiler); ops in the "
-           f"trace ({summary['events']}) {1e3 * total:.2f} ms per {unit}",
+  untraced = (f"{unit} {1e3 * summary['step_seconds']:.2f} ms (median, no profiler)"
+              if summary["step_seconds"] else f"{unit} time without the profiler not given")
+  lines = [f"{untraced}; ops in the trace ({summary['events']}) {1e3 * total:.2f} ms per {unit}",
            "", "part | forward ms | backward ms | update ms | share of op time"]
   for part, passes in summary["by_part"].items():
     ms = [1e3 * passes.get(p, 0.0) for p in ("forward", "backward", "update")]

@@ -124,9 +124,10 @@ def decode_experts(x: jax.Array, gate: jax.Array, expert_index: jax.Array, weigh
   There the gates scale each expert's hidden activations, zero for the experts a token did
   not choose, and one matmul over (expert, hidden) both projects down and sums the
   experts: no [E, T, M] outputs to combine afterwards. The tokens are broadcast over the
-  experts so that the first matmul is batched over E and reads the weights [E, M, H] as
-  they lie: x [T, M] times w [E, M, H] as one matmul of [T, M] by [M, E*H] made XLA
-  (jax 0.11.2, H200) transpose the weights at every decoded token.
+  experts so that the first matmul is batched over E, with the weights [E, M, H] in their
+  own layout: x [T, M] times w [E, M, H] as one matmul of [T, M] by [M, E*H] made XLA
+  (jax 0.11.2, H200) transpose the weights at every decoded token (profiled before the
+  change, not after; results/gpu/h200/decode).
   """
   num_tokens, k = expert_index.shape
   num_experts = weights["wo"].shape[0]
@@ -146,7 +147,8 @@ def decode_experts(x: jax.Array, gate: jax.Array, expert_index: jax.Array, weigh
 def _multiply_sum(x: jax.Array, kernel: jax.Array, dimension_numbers, precision=None,
                   preferred_element_type=None) -> jax.Array:
   """x [..., M] times kernel [M, N] as a multiply and a sum over M: the `dot_general` of an
-  nn.Dense, for products too small to be worth a GEMM kernel (see `_router_logits`)."""
+  nn.Dense, for products too small to be worth a GEMM kernel (see `_router_logits`). It
+  ignores `precision`, and each product rounds to the inputs' dtype: meant for float32."""
   if dimension_numbers != (((x.ndim - 1,), (0,)), ((), ())):
     raise ValueError(f"_multiply_sum contracts x's last axis with kernel's first, not "
                      f"{dimension_numbers}")
@@ -197,9 +199,10 @@ class MoeLayer(nn.Module):
 
     `one_token` (decoding one token per sequence): the product is a multiply and a sum
     over M, elementwise work XLA can fuse, instead of a float32 dot. The dot was a GEMM
-    kernel of its own, 4 µs in every MoE layer at every decoded token (jax 0.11.2, H200);
-    without it MoE decoding at batch 8 went from 0.80x to 0.83x dense's tokens per second
-    there (results/gpu/h200/decode). The sum may round differently from the dot.
+    kernel of its own, 4 µs in every MoE layer at every decoded token (jax 0.11.2, H200).
+    MoE decoding at batch 8 ran at 0.81-0.84x dense's tokens per second with this change
+    (n=3) and 0.79-0.81x without it (n=4, results/gpu/h200/decode): the ranges overlap.
+    The sum may round differently from the dot (which may use TF32 on a GPU).
     """
     cfg = self.config
     router_input = x.astype(jnp.float32)

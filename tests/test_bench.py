@@ -176,18 +176,22 @@ def test_profile_places_an_unnamed_op_with_its_reader():
   %p = bf16[8,512,1024]{2,1,0} parameter(0)
   %wrapped_transpose = bf16[512,8,1024]{2,1,0} fusion(%p), kind=kLoop, calls=%t, metadata={scheduling_name="wrapped_transpose"}
   %wrapped_transpose.10 = bf16[512,8,1024]{2,1,0} fusion(%p), kind=kLoop, calls=%t, metadata={scheduling_name="wrapped_transpose.10"}
+  %bitcast.9 = bf16[512,8192]{1,0} bitcast(%wrapped_transpose.10), metadata={op_name="jit(generate)/while/body/Decoder/block_0/attn/dot_general"}
   %bitcast.1 = bf16[512,8192]{1,0} bitcast(%wrapped_transpose), metadata={op_name="jit(generate)/while/body/Decoder/block_0/moe/dot_general"}
+  %wrapped_transpose.2 = bf16[512,8,1024]{2,1,0} fusion(%p), kind=kLoop, calls=%t, metadata={scheduling_name="wrapped_transpose.2"}
   ROOT %fusion.2 = bf16[8,8192]{1,0} fusion(%bitcast.1), kind=kCustom, calls=%g, metadata={op_name="jit(generate)/while/body/Decoder/block_0/moe/dot_general"}
 }
 
 ENTRY %main (q: bf16[4]) -> bf16[4] {
-  ROOT %add.3 = bf16[4]{0} add(%wrapped_transpose.10, %q), metadata={op_name="jit(generate)/add"}
+  ROOT %add.3 = bf16[4]{0} add(%wrapped_transpose.2, %q), metadata={op_name="jit(generate)/add"}
 }"""
   ops = bench_profile.hlo_ops(hlo)
+  # Its reader, not the earlier reader of "%wrapped_transpose.10" (a longer name).
   assert ops["wrapped_transpose"].op_name.endswith("block_0/moe/dot_general")
   assert bench_profile.decode_part(ops["wrapped_transpose"].op_name) == "moe"
-  # Read only in another computation (and "wrapped_transpose" is not "...transpose.10").
-  assert ops["wrapped_transpose.10"].op_name == ""
+  assert ops["wrapped_transpose.10"].op_name.endswith("block_0/attn/dot_general")
+  # Read only in another computation: no name.
+  assert ops["wrapped_transpose.2"].op_name == ""
 
 
 def test_profile_sums_device_ops_by_part_and_pass():
