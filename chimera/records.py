@@ -95,10 +95,29 @@ def code_version(package: Path = Path(__file__).resolve().parent) -> str | None:
 
 
 def device_name() -> str:
-  """The devices this process computes on: jax's device kind, with "x N" for N > 1."""
+  """The devices this process computes on: jax's device kind, with "x N" for N > 1, and
+  for the CPU its model ("cpu (AMD EPYC)"): XLA:CPU compiles for the host's instruction
+  set, so the same run on another CPU model rounds differently and ends elsewhere
+  (results/cpu-experiments/cpu-isa)."""
   import jax  # only when asked: importing this module starts no backend
   count = jax.device_count()
-  return jax.devices()[0].device_kind + (f" x {count}" if count > 1 else "")
+  kind = jax.devices()[0].device_kind
+  if jax.devices()[0].platform == "cpu" and cpu_model():
+    kind += f" ({cpu_model()})"
+  return kind + (f" x {count}" if count > 1 else "")
+
+
+def cpu_model(cpuinfo: Path = Path("/proc/cpuinfo")) -> str | None:
+  """The host processor's model name (Linux's /proc/cpuinfo), else platform.processor(),
+  else None."""
+  import platform
+  try:
+    for line in cpuinfo.read_text().splitlines():
+      if line.startswith("model name"):
+        return line.split(":", 1)[1].strip() or None
+  except OSError:
+    pass
+  return platform.processor() or None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -370,26 +370,36 @@ def _tables(models: dict, speed: dict) -> list[str]:
   return lines
 
 
-def trained_by(runs: dict[str, list[Run]]) -> dict[str, int]:
-  """How many runs each code version trained (`RunSummary.code`, versions joined by " then "
-  for a run resumed by other code), "not recorded" for summaries older than that record."""
+def _run_counts(runs: dict[str, list[Run]], key) -> dict[str, int]:
   counts: dict[str, int] = {}
   for run in (r for rs in runs.values() for r in rs):
-    key = " then ".join(run.summary.code) if run.summary.code else "not recorded"
-    counts[key] = counts.get(key, 0) + 1
+    counts[key(run.summary)] = counts.get(key(run.summary), 0) + 1
   return dict(sorted(counts.items()))
 
 
-def code_sentence(counts: dict[str, int]) -> str:
-  """The report's line on the code that trained its runs; a warning when it was not one
-  version, since a code change can move a run's final loss as a seed does."""
+def trained_by(runs: dict[str, list[Run]]) -> dict[str, int]:
+  """How many runs each code version trained (`RunSummary.code`, versions joined by " then "
+  for a run resumed by other code), "not recorded" for summaries older than that record."""
+  return _run_counts(runs, lambda s: " then ".join(s.code) if s.code else "not recorded")
+
+
+def trained_on_devices(runs: dict[str, list[Run]]) -> dict[str, int]:
+  """How many runs each device trained (`RunSummary.device`; for the CPU, its model)."""
+  return _run_counts(runs, lambda s: s.device or "not recorded")
+
+
+def code_sentence(code: dict[str, int], devices: dict[str, int]) -> str:
+  """The report's line on the code and devices that trained its runs; a warning when they
+  were not one recorded commit on one device: a code change, or another CPU model (XLA
+  compiles for the host's instruction set), moves a run's final loss as a seed does."""
   plural = lambda n: f"{n} run" + ("s" if n != 1 else "")
-  parts = ", ".join(f"{version} ({plural(n)})" for version, n in counts.items())
-  line = f"Code that trained the runs (git commit, \"+dirty\" with uncommitted changes): {parts}."
-  if len(counts) > 1 or "not recorded" in counts or any("dirty" in v or "unknown" in v
-                                                        for v in counts):
-    line += (" Not one recorded commit: differences between runs may include code changes "
-             "as well as seeds.")
+  listed = lambda counts: ", ".join(f"{key} ({plural(n)})" for key, n in counts.items())
+  line = (f"Code that trained the runs (git commit, \"+dirty\" with uncommitted changes): "
+          f"{listed(code)}; devices: {listed(devices)}.")
+  one = lambda counts: len(counts) == 1 and "not recorded" not in counts
+  if not one(code) or not one(devices) or any("dirty" in v or "unknown" in v for v in code):
+    line += (" Not one recorded commit on one device: differences between runs may include "
+             "code or hardware changes as well as seeds.")
   return line
 
 
@@ -421,7 +431,7 @@ def write(out: Path, *, study, runs: dict[str, list[Run]], speed: list, related:
           "tokens_per_run": first.tokens_seen, "eval_every": train["eval_every"],
           "eval_tokens": train["eval_batches"] * train["batch_size"] * train["context"],
           "seeds": sorted({r.seed for rs in runs.values() for r in rs}),
-          "code": trained_by(runs)}
+          "code": trained_by(runs), "devices": trained_on_devices(runs)}
   (out / "summary.json").write_text(json.dumps(
       {**meta, "models": models, "targets": [dataclasses.asdict(t) for t in targets],
        "findings": lines_found, "speed": by_name}, indent=2))
@@ -449,7 +459,7 @@ def write(out: Path, *, study, runs: dict[str, list[Run]], speed: list, related:
       f"{meta['tokens_per_run']:,} tokens, evaluated every {meta['eval_every']} steps "
       f"on a fixed validation subset of {meta['eval_tokens']:,} tokens (the same for every "
       f"model and seed); seeds {meta['seeds']}. A unigram model scores "
-      f"{first.unigram_val_loss:.4f}.", "", code_sentence(meta["code"]), "", SPREAD_NOTE, ""]
+      f"{first.unigram_val_loss:.4f}.", "", code_sentence(meta["code"], meta["devices"]), "", SPREAD_NOTE, ""]
   lines += _tables(models, by_name)
   if targets:
     lines += ["", "## Targets", ""] + _table(

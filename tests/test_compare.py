@@ -319,8 +319,12 @@ def test_tiny_study_trains_reports_and_resumes(make_config, corpus, tmp_path, mo
   mixed = {"dense": [dataclasses.replace(runs["dense"][0], summary=dataclasses.replace(
       runs["dense"][0].summary, code=None))], "moe_top2": runs["moe_top2"]}
   assert report.trained_by(mixed) == {"not recorded": 1, version: 2}
-  assert "code changes" in report.code_sentence(report.trained_by(mixed))
-  assert "code changes" not in report.code_sentence({"abc123": 4})
+  assert written["devices"] == {device_name(): 4}
+  one_device = {device_name(): 4}
+  assert "code or hardware" in report.code_sentence(report.trained_by(mixed), one_device)
+  assert "code or hardware" not in report.code_sentence({"abc123": 4}, one_device)
+  assert "code or hardware" in report.code_sentence(
+      {"abc123": 4}, {"cpu (AMD EPYC)": 2, "cpu (Intel Xeon)": 2})
   for name in ("REPORT.md", "summary.json", "loss_vs_tokens.png", "loss_vs_time.png",
                "paired_differences.png", "routing.png", "expert_load.png"):
     assert (out / name).stat().st_size > 0, name

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from chimera.checkpoints import Checkpointer
 from chimera.errors import ChimeraError
-from chimera.records import Progress, RunSummary, code_version, read_events
+from chimera.records import Progress, RunSummary, code_version, cpu_model, read_events
 from chimera.steps import init_state, make_optimizer, make_schedule
 from chimera.config import TrainConfig
 from chimera.train import TrainingDiverged, train
@@ -292,6 +292,16 @@ def test_code_version_names_the_commit_and_uncommitted_changes(tmp_path):
   assert progress.code == ["abc", "unknown"]
   assert Progress.from_json(progress.to_json()).code == ["abc", "unknown"]
   assert Progress.from_json({"tokens_seen": 3}).code == []  # a checkpoint older than it
+
+
+def test_cpu_model_is_read_from_cpuinfo(tmp_path):
+  cpuinfo = tmp_path / "cpuinfo"
+  cpuinfo.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC 9B14\n"
+                     "processor\t: 1\nmodel name\t: AMD EPYC 9B14\n")
+  assert cpu_model(cpuinfo) == "AMD EPYC 9B14"
+  # No /proc/cpuinfo (macOS): platform.processor(), which may be empty.
+  import platform
+  assert cpu_model(tmp_path / "missing") == (platform.processor() or None)
 
 
 def test_progress_saved_is_a_copy():
