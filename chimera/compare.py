@@ -38,7 +38,7 @@ from absl import app, flags, logging
 from chimera import accounting, bench, config as config_lib, report, study_sweeps
 from chimera.config import Config
 from chimera.errors import ChimeraError
-from chimera.records import RunSummary, device_name
+from chimera.records import RunSummary
 from chimera.study_stats import Run
 
 
@@ -282,9 +282,10 @@ def related_summaries(results: Path, study: Study) -> dict:
 
 def trained_on(runs: dict[str, list[Run]]) -> str:
   """What trained the runs, from their summaries (so that a report written again elsewhere,
-  with --report_only, names it), or for runs older than that record, this process's device."""
-  devices = sorted({r.summary.device for rs in runs.values() for r in rs if r.summary.device})
-  return ", ".join(devices) or device_name()
+  with --report_only, names it); "not recorded" for runs older than that record: this
+  process's device need not be theirs."""
+  devices = sorted({r.summary.device or "not recorded" for rs in runs.values() for r in rs})
+  return ", ".join(devices)
 
 
 def main(argv):

@@ -10,7 +10,9 @@ Each is written and read here, so a field added to one is added in one place.
 """
 
 import dataclasses
+import functools
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -40,7 +42,11 @@ class Progress:
 
   @classmethod
   def from_json(cls, values: dict) -> "Progress":
-    return cls(**{f.name: values[f.name] for f in dataclasses.fields(cls) if f.name in values})
+    progress = cls(**{f.name: values[f.name] for f in dataclasses.fields(cls)
+                      if f.name in values})
+    if "code" not in values:  # a checkpoint older than the record: its code is not known
+      progress.code = ["not recorded"]
+    return progress
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,24 +86,39 @@ def code_version(package: Path = Path(__file__).resolve().parent) -> str | None:
   "+dirty" if its `chimera/` or `configs/` differ from that commit (untracked files there
   included, ignored ones not). None if the package is not the `chimera/` folder at the top
   of a git checkout (an installed copy), or git is missing."""
+  # The checkout that holds `package`, whatever git variables the caller has set; no
+  # optional locks, so that a run never blocks a `git commit` beside it.
+  env = {k: v for k, v in os.environ.items()
+         if k not in ("GIT_DIR", "GIT_WORK_TREE", "GIT_INDEX_FILE")}
+
   def git(*args: str) -> str:
-    return subprocess.run(["git", "-C", str(package), *args], capture_output=True, text=True,
-                          timeout=30, check=True).stdout.strip()
+    return subprocess.run(["git", "--no-optional-locks", "-C", str(package), *args],
+                          capture_output=True, text=True, timeout=30, check=True,
+                          env=env).stdout.strip()
   try:
     top = Path(git("rev-parse", "--show-toplevel")).resolve()
     if top / package.name != package.resolve() or package.name != "chimera":
       return None
     commit = git("rev-parse", "--short=12", "HEAD")
-    changed = git("status", "--porcelain", "--", str(top / "chimera"), str(top / "configs"))
+    changed = git("status", "--porcelain", "--untracked-files=normal", "--",
+                  str(top / "chimera"), str(top / "configs"))
   except (OSError, subprocess.SubprocessError):
     return None
   return commit + ("+dirty" if changed else "")
 
 
+@functools.cache
+def loaded_code_version() -> str | None:
+  """`code_version()` of this process's chimera, read once: what the first run of the
+  process saw on disk, so that a commit or an edit during a long study does not relabel
+  the runs that the already imported code trains after it."""
+  return code_version()
+
+
 def device_name() -> str:
   """The devices this process computes on: jax's device kind, with "x N" for N > 1, and
-  for the CPU its model ("cpu (AMD EPYC)"): XLA:CPU compiles for the host's instruction
-  set, so the same run on another CPU model rounds differently and ends elsewhere
+  for the CPU its model ("cpu (AMD EPYC, AVX-512)", `cpu_model`): XLA:CPU compiles for the
+  host's instruction set, and capping it moves a run's losses
   (results/cpu-experiments/cpu-isa)."""
   import jax  # only when asked: importing this module starts no backend
   count = jax.device_count()
@@ -108,16 +129,22 @@ def device_name() -> str:
 
 
 def cpu_model(cpuinfo: Path = Path("/proc/cpuinfo")) -> str | None:
-  """The host processor's model name (Linux's /proc/cpuinfo), else platform.processor(),
-  else None."""
+  """The host processor's model name and widest vector extension from Linux's
+  /proc/cpuinfo ("AMD EPYC, AVX-512"): the same model name can come with or without
+  AVX-512 on a VM. Elsewhere platform.processor(), else None."""
   import platform
   try:
-    for line in cpuinfo.read_text().splitlines():
-      if line.startswith("model name"):
-        return line.split(":", 1)[1].strip() or None
+    lines = cpuinfo.read_text().splitlines()
   except OSError:
-    pass
-  return platform.processor() or None
+    return platform.processor() or None
+  field = lambda name: next((line.split(":", 1)[1].strip() for line in lines
+                             if line.split(":", 1)[0].strip() == name), "")
+  flags = set(field("flags").split())
+  isa = next((label for flag, label in (("avx512f", "AVX-512"), ("avx2", "AVX2"),
+                                        ("avx", "AVX"), ("sse4_2", "SSE4.2"))
+              if flag in flags), None)
+  parts = [p for p in (field("model name"), isa) if p]
+  return ", ".join(parts) or platform.processor() or None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,8 +167,8 @@ class RunSummary:
   # MoE only (empty for dense): means over the last logging window, per MoE layer.
   expert_load: list = dataclasses.field(default_factory=list)  # [Y, E]
   dropped_fraction: list = dataclasses.field(default_factory=list)  # [Y]
-  # What trained it: jax's device kind, "x N" for N devices ("NVIDIA H200", "cpu x 8");
-  # None in summaries written before this field.
+  # What trained it (`device_name`: "NVIDIA H200", "cpu (AMD EPYC, AVX-512) x 8"), when
+  # it ended; None in summaries written before this field.
   device: str | None = None
   # The code that trained it (Progress.code): git commits, "+dirty" for uncommitted
   # changes, "unknown" outside a checkout; None in summaries written before this field.

@@ -29,7 +29,7 @@ from chimera.data.tokenizers import get_tokenizer
 from chimera.decoder import Decoder
 from chimera.errors import ChimeraError
 from chimera.metrics import MetricWriter, log, progress_line
-from chimera.records import EvalRecord, Progress, RunSummary, code_version, device_name
+from chimera.records import EvalRecord, Progress, RunSummary, device_name, loaded_code_version
 from chimera.steps import TrainState, eval_step, init_state, make_schedule, train_step
 
 EVAL_SEED = 0  # the validation subset is the same for every training seed
@@ -298,7 +298,7 @@ def _train_loop(config: Config, workdir: Path, data: Data, mesh: jax.sharding.Me
   if start_step >= t.steps and RunSummary.exists(workdir):
     log(f"{workdir} already holds a finished run of {t.steps} steps")
     return RunSummary.load(workdir)
-  progress.trained_by(code_version())
+  progress.trained_by(loaded_code_version())
   writer = MetricWriter(workdir, resume_step=start_step)
   _log_setup(config, data, mesh, writer, start_step)
   sampler = batches_lib.WindowSampler(data.splits.train, batch_size=t.batch_size,

@@ -12,7 +12,7 @@ import pytest
 
 from chimera import accounting, bench, compare, config as config_lib, report, study_stats, study_sweeps, study_targets
 from chimera.errors import ChimeraError
-from chimera.records import code_version, device_name
+from chimera.records import device_name, loaded_code_version
 from chimera.study_stats import Spread, paired, router_stats, tokens_to_reach, value_at
 
 # --- The math, on numbers worked out by hand. ---------------------------------------------
@@ -308,12 +308,12 @@ def test_tiny_study_trains_reports_and_resumes(make_config, corpus, tmp_path, mo
       runs["dense"][0].summary, device="NVIDIA H200"))]}
   assert compare.trained_on(elsewhere) == "NVIDIA H200"
   assert compare.trained_on({"dense": [dataclasses.replace(elsewhere["dense"][0], summary=
-      dataclasses.replace(runs["dense"][0].summary, device=None))]}) == device_name()
+      dataclasses.replace(runs["dense"][0].summary, device=None))]}) == "not recorded"
 
   out = tmp_path / "results"
   written = report.write(out, study=study, runs=runs, speed=[], related={}, command="pytest")
   # The report says which code trained the runs, and warns when it was not one commit.
-  version = code_version() or "unknown"
+  version = loaded_code_version() or "unknown"
   assert written["code"] == {version: 4}
   assert f"{version} (4 runs)" in (out / "REPORT.md").read_text()
   mixed = {"dense": [dataclasses.replace(runs["dense"][0], summary=dataclasses.replace(

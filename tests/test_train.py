@@ -16,7 +16,8 @@ from pathlib import Path
 
 from chimera.checkpoints import Checkpointer
 from chimera.errors import ChimeraError
-from chimera.records import Progress, RunSummary, code_version, cpu_model, read_events
+from chimera.records import (Progress, RunSummary, code_version, cpu_model, device_name,
+                              loaded_code_version, read_events)
 from chimera.steps import init_state, make_optimizer, make_schedule
 from chimera.config import TrainConfig
 from chimera.train import TrainingDiverged, train
@@ -106,7 +107,7 @@ def test_resume_is_exact(name, make_config, corpus, tmp_path):
   assert losses(straight) == losses(resumed)
   for field in ("final_val_loss", "best_val_loss", "steps", "tokens_seen", "code"):
     assert getattr(summary, field) == getattr(second, field), field
-  assert summary.code == [code_version() or "unknown"]  # one version, noted once
+  assert summary.code == [loaded_code_version() or "unknown"]  # one version, noted once
   # Running a finished run again changes nothing and returns its summary.
   written = (straight / "summary.json").read_text()
   assert train(config, straight) == RunSummary.load(straight)
@@ -277,6 +278,7 @@ def test_code_version_names_the_commit_and_uncommitted_changes(tmp_path):
   assert code_version(package) == commit
   (tmp_path / "notes.txt").write_text("not code")  # outside chimera/ and configs/
   assert code_version(package) == commit
+  git("config", "status.showUntrackedFiles", "no")  # a user's setting must not hide it
   (package / "new_module.py").write_text("x = 1")  # untracked code counts
   assert code_version(package) == commit + "+dirty"
   # A chimera/ that is not at the top of its checkout (a copy inside another repo).
@@ -291,14 +293,21 @@ def test_code_version_names_the_commit_and_uncommitted_changes(tmp_path):
   progress.trained_by(None)
   assert progress.code == ["abc", "unknown"]
   assert Progress.from_json(progress.to_json()).code == ["abc", "unknown"]
-  assert Progress.from_json({"tokens_seen": 3}).code == []  # a checkpoint older than it
+  # A checkpoint older than the record: its code is not known, and a resume says so.
+  assert Progress.from_json({"tokens_seen": 3}).code == ["not recorded"]
 
 
 def test_cpu_model_is_read_from_cpuinfo(tmp_path):
   cpuinfo = tmp_path / "cpuinfo"
   cpuinfo.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC 9B14\n"
+                     "flags\t\t: fpu sse4_2 avx avx2 avx512f avx512bw\n"
                      "processor\t: 1\nmodel name\t: AMD EPYC 9B14\n")
-  assert cpu_model(cpuinfo) == "AMD EPYC 9B14"
+  assert cpu_model(cpuinfo) == "AMD EPYC 9B14, AVX-512"
+  cpuinfo.write_text("model name\t: AMD EPYC 9B14\nflags\t\t: fpu sse4_2 avx avx2\n")
+  assert cpu_model(cpuinfo) == "AMD EPYC 9B14, AVX2"  # the same name, a narrower ISA
+  # Runs on the CPU are named with it.
+  if cpu_model():
+    assert device_name() == f"cpu ({cpu_model()})"
   # No /proc/cpuinfo (macOS): platform.processor(), which may be empty.
   import platform
   assert cpu_model(tmp_path / "missing") == (platform.processor() or None)
