@@ -284,8 +284,7 @@ def trained_on(runs: dict[str, list[Run]]) -> str:
   """What trained the runs, from their summaries (so that a report written again elsewhere,
   with --report_only, names it); "not recorded" for runs older than that record: this
   process's device need not be theirs."""
-  devices = sorted({r.summary.device or "not recorded" for rs in runs.values() for r in rs})
-  return ", ".join(devices)
+  return ", ".join(report.trained_on_devices(runs))
 
 
 def main(argv):

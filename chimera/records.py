@@ -123,8 +123,9 @@ def device_name() -> str:
   import jax  # only when asked: importing this module starts no backend
   count = jax.device_count()
   kind = jax.devices()[0].device_kind
-  if jax.devices()[0].platform == "cpu" and cpu_model():
-    kind += f" ({cpu_model()})"
+  model = cpu_model() if jax.devices()[0].platform == "cpu" else None
+  if model:
+    kind += f" ({model})"
   return kind + (f" x {count}" if count > 1 else "")
 
 

@@ -7,6 +7,7 @@ those numbers by the functions below, so they change when the numbers do.
   python -m chimera.report --readme=README.md   # README's headline, from a study's summary
 """
 
+import collections
 import dataclasses
 import itertools
 import json
@@ -371,10 +372,9 @@ def _tables(models: dict, speed: dict) -> list[str]:
 
 
 def _run_counts(runs: dict[str, list[Run]], key) -> dict[str, int]:
-  counts: dict[str, int] = {}
-  for run in (r for rs in runs.values() for r in rs):
-    counts[key(run.summary)] = counts.get(key(run.summary), 0) + 1
-  return dict(sorted(counts.items()))
+  """How many runs give each value of key(summary), sorted by value."""
+  return dict(sorted(collections.Counter(key(r.summary) for rs in runs.values()
+                                         for r in rs).items()))
 
 
 def trained_by(runs: dict[str, list[Run]]) -> dict[str, int]:
@@ -459,7 +459,8 @@ def write(out: Path, *, study, runs: dict[str, list[Run]], speed: list, related:
       f"{meta['tokens_per_run']:,} tokens, evaluated every {meta['eval_every']} steps "
       f"on a fixed validation subset of {meta['eval_tokens']:,} tokens (the same for every "
       f"model and seed); seeds {meta['seeds']}. A unigram model scores "
-      f"{first.unigram_val_loss:.4f}.", "", code_sentence(meta["code"], meta["devices"]), "", SPREAD_NOTE, ""]
+      f"{first.unigram_val_loss:.4f}.", "", code_sentence(meta["code"], meta["devices"]), "",
+      SPREAD_NOTE, ""]
   lines += _tables(models, by_name)
   if targets:
     lines += ["", "## Targets", ""] + _table(
