@@ -35,7 +35,7 @@ from pathlib import Path
 
 from absl import app, flags, logging
 
-from chimera import accounting, bench, config as config_lib, report, study_sweeps
+from chimera import accounting, bench, compile_cache, config as config_lib, report, study_sweeps
 from chimera.config import Config
 from chimera.errors import ChimeraError
 from chimera.records import RunSummary
@@ -290,6 +290,7 @@ def trained_on(runs: dict[str, list[Run]]) -> str:
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
+  compile_cache.enable()
   overrides = dict(map(bench.parse_override, _SET.value))
   if _CORPUS.value:
     overrides["data.corpus"] = _CORPUS.value

@@ -24,7 +24,7 @@ import jax
 import numpy as np
 from absl import app, flags, logging
 
-from chimera import config as config_lib
+from chimera import compile_cache, config as config_lib
 from chimera.checkpoints import Checkpointer
 from chimera.decoder import Decoder
 from chimera.errors import ChimeraError
@@ -105,6 +105,7 @@ def main(argv):
   del argv
   FLAGS = flags.FLAGS
   logging.set_verbosity(logging.WARNING)  # orbax logs every restore at INFO
+  compile_cache.enable()
   try:
     if not FLAGS.workdir:
       raise ChimeraError("--workdir is required")

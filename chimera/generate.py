@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
 
-from chimera import config as config_lib
+from chimera import compile_cache, config as config_lib
 from chimera.config import ModelConfig
 from chimera.decoder import Decoder
 from chimera.errors import ChimeraError
@@ -117,6 +117,7 @@ _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
+  compile_cache.enable()
   from chimera.checkpoints import Checkpointer
   from chimera.data.tokenizers import get_tokenizer
   from chimera.steps import init_state

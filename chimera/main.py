@@ -12,7 +12,7 @@ import time
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from chimera import config as config_lib, sharding
+from chimera import compile_cache, config as config_lib, sharding
 from chimera.errors import ChimeraError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "A configs/*.py file[:preset].",
@@ -44,6 +44,7 @@ def main(argv):
   try:
     config = config_lib.from_config_dict(_CONFIG.value)
     sharding.initialize_distributed()  # before any other JAX call, on every host
+    compile_cache.enable()  # a rerun or resume reads its compiled steps from disk
     workdir = _WORKDIR.value or f"runs/{config.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     from chimera.train import train  # imported here so that config errors come fast
     train(config, workdir, stop_after=_STOP_AFTER.value)

@@ -159,7 +159,7 @@ class TrainLog:
   def __init__(self, config: Config, start_step: int, writer: MetricWriter):
     self.config, self.start_step, self.writer = config, start_step, writer
     self.tokens_per_step = config.train.batch_size * config.train.context
-    self.schedule = make_schedule(config.train)
+    self.schedule = jax.jit(make_schedule(config.train))  # one compile, not one per jnp op
     self.pending: list = []
     self.window_started = time.perf_counter()
     self.timed_tokens, self.timed_seconds = 0, 0.0
@@ -367,7 +367,8 @@ def _compile_train_step(config: Config, mesh: jax.sharding.Mesh, state: TrainSta
   batch = jax.ShapeDtypeStruct((t.grad_accum, t.batch_size // t.grad_accum, t.context + 1),
                                np.int32, sharding=sharding.batch_sharding(mesh, ndim=3, batch_axis=1))
   compiled = jitted.lower(state, batch, rng).compile()
-  log(f"compiled the train step in {time.perf_counter() - started:.1f} s")
+  cached = " or read from the compilation cache" if jax.config.jax_compilation_cache_dir else ""
+  log(f"compiled{cached} the train step in {time.perf_counter() - started:.1f} s")
   return compiled
 
 

@@ -223,8 +223,13 @@ def test_sigkill_between_checkpoints_cuts_the_log_and_the_downtime(make_config, 
   downtime = 6.0
   time.sleep(downtime)
   restarted = time.time()
-  result = run_main(*args)  # the .lock file of the killed run is still there
+  # The .lock file of the killed run is still there. JAX_LOG_COMPILES makes JAX log its
+  # compilation cache's hits.
+  result = run_main(*args, env_extra={"JAX_LOG_COMPILES": "1"})
   assert result.returncode == 0, result.stderr[-2000:]
+  # The killed run wrote its compiled step to the cache (chimera.compile_cache), and the
+  # restart read it from there: with the checks below, the cached step trains exactly.
+  assert "Persistent compilation cache hit for 'jit_train_step'" in result.stderr
   # The rows the killed run wrote after its checkpoint are gone, not duplicated.
   assert losses(workdir) == losses(tmp_path / "straight")
   after = next(r for r in read_events(workdir, "train") if r["step"] == saved + 1)

@@ -1,0 +1,53 @@
+"""chimera.compile_cache: where the entry points keep JAX's compiled steps.
+
+That a restarted run reads its train step from the cache, and trains exactly as before,
+is checked in tests/test_train.py (the SIGKILL test).
+"""
+
+import jax
+import pytest
+
+from chimera import compile_cache
+
+
+@pytest.fixture
+def jax_settings():
+  """Puts back the two JAX settings that `enable` changes."""
+  names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
+  before = {name: getattr(jax.config, name) for name in names}
+  yield
+  for name, value in before.items():
+    jax.config.update(name, value)
+
+
+def test_the_folder_names_the_processor(monkeypatch, tmp_path):
+  monkeypatch.setattr(compile_cache, "cpu_model", lambda: "AMD EPYC 9B14, AVX-512")
+  assert compile_cache.default_dir() == tmp_path / "cache" / "xla" / "AMD-EPYC-9B14-AVX-512"
+  monkeypatch.setattr(compile_cache, "cpu_model", lambda: "Intel(R) Xeon(R) Processor, AVX2")
+  assert compile_cache.default_dir().name == "Intel-R-Xeon-R-Processor-AVX2"
+  monkeypatch.setattr(compile_cache, "cpu_model", lambda: None)
+  assert compile_cache.default_dir().name == "unknown-cpu"
+
+
+def test_enable_sets_the_folder_and_the_threshold(monkeypatch, tmp_path, jax_settings):
+  monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
+  monkeypatch.delenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", raising=False)
+  folder = compile_cache.enable()
+  assert folder == compile_cache.default_dir() and folder.parent == tmp_path / "cache" / "xla"
+  assert jax.config.jax_compilation_cache_dir == str(folder)
+  assert jax.config.jax_persistent_cache_min_compile_time_secs == compile_cache.MIN_COMPILE_SECONDS
+
+
+def test_jax_own_settings_win(monkeypatch, tmp_path, jax_settings):
+  jax.config.update("jax_compilation_cache_dir", None)
+  monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", "")  # set empty: the cache stays off
+  assert compile_cache.enable() is None
+  assert jax.config.jax_compilation_cache_dir is None
+  monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "mine"))
+  assert compile_cache.enable() == tmp_path / "mine"
+  assert jax.config.jax_compilation_cache_dir is None  # JAX reads its variable itself
+  monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR")
+  monkeypatch.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "3")
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 3.0)
+  compile_cache.enable()
+  assert jax.config.jax_persistent_cache_min_compile_time_secs == 3.0
