@@ -134,10 +134,11 @@ class TrainConfig:
   # The routed experts' learning rate as a multiple of the schedule's (shared experts
   # and everything else keep the schedule's): each expert sees only about k/E of a batch.
   expert_lr_scale: float = 1.0
-  # Whether AdamW's weight decay pulls the routed experts' weights towards zero. It acts at
-  # every step on every expert, while each expert's gradient comes from about k/E of the
-  # batch.
-  expert_weight_decay: bool = True
+  # AdamW's weight decay on the routed experts' weights, as a multiple of `weight_decay`
+  # (0: none; the true/false of older configs read as 1 and 0). It acts at every step on
+  # every expert, while each expert's gradient comes from about k/E of the batch. Like the
+  # gradient step, it is scaled by `expert_lr_scale`.
+  expert_weight_decay: float = 1.0
   grad_clip: float = 1.0
   seed: int = 0
   log_every: int = 50
@@ -299,6 +300,8 @@ def validate(c: Config) -> None:
   _check(t.weight_decay >= 0, "train.weight_decay", f"must be >= 0, got {t.weight_decay}")
   for name in ("router_lr_scale", "expert_lr_scale"):
     _check(getattr(t, name) > 0, f"train.{name}", f"must be > 0, got {getattr(t, name)}")
+  _check(t.expert_weight_decay >= 0, "train.expert_weight_decay",
+         f"must be >= 0, got {t.expert_weight_decay}")
   _check(t.grad_clip > 0, "train.grad_clip", f"must be > 0, got {t.grad_clip}")
   _check(0.0 < d.val_fraction < 1.0, "data.val_fraction",
          f"must be in (0, 1), got {d.val_fraction}")

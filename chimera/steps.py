@@ -56,17 +56,27 @@ def make_optimizer(t: TrainConfig) -> optax.GradientTransformation:
   """AdamW on the schedule above, after global-norm clipping.
 
   Weight decay applies to matrices (embeddings, kernels, expert weights), not to norm
-  scales or biases, not to the MoE routers when `router_weight_decay` is off, and not to
-  the routed experts when `expert_weight_decay` is off. The
+  scales or biases, not to the MoE routers when `router_weight_decay` is off, and to the
+  routed experts at `expert_weight_decay` times `weight_decay` (0: not at all). The
   routers' updates (decay included) are scaled by `router_lr_scale`, the routed experts'
   by `expert_lr_scale`: per-group learning rates.
   """
   schedule = make_schedule(t)
   mask = lambda keep: lambda params: jax.tree_util.tree_map_with_path(keep, params)
-  decay = mask(lambda path, p: p.ndim >= 2 and (t.router_weight_decay or not is_router(path))
-               and (t.expert_weight_decay or not is_routed_expert(path)))
-  parts = [optax.clip_by_global_norm(t.grad_clip),
-           optax.adamw(schedule, b1=t.b1, b2=t.b2, weight_decay=t.weight_decay, mask=decay)]
+  expert_decay = float(t.expert_weight_decay)
+  matrices = lambda path, p: p.ndim >= 2 and (t.router_weight_decay or not is_router(path))
+  decay = mask(lambda path, p: matrices(path, p)
+               and (expert_decay == 1.0 or not is_routed_expert(path)))
+  if expert_decay in (0.0, 1.0):  # optax's AdamW as it stands
+    adamw = optax.adamw(schedule, b1=t.b1, b2=t.b2, weight_decay=t.weight_decay, mask=decay)
+  else:  # the same chain as optax.adamw, with the routed experts' decay term apart
+    adamw = optax.chain(
+        optax.scale_by_adam(b1=t.b1, b2=t.b2),
+        optax.add_decayed_weights(t.weight_decay, mask=decay),
+        optax.add_decayed_weights(t.weight_decay * expert_decay, mask=mask(
+            lambda path, p: matrices(path, p) and is_routed_expert(path))),
+        optax.scale_by_learning_rate(schedule))
+  parts = [optax.clip_by_global_norm(t.grad_clip), adamw]
   for scale, group in ((t.router_lr_scale, is_router), (t.expert_lr_scale, is_routed_expert)):
     if scale != 1.0:
       parts.append(optax.masked(optax.scale(scale), mask(lambda path, _, g=group: g(path))))

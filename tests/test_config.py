@@ -102,6 +102,7 @@ MOE = Config(model=ModelConfig(num_experts=8, top_k=2),
     ("train", dict(context=1024), "train.context"),
     ("train", dict(router_lr_scale=0.0), "train.router_lr_scale"),
     ("train", dict(expert_lr_scale=-1.0), "train.expert_lr_scale"),
+    ("train", dict(expert_weight_decay=-0.5), "train.expert_weight_decay"),
 ])
 def test_contradictions_are_one_line_naming_the_field(section, changes, field):
   config = dataclasses.replace(MOE, **{section: dataclasses.replace(getattr(MOE, section),

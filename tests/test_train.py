@@ -339,23 +339,35 @@ def test_router_and_expert_learning_rates_and_router_weight_decay():
   base = TrainConfig(steps=10, warmup_steps=0, grad_clip=1e6)
   moved = dataclasses.replace(base, router_lr_scale=3.0, router_weight_decay=False,
                               expert_lr_scale=0.5)
-  undecayed_experts = dataclasses.replace(base, expert_weight_decay=False)
+  undecayed_experts = dataclasses.replace(base, expert_weight_decay=False)  # an old config
   plain_tx, moved_tx = make_optimizer(base), make_optimizer(moved)
   free_tx = make_optimizer(undecayed_experts)
+  double_tx = make_optimizer(dataclasses.replace(base, expert_weight_decay=2.0))
+  slow_double_tx = make_optimizer(dataclasses.replace(base, expert_weight_decay=2.0,
+                                                      expert_lr_scale=0.5))
   plain_state, moved_state = plain_tx.init(params), moved_tx.init(params)
-  free_state = free_tx.init(params)
+  free_state, double_state = free_tx.init(params), double_tx.init(params)
+  slow_double_state = slow_double_tx.init(params)
   for step, key in enumerate(keys[3:]):
     grads = jax.tree.map(lambda p: jax.random.normal(key, p.shape), params)
     plain, plain_state = plain_tx.update(grads, plain_state, params)
     moved, moved_state = moved_tx.update(grads, moved_state, params)
-    # expert_weight_decay=False drops the decay term from the routed experts' update only.
+    # expert_weight_decay=False (0) drops the decay term from the routed experts' update
+    # only; 2.0 doubles it, there only, and expert_lr_scale scales the whole update.
     free, free_state = free_tx.update(grads, free_state, params)
-    np.testing.assert_allclose(
-        free["block"]["moe"]["wi"], plain["block"]["moe"]["wi"]
-        + make_schedule(base)(step) * base.weight_decay * params["block"]["moe"]["wi"],
-        rtol=1e-5, atol=1e-7)
+    double, double_state = double_tx.update(grads, double_state, params)
+    slow_double, slow_double_state = slow_double_tx.update(grads, slow_double_state, params)
+    decay_term = make_schedule(base)(step) * base.weight_decay * params["block"]["moe"]["wi"]
+    np.testing.assert_allclose(free["block"]["moe"]["wi"],
+                               plain["block"]["moe"]["wi"] + decay_term, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(double["block"]["moe"]["wi"],
+                               plain["block"]["moe"]["wi"] - decay_term, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(slow_double["block"]["moe"]["wi"],
+                               0.5 * double["block"]["moe"]["wi"], rtol=1e-6)
     for name in ("shared_wi", "router"):
       chex.assert_trees_all_equal(free["block"]["moe"][name], plain["block"]["moe"][name])
+      chex.assert_trees_all_equal(double["block"]["moe"][name], plain["block"]["moe"][name])
+    chex.assert_trees_all_equal(double["norm"], plain["norm"])
     np.testing.assert_array_equal(moved["block"]["moe"]["shared_wi"],
                                   plain["block"]["moe"]["shared_wi"])
     np.testing.assert_array_equal(moved["norm"]["scale"], plain["norm"]["scale"])
