@@ -221,8 +221,9 @@ def run_dir(root: Path, config: Config) -> Path:
     section, field = key.split(".")
     if key in KEY_OMITS or values[section][field] == defaults[section][field]:
       del values[section][field]
-  if values["train"].get("expert_weight_decay") == 0:  # a bool until it became a multiple:
-    values["train"]["expert_weight_decay"] = False  # no decay keeps the key it had then
+  # expert_weight_decay was a bool before it was a multiple: no decay keeps its old key.
+  if values["train"].get("expert_weight_decay") == 0:
+    values["train"]["expert_weight_decay"] = False
   return root / hashlib.sha1(json.dumps(values, sort_keys=True).encode()).hexdigest()[:12]
 
 

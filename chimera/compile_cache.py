@@ -10,15 +10,17 @@ Where the cache lives:
 - $JAX_COMPILATION_CACHE_DIR, when it is set (JAX's own setting; set it empty to turn
   the cache off);
 - otherwise $CHIMERA_CACHE/xla/<host>, beside the token cache. <host> names the CPU
-  model and its widest vector extension, because XLA's cache key calls every CPU just
-  "cpu": a cache shared between machines (a home directory on NFS) would otherwise hand
-  code built for AVX-512 to a processor without it.
+  model and its widest vector extension, and ends in a hash of the processor's feature
+  flags, because XLA's cache key calls every CPU just "cpu": a cache shared between
+  machines (a home directory on NFS) would otherwise hand code built for one instruction
+  set to a processor without it.
 
 Compilations shorter than 0.2 s are not written (JAX's default is 1 s, which would leave
 out the evaluation step), unless $JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS says
 otherwise. The cache is never pruned; delete the folder to clear it.
 """
 
+import hashlib
 import os
 import re
 from pathlib import Path
@@ -31,19 +33,30 @@ from chimera.records import cpu_model
 MIN_COMPILE_SECONDS = 0.2
 
 
+def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+  """The first processor's feature flags from Linux's /proc/cpuinfo; "" elsewhere."""
+  try:
+    lines = cpuinfo.read_text().splitlines()
+  except OSError:
+    return ""
+  return next((line.split(":", 1)[1].strip() for line in lines
+               if line.split(":", 1)[0].strip() == "flags"), "")
+
+
 def default_dir() -> Path:
-  """$CHIMERA_CACHE/xla/<CPU model and vector extension>."""
+  """$CHIMERA_CACHE/xla/<CPU model and vector extension>-<hash of its feature flags>."""
   host = re.sub(r"[^A-Za-z0-9.]+", "-", cpu_model() or "").strip("-") or "unknown-cpu"
-  return cache_dir() / "xla" / host
+  flags = hashlib.sha1(cpu_flags().encode()).hexdigest()[:8]
+  return cache_dir() / "xla" / f"{host}-{flags}"
 
 
 def enable() -> Path | None:
   """Turns the cache on (see the module's docstring); returns its folder, None if off."""
-  if "JAX_COMPILATION_CACHE_DIR" in os.environ:  # JAX read it at import
+  if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_SECONDS)
+  if "JAX_COMPILATION_CACHE_DIR" in os.environ:  # JAX's own setting, read at its import
     chosen = os.environ["JAX_COMPILATION_CACHE_DIR"]
     return Path(chosen) if chosen else None
   folder = default_dir()
   jax.config.update("jax_compilation_cache_dir", str(folder))
-  if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_SECONDS)
   return folder

@@ -135,7 +135,8 @@ class TrainConfig:
   # and everything else keep the schedule's): each expert sees only about k/E of a batch.
   expert_lr_scale: float = 1.0
   # AdamW's weight decay on the routed experts' weights, as a multiple of `weight_decay`
-  # (0: none; the true/false of older configs read as 1 and 0). It acts at every step on
+  # (0: none; the true/false of older config files, config.json and --set read as 1 and 0;
+  # on chimera.main's command line write 1 or 0). It acts at every step on
   # every expert, while each expert's gradient comes from about k/E of the batch. Like the
   # gradient step, it is scaled by `expert_lr_scale`.
   expert_weight_decay: float = 1.0

@@ -367,7 +367,8 @@ def _compile_train_step(config: Config, mesh: jax.sharding.Mesh, state: TrainSta
   batch = jax.ShapeDtypeStruct((t.grad_accum, t.batch_size // t.grad_accum, t.context + 1),
                                np.int32, sharding=sharding.batch_sharding(mesh, ndim=3, batch_axis=1))
   compiled = jitted.lower(state, batch, rng).compile()
-  how = " (or read from the compilation cache)" if jax.config.jax_compilation_cache_dir else ""
+  cached = jax.config.jax_compilation_cache_dir and jax.config.jax_enable_compilation_cache
+  how = " (or read from the compilation cache)" if cached else ""
   log(f"train step: compiled{how} in {time.perf_counter() - started:.1f} s")
   return compiled
 

@@ -31,10 +31,10 @@ def run_main(*args, env_extra=None, **kwargs):
                         capture_output=True, text=True, timeout=300, **kwargs)
 
 
-def start_main(*args):
+def start_main(*args, env_extra=None):
   return subprocess.Popen([sys.executable, "-m", "chimera.main", *args], cwd=ROOT,
                           stderr=subprocess.PIPE, text=True,
-                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                          env={**os.environ, "PYTHONUNBUFFERED": "1", **(env_extra or {})})
 
 
 def main_args(name: str, corpus, workdir, overrides: dict) -> list[str]:
@@ -201,7 +201,7 @@ def test_nan_stops_and_keeps_last_good_checkpoint(log_norms, make_config, corpus
 
 @pytest.mark.slow
 def test_sigkill_between_checkpoints_cuts_the_log_and_the_downtime(make_config, corpus,
-                                                                    tmp_path):
+                                                                    tmp_path, monkeypatch):
   steps, every = 400, 100
   overrides = dict(train__steps=steps, train__checkpoint_every=every, train__eval_every=every,
                    train__log_every=1)
@@ -210,7 +210,10 @@ def test_sigkill_between_checkpoints_cuts_the_log_and_the_downtime(make_config, 
 
   workdir = tmp_path / "killed"
   args = main_args("dense", corpus, workdir, overrides)
-  process = start_main(*args)
+  # The compilation cache as chimera.main sets it (chimera.compile_cache), whatever this
+  # shell sets, and every compiled step written to it, however fast this machine compiles.
+  monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
+  process = start_main(*args, env_extra={"JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"})
   wait_for_line(process, f"step    {every + 20}/")  # past the first checkpoint
   process.kill()  # SIGKILL: no handler runs, no checkpoint is written
   process.wait(timeout=60)
