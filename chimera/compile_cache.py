@@ -28,19 +28,14 @@ from pathlib import Path
 import jax
 
 from chimera.data.corpora import cache_dir
-from chimera.records import cpu_model
+from chimera.records import cpu_model, cpuinfo_fields
 
 MIN_COMPILE_SECONDS = 0.2
 
 
 def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
   """The first processor's feature flags from Linux's /proc/cpuinfo; "" elsewhere."""
-  try:
-    lines = cpuinfo.read_text().splitlines()
-  except OSError:
-    return ""
-  return next((line.split(":", 1)[1].strip() for line in lines
-               if line.split(":", 1)[0].strip() == "flags"), "")
+  return (cpuinfo_fields(cpuinfo) or {}).get("flags", "")
 
 
 def default_dir() -> Path:

@@ -129,17 +129,29 @@ def device_name() -> str:
   return kind + (f" x {count}" if count > 1 else "")
 
 
+def cpuinfo_fields(cpuinfo: Path = Path("/proc/cpuinfo")) -> dict[str, str] | None:
+  """Each field of Linux's /proc/cpuinfo at its first occurrence (the first processor's);
+  None where the file cannot be read."""
+  try:
+    lines = cpuinfo.read_text().splitlines()
+  except OSError:
+    return None
+  fields = {}
+  for line in lines:
+    name, _, value = line.partition(":")
+    fields.setdefault(name.strip(), value.strip())
+  return fields
+
+
 def cpu_model(cpuinfo: Path = Path("/proc/cpuinfo")) -> str | None:
   """The host processor's model name and widest vector extension from Linux's
   /proc/cpuinfo ("AMD EPYC, AVX-512"): the same model name can come with or without
   AVX-512 on a VM. Elsewhere platform.processor(), else None."""
   import platform
-  try:
-    lines = cpuinfo.read_text().splitlines()
-  except OSError:
+  fields = cpuinfo_fields(cpuinfo)
+  if fields is None:
     return platform.processor() or None
-  field = lambda name: next((line.split(":", 1)[1].strip() for line in lines
-                             if line.split(":", 1)[0].strip() == name), "")
+  field = lambda name: fields.get(name, "")
   flags = set(field("flags").split())
   isa = next((label for flag, label in (("avx512f", "AVX-512"), ("avx2", "AVX2"),
                                         ("avx", "AVX"), ("sse4_2", "SSE4.2"))
