@@ -7,6 +7,29 @@ from chimera import config as config_lib
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _shared_compilation_cache(tmp_path_factory):
+  """One persistent compilation cache (chimera.compile_cache) for the whole session, in
+  this process and in the runs it starts: many tests compile the same tiny configs' steps.
+  A cached executable is the one the compiler made, so no result changes. Each pytest-xdist
+  worker keeps its own folder (JAX writes entries without a lock). A test about the cache
+  itself deletes $JAX_COMPILATION_CACHE_DIR and gets a folder of its own."""
+  import jax
+
+  from chimera.compile_cache import MIN_COMPILE_SECONDS
+  folder = str(tmp_path_factory.mktemp("xla-cache"))
+  names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
+  before = {name: getattr(jax.config, name) for name in names}
+  patch = pytest.MonkeyPatch()
+  patch.setenv("JAX_COMPILATION_CACHE_DIR", folder)
+  jax.config.update("jax_compilation_cache_dir", folder)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_SECONDS)
+  yield folder
+  patch.undo()
+  for name, value in before.items():
+    jax.config.update(name, value)
+
+
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path, monkeypatch):
   """No test reads or writes the user's download cache."""
