@@ -403,6 +403,22 @@ def code_sentence(code: dict[str, int], devices: dict[str, int]) -> str:
   return line
 
 
+def _one(values: set):
+  """The value every run shares; None if they differ or none is recorded."""
+  return next(iter(values)) if len(values) == 1 else None
+
+
+def passes_sentence(meta: dict) -> str:
+  """How many times each run's tokens go over its training split (" " first), or ""
+  when the runs do not share one recorded split. Past one pass a run sees its training
+  text again, and a model with more parameters can fit it more closely."""
+  split = meta.get("train_split_tokens")
+  if not split:
+    return ""
+  return (f" The training split holds {split:,} tokens, so each run passes over it "
+          f"{meta['tokens_per_run'] / split:.2f} times.")
+
+
 def write(out: Path, *, study, runs: dict[str, list[Run]], speed: list, related: dict,
           command: str, device: str | None = None) -> dict:
   """Writes REPORT.md, summary.json and PNG plots for `study` (a chimera.compare.Study)
@@ -430,6 +446,7 @@ def write(out: Path, *, study, runs: dict[str, list[Run]], speed: list, related:
           "steps": train["steps"], "batch_size": train["batch_size"], "context": train["context"],
           "tokens_per_run": first.tokens_seen, "eval_every": train["eval_every"],
           "eval_tokens": train["eval_batches"] * train["batch_size"] * train["context"],
+          "train_split_tokens": _one({r.train_split_tokens for rs in runs.values() for r in rs}),
           "seeds": sorted({r.seed for rs in runs.values() for r in rs}),
           "code": trained_by(runs), "devices": trained_on_devices(runs)}
   (out / "summary.json").write_text(json.dumps(
@@ -459,7 +476,8 @@ def write(out: Path, *, study, runs: dict[str, list[Run]], speed: list, related:
       f"{meta['tokens_per_run']:,} tokens, evaluated every {meta['eval_every']} steps "
       f"on a fixed validation subset of {meta['eval_tokens']:,} tokens (the same for every "
       f"model and seed); seeds {meta['seeds']}. A unigram model scores "
-      f"{first.unigram_val_loss:.4f}.", "", code_sentence(meta["code"], meta["devices"]), "",
+      f"{first.unigram_val_loss:.4f}." + passes_sentence(meta), "",
+      code_sentence(meta["code"], meta["devices"]), "",
       SPREAD_NOTE, ""]
   lines += _tables(models, by_name)
   if targets:
@@ -496,8 +514,8 @@ def headline(summary: dict, study: str) -> list[str]:
   lines = [f"From [{study}/REPORT.md]({study}/REPORT.md): `{summary['command']}` on "
            f"{summary['date']} ({summary['device']}), {summary['tokens_per_run']:,} "
            f"{summary['tokenizer']} tokens of `{summary['corpus']}` per run, seeds "
-           f"{summary['seeds']}. \"a ± b (n=N)\": mean and sample SD over N seeds; \"- dense\" "
-           f"is paired by seed.", ""]
+           f"{summary['seeds']}.{passes_sentence(summary)} \"a ± b (n=N)\": mean and sample SD "
+           f"over N seeds; \"- dense\" is paired by seed.", ""]
   rows = []
   for name, e in models.items():
     vs = e.get("vs_baseline")

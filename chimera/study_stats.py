@@ -201,11 +201,15 @@ class Run:
   summary: RunSummary
   evals: list[EvalRecord]
   train_rows: list[dict]
+  # Tokens in the training split the run sampled from (its "setup" record); None if the
+  # log has no setup record.
+  train_split_tokens: int | None = None
 
   @classmethod
   def load(cls, workdir: Path, model: str, seed: int) -> "Run":
+    setup = read_events(workdir, "setup")
     return cls(model, seed, RunSummary.load(workdir), read_evals(workdir),
-               read_events(workdir, "train"))
+               read_events(workdir, "train"), setup[0]["train_tokens"] if setup else None)
 
   def curve(self, x: str) -> tuple[list[float], list[float]]:
     """The validation curve against "tokens_seen" or "wall_seconds"."""

@@ -11,6 +11,9 @@ from pathlib import Path
 import pytest
 
 from chimera import accounting, bench, compare, config as config_lib, report, study_stats, study_sweeps, study_targets
+from chimera.data.batches import make_splits
+from chimera.data.corpora import load_corpus
+from chimera.data.tokenizers import get_tokenizer
 from chimera.errors import ChimeraError
 from chimera.records import device_name, loaded_code_version
 from chimera.study_stats import Spread, paired, router_stats, tokens_to_reach, value_at
@@ -341,6 +344,15 @@ def test_tiny_study_trains_reports_and_resumes(make_config, corpus, tmp_path, mo
     assert heading in text
   assert f"{written['models']['dense']['final_val_loss']['mean']:.4f}" in text
   assert all(line in text for line in written["findings"])
+  # The header says how many times each run went over its training split.
+  config = tiny("dense")
+  split = len(make_splits(load_corpus(str(corpus)), get_tokenizer("byte"),
+                          val_fraction=config.data.val_fraction, mode=config.data.split).train)
+  assert {r.train_split_tokens for rs in runs.values() for r in rs} == {split}
+  assert written["train_split_tokens"] == split
+  passes = 6 * config.train.batch_size * config.train.context / split
+  assert f"The training split holds {split:,} tokens, so each run passes over it {passes:.2f} times." in text
+  assert report.passes_sentence({**written, "train_split_tokens": None}) == ""
   dense_run = runs["dense"][0]
   assert written["models"]["dense"]["generalization_gap"]["values"][0] == pytest.approx(
       dense_run.summary.final_val_loss - dense_run.train_rows[-1]["loss"])
