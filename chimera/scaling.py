@@ -31,9 +31,16 @@ from chimera.decoder import Decoder
 from chimera.routers import expert_capacity
 from chimera.steps import init_state, train_step
 
-_CONFIG = flags.DEFINE_string("config", "configs/moe_top2.py", "Config file[:preset].")
-_MESH = flags.DEFINE_list("mesh", ["2", "4"], "data,expert")
-_SET = flags.DEFINE_multi_string("set", [], "Overrides: section.field=value.")
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """The command line of this module and of chimera.scaling_hlo. Defined only when one of
+  them runs as a program, so that importing either beside another entry point (tests,
+  notebooks) adds no flags."""
+  flags.DEFINE_string("config", "configs/moe_top2.py", "Config file[:preset].")
+  flags.DEFINE_list("mesh", ["2", "4"], "data,expert")
+  flags.DEFINE_multi_string("set", [], "Overrides: section.field=value.")
 
 _BYTES = {"f64": 8, "s64": 8, "u64": 8, "f32": 4, "s32": 4, "u32": 4, "bf16": 2, "f16": 2,
           "s16": 2, "u16": 2, "s8": 1, "u8": 1, "pred": 1}
@@ -108,17 +115,17 @@ def compile_train_step(config: config_lib.Config, mesh: jax.sharding.Mesh):
 
 def main(argv):
   del argv
-  data, expert = (int(v) for v in _MESH.value)
+  data, expert = (int(v) for v in FLAGS.mesh)
   overrides = {"mesh.data": data, "mesh.expert": expert}
-  overrides.update(dict(parse_override(s) for s in _SET.value))
-  config = config_lib.load(_CONFIG.value, overrides)
+  overrides.update(dict(parse_override(s) for s in FLAGS.set))
+  config = config_lib.load(FLAGS.config, overrides)
   sharding.check_mesh(config, jax.device_count())
   compiled = compile_train_step(config, sharding.make_mesh(config.mesh))
   count, measured = all_to_all_bytes(compiled.as_text())
   memory = compiled.memory_analysis()
   per_device = (memory.argument_size_in_bytes + memory.output_size_in_bytes
                 + memory.temp_size_in_bytes - memory.alias_size_in_bytes)
-  print(f"config {_CONFIG.value} on mesh data={data} x expert={expert} "
+  print(f"config {FLAGS.config} on mesh data={data} x expert={expert} "
         f"({jax.device_count()} {jax.devices()[0].platform} devices)")
   print(f"all-to-all ops per step: {count}")
   print(f"all-to-all buffer bytes per device per step: measured {measured:,}, "
@@ -130,4 +137,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

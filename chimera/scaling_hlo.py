@@ -25,10 +25,11 @@ from absl import app, flags
 
 from chimera import config as config_lib
 from chimera.bench import parse_override
-from chimera.scaling import Collective, collectives, compile_train_step, predicted_bytes
+from chimera.scaling import (Collective, collectives, compile_train_step, define_flags,
+                             predicted_bytes)
 from chimera.sharding import make_mesh
 
-FLAGS = flags.FLAGS  # chimera.scaling's --config, --mesh and --set
+FLAGS = flags.FLAGS  # chimera.scaling's --config, --mesh and --set (define_flags)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,4 +116,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

@@ -107,7 +107,9 @@ def run_hlo(dispatch: str, out: str):
   with open(out, "w") as f:
     json.dump({"all_to_alls": [dataclasses.asdict(c) for c in report.all_to_alls],
                "predicted_all_to_all_bytes": report.predicted_all_to_all_bytes,
-               "token_sized": scaling_hlo.token_sized(text, doubled.as_text())}, f)
+               "token_sized": scaling_hlo.token_sized(text, doubled.as_text()),
+               "other_collectives": sum(c.kind != "all-to-all"
+                                        for c in scaling.collectives(text))}, f)
 
 
 if __name__ == "__main__":

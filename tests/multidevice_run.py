@@ -5,7 +5,8 @@ process:
   python tests/multidevice_run.py DEVICES DATA EXPERT WORKDIR CORPUS STEPS [STOP_AFTER] [DISPATCH]
 (STOP_AFTER 0: run every step; DISPATCH: model.dispatch, the config's own if absent).
 It trains (or resumes) the tiny MoE config and writes WORKDIR/result.npz: the final
-parameters, the last training loss, and how the expert weights are laid out.
+parameters (keys "params/<path>"), the last training loss, and how the expert weights are
+laid out.
 """
 
 import os
@@ -38,7 +39,7 @@ checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), keep=2)
 with jax.set_mesh(mesh):
   state, _ = checkpointer.restore(init_state(config, mesh))
 wi = state.params["block_0"]["moe"]["wi"]
-flat = {"/".join(str(getattr(k, "key", k)) for k in path): np.asarray(leaf)
+flat = {"params/" + "/".join(str(getattr(k, "key", k)) for k in path): np.asarray(leaf)
         for path, leaf in jax.tree_util.tree_leaves_with_path(state.params)}
 losses = [line for line in open(os.path.join(workdir, "metrics.jsonl")) if '"train"' in line]
 np.savez(os.path.join(workdir, "result.npz"), step=int(state.step),

@@ -219,7 +219,7 @@ def test_sweeps_hold_what_they_claim(corpus):
   assert models[0].name == "dense" and models[0].role == "baseline"
   points = [m.config.model for m in models[1:]]
   assert [(m.num_experts, m.top_k, m.expert_d_ff) for m in points] == [
-      (2 * g * 4, 2 * g, 64 // g) for g in (1, 2, 4, 8)][:len(points)]
+      (2 * g * 4, 2 * g, 64 // g) for g in (1, 2, 4, 8)]
   counts = [accounting.count(m, 32) for m in points]
   expert_params = lambda m, c: c.params_total - m.num_experts * m.d_model * m.num_moe_layers
   assert len({expert_params(m, c) for m, c in zip(points, counts)}) == 1  # router aside
@@ -383,6 +383,7 @@ def test_tiny_study_trains_reports_and_resumes(make_config, corpus, tmp_path, mo
   clocked = study_stats.summarize(runs, {"dense": "baseline", "moe_top2": "moe"}, "dense",
                                   {"dense": 1000.0, "moe_top2": 500.0})
   at_bench = clocked["moe_top2"]["vs_baseline"]["equal_time"]["bench"]["loss"]["values"]
+  assert len(at_bench) == len(runs["moe_top2"]) == 2
   for run, dense_run, value in zip(runs["moe_top2"], runs["dense"], at_bench):
     tokens, losses = run.curve("tokens_seen")
     half = value_at(tokens, losses, dense_run.summary.tokens_seen / 2)[0]

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from chimera import scaling, scaling_hlo
 from chimera.expert_parallel import received_experts, send_plan
 from test_sharding import assert_same_training
 
@@ -117,4 +118,25 @@ def test_compiled_step_moves_tokens_by_all_to_all(dispatch, tmp_path_factory):
 def test_compiled_step_gathers_nothing_token_sized(dispatch, tmp_path_factory):
   """No all-gather or all-reduce whose arrays grow with the batch (routing, masks,
   activations, token ids); parameter gradients keep their shapes and may be all-reduced."""
-  assert compiled_step(dispatch, tmp_path_factory)["token_sized"] == []
+  report = compiled_step(dispatch, tmp_path_factory)
+  assert report["token_sized"] == []
+  # The parser does see the other collectives: the replicated weights' gradients are
+  # all-reduced over the 8 devices. (test_token_sized_finds_what_grows checks the rule.)
+  assert report["other_collectives"] > 0
+
+
+def test_token_sized_finds_what_grows():
+  """chimera.scaling_hlo.token_sized on hand-written HLO: an all-gather that doubles with
+  the batch is reported (its async -start form too); a parameter's all-reduce that keeps
+  its shape, and all-to-alls, are not."""
+  def module(rows):
+    return "\n".join([
+        '  %ar = f32[64,32]{1,0} all-reduce(f32[64,32]{1,0} %g), metadata={op_name="wi_grad"}',
+        f'  %ag = (f32[{rows},16]{{1,0}}, f32[{rows},16]{{1,0}}) all-gather-start(f32[1,16] %x), '
+        'metadata={op_name="routing/gather"}',
+        f'  %a2a = f32[{rows},8]{{1,0}} all-to-all(f32[{rows},8]{{1,0}} %t), metadata={{op_name="dispatch"}}'])
+  assert [c.kind for c in scaling.collectives(module(4))] == ["all-reduce", "all-gather",
+                                                             "all-to-all"]
+  assert scaling_hlo.token_sized(module(4), module(4)) == []
+  assert scaling_hlo.token_sized(module(4), module(8)) == [
+      ("all-gather", "f32[8,16]", "routing/gather"), ("all-gather", "f32[8,16]", "routing/gather")]

@@ -8,6 +8,7 @@ dim, V vocab.
 
 import dataclasses
 import functools
+from typing import get_args
 
 import chex
 import flax.linen as nn
@@ -104,7 +105,8 @@ def test_attention_matches_reference(kernel, dtype):
 
 @pytest.mark.parametrize("positions", ["learned", "rotary"])
 def test_decoder_kernels_agree_forward_and_gradients(positions):
-  """Every Kernels choice computes the same decoder: logits and parameter gradients."""
+  """Every Kernels choice computes the same decoder and loss: logits, loss and parameter
+  gradients (cuDNN attention aside: it runs on GPUs only)."""
   cfg = dataclasses.replace(CONFIG, positions=positions)
   tokens = jnp.asarray(np.random.default_rng(1).integers(0, VOCAB, (2, 9)), jnp.int32)
   params = Decoder(cfg).init(jax.random.key(0), tokens[:, :-1])["params"]
@@ -112,11 +114,17 @@ def test_decoder_kernels_agree_forward_and_gradients(positions):
   def loss_and_grads(kernels: Kernels):
     def loss(params):
       logits, _ = Decoder(cfg, kernels).apply({"params": params}, tokens[:, :-1])
-      return cross_entropy(logits, tokens[:, 1:]).mean(), logits
+      return cross_entropy(logits, tokens[:, 1:], kernels.cross_entropy).mean(), logits
     return jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
 
-  (loss, logits), grads = loss_and_grads(Kernels(embed_grad="scatter", attention="einsum"))
-  for kernels in (Kernels(), Kernels(embed_grad="sorted", attention="xla")):
+  reference = Kernels(embed_grad="scatter", attention="einsum", cross_entropy="two_pass")
+  others = [Kernels(), Kernels(embed_grad="onehot", attention="auto", cross_entropy="one_pass"),
+            Kernels(embed_grad="sorted", attention="xla", cross_entropy="one_pass")]
+  for field in dataclasses.fields(Kernels):  # every choice is run at least once
+    used = {getattr(k, field.name) for k in [reference, *others]}
+    assert used == set(get_args(Kernels.__annotations__[field.name])) - {"cudnn"}, field.name
+  (loss, logits), grads = loss_and_grads(reference)
+  for kernels in others:
     (other_loss, other_logits), other_grads = loss_and_grads(kernels)
     chex.assert_trees_all_close(other_logits, logits, atol=1e-5, rtol=1e-5)
     chex.assert_trees_all_close(other_loss, loss, atol=1e-6, rtol=1e-6)

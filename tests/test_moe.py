@@ -9,6 +9,7 @@ import itertools
 import math
 
 import chex
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -562,7 +563,8 @@ def test_router_bias_lives_in_its_collection_and_only_chooses():
   np.testing.assert_array_equal(routing.expert_index[..., 0], 3)
   np.testing.assert_allclose(routing.gate[..., 0], probs[..., 3], atol=1e-6)
   np.testing.assert_allclose(routing.expert_load[3], 0.5, atol=1e-6)  # 1 of each token's 2
-  with pytest.raises(Exception):  # the bias is read, never created, at apply time
+  # The bias is read, never created, at apply time.
+  with pytest.raises(flax.errors.ScopeCollectionNotFound, match='collection "router_bias"'):
     MoeLayer(cfg).apply({"params": params}, x, deterministic=True)
 
 

@@ -38,10 +38,12 @@ def single_device(tmp_path_factory, write_corpus):
 def assert_same_training(result, reference):
   assert int(result["step"]) == int(reference["step"]) == STEPS
   np.testing.assert_allclose(result["last_loss"], reference["last_loss"], rtol=1e-5)
-  for name in reference:
-    if "/" in name:  # a parameter
-      np.testing.assert_allclose(result[name], reference[name], rtol=2e-4, atol=2e-5,
-                                 err_msg=name)
+  params = sorted(name for name in reference if name.startswith("params/"))
+  assert params == sorted(name for name in result if name.startswith("params/"))
+  assert "params/pos_embed" in params and "params/block_0/moe/wi" in params  # top level too
+  for name in params:
+    np.testing.assert_allclose(result[name], reference[name], rtol=2e-4, atol=2e-5,
+                               err_msg=name)
 
 
 @pytest.mark.slow

@@ -161,10 +161,12 @@ def test_bad_config_is_one_line_before_compiling(corpus, tmp_path):
       args.append(f"--workdir={tmp_path / 'run'}")
     if "corpus" not in flag:
       args.append(f"--config.data.corpus={corpus}")
-    result = run_main(*args, flag)
+    # JAX_LOG_COMPILES: JAX would log any compilation ("Compiling ...") to stderr.
+    result = run_main(*args, flag, env_extra={"JAX_LOG_COMPILES": "1"})
     lines = [l for l in result.stderr.splitlines() if l.strip()]
     assert result.returncode != 0, flag
     assert expected in result.stderr, (flag, result.stderr)
+    assert "Compiling" not in result.stderr, (flag, result.stderr)
     assert "Traceback" not in result.stderr, (flag, result.stderr)
     if flag != "--config.model.num_expertz=4":  # absl's own error for unknown keys
       assert lines == [lines[-1]] and lines[-1].startswith("error: "), (flag, lines)
@@ -402,6 +404,9 @@ def test_log_norms_off_drops_two_metrics_and_changes_no_step(make_config, corpus
   assert set(with_metrics) - set(without_metrics) == {"param_norm", "update_norm"}
   for name in without_metrics:
     np.testing.assert_array_equal(with_metrics[name], without_metrics[name])
-  jax.tree.map(np.testing.assert_array_equal, with_state.params, without_state.params)
+  # The whole state: parameters, optimizer moments, step (and anything else it holds).
+  jax.tree.map(np.testing.assert_array_equal, jax.tree.leaves(with_state),
+               jax.tree.leaves(without_state))
+  assert int(without_state.step) == 1
   assert float(with_metrics["update_norm"]) > 0
 
