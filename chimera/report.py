@@ -408,15 +408,17 @@ def _one(values: set):
   return next(iter(values)) if len(values) == 1 else None
 
 
-def passes_sentence(meta: dict) -> str:
-  """How many times each run's tokens go over its training split (" " first), or ""
-  when the runs do not share one recorded split. Past one pass a run sees its training
-  text again, and a model with more parameters can fit it more closely."""
+def split_sentence(meta: dict) -> str:
+  """How many tokens each run draws against the size of its training split (" " first),
+  or "" when the runs do not share one recorded split. Training windows start at uniformly
+  random offsets, with replacement (chimera.data.batches.WindowSampler), so text repeats
+  within a run; the more tokens per split token, the more a model can fit the text it saw."""
   split = meta.get("train_split_tokens")
   if not split:
     return ""
-  return (f" The training split holds {split:,} tokens, so each run passes over it "
-          f"{meta['tokens_per_run'] / split:.2f} times.")
+  return (f" The training split holds {split:,} tokens; each run draws "
+          f"{meta['tokens_per_run'] / split:.2f} times that many, as windows at random "
+          f"starts with replacement, so text repeats within a run.")
 
 
 def write(out: Path, *, study, runs: dict[str, list[Run]], speed: list, related: dict,
@@ -476,7 +478,7 @@ def write(out: Path, *, study, runs: dict[str, list[Run]], speed: list, related:
       f"{meta['tokens_per_run']:,} tokens, evaluated every {meta['eval_every']} steps "
       f"on a fixed validation subset of {meta['eval_tokens']:,} tokens (the same for every "
       f"model and seed); seeds {meta['seeds']}. A unigram model scores "
-      f"{first.unigram_val_loss:.4f}." + passes_sentence(meta), "",
+      f"{first.unigram_val_loss:.4f}." + split_sentence(meta), "",
       code_sentence(meta["code"], meta["devices"]), "",
       SPREAD_NOTE, ""]
   lines += _tables(models, by_name)
@@ -514,7 +516,7 @@ def headline(summary: dict, study: str) -> list[str]:
   lines = [f"From [{study}/REPORT.md]({study}/REPORT.md): `{summary['command']}` on "
            f"{summary['date']} ({summary['device']}), {summary['tokens_per_run']:,} "
            f"{summary['tokenizer']} tokens of `{summary['corpus']}` per run, seeds "
-           f"{summary['seeds']}.{passes_sentence(summary)} \"a ± b (n=N)\": mean and sample SD "
+           f"{summary['seeds']}.{split_sentence(summary)} \"a ± b (n=N)\": mean and sample SD "
            f"over N seeds; \"- dense\" is paired by seed.", ""]
   rows = []
   for name, e in models.items():

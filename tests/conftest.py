@@ -10,10 +10,12 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="session", autouse=True)
 def _shared_compilation_cache(tmp_path_factory):
   """One persistent compilation cache (chimera.compile_cache) for the whole session, in
-  this process and in the runs it starts: many tests compile the same tiny configs' steps.
-  A cached executable is the one the compiler made, so no result changes. Each pytest-xdist
-  worker keeps its own folder (JAX writes entries without a lock). A test about the cache
-  itself deletes $JAX_COMPILATION_CACHE_DIR and gets a folder of its own."""
+  this process and in the processes tests start (through $JAX_COMPILATION_CACHE_DIR and
+  $JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS, which JAX reads as it starts): many tests
+  compile the same tiny configs' steps. A cached executable is the one the compiler made,
+  so no result changes. Each pytest-xdist worker keeps its own folder (JAX writes entries
+  without a lock). A test about the cache itself deletes $JAX_COMPILATION_CACHE_DIR and
+  gets a folder of its own."""
   import jax
 
   from chimera.compile_cache import MIN_COMPILE_SECONDS
@@ -22,6 +24,7 @@ def _shared_compilation_cache(tmp_path_factory):
   before = {name: getattr(jax.config, name) for name in names}
   patch = pytest.MonkeyPatch()
   patch.setenv("JAX_COMPILATION_CACHE_DIR", folder)
+  patch.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", str(MIN_COMPILE_SECONDS))
   jax.config.update("jax_compilation_cache_dir", folder)
   jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_SECONDS)
   yield folder

@@ -344,15 +344,23 @@ def test_tiny_study_trains_reports_and_resumes(make_config, corpus, tmp_path, mo
     assert heading in text
   assert f"{written['models']['dense']['final_val_loss']['mean']:.4f}" in text
   assert all(line in text for line in written["findings"])
-  # The header says how many times each run went over its training split.
+  # The header compares the tokens each run drew with its training split's size.
   config = tiny("dense")
   split = len(make_splits(load_corpus(str(corpus)), get_tokenizer("byte"),
                           val_fraction=config.data.val_fraction, mode=config.data.split).train)
   assert {r.train_split_tokens for rs in runs.values() for r in rs} == {split}
   assert written["train_split_tokens"] == split
-  passes = 6 * config.train.batch_size * config.train.context / split
-  assert f"The training split holds {split:,} tokens, so each run passes over it {passes:.2f} times." in text
-  assert report.passes_sentence({**written, "train_split_tokens": None}) == ""
+  sentence = (f"The training split holds {split:,} tokens; each run draws "
+              f"{config.train.steps * config.train.batch_size * config.train.context / split:.2f}"
+              f" times that many")
+  assert sentence in text
+  # Runs of different splits (or one without a setup record) share none: no sentence.
+  other = {"dense": runs["dense"], "moe_top2": [dataclasses.replace(
+      runs["moe_top2"][0], train_split_tokens=split + 1)]}
+  mixed_out = report.write(tmp_path / "mixed", study=study, runs=other, speed=[], related={},
+                           command="pytest")
+  assert mixed_out["train_split_tokens"] is None
+  assert "The training split holds" not in (tmp_path / "mixed" / "REPORT.md").read_text()
   dense_run = runs["dense"][0]
   assert written["models"]["dense"]["generalization_gap"]["values"][0] == pytest.approx(
       dense_run.summary.final_val_loss - dense_run.train_rows[-1]["loss"])
@@ -397,6 +405,7 @@ def test_tiny_study_trains_reports_and_resumes(make_config, corpus, tmp_path, mo
   new = readme.read_text()
   assert "stale" not in new and new.startswith("intro\n") and new.endswith("outro\n")
   assert f"{written['models']['dense']['final_val_loss']['mean']:.4f}" in new
+  assert sentence in new  # the headline says it too
   assert not report.update_readme(readme)  # already current
 
   # The findings follow the numbers: flip moe_top2's differences and its sentence flips.

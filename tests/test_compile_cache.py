@@ -52,6 +52,7 @@ def test_enable_sets_the_folder_and_the_threshold(monkeypatch, tmp_path, jax_set
 
 
 def test_jax_own_settings_win(monkeypatch, tmp_path, jax_settings):
+  monkeypatch.delenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", raising=False)
   jax.config.update("jax_compilation_cache_dir", None)
   monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", "")  # set empty: the cache stays off
   assert compile_cache.enable() is None

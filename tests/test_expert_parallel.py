@@ -140,3 +140,13 @@ def test_token_sized_finds_what_grows():
   assert scaling_hlo.token_sized(module(4), module(4)) == []
   assert scaling_hlo.token_sized(module(4), module(8)) == [
       ("all-gather", "f32[8,16]", "routing/gather"), ("all-gather", "f32[8,16]", "routing/gather")]
+
+
+@pytest.mark.parametrize("module", ["chimera.scaling", "chimera.scaling_hlo"])
+def test_scaling_tools_parse_their_flags(module):
+  """Their flags are defined only when they run (chimera.scaling.define_flags)."""
+  result = subprocess.run([sys.executable, "-m", module, "--helpshort"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+  assert "Traceback" not in result.stderr, result.stderr[-2000:]  # absl's help exits 1
+  for flag in ("--config", "--mesh", "--set"):
+    assert flag in result.stdout, (flag, result.stdout)

@@ -116,7 +116,7 @@ def test_eval_batches_are_fixed():
   # Each row is a window of the split (consecutive tokens), and the windows differ.
   np.testing.assert_array_equal(batches, batches[..., :1] + np.arange(5))
   assert len({int(start) for start in batches[..., 0].ravel()}) > 1
-  # The subset depends on its own seed only: another seed draws other windows.
+  # Another seed draws other windows.
   assert not np.array_equal(batches, eval_batches(tokens, batch_size=2, window=5,
                                                   num_batches=3, seed=1))
 
