@@ -204,7 +204,7 @@ def test_nan_stops_and_keeps_last_good_checkpoint(log_norms, make_config, corpus
 @pytest.mark.slow
 def test_sigkill_between_checkpoints_cuts_the_log_and_the_downtime(make_config, corpus,
                                                                     tmp_path, monkeypatch):
-  steps, every = 400, 100
+  steps, every = 1000, 100
   overrides = dict(train__steps=steps, train__checkpoint_every=every, train__eval_every=every,
                    train__log_every=1)
   config = make_config("dense", corpus, **overrides)
@@ -216,7 +216,13 @@ def test_sigkill_between_checkpoints_cuts_the_log_and_the_downtime(make_config, 
   # shell sets, and every compiled step written to it, however fast this machine compiles.
   monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
   process = start_main(*args, env_extra={"JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"})
-  wait_for_line(process, f"step    {every + 20}/")  # past the first checkpoint
+  # Kill it once a checkpoint is complete and the run has logged steps past it. Orbax
+  # finishes a save in the background and then renames its temporary folder to <step>.
+  checkpoints = workdir / "checkpoints"
+  for line in process.stderr:
+    done = [int(p.name) for p in checkpoints.glob("*") if p.name.isdigit()]
+    if done and line.startswith("step ") and int(line.split()[1].split("/")[0]) > max(done):
+      break
   process.kill()  # SIGKILL: no handler runs, no checkpoint is written
   process.wait(timeout=60)
   saved = Checkpointer(workdir / "checkpoints", keep=2).latest_step()
