@@ -3,7 +3,7 @@
 - `RunSummary`: WORKDIR/summary.json, written by chimera.train at the end of a run and
   read by chimera.report and chimera.compare.
 - `EvalRecord`: one evaluation, a line of WORKDIR/metrics.jsonl (event "eval"), written by
-  chimera.train and read back by `read_evals`.
+  chimera.train and read back by `eval_records`.
 - `Progress`: what a checkpoint carries beside the arrays (its `meta` item).
 
 Each is written and read here, so a field added to one is added in one place.
@@ -69,16 +69,27 @@ class EvalRecord:
     return values
 
 
+def read_all_events(workdir: Path) -> dict[str, list[dict]]:
+  """Every metrics.jsonl record, by event ("setup", "train", "eval"), each in order: one
+  read of the file for a caller that needs several events."""
+  path = Path(workdir) / "metrics.jsonl"
+  events = {}
+  for line in path.read_text().splitlines():
+    if line.strip():
+      record = json.loads(line)
+      events.setdefault(record.get("event"), []).append(record)
+  return events
+
+
 def read_events(workdir: Path, event: str) -> list[dict]:
   """Every metrics.jsonl record of one event ("setup", "train", "eval"), in order."""
-  path = Path(workdir) / "metrics.jsonl"
-  records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-  return [r for r in records if r.get("event") == event]
+  return read_all_events(workdir).get(event, [])
 
 
-def read_evals(workdir: Path) -> list[EvalRecord]:
+def eval_records(rows: list[dict]) -> list[EvalRecord]:
+  """The "eval" records of metrics.jsonl as EvalRecords."""
   names = [f.name for f in dataclasses.fields(EvalRecord)]
-  return [EvalRecord(**{name: r[name] for name in names}) for r in read_events(workdir, "eval")]
+  return [EvalRecord(**{name: r[name] for name in names}) for r in rows]
 
 
 def code_version(package: Path = Path(__file__).resolve().parent) -> str | None:

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from chimera import accounting, config as config_lib
-from chimera.records import EvalRecord, RunSummary, read_evals, read_events
+from chimera.records import EvalRecord, RunSummary, eval_records, read_all_events
 
 
 @dataclasses.dataclass(frozen=True)
@@ -207,9 +207,10 @@ class Run:
 
   @classmethod
   def load(cls, workdir: Path, model: str, seed: int) -> "Run":
-    setup = read_events(workdir, "setup")
-    return cls(model, seed, RunSummary.load(workdir), read_evals(workdir),
-               read_events(workdir, "train"), setup[0]["train_tokens"] if setup else None)
+    events = read_all_events(workdir)  # metrics.jsonl, read once
+    setup = events.get("setup")
+    return cls(model, seed, RunSummary.load(workdir), eval_records(events.get("eval", [])),
+               events.get("train", []), setup[0]["train_tokens"] if setup else None)
 
   def curve(self, x: str) -> tuple[list[float], list[float]]:
     """The validation curve against "tokens_seen" or "wall_seconds"."""

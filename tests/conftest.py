@@ -1,3 +1,4 @@
+import contextlib
 from pathlib import Path
 
 import pytest
@@ -20,17 +21,25 @@ def _shared_compilation_cache(tmp_path_factory):
 
   from chimera.compile_cache import MIN_COMPILE_SECONDS
   folder = str(tmp_path_factory.mktemp("xla-cache"))
+  with pytest.MonkeyPatch.context() as patch, cache_settings_restored():
+    patch.setenv("JAX_COMPILATION_CACHE_DIR", folder)
+    patch.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", str(MIN_COMPILE_SECONDS))
+    jax.config.update("jax_compilation_cache_dir", folder)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_SECONDS)
+    yield folder
+
+
+@contextlib.contextmanager
+def cache_settings_restored():
+  """Puts back the two JAX settings that chimera.compile_cache.enable changes."""
+  import jax
   names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
   before = {name: getattr(jax.config, name) for name in names}
-  patch = pytest.MonkeyPatch()
-  patch.setenv("JAX_COMPILATION_CACHE_DIR", folder)
-  patch.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", str(MIN_COMPILE_SECONDS))
-  jax.config.update("jax_compilation_cache_dir", folder)
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_SECONDS)
-  yield folder
-  patch.undo()
-  for name, value in before.items():
-    jax.config.update(name, value)
+  try:
+    yield
+  finally:
+    for name, value in before.items():
+      jax.config.update(name, value)
 
 
 @pytest.fixture(autouse=True)

@@ -10,16 +10,14 @@ import jax
 import pytest
 
 from chimera import compile_cache
+from conftest import cache_settings_restored
 
 
 @pytest.fixture
 def jax_settings():
   """Puts back the two JAX settings that `enable` changes."""
-  names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
-  before = {name: getattr(jax.config, name) for name in names}
-  yield
-  for name, value in before.items():
-    jax.config.update(name, value)
+  with cache_settings_restored():
+    yield
 
 
 def test_the_folder_names_the_processor_and_its_features(monkeypatch, tmp_path):
