@@ -92,12 +92,13 @@ def _timed(fn, *args) -> float:
 
 def peak_matmul_flops(dtype, repeats: int = 10) -> float:
   """Measured FLOP/s of square matmuls in `dtype` on the default device: the best median
-  over a few sizes, since the fastest size differs between CPUs and GPUs."""
+  over a few sizes, since the fastest size differs between CPUs and GPUs. Dots as the
+  default Kernels compute them."""
   sizes = (4096, 8192) if jax.default_backend() == "gpu" else (512, 1024, 2048)
   best = 0.0
   for size in sizes:
     a = jax.random.normal(jax.random.key(size), (size, size), dtype)  # not constant: real power
-    matmul = jax.jit(lambda x, y: x @ y)
+    matmul = jax.jit(lambda x, y: x @ y, compiler_options=Kernels().compiler_options())
     matmul(a, a).block_until_ready()
     best = max(best, 2 * size ** 3 / np.median([_timed(matmul, a, a) for _ in range(repeats)]))
   return best
@@ -233,7 +234,7 @@ class Subject:
     self.state = init_state(c)
     step = jax.jit(functools.partial(train_step, model=Decoder(c.model, case.kernels),
                                      config=c.model, log_norms=c.train.log_norms),
-                   donate_argnums=0)
+                   donate_argnums=0, compiler_options=case.kernels.compiler_options())
     batches = token_batches(c, settings.batches, case.random_ids)
     self.batches = [jax.device_put(b) for b in batches]
     self.rng = jax.random.key(0)
@@ -266,7 +267,8 @@ class Subject:
       params = layer.init(jax.random.key(0), x, deterministic=True)
       loss = lambda p, x, layer=layer: layer.apply(p, x, deterministic=False,
                                                    rngs={"dropout": jax.random.key(0)})[0].sum()
-      fns.append((jax.jit(jax.grad(loss, argnums=(0, 1))), params, x))
+      fns.append((jax.jit(jax.grad(loss, argnums=(0, 1)),
+                          compiler_options=self.case.kernels.compiler_options()), params, x))
     return fns
 
   def _train_seconds(self) -> float:

@@ -22,7 +22,7 @@ from absl import app, flags
 
 from chimera import config as config_lib, moe
 from chimera.grouped_matmul import default_block_size, ragged_matmul
-from chimera.layers import compute_dtype
+from chimera.layers import Kernels, compute_dtype
 
 _CONFIG = flags.DEFINE_string("config", "configs/moe_top2.py", "Config file[:preset].")
 _BLOCK_SIZES = flags.DEFINE_list("block_sizes", ["128", "256", "512", "1024"],
@@ -66,7 +66,7 @@ def main(argv):
   for method, block_size in methods:
     loss = lambda x, w, method=method, block_size=block_size: ragged_matmul(
         x, w, group_sizes, method=method, block_size=block_size or 1).astype(jnp.float32).sum()
-    step = jax.jit(jax.grad(loss, argnums=(0, 1)))
+    step = jax.jit(jax.grad(loss, argnums=(0, 1)), compiler_options=Kernels().compiler_options())
     seconds = seconds_per_call(step, x, w, repeats=_REPEATS.value)
     name = method if method == "ragged_dot" else f"blocks, b={block_size}"
     print(f"{name} | {1e3 * seconds:.3f} | {flops / seconds / 1e12:.2f}")
@@ -86,7 +86,7 @@ def ffn_against_dense(m, tokens: int, dtype) -> None:
   dense = {"wi": init(keys[4], (m.d_model, m.top_k * m.expert_d_ff)),
            "wo": init(keys[5], (m.top_k * m.expert_d_ff, m.d_model))}
   summed = lambda f: jax.jit(jax.grad(lambda x, w: f(x, w).astype(jnp.float32).sum(),
-                                      argnums=(0, 1)))
+                                      argnums=(0, 1)), compiler_options=Kernels().compiler_options())
   cases = {"dense MLP": (summed(lambda x, w: moe.ffn(x, w, "gelu")), dense)}
   default = default_block_size(tokens * m.top_k, m.num_experts)
   for block in sorted({int(b) for b in _BLOCK_SIZES.value} | {default}):

@@ -28,6 +28,7 @@ from chimera import compile_cache, config as config_lib
 from chimera.checkpoints import Checkpointer
 from chimera.decoder import Decoder
 from chimera.errors import ChimeraError
+from chimera.layers import Kernels
 from chimera.steps import eval_step, init_state
 from chimera.train import prepare_data
 
@@ -82,7 +83,8 @@ def split_loss(workdir: str | Path, step: int | None = None,
   rows = windows(data.splits.val, config.train.context)
   batch_size = batch_size or config.train.batch_size
   evaluate = jax.jit(functools.partial(eval_step, model=Decoder(config.model),
-                                       config=config.model))
+                                       config=config.model),
+                     compiler_options=Kernels().compiler_options())
   loss_sum = 0.0
   for start in range(0, len(rows), batch_size):  # the last batch may be short: one recompile
     out = evaluate(state.params, state.model_state, rows[start:start + batch_size])

@@ -59,6 +59,14 @@ AttentionKernel = Literal["auto", "xla", "cudnn", "einsum"]
 # dense gpu preset) did not beat the one with "two_pass" (1,178,525), each on its own
 # machine; the side-by-side bench (launch/gpu_check.sh's "loss" stage) is still to run.
 CrossEntropyKernel = Literal["two_pass", "one_pass"]
+# How XLA:CPU computes matrix products (no effect on GPUs). "eigen": every dot through
+# Eigen, XLA:CPU's own matmul kernels; "xla": the installed jaxlib's choice, which in jaxlib
+# 0.10.2 hands most dots to YNNPACK (fusions of kind __ynn_fusion) and the rest to Eigen.
+# Default "eigen": on a 2-core AMD EPYC (AVX-512) the default preset's dense step took
+# 0.522 against 0.557 s and moe_top2's 0.707 against 0.783 s, the small preset's moe_top2
+# 0.303 against 0.375 s (one bench run each; docs/performance.md, "Dots on the CPU").
+# A jaxlib without the option compiles both choices its own way.
+CpuDots = Literal["eigen", "xla"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,10 +79,31 @@ class Kernels:
   embed_grad: EmbedGrad = "sorted"
   attention: AttentionKernel = "auto"
   cross_entropy: CrossEntropyKernel = "two_pass"
+  cpu_dots: CpuDots = "eigen"
 
   def __post_init__(self):
     for field in dataclasses.fields(self):
       check_kernel(field.name, getattr(self, field.name))
+
+  def compiler_options(self) -> dict[str, str] | None:
+    """What these choices ask of XLA, for `jax.jit(..., compiler_options=...)`: the dots
+    taken back from YNNPACK on the CPU with "eigen"; None when there is nothing to ask."""
+    if self.cpu_dots == "eigen" and jax.default_backend() == "cpu" and _cpu_takes(_YNN_TYPES):
+      return {_YNN_TYPES: ""}  # no fusion type handed to YNNPACK
+    return None
+
+
+_YNN_TYPES = "xla_cpu_experimental_ynn_fusion_type"
+
+
+@functools.cache
+def _cpu_takes(option: str) -> bool:
+  """Whether this jaxlib's CPU compiler knows `option` (an unknown one fails the compile)."""
+  try:
+    jax.jit(lambda x: x + 1, compiler_options={option: ""}).lower(jnp.float32(0)).compile()
+  except jax.errors.JaxRuntimeError:
+    return False
+  return True
 
 
 def check_kernel(field: str, value: str) -> None:

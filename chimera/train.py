@@ -28,6 +28,7 @@ from chimera.data import batches as batches_lib, load_splits
 from chimera.data.tokenizers import get_tokenizer
 from chimera.decoder import Decoder
 from chimera.errors import ChimeraError
+from chimera.layers import Kernels
 from chimera.metrics import MetricWriter, log, progress_line
 from chimera.records import EvalRecord, Progress, RunSummary, device_name, loaded_code_version
 from chimera.steps import TrainState, eval_step, init_state, make_schedule, train_step
@@ -225,7 +226,8 @@ class Evaluator:
                     for batch in data.val_batches]
     self.eval_fn = jax.jit(
         functools.partial(eval_step, model=Decoder(config.model), config=config.model),
-        out_shardings=NamedSharding(mesh, PartitionSpec()))
+        out_shardings=NamedSharding(mesh, PartitionSpec()),
+        compiler_options=Kernels().compiler_options())
 
   def __call__(self, state: TrainState, step: int, progress: Progress) -> float:
     results = jax.device_get([self.eval_fn(state.params, state.model_state, batch)
@@ -362,7 +364,7 @@ def _compile_train_step(config: Config, mesh: jax.sharding.Mesh, state: TrainSta
   replicated = NamedSharding(mesh, PartitionSpec())
   jitted = jax.jit(functools.partial(train_step, model=Decoder(config.model), config=config.model,
                                      log_norms=t.log_norms),
-                   donate_argnums=0,
+                   donate_argnums=0, compiler_options=Kernels().compiler_options(),
                    out_shardings=(sharding.state_sharding(mesh, state), replicated))
   batch = jax.ShapeDtypeStruct((t.grad_accum, t.batch_size // t.grad_accum, t.context + 1),
                                np.int32, sharding=sharding.batch_sharding(mesh, ndim=3, batch_axis=1))

@@ -115,9 +115,11 @@ def test_decoder_kernels_agree_forward_and_gradients(positions):
     def loss(params):
       logits, _ = Decoder(cfg, kernels).apply({"params": params}, tokens[:, :-1])
       return cross_entropy(logits, tokens[:, 1:], kernels.cross_entropy).mean(), logits
-    return jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+    return jax.jit(jax.value_and_grad(loss, has_aux=True),
+                   compiler_options=kernels.compiler_options())(params)
 
-  reference = Kernels(embed_grad="scatter", attention="einsum", cross_entropy="two_pass")
+  reference = Kernels(embed_grad="scatter", attention="einsum", cross_entropy="two_pass",
+                      cpu_dots="xla")
   others = [Kernels(), Kernels(embed_grad="onehot", attention="auto", cross_entropy="one_pass"),
             Kernels(embed_grad="sorted", attention="xla", cross_entropy="one_pass")]
   for field in dataclasses.fields(Kernels):  # every choice is run at least once
@@ -129,6 +131,23 @@ def test_decoder_kernels_agree_forward_and_gradients(positions):
     chex.assert_trees_all_close(other_logits, logits, atol=1e-5, rtol=1e-5)
     chex.assert_trees_all_close(other_loss, loss, atol=1e-6, rtol=1e-6)
     chex.assert_trees_all_close(other_grads, grads, atol=1e-6, rtol=1e-5)
+
+
+def ynn_fusions(compiled) -> int:
+  return compiled.as_text().count('"kind":"__ynn_fusion"')
+
+
+def test_cpu_dots_eigen_leaves_no_dot_to_ynnpack():
+  """cpu_dots="eigen" compiles every dot through Eigen: no YNNPACK fusion is left, on a
+  jaxlib whose default hands dots to YNNPACK (0.10.2 does: the first assertion) or not."""
+  x, w = jnp.ones((64, 32)), jnp.ones((32, 48))
+  product = lambda kernels: jax.jit(lambda x, w: jnp.tanh(x @ w) @ w.T,
+                                    compiler_options=kernels.compiler_options()).lower(x, w).compile()
+  assert Kernels(cpu_dots="xla").compiler_options() is None
+  if ynn_fusions(product(Kernels(cpu_dots="xla"))):
+    assert Kernels().compiler_options() == {"xla_cpu_experimental_ynn_fusion_type": ""}
+  assert ynn_fusions(product(Kernels())) == 0
+  assert not layers._cpu_takes("xla_cpu_no_such_option")
 
 
 def test_attention_dropout_still_drops():

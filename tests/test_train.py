@@ -1,12 +1,14 @@
 """The main job end to end on the `tiny` preset: smoke runs, exact resume, bad input, NaN."""
 
 import fcntl
+import functools
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+import types
 
 import chex
 import jax
@@ -14,12 +16,15 @@ import numpy as np
 import pytest
 from pathlib import Path
 
+from chimera import sharding, train as train_lib
 from chimera.checkpoints import Checkpointer
+from chimera.config import TrainConfig
+from chimera.decoder import Decoder
 from chimera.errors import ChimeraError
+from chimera.layers import Kernels
 from chimera.records import (Progress, RunSummary, code_version, cpu_model, device_name,
                               loaded_code_version, read_events)
-from chimera.steps import init_state, make_optimizer, make_schedule
-from chimera.config import TrainConfig
+from chimera.steps import eval_step, init_state, make_optimizer, make_schedule
 from chimera.train import TrainingDiverged, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -278,6 +283,26 @@ def test_a_workdir_that_is_a_file_or_in_use_is_refused(make_config, corpus, tmp_
     with pytest.raises(ChimeraError, match="in use by another live run"):
       train(config, workdir)
   assert train(config, workdir).completed  # released: the next run goes ahead
+
+
+def test_train_and_evaluation_steps_compile_dots_as_the_default_kernels_say(make_config, corpus):
+  """The trainer's compiled steps take Kernels().compiler_options(): with cpu_dots="eigen",
+  no dot of the train or evaluation step goes to YNNPACK, which jaxlib 0.10.2 would pick
+  for the same evaluation step without the options."""
+  config = make_config("moe_top2", corpus)
+  mesh = sharding.make_mesh(config.mesh)
+  state = init_state(config)
+  batch = np.zeros((2, config.train.context + 1), np.int32)
+  evaluator = train_lib.Evaluator(config, types.SimpleNamespace(val_batches=[]), mesh, writer=None)
+  compiled = [train_lib._compile_train_step(config, mesh, state, jax.random.key(0)),
+              evaluator.eval_fn.lower(state.params, state.model_state, batch).compile()]
+  assert Kernels().cpu_dots == "eigen"
+  for step in compiled:
+    assert " dot(" in step.as_text() and '"kind":"__ynn_fusion"' not in step.as_text()
+  if Kernels().compiler_options() is not None:  # this jaxlib has the option: its default differs
+    default = jax.jit(functools.partial(eval_step, model=Decoder(config.model), config=config.model))
+    text = default.lower(state.params, state.model_state, batch).compile().as_text()
+    assert '"kind":"__ynn_fusion"' in text
 
 
 def test_code_version_names_the_commit_and_uncommitted_changes(tmp_path):
