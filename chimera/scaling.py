@@ -28,6 +28,7 @@ from absl import app, flags
 from chimera import config as config_lib, sharding
 from chimera.bench import parse_override
 from chimera.decoder import Decoder
+from chimera.layers import Kernels
 from chimera.routers import expert_capacity
 from chimera.steps import init_state, train_step
 
@@ -109,7 +110,8 @@ def compile_train_step(config: config_lib.Config, mesh: jax.sharding.Mesh):
     batch = jax.make_array_from_process_local_data(
         sharding.batch_sharding(mesh, 3, 1), np.zeros(shape, np.int32))
     step = jax.jit(functools.partial(train_step, model=Decoder(config.model),
-                                     config=config.model), donate_argnums=0)
+                                     config=config.model), donate_argnums=0,
+                   compiler_options=Kernels().compiler_options())  # as training compiles it
     return step.lower(state, batch, jax.random.key(0)).compile()
 
 
