@@ -251,7 +251,7 @@ class Subject:
     # Compiled once per batch size, like the train step: timed, and profiled from its HLO.
     self.decoders = {b: generate.lower(self.state.params, prompt, jax.random.key(0),
                                        config=c.model, max_new_tokens=self.new_tokens,
-                                       temperature=1.0).compile()
+                                       temperature=1.0).compile(case.kernels.compiler_options())
                      for b, prompt in self.prompts.items()}
     self.moe_layer = self._moe_layer_fns() if c.model.num_experts and settings.moe_split else None
     self.measure(warmup=True)

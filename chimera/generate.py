@@ -120,6 +120,7 @@ def main(argv):
   compile_cache.enable()
   from chimera.checkpoints import Checkpointer
   from chimera.data.tokenizers import get_tokenizer
+  from chimera.layers import Kernels
   from chimera.steps import init_state
   try:
     workdir = Path(_WORKDIR.value or "")
@@ -132,10 +133,11 @@ def main(argv):
     state = checkpointer.restore(init_state(config))[0]
     tokenizer = get_tokenizer(config.data.tokenizer)
     prompt = tokenizer.encode(_PROMPT.value)
-    tokens, _ = generate(state.params, jnp.asarray(prompt)[None], jax.random.key(_SEED.value),
-                         config=config.model, max_new_tokens=_MAX_NEW.value,
-                         temperature=_TEMPERATURE.value, top_k=_TOP_K.value,
-                         vocab_limit=tokenizer.vocab_size, model_state=state.model_state)
+    args = (state.params, jnp.asarray(prompt)[None], jax.random.key(_SEED.value))
+    decode = generate.lower(*args, config=config.model, max_new_tokens=_MAX_NEW.value,
+                            temperature=_TEMPERATURE.value, top_k=_TOP_K.value,
+                            vocab_limit=tokenizer.vocab_size, model_state=state.model_state)
+    tokens, _ = decode.compile(Kernels().compiler_options())(*args, model_state=state.model_state)
   except ChimeraError as error:
     print(f"error: {error}", file=sys.stderr)
     sys.exit(2)
