@@ -482,7 +482,8 @@ def shipped_width(preset, overrides) -> int:
 
 def test_a_field_added_at_its_default_keeps_the_run_directory():
   """The run key leaves out KEY_OMITS_AT_DEFAULT fields at their default: the key of a
-  config equals the hash of its values from before those fields existed."""
+  config equals the hash of its values from before those fields existed, and runs keyed
+  before then (recorded in a log) keep their directories."""
   config = compare.load("configs/moe_top2.py", compare.PRESETS["cpu"], {})
   values = config_lib.to_dict(config)
   values.pop("name")
@@ -496,6 +497,13 @@ def test_a_field_added_at_its_default_keeps_the_run_directory():
   dense = compare.seeded(compare.load("configs/dense.py", compare.PRESETS["gpu-small"], {}),
                          "dense", 0)
   assert compare.run_dir(Path("r"), dense) == Path("r/3a632c8a0dae")
+  # So do its expert sweep's points (moe_top2 at E = 4, 8, 16, 32), keyed in the same log
+  # before the train.router_* and train.expert_* fields existed.
+  for experts, key in ((4, "c3875683cce7"), (8, "ea1dfcc64215"), (16, "d1f2492b0a1d"),
+                       (32, "92d2d6db027e")):
+    point = compare.seeded(compare.load("configs/moe_top2.py", compare.PRESETS["gpu-small"],
+                                        {"model.num_experts": experts}), "point", 0)
+    assert compare.run_dir(Path("r"), point) == Path("r") / key, experts
   quiet = dataclasses.replace(dense, train=dataclasses.replace(dense.train, log_norms=False))
   assert compare.run_dir(Path("r"), quiet) == Path("r/3a632c8a0dae")  # logs less, same run
   for change in (dict(router_lr_scale=3.0), dict(router_weight_decay=False),

@@ -7,6 +7,9 @@ import numpy as np
 import pytest
 
 from chimera import evaluate
+from chimera.data.batches import make_splits
+from chimera.data.corpora import load_corpus
+from chimera.data.tokenizers import get_tokenizer
 from chimera.errors import ChimeraError
 from chimera.train import train
 from conftest import make_config
@@ -38,10 +41,15 @@ def test_split_loss_counts_the_split_and_does_not_depend_on_batching(finished_ru
   workdir, summary, config = finished_run
   whole = evaluate.split_loss(workdir)
   assert whole.step == 12
-  assert whole.tokens == whole.windows * config.train.context
-  assert whole.windows >= 2 * config.train.batch_size  # several batches, the last one short
-  # Batches of 1, 3 (a short last batch) and the run's own size give the same loss.
-  for batch_size in (1, 3):
+  # The validation split, rebuilt here from the corpus: every full window of it is scored.
+  val = make_splits(load_corpus(config.data.corpus), get_tokenizer("byte"),
+                    val_fraction=config.data.val_fraction, mode=config.data.split).val
+  windows = (len(val) - 1) // config.train.context
+  assert windows >= 2 * config.train.batch_size  # several batches
+  assert (whole.windows, whole.tokens) == (windows, windows * config.train.context)
+  # Batches of 1 and of a size that leaves a short last batch give the run's loss.
+  short = next(b for b in range(2, windows) if windows % b)
+  for batch_size in (1, short):
     assert evaluate.split_loss(workdir, batch_size=batch_size).loss == pytest.approx(
         whole.loss, rel=1e-5)
   # The fixed subset the run evaluated on is a sample of the same split.

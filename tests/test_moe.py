@@ -4,6 +4,7 @@ Shape letters as in chimera/moe.py: G groups, S tokens per group, E experts, C c
 K choices per token, M model dim, H expert hidden dim.
 """
 
+import dataclasses
 import functools
 import itertools
 import math
@@ -536,13 +537,17 @@ def test_one_token_router_product_equals_the_dot():
 def test_group_size_that_does_not_tile_the_batch_is_an_error():
   cfg = ModelConfig(d_model=D_MODEL, num_experts=NUM_EXPERTS, expert_d_ff=EXPERT_D_FF,
                     group_size=8)
-  x = jnp.zeros((1, 12, D_MODEL))
-  # init's output is thrown away: any dummy batch builds the params.
-  variables = MoeLayer(cfg).init(jax.random.key(0), x, deterministic=True)
+  x = jnp.asarray(np.random.default_rng(7).normal(size=(1, 12, D_MODEL)), jnp.float32)
+  variables = MoeLayer(cfg).init(jax.random.key(0), x[:, :8], deterministic=True)
   with pytest.raises(ValueError, match="group_size=8 does not divide the 12 tokens"):
     MoeLayer(cfg).apply(variables, x, deterministic=True)
-  # Decoding routes each sequence as one group, whatever group_size says.
-  MoeLayer(cfg).apply(variables, x, deterministic=True, decode=True)
+  # Decoding routes each sequence as one group, whatever group_size says: the same output
+  # as the layer with group_size = the sequence's 12 tokens.
+  y, _ = MoeLayer(cfg).apply(variables, x, deterministic=True, decode=True)
+  y_one_group, _ = MoeLayer(dataclasses.replace(cfg, group_size=12)).apply(
+      variables, x, deterministic=True)
+  assert float(jnp.abs(y).max()) > 0
+  chex.assert_trees_all_close(y, y_one_group, atol=1e-6, rtol=1e-6)
 
 
 def test_router_bias_lives_in_its_collection_and_only_chooses():

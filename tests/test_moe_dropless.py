@@ -180,34 +180,54 @@ def test_dropless_experts_with_an_unused_expert():
   chex.assert_trees_all_close(y_skipped, gate.sum(-1, keepdims=True) * x, atol=1e-6)
 
 
-def test_decoder_with_dropless_trains():
+def test_decoder_with_dropless_matches_einsum_without_drops_and_trains():
   cfg = ModelConfig(vocab_size=11, num_layers=2, num_heads=2, d_model=D_MODEL, d_ff=32,
                     max_len=16, num_experts=NUM_EXPERTS, top_k=2, expert_d_ff=EXPERT_D_FF,
                     group_size=8, dispatch="dropless", dropout=0.0)
-  validate_model(cfg)
-  model = Decoder(cfg)
+  # The einsum path with room for every assignment (C = group_size) drops nothing either.
+  einsum_cfg = dataclasses.replace(cfg, dispatch="einsum", min_capacity=8)
+  for c in (cfg, einsum_cfg):
+    validate_model(c)
   tokens = jnp.asarray(np.random.default_rng(0).integers(0, 11, size=(2, 9)), jnp.int32)
-  params = model.init(jax.random.key(0), tokens[:, :-1])["params"]
+  params = Decoder(cfg).init(jax.random.key(0), tokens[:, :-1])["params"]
 
-  @jax.jit
-  def loss_and_grads(params):
-    def loss(params):
-      logits, stats = model.apply({"params": params}, tokens[:, :-1], deterministic=False,
-                                  rngs={"dropout": jax.random.key(1)})
-      lm_loss = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
-      return (lm_loss + cfg.load_balance_coef * stats["load_balance_loss"]
-              + cfg.z_loss_coef * stats["z_loss"]), stats
-    return jax.value_and_grad(loss, has_aux=True)(params)
+  def loss_and_grads(cfg):
+    model = Decoder(cfg)
 
-  (loss, stats), grads = loss_and_grads(params)
-  assert np.isfinite(float(loss))
-  chex.assert_tree_all_finite(grads)
+    @jax.jit
+    def run(params):
+      def loss(params):
+        logits, stats = model.apply({"params": params}, tokens[:, :-1], deterministic=False,
+                                    rngs={"dropout": jax.random.key(1)})
+        lm_loss = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
+        return (lm_loss + cfg.load_balance_coef * stats["load_balance_loss"]
+                + cfg.z_loss_coef * stats["z_loss"]), stats
+      return jax.value_and_grad(loss, has_aux=True)(params)
+    return run
+
+  dropless, einsum = loss_and_grads(cfg), loss_and_grads(einsum_cfg)
+  (loss, stats), grads = dropless(params)
+  (einsum_loss, einsum_stats), einsum_grads = einsum(params)
   chex.assert_shape(stats["dropped_fraction"], (cfg.num_moe_layers,))
-  np.testing.assert_array_equal(stats["dropped_fraction"], 0.0)
+  np.testing.assert_array_equal(einsum_stats["dropped_fraction"], 0.0)
+  np.testing.assert_allclose(float(loss), float(einsum_loss), rtol=1e-5)
+  for name in ("load_balance_loss", "z_loss", "expert_load", "router_entropy"):
+    chex.assert_trees_all_close(stats[name], einsum_stats[name], atol=1e-6, rtol=1e-5)
+  chex.assert_trees_all_close(grads, einsum_grads, atol=1e-5, rtol=1e-4)
   for layer in range(cfg.num_layers):
     moe_grads = grads[f"block_{layer}"]["moe"]
     for name in ("router", "wi", "wo"):
       assert float(jnp.abs(jax.tree_util.tree_leaves(moe_grads[name])[0]).max()) > 0, name
+
+  # Twenty Adam steps on this batch lower its loss.
+  optimizer = optax.adam(1e-2)
+  opt_state = optimizer.init(params)
+  for _ in range(20):
+    (_, _), grads = dropless(params)
+    updates, opt_state = optimizer.update(grads, opt_state)
+    params = optax.apply_updates(params, updates)
+  (trained_loss, _), _ = dropless(params)
+  assert float(trained_loss) < float(loss) - 0.1
 
 
 def test_validation_rejects_unknown_dispatch():

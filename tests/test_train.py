@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from pathlib import Path
 
-from chimera import sharding, train as train_lib
+from chimera import records, sharding, train as train_lib
 from chimera.checkpoints import Checkpointer
 from chimera.config import TrainConfig
 from chimera.decoder import Decoder
@@ -299,10 +299,12 @@ def test_train_and_evaluation_steps_compile_dots_as_the_default_kernels_say(make
   assert Kernels().cpu_dots == "eigen"
   for step in compiled:
     assert " dot(" in step.as_text() and '"kind":"__ynn_fusion"' not in step.as_text()
-  if Kernels().compiler_options() is not None:  # this jaxlib has the option: its default differs
-    default = jax.jit(functools.partial(eval_step, model=Decoder(config.model), config=config.model))
-    text = default.lower(state.params, state.model_state, batch).compile().as_text()
-    assert '"kind":"__ynn_fusion"' in text
+  if Kernels().compiler_options() is None:
+    pytest.skip(f"jaxlib {jax.lib.__version__} has no YNNPACK option: the check that the "
+                "options change the compiled step did not run")
+  default = jax.jit(functools.partial(eval_step, model=Decoder(config.model), config=config.model))
+  text = default.lower(state.params, state.model_state, batch).compile().as_text()
+  assert '"kind":"__ynn_fusion"' in text
 
 
 def test_code_version_names_the_commit_and_uncommitted_changes(tmp_path):
@@ -338,7 +340,7 @@ def test_code_version_names_the_commit_and_uncommitted_changes(tmp_path):
   assert Progress.from_json({"tokens_seen": 3}).code == ["not recorded"]
 
 
-def test_cpu_model_is_read_from_cpuinfo(tmp_path):
+def test_cpu_model_is_read_from_cpuinfo(tmp_path, monkeypatch):
   cpuinfo = tmp_path / "cpuinfo"
   cpuinfo.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC 9B14\n"
                      "flags\t\t: fpu sse4_2 avx avx2 avx512f avx512bw\n"
@@ -346,12 +348,20 @@ def test_cpu_model_is_read_from_cpuinfo(tmp_path):
   assert cpu_model(cpuinfo) == "AMD EPYC 9B14, AVX-512"
   cpuinfo.write_text("model name\t: AMD EPYC 9B14\nflags\t\t: fpu sse4_2 avx avx2\n")
   assert cpu_model(cpuinfo) == "AMD EPYC 9B14, AVX2"  # the same name, a narrower ISA
-  # Runs on the CPU are named with it.
-  if cpu_model():
-    assert device_name() == f"cpu ({cpu_model()})"
   # No /proc/cpuinfo (macOS): platform.processor(), which may be empty.
   import platform
-  assert cpu_model(tmp_path / "missing") == (platform.processor() or None)
+  monkeypatch.setattr(platform, "processor", lambda: "arm")
+  assert cpu_model(tmp_path / "missing") == "arm"
+  monkeypatch.setattr(platform, "processor", lambda: "")
+  assert cpu_model(tmp_path / "missing") is None
+  # Runs on the CPU are named with it, and with the device count past one.
+  monkeypatch.setattr(records, "cpu_model", lambda: "AMD EPYC 9B14, AVX-512")
+  monkeypatch.setattr(jax, "device_count", lambda: 1)
+  assert device_name() == "cpu (AMD EPYC 9B14, AVX-512)"
+  monkeypatch.setattr(jax, "device_count", lambda: 2)
+  assert device_name() == "cpu (AMD EPYC 9B14, AVX-512) x 2"
+  monkeypatch.setattr(records, "cpu_model", lambda: None)
+  assert device_name() == "cpu x 2"
 
 
 def test_progress_saved_is_a_copy():

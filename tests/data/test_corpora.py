@@ -1,6 +1,5 @@
 """Corpus loading and the download cache, offline: sdists are tar.gz files built here."""
 import hashlib
-import importlib.util
 import io
 import shutil
 import sys
@@ -106,9 +105,8 @@ def test_local_corpus_errors(tmp_path, setup, spec, message):
     corpora.load_corpus(str(tmp_path / spec))
 
 
-@pytest.mark.skipif(importlib.util.find_spec("tensorflow_datasets") is not None,
-                    reason="tensorflow_datasets is installed, so the missing-package error cannot occur")
-def test_tfds_without_the_package_says_how_to_install_it():
+def test_tfds_without_the_package_says_how_to_install_it(monkeypatch):
+  monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)  # `import` fails, installed or not
   with pytest.raises(ChimeraError, match=r'tfds:tiny_shakespeare needs tensorflow_datasets; run pip install -e "\.\[tfds\]"'):
     corpora.load_corpus("tfds:tiny_shakespeare")
 
