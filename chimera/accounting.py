@@ -28,7 +28,10 @@ Conventions:
   counted. Without `tokens_per_call` (or on XLA:CPU's `ragged_dot`, a masked matmul over all
   E experts) dropless is counted at its model FLOPs.
 - `count_run(config)` is `count` at a run's context and micro-batch, as one device runs
-  it: on a data-parallel mesh each device lays out fewer rows and b follows them.
+  it: on a mesh each device lays out its own share of the rows and b follows them; with
+  experts split over X devices, dropless computes the X * T_d * min(k, E / X) rows each
+  device receives in `chimera.expert_parallel`'s worst-case buffers, X * min(k, E / X) / k
+  times the T_d * k routed rows of its own T_d tokens.
 """
 
 import dataclasses
@@ -59,21 +62,28 @@ def expert_slots_per_token(config: ModelConfig) -> float:
   return config.num_experts * capacity / config.group_size
 
 
-def block_padding(config: ModelConfig, tokens_per_call: int) -> tuple[float, int]:
-  """(N * b / R, N) of the dropless "blocks" layout for one call on `tokens_per_call`
-  tokens: the expert rows computed per routed row, and the number of blocks."""
-  rows = tokens_per_call * config.top_k
-  block = default_block_size(rows, config.num_experts)
-  blocks = num_blocks(rows, config.num_experts, block)
-  return blocks * block / rows, blocks
+def block_padding(config: ModelConfig, tokens_per_call: int,
+                  expert_devices: int = 1) -> tuple[float, int]:
+  """(N * b / (T * k), N) of the dropless "blocks" layout for one device's call on T =
+  `tokens_per_call` tokens: the expert rows computed per routed row, and the number of
+  blocks. With X = `expert_devices` > 1 (`chimera.expert_parallel`) the device lays out
+  the X * T * min(k, E_d) rows it receives over its E_d = E / X experts."""
+  local_experts = config.num_experts // expert_devices
+  rows = tokens_per_call * (config.top_k if expert_devices == 1
+                            else expert_devices * min(config.top_k, local_experts))
+  block = default_block_size(rows, local_experts)
+  blocks = num_blocks(rows, local_experts, block)
+  return blocks * block / (tokens_per_call * config.top_k), blocks
 
 
-def count(config: ModelConfig, context: int, tokens_per_call: int | None = None) -> Accounting:
+def count(config: ModelConfig, context: int, tokens_per_call: int | None = None,
+          expert_devices: int = 1) -> Accounting:
   """Parameters and training FLOPs per token of `config` at sequence length `context`.
 
   `config.group_size` None means one sequence of `context` tokens per routing group.
-  tokens_per_call: the tokens one dropless layer call routes (a device's micro-batch);
-  None leaves the dropless block padding out of the executed FLOPs.
+  tokens_per_call: the tokens one dropless layer call routes on one device (its share of
+  the micro-batch); None leaves the dropless block padding out of the executed FLOPs.
+  expert_devices: the mesh's expert axis, over which dropless trades padded rows.
   """
   if config.group_size is None:
     config = dataclasses.replace(config, group_size=context)
@@ -105,9 +115,10 @@ def count(config: ModelConfig, context: int, tokens_per_call: int | None = None)
         dispatch += 3 * 2 * 2 * config.num_experts * capacity * m
         padding += 6 * (expert_slots_per_token(config) - config.top_k) * expert_matmul
       elif tokens_per_call is not None:
-        rows_ratio, blocks = block_padding(config, tokens_per_call)
+        rows_ratio, blocks = block_padding(config, tokens_per_call, expert_devices)
         padding += 6 * (rows_ratio - 1) * config.top_k * expert_matmul
-        dispatch += 4 * blocks * config.num_experts * expert_matmul / tokens_per_call
+        local_experts = config.num_experts // expert_devices
+        dispatch += 4 * blocks * local_experts * expert_matmul / tokens_per_call
     else:
       total += mlp_matmul + mlp_bias
       active += mlp_matmul + mlp_bias
@@ -117,6 +128,9 @@ def count(config: ModelConfig, context: int, tokens_per_call: int | None = None)
 
 
 def count_run(config: Config) -> Accounting:
-  """`count` of a run's model at its context and micro-batch (one device's layout)."""
-  t = config.train
-  return count(config.model, t.context, tokens_per_call=t.batch_size // t.grad_accum * t.context)
+  """`count` of a run's model at its context and micro-batch, as one device of its mesh
+  runs it: the micro-batch split over data x expert devices, and dropless's rows traded
+  over the expert axis."""
+  t, mesh = config.train, config.mesh
+  tokens = t.batch_size // t.grad_accum * t.context // (mesh.data * mesh.expert)
+  return count(config.model, t.context, tokens_per_call=tokens, expert_devices=mesh.expert)

@@ -249,9 +249,11 @@ class Subject:
     self.prompts = {b: jnp.asarray(np.resize(rows, (b, self.prompt_len)))
                     for b in settings.decode_batches}
     # Compiled once per batch size, like the train step: timed, and profiled from its HLO.
+    # The state's other collections (the router bias) go in too, as generate.main does.
     self.decoders = {b: generate.lower(self.state.params, prompt, jax.random.key(0),
                                        config=c.model, max_new_tokens=self.new_tokens,
-                                       temperature=1.0).compile(case.kernels.compiler_options())
+                                       temperature=1.0, model_state=self.state.model_state
+                                       ).compile(case.kernels.compiler_options())
                      for b, prompt in self.prompts.items()}
     self.moe_layer = self._moe_layer_fns() if c.model.num_experts and settings.moe_split else None
     self.measure(warmup=True)
@@ -284,8 +286,8 @@ class Subject:
     return (time.perf_counter() - start) / self.settings.steps
 
   def _decode_seconds(self, batch: int) -> float:
-    return _timed(self.decoders[batch], self.state.params, self.prompts[batch],
-                  jax.random.key(0))
+    return _timed(functools.partial(self.decoders[batch], model_state=self.state.model_state),
+                  self.state.params, self.prompts[batch], jax.random.key(0))
 
   def measure(self, warmup: bool = False) -> None:
     """One slice: train steps, decode per batch size, and the MoE layer split."""

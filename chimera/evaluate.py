@@ -56,7 +56,8 @@ def windows(tokens: np.ndarray, context: int) -> np.ndarray:
 def split_loss(workdir: str | Path, step: int | None = None,
                batch_size: int | None = None) -> SplitLoss:
   """The validation-split loss of the run in `workdir` at checkpoint `step` (latest if
-  None), `batch_size` windows per forward pass (the run's batch size if None)."""
+  None), `batch_size` windows per forward pass (the run's batch size if None; rounded
+  down to whole routing groups where a group holds several sequences)."""
   workdir = Path(workdir)
   config_path = workdir / "config.json"
   if not config_path.is_file():
@@ -81,7 +82,14 @@ def split_loss(workdir: str | Path, step: int | None = None,
 
   data = prepare_data(config)  # the run's split, as training loaded it
   rows = windows(data.splits.val, config.train.context)
-  batch_size = batch_size or config.train.batch_size
+  # A routing group of several sequences routes them together: every batch holds whole
+  # groups, and a tail of windows too short for one is left out (and not counted).
+  per_group = max(1, (config.model.group_size or 0) // config.train.context)
+  if len(rows) < per_group:
+    raise ChimeraError(f"the validation split has {len(rows)} windows, fewer than one "
+                       f"routing group of {per_group} (model.group_size)")
+  rows = rows[:len(rows) - len(rows) % per_group]
+  batch_size = max(per_group, (batch_size or config.train.batch_size) // per_group * per_group)
   evaluate = jax.jit(functools.partial(eval_step, model=Decoder(config.model),
                                        config=config.model),
                      compiler_options=Kernels().compiler_options())

@@ -13,6 +13,7 @@ import numpy as np
 from tensorboardX import SummaryWriter
 
 from chimera.data.corpora import write_atomic
+from chimera.records import read_jsonl
 
 
 def _plain(value):
@@ -25,16 +26,18 @@ def _plain(value):
 
 
 def truncate_after(path: Path, step: int) -> int:
-  """Drops the records of steps after `step` from a metrics.jsonl (atomically); returns
-  how many were dropped. A run that crashed after its last checkpoint wrote such rows,
-  and the resumed run writes those steps again."""
+  """Drops the records of steps after `step` from a metrics.jsonl (atomically), and a last
+  line cut short by a crash; returns how many rows were dropped. A run that crashed after
+  its last checkpoint wrote such rows, and the resumed run writes those steps again."""
   if not path.exists():
     return 0
-  lines = path.read_text().splitlines()
-  kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
-  if len(kept) != len(lines):
-    write_atomic(path, "".join(line + "\n" for line in kept).encode())
-  return len(lines) - len(kept)
+  records, torn = read_jsonl(path)
+  kept = [record for record in records if record["step"] <= step]
+  dropped = len(records) - len(kept) + torn
+  text = path.read_text()
+  if dropped or (text and not text.endswith("\n")):  # the next row starts a line of its own
+    write_atomic(path, "".join(json.dumps(record) + "\n" for record in kept).encode())
+  return dropped
 
 
 class MetricWriter:

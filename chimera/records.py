@@ -17,6 +17,7 @@ import subprocess
 from pathlib import Path
 
 from chimera.data.corpora import write_atomic
+from chimera.errors import ChimeraError
 
 
 @dataclasses.dataclass
@@ -69,15 +70,28 @@ class EvalRecord:
     return values
 
 
+def read_jsonl(path: Path) -> tuple[list[dict], bool]:
+  """(records, torn) of a metrics.jsonl: `torn` when its last line is cut short (a crash,
+  a full disk or a lost host mid-write), which is left out. A bad line before the last is
+  damage, not a torn write: ChimeraError naming it."""
+  lines = [line for line in Path(path).read_text().splitlines() if line.strip()]
+  records = []
+  for number, line in enumerate(lines, 1):
+    try:
+      records.append(json.loads(line))
+    except json.JSONDecodeError:
+      if number == len(lines):
+        return records, True
+      raise ChimeraError(f"{path}: line {number} is not JSON (the file is damaged)") from None
+  return records, False
+
+
 def read_all_events(workdir: Path) -> dict[str, list[dict]]:
   """Every metrics.jsonl record, by event ("setup", "train", "eval"), each in order: one
-  read of the file for a caller that needs several events."""
-  path = Path(workdir) / "metrics.jsonl"
+  read of the file for a caller that needs several events. A torn last line is left out."""
   events = {}
-  for line in path.read_text().splitlines():
-    if line.strip():
-      record = json.loads(line)
-      events.setdefault(record.get("event"), []).append(record)
+  for record in read_jsonl(Path(workdir) / "metrics.jsonl")[0]:
+    events.setdefault(record.get("event"), []).append(record)
   return events
 
 

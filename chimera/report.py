@@ -82,7 +82,7 @@ def loss_finding(name: str, entry: dict) -> str:
           f"in bits per byte {describe(bits, signed=True)}.")
 
 
-CLOCK_WORDS = {"measured": "training time as measured (compilation and evaluation included)",
+CLOCK_WORDS = {"measured": "training time as measured (evaluation included; the train step compiles before the clock starts)",
                "steady": "steady-state training time (tokens / timed-step throughput)",
                "bench": "time on the bench clock (tokens / the bench's throughput)"}
 

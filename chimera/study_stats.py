@@ -219,8 +219,8 @@ class Run:
   def seconds(self, clock: str, bench_speed: float | None = None
               ) -> tuple[list[float] | None, float | None]:
     """(seconds at each evaluation, seconds at the end) on one of CLOCKS:
-    - "measured": the run's training clock (compilation and evaluation included,
-      downtime between sessions excluded);
+    - "measured": the run's training clock (evaluation and its compilation included; the
+      train step is compiled before the clock starts; downtime between sessions excluded);
     - "steady": tokens / the run's steady training throughput (timed steps only), the
       time the run would take with compilation and evaluation left out;
     - "bench": tokens / `bench_speed`, the model's training tokens per second from the

@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from chimera.accounting import count
-from chimera.config import ModelConfig
+from chimera.accounting import count, count_run
+from chimera.config import Config, MeshConfig, ModelConfig, TrainConfig
 from chimera.decoder import Decoder
 from chimera.grouped_matmul import default_block_size, to_blocks
 
@@ -103,6 +103,31 @@ def test_dropless_counts_the_block_layout_it_computes():
   assert padded.executed_flops_per_token == plain.flops_per_token + 6 * 0.25 * 2 * expert_matmul \
       + 160
   assert padded.flops_per_token == plain.flops_per_token  # model FLOPs do not change
+
+
+def test_a_run_counts_one_device_of_its_mesh():
+  """count_run: the micro-batch split over the mesh's devices, each laying out its own rows;
+  with experts split over X devices, dropless computes the X * T_d * min(k, E_d) rows a
+  device receives in chimera.expert_parallel's buffers, over its E_d local experts."""
+  moe = dataclasses.replace(MOE, dispatch="dropless")
+  expert_matmul = 2 * 8 * 16
+  base = Config(model=moe, train=TrainConfig(batch_size=64, context=16))  # 1024 tokens
+  one = count_run(base)
+  assert one == count(moe, context=16, tokens_per_call=1024)
+  # 8 data devices: T_d = 128 tokens, R = 256 rows, b = 64 (E * b * 4 <= R fails down to
+  # the smallest block), N = 256 // 64 + 4 = 8 blocks: 2x the routed rows, not 1.25x.
+  data8 = count_run(dataclasses.replace(base, mesh=MeshConfig(data=8)))
+  plain = count(moe, context=16).flops_per_token
+  assert data8.executed_flops_per_token == plain + round(
+      6 * (2 - 1) * 2 * expert_matmul + 4 * 8 * 4 * expert_matmul / 128)
+  assert data8.executed_flops_per_token > one.executed_flops_per_token
+  # 2 data x 2 expert devices: T_d = 256, each device receives X * T_d * min(k, E_d) =
+  # 2 * 256 * 2 = 1024 rows over E_d = 2 experts: b = 128, N = 1024 // 128 + 2 = 10, so
+  # 1280 rows for 512 routed rows (2.5x), and the one-hot over its 2 experts.
+  expert2 = count_run(dataclasses.replace(base, mesh=MeshConfig(data=2, expert=2)))
+  assert expert2.executed_flops_per_token == plain + round(
+      6 * (1280 / 512 - 1) * 2 * expert_matmul + 4 * 10 * 2 * expert_matmul / 256)
+  assert expert2.flops_per_token == one.flops_per_token  # model FLOPs do not change
 
 
 def test_shared_experts_count_as_active():

@@ -126,6 +126,20 @@ def test_variants_of_kernels_and_ids(corpus, tmp_path):
   assert seconds and set(seconds) <= set(ops)
 
 
+def test_bench_decodes_a_model_with_a_router_bias(corpus):
+  """The router bias of aux-loss-free balancing lives in the state's model_state, outside
+  the params: the bench's decoders must be given it, as chimera.generate's are (without
+  it flax finds no "router_bias" collection and decoding fails)."""
+  cases = bench.make_cases(["configs/moe_top2.py:tiny"],
+                           {"data.corpus": str(corpus), "model.router_bias_rate": 1e-3}, [],
+                           random_ids=False)
+  assert cases[0].config.model.router_bias_rate == 1e-3
+  (record,) = bench.run(cases, repeats=1, settings=bench.Settings(
+      steps=2, decode_batches=(2,), moe_split=True))
+  assert record.decode_speed(2).tokens_per_second > 0
+  assert 0 < record.dispatch_share_of_moe_layer < 1
+
+
 def test_profile_says_where_decoding_time_goes(corpus, tmp_path):
   """--profile traces decoding too, at the largest decode batch: the model's parts,
   forward only, and the sampling loop, per generated token."""

@@ -94,3 +94,23 @@ def test_imports_beside_generate():
   result = subprocess.run([sys.executable, "-c", f"import {modules}"],
                           capture_output=True, text=True, timeout=120)
   assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_routing_groups_of_several_sequences_are_scored_whole(tmp_path, monkeypatch,
+                                                              write_corpus):
+  """With model.group_size = 2 sequences, every batch holds whole groups (batch size 1 is
+  rounded up to 2) and the odd window at the end of the split is left out."""
+  monkeypatch.setenv("CHIMERA_CACHE", str(tmp_path / "cache"))
+  config = make_config("moe_top2", write_corpus(tmp_path / "corpus.txt"), train__steps=3,
+                       train__checkpoint_every=3, model__group_size=64)
+  assert config.model.group_size == 2 * config.train.context
+  train(config, tmp_path / "run")
+  val = make_splits(load_corpus(config.data.corpus), get_tokenizer("byte"),
+                    val_fraction=config.data.val_fraction, mode=config.data.split).val
+  windows = (len(val) - 1) // config.train.context
+  assert windows % 2 == 1  # so one window is left out
+  whole = evaluate.split_loss(tmp_path / "run")
+  assert whole.windows == windows - 1
+  for batch_size in (1, 2, 6):
+    assert evaluate.split_loss(tmp_path / "run", batch_size=batch_size).loss == pytest.approx(
+        whole.loss, rel=1e-5)
