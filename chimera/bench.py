@@ -425,7 +425,9 @@ def parse_value(text: str):
 
 def parse_override(text: str) -> tuple[str, object]:
   """"section.field=value" -> ("section.field", value)."""
-  key, _, value = text.partition("=")
+  key, equals, value = text.partition("=")
+  if not equals:
+    raise ChimeraError(f"{text!r}: expected section.field=value")
   return key, parse_value(value)
 
 

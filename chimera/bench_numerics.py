@@ -8,6 +8,7 @@ grouped matmul at the MoE's row count). Prints ||fast - reference|| / ||referenc
 path: bf16 paths land between 1e-3 and 1e-2, float32 ones far under 1e-3.
 """
 
+import sys
 from typing import get_args
 
 import jax
@@ -18,6 +19,7 @@ from absl import app, flags
 
 from chimera import config as config_lib
 from chimera.bench import parse_override
+from chimera.errors import ChimeraError
 from chimera.grouped_matmul import ragged_matmul
 from chimera.layers import CrossEntropyKernel, compute_dtype, cross_entropy, embed_lookup
 
@@ -38,7 +40,11 @@ def zipf_ids(key, shape, vocab_size: int) -> jax.Array:
 
 def main(argv):
   del argv
-  config = config_lib.load(_CONFIG.value, dict(map(parse_override, _SET.value)))
+  try:
+    config = config_lib.load(_CONFIG.value, dict(map(parse_override, _SET.value)))
+  except ChimeraError as error:
+    print(f"error: {error}", file=sys.stderr)
+    sys.exit(2)
   m, t = config.model, config.train
   dtype = compute_dtype(m)
   keys = iter(jax.random.split(jax.random.key(0), 16))

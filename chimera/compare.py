@@ -22,8 +22,9 @@ Every run is a normal training run in runs/compare/<config hash>/, so an interru
 resumes where it stopped, and runs shared between studies (the same config and seed)
 train once. The report, plots and summary.json go to results/<preset>/ or
 results/<preset>-sweep-<name>/ (chimera.report); a --base_set value adds
--at-<field>-<value> to the name, and a --set, --corpus or --train_steps value, which
-changes every model, adds -with-<field>-<value>.
+-at-<field>-<value> to the name, a --base other than the sweep's own adds -over-<config>,
+and a --set, --corpus or --train_steps value, which changes every model, adds
+-with-<field>-<value>.
 """
 
 import dataclasses
@@ -184,8 +185,10 @@ def make_study(preset_name: str, sweep: str | None, base: str | None, overrides:
                base_overrides: dict | None = None, sets: dict | None = None) -> Study:
   """The study of a preset, or a sweep. `overrides` apply to every model (the --set values,
   `sets`, among them); `base_overrides` to a sweep's base only. The --set and --base_set
-  values name the report's folder, so a study that changes them never writes over the
-  plain one (cpu-sweep-num_experts-with-batch_size-64, cpu-sweep-balancing-at-num_experts-32)."""
+  values name the report's folder, and so does a --base other than the sweep's own, so a
+  study that changes them never writes over the plain one
+  (cpu-sweep-num_experts-with-batch_size-64, cpu-sweep-balancing-at-num_experts-32,
+  cpu-sweep-num_experts-over-moe_fine)."""
   preset, base_overrides, sets = PRESETS[preset_name], base_overrides or {}, sets or {}
   given = lambda values: tuple(f"{key}={value}" for key, value in values.items())
   suffix = sets_suffix(given(sets))
@@ -198,6 +201,10 @@ def make_study(preset_name: str, sweep: str | None, base: str | None, overrides:
                  sets=given(sets))
   question, models = sweep_models(sweep, base, preset, overrides, base_overrides)
   slug = sweep.partition("=")[0].split(".")[-1] + sets_suffix(given(base_overrides), "at")
+  default_base = (study_sweeps.SWEEPS[sweep].base if sweep in study_sweeps.SWEEPS
+                  else "configs/moe_top2.py")
+  if base and Path(base.partition(":")[0]).stem != Path(default_base).stem:
+    slug += f"-over-{Path(base.partition(':')[0]).stem}"  # never the default base's folder
   return Study(f"Sweep: {question} ({preset_name} preset{with_sets})", preset_name, models,
                f"{preset_name}-sweep-{slug}{suffix}", sweep, given(base_overrides), given(sets))
 
@@ -294,12 +301,12 @@ def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
   compile_cache.enable()
-  overrides = dict(map(bench.parse_override, _SET.value))
-  if _CORPUS.value:
-    overrides["data.corpus"] = _CORPUS.value
-  if _STEPS.value:
-    overrides["train.steps"] = _STEPS.value
   try:
+    overrides = dict(map(bench.parse_override, _SET.value))
+    if _CORPUS.value:
+      overrides["data.corpus"] = _CORPUS.value
+    if _STEPS.value:
+      overrides["train.steps"] = _STEPS.value
     study = make_study(_PRESET.value, _SWEEP.value, _BASE.value, overrides,
                        dict(map(bench.parse_override, _BASE_SET.value)),
                        sets=overrides)  # every override over the preset names the folder

@@ -372,5 +372,9 @@ def load(spec: str, overrides: dict | None = None) -> Config:
     section, _, field = key.partition(".")
     if section not in config_dict or field not in config_dict[section]:
       raise ChimeraError(f"config.{key}: unknown field")
-    setattr(config_dict[section], field, value)
+    try:
+      setattr(config_dict[section], field, value)
+    except TypeError:  # the locked ConfigDict keeps each field's type
+      expected = type(config_dict[section][field]).__name__
+      raise ChimeraError(f"config.{key}: {value!r} is not a {expected}") from None
   return from_config_dict(config_dict)

@@ -53,11 +53,9 @@ def windows(tokens: np.ndarray, context: int) -> np.ndarray:
   return np.asarray(tokens)[starts[:, None] + np.arange(context + 1)]
 
 
-def split_loss(workdir: str | Path, step: int | None = None,
-               batch_size: int | None = None) -> SplitLoss:
-  """The validation-split loss of the run in `workdir` at checkpoint `step` (latest if
-  None), `batch_size` windows per forward pass (the run's batch size if None; rounded
-  down to whole routing groups where a group holds several sequences)."""
+def restore_run(workdir: str | Path, step: int | None = None):
+  """(config, state, step) of the run in `workdir` at checkpoint `step` (the latest if
+  None), restored onto the default device; ChimeraError naming what is missing."""
   workdir = Path(workdir)
   config_path = workdir / "config.json"
   if not config_path.is_file():
@@ -79,7 +77,15 @@ def split_loss(workdir: str | Path, step: int | None = None,
                        f"{', '.join(map(str, available))})")
   state, _ = checkpointer.restore(init_state(config), step)
   checkpointer.close()
+  return config, state, step
 
+
+def split_loss(workdir: str | Path, step: int | None = None,
+               batch_size: int | None = None) -> SplitLoss:
+  """The validation-split loss of the run in `workdir` at checkpoint `step` (latest if
+  None), `batch_size` windows per forward pass (the run's batch size if None; rounded
+  down to whole routing groups where a group holds several sequences)."""
+  config, state, step = restore_run(workdir, step)
   data = prepare_data(config)  # the run's split, as training loaded it
   rows = windows(data.splits.val, config.train.context)
   # A routing group of several sequences routes them together: every batch holds whole

@@ -106,43 +106,49 @@ def check_length(config: ModelConfig, prompt_length: int, max_new_tokens: int) -
         f"model's context (model.max_len={config.max_len})")
 
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "A run directory with checkpoints/.")
-_PROMPT = flags.DEFINE_string("prompt", "\n", "Text to continue.")
-_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 200, "Tokens to generate.")
-_TEMPERATURE = flags.DEFINE_float("temperature", 0.8, "Sampling temperature; 0 is greedy.")
-_TOP_K = flags.DEFINE_integer("top_k", 40, "Sample among the k likeliest tokens; 0 for all.")
-_SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
+def define_flags() -> None:
+  """Command-line flags, defined only when this runs as a program: chimera.bench imports
+  this module, and its flags must not become every bench-importing tool's."""
+  flags.DEFINE_string("workdir", None, "A run directory with checkpoints/.")
+  flags.DEFINE_string("prompt", "\n", "Text to continue.")
+  flags.DEFINE_integer("max_new_tokens", 200, "Tokens to generate.")
+  flags.DEFINE_float("temperature", 0.8, "Sampling temperature; 0 is greedy.")
+  flags.DEFINE_integer("top_k", 40, "Sample among the k likeliest tokens; 0 for all.")
+  flags.DEFINE_integer("seed", 0, "Sampling seed.")
 
 
 def main(argv):
   del argv
+  FLAGS = flags.FLAGS
   logging.set_verbosity(logging.WARNING)
   compile_cache.enable()
-  from chimera.checkpoints import Checkpointer
   from chimera.data.tokenizers import get_tokenizer
+  from chimera.evaluate import restore_run
   from chimera.layers import Kernels
-  from chimera.steps import init_state
   try:
-    workdir = Path(_WORKDIR.value or "")
-    if not (workdir / "config.json").exists():
-      raise ChimeraError(f"--workdir: {workdir} holds no config.json (not a run directory)")
-    config = config_lib.from_dict(json.loads((workdir / "config.json").read_text()))
-    checkpointer = Checkpointer(workdir / "checkpoints", keep=config.train.keep_checkpoints)
-    if checkpointer.latest_step() is None:
-      raise ChimeraError(f"--workdir: {workdir}/checkpoints holds no checkpoint yet")
-    state = checkpointer.restore(init_state(config))[0]
+    if not FLAGS.workdir:
+      raise ChimeraError("--workdir is required")
+    if FLAGS.max_new_tokens < 1:
+      raise ChimeraError(f"--max_new_tokens: must be >= 1, got {FLAGS.max_new_tokens}")
+    if FLAGS.temperature < 0:
+      raise ChimeraError(f"--temperature: must be >= 0 (0 is greedy), got {FLAGS.temperature}")
+    config, state, _ = restore_run(FLAGS.workdir)
     tokenizer = get_tokenizer(config.data.tokenizer)
-    prompt = tokenizer.encode(_PROMPT.value)
-    args = (state.params, jnp.asarray(prompt)[None], jax.random.key(_SEED.value))
-    decode = generate.lower(*args, config=config.model, max_new_tokens=_MAX_NEW.value,
-                            temperature=_TEMPERATURE.value, top_k=_TOP_K.value,
+    if not 0 <= FLAGS.top_k <= tokenizer.vocab_size:
+      raise ChimeraError(f"--top_k: must be in [0, {tokenizer.vocab_size}] (the tokenizer's "
+                         f"vocabulary; 0 for all), got {FLAGS.top_k}")
+    prompt = tokenizer.encode(FLAGS.prompt)
+    args = (state.params, jnp.asarray(prompt)[None], jax.random.key(FLAGS.seed))
+    decode = generate.lower(*args, config=config.model, max_new_tokens=FLAGS.max_new_tokens,
+                            temperature=FLAGS.temperature, top_k=FLAGS.top_k,
                             vocab_limit=tokenizer.vocab_size, model_state=state.model_state)
     tokens, _ = decode.compile(Kernels().compiler_options())(*args, model_state=state.model_state)
   except ChimeraError as error:
     print(f"error: {error}", file=sys.stderr)
     sys.exit(2)
-  print(_PROMPT.value + tokenizer.decode(np.asarray(tokens[0])))
+  print(FLAGS.prompt + tokenizer.decode(np.asarray(tokens[0])))
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

@@ -43,7 +43,9 @@ PRESETS: dict[str, dict[str, dict]] = {
                       eval_every=500, eval_batches=20, checkpoint_every=1000),
     },
 }
-# The gpu preset at d_model 1024 / 12 layers (16 heads of 64), for MFU at a larger width.
+# The gpu preset at d_model 1024 / 12 layers (16 heads of 64, d_ff 4 x d_model), for MFU
+# at a larger width. launch/gpu_check.sh's d1024 stage measures instead the gpu preset
+# with only d_model and num_layers changed (d_ff 2048, 8 heads), as issue 11 states it.
 PRESETS["gpu_large"] = {**PRESETS["gpu"], "model": {
     **PRESETS["gpu"]["model"], "num_layers": 12, "num_heads": 16, "d_model": 1024,
     "d_ff": 4096}}

@@ -20,6 +20,7 @@ pads each destination to T_d * min(k, E / X) rows, the most it can receive
 import dataclasses
 import functools
 import re
+import sys
 
 import jax
 import numpy as np
@@ -27,6 +28,7 @@ from absl import app, flags
 
 from chimera import config as config_lib, sharding
 from chimera.bench import parse_override
+from chimera.errors import ChimeraError
 from chimera.decoder import Decoder
 from chimera.layers import Kernels
 from chimera.routers import expert_capacity
@@ -119,9 +121,13 @@ def main(argv):
   del argv
   data, expert = (int(v) for v in FLAGS.mesh)
   overrides = {"mesh.data": data, "mesh.expert": expert}
-  overrides.update(dict(parse_override(s) for s in FLAGS.set))
-  config = config_lib.load(FLAGS.config, overrides)
-  sharding.check_mesh(config, jax.device_count())
+  try:
+    overrides.update(dict(parse_override(s) for s in FLAGS.set))
+    config = config_lib.load(FLAGS.config, overrides)
+    sharding.check_mesh(config, jax.device_count())
+  except ChimeraError as error:
+    print(f"error: {error}", file=sys.stderr)
+    sys.exit(2)
   compiled = compile_train_step(config, sharding.make_mesh(config.mesh))
   count, measured = all_to_all_bytes(compiled.as_text())
   memory = compiled.memory_analysis()

@@ -274,6 +274,13 @@ def test_sweeps_hold_what_they_claim(corpus):
           for m in models[1:]] == [(16, 0.001), (16, 0.01)]
   with pytest.raises(ChimeraError, match="--base_set"):
     compare.make_study("cpu", None, None, overrides, {"model.num_experts": 16})
+  # A --base other than the sweep's own names the folder too; the sweep's own does not.
+  fine = compare.make_study("cpu", "model.num_experts=16,32", "configs/moe_fine.py", overrides)
+  assert fine.slug == "cpu-sweep-num_experts-over-moe_fine"
+  assert compare.make_study("cpu", "model.num_experts=4,8", "configs/moe_top2.py",
+                            overrides).slug == "cpu-sweep-num_experts"
+  assert compare.make_study("cpu", "balancing", "configs/moe_fine.py",
+                            overrides).slug == "cpu-sweep-balancing-over-moe_fine"
   # --set changes every model, dense included, and names the report's folder, so such a
   # study never writes over the plain one.
   sets = {"train.batch_size": 64, "train.steps": 1250}

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from chimera import accounting, config as config_lib, presets
+from chimera import accounting, bench, config as config_lib, presets
 from chimera.config import Config, ModelConfig
 from chimera.decoder import Decoder
 from chimera.errors import ChimeraError
@@ -136,6 +136,17 @@ def test_run_differences_ignore_logging_and_steps():
 def test_unknown_preset_is_one_line():
   with pytest.raises(ChimeraError, match="^config: unknown preset 'huge'"):
     config_lib.load(f"{CONFIGS[0]}:huge")
+
+
+def test_an_override_of_the_wrong_type_or_without_a_value_is_one_line():
+  moe = f"{CONFIGS[0].parent}/moe_top2.py"
+  with pytest.raises(ChimeraError, match=r"^config.train.steps: 10000.0 is not a int$"):
+    config_lib.load(moe, {"train.steps": 1e4})
+  with pytest.raises(ChimeraError, match=r"^config.model.renormalize_gates: 0 is not a "):
+    config_lib.load(moe, {"model.renormalize_gates": 0})
+  with pytest.raises(ChimeraError, match=r"^'train.batch_size': expected section.field=value$"):
+    bench.parse_override("train.batch_size")
+  assert bench.parse_override("train.steps=300") == ("train.steps", 300)
 
 
 def test_the_mesh_does_not_change_the_run():

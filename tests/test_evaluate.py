@@ -94,6 +94,13 @@ def test_imports_beside_generate():
   result = subprocess.run([sys.executable, "-c", f"import {modules}"],
                           capture_output=True, text=True, timeout=120)
   assert result.returncode == 0, result.stderr[-2000:]
+  # Nor define one another's: chimera.compare imports the bench, which imports generate,
+  # and a mistyped --seed (for --seeds) must not be taken as generate's sampling seed.
+  check = ("from absl import flags; import chimera.compare; "
+           "print(sorted(set(flags.FLAGS) & {'prompt', 'seed', 'temperature', 'top_k'}))")
+  result = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True,
+                          timeout=120)
+  assert result.returncode == 0 and result.stdout.strip() == "[]", result.stderr[-2000:]
 
 
 def test_routing_groups_of_several_sequences_are_scored_whole(tmp_path, monkeypatch,

@@ -96,3 +96,10 @@ def test_generate_entry_point_samples_from_a_run(make_config, corpus, tmp_path, 
       cwd=repo_root, capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-2000:]
   assert result.stdout.startswith("the king") and len(result.stdout) > len("the king")
+  # Bad sampling settings: one line naming the flag, no traceback.
+  for flag, message in (("--top_k=300", "--top_k: must be in [0, 257]"),
+                        ("--temperature=-1", "--temperature: must be >= 0")):
+    bad = subprocess.run([sys.executable, "-m", "chimera.generate", f"--workdir={workdir}", flag],
+                         cwd=repo_root, capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and bad.stderr.startswith(f"error: {message}"), bad.stderr[-2000:]
+    assert len(bad.stderr.strip().splitlines()) == 1  # no traceback

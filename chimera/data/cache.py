@@ -61,6 +61,10 @@ class Manifest:
   documents: dict  # documents in each stream (at a tail split, the one cut is in both)
   sizes: dict  # {file name: bytes} of every file of the cache but the manifest
   build_seconds: float
+  # blake2b-128 over each local file's bytes (`_files_content_hash`): where a file holds
+  # many documents (an hf: folder of parquet or JSON lines) it is not content_hash. None
+  # in caches built before it was kept, and for corpora read by name.
+  files_hash: str | None = None
 
   def write(self, folder: Path) -> None:
     write_atomic(folder / "manifest.json", json.dumps(dataclasses.asdict(self), indent=1).encode())
@@ -163,7 +167,7 @@ def _check(path: Path, key: dict, source: Corpus) -> tuple[Manifest | None, str]
     fingerprint = _fingerprint(source.files)
     if fingerprint != manifest.files:
       # Touched or moved, perhaps not changed: the content decides.
-      if _files_content_hash(source.files) != manifest.content_hash:
+      if _files_content_hash(source.files) != (manifest.files_hash or manifest.content_hash):
         return None, "the corpus's files changed since it was built"
       manifest = dataclasses.replace(manifest, files=fingerprint)
       manifest.write(path)
@@ -211,7 +215,8 @@ def _build(path: Path, key: dict, source: Corpus, tokenizer, num_threads: int) -
         dict(zip(["train", "val"], tokens)), dict(zip(["train", "val"], text_bytes)),
         dict(zip(["train", "val"], documents)),
         {name: (folder / name).stat().st_size for name in names},
-        round(time.perf_counter() - started, 3))
+        round(time.perf_counter() - started, 3),
+        _files_content_hash(source.files) if source.files else None)
     manifest.write(folder)
     os.chmod(folder, 0o755)  # mkdtemp's 0700 would hide a shared cache from other users
     for name in names + ["manifest.json", "."]:  # on disk before the folder is in place

@@ -1,11 +1,12 @@
 """hf: corpora from local datasets built here; the Hub's errors are stood in for."""
 import json
+import os
 
 import datasets  # a dev dependency (pyproject's [dev]): missing, these tests fail, not skip
 import numpy as np
 import pytest
 
-from chimera.data import hf, load_splits
+from chimera.data import cache, hf, load_splits
 from chimera.data.batches import make_splits
 from chimera.data.corpora import load_corpus
 from chimera.data.tokenizers import ByteTokenizer
@@ -66,6 +67,24 @@ def test_cached_hf_corpus_equals_in_memory(saved, monkeypatch):
   monkeypatch.setattr(hf, "_import_datasets", lambda spec: pytest.fail("read the dataset again"))
   monkeypatch.setattr(tok, "encode_batch", lambda *a, **k: pytest.fail("tokenized again"))
   np.testing.assert_array_equal(load_splits(f"hf:{saved}", tok, text_field="body").val, cached.val)
+
+
+def test_a_touched_hf_folder_is_reused_and_a_changed_one_rebuilt(json_folder, monkeypatch):
+  """A local hf: folder's files hold many documents each: touching them (a copy, a
+  checkout) keeps the cache, which compares the files' bytes, not the documents'."""
+  tok = ByteTokenizer()
+  spec = f"hf:{json_folder}:first"
+  built = cache.prepare(spec, tok)
+  assert built.manifest.files_hash not in (None, built.manifest.content_hash)
+  os.utime(json_folder / "first" / "train.jsonl", ns=(1, 1))  # same bytes, another mtime
+  with monkeypatch.context() as m:
+    m.setattr(tok, "encode_batch", lambda *a, **k: pytest.fail("tokenized again"))
+    again = cache.prepare(spec, tok)
+  assert again.manifest.files != built.manifest.files  # updated: the next check is a stat
+  with open(json_folder / "first" / "train.jsonl", "a") as f:
+    f.write(json.dumps({"text": "<row 99> a new row", "n": 99}) + "\n")
+  changed = cache.prepare(spec, tok)
+  assert changed.manifest.num_documents == built.manifest.num_documents + 1
 
 
 def test_the_text_field_is_part_of_the_cache_key(saved, tmp_path):
