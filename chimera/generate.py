@@ -10,16 +10,14 @@ with capacity equal to the group size, so decoding never drops a token.
 """
 
 import functools
-import json
 import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
 
-from chimera import compile_cache, config as config_lib
+from chimera import compile_cache
 from chimera.config import ModelConfig
 from chimera.decoder import Decoder
 from chimera.errors import ChimeraError

@@ -74,13 +74,14 @@ def read_jsonl(path: Path) -> tuple[list[dict], bool]:
   """(records, torn) of a metrics.jsonl: `torn` when its last line is cut short (a crash,
   a full disk or a lost host mid-write), which is left out. A bad line before the last is
   damage, not a torn write: ChimeraError naming it."""
-  lines = [line for line in Path(path).read_text().splitlines() if line.strip()]
+  lines = [(number, line) for number, line in enumerate(Path(path).read_text().splitlines(), 1)
+           if line.strip()]
   records = []
-  for number, line in enumerate(lines, 1):
+  for index, (number, line) in enumerate(lines):
     try:
       records.append(json.loads(line))
     except json.JSONDecodeError:
-      if number == len(lines):
+      if index == len(lines) - 1:
         return records, True
       raise ChimeraError(f"{path}: line {number} is not JSON (the file is damaged)") from None
   return records, False
