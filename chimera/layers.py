@@ -167,10 +167,12 @@ _lookup.defvjp(_lookup_fwd, _lookup_bwd)
 
 def embed_lookup(table: jax.Array, ids: jax.Array, embed_grad: EmbedGrad = "sorted") -> jax.Array:
   """table [V, M], ids [...] integer -> rows [..., M] in the table's dtype; the gradient
-  with respect to the table is summed as `embed_grad` says."""
+  with respect to the table is summed as `embed_grad` says. Ids are compared as int32: in a
+  narrower type (uint8 bytes) ids past its range would wrap onto small ones."""
+  ids = jnp.asarray(ids).astype(jnp.int32)
   if embed_grad == "scatter":
     return jnp.take(table, ids, axis=0)
-  return _lookup(table, jnp.asarray(ids), embed_grad)
+  return _lookup(table, ids, embed_grad)
 
 
 class Embed(nn.Module):
@@ -206,8 +208,8 @@ def cross_entropy(logits: jax.Array, targets: jax.Array,
   logits' dtype.
   """
   check_kernel("cross_entropy", kernel)
-  with jax.named_scope("cross_entropy"):
-    return _cross_entropy(logits, targets, kernel)
+  with jax.named_scope("cross_entropy"):  # int32 targets: a narrower type wraps in one_hot
+    return _cross_entropy(logits, jnp.asarray(targets).astype(jnp.int32), kernel)
 
 
 def _add_scaled_exp(left, right):

@@ -67,6 +67,21 @@ def test_embed_gradient_sums_repeats_by_hand():
     np.testing.assert_array_equal(grad[:, 0], [10.0, 0.0, 1101.0, 0.0], err_msg=embed_grad)
 
 
+def test_narrow_ids_past_their_type_do_not_wrap():
+  """uint8 ids (the byte tokenizer's arrays) with a vocabulary past 256: each kernel puts
+  the gradient on the ids' own rows only, and the cross-entropy's gradient sums to zero."""
+  table = jnp.zeros((300, 1))
+  ids = np.array([0, 5, 44, 44], np.uint8)
+  for embed_grad in ("onehot", "sorted", "scatter"):
+    module = Embed(300, 1, embed_grad=embed_grad)
+    grad = jax.grad(lambda t: module.apply({"params": {"embedding": t}}, ids).sum())(table)
+    assert set(np.flatnonzero(grad[:, 0]).tolist()) == {0, 5, 44}, embed_grad
+  for kernel in ("one_pass", "two_pass"):
+    grad = jax.grad(lambda x: cross_entropy(x, np.array([0], np.uint8), kernel).sum())(
+        jnp.zeros((1, 257)))
+    assert abs(float(grad.sum())) < 1e-6 and float(grad[0, 256]) > 0, kernel
+
+
 def reference_attention(params, x: np.ndarray, num_heads: int) -> np.ndarray:
   """Causal softmax attention, one head at a time in float64 numpy. x: [B, L, M]."""
   batch, length, d_model = x.shape

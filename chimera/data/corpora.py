@@ -205,7 +205,7 @@ def open_corpus(spec: str, *, text_field: str = "text") -> Corpus:
     from chimera.data import hf  # here, as hf imports this module
     return hf.open_hf(spec, text_field)
   pattern = os.path.abspath(os.path.expanduser(spec))
-  if glob.has_magic(pattern):
+  if glob.has_magic(pattern) and not os.path.exists(pattern):  # "notes[1].txt" is a name
     paths = sorted(p for p in glob.glob(pattern) if os.path.isfile(p))
     if not paths:
       raise ChimeraError(f"data.corpus: no file matches {spec}")

@@ -90,6 +90,11 @@ def test_local_file_and_glob(tmp_path):
   assert corpora.load_corpus(str(tmp_path / "b.txt")) == [corpora.Document(str(tmp_path / "b.txt"), "second ☃")]
   docs = corpora.load_corpus(str(tmp_path / "*.txt"))
   assert [d.text for d in docs] == ["first", "second ☃"]
+  # A file whose name has glob characters is that file, not a pattern that would match
+  # "notes1.txt" beside it.
+  (tmp_path / "notes[1].txt").write_text("bracketed")
+  (tmp_path / "notes1.txt").write_text("plain")
+  assert [d.text for d in corpora.load_corpus(str(tmp_path / "notes[1].txt"))] == ["bracketed"]
 
 
 @pytest.mark.parametrize("setup, spec, message", [
