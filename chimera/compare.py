@@ -203,8 +203,9 @@ def make_study(preset_name: str, sweep: str | None, base: str | None, overrides:
   slug = sweep.partition("=")[0].split(".")[-1] + sets_suffix(given(base_overrides), "at")
   default_base = (study_sweeps.SWEEPS[sweep].base if sweep in study_sweeps.SWEEPS
                   else "configs/moe_top2.py")
-  if base and Path(base.partition(":")[0]).stem != Path(default_base).stem:
-    slug += f"-over-{Path(base.partition(':')[0]).stem}"  # never the default base's folder
+  base_name = Path(base.partition(":")[0]).stem if base else None
+  if base_name and base_name != Path(default_base).stem:
+    slug += f"-over-{base_name}"  # never the default base's folder
   return Study(f"Sweep: {question} ({preset_name} preset{with_sets})", preset_name, models,
                f"{preset_name}-sweep-{slug}{suffix}", sweep, given(base_overrides), given(sets))
 

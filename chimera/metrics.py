@@ -31,10 +31,10 @@ def truncate_after(path: Path, step: int) -> int:
   its last checkpoint wrote such rows, and the resumed run writes those steps again."""
   if not path.exists():
     return 0
-  records, torn = read_jsonl(path)
+  text = path.read_text()
+  records, torn = read_jsonl(path, text)
   kept = [record for record in records if record["step"] <= step]
   dropped = len(records) - len(kept) + torn
-  text = path.read_text()
   if dropped or (text and not text.endswith("\n")):  # the next row starts a line of its own
     write_atomic(path, "".join(json.dumps(record) + "\n" for record in kept).encode())
   return dropped

@@ -70,12 +70,12 @@ class EvalRecord:
     return values
 
 
-def read_jsonl(path: Path) -> tuple[list[dict], bool]:
-  """(records, torn) of a metrics.jsonl: `torn` when its last line is cut short (a crash,
-  a full disk or a lost host mid-write), which is left out. A bad line before the last is
-  damage, not a torn write: ChimeraError naming it."""
-  lines = [(number, line) for number, line in enumerate(Path(path).read_text().splitlines(), 1)
-           if line.strip()]
+def read_jsonl(path: Path, text: str | None = None) -> tuple[list[dict], bool]:
+  """(records, torn) of a metrics.jsonl (`text`: its contents, if already read): `torn`
+  when its last line is cut short (a crash, a full disk or a lost host mid-write), which is
+  left out. A bad line before the last is damage, not a torn write: ChimeraError naming it."""
+  text = Path(path).read_text() if text is None else text
+  lines = [(number, line) for number, line in enumerate(text.splitlines(), 1) if line.strip()]
   records = []
   for index, (number, line) in enumerate(lines):
     try:
