@@ -196,6 +196,7 @@ class BenchRecord:
   peak_memory_bytes: int | None  # XLA's accounting of the compiled train step
   device_peak_memory_bytes: int | None
   decode: tuple[DecodeSpeed, ...] = ()
+  dtype: str | None = None  # model.dtype, which picks the peaks; None in older records
   dispatch_share_of_moe_layer: float | None = None  # MoE only, with Settings.moe_split
   dispatch_share_of_step: float | None = None
   profile: dict | None = None  # chimera.bench_profile.summarize, with Settings.profile
@@ -356,7 +357,7 @@ class Subject:
         peak_flops=nominal or measured_peak, peak_source="nominal" if nominal else "measured",
         measured_peak_flops=measured_peak, mfu_vs_measured_peak=model_flops / measured_peak,
         peak_memory_bytes=self.compiled_memory, device_peak_memory_bytes=device_peak_memory(),
-        decode=decode, **moe, profile=self.profile() if self.settings.profile else None,
+        decode=decode, dtype=c.model.dtype, **moe, profile=self.profile() if self.settings.profile else None,
         decode_profile=self.decode_profile() if self.settings.profile else None)
 
 
@@ -394,10 +395,21 @@ def format_table(records: list[BenchRecord]) -> str:
   return "\n".join(lines)
 
 
-def device_line(record: BenchRecord) -> str:
-  return (f"device: {record.device}, jax {record.jax_version}; MFU over the {record.peak_source} "
-          f"peak {record.peak_flops / 1e12:.1f} TFLOP/s ({record.spec} dtype); measured "
-          f"matmul peak {record.measured_peak_flops / 1e12:.1f} TFLOP/s")
+def device_line(records: list[BenchRecord]) -> str:
+  """The device and the peaks MFU is divided by: one per compute dtype, each naming its
+  configs when the records hold more than one dtype."""
+  by_dtype: dict = {}
+  for r in records:
+    by_dtype.setdefault(r.dtype, []).append(r)
+  peaks = []
+  for dtype, group in by_dtype.items():
+    r = group[0]
+    names = f" ({', '.join(g.name for g in group)})" if len(by_dtype) > 1 else ""
+    peaks.append(f"{dtype or 'dtype not recorded'}{names}: MFU over the {r.peak_source} peak "
+                 f"{r.peak_flops / 1e12:.1f} TFLOP/s, measured matmul peak "
+                 f"{r.measured_peak_flops / 1e12:.1f} TFLOP/s")
+  first = records[0]
+  return f"device: {first.device}, jax {first.jax_version}; " + "; ".join(peaks)
 
 
 def comparison_lines(records: list[BenchRecord]) -> list[str]:
@@ -503,7 +515,7 @@ def main(argv):
   except ChimeraError as error:
     print(f"error: {error}", file=sys.stderr)
     sys.exit(2)
-  print(device_line(records[0]))
+  print(device_line(records))
   print(format_table(records))
   print("\n".join(comparison_lines(records)))
   for record in records if FLAGS.profile else ():

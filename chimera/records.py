@@ -28,6 +28,11 @@ class Progress:
   wall_seconds: float = 0.0  # training time so far, without the time between sessions
   best_val_loss: float | None = None
   final_val_loss: float | None = None
+  # The timed training windows so far, over every session of the run (compilation,
+  # evaluation and saving left out): RunSummary.train_tokens_per_second is their ratio.
+  # A checkpoint older than these fields counts from its resume on.
+  timed_tokens: int = 0
+  timed_seconds: float = 0.0
   # The code that trained the run, one `code_version()` per change, in order: a run
   # resumed by other code lists both. "unknown" where it could not be told.
   code: list[str] = dataclasses.field(default_factory=list)

@@ -30,7 +30,8 @@ from chimera.decoder import Decoder
 from chimera.errors import ChimeraError
 from chimera.layers import Kernels
 from chimera.metrics import MetricWriter, log, progress_line
-from chimera.records import EvalRecord, Progress, RunSummary, device_name, loaded_code_version
+from chimera.records import (EvalRecord, Progress, RunSummary, device_name, loaded_code_version,
+                             read_events)
 from chimera.steps import TrainState, eval_step, init_state, make_schedule, train_step
 
 EVAL_SEED = 0  # the validation subset is the same for every training seed
@@ -153,17 +154,18 @@ class Clock:
 class TrainLog:
   """Per-step metrics, fetched from the device once per logging window and averaged.
 
-  Also the run's throughput: windows after the first (which holds compilation), with
-  evaluation and saving left out (`restart_window`).
+  Also the run's throughput: windows after each session's first (which holds
+  compilation), with evaluation and saving left out (`restart_window`), counted in the
+  run's `Progress` so that they add up over its sessions.
   """
 
-  def __init__(self, config: Config, start_step: int, writer: MetricWriter):
+  def __init__(self, config: Config, start_step: int, writer: MetricWriter, progress: Progress):
     self.config, self.start_step, self.writer = config, start_step, writer
+    self.progress = progress
     self.tokens_per_step = config.train.batch_size * config.train.context
     self.schedule = jax.jit(make_schedule(config.train))  # one compile, not one per jnp op
     self.pending: list = []
     self.window_started = time.perf_counter()
-    self.timed_tokens, self.timed_seconds = 0, 0.0
     self.last: dict | None = None
 
   def add(self, step_metrics: dict) -> None:
@@ -174,7 +176,8 @@ class TrainLog:
 
   @property
   def tokens_per_second(self) -> float | None:
-    return self.timed_tokens / self.timed_seconds if self.timed_seconds else None
+    p = self.progress
+    return p.timed_tokens / p.timed_seconds if p.timed_seconds else None
 
   def flush(self, step: int, wall_seconds: float, workdir: Path) -> dict:
     """Fetches and averages the window ending at `step`; stops on a non-finite loss."""
@@ -192,8 +195,8 @@ class TrainLog:
             f"{workdir / 'checkpoints'} is untouched")
     seconds = time.perf_counter() - self.window_started  # after device_get: steps are done
     if first_step - 1 > self.start_step:  # the first window holds compilation: not timed
-      self.timed_tokens += len(records) * self.tokens_per_step
-      self.timed_seconds += seconds
+      self.progress.timed_tokens += len(records) * self.tokens_per_step
+      self.progress.timed_seconds += seconds
     averaged = _average(records)
     averaged["tokens_per_second"] = len(records) * self.tokens_per_step / seconds
     averaged["learning_rate"] = float(self.schedule(step - 1))
@@ -312,7 +315,8 @@ def _train_loop(config: Config, workdir: Path, data: Data, mesh: jax.sharding.Me
   rng, interrupted = jax.random.key(t.seed + 1), False
   step_fn = _compile_train_step(config, mesh, state, rng)
   evaluate = Evaluator(config, data, mesh, writer)
-  train_log, clock = TrainLog(config, start_step, writer), Clock(progress.wall_seconds)
+  train_log = TrainLog(config, start_step, writer, progress)
+  clock = Clock(progress.wall_seconds)
   with _StopRequest() as stop:
     while step < t.steps and not interrupted:
       batch = to_batch(sampler.next().reshape(t.grad_accum, -1, t.context + 1))
@@ -332,7 +336,8 @@ def _train_loop(config: Config, workdir: Path, data: Data, mesh: jax.sharding.Me
       if is_eval or is_save:  # keep evaluation and saving out of the next window's timing
         train_log.restart_window()
   writer.close()
-  summary = _summarize(config, data, progress, train_log, step, completed=step >= t.steps)
+  summary = _summarize(config, data, progress, train_log, step, completed=step >= t.steps,
+                       workdir=workdir)
   if not summary.completed:
     log(f"stopped at step {step}; checkpoint saved. Run the same command with "
         f"--workdir={workdir} to resume.")
@@ -387,8 +392,14 @@ def _log_setup(config: Config, data: Data, mesh: jax.sharding.Mesh, writer: Metr
 
 
 def _summarize(config: Config, data: Data, progress: Progress, train_log: TrainLog, step: int,
-               completed: bool) -> RunSummary:
-  last = train_log.last or {}
+               completed: bool, workdir: Path) -> RunSummary:
+  # The last logging window: this session's, or, when it trained no step (a run that
+  # stopped after its final checkpoint and before summary.json), the log's last row.
+  # (Process 0 writes the log; the others summarize without it.)
+  last = train_log.last
+  if last is None and (workdir / "metrics.jsonl").exists():
+    last = (read_events(workdir, "train") or [None])[-1]
+  last = last or {}
   moe_field = lambda name: np.asarray(last[name]).tolist() if config.model.num_experts and name in last else []
   return RunSummary(
       name=config.name, completed=completed, steps=step, tokens_seen=progress.tokens_seen,

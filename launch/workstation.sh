@@ -14,7 +14,14 @@ cd "$(dirname "$0")/.."
 
 CONFIG=${CONFIG:-configs/moe_top2.py:gpu}
 if [[ $# -gt 0 && $1 != --* ]]; then CONFIG=$1; shift; fi
-GPUS=$(nvidia-smi --list-gpus | wc -l)
+# The GPUs this process may use: CUDA_VISIBLE_DEVICES's list where it is set, as JAX sees it.
+if [[ -n ${CUDA_VISIBLE_DEVICES+set} ]]; then
+  IFS=, read -ra visible <<< "$CUDA_VISIBLE_DEVICES"
+  GPUS=${#visible[@]}
+else
+  GPUS=$(nvidia-smi --list-gpus | wc -l)
+fi
+if (( GPUS == 0 )); then echo "no GPU visible (CUDA_VISIBLE_DEVICES='${CUDA_VISIBLE_DEVICES-}')" >&2; exit 2; fi
 EXPERT=${EXPERT:-1}
 if (( GPUS % EXPERT )); then echo "EXPERT=$EXPERT does not divide $GPUS GPUs" >&2; exit 2; fi
 name=$(basename "${CONFIG%%:*}" .py)

@@ -70,6 +70,24 @@ def test_nominal_peak_by_device_kind(device_kind, dtype, peak):
   assert bench.nominal_peak_flops(device_kind, dtype) == peak
 
 
+def test_device_line_gives_each_dtype_its_peak():
+  record = lambda name, dtype, peak, source: bench.BenchRecord(
+      name=name, spec=name, overrides={}, kernels={}, token_ids="random",
+      device="NVIDIA H100 80GB HBM3", jax_version="0.11.2", params_total=1, params_active=1,
+      flops_per_token=1, train_step_seconds=1.0, train_tokens_per_second=1.0, mfu=0.1,
+      peak_flops=peak, peak_source=source, measured_peak_flops=peak / 2,
+      mfu_vs_measured_peak=0.2, peak_memory_bytes=None, device_peak_memory_bytes=None,
+      dtype=dtype)
+  bf16 = record("a", "bfloat16", 989e12, "nominal")
+  assert bench.device_line([bf16, record("b", "bfloat16", 989e12, "nominal")]) == (
+      "device: NVIDIA H100 80GB HBM3, jax 0.11.2; bfloat16: MFU over the nominal peak "
+      "989.0 TFLOP/s, measured matmul peak 494.5 TFLOP/s")
+  line = bench.device_line([bf16, record("c", "float32", 67e12, "nominal"),
+                            record("d", "bfloat16", 989e12, "nominal")])
+  assert "bfloat16 (a, d): MFU over the nominal peak 989.0" in line
+  assert "float32 (c): MFU over the nominal peak 67.0 TFLOP/s, measured matmul peak 33.5" in line
+
+
 def test_token_batches_are_training_windows(make_config, corpus):
   config = make_config("dense", corpus, train__grad_accum=2)
   batches = bench.token_batches(config, count=3, random_ids=False)
