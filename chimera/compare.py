@@ -111,6 +111,30 @@ class Study:
   sweep: str | None = None  # the --sweep value, for a sweep
   base_set: tuple[str, ...] = ()  # its --base_set values, "section.field=value"
   sets: tuple[str, ...] = ()  # the --set values over every model, "section.field=value"
+  base: str | None = None  # a sweep's --base, when given
+  default_seeds: tuple[int, ...] = ()  # the seeds it trains without --seeds
+
+  def command(self, seeds: list[int]) -> str:
+    """The chimera.compare command that trains and reports this study at `seeds`."""
+    return (f"python -m chimera.compare --preset={self.preset}"
+            + (f" --sweep={self.sweep}" if self.sweep else "")
+            + (f" --base={self.base}" if self.base else "")
+            + "".join(f" --base_set={value}" for value in self.base_set)
+            + "".join(f" --set={value}" for value in self.sets)
+            + ("" if list(seeds) == list(self.default_seeds)
+               else " --seeds=" + ",".join(map(str, seeds))))
+
+  def expert_sweep_command(self, seeds: list[int]) -> str:
+    """The number-of-experts sweep at this study's preset and --set values, at `seeds`
+    (a sweep's default seed is its preset's first)."""
+    sweep = Study("", self.preset, [], "", sweep="model.num_experts=4,8,16,32",
+                  sets=self.sets, default_seeds=self.default_seeds[:1])
+    return sweep.command(seeds or list(sweep.default_seeds))
+
+  @property
+  def over_moe_top2(self) -> bool:
+    """Whether a sweep varies configs/moe_top2.py (its default base for a field sweep)."""
+    return self.base is None or Path(self.base).stem == "moe_top2"
 
 
 def load(path: str, preset: StudyPreset, overrides: dict) -> Config:
@@ -190,6 +214,9 @@ def make_study(preset_name: str, sweep: str | None, base: str | None, overrides:
   (cpu-sweep-num_experts-with-batch_size-64, cpu-sweep-balancing-at-num_experts-32,
   cpu-sweep-num_experts-over-moe_fine)."""
   preset, base_overrides, sets = PRESETS[preset_name], base_overrides or {}, sets or {}
+  if base and ":" in base:
+    raise ChimeraError(f"--base: a config file without a preset (the study's preset "
+                       f"{preset.config_preset!r} is added to it), got {base!r}")
   given = lambda values: tuple(f"{key}={value}" for key, value in values.items())
   suffix = sets_suffix(given(sets))
   with_sets = " with " + ", ".join(given(sets)) if sets else ""
@@ -198,16 +225,17 @@ def make_study(preset_name: str, sweep: str | None, base: str | None, overrides:
       raise ChimeraError("--base_set: only with --sweep (the study's models are its configs)")
     return Study(f"MoE against dense at equal compute ({preset_name} preset{with_sets})",
                  preset_name, study_models(preset, overrides), preset_name + suffix,
-                 sets=given(sets))
+                 sets=given(sets), default_seeds=preset.seeds)
   question, models = sweep_models(sweep, base, preset, overrides, base_overrides)
   slug = sweep.partition("=")[0].split(".")[-1] + sets_suffix(given(base_overrides), "at")
   default_base = (study_sweeps.SWEEPS[sweep].base if sweep in study_sweeps.SWEEPS
                   else "configs/moe_top2.py")
-  base_name = Path(base.partition(":")[0]).stem if base else None
+  base_name = Path(base).stem if base else None
   if base_name and base_name != Path(default_base).stem:
     slug += f"-over-{base_name}"  # never the default base's folder
   return Study(f"Sweep: {question} ({preset_name} preset{with_sets})", preset_name, models,
-               f"{preset_name}-sweep-{slug}{suffix}", sweep, given(base_overrides), given(sets))
+               f"{preset_name}-sweep-{slug}{suffix}", sweep, given(base_overrides), given(sets),
+               base=base, default_seeds=preset.seeds[:1])
 
 
 # Fields added after runs were first keyed by their config. While one is at its default
@@ -279,16 +307,43 @@ def measure_speed(models: list[Model], repeats: int) -> list:
 
 
 def related_summaries(results: Path, study: Study) -> dict:
-  """Reports that a study's targets read: the expert sweep at the same --set values and,
-  away from the cpu preset, the cpu study (for the ordering). Missing ones, and ones
-  written by an older report (no "targets"), are None."""
-  def read(path: Path) -> dict | None:
+  """Reports that a study's targets read: the expert sweep at the same --set values (and
+  the seeds it holds) and, away from the cpu preset, the cpu study (for the ordering).
+  Missing ones, and ones written by an older report (no "targets"), are None."""
+  def read(path: Path) -> dict:
     summary = json.loads(path.read_text()) if path.exists() else {}
-    return summary["models"] if "targets" in summary else None
-  sweep = f"{study.preset}-sweep-num_experts{sets_suffix(study.sets)}"  # same --set values
-  return {"expert_sweep": read(results / sweep / "summary.json"),
+    return summary if "targets" in summary else {}
+  sweep = read(results / f"{study.preset}-sweep-num_experts{sets_suffix(study.sets)}"
+               / "summary.json")  # same --set values
+  return {"expert_sweep": sweep.get("models"), "expert_sweep_seeds": sweep.get("seeds"),
           "reference_study": None if study.preset == "cpu"
-          else read(results / "cpu" / "summary.json")}
+          else read(results / "cpu" / "summary.json").get("models")}
+
+
+def check_out(out: Path, study: Study, seeds: list[int]) -> None:
+  """A report folder holds one study's report. Refuses, in one line and before anything
+  trains, to replace another study's: one with models or seeds this one lacks (a 2-point
+  sweep over a 4-point one's folder, --seeds=0 over a 3-seed study). A study that adds
+  models or seeds to the one there may write over it."""
+  if out.exists() and not out.is_dir():
+    raise ChimeraError(f"--out: {out} is a file, not a folder")
+  path = out / "summary.json"
+  if not path.is_file():
+    return
+  try:
+    there = json.loads(path.read_text())
+    models, there_seeds = list(there["models"]), list(there["seeds"])
+  except (json.JSONDecodeError, KeyError, TypeError):
+    raise ChimeraError(f"{path} is not a study summary; pass --out=DIR to write elsewhere "
+                       f"or remove it") from None
+  ours = [m.name for m in study.models]
+  missing = [m for m in models if m not in ours] + [f"seed {s}" for s in there_seeds
+                                                    if s not in seeds]
+  if missing:
+    raise ChimeraError(
+        f"{out} holds the report of another study (models {', '.join(models)}; seeds "
+        f"{', '.join(map(str, there_seeds))}), which this one would replace without "
+        f"{', '.join(missing)}; pass --out=DIR to write it elsewhere, or remove that folder")
 
 
 def trained_on(runs: dict[str, list[Run]]) -> str:
@@ -311,9 +366,13 @@ def main(argv):
     study = make_study(_PRESET.value, _SWEEP.value, _BASE.value, overrides,
                        dict(map(bench.parse_override, _BASE_SET.value)),
                        sets=overrides)  # every override over the preset names the folder
-    default_seeds = PRESETS[_PRESET.value].seeds
-    seeds = ([int(s) for s in _SEEDS.value] if _SEEDS.value
-             else list(default_seeds[:1] if study.sweep else default_seeds))
+    given_seeds = _SEEDS.value or []
+    if not all(s.strip().isdigit() for s in given_seeds):
+      raise ChimeraError(f"--seeds: expected non-negative integers, got "
+                         f"{','.join(given_seeds)!r}")
+    seeds = [int(s) for s in given_seeds] or list(study.default_seeds)
+    out = Path(_OUT.value or Path(_RESULTS.value) / study.slug)
+    check_out(out, study, seeds)
     runs = train_all(study.models, seeds, Path(_RUNS.value), train=not _REPORT_ONLY.value)
   except ChimeraError as error:
     print(f"error: {error}", file=sys.stderr)
@@ -325,7 +384,6 @@ def main(argv):
   if _BENCH_REPEATS.value > 0:
     print("== measuring speed", file=sys.stderr, flush=True)
     speed = measure_speed(study.models, _BENCH_REPEATS.value)
-  out = Path(_OUT.value or Path(_RESULTS.value) / study.slug)
   report.write(out, study=study, runs=runs, speed=speed,
                related=related_summaries(Path(_RESULTS.value), study),
                command="python -m chimera.compare " + " ".join(sys.argv[1:]),

@@ -12,10 +12,13 @@ import dataclasses
 import itertools
 import json
 import math
+import sys
 import time
 from pathlib import Path
 
 from chimera import study_plots, study_sweeps, study_targets
+from chimera.data.corpora import write_atomic
+from chimera.errors import ChimeraError
 from chimera.study_stats import Run, Spread, describe, paired, same_sign, summarize, worst
 from chimera.study_targets import Target
 
@@ -262,12 +265,12 @@ def findings(models: dict, targets: list[Target]) -> list[str]:
 
 def targets_for(study, models: dict, related: dict, command: str) -> list[Target]:
   """The issue's targets that this study measures (see chimera.study_targets)."""
-  expert_command = (f"python -m chimera.compare --preset={study.preset} "
-                    f"--sweep=model.num_experts=4,8,16,32")
   if study.sweep is not None:
-    if study_sweeps.varies_num_experts(study.sweep):
+    if study_sweeps.varies_num_experts(study.sweep) and study.over_moe_top2:
       return [study_targets.expert_sweep_target(models, command)]
     return []
+  # The expert sweep this study reads: at its --set values, with the seeds it holds.
+  expert_command = study.expert_sweep_command(related.get("expert_sweep_seeds") or [])
   out = study_targets.loss_targets(models, command)
   out.append(study_targets.expert_sweep_target(related.get("expert_sweep"), expert_command))
   out.append(study_targets.token_target(models, command))
@@ -408,6 +411,31 @@ def _one(values: set):
   return next(iter(values)) if len(values) == 1 else None
 
 
+def training_sentence(runs: dict[str, list[Run]]) -> str:
+  """How the runs train and are evaluated: one clause when every run trains alike, else
+  one per way of training, naming its models. The validation subset is fixed by the
+  evaluation batches' count, size and context (chimera.train), so models that differ in
+  those are scored on different text, and the sentence says so."""
+  def how(run: Run) -> tuple:
+    t = run.summary.config["train"]
+    return (t["steps"], t["batch_size"], t["context"], run.summary.tokens_seen,
+            t["eval_every"], t["eval_batches"] * t["batch_size"] * t["context"])
+  ways: dict = {}
+  for name, model_runs in runs.items():
+    for way in dict.fromkeys(map(how, model_runs)):
+      ways.setdefault(way, []).append(name)
+  clause = lambda w: (f"{w[0]} steps of {w[1]} x {w[2]} = {w[3]:,} tokens, evaluated every "
+                      f"{w[4]} steps on a fixed validation subset of {w[5]:,} tokens")
+  if len(ways) == 1:
+    return f"every run trains {clause(next(iter(ways)))} (the same for every model and seed)"
+  parts = "; ".join(f"{', '.join(names)}: {clause(way)}" for way, names in ways.items())
+  same_text = len({way[1:3] + way[5:] for way in ways}) == 1
+  return ("the runs do not all train alike (" + parts + ")" + (
+      "; the validation subset is the same for every model and seed" if same_text else
+      "; the validation subsets differ between models (batch size, context or evaluation "
+      "batches differ), so a paired difference compares losses on different text"))
+
+
 def split_sentence(meta: dict) -> str:
   """How many tokens each run draws against the size of its training split (" " first),
   or "" when the runs do not share one recorded split. Training windows start at uniformly
@@ -433,11 +461,8 @@ def write(out: Path, *, study, runs: dict[str, list[Run]], speed: list, related:
   by_name = dict(map(bench_figures, speed))
   models = summarize(runs, roles, baseline, {name: figures["train_tokens_per_second"]
                                              for name, figures in by_name.items()})
-  study_command = f"python -m chimera.compare --preset={study.preset}" + (
-      f" --sweep={study.sweep}" if study.sweep else "") + "".join(
-          f" --base_set={value}" for value in study.base_set) + "".join(
-              f" --set={value}" for value in study.sets)
-  targets = targets_for(study, models, related, study_command)
+  seeds = sorted({r.seed for rs in runs.values() for r in rs})
+  targets = targets_for(study, models, related, study.command(seeds))
   lines_found = findings(models, targets)
   first = next(iter(runs.values()))[0].summary
   train = first.config["train"]
@@ -449,11 +474,11 @@ def write(out: Path, *, study, runs: dict[str, list[Run]], speed: list, related:
           "tokens_per_run": first.tokens_seen, "eval_every": train["eval_every"],
           "eval_tokens": train["eval_batches"] * train["batch_size"] * train["context"],
           "train_split_tokens": _one({r.train_split_tokens for rs in runs.values() for r in rs}),
-          "seeds": sorted({r.seed for rs in runs.values() for r in rs}),
+          "seeds": seeds,
           "code": trained_by(runs), "devices": trained_on_devices(runs)}
-  (out / "summary.json").write_text(json.dumps(
+  write_atomic(out / "summary.json", json.dumps(
       {**meta, "models": models, "targets": [dataclasses.asdict(t) for t in targets],
-       "findings": lines_found, "speed": by_name}, indent=2))
+       "findings": lines_found, "speed": by_name}, indent=2).encode())
 
   plots = [("loss_vs_tokens.png", "validation loss against training tokens",
             study_plots.loss_curves(out / "loss_vs_tokens.png", runs, "tokens_seen",
@@ -473,12 +498,10 @@ def write(out: Path, *, study, runs: dict[str, list[Run]], speed: list, related:
       f"# {study.title}", "",
       f"Generated by `{command}` on {meta['date']}"
       + (f" ({meta['device']})" if meta["device"] else "") + ". "
-      f"Corpus `{meta['corpus']}`, {meta['tokenizer']} tokens; every run trains "
-      f"{meta['steps']} steps of {meta['batch_size']} x {meta['context']} = "
-      f"{meta['tokens_per_run']:,} tokens, evaluated every {meta['eval_every']} steps "
-      f"on a fixed validation subset of {meta['eval_tokens']:,} tokens (the same for every "
-      f"model and seed); seeds {meta['seeds']}. A unigram model scores "
-      f"{first.unigram_val_loss:.4f}." + split_sentence(meta), "",
+      f"Corpus `{meta['corpus']}`, {meta['tokenizer']} tokens; "
+      + training_sentence(runs) + f"; seeds {meta['seeds']}. A unigram model scores "
+      f"{first.unigram_val_loss:.4f}." + (split_sentence(meta) if _one(
+          {r.summary.tokens_seen for rs in runs.values() for r in rs}) else ""), "",
       code_sentence(meta["code"], meta["devices"]), "",
       SPREAD_NOTE, ""]
   lines += _tables(models, by_name)
@@ -498,7 +521,7 @@ def write(out: Path, *, study, runs: dict[str, list[Run]], speed: list, related:
             + ("Bench figures come from `chimera.bench` run after training in one process, "
                "configs interleaved, medians over repeats." if by_name else
                "No bench was run for this report (--bench_repeats=0)."), ""]
-  (out / "REPORT.md").write_text("\n".join(lines))
+  write_atomic(out / "REPORT.md", "\n".join(lines).encode())
   return json.loads((out / "summary.json").read_text())
 
 
@@ -549,10 +572,16 @@ def readme_headline(text: str, root: Path) -> tuple[int, int, str]:
   """(start, end, block): where README's headline block lies in `text`, and what it must
   say, from the summary.json of the study its start marker names (relative to `root`)."""
   marker = HEADLINE_START.split("{study}")[0]
-  start = text.index(marker)
+  start = text.find(marker)
+  end = text.find(HEADLINE_END, start) if start >= 0 else -1
+  if end < 0:
+    raise ChimeraError(f"README has no headline block (a line starting {marker.strip()!r} "
+                       f"and one holding {HEADLINE_END!r} after it)")
   study = text[start + len(marker):].split(" ", 1)[0]
-  end = text.index(HEADLINE_END, start)
-  summary = json.loads((root / study / "summary.json").read_text())
+  path = root / study / "summary.json"
+  if not path.is_file():
+    raise ChimeraError(f"README's headline names {study!r}, but {path} does not exist")
+  summary = json.loads(path.read_text())
   block = "\n".join([HEADLINE_START.format(study=study), "", *headline(summary, study), ""])
   return start, end, block + "\n"
 
@@ -569,7 +598,13 @@ def update_readme(readme: Path) -> bool:
 def main(argv):
   del argv
   readme = Path(_README.value)
-  changed = update_readme(readme)
+  try:
+    if not readme.is_file():
+      raise ChimeraError(f"--readme: {readme} is not a file")
+    changed = update_readme(readme)
+  except ChimeraError as error:
+    print(f"error: {error}", file=sys.stderr)
+    sys.exit(2)
   print(f"{readme}: headline {'rewritten' if changed else 'already current'}")
 
 

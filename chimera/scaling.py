@@ -119,9 +119,12 @@ def compile_train_step(config: config_lib.Config, mesh: jax.sharding.Mesh):
 
 def main(argv):
   del argv
-  data, expert = (int(v) for v in FLAGS.mesh)
-  overrides = {"mesh.data": data, "mesh.expert": expert}
   try:
+    if len(FLAGS.mesh) != 2 or not all(v.strip().isdigit() for v in FLAGS.mesh):
+      raise ChimeraError(f"--mesh: expected data,expert (two positive integers), got "
+                         f"{','.join(FLAGS.mesh)!r}")
+    data, expert = (int(v) for v in FLAGS.mesh)
+    overrides = {"mesh.data": data, "mesh.expert": expert}
     overrides.update(dict(parse_override(s) for s in FLAGS.set))
     config = config_lib.load(FLAGS.config, overrides)
     sharding.check_mesh(config, jax.device_count())

@@ -142,5 +142,7 @@ def ordering_target(models: dict, reference: dict | None, command: str,
   names = [n for n in models if n in reference]
   order = lambda m: sorted(names, key=lambda n: m[n]["final_val_loss"]["mean"])
   here, there = order(models), order(reference)
-  return Target(claim, command, " < ".join(here), PASS if here == there else FAIL,
+  n = min((models[name]["final_val_loss"]["n"] for name in names), default=0)
+  return Target(claim, command, " < ".join(here) + f" (n={n} per model)",
+                PASS if here == there else FAIL,
                 "" if here == there else "reference: " + " < ".join(there))

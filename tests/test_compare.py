@@ -6,6 +6,8 @@ import dataclasses
 import hashlib
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -130,6 +132,17 @@ def test_targets_pass_fail_and_not_measured():
   main = report.targets_for(compare.Study("t", "cpu", [], "cpu"), models, {"expert_sweep": sweep},
                             "cmd")
   assert "PASS" in [t.status for t in main if "Number-of-experts" in t.claim]
+
+
+def test_ordering_target_names_its_n():
+  loss = lambda mean, n: {"final_val_loss": {"mean": mean, "n": n}}
+  here = {"dense": loss(1.6, 1), "moe_top2": loss(1.5, 1), "moe_fine": loss(1.4, 1)}
+  there = {"dense": loss(1.6, 2), "moe_top2": loss(1.4, 2), "moe_fine": loss(1.5, 2)}
+  target = study_targets.ordering_target(here, there, "cmd", "ref")
+  assert target.status == "FAIL" and target.measured == "moe_fine < moe_top2 < dense (n=1 per model)"
+  assert target.note == "reference: moe_top2 < moe_fine < dense"
+  assert study_targets.ordering_target(here, here, "cmd", "ref").status == "PASS"
+  assert study_targets.ordering_target(here, None, "cmd", "ref").status == "NOT MEASURED"
 
 
 def test_findings_are_generated_from_the_numbers():
@@ -368,6 +381,23 @@ def test_tiny_study_trains_reports_and_resumes(make_config, corpus, tmp_path, mo
                            command="pytest")
   assert mixed_out["train_split_tokens"] is None
   assert "The training split holds" not in (tmp_path / "mixed" / "REPORT.md").read_text()
+  # Runs that train differently are described model by model, and validation subsets
+  # that differ are named as such.
+  def trained(run, **train):
+    config = copy.deepcopy(run.summary.config)
+    config["train"].update(train)
+    return dataclasses.replace(run, summary=dataclasses.replace(run.summary, config=config))
+  assert report.training_sentence(runs) == (
+      "every run trains 6 steps of 4 x 32 = 768 tokens, evaluated every 2 steps on a fixed "
+      "validation subset of 256 tokens (the same for every model and seed)")
+  longer = report.training_sentence(
+      {"dense": runs["dense"], "moe_top2": [trained(r, steps=12) for r in runs["moe_top2"]]})
+  assert longer.startswith("the runs do not all train alike (dense: 6 steps of 4 x 32")
+  assert "; moe_top2: 12 steps of 4 x 32" in longer
+  assert longer.endswith("the validation subset is the same for every model and seed")
+  wider = report.training_sentence(
+      {"dense": runs["dense"], "moe_top2": [trained(r, batch_size=8) for r in runs["moe_top2"]]})
+  assert "moe_top2: 6 steps of 8 x 32" in wider and "validation subsets differ" in wider
   dense_run = runs["dense"][0]
   assert written["models"]["dense"]["generalization_gap"]["values"][0] == pytest.approx(
       dense_run.summary.final_val_loss - dense_run.train_rows[-1]["loss"])
@@ -378,7 +408,7 @@ def test_tiny_study_trains_reports_and_resumes(make_config, corpus, tmp_path, mo
       ("train.expert_lr_scale=0.5",), ("train.batch_size=4",))
   report.write(tmp_path / "sweep", study=sweep, runs=runs, speed=[], related={}, command="pytest")
   assert ("`python -m chimera.compare --preset=tiny --sweep=model.num_experts=2 "
-          "--base_set=train.expert_lr_scale=0.5 --set=train.batch_size=4`") in (
+          "--base_set=train.expert_lr_scale=0.5 --set=train.batch_size=4 --seeds=0,1`") in (
               tmp_path / "sweep" / "REPORT.md").read_text()
   # Every model keeps its validation curve over seeds, one entry per evaluation.
   dense_curve = written["models"]["dense"]["val_curve"]
@@ -460,8 +490,8 @@ def test_related_summaries_skip_older_reports(tmp_path):
   (tmp_path / "cpu").mkdir()
   (tmp_path / "cpu" / "summary.json").write_text(json.dumps({"models": {"dense": {}}}))
   study = compare.Study("t", "gpu-small", [], "gpu-small")
-  assert compare.related_summaries(tmp_path, study) == {"expert_sweep": None,
-                                                         "reference_study": None}
+  assert compare.related_summaries(tmp_path, study) == {
+      "expert_sweep": None, "expert_sweep_seeds": None, "reference_study": None}
   (tmp_path / "cpu" / "summary.json").write_text(json.dumps({"models": {"dense": {}},
                                                              "targets": []}))
   assert compare.related_summaries(tmp_path, study)["reference_study"] == {"dense": {}}
@@ -469,11 +499,85 @@ def test_related_summaries_skip_older_reports(tmp_path):
   for slug, models in [("cpu-sweep-num_experts", {"plain": {}}),
                        ("cpu-sweep-num_experts-with-batch_size-64", {"b64": {}})]:
     (tmp_path / slug).mkdir()
-    (tmp_path / slug / "summary.json").write_text(json.dumps({"models": models, "targets": []}))
-  plain = compare.Study("t", "cpu", [], "cpu")
-  wide = compare.Study("t", "cpu", [], "cpu-with-batch_size-64", sets=("train.batch_size=64",))
+    (tmp_path / slug / "summary.json").write_text(json.dumps({"models": models, "targets": [],
+                                                               "seeds": [0, 1, 2]}))
+  plain = compare.Study("t", "cpu", [], "cpu", default_seeds=(0, 1))
+  wide = compare.Study("t", "cpu", [], "cpu-with-batch_size-64", sets=("train.batch_size=64",),
+                       default_seeds=(0, 1))
   assert compare.related_summaries(tmp_path, plain)["expert_sweep"] == {"plain": {}}
-  assert compare.related_summaries(tmp_path, wide)["expert_sweep"] == {"b64": {}}
+  related = compare.related_summaries(tmp_path, wide)
+  assert related["expert_sweep"] == {"b64": {}} and related["expert_sweep_seeds"] == [0, 1, 2]
+  # The expert target's command is the sweep it read: its --set values and its seeds.
+  target = next(t for t in report.targets_for(wide, {"dense": {"role": "baseline"}},
+                                              {**related, "expert_sweep": None}, "cmd")
+                if "Number-of-experts" in t.claim)
+  assert target.command == ("python -m chimera.compare --preset=cpu "
+                            "--sweep=model.num_experts=4,8,16,32 --set=train.batch_size=64 "
+                            "--seeds=0,1,2")
+  assert wide.expert_sweep_command([0]) == ("python -m chimera.compare --preset=cpu "
+      "--sweep=model.num_experts=4,8,16,32 --set=train.batch_size=64")  # a sweep's default
+
+
+def test_study_commands_name_base_and_seeds():
+  study = compare.make_study("cpu", None, None, {})
+  assert study.command([0, 1]) == "python -m chimera.compare --preset=cpu"  # the defaults
+  assert study.command([0, 1, 2]) == "python -m chimera.compare --preset=cpu --seeds=0,1,2"
+  sweep = compare.make_study("cpu", "model.num_experts=8,16", "configs/moe_fine.py", {})
+  assert sweep.slug == "cpu-sweep-num_experts-over-moe_fine" and not sweep.over_moe_top2
+  assert sweep.command([0]) == ("python -m chimera.compare --preset=cpu "
+                                "--sweep=model.num_experts=8,16 --base=configs/moe_fine.py")
+  # A number-of-experts sweep over another base is not the target's sweep.
+  assert report.targets_for(sweep, {}, {}, "cmd") == []
+  assert compare.make_study("cpu", "model.num_experts=8,16", None, {}).over_moe_top2
+  with pytest.raises(ChimeraError, match=r"^--base: a config file without a preset"):
+    compare.make_study("cpu", "model.num_experts=8,16", "configs/moe_fine.py:small", {})
+
+
+def test_a_report_folder_is_not_replaced_by_another_study(tmp_path):
+  study = compare.make_study("cpu", "model.num_experts=4,8,16,32", None, {})
+  out = tmp_path / study.slug
+  compare.check_out(out, study, [0])  # nothing there yet
+  out.mkdir()
+  (out / "summary.json").write_text(json.dumps({"models": {m.name: {} for m in study.models},
+                                                "seeds": [0, 1, 2], "targets": []}))
+  compare.check_out(out, study, [0, 1, 2])  # the same study, written again
+  compare.check_out(out, study, [0, 1, 2, 3])  # one more seed
+  with pytest.raises(ChimeraError, match=r"would replace without seed 1, seed 2; pass --out"):
+    compare.check_out(out, study, [0])
+  fewer = compare.make_study("cpu", "model.num_experts=16,32", None, {})
+  assert fewer.slug == study.slug  # the same folder...
+  with pytest.raises(ChimeraError, match=r"without num_experts=4, num_experts=8"):
+    compare.check_out(out, fewer, [0, 1, 2])  # ...refused before anything trains
+  (out / "summary.json").write_text("{")
+  with pytest.raises(ChimeraError, match=r"is not a study summary"):
+    compare.check_out(out, study, [0])
+  (tmp_path / "file").write_text("")
+  with pytest.raises(ChimeraError, match=r"is a file, not a folder"):
+    compare.check_out(tmp_path / "file", study, [0])
+
+
+@pytest.mark.parametrize("tool, args, message", [
+    ("compare", ["--seeds=a"], "error: --seeds: expected non-negative integers, got 'a'"),
+    ("report", ["--readme=MISSING.md"], "error: --readme: MISSING.md is not a file"),
+    ("scaling", ["--config=configs/moe_top2.py:tiny", "--mesh=2"],
+     "error: --mesh: expected data,expert (two positive integers), got '2'"),
+])
+def test_bad_study_flags_are_one_line(tool, args, message):
+  result = subprocess.run([sys.executable, "-m", f"chimera.{tool}", *args],
+                          cwd=Path(__file__).resolve().parents[1], capture_output=True,
+                          text=True, timeout=120)
+  assert result.returncode == 2 and result.stderr.strip() == message
+
+
+def test_a_readme_without_its_headline_block_is_one_line(tmp_path):
+  readme = tmp_path / "README.md"
+  readme.write_text("no block here\n")
+  with pytest.raises(ChimeraError, match=r"^README has no headline block"):
+    report.update_readme(readme)
+  readme.write_text(report.HEADLINE_START.format(study="nowhere") + "\n"
+                    + report.HEADLINE_END + "\n")
+  with pytest.raises(ChimeraError, match=r"names 'nowhere', but .* does not exist"):
+    report.update_readme(readme)
 
 
 def test_readme_headline_is_the_summary_it_names():
