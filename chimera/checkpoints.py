@@ -7,6 +7,7 @@ leaves the previous checkpoint intact. Retention: the latest `keep` checkpoints,
 one with the best validation loss.
 """
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -15,15 +16,27 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
 
+def _not_the_missing_metrics_warning(record: logging.LogRecord) -> bool:
+  """Orbax warns at every save without metrics once best_fn is set (see Checkpointer);
+  saves between evaluations have none by design."""
+  return "did not provide metrics" not in record.getMessage()
+
+
+logging.getLogger("absl").addFilter(_not_the_missing_metrics_warning)
+
+
 class Checkpointer:
 
   def __init__(self, directory: Path, keep: int):
     keep_best = policies.BestN(get_metric_fn=lambda metrics: metrics["val_loss"],
                                reverse=True,  # sorted descending: the last one is the lowest
                                n=1, keep_checkpoints_without_metrics=False)
+    # best_fn only makes orbax write each checkpoint's metrics to disk (retention is the
+    # preservation policy's): without them, a resumed run's manager would see the best
+    # checkpoint without its val_loss and delete it at the next save.
     options = ocp.CheckpointManagerOptions(
         preservation_policy=policies.AnyPreservationPolicy([policies.LatestN(n=keep), keep_best]),
-        create=True)
+        best_fn=lambda metrics: metrics["val_loss"], best_mode="min", create=True)
     self._manager = ocp.CheckpointManager(Path(directory).absolute(), options=options,
                                           item_names=("state", "meta"))
 

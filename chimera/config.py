@@ -13,6 +13,7 @@ with one line that names the offending field, before anything is compiled.
 
 import dataclasses
 import importlib.util
+import os
 import typing
 from pathlib import Path
 from typing import Literal
@@ -307,15 +308,30 @@ def validate(c: Config) -> None:
   _check(0.0 < d.val_fraction < 1.0, "data.val_fraction",
          f"must be in (0, 1), got {d.val_fraction}")
   _check(bool(d.corpus), "data.corpus", "is empty")
+  _check(d.seed >= 0, "data.seed", f"must be >= 0, got {d.seed}")
+  _check(t.seed >= 0, "train.seed", f"must be >= 0, got {t.seed}")
   _check(bool(d.text_field), "data.text_field", "is empty")
   _check_positive("mesh", c.mesh, ("data", "expert"))
   _validate_groups(c)
 
 
+def absolute_corpus(spec: str) -> str:
+  """A local corpus spec (a file, folder or glob) as an absolute path, so that a run resumed,
+  evaluated or compared from another directory reads the same text; a named corpus
+  ("shakespeare", "tfds:...", "hf:...") as it is."""
+  if not spec or spec == "shakespeare" or spec.startswith(("tfds:", "hf:")):
+    return spec
+  return os.path.abspath(os.path.expanduser(spec))
+
+
 def resolve(c: Config) -> Config:
-  """The derived fields that need more than the model: group_size (one sequence)."""
+  """The derived fields that need more than the model: group_size (one sequence); and a
+  local corpus path made absolute (`absolute_corpus`)."""
   if c.model.group_size is None:
     c = dataclasses.replace(c, model=dataclasses.replace(c.model, group_size=c.train.context))
+  if absolute_corpus(c.data.corpus) != c.data.corpus:
+    c = dataclasses.replace(c, data=dataclasses.replace(c.data,
+                                                        corpus=absolute_corpus(c.data.corpus)))
   return c
 
 
@@ -345,6 +361,8 @@ def run_differences(saved: Config, new: Config) -> list[str]:
   count; see `_RUN_NEUTRAL`.
   """
   old, now = to_dict(saved), to_dict(new)
+  # A config.json written before local corpus paths were made absolute: read from here.
+  old["data"]["corpus"] = absolute_corpus(old["data"]["corpus"])
   differing = []
   for section in SECTIONS:
     for field in sorted(set(old[section]) | set(now[section])):
@@ -369,8 +387,11 @@ def load(spec: str, overrides: dict | None = None) -> Config:
   """A validated Config from `path[:preset]` and {"section.field": value} overrides."""
   config_dict = load_config_dict(spec)
   for key, value in (overrides or {}).items():
+    if key == "name":  # the one field outside a section
+      config_dict.name = str(value)
+      continue
     section, _, field = key.partition(".")
-    if section not in config_dict or field not in config_dict[section]:
+    if section not in SECTIONS or field not in config_dict[section]:
       raise ChimeraError(f"config.{key}: unknown field")
     try:
       setattr(config_dict[section], field, value)

@@ -135,6 +135,10 @@ def main(argv):
     if not 0 <= FLAGS.top_k <= tokenizer.vocab_size:
       raise ChimeraError(f"--top_k: must be in [0, {tokenizer.vocab_size}] (the tokenizer's "
                          f"vocabulary; 0 for all), got {FLAGS.top_k}")
+    try:
+      FLAGS.prompt.encode("utf-8")
+    except UnicodeEncodeError:  # bytes the shell passed that are not UTF-8
+      raise ChimeraError("--prompt: not valid UTF-8") from None
     prompt = tokenizer.encode(FLAGS.prompt)
     args = (state.params, jnp.asarray(prompt)[None], jax.random.key(FLAGS.seed))
     decode = generate.lower(*args, config=config.model, max_new_tokens=FLAGS.max_new_tokens,

@@ -39,9 +39,12 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 
 def main(argv):
-  del argv
   logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
   try:
+    if len(argv) > 1:  # "config.train.steps=100", its "--" forgotten, would be ignored
+      raise ChimeraError(f"unexpected argument {argv[1]!r} (flags start with --)")
+    if _STOP_AFTER.value is not None and _STOP_AFTER.value < 1:
+      raise ChimeraError(f"--stop_after: must be >= 1, got {_STOP_AFTER.value}")
     config = config_lib.from_config_dict(_CONFIG.value)
     sharding.initialize_distributed()  # before any other JAX call, on every host
     compile_cache.enable()  # a rerun or resume reads its compiled steps from disk

@@ -51,10 +51,13 @@ class MetricWriter:
     if not self.enabled:
       return
     jsonl = Path(workdir) / "metrics.jsonl"
-    dropped = truncate_after(jsonl, resume_step)
+    # A run that starts at step 0 writes its log afresh: rows there (its setup row among
+    # them) came from an attempt that saved no checkpoint.
+    dropped = truncate_after(jsonl, resume_step if resume_step > 0 else -1)
     if dropped:
       log(f"metrics.jsonl: dropped {dropped} rows written after the step-{resume_step} "
-          f"checkpoint by the interrupted run")
+          f"checkpoint by the interrupted run" if resume_step > 0 else
+          f"metrics.jsonl: dropped {dropped} rows of an earlier start that saved no checkpoint")
     self._jsonl = open(jsonl, "a")
     self._tensorboard = SummaryWriter(str(Path(workdir) / "tensorboard"))
 

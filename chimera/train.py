@@ -49,9 +49,11 @@ def open_workdir(workdir: Path, config: Config):
   """Claims `workdir` for `config`'s run for the duration of the block.
 
   Refuses (one-line ChimeraError) a path that is a file, a second live run on the same
-  workdir, and a config that computes a different run than the one saved there. The
-  lock is an flock held by this process: the kernel drops it when the process dies, so
-  a killed run never blocks the next one.
+  workdir, and a config that computes a different run than the one saved there. A
+  workdir without a checkpoint holds no run yet (a start that failed on bad input, or a
+  run killed before its first save): its config.json is replaced, so the corrected
+  command starts there. The lock is an flock held by this process: the kernel drops it
+  when the process dies, so a killed run never blocks the next one.
   """
   if workdir.exists() and not workdir.is_dir():
     raise ChimeraError(f"--workdir: {workdir} is a file, not a directory")
@@ -69,9 +71,16 @@ def open_workdir(workdir: Path, config: Config):
     lock.truncate(0)
     lock.write(str(os.getpid()))
     lock.flush()
-    _check_same_run(workdir, config)
+    if _has_checkpoint(workdir):
+      _check_same_run(workdir, config)
     (workdir / "config.json").write_text(json.dumps(config_lib.to_dict(config), indent=2))
     yield
+
+
+def _has_checkpoint(workdir: Path) -> bool:
+  """Whether a save completed: orbax renames a checkpoint's folder to its step when done."""
+  folder = workdir / "checkpoints"
+  return folder.is_dir() and any(p.name.isdigit() for p in folder.iterdir())
 
 
 def _check_same_run(workdir: Path, config: Config) -> None:

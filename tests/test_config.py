@@ -147,6 +147,36 @@ def test_an_override_of_the_wrong_type_or_without_a_value_is_one_line():
   with pytest.raises(ChimeraError, match=r"^'train.batch_size': expected section.field=value$"):
     bench.parse_override("train.batch_size")
   assert bench.parse_override("train.steps=300") == ("train.steps", 300)
+  # The run's name is the one field outside a section; a section alone is no field.
+  assert config_lib.load(moe, {"name": "mine"}).name == "mine"
+  for key in ("model", "model.", "name.x", "nosuch.steps"):
+    with pytest.raises(ChimeraError, match=rf"^config.{re.escape(key)}: unknown field$"):
+      config_lib.load(moe, {key: 1})
+
+
+@pytest.mark.parametrize("key", ["data.seed", "train.seed"])
+def test_a_negative_seed_is_refused_before_compiling(key):
+  with pytest.raises(ChimeraError, match=rf"^config.{key}: must be >= 0, got -1$"):
+    config_lib.load(f"{CONFIGS[0].parent}/dense.py:tiny", {key: -1})
+
+
+def test_a_local_corpus_path_is_made_absolute(tmp_path, monkeypatch):
+  """A run resumed or evaluated from another directory reads the same text."""
+  monkeypatch.chdir(tmp_path)
+  dense = f"{CONFIGS[0].parent}/dense.py:tiny"
+  assert config_lib.load(dense, {"data.corpus": "notes.txt"}).data.corpus == str(
+      tmp_path / "notes.txt")
+  assert config_lib.load(dense, {"data.corpus": "texts/*.txt"}).data.corpus == str(
+      tmp_path / "texts" / "*.txt")
+  for named in ("shakespeare", "tfds:tiny_shakespeare", "hf:roneneldan/TinyStories"):
+    assert config_lib.load(dense, {"data.corpus": named}).data.corpus == named
+  # A config.json written with a relative path is the same run as its absolute form here.
+  absolute = config_lib.load(dense, {"data.corpus": "notes.txt"})
+  relative = dataclasses.replace(absolute, data=dataclasses.replace(absolute.data,
+                                                                    corpus="notes.txt"))
+  assert config_lib.run_differences(relative, absolute) == []
+  monkeypatch.chdir(tmp_path.parent)
+  assert config_lib.run_differences(relative, absolute) == ["data.corpus"]
 
 
 def test_the_mesh_does_not_change_the_run():

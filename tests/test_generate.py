@@ -98,7 +98,8 @@ def test_generate_entry_point_samples_from_a_run(make_config, corpus, tmp_path, 
   assert result.stdout.startswith("the king") and len(result.stdout) > len("the king")
   # Bad sampling settings: one line naming the flag, no traceback.
   for flag, message in (("--top_k=300", "--top_k: must be in [0, 257]"),
-                        ("--temperature=-1", "--temperature: must be >= 0")):
+                        ("--temperature=-1", "--temperature: must be >= 0"),
+                        (b"--prompt=ab\xffcd", "--prompt: not valid UTF-8")):  # raw bytes
     bad = subprocess.run([sys.executable, "-m", "chimera.generate", f"--workdir={workdir}", flag],
                          cwd=repo_root, capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and bad.stderr.startswith(f"error: {message}"), bad.stderr[-2000:]

@@ -4,6 +4,7 @@ import fcntl
 import functools
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -182,6 +183,9 @@ def test_bad_config_is_one_line_before_compiling(corpus, tmp_path):
       "--config.model.num_expertz=4": "num_expertz",
       "--config.model.group_size=48": "config.model.group_size",
       "--config.model.priority=ranked": "config.model.priority",
+      "--config.data.seed=-1": "config.data.seed: must be >= 0",
+      "--stop_after=0": "--stop_after: must be >= 1",
+      "config.train.steps=100": "unexpected argument 'config.train.steps=100'",
       "--config.model.router=nope": "config.model.router",
       "--config.train.min_learning_rate=1": "config.train.min_learning_rate",
       f"--workdir={corpus}": "is a file",
@@ -311,6 +315,29 @@ def test_a_workdir_that_is_a_file_or_in_use_is_refused(make_config, corpus, tmp_
   assert train(config, workdir).completed  # released: the next run goes ahead
 
 
+def test_a_start_that_saved_no_checkpoint_does_not_hold_the_workdir(make_config, corpus,
+                                                                    tmp_path):
+  """A start refused for bad input, or stopped before its first checkpoint, leaves no run:
+  the corrected command starts in the same workdir, with a log of its own."""
+  workdir = tmp_path / "run"
+  with pytest.raises(ChimeraError, match="no such file"):
+    train(make_config("dense", tmp_path / "missing.txt", train__steps=4), workdir)
+  assert (workdir / "config.json").exists()
+  config = make_config("dense", corpus, train__steps=4, train__checkpoint_every=4,
+                       train__log_every=1)
+  assert not train(config, workdir, stop_after=2).completed  # a save at the stop...
+  shutil.rmtree(workdir / "checkpoints")  # ...lost, as in a kill before the first save
+  other = make_config("dense", corpus, train__steps=4, train__checkpoint_every=4,
+                      train__log_every=1, train__learning_rate=1e-3)
+  assert train(other, workdir).completed
+  assert json.loads((workdir / "config.json").read_text())["train"]["learning_rate"] == 1e-3
+  assert len(read_events(workdir, "setup")) == 1
+  assert [r["step"] for r in read_events(workdir, "train")] == [1, 2, 3, 4]
+  # Once a checkpoint exists, the workdir holds that run.
+  with pytest.raises(ChimeraError, match=r"holds another run"):
+    train(config, workdir)
+
+
 def test_train_and_evaluation_steps_compile_dots_as_the_default_kernels_say(make_config, corpus):
   """The trainer's compiled steps take Kernels().compiler_options(): with cpu_dots="eigen",
   no dot of the train or evaluation step goes to YNNPACK, which jaxlib 0.10.2 would pick
@@ -388,6 +415,25 @@ def test_cpu_model_is_read_from_cpuinfo(tmp_path, monkeypatch):
   assert device_name() == "cpu (AMD EPYC 9B14, AVX-512) x 2"
   monkeypatch.setattr(records, "cpu_model", lambda: None)
   assert device_name() == "cpu x 2"
+
+
+def test_the_best_checkpoint_outlives_a_restart(tmp_path):
+  """Retention keeps the latest `keep` checkpoints and the best by validation loss, also
+  when a later session (a new manager over the same folder) saves the next one."""
+  state = {"w": np.zeros(3, np.float32)}
+  checkpointer = Checkpointer(tmp_path, keep=1)
+  for step, val_loss in ((1, 1.0), (2, 5.0), (3, 6.0)):
+    checkpointer.save(step, state, {}, val_loss=val_loss)
+    checkpointer.wait()
+  assert checkpointer.all_steps() == [1, 3]
+  checkpointer.close()
+  resumed = Checkpointer(tmp_path, keep=1)
+  resumed.save(4, state, {})  # between evaluations: no metrics
+  resumed.wait()
+  resumed.save(5, state, {}, val_loss=7.0)
+  resumed.wait()
+  assert resumed.all_steps() == [1, 5]
+  resumed.close()
 
 
 def test_progress_saved_is_a_copy():
