@@ -90,14 +90,28 @@ CLOCK_WORDS = {"measured": "training time as measured (evaluation included; the 
                "bench": "time on the bench clock (tokens / the bench's throughput)"}
 
 
+def _missing_words(equal_time: dict, clock: str) -> str:
+  """Why seeds have no value at dense's time: the reasons _equal_time counted (a report
+  written before it counted them: the clock's usual reason)."""
+  reasons = equal_time.get("missing") or {
+      ("no bench" if clock == "bench" else "no evaluation yet"): 1}
+  return " or ".join(reasons)
+
+
 def _time_clause(equal_time: dict, clock: str) -> str:
   at_time = equal_time["difference"]
   if at_time["mean"] is None:
-    return ""
+    # Without the clock (no bench) there is nothing to say; without an evaluation by
+    # dense's end, the model is furthest behind, and the finding says so.
+    unevaluated = (equal_time.get("missing") or {}).get("no evaluation yet", 0)
+    if not unevaluated:
+      return ""
+    return (f" At dense's {CLOCK_WORDS[clock]}, {equal_time['seconds']['mean']:,.0f} s, it "
+            f"had not been evaluated yet in {unevaluated} of {len(at_time['values'])} seeds.")
   side = "below" if at_time["mean"] < 0 else "above"
   text = (f" At dense's {CLOCK_WORDS[clock]}, {equal_time['seconds']['mean']:,.0f} s, it is "
           f"{abs(at_time['mean']):.4f} nats {side} dense "
-          f"({describe(at_time, signed=True, missing='no evaluation yet')})")
+          f"({describe(at_time, signed=True, missing=_missing_words(equal_time, clock))})")
   ended = equal_time["ended_before"]
   return text + (f"; in {ended} of {len(at_time['values'])} seeds it had finished sooner, "
                  f"and its final loss is used." if ended else ".")
@@ -318,7 +332,7 @@ def _efficiency_row(name: str, e: dict) -> list[str]:
   row = [name, describe(vs["token_fraction"], digits=2, suffix="x", missing="not reached")]
   for clock in CLOCK_WORDS:
     at = vs["equal_time"][clock]
-    missing = "no bench" if clock == "bench" else "no evaluation yet"
+    missing = _missing_words(at, clock)
     row += [describe(at["loss"], missing=missing),
             describe(at["difference"], signed=True, missing=missing)]
   return row

@@ -330,20 +330,25 @@ def _equal_time(runs: dict[int, Run], base: dict[int, Run], clock: str,
   """Each run's loss at the time its baseline run ended, on one clock (see Run.seconds),
   and its paired difference to the baseline's final loss. bench_speeds: (the model's,
   the baseline's) bench throughput, for the "bench" clock."""
-  at_time, ended_before, seconds = {}, 0, {}
+  at_time, ended_before, seconds, missing = {}, 0, {}, {}
+  no_clock = "no bench" if clock == "bench" else "no throughput recorded"
   for seed, run in runs.items():
     times, _ = run.seconds(clock, bench_speeds[0])
     base_times, base_end = base[seed].seconds(clock, bench_speeds[1])
     if times is None or base_times is None:
       at_time[seed] = seconds[seed] = None
+      missing[no_clock] = missing.get(no_clock, 0) + 1
       continue
     at_time[seed], ended = value_at(times, run.curve("tokens_seen")[1], base_end)
+    if at_time[seed] is None:  # dense ended before this run's first evaluation
+      missing["no evaluation yet"] = missing.get("no evaluation yet", 0) + 1
     seconds[seed] = base_end
     ended_before += ended
   return {"loss": Spread.of(at_time).to_json(),
           "difference": paired(at_time, {s: base[s].summary.final_val_loss
                                          for s in runs}).to_json(),
-          "seconds": Spread.of(seconds).to_json(), "ended_before": ended_before}
+          "seconds": Spread.of(seconds).to_json(), "ended_before": ended_before,
+          "missing": missing}  # why seeds have no value: {reason: seeds}
 
 
 def _against(model_runs: list[Run], base: dict[int, Run], entry: dict,

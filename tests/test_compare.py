@@ -433,6 +433,18 @@ def test_tiny_study_trains_reports_and_resumes(make_config, corpus, tmp_path, mo
     tokens, losses = run.curve("tokens_seen")
     half = value_at(tokens, losses, dense_run.summary.tokens_seen / 2)[0]
     assert value == pytest.approx(half) and half is not None
+  # Missing values say why: no bench, or no evaluation yet by dense's end (the model far
+  # behind), and the finding says the second.
+  no_bench = written["models"]["moe_top2"]
+  assert no_bench["vs_baseline"]["equal_time"]["bench"]["missing"] == {"no bench": 2}
+  assert "no bench in 2 of 2 seeds" in report._efficiency_row("moe_top2", no_bench)
+  assert "bench clock" not in report.efficiency_finding("moe_top2", no_bench)
+  slow = study_stats.summarize(runs, {"dense": "baseline", "moe_top2": "moe"}, "dense",
+                               {"dense": 20000.0, "moe_top2": 1000.0})["moe_top2"]
+  assert slow["vs_baseline"]["equal_time"]["bench"]["missing"] == {"no evaluation yet": 2}
+  assert "no evaluation yet in 2 of 2 seeds" in report._efficiency_row("moe_top2", slow)
+  assert ("time on the bench clock (tokens / the bench's throughput), 0 s, it had not been "
+          "evaluated yet in 2 of 2 seeds.") in report.efficiency_finding("moe_top2", slow)
 
   # README's headline block is rewritten from the summary its marker names.
   readme = tmp_path / "README.md"
