@@ -38,6 +38,7 @@ from absl import app, flags, logging
 
 from chimera import accounting, bench, compile_cache, config as config_lib, report, study_sweeps
 from chimera.config import Config
+from chimera.data.corpora import write_atomic
 from chimera.errors import ChimeraError
 from chimera.records import RunSummary
 from chimera.study_stats import Run
@@ -274,31 +275,60 @@ class StudyStopped(Exception):
   checkpoint, and the same command resumes the study from it."""
 
 
+# In a run's directory: why it stopped on a non-finite loss (chimera.train.TrainingDiverged).
+DIVERGED = "diverged.json"
+
+
 def train_all(models: list[Model], seeds: list[int], root: Path,
               train: bool = True) -> dict[str, list[Run]]:
   """Trains every model for every seed, resuming partial runs and skipping finished ones.
   Raises StudyStopped if a run stops early. With train=False (--report_only) nothing
-  trains: a run that has not finished raises ChimeraError instead."""
+  trains: a run that has not finished raises ChimeraError instead.
+
+  A run that diverges (a non-finite loss, e.g. a sweep's largest learning rate) is noted
+  in its directory (DIVERGED) and left out, so the other runs still report; the same
+  command does not train it again (`diverged_runs` lists them for the report)."""
   runs = {}
   for seed in seeds:  # seed-major: a partial study still compares every model
     for model in models:
       config = seeded(model.config, model.name, seed)
       workdir = run_dir(root, config)
       finished = RunSummary.exists(workdir) and RunSummary.load(workdir).completed
-      print(f"== {model.name}, seed {seed}: {workdir}" + (" (done)" if finished else ""),
-            file=sys.stderr, flush=True)
+      diverged = (workdir / DIVERGED).exists()
+      print(f"== {model.name}, seed {seed}: {workdir}" + (" (done)" if finished else "")
+            + (" (diverged: left out)" if diverged else ""), file=sys.stderr, flush=True)
+      if diverged:
+        continue
       if not finished:
         if not train:
           raise ChimeraError(f"--report_only: {model.name}, seed {seed} has not finished "
                              f"training ({workdir}); run without --report_only to train it")
-        from chimera.train import train as train_run  # heavy import, only when training
-        summary = train_run(config, workdir)
+        from chimera.train import TrainingDiverged, train as train_run  # heavy: only here
+        try:
+          summary = train_run(config, workdir)
+        except TrainingDiverged as error:
+          write_atomic(workdir / DIVERGED, json.dumps(
+              {"model": model.name, "seed": seed, "error": str(error)}).encode())
+          print(f"{model.name}, seed {seed} diverged, left out of the study: {error}",
+                file=sys.stderr, flush=True)
+          continue
         if not summary.completed:
           raise StudyStopped(f"study stopped in {model.name}, seed {seed}, at step "
                              f"{summary.steps} of {config.train.steps} (checkpoint saved in "
                              f"{workdir}); run the same command to resume")
       runs.setdefault(model.name, []).append(Run.load(workdir, model.name, seed))
   return runs
+
+
+def diverged_runs(models: list[Model], seeds: list[int], root: Path) -> list[dict]:
+  """The study's runs that diverged ({"model", "seed", "error"}), in training order."""
+  out = []
+  for seed in seeds:
+    for model in models:
+      path = run_dir(root, seeded(model.config, model.name, seed)) / DIVERGED
+      if path.exists():
+        out.append(json.loads(path.read_text()))
+  return out
 
 
 def measure_speed(models: list[Model], repeats: int) -> list:
@@ -374,6 +404,11 @@ def main(argv):
     out = Path(_OUT.value or Path(_RESULTS.value) / study.slug)
     check_out(out, study, seeds)
     runs = train_all(study.models, seeds, Path(_RUNS.value), train=not _REPORT_ONLY.value)
+    diverged = diverged_runs(study.models, seeds, Path(_RUNS.value))
+    baseline = study.models[0].name
+    if not runs.get(baseline):
+      raise ChimeraError(f"{baseline} diverged in every seed ({', '.join(map(str, seeds))}); "
+                         f"nothing to compare against")
   except ChimeraError as error:
     print(f"error: {error}", file=sys.stderr)
     sys.exit(2)
@@ -387,7 +422,7 @@ def main(argv):
   report.write(out, study=study, runs=runs, speed=speed,
                related=related_summaries(Path(_RESULTS.value), study),
                command="python -m chimera.compare " + " ".join(sys.argv[1:]),
-               device=trained_on(runs))
+               device=trained_on(runs), diverged=diverged)
   print(f"report: {out / 'REPORT.md'}")
 
 

@@ -464,11 +464,12 @@ def split_sentence(meta: dict) -> str:
 
 
 def write(out: Path, *, study, runs: dict[str, list[Run]], speed: list, related: dict,
-          command: str, device: str | None = None) -> dict:
+          command: str, device: str | None = None, diverged: list[dict] = ()) -> dict:
   """Writes REPORT.md, summary.json and PNG plots for `study` (a chimera.compare.Study)
   into `out`; returns what summary.json holds. `speed`: chimera.bench records (may be
   empty); `related`: other studies' summary models that targets read (see targets_for);
-  `device`: what wrote the report, when no bench record says it."""
+  `device`: what wrote the report, when no bench record says it; `diverged`: the runs
+  left out on a non-finite loss (chimera.compare.diverged_runs)."""
   out.mkdir(parents=True, exist_ok=True)
   roles = {m.name: m.role for m in study.models}
   baseline = next((m.name for m in study.models if m.role == "baseline"), None)
@@ -489,7 +490,8 @@ def write(out: Path, *, study, runs: dict[str, list[Run]], speed: list, related:
           "eval_tokens": train["eval_batches"] * train["batch_size"] * train["context"],
           "train_split_tokens": _one({r.train_split_tokens for rs in runs.values() for r in rs}),
           "seeds": seeds,
-          "code": trained_by(runs), "devices": trained_on_devices(runs)}
+          "code": trained_by(runs), "devices": trained_on_devices(runs),
+          "diverged": list(diverged)}
   write_atomic(out / "summary.json", json.dumps(
       {**meta, "models": models, "targets": [dataclasses.asdict(t) for t in targets],
        "findings": lines_found, "speed": by_name}, indent=2).encode())
@@ -516,8 +518,12 @@ def write(out: Path, *, study, runs: dict[str, list[Run]], speed: list, related:
       + training_sentence(runs) + f"; seeds {meta['seeds']}. A unigram model scores "
       f"{first.unigram_val_loss:.4f}." + (split_sentence(meta) if _one(
           {r.summary.tokens_seen for rs in runs.values() for r in rs}) else ""), "",
-      code_sentence(meta["code"], meta["devices"]), "",
-      SPREAD_NOTE, ""]
+      code_sentence(meta["code"], meta["devices"]), ""]
+  if diverged:
+    lines += ["Left out, diverged (a non-finite loss; the figures below have fewer seeds for "
+              "these models): " + "; ".join(f"{d['model']}, seed {d['seed']} ({d['error']})"
+                                            for d in diverged) + ".", ""]
+  lines += [SPREAD_NOTE, ""]
   lines += _tables(models, by_name)
   if targets:
     lines += ["", "## Targets", ""] + _table(

@@ -498,6 +498,29 @@ def test_a_stopped_run_stops_the_study_and_the_same_call_resumes(make_config, co
   assert runs["dense"][0].summary.completed and runs["dense"][0].summary.steps == 4
 
 
+def test_a_diverging_run_is_left_out_and_not_trained_again(make_config, corpus, tmp_path,
+                                                           monkeypatch):
+  """A sweep point that diverges (here a learning rate of 1e12) does not block the
+  study: it is noted in its run directory, left out, and named in the report."""
+  models = [compare.Model("dense", make_config("dense", corpus, train__steps=4), "baseline"),
+            compare.Model("lr=1e12", make_config(
+                "dense", corpus, train__steps=4, train__learning_rate=1e12,
+                train__warmup_steps=0, train__grad_clip=1e12, train__log_every=1), "point")]
+  runs = compare.train_all(models, seeds=[0], root=tmp_path / "runs")
+  assert list(runs) == ["dense"]
+  diverged = compare.diverged_runs(models, [0], tmp_path / "runs")
+  assert [(d["model"], d["seed"]) for d in diverged] == [("lr=1e12", 0)]
+  assert "non-finite loss" in diverged[0]["error"]
+  monkeypatch.setattr("chimera.train.train", lambda *a, **k: pytest.fail("trained again"))
+  assert list(compare.train_all(models, seeds=[0], root=tmp_path / "runs")) == ["dense"]
+  study = compare.Study("t", "tiny", models, "t", sweep="train.learning_rate=1e12")
+  written = report.write(tmp_path / "out", study=study, runs=runs, speed=[], related={},
+                         command="pytest", diverged=diverged)
+  assert written["diverged"] == diverged
+  assert "Left out, diverged" in (tmp_path / "out" / "REPORT.md").read_text()
+  assert "lr=1e12, seed 0 (non-finite loss" in (tmp_path / "out" / "REPORT.md").read_text()
+
+
 def test_related_summaries_skip_older_reports(tmp_path):
   (tmp_path / "cpu").mkdir()
   (tmp_path / "cpu" / "summary.json").write_text(json.dumps({"models": {"dense": {}}}))
