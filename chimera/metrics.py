@@ -59,7 +59,10 @@ class MetricWriter:
           f"checkpoint by the interrupted run" if resume_step > 0 else
           f"metrics.jsonl: dropped {dropped} rows of an earlier start that saved no checkpoint")
     self._jsonl = open(jsonl, "a")
-    self._tensorboard = SummaryWriter(str(Path(workdir) / "tensorboard"))
+    # TensorBoard hides the events an interrupted run wrote past the checkpoint (a
+    # SessionLog.START at purge_step), as metrics.jsonl drops its rows.
+    self._tensorboard = SummaryWriter(str(Path(workdir) / "tensorboard"),
+                                      purge_step=resume_step + 1 if resume_step > 0 else None)
 
   def write(self, event: str, step: int, values: dict) -> None:
     if not self.enabled:

@@ -309,6 +309,9 @@ def _train_loop(config: Config, workdir: Path, data: Data, mesh: jax.sharding.Me
   t = config.train
   state, progress = _restore(config, mesh, checkpointer, workdir)
   start_step = step = int(state.step)
+  if start_step > t.steps:  # it would be summarized as a finished run of t.steps
+    raise ChimeraError(f"train.steps={t.steps}: {workdir} holds this run at step "
+                       f"{start_step} already; ask for at least that many steps")
   if start_step >= t.steps and RunSummary.exists(workdir):
     log(f"{workdir} already holds a finished run of {t.steps} steps")
     return RunSummary.load(workdir)

@@ -43,3 +43,33 @@ def test_a_bad_line_before_the_last_is_damage_and_named(tmp_path):
     truncate_after(jsonl, 20)
   with pytest.raises(ChimeraError, match="line 2"):
     read_all_events(tmp_path)
+
+
+def tensorboard_events(folder):
+  """Every Event in a folder's event files (TFRecord: length, its CRC, data, its CRC)."""
+  from tensorboardX.proto.event_pb2 import Event
+  events = []
+  for path in sorted(folder.glob("events.out.tfevents.*")):
+    data, at = path.read_bytes(), 0
+    while at < len(data):
+      length = int.from_bytes(data[at:at + 8], "little")
+      events.append(Event.FromString(data[at + 12:at + 12 + length]))
+      at += 12 + length + 4
+  return events
+
+
+@pytest.mark.parametrize("resume_step, purge_at", [(20, 21), (0, None)])
+def test_tensorboard_hides_what_an_interrupted_run_wrote_past_its_checkpoint(
+    tmp_path, resume_step, purge_at):
+  """A resumed run's TensorBoard events start with a purge at the step after its
+  checkpoint, as metrics.jsonl drops the rows past it; a fresh run purges nothing."""
+  from tensorboardX.proto.event_pb2 import SessionLog
+  writer = MetricWriter(tmp_path, resume_step=resume_step)
+  writer.write("train", resume_step + 1, {"loss": 0.5})
+  writer.close()
+  starts = [e.step for e in tensorboard_events(tmp_path / "tensorboard")
+            if e.HasField("session_log") and e.session_log.status == SessionLog.START]
+  assert starts == ([purge_at] if purge_at else [])
+  scalars = [(e.step, v.tag) for e in tensorboard_events(tmp_path / "tensorboard")
+             for v in e.summary.value]
+  assert scalars == [(resume_step + 1, "train/loss")]

@@ -300,6 +300,9 @@ def test_a_workdir_holds_one_run(make_config, corpus, tmp_path):
   longer = make_config("dense", corpus, train__steps=4, train__warmup_steps=0)
   assert train(longer, workdir).steps == 4
   assert [r["step"] for r in read_events(workdir, "eval")] == [2, 3, 4]
+  # Fewer steps than the run has trained is not a shorter run.
+  with pytest.raises(ChimeraError, match=r"^train\.steps=3: .* holds this run at step 4"):
+    train(make_config("dense", corpus, train__steps=3, train__warmup_steps=0), workdir)
 
 
 def test_a_workdir_that_is_a_file_or_in_use_is_refused(make_config, corpus, tmp_path):
