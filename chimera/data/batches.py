@@ -22,7 +22,8 @@ class Splits(NamedTuple):
 
 
 def resolve_mode(num_docs: int, mode: str, val_fraction: float) -> str:
-  """"documents" or "tail": "auto" holds out documents when there are at least 4."""
+  """"documents" or "tail": "auto" holds out documents when at least 4 are non-empty
+  (`num_docs` counts only those: empty ones are never held out)."""
   if not 0 < val_fraction < 1:
     raise ChimeraError(f"data.val_fraction: must be in (0, 1), got {val_fraction}")
   if mode == "auto":
@@ -35,16 +36,24 @@ def resolve_mode(num_docs: int, mode: str, val_fraction: float) -> str:
 def held_out(doc_chars: Sequence[int], val_fraction: float) -> np.ndarray:
   """[D] bool: which documents (in name order, of these lengths in characters) validation holds.
 
-  Takes every k-th document (k = 1 / val_fraction), then every k-th from the next offset,
-  until validation holds at least `val_fraction` of the characters; never all documents.
+  Takes every k-th non-empty document (k = 1 / val_fraction), then every k-th from the next
+  offset, until validation holds at least `val_fraction` of the characters; never all
+  non-empty documents. Empty ones stay in training: held out, they would make a validation
+  split of end-of-text tokens and no text.
   """
   doc_chars = np.asarray(doc_chars, np.int64)
-  k = max(2, round(1 / val_fraction))
-  order = np.concatenate([np.arange(offset, len(doc_chars), k) for offset in range(k - 1, -1, -1)])
-  chars_before = np.concatenate([[0], np.cumsum(doc_chars[order])])  # held out before each pick
-  count = min(len(doc_chars) - 1, int(np.searchsorted(chars_before, val_fraction * doc_chars.sum())))
+  nonempty = np.flatnonzero(doc_chars > 0)
   mask = np.zeros(len(doc_chars), bool)
-  mask[order[:max(count, 0)]] = True
+  if len(nonempty) < 2:
+    return mask
+  chars = doc_chars[nonempty]
+  k = max(2, round(1 / val_fraction))
+  # Offsets past the last document pick nothing: a tiny val_fraction must not loop k times.
+  order = np.concatenate([np.arange(offset, len(chars), k)
+                          for offset in range(min(k, len(chars)) - 1, -1, -1)])
+  chars_before = np.concatenate([[0], np.cumsum(chars[order])])  # held out before each pick
+  count = min(len(chars) - 1, int(np.searchsorted(chars_before, val_fraction * chars.sum())))
+  mask[nonempty[order[:count]]] = True
   return mask
 
 
@@ -52,17 +61,30 @@ def split_documents(docs: list[Document], *, val_fraction: float,
                     mode: str = "auto") -> tuple[list[Document], list[Document]]:
   """Holds out whole documents, so validation shares no document with training.
 
-  Takes every k-th document in name order (k = 1 / val_fraction), then every k-th from
-  the next offset, until validation holds at least `val_fraction` of the characters.
-  In "tail" mode (or "auto" with under 4 documents) nothing is held out here: the split
-  happens inside the token stream, in `make_splits`. Returns (train, val), name-sorted.
+  Takes every k-th non-empty document in name order (k = 1 / val_fraction), then every k-th
+  from the next offset, until validation holds at least `val_fraction` of the characters.
+  In "tail" mode (or "auto" with under 4 non-empty documents) nothing is held out here: the
+  split happens inside the token stream, in `make_splits`. Returns (train, val), name-sorted.
   """
   docs = sorted(docs, key=lambda doc: doc.name)
-  if resolve_mode(len(docs), mode, val_fraction) == "tail":
+  if resolve_mode(count_nonempty(docs), mode, val_fraction) == "tail":
     return docs, []
   mask = held_out([len(doc.text) for doc in docs], val_fraction)
   return ([doc for doc, val in zip(docs, mask) if not val],
           [doc for doc, val in zip(docs, mask) if val])
+
+
+def count_nonempty(docs: list[Document]) -> int:
+  return sum(1 for doc in docs if doc.text)
+
+
+def check_val_bytes(val_tokens: int, val_bytes: int) -> None:
+  """Bits per byte divides by the validation split's bytes: none is an error here, not a
+  ZeroDivisionError at the first evaluation."""
+  if val_bytes == 0:
+    raise ChimeraError(f"data.corpus: the validation split has no text ({val_tokens} tokens, "
+                       "0 bytes); use a larger data.val_fraction, another data.split or fewer "
+                       "empty documents")
 
 
 def join_documents(docs: list[Document], tokenizer) -> np.ndarray:
@@ -82,7 +104,7 @@ def make_splits(docs: list[Document], tokenizer, *, val_fraction: float = 0.1,
   "documents": whole held-out documents (see `split_documents`). "tail": the last
   `val_fraction` of the joined stream, as nanoGPT splits a single file.
   """
-  if resolve_mode(len(docs), mode, val_fraction) == "documents":
+  if resolve_mode(count_nonempty(docs), mode, val_fraction) == "documents":
     train_docs, val_docs = split_documents(docs, val_fraction=val_fraction, mode="documents")
     train, val = join_documents(train_docs, tokenizer), join_documents(val_docs, tokenizer)
   else:
@@ -91,6 +113,7 @@ def make_splits(docs: list[Document], tokenizer, *, val_fraction: float = 0.1,
     train, val = tokens[:boundary], tokens[boundary:]
   counts = np.stack([np.bincount(stream, minlength=tokenizer.vocab_size) for stream in (train, val)])
   train_bytes, val_bytes = (counts @ tokenizer.token_bytes).tolist()
+  check_val_bytes(len(val), val_bytes)
   return Splits(train, val, train_bytes, val_bytes, counts.astype(np.int64))
 
 

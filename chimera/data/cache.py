@@ -32,7 +32,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from chimera.data.batches import Splits, held_out, resolve_mode
+from chimera.data.batches import Splits, check_val_bytes, held_out, resolve_mode
 from chimera.data.corpora import Corpus, cache_dir, open_corpus, write_atomic
 from chimera.errors import ChimeraError
 
@@ -204,11 +204,12 @@ def _build(path: Path, key: dict, source: Corpus, tokenizer, num_threads: int) -
   try:
     dtype = token_dtype(tokenizer.vocab_size)
     stream = _tokenize(source, tokenizer, folder / "all.bin", dtype, num_threads)
-    split = resolve_mode(len(stream.doc_starts), key["split"], key["val_fraction"])
+    split = resolve_mode(int((stream.doc_chars > 0).sum()), key["split"], key["val_fraction"])
     tokens, documents, counts = _write_split(folder, stream, split, key["val_fraction"],
                                              tokenizer.eot_id, dtype)
     np.save(folder / "counts.npy", counts)
     text_bytes = (counts @ tokenizer.token_bytes).tolist()
+    check_val_bytes(tokens[1], text_bytes[1])
     names = ["train.bin", "val.bin", "train.docs.npy", "val.docs.npy", "counts.npy"]
     manifest = Manifest(
         key, fingerprint, stream.content_hash, len(stream.doc_starts), split, dtype.name,

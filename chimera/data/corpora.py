@@ -148,13 +148,34 @@ def _files_corpus(spec: str, key: str, paths: list[str]) -> Corpus:
 
 def files_under(folder: str) -> list[str]:
   """The regular files under `folder`, at any depth, in sorted path order; hidden ones
-  (a name starting with ".") and those in hidden folders are left out."""
-  paths = []
-  for root, dirs, names in os.walk(folder):
-    dirs[:] = [d for d in dirs if not d.startswith(".")]
+  (a name starting with ".") and those in hidden folders are left out.
+
+  Symlinked folders are followed, as a glob follows them, but each real folder is read
+  once (under its first path in a sorted walk), so a link to a folder above it is no
+  endless loop and a folder linked twice gives no duplicate documents."""
+  paths, seen = [], {os.path.realpath(folder)}
+  for root, dirs, names in os.walk(folder, followlinks=True):
+    kept = []
+    for d in sorted(dirs):
+      real = os.path.realpath(os.path.join(root, d))
+      if not d.startswith(".") and real not in seen:
+        seen.add(real)
+        kept.append(d)
+    dirs[:] = kept
     paths += [os.path.join(root, n) for n in names
               if not n.startswith(".") and os.path.isfile(os.path.join(root, n))]
   return sorted(paths)
+
+
+def _unique_files(matches: list[str]) -> list[str]:
+  """The regular files among glob matches, each real file once (under its shallowest path),
+  in sorted order: "**" follows symlinked folders, so a folder linked into itself would
+  otherwise give every file under it once per path, up to 40 levels deep."""
+  first = {}
+  for path in sorted(matches, key=lambda p: (p.count(os.sep), p)):
+    if os.path.isfile(path):
+      first.setdefault(os.path.realpath(path), path)
+  return sorted(first.values())
 
 
 def _shakespeare() -> Corpus:
@@ -165,6 +186,7 @@ def _shakespeare() -> Corpus:
     tmp = Path(tempfile.mkdtemp(dir=cache_dir(), prefix=".shakespeare-"))
     for member, data in members.items():
       (tmp / Path(member).name).write_bytes(data)
+    os.chmod(tmp, 0o755)  # mkdtemp's 0700 would hide a shared cache from other users
     try:
       tmp.rename(texts)
     except OSError:  # Another process unpacked it first.
@@ -206,7 +228,7 @@ def open_corpus(spec: str, *, text_field: str = "text") -> Corpus:
     return hf.open_hf(spec, text_field)
   pattern = os.path.abspath(os.path.expanduser(spec))
   if glob.has_magic(pattern) and not os.path.exists(pattern):  # "notes[1].txt" is a name
-    paths = sorted(p for p in glob.glob(pattern) if os.path.isfile(p))
+    paths = _unique_files(glob.glob(pattern, recursive=True))
     if not paths:
       raise ChimeraError(f"data.corpus: no file matches {spec}")
   elif os.path.isdir(pattern):

