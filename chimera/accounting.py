@@ -12,7 +12,10 @@ Conventions:
   (QK^T and AV, 2 * 2 * T * M FLOPs per token per layer forward, the full T x T square as
   computed, times 3), with T the context.
 - `dispatch_flops_per_token` is the cost of the dispatch and combine einsums, which are
-  not model FLOPs: 2 einsums * 2 * E * C * M per token per MoE layer forward, times 3.
+  not model FLOPs: 2 * E * C * M per token per MoE layer and einsum pass, 5 passes. The
+  combine einsum runs three times (forward; backward to the experts' outputs and to the
+  gate weights), the dispatch einsum twice: its mask is built from one-hots, a constant
+  with no gradient, as the jaxpr of the layer's forward and backward shows.
   With C ~ k * cf * S / E this is 12 * k * cf * S * M per MoE layer.
 - `executed_flops_per_token` is what the einsum path computes: the experts run on all
   E * C / S slots per token (empty slots are computed too) instead of k, plus the
@@ -112,7 +115,7 @@ def count(config: ModelConfig, context: int, tokens_per_call: int | None = None,
       matmul += router + config.top_k * expert_matmul + shared
       if config.dispatch == "einsum":
         capacity = expert_capacity(config, config.group_size)
-        dispatch += 3 * 2 * 2 * config.num_experts * capacity * m
+        dispatch += (3 + 2) * 2 * config.num_experts * capacity * m  # combine, dispatch
         padding += 6 * (expert_slots_per_token(config) - config.top_k) * expert_matmul
       elif tokens_per_call is not None:
         rows_ratio, blocks = block_padding(config, tokens_per_call, expert_devices)

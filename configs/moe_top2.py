@@ -18,7 +18,7 @@ bias plus the batch loss 1.5361, the loss per group 1.5412, per batch (this conf
 the bias alone 1.5508, no balancing 1.5529. At 32 experts the bias plus the batch loss
 ended 1.5605 against this recipe's 1.5479 (results/cpu-sweep-router_bias_rate-at-num_experts-32,
 one seed), so the recipe stays until more seeds and expert counts back a change. The einsum
-path executes 1.39x (default preset) and 1.48x (small) dense's FLOPs
+path executes 1.35x (default preset) and 1.43x (small) dense's FLOPs
 per token with capacity padding and dispatch (`chimera.accounting`); dropless drops
 nothing and executes 1.15x (small) and 1.16x (default preset) with its block layout's
 padding. `--config.model.dispatch=einsum` gives the static-capacity path.
