@@ -457,7 +457,8 @@ def make_cases(specs: list[str], overrides: dict, variants: list[str],
         raise ChimeraError(f"--variants: expected KEY=v1,v2,..., got {variant!r}")
       for value in values.split(","):
         case = _variant(spec, key, value, overrides, random_ids)
-        same = (spec, json.dumps(case.overrides, sort_keys=True), case.kernels, case.random_ids)
+        # The resolved config: a variant at a default value is the case it equals.
+        same = (spec, case.config, case.kernels, case.random_ids)
         cases.setdefault(same, case)
   return list(cases.values())
 
@@ -500,15 +501,29 @@ def define_flags() -> None:
   flags.DEFINE_string("json", None, "Write the records here as JSON.")
 
 
+def check_flags(values) -> None:
+  """The bench's counts, before anything compiles: one-line ChimeraErrors."""
+  for name in ("repeats", "steps", "prompt_len", "new_tokens"):
+    if getattr(values, name) < 1:
+      raise ChimeraError(f"--{name}: must be >= 1, got {getattr(values, name)}")
+  if not all(b.strip().isdigit() and int(b) >= 1 for b in values.decode_batches):
+    raise ChimeraError(f"--decode_batches: expected positive integers, got "
+                       f"{','.join(values.decode_batches)!r}")
+  if not values.configs:
+    raise ChimeraError("--configs: no config given")
+
+
 def main(argv):
   del argv
   FLAGS = flags.FLAGS
   logging.set_verbosity(logging.WARNING)
-  settings = Settings(steps=FLAGS.steps, prompt_len=FLAGS.prompt_len, new_tokens=FLAGS.new_tokens,
-                      decode_batches=tuple(int(b) for b in FLAGS.decode_batches),
-                      moe_split=FLAGS.moe_split, profile=FLAGS.profile,
-                      profile_dir=FLAGS.profile_dir)
   try:
+    check_flags(FLAGS)
+    settings = Settings(steps=FLAGS.steps, prompt_len=FLAGS.prompt_len,
+                        new_tokens=FLAGS.new_tokens,
+                        decode_batches=tuple(int(b) for b in FLAGS.decode_batches),
+                        moe_split=FLAGS.moe_split, profile=FLAGS.profile,
+                        profile_dir=FLAGS.profile_dir)
     cases = make_cases(FLAGS.configs, dict(map(parse_override, FLAGS.set)), FLAGS.variants,
                        FLAGS.random_ids)
     records = run(cases, FLAGS.repeats, settings)

@@ -4,7 +4,7 @@
 #
 #   CHIMERA_CACHE=.gpu-cache launch/gpu_check.sh            # figures under $OUT
 #   DEADLINE=600 STEPS=100 STUDY=0 launch/gpu_check.sh       # more time, longer runs, no study
-#   STAGES="loss train_dense numerics" launch/gpu_check.sh  # only these stages ("train": all 3)
+#   STAGES="loss train_dense numerics" launch/gpu_check.sh  # only these stages ("train": all 4)
 #
 # Made for a lent GPU with no network: the project must import (`pip install --no-deps -e .`
 # or PYTHONPATH=.), and $CHIMERA_CACHE must already hold the Shakespeare texts and GPT-2's
@@ -115,9 +115,15 @@ EOF
 SWEEP=${SWEEP-model.num_experts=4,8,16,32}
 if [[ ${STUDY:-1} == 1 && ( -z ${STAGES:-} || " $STAGES " == *" study "* ) ]]; then
   study=(-m chimera.compare --preset=gpu-small --runs=/tmp/chimera-study ${STUDY_ARGS:-})
+  started=$(mktemp)  # reports written after this are this call's, not the checkout's
   [[ -n $SWEEP ]] && stage "study sweep" "$PYTHON" "${study[@]}" --sweep="$SWEEP" --bench_repeats=0
   stage study "$PYTHON" "${study[@]}" --bench_repeats="${STUDY_BENCH:-1}"
-  tar -czf "$OUT/study_results.tgz" results/gpu-small* 2>/dev/null
+  mapfile -t written < <(find results -path 'results/gpu-small*' -type f -newer "$started")
+  if (( ${#written[@]} )); then
+    tar -czf "$OUT/study_results.tgz" "${written[@]}"
+  else
+    echo "== study: no report written in this call; no study_results.tgz"
+  fi
   tar -czf "$OUT/study_runs.tgz" --exclude=checkpoints --exclude=tensorboard --exclude=.lock \
     -C /tmp chimera-study 2>/dev/null
 fi

@@ -122,6 +122,11 @@ def test_variants_of_kernels_and_ids(corpus, tmp_path):
   cases = bench.make_cases(["configs/dense.py:tiny"], overrides,
                            ["ids=corpus,random", "kernels.embed_grad=sorted"], False)
   assert [c.random_ids for c in cases] == [False, True]
+  # A config override at the config's own value is that case too (moe_top2 is dropless).
+  moe = bench.make_cases(["configs/moe_top2.py:tiny"], overrides,
+                         ["model.dispatch=einsum,dropless", "ids=corpus,random"], False)
+  assert [c.name.split()[-1] for c in moe] == ["dispatch=einsum", "dispatch=dropless",
+                                                "ids=random"]
   with pytest.raises(ChimeraError, match="kernels.embed_grad"):
     bench.make_cases(["configs/dense.py:tiny"], overrides, ["kernels.embed_grad=gather"], False)
   with pytest.raises(ChimeraError, match="ids"):
@@ -142,6 +147,19 @@ def test_variants_of_kernels_and_ids(corpus, tmp_path):
   with gzip.open(f"{kept}.trace.json.gz") as f:
     seconds, _ = bench_profile.op_seconds(json.load(f), ops)
   assert seconds and set(seconds) <= set(ops)
+
+
+@pytest.mark.parametrize("flag, message", [
+    ("--repeats=0", "--repeats: must be >= 1, got 0"),
+    ("--steps=0", "--steps: must be >= 1, got 0"),
+    ("--new_tokens=0", "--new_tokens: must be >= 1, got 0"),
+    ("--decode_batches=a", "--decode_batches: expected positive integers, got 'a'"),
+    ("--configs=", "--configs: no config given"),
+])
+def test_bad_bench_flags_are_one_line(flag, message):
+  result = subprocess.run([sys.executable, "-m", "chimera.bench", flag], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+  assert result.returncode == 2 and result.stderr.strip() == f"error: {message}"
 
 
 def test_bench_decodes_a_model_with_a_router_bias(corpus):
