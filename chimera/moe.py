@@ -70,7 +70,8 @@ def dropless_experts(x: jax.Array, gate: jax.Array, expert_index: jax.Array,
     x: [T, M] tokens, in the compute dtype.
     gate: [T, K] gate weights; expert_index: [T, K] int32 chosen experts.
     weights: "wi" (or "wi_gate" and "wi_up") [E, M, H] and "wo" [E, H, M].
-    skip_experts: benchmarks only; each expert returns its input rows unchanged.
+    skip_experts: benchmarks only; each expert returns its input rows unchanged (the sort,
+      the block layout and the row moves still run: what dispatch and combine cost).
     block_size: rows per block; None: `chimera.grouped_matmul.default_block_size`.
 
   Returns:
@@ -82,12 +83,12 @@ def dropless_experts(x: jax.Array, gate: jax.Array, expert_index: jax.Array,
   # position [R]: each choice's sorted row; group_sizes [E].
   order, position, group_sizes = sort_by_group(expert_index.reshape(-1), num_experts)
   rows = _choice_rows(x, order, position, k)  # [R, M]
-  if not skip_experts:
-    block_size = block_size or default_block_size(rows.shape[0], num_experts)
-    blocks, layout = to_blocks(rows, group_sizes, block_size)  # [N, b, M]
+  block_size = block_size or default_block_size(rows.shape[0], num_experts)
+  blocks, layout = to_blocks(rows, group_sizes, block_size)  # [N, b, M]
+  if not skip_experts:  # the layout's row moves are dispatch: they stay when timing it
     blocks = ffn(blocks, weights, activation,
                  matmul=functools.partial(blocks_matmul, block_group=layout.block_group))
-    rows = from_blocks(blocks, layout)  # [R, M]
+  rows = from_blocks(blocks, layout)  # [R, M]
   out = move_rows(rows, position, order).reshape(num_tokens, k, -1)  # [T, K, M], token order
   return jnp.einsum("tkm,tk->tm", out, gate.astype(out.dtype))
 
@@ -178,7 +179,8 @@ class MoeLayer(nn.Module):
   """
 
   config: ModelConfig
-  skip_experts: bool = False  # benchmarks only: time routing, dispatch and combine alone
+  # Benchmarks only: time routing, dispatch and combine alone (no routed or shared expert).
+  skip_experts: bool = False
 
   def _groups(self, x: jax.Array, decode: bool) -> jax.Array:
     """x [B, L, M] -> [G, S, M]. Decoding routes each sequence as one group; `init` (whose
@@ -312,6 +314,6 @@ class MoeLayer(nn.Module):
       routing = route(router_logits, cfg, capacity=capacity, bias=bias)
       y = self._einsum_experts(x, routing, weights).reshape(-1, d_model)  # [T, M]
 
-    if cfg.num_shared_experts:
+    if cfg.num_shared_experts and not self.skip_experts:
       y = y + self._shared_experts(tokens)
     return y.reshape(batch, length, d_model), routing

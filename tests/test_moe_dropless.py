@@ -175,9 +175,29 @@ def test_dropless_experts_with_an_unused_expert():
   chex.assert_shape(y, (5, D_MODEL))
   chex.assert_trees_all_close(y, expected, atol=1e-5, rtol=1e-5)
 
-  # skip_experts: each expert is the identity, so y_t = (sum_r gate_tr) * x_t.
+  # skip_experts: each expert is the identity, so y_t = (sum_r gate_tr) * x_t. The block
+  # layout still runs (its row moves are dispatch, which the bench times this way).
   y_skipped = dropless_experts(x, gate, expert_index, weights, "gelu", skip_experts=True)
   chex.assert_trees_all_close(y_skipped, gate.sum(-1, keepdims=True) * x, atol=1e-6)
+  jaxpr = jax.make_jaxpr(functools.partial(dropless_experts, activation="gelu",
+                                           skip_experts=True, block_size=4))(
+      x, gate, expert_index, weights)
+  shapes = {v.aval.shape for eqn in jaxpr.eqns for v in eqn.outvars}
+  assert any(len(shape) == 3 and shape[1:] == (4, D_MODEL) for shape in shapes), shapes
+
+
+def test_skip_experts_leaves_out_the_shared_experts_too():
+  """The bench's routing-only layer charges no expert matmul, shared ones included."""
+  cfg = ModelConfig(vocab_size=11, num_layers=1, num_heads=2, d_model=D_MODEL, d_ff=32,
+                    max_len=16, num_experts=NUM_EXPERTS, top_k=2, expert_d_ff=EXPERT_D_FF,
+                    group_size=8, dispatch="dropless", num_shared_experts=1)
+  x = jax.random.normal(jax.random.key(1), (2, 8, D_MODEL))
+  def flops(c):
+    layer = MoeLayer(c, skip_experts=True)
+    params = layer.init(jax.random.key(0), x, deterministic=True)
+    fn = jax.jit(lambda p: layer.apply(p, x, deterministic=True)[0].sum())
+    return fn.lower(params).compile().cost_analysis()["flops"]
+  assert flops(cfg) == flops(dataclasses.replace(cfg, num_shared_experts=0))
 
 
 def test_decoder_with_dropless_matches_einsum_without_drops_and_trains():
