@@ -7,11 +7,12 @@ It compiles the real train step on the mesh (no training), reads every all-to-al
 optimized HLO and XLA's per-device memory accounting, and prints them beside the formula
 of docs/scaling.md:
 
-  einsum:   all-to-all buffer bytes per device per step = 4 * N_moe * k * cf' * T_d * M * b
+  einsum:   all-to-all buffer bytes per device per micro-batch = 4 * N_moe * k * cf' * T_d * M * b
   dropless: 4 * N_moe * X * min(k, E / X) * T_d * M * b  (+ 4 * N_moe * E bytes of counts)
 
 (dispatch and combine, forward and backward), of which (X - 1) / X leave the device,
-with N_moe MoE layers, T_d = tokens per device, M = d_model, X = mesh.expert, b = bytes
+with N_moe MoE layers, T_d = tokens per device and micro-batch (a step runs
+train.grad_accum micro-batches), M = d_model, X = mesh.expert, b = bytes
 per element, and k * cf' = E * C / S the slots per token after rounding C up. Dropless
 pads each destination to T_d * min(k, E / X) rows, the most it can receive
 (`chimera.expert_parallel`).
@@ -87,7 +88,8 @@ def all_to_all_bytes(hlo_text: str) -> tuple[int, int]:
 
 
 def predicted_bytes(config: config_lib.Config) -> float:
-  """The formula above: all-to-all buffer bytes per device per training step."""
+  """The formula above: all-to-all buffer bytes per device per micro-batch (a training
+  step runs train.grad_accum of them, in a loop whose body the HLO holds once)."""
   m, t, mesh = config.model, config.train, config.mesh
   if mesh.expert == 1:
     return 0.0
@@ -117,13 +119,19 @@ def compile_train_step(config: config_lib.Config, mesh: jax.sharding.Mesh):
     return step.lower(state, batch, jax.random.key(0)).compile()
 
 
+def parse_mesh(values: list[str]) -> tuple[int, int]:
+  """--mesh=data,expert as two positive integers, or a one-line ChimeraError."""
+  if len(values) != 2 or not all(v.strip().isdigit() and int(v) > 0 for v in values):
+    raise ChimeraError(f"--mesh: expected data,expert (two positive integers), got "
+                       f"{','.join(values)!r}")
+  data, expert = (int(v) for v in values)
+  return data, expert
+
+
 def main(argv):
   del argv
   try:
-    if len(FLAGS.mesh) != 2 or not all(v.strip().isdigit() for v in FLAGS.mesh):
-      raise ChimeraError(f"--mesh: expected data,expert (two positive integers), got "
-                         f"{','.join(FLAGS.mesh)!r}")
-    data, expert = (int(v) for v in FLAGS.mesh)
+    data, expert = parse_mesh(FLAGS.mesh)
     overrides = {"mesh.data": data, "mesh.expert": expert}
     overrides.update(dict(parse_override(s) for s in FLAGS.set))
     config = config_lib.load(FLAGS.config, overrides)
@@ -138,10 +146,12 @@ def main(argv):
                 + memory.temp_size_in_bytes - memory.alias_size_in_bytes)
   print(f"config {FLAGS.config} on mesh data={data} x expert={expert} "
         f"({jax.device_count()} {jax.devices()[0].platform} devices)")
-  print(f"all-to-all ops per step: {count}")
-  print(f"all-to-all buffer bytes per device per step: measured {measured:,}, "
-        f"formula {predicted_bytes(config):,.0f}; of these {(expert - 1) / expert:.0%} "
-        f"cross to other devices")
+  accum = config.train.grad_accum
+  print(f"all-to-all ops per micro-batch: {count} (a step runs {accum} micro-batch"
+        f"{'es' if accum != 1 else ''})")
+  print(f"all-to-all buffer bytes per device per micro-batch: measured {measured:,}, "
+        f"formula {predicted_bytes(config):,.0f} ({accum * measured:,} per step); of these "
+        f"{(expert - 1) / expert:.0%} cross to other devices")
   print(f"per-device memory of the step (XLA): {per_device:,} bytes "
         f"(arguments {memory.argument_size_in_bytes:,}, temporaries "
         f"{memory.temp_size_in_bytes:,})")

@@ -19,14 +19,16 @@ Nothing is trained; the numbers are compiled sizes on fake CPU devices.
 
 import collections
 import dataclasses
+import sys
 
 import jax
 from absl import app, flags
 
-from chimera import config as config_lib
+from chimera import config as config_lib, sharding
 from chimera.bench import parse_override
+from chimera.errors import ChimeraError
 from chimera.scaling import (Collective, collectives, compile_train_step, define_flags,
-                             predicted_bytes)
+                             parse_mesh, predicted_bytes)
 from chimera.sharding import make_mesh
 
 FLAGS = flags.FLAGS  # chimera.scaling's --config, --mesh and --set (define_flags)
@@ -90,9 +92,16 @@ def doubled(overrides: dict, batch_size: int) -> dict:
 
 def main(argv):
   del argv
-  data, expert = (int(v) for v in FLAGS.mesh)
-  spec, base = FLAGS.config, dict(parse_override(s) for s in FLAGS.set)
-  batch_size = load(spec, base, 1, 1).train.batch_size
+  try:
+    data, expert = parse_mesh(FLAGS.mesh)
+    spec, base = FLAGS.config, dict(parse_override(s) for s in FLAGS.set)
+    batch_size = load(spec, base, 1, 1).train.batch_size
+    for dispatch in ("einsum", "dropless"):
+      sharding.check_mesh(load(spec, {**base, "model.dispatch": dispatch}, data, expert),
+                          jax.device_count())
+  except ChimeraError as error:
+    print(f"error: {error}", file=sys.stderr)
+    sys.exit(2)
   print(f"config {spec} {' '.join(FLAGS.set)}; {jax.device_count()} "
         f"{jax.devices()[0].platform} devices; per-device memory = XLA temporaries + arguments")
   for dispatch in ("einsum", "dropless"):
@@ -105,7 +114,8 @@ def main(argv):
     print(f"per-device memory: 1x1 {single.memory_bytes:,} B, {data}x{expert} "
           f"{sharded.memory_bytes:,} B, ratio {sharded.memory_bytes / single.memory_bytes:.3f}")
     total = sum(c.bytes for c in sharded.all_to_alls)
-    print(f"all-to-alls: {len(sharded.all_to_alls)} ops, {total:,} B per device per step "
+    print(f"all-to-alls: {len(sharded.all_to_alls)} ops, {total:,} B per device per "
+          f"micro-batch "
           f"(formula {sharded.predicted_all_to_all_bytes:,.0f} B)")
     for c in sharded.all_to_alls:
       print(f"  {c.bytes:>9,} B  {len(c.arrays)} x {c.arrays[0]}  {c.op_name[-70:]}")

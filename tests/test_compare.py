@@ -596,6 +596,10 @@ def test_a_report_folder_is_not_replaced_by_another_study(tmp_path):
     ("report", ["--readme=MISSING.md"], "error: --readme: MISSING.md is not a file"),
     ("scaling", ["--config=configs/moe_top2.py:tiny", "--mesh=2"],
      "error: --mesh: expected data,expert (two positive integers), got '2'"),
+    ("scaling_hlo", ["--config=configs/moe_top2.py:tiny", "--mesh=1,4x"],
+     "error: --mesh: expected data,expert (two positive integers), got '1,4x'"),
+    ("scaling_hlo", ["--config=configs/moe_top2.py:tiny", "--set=model.top_k=9"],
+     "error: config.model.top_k: must be between 1 and model.num_experts=8, got 9"),
 ])
 def test_bad_study_flags_are_one_line(tool, args, message):
   result = subprocess.run([sys.executable, "-m", f"chimera.{tool}", *args],
