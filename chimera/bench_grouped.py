@@ -5,7 +5,8 @@ MoE shapes: rows R = batch * context * top_k, M = d_model, H = expert_d_ff, E ex
 
 The rows are split among the experts unevenly, as a router in training splits them
 (Dirichlet(2) shares, fixed seed). Prints ms per forward+backward of one [R, M] x [E, M, H]
-grouped matmul, and its useful TFLOP/s (2 * R * M * H per pass, 3 passes).
+grouped matmul, and its useful TFLOP/s (2 * R * M * H per pass, 3 passes), the methods
+timed interleaved in `--repeats` rounds, medians.
 
 Then the whole dropless FFN (`chimera.moe.dropless_experts`: sort, block layout, both
 matmuls and the activation, un-sort and gates; forward and backward) at each block size
@@ -13,6 +14,7 @@ against the dense MLP of the same FLOPs per token (hidden k * H), timed interlea
 `--repeats` rounds, medians.
 """
 
+import sys
 import time
 
 import jax
@@ -21,6 +23,7 @@ import numpy as np
 from absl import app, flags
 
 from chimera import config as config_lib, moe
+from chimera.errors import ChimeraError
 from chimera.grouped_matmul import default_block_size, ragged_matmul
 from chimera.layers import Kernels, compute_dtype
 
@@ -37,19 +40,40 @@ def uneven_group_sizes(rows: int, groups: int, seed: int = 0) -> np.ndarray:
   return sizes
 
 
-def seconds_per_call(fn, *args, repeats: int) -> float:
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
+def interleaved_medians(cases: dict, repeats: int) -> dict[str, float]:
+  """{name: median seconds per call} of cases {name: (fn, args)}: each compiled and run
+  once first, then timed in `repeats` interleaved rounds."""
+  for fn, args in cases.values():
     jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
-  return float(np.median(times))
+  times = {name: [] for name in cases}
+  for _ in range(repeats):
+    for name, (fn, args) in cases.items():
+      start = time.perf_counter()
+      jax.block_until_ready(fn(*args))
+      times[name].append(time.perf_counter() - start)
+  return {name: float(np.median(values)) for name, values in times.items()}
+
+
+def load_checked() -> config_lib.Config:
+  """The config, block sizes and repeats, checked before anything compiles."""
+  config = config_lib.load(_CONFIG.value)
+  if not config.model.num_experts:
+    raise ChimeraError(f"--config: {_CONFIG.value} has no experts (model.num_experts=0)")
+  if not all(b.strip().isdigit() and int(b) > 0 for b in _BLOCK_SIZES.value):
+    raise ChimeraError(f"--block_sizes: expected positive integers, got "
+                       f"{','.join(_BLOCK_SIZES.value)!r}")
+  if _REPEATS.value < 1:
+    raise ChimeraError(f"--repeats: must be >= 1, got {_REPEATS.value}")
+  return config
 
 
 def main(argv):
   del argv
-  config = config_lib.load(_CONFIG.value)
+  try:
+    config = load_checked()
+  except ChimeraError as error:
+    print(f"error: {error}", file=sys.stderr)
+    sys.exit(2)
   m, t = config.model, config.train
   rows, dtype = t.batch_size * t.context * m.top_k, compute_dtype(m)
   keys = jax.random.split(jax.random.key(0), 2)
@@ -61,14 +85,16 @@ def main(argv):
         f"H={m.expert_d_ff} E={m.num_experts} {m.dtype}; rows per expert "
         f"{np.asarray(group_sizes).tolist()}; the default block size here: "
         f"{default_block_size(rows, m.num_experts)}")
-  print("method | ms per forward+backward | useful TFLOP/s")
-  methods = [("ragged_dot", 0)] + [("blocks", int(b)) for b in _BLOCK_SIZES.value]
+  print(f"method | ms per forward+backward | useful TFLOP/s (medians of {_REPEATS.value} "
+        f"interleaved rounds)")
+  methods = [("ragged_dot", 1)] + [("blocks", int(b)) for b in _BLOCK_SIZES.value]
+  cases = {}
   for method, block_size in methods:
     loss = lambda x, w, method=method, block_size=block_size: ragged_matmul(
-        x, w, group_sizes, method=method, block_size=block_size or 1).astype(jnp.float32).sum()
+        x, w, group_sizes, method=method, block_size=block_size).astype(jnp.float32).sum()
     step = jax.jit(jax.grad(loss, argnums=(0, 1)), compiler_options=Kernels().compiler_options())
-    seconds = seconds_per_call(step, x, w, repeats=_REPEATS.value)
-    name = method if method == "ragged_dot" else f"blocks, b={block_size}"
+    cases[method if method == "ragged_dot" else f"blocks, b={block_size}"] = (step, (x, w))
+  for name, seconds in interleaved_medians(cases, _REPEATS.value).items():
     print(f"{name} | {1e3 * seconds:.3f} | {flops / seconds / 1e12:.2f}")
   ffn_against_dense(m, t.batch_size * t.context, dtype)
 
@@ -93,20 +119,14 @@ def ffn_against_dense(m, tokens: int, dtype) -> None:
     name = f"dropless, b={block}" + (" (default)" if block == default else "")
     cases[name] = (summed(lambda x, w, block=block: moe.dropless_experts(
         x, gate, expert_index, w, "gelu", block_size=block)), experts)
-  for fn, weights in cases.values():
-    jax.block_until_ready(fn(x, weights))
-  times = {name: [] for name in cases}
-  for _ in range(_REPEATS.value):
-    for name, (fn, weights) in cases.items():
-      start = time.perf_counter()
-      jax.block_until_ready(fn(x, weights))
-      times[name].append(time.perf_counter() - start)
-  base = float(np.median(times["dense MLP"]))
+  medians = interleaved_medians({name: (fn, (x, weights))
+                                 for name, (fn, weights) in cases.items()}, _REPEATS.value)
+  base = medians["dense MLP"]
   print(f"\nthe dropless FFN, forward+backward, T={tokens} tokens, k={m.top_k}, GELU; "
         f"medians of {_REPEATS.value} interleaved rounds")
   print("case | ms | x dense MLP")
-  for name, values in times.items():
-    print(f"{name} | {1e3 * np.median(values):.2f} | {np.median(values) / base:.2f}")
+  for name, seconds in medians.items():
+    print(f"{name} | {1e3 * seconds:.2f} | {seconds / base:.2f}")
 
 
 if __name__ == "__main__":

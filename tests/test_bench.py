@@ -332,3 +332,10 @@ def test_numerics_and_grouped_matmul_tools_run():
       timeout=600)
   assert grouped.returncode == 0, grouped.stderr[-2000:]
   assert "ragged_dot |" in grouped.stdout and "blocks, b=64 |" in grouped.stdout
+  for args, message in ((["--config=configs/dense.py:tiny"], "has no experts"),
+                        (["--config=configs/moe_top2.py:tiny", "--block_sizes=0"],
+                         "--block_sizes: expected positive integers, got '0'")):
+    bad = subprocess.run([sys.executable, "-m", "chimera.bench_grouped", *args], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and bad.stderr.startswith("error: ") and message in bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1, bad.stderr[-2000:]
