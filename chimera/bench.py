@@ -382,9 +382,14 @@ def format_table(records: list[BenchRecord]) -> str:
       ("tokens/s", "{:,.0f}", lambda r: r.train_tokens_per_second),
       ("MFU", "{:.1%}", lambda r: r.mfu),
       ("MFU measured peak", "{:.1%}", lambda r: r.mfu_vs_measured_peak),
-      ("decode b1 tok/s", "{:,.0f}", decode(1, "tokens_per_second")),
-      ("decode b1 ms/tok", "{:.2f}", decode(1, "ms_per_token")),
-      ("decode b8 tok/s", "{:,.0f}", decode(8, "tokens_per_second")),
+  ]
+  # Decode columns for every batch measured (ms per token at the smallest, the latency).
+  batches = sorted({d.batch for r in records for d in r.decode})
+  for batch in batches:
+    columns.append((f"decode b{batch} tok/s", "{:,.0f}", decode(batch, "tokens_per_second")))
+    if batch == batches[0]:
+      columns.append((f"decode b{batch} ms/tok", "{:.2f}", decode(batch, "ms_per_token")))
+  columns += [
       ("step memory", "{:,}", lambda r: r.peak_memory_bytes),
       ("dispatch share", "{:.1%}", lambda r: r.dispatch_share_of_step),
   ]
@@ -417,7 +422,7 @@ def comparison_lines(records: list[BenchRecord]) -> list[str]:
   first, lines = records[0], []
   for r in records[1:]:
     line = f"{r.name} vs {first.name}: train step {r.train_step_seconds / first.train_step_seconds:.2f}x"
-    for batch in (1, 8):
+    for batch in sorted({d.batch for d in r.decode}):
       if r.decode_speed(batch) and first.decode_speed(batch):
         ratio = r.decode_speed(batch).tokens_per_second / first.decode_speed(batch).tokens_per_second
         line += f", decode b{batch} {ratio:.2f}x tokens/s"

@@ -52,6 +52,10 @@ def test_bench_json_records(tmp_path, corpus):
   assert 0 < records[2].dispatch_share_of_moe_layer < 1
   assert records[0].dispatch_share_of_step is None
   assert "configs/moe_top2.py:tiny dispatch=einsum" in result.stdout  # the printed table
+  header = next(line for line in result.stdout.splitlines() if line.startswith("name |"))
+  assert "decode b1 ms/tok | decode b2 tok/s" in header  # a column per batch measured
+  comparisons = [line for line in result.stdout.splitlines() if " vs " in line]
+  assert len(comparisons) == 3 and all(", decode b2 " in line for line in comparisons)
   assert bench.load_records(out) == records  # to_json and from_json round-trip
 
 
