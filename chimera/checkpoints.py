@@ -28,7 +28,8 @@ logging.getLogger("absl").addFilter(_not_the_missing_metrics_warning)
 class Checkpointer:
 
   def __init__(self, directory: Path, keep: int):
-    keep_best = policies.BestN(get_metric_fn=lambda metrics: metrics["val_loss"],
+    val_loss = lambda metrics: metrics["val_loss"]
+    keep_best = policies.BestN(get_metric_fn=val_loss,
                                reverse=True,  # sorted descending: the last one is the lowest
                                n=1, keep_checkpoints_without_metrics=False)
     # best_fn only makes orbax write each checkpoint's metrics to disk (retention is the
@@ -36,7 +37,7 @@ class Checkpointer:
     # checkpoint without its val_loss and delete it at the next save.
     options = ocp.CheckpointManagerOptions(
         preservation_policy=policies.AnyPreservationPolicy([policies.LatestN(n=keep), keep_best]),
-        best_fn=lambda metrics: metrics["val_loss"], best_mode="min", create=True)
+        best_fn=val_loss, best_mode="min", create=True)
     self._manager = ocp.CheckpointManager(Path(directory).absolute(), options=options,
                                           item_names=("state", "meta"))
 

@@ -90,12 +90,9 @@ CLOCK_WORDS = {"measured": "training time as measured (evaluation included; the 
                "bench": "time on the bench clock (tokens / the bench's throughput)"}
 
 
-def _missing_words(equal_time: dict, clock: str) -> str:
-  """Why seeds have no value at dense's time: the reasons _equal_time counted (a report
-  written before it counted them: the clock's usual reason)."""
-  reasons = equal_time.get("missing") or {
-      ("no bench" if clock == "bench" else "no evaluation yet"): 1}
-  return " or ".join(reasons)
+def _missing_words(equal_time: dict) -> str:
+  """Why seeds have no value at dense's time: the reasons _equal_time counted."""
+  return " or ".join(equal_time["missing"])
 
 
 def _time_clause(equal_time: dict, clock: str) -> str:
@@ -103,7 +100,7 @@ def _time_clause(equal_time: dict, clock: str) -> str:
   if at_time["mean"] is None:
     # Without the clock (no bench) there is nothing to say; without an evaluation by
     # dense's end, the model is furthest behind, and the finding says so.
-    unevaluated = (equal_time.get("missing") or {}).get("no evaluation yet", 0)
+    unevaluated = equal_time["missing"].get("no evaluation yet", 0)
     if not unevaluated:
       return ""
     return (f" At dense's {CLOCK_WORDS[clock]}, {equal_time['seconds']['mean']:,.0f} s, it "
@@ -111,7 +108,7 @@ def _time_clause(equal_time: dict, clock: str) -> str:
   side = "below" if at_time["mean"] < 0 else "above"
   text = (f" At dense's {CLOCK_WORDS[clock]}, {equal_time['seconds']['mean']:,.0f} s, it is "
           f"{abs(at_time['mean']):.4f} nats {side} dense "
-          f"({describe(at_time, signed=True, missing=_missing_words(equal_time, clock))})")
+          f"({describe(at_time, signed=True, missing=_missing_words(equal_time))})")
   ended = equal_time["ended_before"]
   return text + (f"; in {ended} of {len(at_time['values'])} seeds it had finished sooner, "
                  f"and its final loss is used." if ended else ".")
@@ -332,7 +329,7 @@ def _efficiency_row(name: str, e: dict) -> list[str]:
   row = [name, describe(vs["token_fraction"], digits=2, suffix="x", missing="not reached")]
   for clock in CLOCK_WORDS:
     at = vs["equal_time"][clock]
-    missing = _missing_words(at, clock)
+    missing = _missing_words(at)
     row += [describe(at["loss"], missing=missing),
             describe(at["difference"], signed=True, missing=missing)]
   return row
