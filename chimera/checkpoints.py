@@ -15,14 +15,20 @@ import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
+from chimera.errors import ChimeraError
 
-def _not_the_missing_metrics_warning(record: logging.LogRecord) -> bool:
+
+def _not_an_expected_warning(record: logging.LogRecord) -> bool:
   """Orbax warns at every save without metrics once best_fn is set (see Checkpointer);
-  saves between evaluations have none by design."""
-  return "did not provide metrics" not in record.getMessage()
+  saves between evaluations have none by design. Reading an item's metadata
+  (Checkpointer.mismatch) warns that the item has no metadata file of its own, which the
+  manager's items never have."""
+  message = record.getMessage()
+  return not ("did not provide metrics" in message
+              or ("Metadata file does not exist" in message and "_CHECKPOINT_METADATA" in message))
 
 
-logging.getLogger("absl").addFilter(_not_the_missing_metrics_warning)
+logging.getLogger("absl").addFilter(_not_an_expected_warning)
 
 
 class Checkpointer:
@@ -55,10 +61,40 @@ class Checkpointer:
         metrics=None if val_loss is None else {"val_loss": float(val_loss)},
         force=True)
 
+  def mismatch(self, like_state: Any, step: int) -> str | None:
+    """How the arrays saved at `step` differ from `like_state`'s names and shapes (the
+    first few differences, parameters first), read from the checkpoint's metadata
+    without reading an array; None if they agree."""
+    folder = Path(self._manager.directory) / str(step) / "state"
+    if not folder.is_dir():
+      return None  # a layout this check does not know: the restore itself will tell
+    with ocp.StandardCheckpointer() as reader:
+      saved = ocp.tree.to_flat_dict(reader.metadata(folder).item_metadata)
+    wanted = ocp.tree.to_flat_dict(ocp.tree.serialize_tree(like_state, keep_empty_nodes=True))
+    shape = lambda leaf: tuple(getattr(leaf, "shape", ()) or ())
+    differences = []
+    for key in sorted(set(saved) | set(wanted), key=lambda k: (k[0] != "params", k)):
+      name = "/".join(map(str, key))
+      if key not in wanted:
+        differences.append(f"{name} is in the checkpoint, not in the model")
+      elif key not in saved:
+        differences.append(f"{name} is in the model, not in the checkpoint")
+      elif shape(saved[key]) != shape(wanted[key]):
+        differences.append(f"{name} is {shape(saved[key])} in the checkpoint, "
+                           f"{shape(wanted[key])} in the model")
+    if not differences:
+      return None
+    more = f" (and {len(differences) - 3} more)" if len(differences) > 3 else ""
+    return "; ".join(differences[:3]) + more
+
   def restore(self, like_state: Any, step: int | None = None) -> tuple[Any, dict]:
     """Restores (state, meta) at `step` (default: latest), with `like_state`'s structure,
-    shapes, dtypes and shardings."""
+    shapes, dtypes and shardings. ChimeraError, before reading an array, if the
+    checkpoint's arrays are not `like_state`'s (see `mismatch`)."""
     step = self._manager.latest_step() if step is None else step
+    if (difference := self.mismatch(like_state, step)):
+      raise ChimeraError(f"the checkpoint at step {step} in {self._manager.directory} does "
+                         f"not hold this config's model: {difference}")
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like_state)
     restored = self._manager.restore(
         step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),

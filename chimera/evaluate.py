@@ -10,13 +10,19 @@ nanoGPT's 20 random batches said 1.8740 where its split said 1.8930 (results/nan
 This reads the run's config.json and a checkpoint (the latest, or --step), cuts the
 validation split into consecutive windows of the training context, so that every token
 but the first is predicted once, from the tokens before it in its window, and prints the
-mean loss over all of them in nats per token and bits per byte. One process, the
+mean loss over all of them in nats per token, and in bits per byte of the text those
+tokens stand for (their own bytes, not the split's average per token). One process, the
 checkpoint restored onto the default device.
+
+A router that is not causal (chimera.routers.is_causal: "rank" priority with top_k >= 2
+and capacity drops) lets a token's routing depend on later tokens of its group, so its
+loss is not a language model's loss; the command says so on stderr.
 """
 
 import dataclasses
 import functools
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -26,9 +32,11 @@ from absl import app, flags, logging
 
 from chimera import compile_cache, config as config_lib
 from chimera.checkpoints import Checkpointer
+from chimera.data.tokenizers import get_tokenizer
 from chimera.decoder import Decoder
 from chimera.errors import ChimeraError
 from chimera.layers import Kernels
+from chimera.routers import causality_note
 from chimera.steps import eval_step, init_state
 from chimera.train import prepare_data
 
@@ -37,9 +45,11 @@ from chimera.train import prepare_data
 class SplitLoss:
   step: int  # the checkpoint evaluated
   loss: float  # nats per predicted token, over the whole split
-  bits_per_byte: float
+  bits_per_byte: float  # over the bytes of the predicted tokens
   tokens: int  # tokens predicted
   windows: int
+  text_bytes: int  # the bytes the predicted tokens stand for
+  note: str | None = None  # chimera.routers.causality_note: why this is no LM loss
 
 
 def windows(tokens: np.ndarray, context: int) -> np.ndarray:
@@ -75,8 +85,16 @@ def restore_run(workdir: str | Path, step: int | None = None):
   if step not in available:
     raise ChimeraError(f"--step: no checkpoint at step {step} in {workdir} (it has "
                        f"{', '.join(map(str, available))})")
-  state, _ = checkpointer.restore(init_state(config), step)
-  checkpointer.close()
+  try:
+    # A config.json copied from, or edited after, another run: its model is not the
+    # checkpoint's. Said before orbax reads an array (it would fail with a traceback).
+    like = init_state(config)
+    if (difference := checkpointer.mismatch(like, step)):
+      raise ChimeraError(f"--workdir: {config_path} does not describe the checkpoint at "
+                         f"step {step}: {difference}")
+    state, _ = checkpointer.restore(like, step)
+  finally:
+    checkpointer.close()
   return config, state, step
 
 
@@ -104,9 +122,15 @@ def split_loss(workdir: str | Path, step: int | None = None,
     out = evaluate(state.params, state.model_state, rows[start:start + batch_size])
     loss_sum += float(out["loss_sum"])
   tokens = rows.shape[0] * config.train.context
-  loss = loss_sum / tokens
-  return SplitLoss(step=step, loss=loss, bits_per_byte=data.bits_per_byte(loss),
-                   tokens=tokens, windows=rows.shape[0])
+  # The bytes of exactly the tokens scored (end-of-text counts 0), not the split's average
+  # per token: the first token and the tail are not predicted.
+  text_bytes = int(get_tokenizer(config.data.tokenizer).token_bytes[rows[:, 1:]].sum())
+  if text_bytes == 0:
+    raise ChimeraError("the validation windows hold no text (only end-of-text tokens)")
+  return SplitLoss(step=step, loss=loss_sum / tokens,
+                   bits_per_byte=loss_sum / math.log(2) / text_bytes, tokens=tokens,
+                   windows=rows.shape[0], text_bytes=text_bytes,
+                   note=causality_note(config.model))
 
 
 def define_flags() -> None:
@@ -128,6 +152,8 @@ def main(argv):
     if FLAGS.batch_size is not None and FLAGS.batch_size < 1:
       raise ChimeraError(f"--batch_size: must be >= 1, got {FLAGS.batch_size}")
     result = split_loss(FLAGS.workdir, FLAGS.step, FLAGS.batch_size)
+    if result.note:
+      print(f"note: {result.note}", file=sys.stderr)
   except ChimeraError as error:
     print(f"error: {error}", file=sys.stderr)
     sys.exit(2)

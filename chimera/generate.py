@@ -6,10 +6,18 @@
 The prompt is run through the model once (prefill), filling each layer's cache; then one
 token per step goes through `jax.lax.scan`, so the whole generation is one compiled
 function per (batch, prompt length, new tokens) shape. MoE layers route every new token
-with capacity equal to the group size, so decoding never drops a token.
+with capacity equal to the group size, so decoding never drops a token: on the einsum path,
+where training and evaluation drop assignments beyond capacity, the samples come from the
+model without drops, and the command says so. A router that is not causal
+(chimera.routers.is_causal) cannot be decoded as it was trained; the command says that too.
+
+The prompt and the new tokens must fit in the context the run trained on
+(`train.context`): positions past it never had a gradient. `--max_new_tokens` defaults to
+200, or fewer where the trained context ends sooner.
 """
 
 import functools
+import math
 import sys
 
 import jax
@@ -104,12 +112,43 @@ def check_length(config: ModelConfig, prompt_length: int, max_new_tokens: int) -
         f"model's context (model.max_len={config.max_len})")
 
 
+def new_tokens_in_context(prompt_length: int, asked: int | None, context: int,
+                          default: int = 200) -> int:
+  """The tokens to generate after a prompt, within the context the run trained on: the
+  number `asked`, or `default` cut to what fits if None; ChimeraError if none fits."""
+  room = context - prompt_length
+  if room < 1:
+    raise ChimeraError(f"--prompt: {prompt_length} tokens leave no room in the context the "
+                       f"run trained on (train.context={context})")
+  if asked is None:
+    return min(default, room)
+  if asked > room:
+    raise ChimeraError(f"--max_new_tokens: {prompt_length} prompt tokens + {asked} new tokens "
+                       f"exceed the context the run trained on (train.context={context}; "
+                       f"positions past it were never trained): at most {room}")
+  return asked
+
+
+def decode_notes(config: ModelConfig) -> list[str]:
+  """What a reader of the samples should know about how this config decodes."""
+  from chimera.routers import causality_note
+  if (note := causality_note(config)):
+    return [note]
+  if config.num_experts and config.dispatch == "einsum":
+    return [f"decoding routes each new token without capacity limits (no drops); training "
+            f"and evaluation drop assignments beyond capacity (capacity_factor="
+            f"{config.capacity_factor}, eval_capacity_factor={config.eval_capacity_factor}), "
+            f"so the samples come from the model without drops"]
+  return []
+
+
 def define_flags() -> None:
   """Command-line flags, defined only when this runs as a program: chimera.bench imports
   this module, and its flags must not become every bench-importing tool's."""
   flags.DEFINE_string("workdir", None, "A run directory with checkpoints/.")
   flags.DEFINE_string("prompt", "\n", "Text to continue.")
-  flags.DEFINE_integer("max_new_tokens", 200, "Tokens to generate.")
+  flags.DEFINE_integer("max_new_tokens", None, "Tokens to generate (default: 200, or up to "
+                       "the end of the context the run trained on if that comes sooner).")
   flags.DEFINE_float("temperature", 0.8, "Sampling temperature; 0 is greedy.")
   flags.DEFINE_integer("top_k", 40, "Sample among the k likeliest tokens; 0 for all.")
   flags.DEFINE_integer("seed", 0, "Sampling seed.")
@@ -126,9 +165,9 @@ def main(argv):
   try:
     if not FLAGS.workdir:
       raise ChimeraError("--workdir is required")
-    if FLAGS.max_new_tokens < 1:
+    if FLAGS.max_new_tokens is not None and FLAGS.max_new_tokens < 1:
       raise ChimeraError(f"--max_new_tokens: must be >= 1, got {FLAGS.max_new_tokens}")
-    if FLAGS.temperature < 0:
+    if not (math.isfinite(FLAGS.temperature) and FLAGS.temperature >= 0):
       raise ChimeraError(f"--temperature: must be >= 0 (0 is greedy), got {FLAGS.temperature}")
     config, state, _ = restore_run(FLAGS.workdir)
     tokenizer = get_tokenizer(config.data.tokenizer)
@@ -140,8 +179,12 @@ def main(argv):
     except UnicodeEncodeError:  # bytes the shell passed that are not UTF-8
       raise ChimeraError("--prompt: not valid UTF-8") from None
     prompt = tokenizer.encode(FLAGS.prompt)
+    max_new_tokens = new_tokens_in_context(len(prompt), FLAGS.max_new_tokens,
+                                           config.train.context)
+    for note in decode_notes(config.model):
+      print(f"note: {note}", file=sys.stderr)
     args = (state.params, jnp.asarray(prompt)[None], jax.random.key(FLAGS.seed))
-    decode = generate.lower(*args, config=config.model, max_new_tokens=FLAGS.max_new_tokens,
+    decode = generate.lower(*args, config=config.model, max_new_tokens=max_new_tokens,
                             temperature=FLAGS.temperature, top_k=FLAGS.top_k,
                             vocab_limit=tokenizer.vocab_size, model_state=state.model_state)
     tokens, _ = decode.compile(Kernels().compiler_options())(*args, model_state=state.model_state)

@@ -52,7 +52,8 @@ Router = Callable[..., Routing]  # (router_logits, config, *, capacity, bias) ->
 class RouterEntry:
   route: Router
   # Whether a token's routing (and so its output) never depends on later tokens of its
-  # group, under this config. Decoding and the causality test read it.
+  # group, under this config. The causality test reads it, and chimera.main,
+  # chimera.evaluate and chimera.generate say so when it is False (causality_note).
   causal: Callable[[ModelConfig], bool]
 
 
@@ -71,6 +72,19 @@ def register(name: str, *, causal: bool | Callable[[ModelConfig], bool]):
 def is_causal(config: ModelConfig) -> bool:
   """Whether the configured router is causal (see RouterEntry.causal)."""
   return ROUTERS[config.router].causal(config)
+
+
+def causality_note(config: ModelConfig) -> str | None:
+  """One sentence for a config whose router is not causal (None when it is, or when
+  the model has no experts): its losses see later tokens, and decoding cannot match it."""
+  if config.num_experts == 0 or is_causal(config):
+    return None
+  return (f"config.model routes with router={config.router!r}, priority={config.priority!r}, "
+          f"top_k={config.top_k} on the {config.dispatch} path, which is not causal: a token's "
+          f"slot can depend on later tokens of its routing group, so the training and "
+          f"validation losses see the future, and decoding (which routes each new token "
+          f"without drops) samples from a different model; priority='token' or "
+          f"dispatch='dropless' is causal")
 
 
 def slots_are_causal(config: ModelConfig) -> bool:

@@ -21,7 +21,7 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from chimera import accounting, allocator, config as config_lib, sharding
+from chimera import accounting, allocator, config as config_lib, routers, sharding
 from chimera.checkpoints import Checkpointer
 from chimera.config import Config
 from chimera.data import batches as batches_lib, load_splits
@@ -401,6 +401,8 @@ def _log_setup(config: Config, data: Data, mesh: jax.sharding.Mesh, writer: Metr
                               "unigram_val_loss": data.unigram_loss})
   log(f"model: {counts.params_total:,} params, {counts.params_active:,} active, "
       f"{counts.flops_per_token / 1e6:.1f} MFLOPs/token; mesh {dict(mesh.shape)}")
+  if (note := routers.causality_note(config.model)):
+    log(f"note: {note}")
 
 
 def _summarize(config: Config, data: Data, progress: Progress, train_log: TrainLog, step: int,

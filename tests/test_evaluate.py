@@ -121,3 +121,44 @@ def test_routing_groups_of_several_sequences_are_scored_whole(tmp_path, monkeypa
   for batch_size in (1, 6):  # 1 is rounded up to one group of 2
     assert evaluate.split_loss(tmp_path / "run", batch_size=batch_size).loss == pytest.approx(
         whole.loss, rel=1e-5)
+
+
+def test_a_checkpoint_that_is_not_the_configs_model_is_one_line(finished_run, tmp_path):
+  """A config.json edited after training (or copied from another run) beside the
+  checkpoints: orbax's shape or tree error becomes one line naming the checkpoint."""
+  import json
+  import shutil
+  workdir, _, _ = finished_run
+  edited = tmp_path / "edited"
+  shutil.copytree(workdir / "checkpoints", edited / "checkpoints")
+  saved = json.loads((workdir / "config.json").read_text())
+  for change in ({"d_ff": saved["model"]["d_ff"] // 2}, {"num_experts": 4}):
+    (edited / "config.json").write_text(json.dumps({**saved, "model": {**saved["model"],
+                                                                        **change}}))
+    with pytest.raises(ChimeraError, match=r"^--workdir: .*config\.json does not describe the "
+                                           r"checkpoint at step 12: params/"):
+      evaluate.split_loss(edited)
+
+
+def test_bits_per_byte_count_the_bytes_of_the_tokens_scored(tmp_path, monkeypatch,
+                                                            write_corpus):
+  """A folder corpus: end-of-text tokens (0 bytes) between documents. Bits per byte divide
+  by the bytes of exactly the predicted tokens, not the split's average per token."""
+  monkeypatch.setenv("CHIMERA_CACHE", str(tmp_path / "cache"))
+  folder = tmp_path / "docs"
+  folder.mkdir()
+  for i in range(30):
+    write_corpus(folder / f"{i:02d}.txt", lines=12 + i, seed=i)
+  config = make_config("dense", folder, train__steps=2, train__checkpoint_every=2,
+                       train__warmup_steps=0)
+  train(config, tmp_path / "run")
+  result = evaluate.split_loss(tmp_path / "run")
+  tokenizer = get_tokenizer("byte")
+  val = make_splits(load_corpus(config.data.corpus), tokenizer,
+                    val_fraction=config.data.val_fraction, mode=config.data.split).val
+  targets = evaluate.windows(val, config.train.context)[:, 1:]
+  assert (targets == tokenizer.eot_id).any()  # the case this is about
+  assert result.text_bytes == int((targets != tokenizer.eot_id).sum())
+  assert result.bits_per_byte == pytest.approx(
+      result.loss * result.tokens / np.log(2) / result.text_bytes, rel=1e-9)
+  assert result.note is None  # a dense model's loss is a language model's

@@ -13,7 +13,8 @@ import pytest
 from chimera.config import ModelConfig
 from chimera.decoder import Decoder
 from chimera.errors import ChimeraError
-from chimera.generate import cast_once, check_length, generate
+from chimera.generate import (cast_once, check_length, decode_notes, generate,
+                              new_tokens_in_context)
 
 BASE = ModelConfig(vocab_size=40, num_layers=2, num_heads=2, d_model=16, d_ff=32, max_len=16)
 
@@ -85,6 +86,27 @@ def test_too_long_a_request_is_refused():
              max_new_tokens=40)
 
 
+def test_new_tokens_stay_in_the_trained_context():
+  assert new_tokens_in_context(8, None, context=128) == 120  # the default, cut to what fits
+  assert new_tokens_in_context(8, None, context=512) == 200
+  assert new_tokens_in_context(8, 120, context=128) == 120
+  with pytest.raises(ChimeraError, match=r"^--max_new_tokens: 8 prompt tokens \+ 121 new .*"
+                                         r"train\.context=128.*at most 120$"):
+    new_tokens_in_context(8, 121, context=128)
+  with pytest.raises(ChimeraError, match=r"^--prompt: 128 tokens leave no room"):
+    new_tokens_in_context(128, None, context=128)
+
+
+def test_decode_notes_name_what_decoding_does_differently():
+  moe = dataclasses.replace(BASE, num_experts=4, top_k=2)
+  assert decode_notes(BASE) == []  # dense
+  assert decode_notes(dataclasses.replace(moe, dispatch="dropless")) == []
+  [drops] = decode_notes(moe)  # einsum: capacity drops in training, none when decoding
+  assert "without drops" in drops and "eval_capacity_factor=2.0" in drops
+  [causal] = decode_notes(dataclasses.replace(moe, priority="rank"))
+  assert "not causal" in causal
+
+
 @pytest.mark.slow
 def test_generate_entry_point_samples_from_a_run(make_config, corpus, tmp_path, repo_root):
   from chimera.train import train
@@ -99,6 +121,9 @@ def test_generate_entry_point_samples_from_a_run(make_config, corpus, tmp_path, 
   # Bad sampling settings: one line naming the flag, no traceback.
   for flag, message in (("--top_k=300", "--top_k: must be in [0, 257]"),
                         ("--temperature=-1", "--temperature: must be >= 0"),
+                        ("--temperature=nan", "--temperature: must be >= 0"),
+                        ("--temperature=inf", "--temperature: must be >= 0"),
+                        ("--max_new_tokens=32", "--max_new_tokens: 1 prompt tokens + 32"),  # context 32
                         (b"--prompt=ab\xffcd", "--prompt: not valid UTF-8")):  # raw bytes
     bad = subprocess.run([sys.executable, "-m", "chimera.generate", f"--workdir={workdir}", flag],
                          cwd=repo_root, capture_output=True, text=True, timeout=300)

@@ -20,7 +20,7 @@ from chimera.config import ModelConfig, validate_model
 from chimera.decoder import Decoder
 from chimera import routers
 from chimera.errors import ChimeraError
-from chimera.routers import (ROUTERS, is_causal, moe_layer_names, route,
+from chimera.routers import (ROUTERS, causality_note, is_causal, moe_layer_names, route,
                              update_router_bias)
 
 GROUPS, GROUP_SIZE, NUM_EXPERTS = 2, 8, 4
@@ -215,6 +215,11 @@ def test_top_k_causality_flag():
   assert not is_causal(dataclasses.replace(cfg, priority="rank"))
   assert is_causal(dataclasses.replace(cfg, priority="rank", top_k=1))
   assert is_causal(dataclasses.replace(cfg, priority="rank", dispatch="dropless"))
+  # The entry points' note (chimera.main, evaluate, generate) follows the flag.
+  assert causality_note(dataclasses.replace(cfg, priority="token")) is None
+  assert causality_note(dataclasses.replace(cfg, priority="rank", dispatch="dropless")) is None
+  note = causality_note(dataclasses.replace(cfg, priority="rank"))
+  assert "priority='rank'" in note and "not causal" in note and "\n" not in note
 
 
 @pytest.mark.parametrize("router", sorted(ROUTERS))

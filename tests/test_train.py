@@ -431,6 +431,29 @@ def test_the_best_checkpoint_outlives_a_restart(tmp_path):
   resumed.close()
 
 
+def test_a_checkpoint_of_another_model_is_refused_before_reading_it(tmp_path):
+  """Names and shapes are compared from the checkpoint's metadata: a one-line ChimeraError
+  naming the arrays that differ, parameters first, instead of orbax's traceback."""
+  saved = {"params": {"w": np.ones((2, 3), np.float32)}, "opt": {"mu": np.zeros(3, np.float32)}}
+  checkpointer = Checkpointer(tmp_path, keep=1)
+  checkpointer.save(1, saved, {"note": 1})
+  checkpointer.wait()
+  assert checkpointer.mismatch(saved, 1) is None
+  state, meta = checkpointer.restore(saved, 1)
+  np.testing.assert_array_equal(state["params"]["w"], saved["params"]["w"])
+  assert meta == {"note": 1}
+  wider = {"params": {"w": np.ones((2, 4), np.float32)}, "opt": {"mu": np.zeros(4, np.float32)}}
+  with pytest.raises(ChimeraError, match=r"^the checkpoint at step 1 in .* does not hold this "
+                                         r"config's model: params/w is \(2, 3\) in the "
+                                         r"checkpoint, \(2, 4\) in the model; opt/mu is"):
+    checkpointer.restore(wider, 1)
+  more = {**saved, "params": {**saved["params"], "b": np.zeros(3, np.float32)}}
+  assert checkpointer.mismatch(more, 1) == "params/b is in the model, not in the checkpoint"
+  fewer = {"params": saved["params"]}
+  assert checkpointer.mismatch(fewer, 1) == "opt/mu is in the checkpoint, not in the model"
+  checkpointer.close()
+
+
 def test_progress_saved_is_a_copy():
   progress = Progress(tokens_seen=10)
   saved = progress.to_json()
