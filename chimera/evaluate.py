@@ -101,8 +101,9 @@ def restore_run(workdir: str | Path, step: int | None = None):
 def split_loss(workdir: str | Path, step: int | None = None,
                batch_size: int | None = None) -> SplitLoss:
   """The validation-split loss of the run in `workdir` at checkpoint `step` (latest if
-  None), `batch_size` windows per forward pass (the run's batch size if None; rounded
-  down to whole routing groups where a group holds several sequences)."""
+  None), `batch_size` windows per forward pass (if None, the run's micro-batch,
+  train.batch_size / train.grad_accum; rounded down to whole routing groups where a group
+  holds several sequences)."""
   config, state, step = restore_run(workdir, step)
   data = prepare_data(config)  # the run's split, as training loaded it
   rows = windows(data.splits.val, config.train.context)
@@ -113,7 +114,8 @@ def split_loss(workdir: str | Path, step: int | None = None,
     raise ChimeraError(f"the validation split has {len(rows)} windows, fewer than one "
                        f"routing group of {per_group} (model.group_size)")
   rows = rows[:len(rows) - len(rows) % per_group]
-  batch_size = max(per_group, (batch_size or config.train.batch_size) // per_group * per_group)
+  batch_size = batch_size or config.train.batch_size // config.train.grad_accum
+  batch_size = max(per_group, batch_size // per_group * per_group)
   evaluate = jax.jit(functools.partial(eval_step, model=Decoder(config.model),
                                        config=config.model),
                      compiler_options=Kernels().compiler_options())
@@ -138,7 +140,8 @@ def define_flags() -> None:
   library too, and chimera.generate defines its own --workdir)."""
   flags.DEFINE_string("workdir", None, "A run's workdir (chimera.main's).")
   flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
-  flags.DEFINE_integer("batch_size", None, "Windows per forward pass (default: the run's batch size).")
+  flags.DEFINE_integer("batch_size", None, "Windows per forward pass (default: the run's micro-batch, "
+                       "train.batch_size / train.grad_accum).")
 
 
 def main(argv):

@@ -91,7 +91,7 @@ def predicted_bytes(config: config_lib.Config) -> float:
   """The formula above: all-to-all buffer bytes per device per micro-batch (a training
   step runs train.grad_accum of them, in a loop whose body the HLO holds once)."""
   m, t, mesh = config.model, config.train, config.mesh
-  if mesh.expert == 1:
+  if mesh.expert == 1 or not m.num_experts:  # nothing to exchange
     return 0.0
   tokens_per_device = t.batch_size // t.grad_accum * t.context / (mesh.data * mesh.expert)
   element = 2 if m.dtype == "bfloat16" else 4
@@ -101,6 +101,21 @@ def predicted_bytes(config: config_lib.Config) -> float:
   capacity = expert_capacity(m, m.group_size)
   slots_per_token = m.num_experts * capacity / m.group_size  # k * cf'
   return 4 * m.num_moe_layers * slots_per_token * tokens_per_device * m.d_model * element
+
+
+def upcast_note(config: config_lib.Config, hlo_text: str) -> str | None:
+  """A sentence when the compiled all-to-alls carry wider floats than model.dtype: XLA:CPU
+  sends bfloat16 exchanges as float32 (the lowered program sends bfloat16), so it
+  measures twice the formula's bytes, which counts model.dtype's."""
+  if config.model.dtype != "bfloat16":
+    return None
+  floats = {array.partition("[")[0] for c in collectives(hlo_text) if c.kind == "all-to-all"
+            for array in c.arrays if array[0] in "fb"}
+  if "f32" not in floats or "bf16" in floats:
+    return None
+  return ("note: the compiled all-to-alls carry float32 where model.dtype is bfloat16 (XLA "
+          f"on {jax.devices()[0].platform} widens them), so they measure twice the "
+          "formula's bytes")
 
 
 def compile_train_step(config: config_lib.Config, mesh: jax.sharding.Mesh):
@@ -152,6 +167,8 @@ def main(argv):
   print(f"all-to-all buffer bytes per device per micro-batch: measured {measured:,}, "
         f"formula {predicted_bytes(config):,.0f} ({accum * measured:,} per step); of these "
         f"{(expert - 1) / expert:.0%} cross to other devices")
+  if (note := upcast_note(config, compiled.as_text())):
+    print(note)
   print(f"per-device memory of the step (XLA): {per_device:,} bytes "
         f"(arguments {memory.argument_size_in_bytes:,}, temporaries "
         f"{memory.temp_size_in_bytes:,})")

@@ -28,7 +28,7 @@ from chimera import config as config_lib, sharding
 from chimera.bench import parse_override
 from chimera.errors import ChimeraError
 from chimera.scaling import (Collective, collectives, compile_train_step, define_flags,
-                             parse_mesh, predicted_bytes)
+                             parse_mesh, predicted_bytes, upcast_note)
 from chimera.sharding import make_mesh
 
 FLAGS = flags.FLAGS  # chimera.scaling's --config, --mesh and --set (define_flags)
@@ -117,6 +117,8 @@ def main(argv):
     print(f"all-to-alls: {len(sharded.all_to_alls)} ops, {total:,} B per device per "
           f"micro-batch "
           f"(formula {sharded.predicted_all_to_all_bytes:,.0f} B)")
+    if (note := upcast_note(load(spec, overrides, data, expert), text)):
+      print(note)
     for c in sharded.all_to_alls:
       print(f"  {c.bytes:>9,} B  {len(c.arrays)} x {c.arrays[0]}  {c.op_name[-70:]}")
     print(f"token-sized all-gathers / all-reduces (arrays that grow with the batch): "

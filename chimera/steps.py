@@ -144,11 +144,23 @@ def train_step(state: TrainState, tokens: jax.Array, rng: jax.Array, *, model: n
 
 def eval_step(params, model_state: dict, tokens: jax.Array, *, model: nn.Module,
               config: ModelConfig) -> dict:
-  """Summed cross-entropy over tokens [B, L+1], evaluation capacity, no dropout."""
-  _, (loss_sum, stats) = loss_fn(params, model_state, model, config, tokens,
-                                 jax.random.key(0), True)
-  return {"loss_sum": loss_sum, "tokens": jnp.asarray(tokens[:, 1:].size, jnp.float32),
-          "dropped_fraction": stats["dropped_fraction"], "expert_load": stats["expert_load"]}
+  """Summed cross-entropy over tokens [B, L+1], or [A, B/A, L+1]: A micro-batches, one
+  after another, as `train_step` runs them (so evaluation holds no more activations, and
+  on a mesh sends no more bytes, than a training micro-batch). Evaluation capacity, no
+  dropout. The routing statistics are means over the micro-batches."""
+  def forward(micro_tokens):
+    _, (loss_sum, stats) = loss_fn(params, model_state, model, config, micro_tokens,
+                                   jax.random.key(0), True)
+    return loss_sum, stats["dropped_fraction"], stats["expert_load"]
+
+  if tokens.ndim == 2 or tokens.shape[0] == 1:
+    loss_sum, dropped, load = forward(tokens.reshape(-1, *tokens.shape[-1:]))
+  else:
+    _, (loss_sums, dropped, load) = jax.lax.scan(lambda _, micro: (None, forward(micro)),
+                                                 None, tokens)
+    loss_sum, dropped, load = loss_sums.sum(), dropped.mean(axis=0), load.mean(axis=0)
+  return {"loss_sum": loss_sum, "tokens": jnp.asarray(tokens[..., 1:].size, jnp.float32),
+          "dropped_fraction": dropped, "expert_load": load}
 
 
 def init_state(config: Config, mesh: jax.sharding.Mesh | None = None) -> TrainState:

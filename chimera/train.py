@@ -233,8 +233,11 @@ class Evaluator:
 
   def __init__(self, config: Config, data: Data, mesh: jax.sharding.Mesh, writer: MetricWriter):
     self.data, self.writer = data, writer
-    batch_sharding = sharding.batch_sharding(mesh, ndim=2)  # [B, L+1]
-    self.batches = [jax.make_array_from_process_local_data(batch_sharding, batch)
+    # [A, B/A, L+1]: the training step's micro-batches (train.grad_accum), one at a time.
+    t = config.train
+    batch_sharding = sharding.batch_sharding(mesh, ndim=3, batch_axis=1)
+    self.batches = [jax.make_array_from_process_local_data(
+                        batch_sharding, batch.reshape(t.grad_accum, -1, t.context + 1))
                     for batch in data.val_batches]
     self.eval_fn = jax.jit(
         functools.partial(eval_step, model=Decoder(config.model), config=config.model),

@@ -142,6 +142,24 @@ def test_token_sized_finds_what_grows():
       ("all-gather", "f32[8,16]", "routing/gather"), ("all-gather", "f32[8,16]", "routing/gather")]
 
 
+def test_formula_and_notes_of_the_scaling_tools(make_config, corpus):
+  """A dense model on an expert axis exchanges nothing (the formula divided by
+  num_experts = 0); a bfloat16 model whose compiled all-to-alls carry float32 (XLA:CPU
+  widens them) gets a note, not a silent factor of two."""
+  dense = make_config("dense", corpus, mesh__data=2, mesh__expert=4, train__batch_size=8)
+  assert scaling.predicted_bytes(dense) == 0.0
+  moe = make_config("moe_top2", corpus, mesh__data=2, mesh__expert=4, train__batch_size=8,
+                    model__dtype="bfloat16")
+  assert scaling.predicted_bytes(moe) > 0
+  widened = '  %a2a = f32[1,512,32]{2,1,0} all-to-all(f32[1,512,32]{2,1,0} %t), metadata={op_name="x"}'
+  counts = '  %n = s32[1,1]{1,0} all-to-all(s32[1,1]{1,0} %c), metadata={op_name="counts"}'
+  kept = widened.replace("f32", "bf16")
+  assert "twice the formula's bytes" in scaling.upcast_note(moe, "\n".join([counts, widened]))
+  assert scaling.upcast_note(moe, "\n".join([counts, kept])) is None
+  float32 = make_config("moe_top2", corpus, mesh__data=2, mesh__expert=4, train__batch_size=8)
+  assert scaling.upcast_note(float32, widened) is None
+
+
 @pytest.mark.parametrize("module", ["chimera.scaling", "chimera.scaling_hlo"])
 def test_scaling_tools_parse_their_flags(module):
   """Their flags are defined only when they run (chimera.scaling.define_flags)."""

@@ -355,6 +355,31 @@ def test_train_and_evaluation_steps_compile_dots_as_the_default_kernels_say(make
   assert '"kind":"__ynn_fusion"' in text
 
 
+def test_evaluation_runs_the_training_micro_batches(make_config, corpus):
+  """With train.grad_accum = A, evaluation runs the batch as A micro-batches one after
+  another: the loss and routing statistics of one pass over it, with one micro-batch's
+  activations (a run whose grad_accum makes training fit must not run out of memory at its
+  first evaluation)."""
+  config = make_config("moe_top2", corpus, train__batch_size=8, train__grad_accum=4,
+                       model__dispatch="einsum", model__eval_capacity_factor=1.0)
+  state = init_state(config)
+  batch = np.random.default_rng(0).integers(0, 256, (8, config.train.context + 1), np.int32)
+  evaluator = train_lib.Evaluator(config, types.SimpleNamespace(val_batches=[batch]),
+                                  sharding.make_mesh(config.mesh), writer=None)
+  [micro] = evaluator.batches
+  assert micro.shape == (4, 2, config.train.context + 1)
+  np.testing.assert_array_equal(np.asarray(micro).reshape(batch.shape), batch)
+  step = jax.jit(functools.partial(eval_step, model=Decoder(config.model), config=config.model))
+  whole, parts = step(state.params, state.model_state, batch), evaluator.eval_fn(
+      state.params, state.model_state, micro)
+  assert float(np.max(whole["dropped_fraction"])) > 0  # the statistics are not all zeros
+  for name in whole:
+    np.testing.assert_allclose(parts[name], whole[name], rtol=1e-5, err_msg=name)
+  temp = lambda tokens: step.lower(state.params, state.model_state, tokens).compile() \
+      .memory_analysis().temp_size_in_bytes
+  assert temp(micro) < 0.5 * temp(batch)
+
+
 def test_code_version_names_the_commit_and_uncommitted_changes(tmp_path):
   git = lambda *args: subprocess.run(["git", "-C", str(tmp_path), *args], check=True,
                                      capture_output=True, text=True).stdout.strip()
