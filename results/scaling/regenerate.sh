@@ -22,3 +22,8 @@ run hlo_default_1x8 chimera.scaling_hlo --config=configs/moe_top2.py --mesh=1,8
 # bfloat16: XLA:CPU widens the exchanges to float32 (the tool says so).
 run bf16_tiny_2x4 chimera.scaling --config=configs/moe_top2.py:tiny --mesh=2,4 \
     --set=train.batch_size=32 --set=train.context=64 --set=model.group_size=64 --set=model.dtype=bfloat16
+# The evaluation step at grad_accum 1, 4, 16 (it runs the training step's micro-batches).
+for dispatch in dropless einsum; do
+  echo "$ python results/scaling/eval_step.py $dispatch" > "$out/eval_step_$dispatch.txt"
+  python results/scaling/eval_step.py "$dispatch" >> "$out/eval_step_$dispatch.txt" 2>&1
+done
