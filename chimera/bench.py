@@ -84,6 +84,13 @@ def nominal_peak_flops(device_kind: str, dtype: str) -> float | None:
   return None
 
 
+def moe_split_shape(config) -> tuple[int, int, int]:
+  """The activations [B / grad_accum, L, M] one MoE layer sees in one training micro-batch:
+  what the bench's MoE split times, once per layer and micro-batch of a step."""
+  t = config.train
+  return (t.batch_size // t.grad_accum, t.context, config.model.d_model)
+
+
 def _timed(fn, *args) -> float:
   start = time.perf_counter()
   jax.block_until_ready(fn(*args))
@@ -260,10 +267,10 @@ class Subject:
     self.measure(warmup=True)
 
   def _moe_layer_fns(self):
-    """Forward+backward of one MoE layer on a training batch, with and without experts."""
+    """Forward+backward of one MoE layer on a training micro-batch (the step runs
+    train.grad_accum of them), with and without experts."""
     c = self.case.config
-    x = jax.random.normal(jax.random.key(1), (c.train.batch_size, c.train.context,
-                                              c.model.d_model)).astype(jnp.float32)
+    x = jax.random.normal(jax.random.key(1), moe_split_shape(c)).astype(jnp.float32)
     fns = []
     for skip in (False, True):
       layer = MoeLayer(c.model, skip_experts=skip)
@@ -343,7 +350,8 @@ class Subject:
     if self.moe_layer:
       layer, routing = median("moe_layer_seconds"), median("moe_routing_seconds")
       moe = dict(dispatch_share_of_moe_layer=routing / layer,
-                 dispatch_share_of_step=c.model.num_moe_layers * routing / step_seconds)
+                 dispatch_share_of_step=(c.model.num_moe_layers * c.train.grad_accum * routing
+                                         / step_seconds))
     return BenchRecord(
         name=case.name, spec=case.spec, overrides=dict(case.overrides),
         kernels=dataclasses.asdict(case.kernels),

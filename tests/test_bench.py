@@ -74,6 +74,13 @@ def test_nominal_peak_by_device_kind(device_kind, dtype, peak):
   assert bench.nominal_peak_flops(device_kind, dtype) == peak
 
 
+def test_moe_split_times_a_layer_on_a_micro_batch(make_config, corpus):
+  """With grad_accum, a step runs each MoE layer once per micro-batch: the split times the
+  layer at the micro-batch (and counts it grad_accum times in the step's share)."""
+  config = make_config("moe_top2", corpus, train__batch_size=8, train__grad_accum=4)
+  assert bench.moe_split_shape(config) == (2, config.train.context, config.model.d_model)
+
+
 def test_device_line_gives_each_dtype_its_peak():
   record = lambda name, dtype, peak, source: bench.BenchRecord(
       name=name, spec=name, overrides={}, kernels={}, token_ids="random",
