@@ -13,6 +13,7 @@ with one line that names the offending field, before anything is compiled.
 
 import dataclasses
 import importlib.util
+import math
 import os
 import typing
 from pathlib import Path
@@ -219,6 +220,19 @@ def _check_choices(section: str, value) -> None:
            f"expected one of {', '.join(map(repr, allowed))}, got {current!r}")
 
 
+_FLOAT32_MAX = 3.4028234663852886e38
+
+
+def _check_finite(section: str, value) -> None:
+  """Every float field is a finite float32: inf passes `> 0` checks, and 1e39 becomes inf
+  in the step (a learning rate of either trains NaN and logs it as "Infinity")."""
+  for field in dataclasses.fields(value):
+    current = getattr(value, field.name)
+    if isinstance(current, float):
+      _check(math.isfinite(current) and abs(current) <= _FLOAT32_MAX,
+             f"{section}.{field.name}", f"must be a finite number, got {current}")
+
+
 def _check_positive(section: str, value, names: tuple[str, ...]) -> None:
   for name in names:
     current = getattr(value, name)
@@ -229,6 +243,7 @@ def validate_model(m: ModelConfig) -> None:
   """Raises ChimeraError on the first bad field of a ModelConfig."""
   from chimera.routers import ROUTERS  # the registry imports jax: only when validating
   _check_choices("model", m)
+  _check_finite("model", m)
   _check_positive("model", m, ("vocab_size", "num_layers", "num_heads", "d_model", "d_ff",
                                "max_len", "init_std"))
   _check(m.d_model % m.num_heads == 0, "model.d_model",
@@ -287,6 +302,8 @@ def validate(c: Config) -> None:
   validate_model(c.model)
   t, d = c.train, c.data
   _check_choices("data", d)
+  _check_finite("data", d)
+  _check_finite("train", t)
   _check_positive("train", t, ("steps", "batch_size", "context", "grad_accum", "log_every",
                                "eval_every", "eval_batches", "checkpoint_every",
                                "keep_checkpoints", "learning_rate"))

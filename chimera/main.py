@@ -34,6 +34,12 @@ def parse_flags(argv: list[str]) -> list[str]:
     lines = [line.strip(" '\"\\") for line in text.splitlines() if line.strip()]
     # A config file that failed to import carries its whole traceback: keep the last line.
     message = lines[-1] if "Traceback" in text else " ".join(lines)
+    message = message.removeprefix("chimera.errors.ChimeraError: ")
+    if " " not in message:  # ml_collections names only the unknown key: say which flag
+      flag = next((arg.split("=")[0] for arg in argv[1:] if arg.startswith("--config.")
+                   and message in arg.split("=")[0].split(".")), None)
+      if flag:
+        message = f"{flag}: no such config field {message!r}"
     print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
 

@@ -59,6 +59,14 @@ class MetricWriter:
           f"checkpoint by the interrupted run" if resume_step > 0 else
           f"metrics.jsonl: dropped {dropped} rows of an earlier start that saved no checkpoint")
     self._jsonl = open(jsonl, "a")
+    board = Path(workdir) / "tensorboard"
+    if resume_step == 0 and board.is_dir():  # likewise, that attempt's TensorBoard events
+      stale = list(board.glob("events.out.tfevents.*"))
+      for events in stale:
+        events.unlink()
+      if stale:
+        log(f"tensorboard/: removed {len(stale)} event files of an earlier start that saved "
+            f"no checkpoint")
     # TensorBoard hides the events an interrupted run wrote past the checkpoint (a
     # SessionLog.START at purge_step), as metrics.jsonl drops its rows.
     self._tensorboard = SummaryWriter(str(Path(workdir) / "tensorboard"),

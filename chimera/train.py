@@ -72,15 +72,33 @@ def open_workdir(workdir: Path, config: Config):
     lock.write(str(os.getpid()))
     lock.flush()
     if _has_checkpoint(workdir):
+      reached = _saved_steps(workdir)[-1]
+      if reached > config.train.steps:  # refused before config.json is rewritten
+        raise ChimeraError(f"train.steps={config.train.steps}: {workdir} holds this run at "
+                           f"step {reached} already; ask for at least that many steps")
       _check_same_run(workdir, config)
     (workdir / "config.json").write_text(json.dumps(config_lib.to_dict(config), indent=2))
     yield
 
 
+def _last_good(workdir: Path) -> str:
+  """What is left on disk after a run stopped on a non-finite value (a save still being
+  written finishes before the run exits: chimera.train waits for it)."""
+  folder = workdir / "checkpoints"
+  if folder.is_dir() and any(folder.iterdir()):
+    return f"The last good checkpoint in {folder} is untouched"
+  return "No checkpoint had been saved yet"
+
+
+def _saved_steps(workdir: Path) -> list[int]:
+  """The steps of the completed checkpoints in `workdir`, in order."""
+  folder = workdir / "checkpoints"
+  return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit()) if folder.is_dir() else []
+
+
 def _has_checkpoint(workdir: Path) -> bool:
   """Whether a save completed: orbax renames a checkpoint's folder to its step when done."""
-  folder = workdir / "checkpoints"
-  return folder.is_dir() and any(p.name.isdigit() for p in folder.iterdir())
+  return bool(_saved_steps(workdir))
 
 
 def _check_same_run(workdir: Path, config: Config) -> None:
@@ -200,8 +218,7 @@ class TrainLog:
       if not (np.isfinite(record["loss_sum"]) and np.isfinite(record[norm])):
         raise TrainingDiverged(
             f"non-finite loss ({record['loss_sum']}) or {norm} ({record[norm]}) at step "
-            f"{first_step + offset}; stopping. The last good checkpoint in "
-            f"{workdir / 'checkpoints'} is untouched")
+            f"{first_step + offset}; stopping. {_last_good(workdir)}")
     seconds = time.perf_counter() - self.window_started  # after device_get: steps are done
     if first_step - 1 > self.start_step:  # the first window holds compilation: not timed
       self.progress.timed_tokens += len(records) * self.tokens_per_step
@@ -344,8 +361,13 @@ def _train_loop(config: Config, workdir: Path, data: Data, mesh: jax.sharding.Me
       is_save = step % t.checkpoint_every == 0 or step == t.steps
       interrupted = stop.requested or (stop_after is not None and step - start_step >= stop_after)
       if step % t.log_every == 0 or is_eval or is_save or interrupted:
+        jax.block_until_ready(step_metrics)  # the row's time includes its window's steps
+        progress.wall_seconds = clock()
         train_log.flush(step, progress.wall_seconds, workdir)
       val_loss = evaluate(state, step, progress) if is_eval else None
+      if val_loss is not None and not math.isfinite(val_loss):  # before it could be saved
+        raise TrainingDiverged(f"non-finite validation loss ({val_loss}) at step {step}; "
+                               f"stopping. {_last_good(workdir)}")
       if is_save or interrupted:
         checkpointer.save(step, state, progress.to_json(), val_loss=val_loss)
       if is_eval or is_save:  # keep evaluation and saving out of the next window's timing

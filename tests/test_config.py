@@ -103,6 +103,12 @@ MOE = Config(model=ModelConfig(num_experts=8, top_k=2),
     ("train", dict(router_lr_scale=0.0), "train.router_lr_scale"),
     ("train", dict(expert_lr_scale=-1.0), "train.expert_lr_scale"),
     ("train", dict(expert_weight_decay=-0.5), "train.expert_weight_decay"),
+    # Not finite, or not as a float32: they pass `> 0` and train NaN.
+    ("model", dict(capacity_factor=float("inf")), "model.capacity_factor"),
+    ("model", dict(dropout=float("nan")), "model.dropout"),
+    ("train", dict(learning_rate=float("inf")), "train.learning_rate"),
+    ("train", dict(learning_rate=1e39), "train.learning_rate"),
+    ("data", dict(val_fraction=float("nan")), "data.val_fraction"),
 ])
 def test_contradictions_are_one_line_naming_the_field(section, changes, field):
   config = dataclasses.replace(MOE, **{section: dataclasses.replace(getattr(MOE, section),

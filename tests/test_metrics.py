@@ -73,3 +73,17 @@ def test_tensorboard_hides_what_an_interrupted_run_wrote_past_its_checkpoint(
   scalars = [(e.step, v.tag) for e in tensorboard_events(tmp_path / "tensorboard")
              for v in e.summary.value]
   assert scalars == [(resume_step + 1, "train/loss")]
+
+
+def test_a_fresh_start_drops_the_events_of_an_attempt_that_saved_no_checkpoint(tmp_path):
+  """A run at step 0 writes metrics.jsonl afresh; its TensorBoard folder likewise loses the
+  earlier attempt's events, so the two attempts' curves do not show as one run."""
+  first = MetricWriter(tmp_path, resume_step=0)
+  first.write("train", 10, {"loss": 4.0})
+  first.close()
+  second = MetricWriter(tmp_path, resume_step=0)
+  second.write("train", 10, {"loss": 5.0})
+  second.close()
+  losses = [(e.step, v.simple_value) for e in tensorboard_events(tmp_path / "tensorboard")
+            for v in e.summary.value]
+  assert losses == [(10, 5.0)]

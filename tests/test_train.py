@@ -173,6 +173,7 @@ def test_bad_config_is_one_line_before_compiling(corpus, tmp_path):
       "--config.data.corpus=/no/such/file.txt": "/no/such/file.txt",
       "--config.model.vocab_size=100": "vocab_size",
       "--config.model.num_expertz=4": "num_expertz",
+      "--config.model.foo=1": "--config.model.foo: no such config field 'foo'",
       "--config.model.group_size=48": "config.model.group_size",
       "--config.model.priority=ranked": "config.model.priority",
       "--config.data.seed=-1": "config.data.seed: must be >= 0",
@@ -226,6 +227,22 @@ def test_nan_stops_and_keeps_last_good_checkpoint(log_norms, make_config, corpus
   assert checkpointer.latest_step() == bad_step - 1
   state, _ = checkpointer.restore(init_state(config))
   assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(state.params))
+
+
+def test_a_non_finite_validation_loss_stops_before_it_is_saved(make_config, corpus, tmp_path,
+                                                               monkeypatch):
+  """A validation loss of NaN at step 2 (the training loss still finite) stops the run
+  before the step-2 checkpoint, which would otherwise be saved as the best."""
+  config = make_config("dense", corpus, train__steps=4, train__warmup_steps=0,
+                       train__checkpoint_every=1, train__eval_every=1, train__log_every=1)
+  evaluate = train_lib.Evaluator.__call__
+  monkeypatch.setattr(train_lib.Evaluator, "__call__", lambda self, state, step, progress:
+                      float("nan") if step == 2 else evaluate(self, state, step, progress))
+  workdir = tmp_path / "run"
+  with pytest.raises(TrainingDiverged, match=r"non-finite validation loss \(nan\) at step 2; "
+                                             r"stopping\. The last good checkpoint"):
+    train(config, workdir)
+  assert Checkpointer(workdir / "checkpoints", keep=2).all_steps() == [1]
 
 
 @pytest.mark.slow
@@ -295,6 +312,8 @@ def test_a_workdir_holds_one_run(make_config, corpus, tmp_path):
   # Fewer steps than the run has trained is not a shorter run.
   with pytest.raises(ChimeraError, match=r"^train\.steps=3: .* holds this run at step 4"):
     train(make_config("dense", corpus, train__steps=3, train__warmup_steps=0), workdir)
+  # Refused before config.json is written: it still says 4 steps.
+  assert json.loads((workdir / "config.json").read_text())["train"]["steps"] == 4
 
 
 def test_a_workdir_that_is_a_file_or_in_use_is_refused(make_config, corpus, tmp_path):
