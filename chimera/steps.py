@@ -145,9 +145,9 @@ def train_step(state: TrainState, tokens: jax.Array, rng: jax.Array, *, model: n
 def eval_step(params, model_state: dict, tokens: jax.Array, *, model: nn.Module,
               config: ModelConfig) -> dict:
   """Summed cross-entropy over tokens [B, L+1], or [A, B/A, L+1]: A micro-batches, one
-  after another, as `train_step` runs them (so evaluation holds no more activations, and
-  on a mesh sends no more bytes, than a training micro-batch). Evaluation capacity, no
-  dropout. The routing statistics are means over the micro-batches."""
+  after another, as `train_step` runs them (so evaluation's activations and, on a mesh,
+  its exchanges follow the micro-batch, not the batch). Evaluation capacity, no dropout.
+  The routing statistics are means over the micro-batches."""
   def forward(micro_tokens):
     _, (loss_sum, stats) = loss_fn(params, model_state, model, config, micro_tokens,
                                    jax.random.key(0), True)
