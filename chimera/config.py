@@ -410,9 +410,22 @@ def load(spec: str, overrides: dict | None = None) -> Config:
     section, _, field = key.partition(".")
     if section not in SECTIONS or field not in config_dict[section]:
       raise ChimeraError(f"config.{key}: unknown field")
+    annotation = typing.get_type_hints(SECTIONS[section])[field]
+    expected = _type_name(annotation)
+    if value is None and type(None) not in typing.get_args(annotation):
+      raise ChimeraError(f"config.{key}: expected {expected}, got None")
     try:
       setattr(config_dict[section], field, value)
     except TypeError:  # the locked ConfigDict keeps each field's type
-      expected = type(config_dict[section][field]).__name__
-      raise ChimeraError(f"config.{key}: {value!r} is not a {expected}") from None
+      raise ChimeraError(f"config.{key}: expected {expected}, got {value!r}") from None
   return from_config_dict(config_dict)
+
+
+def _type_name(annotation) -> str:
+  """A field's annotation as a reader writes it: "int", "int | None", "'token' or 'rank'"."""
+  if typing.get_origin(annotation) is Literal:
+    return " or ".join(map(repr, typing.get_args(annotation)))
+  args = typing.get_args(annotation)
+  if args:
+    return " | ".join(_type_name(a) for a in args)
+  return "None" if annotation is type(None) else getattr(annotation, "__name__", str(annotation))
