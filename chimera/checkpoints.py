@@ -31,6 +31,14 @@ def _not_an_expected_warning(record: logging.LogRecord) -> bool:
 logging.getLogger("absl").addFilter(_not_an_expected_warning)
 
 
+class CheckpointMismatch(ChimeraError):
+  """The checkpoint's arrays are not the model's (Checkpointer.mismatch says how)."""
+
+  def __init__(self, message: str, difference: str):
+    super().__init__(message)
+    self.difference = difference
+
+
 class Checkpointer:
 
   def __init__(self, directory: Path, keep: int):
@@ -89,12 +97,12 @@ class Checkpointer:
 
   def restore(self, like_state: Any, step: int | None = None) -> tuple[Any, dict]:
     """Restores (state, meta) at `step` (default: latest), with `like_state`'s structure,
-    shapes, dtypes and shardings. ChimeraError, before reading an array, if the
+    shapes, dtypes and shardings. CheckpointMismatch, before reading an array, if the
     checkpoint's arrays are not `like_state`'s (see `mismatch`)."""
     step = self._manager.latest_step() if step is None else step
     if (difference := self.mismatch(like_state, step)):
-      raise ChimeraError(f"the checkpoint at step {step} in {self._manager.directory} does "
-                         f"not hold this config's model: {difference}")
+      raise CheckpointMismatch(f"the checkpoint at step {step} in {self._manager.directory} "
+                               f"does not hold this config's model: {difference}", difference)
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like_state)
     restored = self._manager.restore(
         step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),

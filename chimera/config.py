@@ -211,23 +211,18 @@ def _check(ok: bool, field: str, message: str) -> None:
     raise ChimeraError(f"config.{field}: {message}")
 
 
-def _check_choices(section: str, value) -> None:
-  """Every `Literal` field holds one of its allowed values (read from the annotation)."""
+_FLOAT32_MAX = 3.4028234663852886e38
+
+
+def _check_fields(section: str, value) -> None:
+  """Every `Literal` field holds one of its allowed values (read from the annotation), and
+  every float field is a finite float32: inf passes `> 0` checks, and 1e39 becomes inf in
+  the step (a learning rate of either trains NaN and logs it as "Infinity")."""
   for field in dataclasses.fields(value):
     allowed = typing.get_args(field.type) if typing.get_origin(field.type) is Literal else ()
     current = getattr(value, field.name)
     _check(not allowed or current in allowed, f"{section}.{field.name}",
            f"expected one of {', '.join(map(repr, allowed))}, got {current!r}")
-
-
-_FLOAT32_MAX = 3.4028234663852886e38
-
-
-def _check_finite(section: str, value) -> None:
-  """Every float field is a finite float32: inf passes `> 0` checks, and 1e39 becomes inf
-  in the step (a learning rate of either trains NaN and logs it as "Infinity")."""
-  for field in dataclasses.fields(value):
-    current = getattr(value, field.name)
     if isinstance(current, float):
       _check(math.isfinite(current) and abs(current) <= _FLOAT32_MAX,
              f"{section}.{field.name}", f"must be a finite number, got {current}")
@@ -242,8 +237,7 @@ def _check_positive(section: str, value, names: tuple[str, ...]) -> None:
 def validate_model(m: ModelConfig) -> None:
   """Raises ChimeraError on the first bad field of a ModelConfig."""
   from chimera.routers import ROUTERS  # the registry imports jax: only when validating
-  _check_choices("model", m)
-  _check_finite("model", m)
+  _check_fields("model", m)
   _check_positive("model", m, ("vocab_size", "num_layers", "num_heads", "d_model", "d_ff",
                                "max_len", "init_std"))
   _check(m.d_model % m.num_heads == 0, "model.d_model",
@@ -301,9 +295,8 @@ def validate(c: Config) -> None:
   """Raises ChimeraError on the first bad field of a whole run's Config."""
   validate_model(c.model)
   t, d = c.train, c.data
-  _check_choices("data", d)
-  _check_finite("data", d)
-  _check_finite("train", t)
+  _check_fields("data", d)
+  _check_fields("train", t)
   _check_positive("train", t, ("steps", "batch_size", "context", "grad_accum", "log_every",
                                "eval_every", "eval_batches", "checkpoint_every",
                                "keep_checkpoints", "learning_rate"))

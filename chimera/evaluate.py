@@ -31,7 +31,7 @@ import numpy as np
 from absl import app, flags, logging
 
 from chimera import compile_cache, config as config_lib
-from chimera.checkpoints import Checkpointer
+from chimera.checkpoints import CheckpointMismatch, Checkpointer
 from chimera.data.tokenizers import get_tokenizer
 from chimera.decoder import Decoder
 from chimera.errors import ChimeraError
@@ -86,13 +86,10 @@ def restore_run(workdir: str | Path, step: int | None = None):
     raise ChimeraError(f"--step: no checkpoint at step {step} in {workdir} (it has "
                        f"{', '.join(map(str, available))})")
   try:
-    # A config.json copied from, or edited after, another run: its model is not the
-    # checkpoint's. Said before orbax reads an array (it would fail with a traceback).
-    like = init_state(config)
-    if (difference := checkpointer.mismatch(like, step)):
-      raise ChimeraError(f"--workdir: {config_path} does not describe the checkpoint at "
-                         f"step {step}: {difference}")
-    state, _ = checkpointer.restore(like, step)
+    state, _ = checkpointer.restore(init_state(config), step)
+  except CheckpointMismatch as error:  # a config.json copied from, or edited after, another run
+    raise ChimeraError(f"--workdir: {config_path} does not describe the checkpoint at "
+                       f"step {step}: {error.difference}") from None
   finally:
     checkpointer.close()
   return config, state, step

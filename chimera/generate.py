@@ -30,6 +30,7 @@ from chimera.config import ModelConfig
 from chimera.decoder import Decoder
 from chimera.errors import ChimeraError
 from chimera.layers import compute_dtype
+from chimera.routers import causality_note
 
 
 def init_cache(config: ModelConfig, batch_size: int):
@@ -131,7 +132,6 @@ def new_tokens_in_context(prompt_length: int, asked: int | None, context: int,
 
 def decode_notes(config: ModelConfig) -> list[str]:
   """What a reader of the samples should know about how this config decodes."""
-  from chimera.routers import causality_note
   if (note := causality_note(config)):
     return [note]
   if config.num_experts and config.dispatch == "einsum":

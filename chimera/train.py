@@ -49,15 +49,19 @@ def open_workdir(workdir: Path, config: Config):
   """Claims `workdir` for `config`'s run for the duration of the block.
 
   Refuses (one-line ChimeraError) a path that is a file, a second live run on the same
-  workdir, and a config that computes a different run than the one saved there. A
-  workdir without a checkpoint holds no run yet (a start that failed on bad input, or a
-  run killed before its first save): its config.json is replaced, so the corrected
-  command starts there. The lock is an flock held by this process: the kernel drops it
+  workdir, a config that computes a different run than the one saved there, and fewer
+  train.steps than its checkpoints have reached. A workdir without a checkpoint holds no
+  run yet (a start that failed on bad input, or a run killed before its first save): its
+  config.json is replaced, so the corrected command starts there. The lock is an flock held by this process: the kernel drops it
   when the process dies, so a killed run never blocks the next one.
   """
   if workdir.exists() and not workdir.is_dir():
     raise ChimeraError(f"--workdir: {workdir} is a file, not a directory")
   workdir.mkdir(parents=True, exist_ok=True)
+  saved = _saved_steps(workdir)
+  if saved and saved[-1] > config.train.steps:  # before config.json could be rewritten
+    raise ChimeraError(f"train.steps={config.train.steps}: {workdir} holds this run at "
+                       f"step {saved[-1]} already; ask for at least that many steps")
   if jax.process_index() != 0:  # process 0 speaks for the run
     yield
     return
@@ -71,11 +75,7 @@ def open_workdir(workdir: Path, config: Config):
     lock.truncate(0)
     lock.write(str(os.getpid()))
     lock.flush()
-    if _has_checkpoint(workdir):
-      reached = _saved_steps(workdir)[-1]
-      if reached > config.train.steps:  # refused before config.json is rewritten
-        raise ChimeraError(f"train.steps={config.train.steps}: {workdir} holds this run at "
-                           f"step {reached} already; ask for at least that many steps")
+    if saved:
       _check_same_run(workdir, config)
     (workdir / "config.json").write_text(json.dumps(config_lib.to_dict(config), indent=2))
     yield
@@ -91,14 +91,10 @@ def _last_good(workdir: Path) -> str:
 
 
 def _saved_steps(workdir: Path) -> list[int]:
-  """The steps of the completed checkpoints in `workdir`, in order."""
+  """The steps of the completed checkpoints in `workdir`, in order (orbax renames a
+  checkpoint's folder to its step when the save is done)."""
   folder = workdir / "checkpoints"
   return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit()) if folder.is_dir() else []
-
-
-def _has_checkpoint(workdir: Path) -> bool:
-  """Whether a save completed: orbax renames a checkpoint's folder to its step when done."""
-  return bool(_saved_steps(workdir))
 
 
 def _check_same_run(workdir: Path, config: Config) -> None:
@@ -328,10 +324,7 @@ def _train_loop(config: Config, workdir: Path, data: Data, mesh: jax.sharding.Me
                 checkpointer: Checkpointer, stop_after: int | None) -> RunSummary:
   t = config.train
   state, progress = _restore(config, mesh, checkpointer, workdir)
-  start_step = step = int(state.step)
-  if start_step > t.steps:  # it would be summarized as a finished run of t.steps
-    raise ChimeraError(f"train.steps={t.steps}: {workdir} holds this run at step "
-                       f"{start_step} already; ask for at least that many steps")
+  start_step = step = int(state.step)  # at most t.steps: open_workdir checked
   if start_step >= t.steps and RunSummary.exists(workdir):
     log(f"{workdir} already holds a finished run of {t.steps} steps")
     return RunSummary.load(workdir)
@@ -356,12 +349,13 @@ def _train_loop(config: Config, workdir: Path, data: Data, mesh: jax.sharding.Me
       train_log.add(step_metrics)
       step += 1
       progress.tokens_seen += t.batch_size * t.context
-      progress.wall_seconds = clock()
       is_eval = step % t.eval_every == 0 or step == t.steps
       is_save = step % t.checkpoint_every == 0 or step == t.steps
       interrupted = stop.requested or (stop_after is not None and step - start_step >= stop_after)
       if step % t.log_every == 0 or is_eval or is_save or interrupted:
-        jax.block_until_ready(step_metrics)  # the row's time includes its window's steps
+        # Read after the window's steps are done (they run asynchronously); evaluation,
+        # saving and the summary all follow a flush, so they read this value too.
+        jax.block_until_ready(step_metrics)
         progress.wall_seconds = clock()
         train_log.flush(step, progress.wall_seconds, workdir)
       val_loss = evaluate(state, step, progress) if is_eval else None
