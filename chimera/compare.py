@@ -8,6 +8,7 @@
   python -m chimera.compare --preset=cpu --sweep=balancing --base_set=model.num_experts=32
   python -m chimera.compare --preset=cpu --sweep=model.num_experts=16,32 --set=train.batch_size=64
   python -m chimera.compare --preset=cpu --bench_repeats=0 --report_only   # rewrite a report
+  python -m chimera.compare --preset=cpu --refresh   # its Targets and Findings, runs gone
 
 The study's models:
 - dense: configs/dense.py, the baseline;
@@ -89,6 +90,10 @@ _RESULTS = flags.DEFINE_string("results", "results", "Where the reports live.")
 _REPORT_ONLY = flags.DEFINE_bool(
     "report_only", False, "Write the report from runs already trained; refuse to train "
     "(an unfinished run is an error).")
+_REFRESH = flags.DEFINE_bool(
+    "refresh", False, "Rewrite the Targets and Findings of the study's existing report from "
+    "its summary.json with this code's rules; trains and reads no run (for a report whose "
+    "runs are gone). Tables and plots stay as they were written.")
 _BENCH_REPEATS = flags.DEFINE_integer(
     "bench_repeats", 3, "Interleaved speed repeats after training; 0: no bench (the report "
     "then gives the throughput measured during training only).")
@@ -317,7 +322,7 @@ def train_all(models: list[Model], seeds: list[int], root: Path,
                              f"{summary.steps} of {config.train.steps} (checkpoint saved in "
                              f"{workdir}); run the same command to resume")
       runs.setdefault(model.name, []).append(Run.load(workdir, model.name, seed))
-  return runs
+  return {m.name: runs[m.name] for m in models if m.name in runs}  # the study's order
 
 
 def diverged_runs(models: list[Model], seeds: list[int], root: Path) -> list[dict]:
@@ -401,8 +406,16 @@ def main(argv):
       raise ChimeraError(f"--seeds: expected non-negative integers, got "
                          f"{','.join(given_seeds)!r}")
     seeds = [int(s) for s in given_seeds] or list(study.default_seeds)
+    if len(set(seeds)) < len(seeds):
+      raise ChimeraError(f"--seeds: each seed once, got {','.join(given_seeds)!r}")
     out = Path(_OUT.value or Path(_RESULTS.value) / study.slug)
     check_out(out, study, seeds)
+    if _REFRESH.value:
+      if not (out / "summary.json").is_file():
+        raise ChimeraError(f"--refresh: no report in {out} to refresh")
+      changed = report.refresh(out, study, related_summaries(Path(_RESULTS.value), study))
+      print(f"{out / 'REPORT.md'}: {'refreshed' if changed else 'already current'}")
+      return
     runs = train_all(study.models, seeds, Path(_RUNS.value), train=not _REPORT_ONLY.value)
     diverged = diverged_runs(study.models, seeds, Path(_RUNS.value))
     baseline = study.models[0].name

@@ -19,7 +19,8 @@ from pathlib import Path
 from chimera import study_plots, study_sweeps, study_targets
 from chimera.data.corpora import write_atomic
 from chimera.errors import ChimeraError
-from chimera.study_stats import Run, Spread, describe, paired, same_sign, summarize, worst
+from chimera.study_stats import (Run, Spread, defined_seeds, describe, same_sign, seed_by_seed,
+                                 summarize, worst)
 from chimera.study_targets import Target
 
 SPREAD_NOTE = (
@@ -92,7 +93,7 @@ CLOCK_WORDS = {"measured": "training time as measured (evaluation included; the 
 
 def _missing_words(equal_time: dict) -> str:
   """Why seeds have no value at dense's time: the reasons _equal_time counted."""
-  return " or ".join(equal_time["missing"])
+  return " or ".join(equal_time.get("missing", {}))  # summaries before 2026-11-27 lack it
 
 
 def _time_clause(equal_time: dict, clock: str) -> str:
@@ -100,7 +101,7 @@ def _time_clause(equal_time: dict, clock: str) -> str:
   if at_time["mean"] is None:
     # Without the clock (no bench) there is nothing to say; without an evaluation by
     # dense's end, the model is furthest behind, and the finding says so.
-    unevaluated = equal_time["missing"].get("no evaluation yet", 0)
+    unevaluated = equal_time.get("missing", {}).get("no evaluation yet", 0)
     if not unevaluated:
       return ""
     return (f" At dense's {CLOCK_WORDS[clock]}, {equal_time['seconds']['mean']:,.0f} s, it "
@@ -167,21 +168,20 @@ def wide_finding(models: dict) -> str | None:
           f"{', '.join(f'{v:+.4f}' for v in defined)}) at {ratio:.2f}x its model FLOPs.")
 
 
-def seed_by_seed(a: dict, b: dict) -> Spread:
-  """b - a for each seed both Spread JSONs have a value for."""
-  return paired(dict(zip(b["seeds"], b["values"])), dict(zip(a["seeds"], a["values"])))
-
-
 def sweep_step(a: dict, b: dict) -> str:
-  """From point a to point b (Spread JSONs of the final loss): the difference of their
-  means and, with 2 or more seeds run at both, the same difference seed by seed (the
-  seeds share batches and validation subset, so the per-seed steps show whether the
-  seeds agree)."""
-  text = f"{b['mean'] - a['mean']:+.4f}"
+  """From point a to point b (Spread JSONs of the final loss): the mean of b - a over the
+  seeds run at both (the seeds share batches and validation subset) and, with 2 or more
+  such seeds, each seed's step and their spread. A seed one point lacks (diverged) is
+  left out of the step, and the text says so."""
   step = seed_by_seed(a, b)
+  if step.n == 0:
+    return "no seed run at both"
+  text = f"{step.mean:+.4f}"
   if step.n >= 2:
     per_seed = ", ".join(f"{v:+.4f}" for v in step.values if v is not None)
     text += f" (per seed {per_seed}; paired {describe(step.to_json(), signed=True)})"
+  if defined_seeds(a) != defined_seeds(b):
+    text += f" (over the {step.n} seed{'s' * (step.n != 1)} run at both points)"
   return text
 
 
@@ -200,11 +200,13 @@ def sweep_finding(models: dict) -> str | None:
           f"{'; '.join(f'{n}: {describe(points[n])}' for n in names)}. From each point to the "
           f"next: {steps or '-'}. The lowest is {ranked[0]}, {gap:.4f} nats below the highest "
           f"({ranked[-1]})")
-  spreads = [points[n]["sd"] for n in names if points[n]["sd"] is not None]
-  if len(spreads) < len(names):
+  spreads = {n: points[n]["sd"] for n in names if points[n]["sd"] is not None}
+  single = [n for n in names if n not in spreads]
+  if not spreads:
     text += "; with one seed per point there is no seed spread to weigh that gap against."
   else:
-    text += f"; the largest seed SD of a point is {max(spreads):.4f}."
+    text += f"; the largest seed SD of a point is {max(spreads.values()):.4f}"
+    text += (f" ({', '.join(single)}: one seed, no spread)." if single else ".")
   gaps = {n: models[n].get("generalization_gap") for n in names}
   if all(gap and gap["mean"] is not None for gap in gaps.values()):
     text += (" Validation minus last-window training loss per point: "
@@ -460,6 +462,37 @@ def split_sentence(meta: dict) -> str:
           f"starts with replacement, so text repeats within a run.")
 
 
+def _verdicts(targets: list[Target], found: list[str]) -> list[str]:
+  """The report's Targets table (when the study has targets) and its Findings."""
+  lines = []
+  if targets:
+    lines += ["", "## Targets", ""] + _table(
+        ["target", "measured", "status", "note", "command"],
+        [[t.claim, t.measured, f"**{t.status}**", t.note, f"`{t.command}`"] for t in targets],
+        numbers=False)
+  return lines + ["", "## Findings", ""] + [f"- {line}" for line in found]
+
+
+def refresh(out: Path, study, related: dict) -> bool:
+  """Rewrites the Targets and Findings of the report in `out` from its summary.json's
+  figures with this code's rules (for a report whose runs are no longer on the machine:
+  `write` needs them); True if anything changed. The tables and plots stay as written."""
+  summary = json.loads((out / "summary.json").read_text())
+  targets = targets_for(study, summary["models"], related, study.command(summary["seeds"]))
+  found = findings(summary["models"], targets)
+  text = (out / "REPORT.md").read_text()
+  heading = "\n## Targets\n" if "\n## Targets\n" in text else "\n## Findings\n"
+  start, end = text.index(heading) + 1, text.index("\n## Plots\n")
+  new_text = text[:start] + "\n".join(_verdicts(targets, found)[1:]) + "\n" + text[end:]
+  new_summary = {**summary, "targets": [dataclasses.asdict(t) for t in targets],
+                 "findings": found}
+  if new_text == text and new_summary == summary:
+    return False
+  write_atomic(out / "summary.json", json.dumps(new_summary, indent=2).encode())
+  write_atomic(out / "REPORT.md", new_text.encode())
+  return True
+
+
 def write(out: Path, *, study, runs: dict[str, list[Run]], speed: list, related: dict,
           command: str, device: str | None = None, diverged: list[dict] = ()) -> dict:
   """Writes REPORT.md, summary.json and PNG plots for `study` (a chimera.compare.Study)
@@ -522,12 +555,7 @@ def write(out: Path, *, study, runs: dict[str, list[Run]], speed: list, related:
                                             for d in diverged) + ".", ""]
   lines += [SPREAD_NOTE, ""]
   lines += _tables(models, by_name)
-  if targets:
-    lines += ["", "## Targets", ""] + _table(
-        ["target", "measured", "status", "note", "command"],
-        [[t.claim, t.measured, f"**{t.status}**", t.note, f"`{t.command}`"] for t in targets],
-        numbers=False)
-  lines += ["", "## Findings", ""] + [f"- {line}" for line in lines_found]
+  lines += _verdicts(targets, lines_found)
   for name, _, made in plots:
     if not made and (out / name).exists():  # left by an earlier report of this folder
       (out / name).unlink()

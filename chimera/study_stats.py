@@ -88,6 +88,17 @@ def paired(values: dict[int, float | None], baseline: dict[int, float | None]) -
                     else values[s] - baseline[s] for s in seeds})
 
 
+def seed_by_seed(a: dict, b: dict) -> Spread:
+  """b - a for each seed both Spread JSONs have a value for: a step between two figures
+  (e.g. two sweep points' final losses), paired by seed."""
+  return paired(dict(zip(b["seeds"], b["values"])), dict(zip(a["seeds"], a["values"])))
+
+
+def defined_seeds(spread: dict) -> set[int]:
+  """The seeds a Spread JSON has a value for."""
+  return {s for s, v in zip(spread["seeds"], spread["values"]) if v is not None}
+
+
 def tokens_to_reach(tokens: list[float], losses: list[float], target: float) -> float | None:
   """The tokens at which a validation curve first reaches `target`, interpolated linearly
   between the two evaluations around the crossing. None if it never does.

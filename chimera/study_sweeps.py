@@ -123,7 +123,7 @@ def experts_sqrt_lr(base: Config) -> list[Point]:
 # The routed experts' learning-rate multiple that ended lowest at each number of experts
 # (moe_top2's k and expert size, cpu preset), of those tried: 1.0 and 0.5 at E=8 (seed 0);
 # 1.0, 0.707 and 0.5 at E=16 (1.0 below 0.707 in seeds 0, 1 and 2; 0.5 level with 1.0 at
-# seed 0); 1.0, 0.5 and 0.25 at E=32 (0.5 lowest at seed 0, below 1.0 at seeds 0 and 1).
+# seed 0); 1.0, 0.5 and 0.25 at E=32 (0.5 lowest at seed 0, below 1.0 at seeds 0, 1 and 2).
 # results/cpu-sweep-expert_lr_scale-at-num_experts-{16,32}, -num_experts-at-expert_lr_scale-0.5,
 # -experts_sqrt_lr.
 BEST_MEASURED_EXPERT_LR = {8: 1.0, 16: 1.0, 32: 0.5}

@@ -7,8 +7,9 @@ evaluations, a missing run) is NOT MEASURED, never PASS; the thresholds are cons
 """
 
 import dataclasses
+import math
 
-from chimera.study_stats import describe, worst
+from chimera.study_stats import defined_seeds, describe, seed_by_seed, worst
 
 MIN_SEEDS = 2  # the study's figures are means over at least this many seeds
 BEST_MOE_MARGIN = 0.05  # nats below dense, for the best compute-matched MoE
@@ -113,7 +114,8 @@ def routing_targets(models: dict, command: str) -> list[Target]:
 
 def expert_sweep_target(models: dict | None, command: str) -> Target:
   """Loss falls >= EXPERT_DOUBLING_DROP from 8 to 16 and 16 to 32 experts, at one k and
-  expert size (the sweep's points, one seed each)."""
+  expert size: each step is the mean, over the seeds run at both points, of the paired
+  per-seed step (a seed one point lacks is left out), over at least MIN_SEEDS seeds."""
   claim = (f"Number-of-experts sweep (moe_top2's k and expert size): loss falls >= "
            f"{EXPERT_DOUBLING_DROP} nats from 8 to 16 and from 16 to 32 experts")
   points = {}
@@ -126,23 +128,42 @@ def expert_sweep_target(models: dict | None, command: str) -> Target:
     return Target(claim, command, "-", NOT_MEASURED,
                   "no sweep of 8, 16 and 32 experts at one k and expert size found")
   losses = series[0]
-  steps = [(a, b, losses[b]["mean"] - losses[a]["mean"]) for a, b in ((8, 16), (16, 32))]
-  n = min(losses[e]["n"] for e in (8, 16, 32))
-  measured = ", ".join(f"{a}->{b}: {d:+.4f}" for a, b, d in steps) + f" nats (n={n} per point)"
-  ok = all(d <= -EXPERT_DOUBLING_DROP for _, _, d in steps)
+  steps = [(a, b, seed_by_seed(losses[a], losses[b])) for a, b in ((8, 16), (16, 32))]
+  measured = ", ".join(f"{a}->{b}: {describe(step.to_json(), signed=True)}"
+                       for a, b, step in steps) + " nats (paired by seed)"
+  n = min(step.n for _, _, step in steps)
+  if n < MIN_SEEDS:
+    return Target(claim, command, measured, NOT_MEASURED,
+                  f"n={n}: the target is a mean over >= {MIN_SEEDS} seeds")
+  ok = all(step.mean <= -EXPERT_DOUBLING_DROP for _, _, step in steps)
   return Target(claim, command, measured, PASS if ok else FAIL)
+
+
+def _common_means(models: dict, names: list[str]) -> tuple[dict[str, float], list[int]]:
+  """Each model's mean final loss over the seeds every one of `names` has, and those seeds."""
+  seeds = sorted(set.intersection(*(defined_seeds(models[n]["final_val_loss"]) for n in names)))
+  values = {n: dict(zip(models[n]["final_val_loss"]["seeds"], models[n]["final_val_loss"]["values"]))
+            for n in names}
+  return {n: sum(values[n][s] for s in seeds) / len(seeds) if seeds else math.inf
+          for n in names}, seeds
 
 
 def ordering_target(models: dict, reference: dict | None, command: str,
                     reference_command: str) -> Target:
-  """The models rank by mean final loss in the same order as in the reference study."""
+  """The models rank by mean final loss in the same order as in the reference study, each
+  study's means over the seeds all its models have, at least MIN_SEEDS of them."""
   claim = f"The same ordering of mean final loss as `{reference_command}`"
   if not reference:
     return Target(claim, command, "-", NOT_MEASURED, "no reference study summary found")
   names = [n for n in models if n in reference]
-  order = lambda m: sorted(names, key=lambda n: m[n]["final_val_loss"]["mean"])
-  here, there = order(models), order(reference)
-  n = min((models[name]["final_val_loss"]["n"] for name in names), default=0)
-  return Target(claim, command, " < ".join(here) + f" (n={n} per model)",
-                PASS if here == there else FAIL,
+  if len(names) < 2:
+    return Target(claim, command, "-", NOT_MEASURED, "fewer than 2 models in both studies")
+  (means, seeds), (ref_means, ref_seeds) = (_common_means(m, names) for m in (models, reference))
+  here, there = (sorted(names, key=m.get) for m in (means, ref_means))
+  measured = " < ".join(here) + f" (n={len(seeds)} per model)"
+  if min(len(seeds), len(ref_seeds)) < MIN_SEEDS:
+    return Target(claim, command, measured, NOT_MEASURED,
+                  f"n={len(seeds)} here, {len(ref_seeds)} in the reference: the order is of "
+                  f"means over >= {MIN_SEEDS} seeds; reference: " + " < ".join(there))
+  return Target(claim, command, measured, PASS if here == there else FAIL,
                 "" if here == there else "reference: " + " < ".join(there))

@@ -115,14 +115,31 @@ def test_targets_pass_fail_and_not_measured():
   assert study_targets.token_target(models, "cmd").status == "FAIL"
   models["dense"]["largest_eval_gap"] = 0.2
   assert study_targets.token_target(models, "cmd").status == "NOT MEASURED"
-  # The expert sweep: loss must fall by >= 0.005 at each doubling.
-  sweep = {f"E={e}": _entry("point", [d], num_experts=e)
+  # The expert sweep: loss must fall by >= 0.005 at each doubling, paired by seed, over
+  # at least 2 seeds.
+  sweep = {f"E={e}": _entry("point", [d, d + 0.002], num_experts=e)
            for e, d in ((4, 0.0), (8, -0.01), (16, -0.016), (32, -0.020))}
   target = study_targets.expert_sweep_target(sweep, "cmd")
-  assert target.status == "FAIL" and "16->32: -0.0040" in target.measured
-  sweep["E=32"] = _entry("point", [-0.0211], num_experts=32)
+  assert target.status == "FAIL" and "16->32: -0.0040 ± 0.0000 (n=2)" in target.measured
+  sweep["E=32"] = _entry("point", [-0.0211, -0.0191], num_experts=32)
   assert study_targets.expert_sweep_target(sweep, "cmd").status == "PASS"
   assert study_targets.expert_sweep_target(None, "cmd").status == "NOT MEASURED"
+  one_seed = {name: _entry("point", [-0.01 * e], num_experts=e)
+              for name, e in (("E=8", 8), ("E=16", 16), ("E=32", 32))}
+  assert study_targets.expert_sweep_target(one_seed, "cmd").status == "NOT MEASURED"
+  # A seed that diverged at one point is left out of that point's steps: the means of
+  # the points would pass (-0.02, -0.009), the seeds run at both do not (+0.001 at 16->32).
+  uneven = {"E=8": _entry("point", [0.06, 0.08], num_experts=8),
+            "E=16": _entry("point", [0.04, 0.06], num_experts=16),
+            "E=32": _entry("point", [0.041], num_experts=32)}
+  uneven["E=32"]["final_val_loss"] = Spread.of({0: 1.541, 1: None}).to_json()
+  target = study_targets.expert_sweep_target(uneven, "cmd")
+  assert target.status == "NOT MEASURED" and "16->32: +0.0010 (n=1; undefined in 1 of 2 seeds)" in target.measured
+  uneven["E=32"]["final_val_loss"] = Spread.of({0: 1.541, 1: None, 2: 1.55}).to_json()
+  for name, extra in (("E=8", 1.57), ("E=16", 1.56)):
+    uneven[name]["final_val_loss"] = Spread.of({0: uneven[name]["final_val_loss"]["values"][0],
+                                                1: 1.58, 2: extra}).to_json()
+  assert study_targets.expert_sweep_target(uneven, "cmd").status == "FAIL"
   # A sweep's report checks the sweep's own target; only the number-of-experts sweeps have one.
   sweep_study = lambda sweep: compare.Study("t", "cpu", [], "t", sweep)
   targets = report.targets_for(sweep_study("model.num_experts=4,8,16,32"), sweep, {}, "cmd")
@@ -135,14 +152,25 @@ def test_targets_pass_fail_and_not_measured():
 
 
 def test_ordering_target_names_its_n():
-  loss = lambda mean, n: {"final_val_loss": {"mean": mean, "n": n}}
-  here = {"dense": loss(1.6, 1), "moe_top2": loss(1.5, 1), "moe_fine": loss(1.4, 1)}
-  there = {"dense": loss(1.6, 2), "moe_top2": loss(1.4, 2), "moe_fine": loss(1.5, 2)}
+  loss = lambda *values: {"final_val_loss": Spread.of(dict(enumerate(values))).to_json()}
+  here = {"dense": loss(1.6, 1.62), "moe_top2": loss(1.5, 1.52), "moe_fine": loss(1.4, 1.42)}
+  there = {"dense": loss(1.6, 1.6), "moe_top2": loss(1.4, 1.4), "moe_fine": loss(1.5, 1.5)}
   target = study_targets.ordering_target(here, there, "cmd", "ref")
-  assert target.status == "FAIL" and target.measured == "moe_fine < moe_top2 < dense (n=1 per model)"
+  assert target.status == "FAIL"
+  assert target.measured == "moe_fine < moe_top2 < dense (n=2 per model)"
   assert target.note == "reference: moe_top2 < moe_fine < dense"
   assert study_targets.ordering_target(here, here, "cmd", "ref").status == "PASS"
   assert study_targets.ordering_target(here, None, "cmd", "ref").status == "NOT MEASURED"
+  # One seed orders nothing: NOT MEASURED, with the order seen.
+  single = {name: loss(entry["final_val_loss"]["values"][0]) for name, entry in here.items()}
+  target = study_targets.ordering_target(single, there, "cmd", "ref")
+  assert target.status == "NOT MEASURED" and target.measured.endswith("(n=1 per model)")
+  # Each model's mean is over the seeds every model has: moe_top2's seed 1 (dense's seed 2
+  # diverged) would put it below moe_fine.
+  uneven = {"dense": loss(1.6, 1.6, None), "moe_top2": loss(1.5, 1.5, 1.0),
+            "moe_fine": loss(1.4, 1.4, 1.4)}
+  target = study_targets.ordering_target(uneven, here, "cmd", "ref")
+  assert target.status == "PASS" and target.measured.startswith("moe_fine < moe_top2")
 
 
 def test_findings_are_generated_from_the_numbers():
@@ -162,8 +190,14 @@ def test_findings_are_generated_from_the_numbers():
   assert "E=8 -> E=16: -0.0100; E=16 -> E=32: +0.0050" in text
   assert "The lowest is E=16, 0.0100 nats below the highest (E=8)" in text
   assert "one seed per point" in text
+  mixed = {"E=8": point(1.50, 1.52), "E=16": point(1.49)}
+  assert ("largest seed SD of a point is 0.0141 (E=16: one seed, no spread)"
+          in report.sweep_finding(mixed))
+  # A seed one point lacks is left out of the step, and the step says so.
+  assert ("E=8 -> E=16: -0.0100 (over the 1 seed run at both points)"
+          in report.sweep_finding(mixed))
   sweep = {"E=8": point(1.50, 1.52), "E=16": point(1.53, 1.49)}
-  assert "largest seed SD of a point is 0.0283" in report.sweep_finding(sweep)
+  assert "largest seed SD of a point is 0.0283." in report.sweep_finding(sweep)
   # With seeds at both points, each step also reads seed by seed (paired by seed).
   assert ("E=8 -> E=16: +0.0000 (per seed +0.0300, -0.0300; paired +0.0000 ± 0.0424 (n=2))"
           in report.sweep_finding(sweep))
@@ -352,7 +386,18 @@ def test_tiny_study_trains_reports_and_resumes(make_config, corpus, tmp_path, mo
                "paired_differences.png", "routing.png", "expert_load.png"):
     assert (out / name).stat().st_size > 0, name
   assert not (out / "throughput.png").exists()  # no bench, no plot
-  assert written == json.loads((out / "summary.json").read_text())
+  # A report whose runs are gone is refreshed from its summary.json: the same code and
+  # figures write the same Targets and Findings; a stale sentence is rewritten.
+  report_text = (out / "REPORT.md").read_text()
+  assert not report.refresh(out, study, {})
+  assert (out / "REPORT.md").read_text() == report_text
+  stale = json.loads((out / "summary.json").read_text())
+  stale["findings"][0] = "stale"
+  (out / "summary.json").write_text(json.dumps(stale))
+  (out / "REPORT.md").write_text(report_text.replace(f"- {written['findings'][0]}\n", "- stale\n"))
+  assert report.refresh(out, study, {})
+  assert (out / "REPORT.md").read_text() == report_text
+  assert json.loads((out / "summary.json").read_text()) == written
   moe = written["models"]["moe_top2"]
   expected = [r.summary.final_val_loss - d for r, d in zip(runs["moe_top2"], dense_losses)]
   assert moe["vs_baseline"]["final_val_loss"]["values"] == pytest.approx(expected)
@@ -593,6 +638,7 @@ def test_a_report_folder_is_not_replaced_by_another_study(tmp_path):
 
 @pytest.mark.parametrize("tool, args, message", [
     ("compare", ["--seeds=a"], "error: --seeds: expected non-negative integers, got 'a'"),
+    ("compare", ["--seeds=0,1,0"], "error: --seeds: each seed once, got '0,1,0'"),
     ("report", ["--readme=MISSING.md"], "error: --readme: MISSING.md is not a file"),
     ("scaling", ["--config=configs/moe_top2.py:tiny", "--mesh=2"],
      "error: --mesh: expected data,expert (two positive integers), got '2'"),
