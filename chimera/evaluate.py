@@ -38,7 +38,7 @@ from chimera.errors import ChimeraError
 from chimera.layers import Kernels
 from chimera.routers import causality_note
 from chimera.steps import eval_step, init_state
-from chimera.train import prepare_data
+from chimera.train import check_same_data, prepare_data
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,6 +103,7 @@ def split_loss(workdir: str | Path, step: int | None = None,
   holds several sequences)."""
   config, state, step = restore_run(workdir, step)
   data = prepare_data(config)  # the run's split, as training loaded it
+  check_same_data(Path(workdir), data)  # and from the same text
   rows = windows(data.splits.val, config.train.context)
   # A routing group of several sequences routes them together: every batch holds whole
   # groups, and a tail of windows too short for one is left out (and not counted).

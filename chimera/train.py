@@ -24,7 +24,9 @@ from jax.sharding import NamedSharding, PartitionSpec
 from chimera import accounting, allocator, config as config_lib, routers, sharding
 from chimera.checkpoints import Checkpointer
 from chimera.config import Config
-from chimera.data import batches as batches_lib, load_splits
+from chimera.data import batches as batches_lib
+from chimera.data.cache import prepare as prepare_cache
+from chimera.data.corpora import write_atomic
 from chimera.data.tokenizers import get_tokenizer
 from chimera.decoder import Decoder
 from chimera.errors import ChimeraError
@@ -132,6 +134,7 @@ class Data(NamedTuple):
   val_batches: np.ndarray  # [N, B / processes, context + 1]: this process's rows
   val_bytes_per_token: float
   unigram_loss: float
+  identity: dict  # what the splits were built from: the corpus, its content hash, the counts
 
   def bits_per_byte(self, loss: float) -> float:
     """A validation loss (nats per token) in bits per byte of the validation text."""
@@ -147,8 +150,9 @@ def prepare_data(config: Config) -> Data:
     raise ChimeraError(
         f"config.model.vocab_size={m.vocab_size} does not match tokenizer "
         f"'{config.data.tokenizer}', which has {tokenizer.vocab_size} tokens")
-  splits = load_splits(d.corpus, tokenizer, split=d.split, val_fraction=d.val_fraction,
-                       text_field=d.text_field)
+  cache = prepare_cache(d.corpus, tokenizer, split=d.split, val_fraction=d.val_fraction,
+                        text_field=d.text_field)
+  splits = cache.splits()
   log(f"data: {config.data.corpus}: train {len(splits.train):,} tokens, "
       f"validation {len(splits.val):,} tokens ({config.data.tokenizer} tokenizer)")
   val_batches = batches_lib.eval_batches(splits.val, batch_size=t.batch_size,
@@ -157,7 +161,30 @@ def prepare_data(config: Config) -> Data:
   rows = t.batch_size // jax.process_count()
   val_batches = val_batches[:, jax.process_index() * rows:(jax.process_index() + 1) * rows]
   return Data(splits, val_batches, splits.val_bytes / len(splits.val),
-              batches_lib.unigram_cross_entropy(splits.counts, m.vocab_size))
+              batches_lib.unigram_cross_entropy(splits.counts, m.vocab_size),
+              {"corpus": d.corpus, "content_hash": cache.manifest.content_hash,
+               "tokens": cache.manifest.tokens})
+
+
+def check_same_data(workdir: Path, data: Data) -> None:
+  """Refuses (one line) to go on with the run in `workdir` if its corpus changed since it
+  started: its batches and its validation split would no longer be the run's (a file added
+  to a folder corpus can move documents between the splits). A workdir with no checkpoint
+  yet holds no run: process 0 records the data there (data.json), for later resumes and
+  chimera.evaluate to check."""
+  path = workdir / "data.json"
+  if not _saved_steps(workdir):
+    if jax.process_index() == 0:
+      write_atomic(path, json.dumps(data.identity, indent=2).encode())
+    return
+  if not path.exists():  # a run started before data.json was kept
+    return
+  saved = json.loads(path.read_text())
+  if saved != data.identity:
+    changed = ", ".join(f"{key} {saved.get(key)!r} -> {data.identity[key]!r}"
+                        for key in data.identity if saved.get(key) != data.identity[key])
+    raise ChimeraError(f"--workdir: {workdir} holds a run of other text: the corpus changed "
+                       f"since it started ({changed}). Restore the corpus or use a new workdir")
 
 
 # --- Between steps: the clock, the metric window, evaluation. -----------------------------
@@ -310,6 +337,7 @@ def train(config: Config, workdir: str | Path, *, stop_after: int | None = None)
   allocator.keep_freed_memory()  # each step's temporaries stay mapped (chimera.allocator)
   with open_workdir(workdir, config):
     data = prepare_data(config)
+    check_same_data(workdir, data)
     mesh = sharding.make_mesh(config.mesh)
     with jax.set_mesh(mesh):
       checkpointer = Checkpointer(workdir / "checkpoints", keep=config.train.keep_checkpoints)

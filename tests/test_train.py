@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from pathlib import Path
 
-from chimera import records, sharding, train as train_lib
+from chimera import evaluate, records, sharding, train as train_lib
 from chimera.checkpoints import Checkpointer
 from chimera.config import TrainConfig
 from chimera.decoder import Decoder
@@ -314,6 +314,15 @@ def test_a_workdir_holds_one_run(make_config, corpus, tmp_path):
     train(make_config("dense", corpus, train__steps=3, train__warmup_steps=0), workdir)
   # Refused before config.json is written: it still says 4 steps.
   assert json.loads((workdir / "config.json").read_text())["train"]["steps"] == 4
+  # The same config over changed text is another run: resuming it, or scoring it on the
+  # new split, is refused in one line.
+  assert json.loads((workdir / "data.json").read_text())["corpus"] == str(corpus)
+  corpus.write_text(corpus.read_text() + "\nthe king will speak\n")
+  with pytest.raises(ChimeraError, match=r"^--workdir: .* holds a run of other text: the "
+                                         r"corpus changed since it started \(content_hash"):
+    train(make_config("dense", corpus, train__steps=6, train__warmup_steps=0), workdir)
+  with pytest.raises(ChimeraError, match=r"holds a run of other text"):
+    evaluate.split_loss(workdir)
 
 
 def test_a_workdir_that_is_a_file_or_in_use_is_refused(make_config, corpus, tmp_path):

@@ -36,10 +36,13 @@ def resolve_mode(num_docs: int, mode: str, val_fraction: float) -> str:
 def held_out(doc_chars: Sequence[int], val_fraction: float) -> np.ndarray:
   """[D] bool: which documents (in name order, of these lengths in characters) validation holds.
 
-  Takes every k-th non-empty document (k = 1 / val_fraction), then every k-th from the next
-  offset, until validation holds at least `val_fraction` of the characters; never all
-  non-empty documents. Empty ones stay in training: held out, they would make a validation
-  split of end-of-text tokens and no text.
+  Goes through every k-th non-empty document (k = 1 / val_fraction), then every k-th from
+  the next offset, holding each out until validation holds at least `val_fraction` of the
+  characters; a document that would take validation past twice that is passed over (one
+  large file must not become most of the corpus's validation text), so where the others
+  run out validation may end a little short. Never all non-empty documents, and at least
+  one (the first in that order, when every one is too large). Empty ones stay in training: held out,
+  they would make a validation split of end-of-text tokens and no text.
   """
   doc_chars = np.asarray(doc_chars, np.int64)
   nonempty = np.flatnonzero(doc_chars > 0)
@@ -51,9 +54,15 @@ def held_out(doc_chars: Sequence[int], val_fraction: float) -> np.ndarray:
   # Offsets past the last document pick nothing: a tiny val_fraction must not loop k times.
   order = np.concatenate([np.arange(offset, len(chars), k)
                           for offset in range(min(k, len(chars)) - 1, -1, -1)])
-  chars_before = np.concatenate([[0], np.cumsum(chars[order])])  # held out before each pick
-  count = min(len(chars) - 1, int(np.searchsorted(chars_before, val_fraction * chars.sum())))
-  mask[nonempty[order[:count]]] = True
+  target = val_fraction * int(chars.sum())
+  picked, held = [], 0
+  for i in order:
+    if held >= target or len(picked) == len(chars) - 1:
+      break
+    if held + chars[i] <= 2 * target:
+      picked.append(i)
+      held += int(chars[i])
+  mask[nonempty[picked or [order[0]]]] = True
   return mask
 
 
@@ -61,8 +70,9 @@ def split_documents(docs: list[Document], *, val_fraction: float,
                     mode: str = "auto") -> tuple[list[Document], list[Document]]:
   """Holds out whole documents, so validation shares no document with training.
 
-  Takes every k-th non-empty document in name order (k = 1 / val_fraction), then every k-th
-  from the next offset, until validation holds at least `val_fraction` of the characters.
+  Holds out every k-th non-empty document in name order (k = 1 / val_fraction), then every
+  k-th from the next offset, until validation holds `val_fraction` of the characters (see
+  `held_out`: none that would take it past twice that).
   In "tail" mode (or "auto" with under 4 non-empty documents) nothing is held out here: the
   split happens inside the token stream, in `make_splits`. Returns (train, val), name-sorted.
   """

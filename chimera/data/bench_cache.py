@@ -11,7 +11,8 @@
    on this corpus, both caches built. Targets: at most 5 s longer wall clock and at most
    300 MB more peak resident memory than on Shakespeare.
 Each command runs in a child process, measured by wait4 (wall clock, CPU time, max RSS).
-Then the corpus and its cache are deleted, unless --keep.
+Then the corpus and its cache are deleted, unless --keep, or unless DIR/corpus was there
+before the run (a kept corpus is reused, and left as it was).
 """
 import os
 import shutil
@@ -86,7 +87,8 @@ def main(argv: list[str]) -> None:
   free_gb = shutil.disk_usage(Path(_DIR.value).parent).free / 1e9
   print(f"disk: {free_gb:.0f} GB free; the corpus takes {_SIZE_MB.value / 1000:.1f} GB and its "
         f"cache about half that", flush=True)
-  if not folder.exists():
+  created = not folder.exists()  # only what this run wrote is deleted after it
+  if created:
     started = time.perf_counter()
     size = write_corpus(folder, _SIZE_MB.value)
     print(f"corpus: {size / 1e6:,.0f} MB in {len(list(folder.iterdir()))} files, written in "
@@ -125,13 +127,16 @@ def main(argv: list[str]) -> None:
       print(f"train on {size / 1e9:.1f} GB vs Shakespeare: {extra_s:+.1f} s wall (target <= 5 s), "
             f"{extra_mb:+.0f} MB max RSS (target <= 300 MB)", flush=True)
   finally:
-    if not _KEEP.value:
+    if not _KEEP.value and created:
       cached = [cache_of(log.read_text()) for log in logs.glob("prepare*.log")
                 if "prepare-shakespeare" not in log.name and "cache: " in log.read_text()]
       for path in {folder, *cached}:
         shutil.rmtree(path, ignore_errors=True)
       shutil.rmtree(logs, ignore_errors=True)
       print("deleted the corpus and its cache", flush=True)
+    elif not _KEEP.value:
+      shutil.rmtree(logs, ignore_errors=True)
+      print(f"left {folder} and its cache as they were (this run did not write them)", flush=True)
     else:
       print(f"kept the corpus, its cache and the logs in {logs}", flush=True)
 

@@ -17,6 +17,7 @@ not the contents, and map the streams: start-up time and memory do not grow with
 """
 import contextlib
 import dataclasses
+import errno
 import fcntl
 import hashlib
 import json
@@ -36,7 +37,7 @@ from chimera.data.batches import Splits, check_val_bytes, held_out, resolve_mode
 from chimera.data.corpora import Corpus, cache_dir, open_corpus, write_atomic
 from chimera.errors import ChimeraError
 
-FORMAT = 1  # bump when the layout or the tokenization changes: older caches are rebuilt
+FORMAT = 2  # bump when the layout, the tokenization or the split changes: older caches are rebuilt
 BATCH_CHARS = 1 << 24  # text tokenized per batch, shared among the threads
 PIECE_CHARS = 1 << 20  # longer documents are cut into pieces of about this size
 COPY_TOKENS = 1 << 24  # tokens moved at a time when the split is written
@@ -106,13 +107,20 @@ def prepare(corpus: str, tokenizer, *, split: str = "auto", val_fraction: float 
   manifest, stale = _check(path, key, source)
   if manifest:
     return TokenCache(path, manifest)
-  with _locked(path):
-    manifest, stale = _check(path, key, source)  # another process may have built it meanwhile
-    if manifest:
-      return TokenCache(path, manifest)
-    if stale:
-      print(f"data: rebuilding the token cache {path}: {stale}", file=sys.stderr)
-    manifest = _build(path, key, source, tokenizer, num_threads or len(os.sched_getaffinity(0)))
+  try:
+    with _locked(path):
+      manifest, stale = _check(path, key, source)  # another process may have built it
+      if manifest:
+        return TokenCache(path, manifest)
+      if stale:
+        print(f"data: rebuilding the token cache {path}: {stale}", file=sys.stderr)
+      manifest = _build(path, key, source, tokenizer,
+                        num_threads or len(os.sched_getaffinity(0)))
+  except OSError as error:
+    if error.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+      raise
+    raise ChimeraError(f"the token cache {path.parent} cannot be written ({error.strerror}: "
+                       f"{error.filename}); set CHIMERA_CACHE to a folder you can write") from None
   return TokenCache(path, manifest)
 
 
@@ -170,7 +178,8 @@ def _check(path: Path, key: dict, source: Corpus) -> tuple[Manifest | None, str]
       if _files_content_hash(source.files) != (manifest.files_hash or manifest.content_hash):
         return None, "the corpus's files changed since it was built"
       manifest = dataclasses.replace(manifest, files=fingerprint)
-      manifest.write(path)
+      with contextlib.suppress(OSError):  # a shared cache the user cannot write: check again next time
+        manifest.write(path)
   return manifest, ""
 
 

@@ -152,7 +152,9 @@ def files_under(folder: str) -> list[str]:
 
   Symlinked folders are followed, as a glob follows them, but each real folder is read
   once (under its first path in a sorted walk), so a link to a folder above it is no
-  endless loop and a folder linked twice gives no duplicate documents."""
+  endless loop and a folder linked twice gives no duplicate documents. A file reached by
+  several paths (a symlink to a file beside it) is one document too, as in a glob, so it
+  can never fall in both splits."""
   paths, seen = [], {os.path.realpath(folder)}
   for root, dirs, names in os.walk(folder, followlinks=True):
     kept = []
@@ -162,9 +164,8 @@ def files_under(folder: str) -> list[str]:
         seen.add(real)
         kept.append(d)
     dirs[:] = kept
-    paths += [os.path.join(root, n) for n in names
-              if not n.startswith(".") and os.path.isfile(os.path.join(root, n))]
-  return sorted(paths)
+    paths += [os.path.join(root, n) for n in names if not n.startswith(".")]
+  return _unique_files(paths)
 
 
 def _unique_files(matches: list[str]) -> list[str]:

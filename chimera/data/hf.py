@@ -78,6 +78,20 @@ def _num_rows(dataset) -> dict:
   return {"documents": rows} if rows else {}
 
 
+def _rows(dataset, spec: str) -> Iterator[dict]:
+  """The dataset's rows, ROWS_PER_READ at a time; a file that does not parse (a bad line
+  of JSON, a damaged parquet file) is a one-line ChimeraError, not a traceback."""
+  rows = iter(dataset.iter(batch_size=ROWS_PER_READ))
+  while True:
+    try:
+      batch = next(rows)
+    except StopIteration:
+      return
+    except (ValueError, OSError) as e:  # pyarrow's ArrowInvalid is a ValueError
+      raise ChimeraError(f"data.corpus: {spec}: {_one_line(e)}") from None
+    yield batch
+
+
 def open_hf(spec: str, text_field: str) -> Corpus:
   """The corpus `hf:NAME[:CONFIG]`. A missing dataset, config, split or column is a one-line
   ChimeraError when it is read. A local NAME (a path) is identified by its files' content;
@@ -103,7 +117,7 @@ def open_hf(spec: str, text_field: str) -> Corpus:
     if dataset.features is not None:  # else the rows are checked as they are read
       dataset = dataset.select_columns([text_field])
     index = 0
-    for rows in dataset.iter(batch_size=ROWS_PER_READ):
+    for rows in _rows(dataset, spec):
       if text_field not in rows:
         raise ChimeraError(f"data.text_field: {spec} has no column '{text_field}' "
                            f"(columns: {', '.join(rows)})")

@@ -146,8 +146,10 @@ def held_out_by_loop(doc_chars, val_fraction):
   for i in order:
     if chars >= val_fraction * sum(doc_chars) or len(held) == len(nonempty) - 1:
       break
-    held.add(i)
-    chars += doc_chars[i]
+    if chars + doc_chars[i] <= 2 * val_fraction * sum(doc_chars):  # else passed over
+      held.add(i)
+      chars += doc_chars[i]
+  held = held or set(order[:1])
   return [i in held for i in range(len(doc_chars))]
 
 
@@ -158,6 +160,14 @@ def test_held_out_matches_the_reference_loop(seed):
   doc_chars = np.where(rng.random(len(doc_chars)) < 0.3, 0, doc_chars).tolist()  # some empty
   val_fraction = float(rng.choice([0.05, 0.1, 0.25, 0.5, 0.9]))
   assert held_out(doc_chars, val_fraction).tolist() == held_out_by_loop(doc_chars, val_fraction)
+
+
+def test_one_large_document_is_not_most_of_validation():
+  # Every 10th document from the last: the 30,000-character one first, which alone would
+  # hold out 91% of the text for a val_fraction of 0.1. It is passed over, and the three
+  # small ones make 9.1%, short of 10% rather than far past it.
+  assert held_out([1000, 1000, 1000, 30000], 0.1).tolist() == [True, True, True, False]
+  assert held_out([5000, 5000], 0.1).tolist() == [False, True]  # at least one, never all
 
 
 def test_empty_documents_are_never_held_out():

@@ -148,6 +148,25 @@ def test_a_touched_corpus_is_reused_and_a_changed_one_rebuilt(tmp_path, monkeypa
   assert "changed" in tok.decode(np.concatenate([changed.splits().train, changed.splits().val]))
 
 
+def test_a_cache_the_user_cannot_write(tmp_path, monkeypatch):
+  """A shared cache built by someone else: a touched corpus still loads (the manifest is
+  not rewritten), and a build that cannot write is one line naming the folder."""
+  corpus, tok = write_docs(tmp_path / "docs", 6), tokenizers.ByteTokenizer()
+  built = cache.prepare(str(corpus), tok)
+  os.utime(corpus / "doc001.txt", ns=(1, 1))
+
+  def denied(*args, **kwargs):
+    raise PermissionError(13, "Permission denied", str(built.path / "manifest.json"))
+
+  monkeypatch.setattr(cache.Manifest, "write", denied)
+  assert cache.prepare(str(corpus), tok).manifest.content_hash == built.manifest.content_hash
+  monkeypatch.setattr(cache, "_locked", denied)
+  (corpus / "doc001.txt").write_text("<doc 1> changed")
+  with pytest.raises(ChimeraError, match=r"^the token cache .*tokens cannot be written "
+                                         r"\(Permission denied: .*\); set CHIMERA_CACHE"):
+    cache.prepare(str(corpus), tok)
+
+
 def damage(name):
   def drop(folder):
     (folder / name).unlink()
@@ -340,3 +359,15 @@ def test_cli_prepares_and_reports(tmp_path):
   bad = subprocess.run(command[:4] + ["--tokenizer=bpe"], cwd=ROOT, capture_output=True, text=True)
   assert bad.returncode == 1 and bad.stderr.strip().splitlines() == [
       "error: data.tokenizer: unknown tokenizer 'bpe' (expected 'byte' or 'gpt2')"]
+
+
+def test_bench_cache_leaves_a_corpus_it_did_not_write(tmp_path):
+  """bench_cache deletes the corpus it wrote, never one that was there before it."""
+  (tmp_path / "corpus").mkdir()
+  (tmp_path / "corpus" / "mine.txt").write_text("the user's text")
+  result = subprocess.run([sys.executable, "-m", "chimera.data.bench_cache", f"--dir={tmp_path}",
+                           "--parts=none"], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "CHIMERA_CACHE": str(tmp_path / "cache")})
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert "did not write them" in result.stdout
+  assert (tmp_path / "corpus" / "mine.txt").read_text() == "the user's text"

@@ -172,6 +172,11 @@ def test_folder_follows_symlinked_folders_once(tmp_path):
   docs = corpora.load_corpus(str(folder))
   assert [(d.name, d.text) for d in docs] == [
       (str(folder / "a.txt"), "own"), (str(folder / "sub" / "b.txt"), "linked")]
+  # A file linked beside itself is one document (as in a glob), never one in each split.
+  os.symlink("a.txt", folder / "latest.txt")
+  assert [d.name for d in corpora.load_corpus(str(folder))] == [
+      str(folder / "a.txt"), str(folder / "sub" / "b.txt")]
+  assert [d.name for d in corpora.load_corpus(str(folder / "*.txt"))] == [str(folder / "a.txt")]
 
 
 def test_files_are_decoded_in_blocks(tmp_path, monkeypatch):

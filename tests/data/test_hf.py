@@ -113,6 +113,12 @@ def test_missing_text_field(saved, json_folder):
                  text_field="label")
 
 
+def test_a_file_that_does_not_parse(tmp_path):
+  (tmp_path / "bad").mkdir()
+  (tmp_path / "bad" / "rows.jsonl").write_text('{"text": "fine"}\n{"text": oops\n')
+  one_line_error(f"hf:{tmp_path}/bad", r"data.corpus: hf:.*bad: .*JSON parse error")
+
+
 def test_missing_config(json_folder, saved):
   one_line_error(f"hf:{json_folder}:third",
                  r"data.corpus: hf dataset '.*hub' has no config 'third' \(.*Available: \['first', 'second'\]\)")
