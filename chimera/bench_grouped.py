@@ -1,7 +1,10 @@
 """The dropless grouped matmul, forward and backward, per implementation, at a config's
-MoE shapes: rows R = batch * context * top_k, M = d_model, H = expert_d_ff, E experts.
+MoE shapes, as one call of the dropless layer in training sees them: rows R = T * top_k for
+the T = (batch / grad_accum) * context / devices tokens of one device's micro-batch,
+M = d_model, H = expert_d_ff, E experts.
 
   python -m chimera.bench_grouped --config=configs/moe_top2.py:gpu [--block_sizes=256,512]
+  python -m chimera.bench_grouped --devices=8   # each of 8 data-parallel devices' share
 
 The rows are split among the experts unevenly, as a router in training splits them
 (Dirichlet(2) shares, fixed seed). Prints ms per forward+backward of one [R, M] x [E, M, H]
@@ -31,6 +34,8 @@ _CONFIG = flags.DEFINE_string("config", "configs/moe_top2.py", "Config file[:pre
 _BLOCK_SIZES = flags.DEFINE_list("block_sizes", ["128", "256", "512", "1024"],
                                  "Block sizes of the 'blocks' implementation.")
 _REPEATS = flags.DEFINE_integer("repeats", 20, "Timed calls per implementation.")
+_DEVICES = flags.DEFINE_integer("devices", 1, "Data-parallel devices the micro-batch is split "
+                                "over in training: the rows are one device's share.")
 
 
 def uneven_group_sizes(rows: int, groups: int, seed: int = 0) -> np.ndarray:
@@ -64,6 +69,10 @@ def load_checked() -> config_lib.Config:
                        f"{','.join(_BLOCK_SIZES.value)!r}")
   if _REPEATS.value < 1:
     raise ChimeraError(f"--repeats: must be >= 1, got {_REPEATS.value}")
+  micro_batch = config.train.batch_size // config.train.grad_accum
+  if _DEVICES.value < 1 or micro_batch % _DEVICES.value:
+    raise ChimeraError(f"--devices: must divide the micro-batch of {micro_batch} sequences "
+                       f"(train.batch_size / train.grad_accum), got {_DEVICES.value}")
   return config
 
 
@@ -75,7 +84,8 @@ def main(argv):
     print(f"error: {error}", file=sys.stderr)
     sys.exit(2)
   m, t = config.model, config.train
-  rows, dtype = t.batch_size * t.context * m.top_k, compute_dtype(m)
+  tokens = t.batch_size // t.grad_accum // _DEVICES.value * t.context  # one call's
+  rows, dtype = tokens * m.top_k, compute_dtype(m)
   keys = jax.random.split(jax.random.key(0), 2)
   x = jax.random.normal(keys[0], (rows, m.d_model), dtype)
   w = jax.random.normal(keys[1], (m.num_experts, m.d_model, m.expert_d_ff), dtype)
@@ -96,7 +106,7 @@ def main(argv):
     cases[method if method == "ragged_dot" else f"blocks, b={block_size}"] = (step, (x, w))
   for name, seconds in interleaved_medians(cases, _REPEATS.value).items():
     print(f"{name} | {1e3 * seconds:.3f} | {flops / seconds / 1e12:.2f}")
-  ffn_against_dense(m, t.batch_size * t.context, dtype)
+  ffn_against_dense(m, tokens, dtype)
 
 
 def ffn_against_dense(m, tokens: int, dtype) -> None:

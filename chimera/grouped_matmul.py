@@ -10,7 +10,8 @@ past sum(group_sizes) give zeros. Two implementations of the same function:
   the routed rows: R + E * block_size rows (static shapes: the blocks a batch leaves
   unused are computed too), and R / block_size + E copies of the weights. Pure JAX, and
   no scatter in either pass. `default_block_size` keeps the E * block_size padding at
-  most R / 4 (and blocks between 64 and 512 rows).
+  most R / 4 where R >= 256 * E; below that the block stops at 64 rows, and the padding,
+  E * 64 rows, is more (blocks between 64 and 512 rows).
 - "ragged_dot": `jax.lax.ragged_dot`. XLA:CPU and (as of jax 0.11) XLA:GPU lower it to a
   dense matmul per group, E times the work: 5-10x slower than "blocks" on 2 CPU cores
   at the default preset (`python -m chimera.bench_grouped`).

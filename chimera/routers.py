@@ -287,6 +287,7 @@ def expert_capacity(config: ModelConfig, group_size: int, *, deterministic: bool
   accounting and the scaling tool all use this one function.
   """
   factor = config.eval_capacity_factor if deterministic else config.capacity_factor
-  slots = max(config.min_capacity,
-              math.ceil(config.top_k * factor * group_size / config.num_experts))
+  # Rounded first: in floats k * 1.1 * 100 / 11 is 10.000000000000002, not 10.
+  exact = round(config.top_k * factor * group_size / config.num_experts, 9)
+  slots = max(config.min_capacity, math.ceil(exact))
   return min(group_size, slots)

@@ -339,11 +339,14 @@ def test_numerics_and_grouped_matmul_tools_run():
   assert len(errors) == 11 and max(errors) < 1e-5, numerics.stdout  # float32 everywhere
   grouped = subprocess.run(
       [sys.executable, "-m", "chimera.bench_grouped", "--config=configs/moe_top2.py:tiny",
-       "--block_sizes=8,64", "--repeats=2"], cwd=ROOT, capture_output=True, text=True,
-      timeout=600)
+       "--block_sizes=8,64", "--repeats=2", "--devices=2"], cwd=ROOT, capture_output=True,
+      text=True, timeout=600)
   assert grouped.returncode == 0, grouped.stderr[-2000:]
   assert "ragged_dot |" in grouped.stdout and "blocks, b=64 |" in grouped.stdout
+  assert " R=128 " in grouped.stdout  # one of 2 devices' share: 4 / 2 sequences x 32 x k=2
   for args, message in ((["--config=configs/dense.py:tiny"], "has no experts"),
+                        (["--config=configs/moe_top2.py:tiny", "--devices=3"],
+                         "--devices: must divide the micro-batch of 4 sequences"),
                         (["--config=configs/moe_top2.py:tiny", "--block_sizes=0"],
                          "--block_sizes: expected positive integers, got '0'")):
     bad = subprocess.run([sys.executable, "-m", "chimera.bench_grouped", *args], cwd=ROOT,

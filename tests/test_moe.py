@@ -330,6 +330,7 @@ def test_expert_capacity():
   assert capacity(8, 4, 1, 0.5, min_capacity=4) == 4  # the floor wins over 1
   assert capacity(8, 4, 1, 0.5, min_capacity=16) == 8  # but never above S
   assert capacity(128, 32, 8, 1.25, min_capacity=4) == 40  # ceil(8 * 1.25 * 128 / 32)
+  assert capacity(100, 11, 1, 1.1, min_capacity=1) == 10  # exactly 10: not ceil(10.000000000000002)
 
 
 def test_route_rejects_bad_k():
