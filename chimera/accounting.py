@@ -16,7 +16,7 @@ Conventions:
   combine einsum runs three times (forward; backward to the experts' outputs and to the
   gate weights), the dispatch einsum twice: its mask is built from one-hots, a constant
   with no gradient, as the jaxpr of the layer's forward and backward shows.
-  With C ~ k * cf * S / E this is 12 * k * cf * S * M per MoE layer.
+  With C ~ k * cf * S / E this is 10 * k * cf * S * M per MoE layer.
 - `executed_flops_per_token` is what the einsum path computes: the experts run on all
   E * C / S slots per token (empty slots are computed too) instead of k, plus the
   dispatch and combine einsums. C comes from `chimera.routers.expert_capacity` at the

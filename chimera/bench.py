@@ -15,13 +15,15 @@ For each config (default preset unless `path:preset` is given):
   the record says which one it used (`peak_source`);
 - dispatch share (MoE): the MoE layer's forward+backward timed with and without its
   expert matmuls; the difference is the experts, the rest routing, dispatch and combine;
-- decode: tokens/s and ms/token with the KV cache at each batch size; the prompt and the
-  new tokens are cut to fit the model's max_len, and the record keeps the lengths used;
+- decode: tokens/s and ms/token with the KV cache at each batch size, per new token after
+  the prefill, and the prefill's own time (the two compiled and timed apart); the prompt
+  and the new tokens are cut to fit the model's max_len, and the record keeps the lengths;
 - memory: XLA's own accounting of the compiled train step (arguments + outputs +
-  temporaries - aliased), per config, and the device's peak where the backend reports it;
+  temporaries - aliased), per config, and, where the backend reports it, the device's peak
+  over the whole process (every config's buffers together), printed once;
 - with `--profile`: where the step's time goes, by model part and pass, from a
   jax.profiler trace (chimera.bench_profile), and where decoding's goes at the largest
-  decode batch, per generated token.
+  decode batch, per new token after the prefill.
 The configs are interleaved and repeated, so a comparison holds while the machine's speed
 drifts; every figure is a median over repeats.
 
@@ -44,14 +46,13 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
 
-from chimera import accounting, allocator, bench_profile, config as config_lib
+from chimera import accounting, allocator, bench_profile, config as config_lib, generate
 from chimera.config import Config, DataConfig
 from chimera.data import load_splits
 from chimera.data.batches import WindowSampler
 from chimera.data.tokenizers import get_tokenizer
 from chimera.decoder import Decoder
 from chimera.errors import ChimeraError
-from chimera.generate import generate
 from chimera.layers import Kernels
 from chimera.moe import MoeLayer
 from chimera.steps import init_state, train_step
@@ -153,9 +154,15 @@ class Settings:
 
 
 def decode_lengths(settings: Settings, max_len: int) -> tuple[int, int]:
-  """(prompt length, new tokens) within max_len: the prompt at most half of it."""
+  """(prompt length, new tokens) within max_len: the prompt at most half of it, and at
+  least 2 new tokens (one decode step to time after the prefill)."""
   prompt = min(settings.prompt_len, max_len // 2)
-  return prompt, min(settings.new_tokens, max_len - prompt)
+  new_tokens = min(settings.new_tokens, max_len - prompt)
+  if new_tokens < 2:
+    raise ChimeraError(f"decode: {new_tokens} new token(s) after a prompt of {prompt} in "
+                       f"model.max_len={max_len}: at least 2 are needed to time decoding "
+                       f"(--new_tokens, or --decode_batches= to skip it)")
+  return prompt, new_tokens
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,11 +179,17 @@ class Case:
 
 @dataclasses.dataclass(frozen=True)
 class DecodeSpeed:
+  """Decoding at one batch size. tokens_per_second and ms_per_token are per new token
+  after the prefill: the median time of `generate.decode` (new_tokens - 1 forwards of one
+  token, new_tokens samples) over new_tokens - 1; prefill_ms is `generate.prefill`'s
+  median. Records written before 2026-11-28 (no prefill_ms) divided one whole generate
+  call, prefill included, by new_tokens."""
   batch: int
   prompt_len: int
   new_tokens: int
   tokens_per_second: float
   ms_per_token: float
+  prefill_ms: float | None = None  # the prompt's forward and the first token
 
 
 @dataclasses.dataclass(frozen=True)
@@ -201,14 +214,16 @@ class BenchRecord:
   measured_peak_flops: float  # the square-matmul peak this process measured
   mfu_vs_measured_peak: float
   peak_memory_bytes: int | None  # XLA's accounting of the compiled train step
-  device_peak_memory_bytes: int | None
+  # The device's peak over the whole bench process, where every case's buffers were alive
+  # together: the same for every record of a run, not this case's (None on a CPU).
+  process_peak_memory_bytes: int | None
   decode: tuple[DecodeSpeed, ...] = ()
   dtype: str | None = None  # model.dtype, which picks the peaks; None in older records
   dispatch_share_of_moe_layer: float | None = None  # MoE only, with Settings.moe_split
   dispatch_share_of_step: float | None = None
   profile: dict | None = None  # chimera.bench_profile.summarize, with Settings.profile
-  # The same for decoding at the largest decode batch, per generated token (the prompt's
-  # prefill included), with Settings.profile and decode batches.
+  # The same for decoding at the largest decode batch, per new token after the prefill,
+  # with Settings.profile and decode batches.
   decode_profile: dict | None = None
 
   def decode_speed(self, batch: int) -> DecodeSpeed | None:
@@ -221,6 +236,8 @@ class BenchRecord:
   def from_json(cls, values: dict) -> "BenchRecord":
     values = dict(values)
     values["decode"] = tuple(DecodeSpeed(**d) for d in values["decode"])
+    if "device_peak_memory_bytes" in values:  # its name before 2026-11-28
+      values["process_peak_memory_bytes"] = values.pop("device_peak_memory_bytes")
     return cls(**values)
 
 
@@ -258,11 +275,20 @@ class Subject:
                     for b in settings.decode_batches}
     # Compiled once per batch size, like the train step: timed, and profiled from its HLO.
     # The state's other collections (the router bias) go in too, as generate.main does.
-    self.decoders = {b: generate.lower(self.state.params, prompt, jax.random.key(0),
-                                       config=c.model, max_new_tokens=self.new_tokens,
-                                       temperature=1.0, model_state=self.state.model_state
-                                       ).compile(case.kernels.compiler_options())
-                     for b, prompt in self.prompts.items()}
+    # Decoding in its two parts, compiled apart: the prompt's prefill, then the new tokens
+    # (generate is the one, then the other). Inputs: the prefill's cache and logits.
+    options, state = case.kernels.compiler_options(), self.state
+    self.prefills = {b: generate.prefill.lower(
+        state.params, prompt, config=c.model, model_state=state.model_state,
+        kernels=case.kernels).compile(options) for b, prompt in self.prompts.items()}
+    self.decoders, self.prefilled = {}, {}
+    for b, prompt in self.prompts.items():
+      cache, logits = self.prefilled[b] = self.prefills[b](state.params, prompt,
+                                                          model_state=state.model_state)
+      self.decoders[b] = generate.decode.lower(
+          state.params, cache, logits, jax.random.key(0), config=c.model,
+          max_new_tokens=self.new_tokens, temperature=1.0, model_state=state.model_state,
+          kernels=case.kernels).compile(options)
     self.moe_layer = self._moe_layer_fns() if c.model.num_experts and settings.moe_split else None
     self.measure(warmup=True)
 
@@ -293,15 +319,21 @@ class Subject:
     jax.block_until_ready((self.state, metrics))
     return (time.perf_counter() - start) / self.settings.steps
 
+  def _prefill_seconds(self, batch: int) -> float:
+    return _timed(functools.partial(self.prefills[batch], model_state=self.state.model_state),
+                  self.state.params, self.prompts[batch])
+
   def _decode_seconds(self, batch: int) -> float:
+    """The new tokens after the prefill: new_tokens - 1 forwards and new_tokens samples."""
     return _timed(functools.partial(self.decoders[batch], model_state=self.state.model_state),
-                  self.state.params, self.prompts[batch], jax.random.key(0))
+                  self.state.params, *self.prefilled[batch], jax.random.key(0))
 
   def measure(self, warmup: bool = False) -> None:
     """One slice: train steps, decode per batch size, and the MoE layer split."""
     record = lambda name, value: None if warmup else self.times.setdefault(name, []).append(value)
     record("train_step_seconds", self._train_seconds())
     for batch in self.prompts:
+      record(f"prefill_seconds_b{batch}", self._prefill_seconds(batch))
       record(f"decode_seconds_b{batch}", self._decode_seconds(batch))
     if self.moe_layer:
       (full, params, x), (routing_only, routing_params, _) = self.moe_layer
@@ -322,14 +354,14 @@ class Subject:
                                  keep=self._keep())
 
   def decode_profile(self) -> dict | None:
-    """Where decoding's time goes at the largest decode batch, per generated token."""
+    """Where decoding's time goes at the largest decode batch, per new token after the
+    prefill (`generate.decode`: new_tokens - 1 single-token forwards)."""
     if not self.prompts:
       return None
-    batch = max(self.prompts)
+    batch, steps = max(self.prompts), self.new_tokens - 1
     seconds = float(np.median(self.times[f"decode_seconds_b{batch}"]))
     return bench_profile.profile(lambda: self._decode_seconds(batch),
-                                 self.decoders[batch].as_text(),
-                                 self.new_tokens, seconds / self.new_tokens,
+                                 self.decoders[batch].as_text(), steps, seconds / steps,
                                  keep=self._keep(f" decode b{batch}"),
                                  part_of=bench_profile.decode_part,
                                  pass_of=bench_profile.decode_pass)
@@ -342,10 +374,12 @@ class Subject:
     model_flops = self.accounting.flops_per_token * tokens_per_second
     device = jax.devices()[0].device_kind
     nominal = nominal_peak_flops(device, c.model.dtype)
-    decode_speed = lambda batch, seconds: DecodeSpeed(
-        batch, self.prompt_len, self.new_tokens, tokens_per_second=batch * self.new_tokens / seconds,
-        ms_per_token=1e3 * seconds / self.new_tokens)
-    decode = tuple(decode_speed(batch, median(f"decode_seconds_b{batch}")) for batch in self.prompts)
+    def decode_speed(batch: int) -> DecodeSpeed:
+      token = median(f"decode_seconds_b{batch}") / (self.new_tokens - 1)
+      return DecodeSpeed(batch, self.prompt_len, self.new_tokens,
+                         tokens_per_second=batch / token, ms_per_token=1e3 * token,
+                         prefill_ms=1e3 * median(f"prefill_seconds_b{batch}"))
+    decode = tuple(decode_speed(batch) for batch in self.prompts)
     moe = {}
     if self.moe_layer:
       layer, routing = median("moe_layer_seconds"), median("moe_routing_seconds")
@@ -364,7 +398,7 @@ class Subject:
         mfu=model_flops / (nominal or measured_peak),
         peak_flops=nominal or measured_peak, peak_source="nominal" if nominal else "measured",
         measured_peak_flops=measured_peak, mfu_vs_measured_peak=model_flops / measured_peak,
-        peak_memory_bytes=self.compiled_memory, device_peak_memory_bytes=device_peak_memory(),
+        peak_memory_bytes=self.compiled_memory, process_peak_memory_bytes=device_peak_memory(),
         decode=decode, dtype=c.model.dtype, **moe, profile=self.profile() if self.settings.profile else None,
         decode_profile=self.decode_profile() if self.settings.profile else None)
 
@@ -422,7 +456,10 @@ def device_line(records: list[BenchRecord]) -> str:
                  f"{r.peak_flops / 1e12:.1f} TFLOP/s, measured matmul peak "
                  f"{r.measured_peak_flops / 1e12:.1f} TFLOP/s")
   first = records[0]
-  return f"device: {first.device}, jax {first.jax_version}; " + "; ".join(peaks)
+  memory = ("" if first.process_peak_memory_bytes is None else
+            f"; the process's peak device memory, every config's buffers together: "
+            f"{first.process_peak_memory_bytes / 2**30:.2f} GiB")
+  return f"device: {first.device}, jax {first.jax_version}; " + "; ".join(peaks) + memory
 
 
 def comparison_lines(records: list[BenchRecord]) -> list[str]:

@@ -322,8 +322,9 @@ def main(argv):
 
 if __name__ == "__main__":
   flags.DEFINE_integer("steps", 10, "Train steps the trace holds (chimera.bench's --steps); "
-                       "with --decode, the tokens decoded: its --new_tokens (256), cut to max_len minus "
-                       "the prompt where the model is shorter (chimera.bench.decode_lengths).")
+                       "with --decode, the single-token forwards traced: one less than its "
+                       "--new_tokens (256), cut to max_len minus the prompt where the model is "
+                       "shorter (chimera.bench.decode_lengths).")
   flags.DEFINE_float("step_ms", 0.0, "The untraced step (or token) time to print beside it.")
   flags.DEFINE_bool("decode", False, "The trace is of decoding (a prefix ending in "
                     "'_decode_bN'): parts as for decoding, figures per token.")

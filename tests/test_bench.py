@@ -1,5 +1,6 @@
 """chimera.bench: the records `--json` writes, the tokens it times, the peak it divides by."""
 
+import dataclasses
 import gzip
 import json
 import re
@@ -48,7 +49,7 @@ def test_bench_json_records(tmp_path, corpus):
     # tiny has max_len 64: the prompt is cut to half of it and the new tokens to the rest.
     assert [(d.batch, d.prompt_len, d.new_tokens) for d in record.decode] == [(1, 32, 32),
                                                                               (2, 32, 32)]
-    assert record.decode_speed(2).tokens_per_second > 0
+    assert record.decode_speed(2).tokens_per_second > 0 and record.decode_speed(2).prefill_ms > 0
   assert 0 < records[2].dispatch_share_of_moe_layer < 1
   assert records[0].dispatch_share_of_step is None
   assert "configs/moe_top2.py:tiny dispatch=einsum" in result.stdout  # the printed table
@@ -87,7 +88,7 @@ def test_device_line_gives_each_dtype_its_peak():
       device="NVIDIA H100 80GB HBM3", jax_version="0.11.2", params_total=1, params_active=1,
       flops_per_token=1, train_step_seconds=1.0, train_tokens_per_second=1.0, mfu=0.1,
       peak_flops=peak, peak_source=source, measured_peak_flops=peak / 2,
-      mfu_vs_measured_peak=0.2, peak_memory_bytes=None, device_peak_memory_bytes=None,
+      mfu_vs_measured_peak=0.2, peak_memory_bytes=None, process_peak_memory_bytes=None,
       dtype=dtype)
   bf16 = record("a", "bfloat16", 989e12, "nominal")
   assert bench.device_line([bf16, record("b", "bfloat16", 989e12, "nominal")]) == (
@@ -97,6 +98,14 @@ def test_device_line_gives_each_dtype_its_peak():
                             record("d", "bfloat16", 989e12, "nominal")])
   assert "bfloat16 (a, d): MFU over the nominal peak 989.0" in line
   assert "float32 (c): MFU over the nominal peak 67.0 TFLOP/s, measured matmul peak 33.5" in line
+  # The process's peak device memory is one figure for the run, said once.
+  on_gpu = dataclasses.replace(bf16, process_peak_memory_bytes=3 * 2**30)
+  assert bench.device_line([on_gpu]).endswith(
+      "; the process's peak device memory, every config's buffers together: 3.00 GiB")
+  # Records written before it had its name read as it.
+  old = {**on_gpu.to_json(), "device_peak_memory_bytes": 5}
+  del old["process_peak_memory_bytes"]
+  assert bench.BenchRecord.from_json(old).process_peak_memory_bytes == 5
 
 
 def test_token_batches_are_training_windows(make_config, corpus):
@@ -200,8 +209,8 @@ def test_profile_says_where_decoding_time_goes(corpus, tmp_path):
   assert profile["op_seconds"] > 0
   assert profile["step_seconds"] == pytest.approx(record.decode_speed(2).ms_per_token / 1e3)
   kept, = tmp_path.glob("*decode_b2.trace.json.gz")
-  # Read again offline (python -m chimera.bench_profile PREFIX --decode --steps=TOKENS).
-  again = bench_profile.summarize_kept(str(kept).removesuffix(".trace.json.gz"), steps=8,
+  # Read again offline (python -m chimera.bench_profile PREFIX --decode --steps=TOKENS-1).
+  again = bench_profile.summarize_kept(str(kept).removesuffix(".trace.json.gz"), steps=7,
                                        step_seconds=profile["step_seconds"], decode=True)
   assert again["by_part"] == profile["by_part"]
   bench.save_records(tmp_path / "bench.json", [record])

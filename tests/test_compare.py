@@ -229,7 +229,7 @@ def test_bench_figures_reads_bench_records():
       token_ids="random", device="cpu", jax_version="0", params_total=1, params_active=1,
       flops_per_token=1, train_step_seconds=0.5, train_tokens_per_second=8000.0, mfu=0.25,
       peak_flops=1.0, peak_source="measured", measured_peak_flops=1.0,
-      mfu_vs_measured_peak=0.25, peak_memory_bytes=None, device_peak_memory_bytes=None,
+      mfu_vs_measured_peak=0.25, peak_memory_bytes=None, process_peak_memory_bytes=None,
       decode=(bench.DecodeSpeed(8, 64, 256, 900.0, 1.1), bench.DecodeSpeed(1, 64, 256, 300.0, 3.3)))
   name, figures = report.bench_figures(record)
   assert name == "moe_top2" and figures["mfu"] == 0.25

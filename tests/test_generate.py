@@ -13,8 +13,9 @@ import pytest
 from chimera.config import ModelConfig
 from chimera.decoder import Decoder
 from chimera.errors import ChimeraError
-from chimera.generate import (cast_once, check_length, decode_notes, generate,
-                              new_tokens_in_context)
+from chimera.generate import (cast_once, check_length, decode, decode_notes, generate,
+                              new_tokens_in_context, prefill)
+from chimera.layers import Kernels
 
 BASE = ModelConfig(vocab_size=40, num_layers=2, num_heads=2, d_model=16, d_ff=32, max_len=16)
 
@@ -74,6 +75,16 @@ def test_sampling_respects_top_k():
                             max_new_tokens=6, temperature=1.0, top_k=3)
   allowed = jax.lax.top_k(logits, 3)[1]  # [B, N, 3]
   assert bool(jnp.all(jnp.any(allowed == tokens[..., None], axis=-1)))
+  # generate is prefill then decode: the two apart give the same tokens and logits (the
+  # bench times them apart), and the kernels reach the model.
+  cache, first = prefill(params, prompt, config=config, kernels=Kernels(attention="einsum"))
+  again = decode(params, cache, first, jax.random.key(3), config=config, max_new_tokens=6,
+                 temperature=1.0, top_k=3, kernels=Kernels(attention="einsum"))
+  np.testing.assert_array_equal(again[0], tokens)
+  chex.assert_trees_all_close(again[1], logits, atol=1e-5, rtol=1e-5)
+  one, _ = generate(params, prompt, jax.random.key(3), config=config, max_new_tokens=1,
+                    temperature=1.0, top_k=3)
+  np.testing.assert_array_equal(one, tokens[:, :1])  # the first token needs no step
 
 
 def test_too_long_a_request_is_refused():
