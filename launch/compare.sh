@@ -8,8 +8,9 @@
 #
 # What to edit: PRESET, SWEEPS (named sweeps or section.field=v1,v2), and CORPUS (empty =
 # the configs' default corpus; a path, folder, glob, tfds:NAME or hf:NAME otherwise).
-# Seeds: the preset's (compare's --seeds overrides them). Finished runs in runs/compare/
-# are reused, so an interrupted study resumes.
+# Seeds: the preset's for the study, the first of them for each sweep (--seeds=0,1,2 gives
+# every run three, the study's too). Finished runs in runs/compare/ are reused, so an
+# interrupted study resumes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

@@ -40,7 +40,8 @@
 #   cublas    dense and MoE with XLA_FLAGS=--xla_gpu_enable_triton_gemm=false (every dot
 #             through cuBLAS), against the main stage's step
 # Writes to $OUT (default results/gpu/check): gpu_check.log (everything printed, versions
-# first), bench_<stage>.json (chimera.bench records), train.json ({model: summary.json}).
+# first; each call appends), bench_<stage>.json (chimera.bench records), train.json
+# ({model: summary.json}; rewritten only by a call that trains). Exits 1 if any stage failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -54,24 +55,29 @@ export PYTHONUNBUFFERED=1
 export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-/tmp/chimera-jax-cache}
 export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0
 export JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES=0
-exec > >(tee "$OUT/gpu_check.log") 2>&1
+# Appended: calls split with STAGES write into one OUT without losing each other's lines.
+exec > >(tee -a "$OUT/gpu_check.log") 2>&1
+echo "== gpu_check.sh, $(date -u '+%Y-%m-%d %H:%M:%S UTC'), STAGES='${STAGES:-all}'"
 
 DENSE=${DENSE:-configs/dense.py:gpu}  # other presets (tiny) only to try the script out
 MOE=${MOE:-configs/moe_top2.py:gpu}
 BENCH=(-m chimera.bench --repeats=3 --steps=10 --decode_batches= --nomoe_split)
 
+wanted() {  # wanted NAME: the stage is among the STAGES asked for (all without STAGES)
+  [[ -z ${STAGES:-} || " $STAGES " == *" ${1%% *} "* || " $STAGES " == *" ${1// /_} "* ]]
+}
+
+FAILED=()
 stage() {  # stage NAME COMMAND...: runs COMMAND with whatever is left before DEADLINE
   local name=$1 left=$(( DEADLINE - SECONDS ))
   shift
-  if [[ -n ${STAGES:-} && " $STAGES " != *" ${name%% *} "* && " $STAGES " != *" ${name// /_} "* ]]; then
-    return  # not among the STAGES asked for
-  fi
+  wanted "$name" || return 0
   if (( left < 30 )); then
     echo "== $name: skipped, ${left}s left of ${DEADLINE}s"
     return
   fi
   echo "== $name: $* (at ${SECONDS}s, ${left}s left)"
-  timeout "$left" "$@" || echo "== $name: stopped with exit code $?"
+  timeout "$left" "$@" || { echo "== $name: stopped with exit code $?"; FAILED+=("$name"); }
 }
 
 echo "== versions"
@@ -84,7 +90,10 @@ PROFILE_ARGS=(--profile --profile_dir="$OUT/profile")
 [[ ${PROFILE:-1} == 0 ]] && PROFILE_ARGS=()
 stage main "$PYTHON" "${BENCH[@]}" --configs=$DENSE,$MOE --decode_batches=1,8 \
   "${PROFILE_ARGS[@]}" --json="$OUT/bench_main.json"
-rm -rf /tmp/chimera-runs  # a warm machine's earlier runs would be resumed, not timed
+TRAIN=0  # any train stage asked for: "train", or one of them ("train_dense", ...)
+[[ -z ${STAGES:-} || " $STAGES " == *" train "* || " $STAGES " == *" train_"* ]] && TRAIN=1
+# A warm machine's earlier runs would be resumed, not timed (only when this call trains).
+(( TRAIN )) && rm -rf /tmp/chimera-runs
 # Dense as shipped, then without the per-step parameter and update norms; the MoE as
 # shipped (dropless dispatch), then with einsum dispatch.
 for run in "$DENSE" "$DENSE --config.train.log_norms=false" "$MOE" \
@@ -99,7 +108,7 @@ for run in "$DENSE" "$DENSE --config.train.log_norms=false" "$MOE" \
     --config.train.eval_every="$STEPS" --config.train.eval_batches=4 \
     --config.train.checkpoint_every="$STEPS"
 done
-"$PYTHON" - "$OUT/train.json" <<'EOF'
+(( TRAIN )) && "$PYTHON" - "$OUT/train.json" <<'EOF'
 import json, pathlib, sys
 runs = {p.parent.name: json.loads(p.read_text())
         for p in pathlib.Path("/tmp/chimera-runs").glob("*/summary.json")}
@@ -143,3 +152,7 @@ stage attention "$PYTHON" "${BENCH[@]}" --configs=$DENSE --variants=kernels.atte
 stage cublas env XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_triton_gemm=false" "$PYTHON" \
   "${BENCH[@]}" --configs=$DENSE,$MOE --json="$OUT/bench_cublas.json"
 echo "== done at ${SECONDS}s"
+if (( ${#FAILED[@]} )); then
+  echo "== failed: ${FAILED[*]}"
+  exit 1
+fi

@@ -7,7 +7,8 @@
 #
 # What to edit: CONFIG (a configs/*.py file and preset), EXPERT (how many GPUs split the
 # experts; it must divide the GPU count and model.num_experts; the rest is data
-# parallelism), WORKDIR (rerunning with the same WORKDIR resumes). Extra arguments go to
+# parallelism), WORKDIR (default runs/<config>-<preset>_<N>gpus; rerunning with the same
+# WORKDIR resumes). Extra arguments go to
 # chimera.main unchanged.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -24,8 +25,9 @@ fi
 if (( GPUS == 0 )); then echo "no GPU visible (CUDA_VISIBLE_DEVICES='${CUDA_VISIBLE_DEVICES-}')" >&2; exit 2; fi
 EXPERT=${EXPERT:-1}
 if (( GPUS % EXPERT )); then echo "EXPERT=$EXPERT does not divide $GPUS GPUs" >&2; exit 2; fi
-name=$(basename "${CONFIG%%:*}" .py)
-WORKDIR=${WORKDIR:-runs/${name}-gpu${GPUS}}
+# The file's name and its preset: configs/moe_top2.py:gpu -> moe_top2-gpu.
+name=$(basename "${CONFIG%%:*}" .py)${CONFIG##*.py}
+WORKDIR=${WORKDIR:-runs/${name/:/-}_${GPUS}gpus}  # moe_top2-gpu_4gpus
 
 # Overlap collectives with compute, and let XLA take most of each GPU's memory up front.
 export XLA_FLAGS="--xla_gpu_enable_latency_hiding_scheduler=true ${XLA_FLAGS:-}"

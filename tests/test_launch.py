@@ -1,4 +1,5 @@
-"""launch/workstation.sh: the mesh it asks chimera.main for, from the GPUs it may use."""
+"""launch/workstation.sh and launch/slurm.sbatch: the mesh, devices and workdir they ask
+chimera.main for, from the GPUs they may use."""
 
 import os
 import subprocess
@@ -26,16 +27,20 @@ def run_workstation(tmp_path, env_extra: dict, *args) -> subprocess.CompletedPro
 
 
 @pytest.mark.parametrize("env_extra, data, expert, workdir", [
-    ({}, 4, 1, "runs/moe_top2-gpu4"),
-    ({"EXPERT": "2"}, 2, 2, "runs/moe_top2-gpu4"),
-    ({"CUDA_VISIBLE_DEVICES": "1,3"}, 2, 1, "runs/moe_top2-gpu2"),
-    ({"CUDA_VISIBLE_DEVICES": "2", "EXPERT": "1"}, 1, 1, "runs/moe_top2-gpu1"),
+    ({}, 4, 1, "runs/moe_top2-gpu_4gpus"),
+    ({"EXPERT": "2"}, 2, 2, "runs/moe_top2-gpu_4gpus"),
+    ({"CUDA_VISIBLE_DEVICES": "1,3"}, 2, 1, "runs/moe_top2-gpu_2gpus"),
+    ({"CUDA_VISIBLE_DEVICES": "2", "EXPERT": "1"}, 1, 1, "runs/moe_top2-gpu_1gpus"),
+    # Another preset of the same file is another run: its own workdir.
+    ({"CONFIG": "configs/moe_top2.py:gpu_large"}, 4, 1, "runs/moe_top2-gpu_large_4gpus"),
+    ({"CONFIG": "configs/dense.py"}, 4, 1, "runs/dense_4gpus"),
 ])
 def test_the_mesh_follows_the_visible_gpus(tmp_path, env_extra, data, expert, workdir):
   result = run_workstation(tmp_path, env_extra)
   assert result.returncode == 0, result.stderr
   args = result.stdout.split()
-  assert args[:3] == ["-m", "chimera.main", "--config=configs/moe_top2.py:gpu"]
+  assert args[:3] == ["-m", "chimera.main",
+                      f"--config={env_extra.get('CONFIG', 'configs/moe_top2.py:gpu')}"]
   assert f"--workdir={workdir}" in args
   assert f"--config.mesh.data={data}" in args and f"--config.mesh.expert={expert}" in args
 
@@ -50,3 +55,49 @@ def test_no_gpu_or_an_expert_count_that_does_not_divide_is_one_line(tmp_path, en
   assert result.returncode == 2 and result.stdout == ""
   assert result.stderr.strip() == result.stderr.strip().splitlines()[0]
   assert message in result.stderr
+
+
+def run_slurm(tmp_path, env_extra: dict) -> subprocess.CompletedProcess:
+  """launch/slurm.sbatch as sbatch would run it on each node, with a fake srun that prints
+  the device ids JAX will be given and the command."""
+  bin_dir = tmp_path / "bin"
+  bin_dir.mkdir(exist_ok=True)
+  (bin_dir / "srun").write_text('#!/bin/sh\necho "$JAX_LOCAL_DEVICE_IDS" "$@"\n')
+  (bin_dir / "srun").chmod(0o755)
+  env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "JAX_"))}
+  env.update(PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_NNODES="2", **env_extra)
+  return subprocess.run(["bash", str(ROOT / "launch" / "slurm.sbatch")], env=env,
+                        capture_output=True, text=True, timeout=30, cwd=tmp_path)
+
+
+def test_slurm_drives_every_gpu_of_each_node(tmp_path):
+  # One process per node: JAX would give it only the GPU of its SLURM_LOCALID (0).
+  result = run_slurm(tmp_path, {"SLURM_GPUS_PER_NODE": "h100:4", "EXPERT": "4"})
+  assert result.returncode == 0, result.stderr
+  ids, *args = result.stdout.split()
+  assert ids == "0,1,2,3"
+  assert args[:4] == ["python", "-m", "chimera.main", "--config=configs/moe_top2.py:gpu"]
+  assert "--workdir=runs/moe_top2-gpu_slurm" in args
+  assert "--config.mesh.data=2" in args and "--config.mesh.expert=4" in args
+  # An expert count that does not divide the GPUs is refused before srun, in one line.
+  result = run_slurm(tmp_path, {"SLURM_GPUS_PER_NODE": "8", "EXPERT": "3"})
+  assert result.returncode == 2 and result.stdout == ""
+  assert result.stderr.strip() == "EXPERT=3 does not divide 16 GPUs"
+
+
+def test_gpu_check_fails_when_a_stage_fails_and_keeps_earlier_calls(tmp_path):
+  """launch/gpu_check.sh, split across calls with STAGES into one OUT: a failed stage makes
+  the call fail, and a call that trains nothing leaves the earlier call's train.json and
+  log lines."""
+  out = tmp_path / "out"
+  out.mkdir()
+  (out / "train.json").write_text('{"dense": {}}')
+  run = lambda python: subprocess.run(
+      ["bash", str(ROOT / "launch" / "gpu_check.sh")], capture_output=True, text=True,
+      timeout=60, env={**os.environ, "OUT": str(out), "PYTHON": python, "STUDY": "0",
+                       "STAGES": "numerics"})
+  failed = run("false")
+  assert failed.returncode == 1 and "== failed: numerics" in failed.stdout
+  assert run("true").returncode == 0
+  assert (out / "train.json").read_text() == '{"dense": {}}'
+  assert (out / "gpu_check.log").read_text().count("== gpu_check.sh, ") == 2
