@@ -5,6 +5,7 @@ Both give int32 ids, keep end-of-text out of `encode`, and drop it in `decode`.
 `token_bytes[id]` is the number of UTF-8 bytes a token stands for (0 for end-of-text),
 which turns token counts into byte counts for bits per byte.
 """
+import functools
 import hashlib
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -113,6 +114,7 @@ class GPT2Tokenizer:
     return self._encoding.decode(ids[ids < self.eot_id].tolist(), errors="replace")
 
 
+@functools.cache  # tokenizers hold no state that changes: one per name and process
 def get_tokenizer(name: str) -> ByteTokenizer | GPT2Tokenizer:
   if name == "byte":
     return ByteTokenizer()
