@@ -13,6 +13,7 @@ import types
 
 import chex
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from pathlib import Path
@@ -25,7 +26,7 @@ from chimera.errors import ChimeraError
 from chimera.layers import Kernels
 from chimera.records import (Progress, RunSummary, code_version, cpu_model, device_name,
                               loaded_code_version, read_events)
-from chimera.steps import eval_step, init_state, make_optimizer, make_schedule
+from chimera.steps import eval_step, init_state, make_optimizer, make_schedule, train_step
 from chimera.train import TrainingDiverged, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -594,3 +595,23 @@ def test_log_norms_off_drops_two_metrics_and_changes_no_step(make_config, corpus
   assert int(without_state.step) == 1
   assert float(with_metrics["update_norm"]) > 0
 
+
+
+def test_a_step_in_micro_batches_equals_one_step(make_config, corpus):
+  """train_step over A=2 micro-batches of a batch makes the update of one pass over it
+  (per-group balancing, which does not see how the batch is cut), and moves the router
+  bias by rate * sign(mean load - load) of the step's pre-drop expert load."""
+  config = make_config("moe_top2", corpus, train__warmup_steps=0,
+                       model__router_bias_rate=0.01, model__load_balance_scope="group")
+  state, context = init_state(config), config.train.context
+  tokens = jnp.asarray(np.random.default_rng(0).integers(0, 257, (4, context + 1)), jnp.int32)
+  step = jax.jit(functools.partial(train_step, model=Decoder(config.model), config=config.model))
+  whole, metrics = step(state, tokens[None], jax.random.key(0))
+  halves, _ = step(state, tokens.reshape(2, 2, context + 1), jax.random.key(0))
+  chex.assert_trees_all_close(halves.params, whole.params, atol=1e-5, rtol=1e-5)
+  assert not np.allclose(whole.params["block_0"]["moe"]["wo"], state.params["block_0"]["moe"]["wo"])
+  bias = whole.model_state["router_bias"]["block_0"]["moe"]["bias"]
+  load = np.asarray(metrics["expert_load"][0])
+  np.testing.assert_allclose(bias, 0.01 * np.sign(load.mean() - load), atol=1e-7)
+  assert np.abs(bias).sum() > 0  # the load was not even: the bias moved
+  np.testing.assert_array_equal(bias, halves.model_state["router_bias"]["block_0"]["moe"]["bias"])
