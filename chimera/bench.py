@@ -273,16 +273,16 @@ class Subject:
     rows = batches.reshape(-1, batches.shape[-1])[:, :self.prompt_len]
     self.prompts = {b: jnp.asarray(np.resize(rows, (b, self.prompt_len)))
                     for b in settings.decode_batches}
-    # Compiled once per batch size, like the train step: timed, and profiled from its HLO.
-    # The state's other collections (the router bias) go in too, as generate.main does.
-    # Decoding in its two parts, compiled apart: the prompt's prefill, then the new tokens
-    # (generate is the one, then the other). Inputs: the prefill's cache and logits.
+    # Decoding in its two parts (generate is the one, then the other), each compiled once
+    # per batch size like the train step: timed apart, and the second profiled from its
+    # HLO. The prefill's cache and logits are the decoder's input. The state's other
+    # collections (the router bias) go in too, as generate.main does.
     options, state = case.kernels.compiler_options(), self.state
-    self.prefills = {b: generate.prefill.lower(
-        state.params, prompt, config=c.model, model_state=state.model_state,
-        kernels=case.kernels).compile(options) for b, prompt in self.prompts.items()}
-    self.decoders, self.prefilled = {}, {}
+    self.prefills, self.prefilled, self.decoders = {}, {}, {}
     for b, prompt in self.prompts.items():
+      self.prefills[b] = generate.prefill.lower(
+          state.params, prompt, config=c.model, model_state=state.model_state,
+          kernels=case.kernels).compile(options)
       cache, logits = self.prefilled[b] = self.prefills[b](state.params, prompt,
                                                           model_state=state.model_state)
       self.decoders[b] = generate.decode.lower(

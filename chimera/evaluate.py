@@ -103,7 +103,7 @@ def split_loss(workdir: str | Path, step: int | None = None,
   holds several sequences)."""
   config, state, step = restore_run(workdir, step)
   data = prepare_data(config)  # the run's split, as training loaded it
-  check_same_data(Path(workdir), data)  # and from the same text
+  check_same_data(Path(workdir), data, resuming=True)  # and from the same text
   rows = windows(data.splits.val, config.train.context)
   # A routing group of several sequences routes them together: every batch holds whole
   # groups, and a tail of windows too short for one is left out (and not counted).

@@ -141,9 +141,9 @@ def expert_sweep_target(models: dict | None, command: str) -> Target:
 
 def _common_means(models: dict, names: list[str]) -> tuple[dict[str, float], list[int]]:
   """Each model's mean final loss over the seeds every one of `names` has, and those seeds."""
-  seeds = sorted(set.intersection(*(defined_seeds(models[n]["final_val_loss"]) for n in names)))
-  values = {n: dict(zip(models[n]["final_val_loss"]["seeds"], models[n]["final_val_loss"]["values"]))
-            for n in names}
+  losses = {n: models[n]["final_val_loss"] for n in names}
+  seeds = sorted(set.intersection(*map(defined_seeds, losses.values())))
+  values = {n: dict(zip(loss["seeds"], loss["values"])) for n, loss in losses.items()}
   return {n: sum(values[n][s] for s in seeds) / len(seeds) if seeds else math.inf
           for n in names}, seeds
 

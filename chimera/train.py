@@ -54,8 +54,9 @@ def open_workdir(workdir: Path, config: Config):
   workdir, a config that computes a different run than the one saved there, and fewer
   train.steps than its checkpoints have reached. A workdir without a checkpoint holds no
   run yet (a start that failed on bad input, or a run killed before its first save): its
-  config.json is replaced, so the corrected command starts there. The lock is an flock held by this process: the kernel drops it
-  when the process dies, so a killed run never blocks the next one.
+  config.json is replaced, so the corrected command starts there. The lock is an flock
+  held by this process: the kernel drops it when the process dies, so a killed run never
+  blocks the next one. Yields the steps of the checkpoints there (empty: a fresh start).
   """
   if workdir.exists() and not workdir.is_dir():
     raise ChimeraError(f"--workdir: {workdir} is a file, not a directory")
@@ -65,7 +66,7 @@ def open_workdir(workdir: Path, config: Config):
     raise ChimeraError(f"train.steps={config.train.steps}: {workdir} holds this run at "
                        f"step {saved[-1]} already; ask for at least that many steps")
   if jax.process_index() != 0:  # process 0 speaks for the run
-    yield
+    yield saved
     return
   with open(workdir / ".lock", "a+") as lock:
     try:
@@ -80,7 +81,7 @@ def open_workdir(workdir: Path, config: Config):
     if saved:
       _check_same_run(workdir, config)
     (workdir / "config.json").write_text(json.dumps(config_lib.to_dict(config), indent=2))
-    yield
+    yield saved
 
 
 def _last_good(workdir: Path) -> str:
@@ -96,7 +97,9 @@ def _saved_steps(workdir: Path) -> list[int]:
   """The steps of the completed checkpoints in `workdir`, in order (orbax renames a
   checkpoint's folder to its step when the save is done)."""
   folder = workdir / "checkpoints"
-  return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit()) if folder.is_dir() else []
+  if not folder.is_dir():
+    return []
+  return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit())
 
 
 def _check_same_run(workdir: Path, config: Config) -> None:
@@ -166,14 +169,14 @@ def prepare_data(config: Config) -> Data:
                "tokens": cache.manifest.tokens})
 
 
-def check_same_data(workdir: Path, data: Data) -> None:
+def check_same_data(workdir: Path, data: Data, *, resuming: bool) -> None:
   """Refuses (one line) to go on with the run in `workdir` if its corpus changed since it
   started: its batches and its validation split would no longer be the run's (a file added
-  to a folder corpus can move documents between the splits). A workdir with no checkpoint
-  yet holds no run: process 0 records the data there (data.json), for later resumes and
-  chimera.evaluate to check."""
+  to a folder corpus can move documents between the splits). A fresh start (no checkpoint
+  yet, `resuming` False) holds no run: process 0 records the data there (data.json), for
+  later resumes and chimera.evaluate to check."""
   path = workdir / "data.json"
-  if not _saved_steps(workdir):
+  if not resuming:
     if jax.process_index() == 0:
       write_atomic(path, json.dumps(data.identity, indent=2).encode())
     return
@@ -335,9 +338,9 @@ def train(config: Config, workdir: str | Path, *, stop_after: int | None = None)
   workdir = Path(workdir)
   sharding.check_mesh(config, jax.device_count())
   allocator.keep_freed_memory()  # each step's temporaries stay mapped (chimera.allocator)
-  with open_workdir(workdir, config):
+  with open_workdir(workdir, config) as saved:
     data = prepare_data(config)
-    check_same_data(workdir, data)
+    check_same_data(workdir, data, resuming=bool(saved))
     mesh = sharding.make_mesh(config.mesh)
     with jax.set_mesh(mesh):
       checkpointer = Checkpointer(workdir / "checkpoints", keep=config.train.keep_checkpoints)

@@ -41,8 +41,8 @@ def held_out(doc_chars: Sequence[int], val_fraction: float) -> np.ndarray:
   characters; a document that would take validation past twice that is passed over (one
   large file must not become most of the corpus's validation text), so where the others
   run out validation may end a little short. Never all non-empty documents, and at least
-  one (the first in that order, when every one is too large). Empty ones stay in training: held out,
-  they would make a validation split of end-of-text tokens and no text.
+  one (the first in that order, when every one is too large). Empty ones stay in training:
+  held out, they would make a validation split of end-of-text tokens and no text.
   """
   doc_chars = np.asarray(doc_chars, np.int64)
   nonempty = np.flatnonzero(doc_chars > 0)

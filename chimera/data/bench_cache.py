@@ -127,18 +127,17 @@ def main(argv: list[str]) -> None:
       print(f"train on {size / 1e9:.1f} GB vs Shakespeare: {extra_s:+.1f} s wall (target <= 5 s), "
             f"{extra_mb:+.0f} MB max RSS (target <= 300 MB)", flush=True)
   finally:
-    if not _KEEP.value and created:
-      cached = [cache_of(log.read_text()) for log in logs.glob("prepare*.log")
-                if "prepare-shakespeare" not in log.name and "cache: " in log.read_text()]
-      for path in {folder, *cached}:
-        shutil.rmtree(path, ignore_errors=True)
-      shutil.rmtree(logs, ignore_errors=True)
-      print("deleted the corpus and its cache", flush=True)
-    elif not _KEEP.value:
-      shutil.rmtree(logs, ignore_errors=True)
-      print(f"left {folder} and its cache as they were (this run did not write them)", flush=True)
-    else:
+    if _KEEP.value:
       print(f"kept the corpus, its cache and the logs in {logs}", flush=True)
+    else:
+      if created:
+        cached = [cache_of(log.read_text()) for log in logs.glob("prepare*.log")
+                  if "prepare-shakespeare" not in log.name and "cache: " in log.read_text()]
+        for path in {folder, *cached}:
+          shutil.rmtree(path, ignore_errors=True)
+      shutil.rmtree(logs, ignore_errors=True)
+      print("deleted the corpus and its cache" if created else
+            f"left {folder} and its cache as they were (this run did not write them)", flush=True)
 
 
 if __name__ == "__main__":

@@ -178,8 +178,8 @@ def _check(path: Path, key: dict, source: Corpus) -> tuple[Manifest | None, str]
       if _files_content_hash(source.files) != (manifest.files_hash or manifest.content_hash):
         return None, "the corpus's files changed since it was built"
       manifest = dataclasses.replace(manifest, files=fingerprint)
-      with contextlib.suppress(OSError):  # a shared cache the user cannot write: check again next time
-        manifest.write(path)
+      with contextlib.suppress(OSError):  # a shared cache this user cannot write:
+        manifest.write(path)  # the content is checked again next time
   return manifest, ""
 
 
