@@ -17,7 +17,9 @@ For each config (default preset unless `path:preset` is given):
   expert matmuls; the difference is the experts, the rest routing, dispatch and combine;
 - decode: tokens/s and ms/token with the KV cache at each batch size, per new token after
   the prefill, and the prefill's own time (the two compiled and timed apart); the prompt
-  and the new tokens are cut to fit the model's max_len, and the record keeps the lengths;
+  and the new tokens are cut to fit the model's max_len, and the record keeps the lengths.
+  Decoding attends over its cache through XLA's masked attention whatever
+  `kernels.attention` says: of a `kernels.*` variant, only `kernels.cpu_dots` changes it;
 - memory: XLA's own accounting of the compiled train step (arguments + outputs +
   temporaries - aliased), per config, and, where the backend reports it, the device's peak
   over the whole process (every config's buffers together), printed once;
@@ -276,19 +278,19 @@ class Subject:
     # Decoding in its two parts (generate is the one, then the other), each compiled once
     # per batch size like the train step: timed apart, and the second profiled from its
     # HLO. The prefill's cache and logits are the decoder's input. The state's other
-    # collections (the router bias) go in too, as generate.main does.
+    # collections (the router bias) go in too, as generate.main does. Of a kernels.*
+    # variant only its compiler options reach decoding (chimera.generate._forward).
     options, state = case.kernels.compiler_options(), self.state
     self.prefills, self.prefilled, self.decoders = {}, {}, {}
     for b, prompt in self.prompts.items():
       self.prefills[b] = generate.prefill.lower(
-          state.params, prompt, config=c.model, model_state=state.model_state,
-          kernels=case.kernels).compile(options)
+          state.params, prompt, config=c.model, model_state=state.model_state).compile(options)
       cache, logits = self.prefilled[b] = self.prefills[b](state.params, prompt,
                                                           model_state=state.model_state)
       self.decoders[b] = generate.decode.lower(
           state.params, cache, logits, jax.random.key(0), config=c.model,
-          max_new_tokens=self.new_tokens, temperature=1.0, model_state=state.model_state,
-          kernels=case.kernels).compile(options)
+          max_new_tokens=self.new_tokens, temperature=1.0,
+          model_state=state.model_state).compile(options)
     self.moe_layer = self._moe_layer_fns() if c.model.num_experts and settings.moe_split else None
     self.measure(warmup=True)
 

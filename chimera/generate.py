@@ -29,7 +29,7 @@ from chimera import compile_cache
 from chimera.config import ModelConfig
 from chimera.decoder import Decoder
 from chimera.errors import ChimeraError
-from chimera.layers import Kernels, compute_dtype
+from chimera.layers import compute_dtype
 from chimera.routers import causality_note
 
 
@@ -52,11 +52,16 @@ def sample_logits(logits: jax.Array, rng: jax.Array, temperature: float, top_k: 
   return jax.random.categorical(rng, logits, axis=-1)
 
 
-def _forward(params, config: ModelConfig, vocab_limit: int | None, model_state: dict | None,
-             kernels: Kernels):
+def _forward(params, config: ModelConfig, vocab_limit: int | None, model_state: dict | None):
   """One forward of `tokens` [B, T] through the model with its cache -> (cache, the last
-  position's float32 logits [B, V], ids at or above vocab_limit masked)."""
-  model = Decoder(config, kernels)
+  position's float32 logits [B, V], ids at or above vocab_limit masked).
+
+  No `chimera.layers.Kernels` choice changes this computation: attention over the cache is
+  XLA's masked `dot_product_attention` whatever `kernels.attention` says (cuDNN's causal
+  mask cannot express queries at an offset), and the embedding's gradient and the loss are
+  not computed. Only the compiler options (`Kernels.compiler_options`, XLA:CPU's dots)
+  reach decoding, where the caller compiles with them (chimera.bench)."""
+  model = Decoder(config)
 
   def forward(cache, tokens):
     variables = {"params": params, "cache": cache, **(model_state or {})}
@@ -86,47 +91,46 @@ def _continue(forward, cache, logits, rng, max_new_tokens: int, temperature: flo
   return tokens.T, step_logits.transpose(1, 0, 2)
 
 
-_STATIC = ("config", "max_new_tokens", "temperature", "top_k", "vocab_limit", "kernels")
+_STATIC = ("config", "max_new_tokens", "temperature", "top_k", "vocab_limit")
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def generate(params, prompt: jax.Array, rng: jax.Array, *, config: ModelConfig,
              max_new_tokens: int, temperature: float = 1.0, top_k: int = 0,
-             vocab_limit: int | None = None, model_state: dict | None = None,
-             kernels: Kernels = Kernels()) -> tuple[jax.Array, jax.Array]:
+             vocab_limit: int | None = None,
+             model_state: dict | None = None) -> tuple[jax.Array, jax.Array]:
   """Continues prompt [B, P] by `max_new_tokens` tokens with the KV cache: `prefill`, then
   `decode`, in one compiled function.
 
   Returns (new tokens [B, N], the logits that chose them [B, N, V]). `vocab_limit` masks
   ids at or above it (a vocabulary padded beyond the tokenizer's). `model_state`: the
   TrainState's non-parameter collections (the router bias of aux-loss-free balancing).
-  `kernels`: how the model computes (chimera.layers.Kernels; the bench's variants).
   Raises ChimeraError (when traced) if P + N exceeds the model's max_len.
   """
   check_length(config, prompt.shape[1], max_new_tokens)
-  forward = _forward(cast_once(params, config), config, vocab_limit, model_state, kernels)
+  forward = _forward(cast_once(params, config), config, vocab_limit, model_state)
   cache, logits = forward(init_cache(config, prompt.shape[0]), prompt)
   return _continue(forward, cache, logits, rng, max_new_tokens, temperature, top_k)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "vocab_limit", "kernels"))
+@functools.partial(jax.jit, static_argnames=("config", "vocab_limit"))
 def prefill(params, prompt: jax.Array, *, config: ModelConfig, vocab_limit: int | None = None,
-            model_state: dict | None = None, kernels: Kernels = Kernels()):
+            model_state: dict | None = None):
   """The prompt [B, P] through the model once: (the filled cache, the logits [B, V] that
   choose the first new token). `generate` is this, then `decode`."""
   check_length(config, prompt.shape[1], 1)
-  forward = _forward(cast_once(params, config), config, vocab_limit, model_state, kernels)
+  forward = _forward(cast_once(params, config), config, vocab_limit, model_state)
   return forward(init_cache(config, prompt.shape[0]), prompt)
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def decode(params, cache, logits: jax.Array, rng: jax.Array, *, config: ModelConfig,
            max_new_tokens: int, temperature: float = 1.0, top_k: int = 0,
-           vocab_limit: int | None = None, model_state: dict | None = None,
-           kernels: Kernels = Kernels()) -> tuple[jax.Array, jax.Array]:
+           vocab_limit: int | None = None,
+           model_state: dict | None = None) -> tuple[jax.Array, jax.Array]:
   """From `prefill`'s (cache, logits): the new tokens and their logits, as `generate`
   returns them for the same rng (the bench times the two parts apart)."""
-  forward = _forward(cast_once(params, config), config, vocab_limit, model_state, kernels)
+  forward = _forward(cast_once(params, config), config, vocab_limit, model_state)
   return _continue(forward, cache, logits, rng, max_new_tokens, temperature, top_k)
 
 

@@ -42,9 +42,18 @@ def cache_settings_restored():
       jax.config.update(name, value)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _session_cache(tmp_path_factory):
+  """No fixture reads or writes the user's download cache, module- and session-scoped ones
+  included (they are set up before any test's own cache below)."""
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setenv("CHIMERA_CACHE", str(tmp_path_factory.mktemp("session_cache")))
+    yield
+
+
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path, monkeypatch):
-  """No test reads or writes the user's download cache."""
+  """No test reads or writes the user's download cache, or another test's."""
   monkeypatch.setenv("CHIMERA_CACHE", str(tmp_path / "cache"))
 
 

@@ -112,10 +112,49 @@ def test_attention_matches_reference(kernel, dtype):
   params = layer.init(jax.random.key(0), x, deterministic=True)["params"]
   out = jax.jit(functools.partial(layer.apply, deterministic=True))({"params": params}, x)
   chex.assert_shape(out, x.shape)
-  tolerance = dict(atol=1e-5, rtol=1e-5) if dtype == "float32" else dict(atol=2e-2, rtol=5e-2)
-  np.testing.assert_allclose(np.asarray(out, np.float32),
-                             reference_attention(params, x.astype(np.float64), cfg.num_heads),
-                             **tolerance)
+  expected = reference_attention(params, x.astype(np.float64), cfg.num_heads)
+  # Tolerances relative to the output's scale (about 1e-2 at this init): an absolute bf16
+  # tolerance of 2e-2 would pass an output of zeros.
+  scale = np.abs(expected).max()
+  tolerance = (dict(atol=1e-5 * scale, rtol=1e-5) if dtype == "float32"
+               else dict(atol=2e-2 * scale, rtol=5e-2))
+  np.testing.assert_allclose(np.asarray(out, np.float32), expected, **tolerance)
+
+
+@pytest.mark.parametrize("kernels, expected", [
+    (Kernels(attention="einsum", embed_grad="onehot", cross_entropy="one_pass"),
+     {"einsum attention", "onehot rows", "one-pass logsumexp"}),
+    (Kernels(attention="xla", embed_grad="sorted", cross_entropy="two_pass"),
+     {"xla attention", "sorted rows"}),
+    (Kernels(attention="auto", embed_grad="scatter"), {"xla attention"}),  # auto: XLA on CPU
+])
+def test_each_kernel_choice_runs_its_implementation(kernels, expected, monkeypatch):
+  """The Decoder's loss and gradient trace the implementation each Kernels field names
+  (the choices compute the same numbers, so agreeing outputs alone cannot show this)."""
+  seen = set()
+
+  def spy(label, function):
+    def wrapped(*args, **kwargs):
+      seen.add(label(kwargs) if callable(label) else label)
+      return function(*args, **kwargs)
+    return wrapped
+  monkeypatch.setattr(layers, "einsum_attention", spy("einsum attention",
+                                                      layers.einsum_attention))
+  monkeypatch.setattr(jax.nn, "dot_product_attention", spy(
+      lambda kwargs: f"{kwargs['implementation']} attention", jax.nn.dot_product_attention))
+  for name, function in layers._ROWS_GRAD.items():
+    monkeypatch.setitem(layers._ROWS_GRAD, name, spy(f"{name} rows", function))
+  monkeypatch.setattr(layers, "logsumexp_one_pass", spy("one-pass logsumexp",
+                                                        layers.logsumexp_one_pass))
+  tokens = jnp.zeros((2, 9), jnp.int32)
+  params = Decoder(CONFIG, kernels).init(jax.random.key(0), tokens[:, :-1])["params"]
+  seen.clear()  # the init's forward
+
+  def loss(params):
+    logits, _ = Decoder(CONFIG, kernels).apply({"params": params}, tokens[:, :-1])
+    return cross_entropy(logits, tokens[:, 1:], kernels.cross_entropy).mean()
+  jax.jit(jax.grad(loss)).lower(params)
+  assert seen == expected
 
 
 @pytest.mark.parametrize("positions", ["learned", "rotary"])
