@@ -1,9 +1,18 @@
 import contextlib
+import os
 from pathlib import Path
 
-import pytest
+# The suite checks CPU behaviour: float32 tolerances, XLA:CPU's compiled text, fake host
+# devices. On a machine with a GPU it runs on the host all the same (here and in the
+# processes tests start), unless JAX_PLATFORMS is set to say otherwise.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-from chimera import config as config_lib
+import jax  # noqa: E402  (after the platform is chosen)
+import pytest  # noqa: E402
+
+from chimera import config as config_lib  # noqa: E402
+
+jax.config.update("jax_platforms", os.environ["JAX_PLATFORMS"])  # if jax was imported first
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -17,8 +26,6 @@ def _shared_compilation_cache(tmp_path_factory):
   so no result changes. Each pytest-xdist worker keeps its own folder (JAX writes entries
   without a lock). A test about the cache itself deletes $JAX_COMPILATION_CACHE_DIR and
   gets a folder of its own."""
-  import jax
-
   from chimera.compile_cache import MIN_COMPILE_SECONDS
   folder = str(tmp_path_factory.mktemp("xla-cache"))
   with pytest.MonkeyPatch.context() as patch, cache_settings_restored():
@@ -32,7 +39,6 @@ def _shared_compilation_cache(tmp_path_factory):
 @contextlib.contextmanager
 def cache_settings_restored():
   """Puts back the two JAX settings that chimera.compile_cache.enable changes."""
-  import jax
   names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
   before = {name: getattr(jax.config, name) for name in names}
   try:
