@@ -1,7 +1,8 @@
 """Checkpoints, all through orbax's CheckpointManager.
 
 Each checkpoint holds two items: `state` (the TrainState's arrays) and `meta` (JSON: the
-batch sampler's state, the best validation loss so far, wall time so far). Orbax writes
+run's `Progress`: tokens seen, the validation losses so far, training time so far; the batch
+sampler needs no state of its own, it is rebuilt from the step). Orbax writes
 each one into a temporary directory and renames it when complete, so a crash mid-save
 leaves the previous checkpoint intact. Retention: the latest `keep` checkpoints, plus the
 one with the best validation loss.

@@ -90,6 +90,9 @@ def restore_run(workdir: str | Path, step: int | None = None):
   except CheckpointMismatch as error:  # a config.json copied from, or edited after, another run
     raise ChimeraError(f"--workdir: {config_path} does not describe the checkpoint at "
                        f"step {step}: {error.difference}") from None
+  except FileNotFoundError:  # deleted under us: a run still training here keeps only the last few
+    raise ChimeraError(f"--workdir: the checkpoint at step {step} in {workdir} was removed "
+                       f"while it was read (is a run still training there?); try again") from None
   finally:
     checkpointer.close()
   return config, state, step

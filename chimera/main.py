@@ -60,6 +60,10 @@ def main(argv):
   except ChimeraError as error:
     print(f"error: {error}", file=sys.stderr)
     sys.exit(2)
+  except KeyboardInterrupt:  # outside the training loop, which stops at a checkpoint itself
+    print("error: interrupted outside the training loop; the workdir keeps what it had "
+          "(its latest checkpoint, if any)", file=sys.stderr)
+    sys.exit(130)
 
 
 if __name__ == "__main__":

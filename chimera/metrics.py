@@ -3,7 +3,9 @@
 Only process 0 writes; on other processes every method is a no-op.
 """
 
+import itertools
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -40,6 +42,8 @@ def truncate_after(path: Path, step: int) -> int:
   return dropped
 
 
+_SESSIONS = itertools.count()  # MetricWriters opened by this process
+
 class MetricWriter:
   """Appends one JSON object per event (each with `step`) and mirrors scalars to TensorBoard.
 
@@ -69,8 +73,11 @@ class MetricWriter:
             f"no checkpoint")
     # TensorBoard hides the events an interrupted run wrote past the checkpoint (a
     # SessionLog.START at purge_step), as metrics.jsonl drops its rows.
+    # Event files are named by the second they open in; the pid and a count keep two
+    # sessions started in the same second from writing over each other.
     self._tensorboard = SummaryWriter(str(Path(workdir) / "tensorboard"),
-                                      purge_step=resume_step + 1 if resume_step > 0 else None)
+                                      purge_step=resume_step + 1 if resume_step > 0 else None,
+                                      filename_suffix=f".{os.getpid()}.{next(_SESSIONS)}")
 
   def write(self, event: str, step: int, values: dict) -> None:
     if not self.enabled:

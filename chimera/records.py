@@ -28,6 +28,7 @@ class Progress:
   wall_seconds: float = 0.0  # training time so far, without the time between sessions
   best_val_loss: float | None = None
   final_val_loss: float | None = None
+  eval_step: int | None = None  # the step final_val_loss was measured at
   # The timed training windows so far, over every session of the run (compilation,
   # evaluation and saving left out): RunSummary.train_tokens_per_second is their ratio.
   # A checkpoint older than these fields counts from its resume on.

@@ -60,28 +60,41 @@ def open_workdir(workdir: Path, config: Config):
   """
   if workdir.exists() and not workdir.is_dir():
     raise ChimeraError(f"--workdir: {workdir} is a file, not a directory")
-  workdir.mkdir(parents=True, exist_ok=True)
-  saved = _saved_steps(workdir)
-  if saved and saved[-1] > config.train.steps:  # before config.json could be rewritten
-    raise ChimeraError(f"train.steps={config.train.steps}: {workdir} holds this run at "
-                       f"step {saved[-1]} already; ask for at least that many steps")
-  if jax.process_index() != 0:  # process 0 speaks for the run
-    yield saved
+  try:
+    workdir.mkdir(parents=True, exist_ok=True)
+    lock = open(workdir / ".lock", "a+") if jax.process_index() == 0 else None
+  except OSError as error:
+    raise ChimeraError(f"--workdir: cannot create {workdir} ({error.strerror})") from None
+  if lock is None:  # process 0 speaks for the run
+    yield _check_steps(workdir, config)
     return
-  with open(workdir / ".lock", "a+") as lock:
+  with lock:
     try:
       fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
       lock.seek(0)
       raise ChimeraError(f"--workdir: {workdir} is in use by another live run "
                          f"(pid {lock.read().strip() or '?'})") from None
+    except OSError as error:  # a filesystem without flock
+      raise ChimeraError(f"--workdir: cannot lock {workdir / '.lock'} ({error.strerror}); "
+                         f"use a workdir on a local filesystem") from None
     lock.truncate(0)
     lock.write(str(os.getpid()))
     lock.flush()
+    saved = _check_steps(workdir, config)  # listed under the lock: no run can save meanwhile
     if saved:
       _check_same_run(workdir, config)
-    (workdir / "config.json").write_text(json.dumps(config_lib.to_dict(config), indent=2))
+    write_atomic(workdir / "config.json", json.dumps(config_lib.to_dict(config), indent=2).encode())
     yield saved
+
+
+def _check_steps(workdir: Path, config: Config) -> list[int]:
+  """The saved steps, once train.steps is known to reach the latest of them."""
+  saved = _saved_steps(workdir)
+  if saved and saved[-1] > config.train.steps:  # before config.json could be rewritten
+    raise ChimeraError(f"train.steps={config.train.steps}: {workdir} holds this run at "
+                       f"step {saved[-1]} already; ask for at least that many steps")
+  return saved
 
 
 def _last_good(workdir: Path) -> str:
@@ -105,7 +118,8 @@ def _saved_steps(workdir: Path) -> list[int]:
 def _check_same_run(workdir: Path, config: Config) -> None:
   path = workdir / "config.json"
   if not path.exists():
-    return
+    raise ChimeraError(f"--workdir: {workdir} holds checkpoints but no config.json, so this "
+                       f"config cannot be checked against their run; use a new workdir")
   try:
     saved = config_lib.from_dict(json.loads(path.read_text()))
   except (TypeError, KeyError, ValueError) as error:
@@ -250,6 +264,7 @@ class TrainLog:
       self.progress.timed_tokens += len(records) * self.tokens_per_step
       self.progress.timed_seconds += seconds
     averaged = _average(records)
+    averaged["window_steps"] = len(records)  # the steps averaged (a stop ends a window early)
     averaged["tokens_per_second"] = len(records) * self.tokens_per_step / seconds
     averaged["learning_rate"] = float(self.schedule(step - 1))
     averaged["wall_seconds"] = wall_seconds
@@ -301,7 +316,7 @@ class Evaluator:
     self.writer.write("eval", step, record.values())
     log(f"eval step {step}: val loss {val_loss:.4f} | ppl {record.val_perplexity:.2f} | "
         f"{record.val_bits_per_byte:.4f} bits/byte")
-    progress.final_val_loss = val_loss
+    progress.final_val_loss, progress.eval_step = val_loss, step
     progress.best_val_loss = min(val_loss, progress.best_val_loss or math.inf)
     return val_loss
 
@@ -357,8 +372,14 @@ def _train_loop(config: Config, workdir: Path, data: Data, mesh: jax.sharding.Me
   state, progress = _restore(config, mesh, checkpointer, workdir)
   start_step = step = int(state.step)  # at most t.steps: open_workdir checked
   if start_step >= t.steps and RunSummary.exists(workdir):
-    log(f"{workdir} already holds a finished run of {t.steps} steps")
-    return RunSummary.load(workdir)
+    summary = RunSummary.load(workdir)
+    if summary.steps == start_step:
+      log(f"{workdir} already holds a finished run of {t.steps} steps")
+      return summary
+  if RunSummary.exists(workdir) and jax.process_index() == 0:
+    # A finished run trained on (train.steps raised), or one cut short at its latest
+    # checkpoint: its summary is out of date until this session writes the new one.
+    (workdir / "summary.json").unlink()
   progress.trained_by(loaded_code_version())
   writer = MetricWriter(workdir, resume_step=start_step)
   _log_setup(config, data, mesh, writer, start_step)
@@ -397,6 +418,9 @@ def _train_loop(config: Config, workdir: Path, data: Data, mesh: jax.sharding.Me
         checkpointer.save(step, state, progress.to_json(), val_loss=val_loss)
       if is_eval or is_save:  # keep evaluation and saving out of the next window's timing
         train_log.restart_window()
+  if step >= t.steps and progress.eval_step != step:
+    # train.steps lowered to a stopped run's latest checkpoint: no step ran to evaluate it.
+    evaluate(state, step, progress)
   writer.close()
   summary = _summarize(config, data, progress, train_log, step, completed=step >= t.steps,
                        workdir=workdir)
@@ -404,6 +428,7 @@ def _train_loop(config: Config, workdir: Path, data: Data, mesh: jax.sharding.Me
     log(f"stopped at step {step}; checkpoint saved. Run the same command with "
         f"--workdir={workdir} to resume.")
     return summary
+  checkpointer.wait()  # the summary says the run is done: its last checkpoint is on disk
   if jax.process_index() == 0:
     summary.save(workdir)
   log(f"done: final val loss {summary.final_val_loss:.4f}, best {summary.best_val_loss:.4f}. "

@@ -140,6 +140,20 @@ def test_a_checkpoint_that_is_not_the_configs_model_is_one_line(finished_run, tm
       evaluate.split_loss(edited)
 
 
+def test_a_checkpoint_removed_while_read_is_one_line(finished_run, monkeypatch):
+  """A run still training in the workdir keeps only its last few checkpoints: the one
+  listed can go before it is read."""
+  from chimera.checkpoints import Checkpointer
+  workdir, _, _ = finished_run
+
+  def removed(self, like_state, step=None):
+    raise FileNotFoundError(f"Checkpoint at {workdir}/checkpoints/{step} not found.")
+  monkeypatch.setattr(Checkpointer, "restore", removed)
+  with pytest.raises(ChimeraError, match=r"^--workdir: the checkpoint at step 12 in .* was "
+                                         r"removed while it was read \(is a run still"):
+    evaluate.restore_run(workdir)
+
+
 def test_bits_per_byte_count_the_bytes_of_the_tokens_scored(tmp_path, monkeypatch,
                                                             write_corpus):
   """A folder corpus: end-of-text tokens (0 bytes) between documents. Bits per byte divide

@@ -87,3 +87,14 @@ def test_a_fresh_start_drops_the_events_of_an_attempt_that_saved_no_checkpoint(t
   losses = [(e.step, v.simple_value) for e in tensorboard_events(tmp_path / "tensorboard")
             for v in e.summary.value]
   assert losses == [(10, 5.0)]
+
+
+def test_two_sessions_in_one_second_keep_both_event_files(tmp_path):
+  """tensorboardX names an event file by the second it opens in: a session that resumes
+  within that second must not write over the first one's events."""
+  for step in (1, 2):  # a start, and a resume from its step-1 checkpoint, back to back
+    writer = MetricWriter(tmp_path, resume_step=step - 1)
+    writer.write("train", step, {"loss": 1.0 / step})
+    writer.close()
+  steps = [e.step for e in tensorboard_events(tmp_path / "tensorboard") if e.summary.value]
+  assert steps == [1, 2]

@@ -330,6 +330,8 @@ def test_a_workdir_that_is_a_file_or_in_use_is_refused(make_config, corpus, tmp_
   config = make_config("dense", corpus, train__steps=2, train__warmup_steps=0)
   with pytest.raises(ChimeraError, match="is a file"):
     train(config, corpus)
+  with pytest.raises(ChimeraError, match=r"^--workdir: cannot create .*Not a directory"):
+    train(config, corpus / "run")
   workdir = tmp_path / "run"
   workdir.mkdir()
   with open(workdir / ".lock", "w") as lock:  # as a live run holds it
@@ -337,6 +339,38 @@ def test_a_workdir_that_is_a_file_or_in_use_is_refused(make_config, corpus, tmp_
     with pytest.raises(ChimeraError, match="in use by another live run"):
       train(config, workdir)
   assert train(config, workdir).completed  # released: the next run goes ahead
+
+
+def test_the_records_follow_the_checkpoints(make_config, corpus, tmp_path, monkeypatch):
+  """summary.json is written once the final checkpoint is on disk, goes while a run is
+  extended, and describes the step it names; every train row says how many steps it
+  averages; checkpoints without a config.json cannot be checked, so are not resumed."""
+  workdir = tmp_path / "run"
+  steps = lambda n, **kw: make_config("dense", corpus, train__steps=n, train__warmup_steps=0,
+                                      train__eval_every=4, train__checkpoint_every=2,
+                                      train__log_every=2, **kw)
+  save = RunSummary.save
+  on_disk = []
+  monkeypatch.setattr(RunSummary, "save", lambda self, workdir: (
+      on_disk.append(sorted(p.name for p in (workdir / "checkpoints").iterdir())),
+      save(self, workdir))[1])
+  assert train(steps(4), workdir).completed and on_disk == [["2", "4"]]
+  # Extended to 8 steps and stopped at 5: the 4-step summary no longer describes the run.
+  assert not train(steps(8), workdir, stop_after=1).completed
+  assert not RunSummary.exists(workdir)
+  # Then ended at its latest checkpoint: evaluated there, not left at step 4's loss.
+  summary = train(steps(5), workdir)
+  evals = read_events(workdir, "eval")
+  assert summary.completed and summary.steps == 5 and [r["step"] for r in evals] == [4, 5]
+  assert summary.final_val_loss == evals[-1]["val_loss"] != evals[0]["val_loss"]
+  assert RunSummary.load(workdir).steps == 5
+  rows = read_events(workdir, "train")
+  assert [r["step"] for r in rows] == [2, 4, 5]
+  assert [r["window_steps"] for r in rows] == [2, 2, 1]
+  (workdir / "config.json").unlink()
+  with pytest.raises(ChimeraError, match=r"holds checkpoints but no config\.json"):
+    train(steps(6), workdir)
+  assert not (workdir / "config.json").exists()  # nothing written over
 
 
 def test_a_start_that_saved_no_checkpoint_does_not_hold_the_workdir(make_config, corpus,

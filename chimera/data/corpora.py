@@ -66,6 +66,8 @@ def write_atomic(path: Path, data: bytes) -> None:
   try:
     with os.fdopen(fd, "wb") as f:
       f.write(data)
+      f.flush()
+      os.fsync(f.fileno())  # on disk before the rename makes it the file: no empty file
     os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide a shared cache from other users.
     os.replace(tmp, path)
   except BaseException:
