@@ -163,6 +163,23 @@ def test_sigterm_saves_and_resumes_exactly(make_config, corpus, tmp_path):
   chex.assert_trees_all_equal(state_a.params, state_b.params)
 
 
+def test_ctrl_c_outside_the_training_loop_is_one_line(corpus, tmp_path):
+  """Ctrl-C while the data is prepared or the step compiles (the loop turns it into a
+  checkpoint itself): one line and exit status 130, no traceback."""
+  interrupted = ("import sys; import chimera.train as t\n"
+                 "def train(*args, **kwargs): raise KeyboardInterrupt\n"
+                 "t.train = train\n"
+                 "from absl import app; from chimera import main\n"
+                 "sys.argv[0] = 'chimera.main'; app.run(main.main, flags_parser=main.parse_flags)")
+  result = subprocess.run(
+      [sys.executable, "-c", interrupted, *main_args("dense", corpus, tmp_path / "run", {})],
+      cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 130, result.stderr[-2000:]
+  assert [line for line in result.stderr.splitlines() if line.strip()] == [
+      "error: interrupted outside the training loop; the workdir keeps what it had (its "
+      "latest checkpoint, if any)"]
+
+
 @pytest.mark.slow
 def test_bad_config_is_one_line_before_compiling(corpus, tmp_path):
   cases = {
