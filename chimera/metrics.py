@@ -44,6 +44,7 @@ def truncate_after(path: Path, step: int) -> int:
 
 _SESSIONS = itertools.count()  # MetricWriters opened by this process
 
+
 class MetricWriter:
   """Appends one JSON object per event (each with `step`) and mirrors scalars to TensorBoard.
 

@@ -50,9 +50,10 @@ class TrainingDiverged(ChimeraError):
 def open_workdir(workdir: Path, config: Config):
   """Claims `workdir` for `config`'s run for the duration of the block.
 
-  Refuses (one-line ChimeraError) a path that is a file, a second live run on the same
-  workdir, a config that computes a different run than the one saved there, and fewer
-  train.steps than its checkpoints have reached. A workdir without a checkpoint holds no
+  Refuses (one-line ChimeraError) a path that is a file or cannot be made, a second live
+  run on the same workdir, a config that computes a different run than the one saved there
+  (or checkpoints without the config.json to check it against), and fewer train.steps than
+  its checkpoints have reached. A workdir without a checkpoint holds no
   run yet (a start that failed on bad input, or a run killed before its first save): its
   config.json is replaced, so the corrected command starts there. The lock is an flock
   held by this process: the kernel drops it when the process dies, so a killed run never
@@ -84,7 +85,8 @@ def open_workdir(workdir: Path, config: Config):
     saved = _check_steps(workdir, config)  # listed under the lock: no run can save meanwhile
     if saved:
       _check_same_run(workdir, config)
-    write_atomic(workdir / "config.json", json.dumps(config_lib.to_dict(config), indent=2).encode())
+    write_atomic(workdir / "config.json",
+                 json.dumps(config_lib.to_dict(config), indent=2).encode())
     yield saved
 
 
@@ -419,7 +421,8 @@ def _train_loop(config: Config, workdir: Path, data: Data, mesh: jax.sharding.Me
       if is_eval or is_save:  # keep evaluation and saving out of the next window's timing
         train_log.restart_window()
   if step >= t.steps and progress.eval_step != step:
-    # train.steps lowered to a stopped run's latest checkpoint: no step ran to evaluate it.
+    # train.steps lowered to a stopped run's latest checkpoint, or a checkpoint older than
+    # Progress.eval_step: no step of this session evaluated the run's end.
     evaluate(state, step, progress)
   writer.close()
   summary = _summarize(config, data, progress, train_log, step, completed=step >= t.steps,
