@@ -128,6 +128,8 @@ def _check_same_run(workdir: Path, config: Config) -> None:
     raise ChimeraError(f"--workdir: {path} is not a config this version can read ({error}); "
                        f"use a new workdir") from None
   differing = config_lib.run_differences(saved, config)
+  if "data.corpus" in differing and (workdir / "data.json").exists():
+    differing.remove("data.corpus")  # a moved corpus: check_same_data compares the text
   if differing:
     old, new = config_lib.to_dict(saved), config_lib.to_dict(config)
     changes = ", ".join(f"{key} ({_lookup(old, key)!r} -> {_lookup(new, key)!r})"
@@ -188,7 +190,8 @@ def prepare_data(config: Config) -> Data:
 def check_same_data(workdir: Path, data: Data, *, resuming: bool) -> None:
   """Refuses (one line) to go on with the run in `workdir` if its corpus changed since it
   started: its batches and its validation split would no longer be the run's (a file added
-  to a folder corpus can move documents between the splits). A fresh start (no checkpoint
+  to a folder corpus can move documents between the splits). The same text at another path
+  (a moved corpus) is the run's: data.json records the new path. A fresh start (no checkpoint
   yet, `resuming` False) holds no run: process 0 records the data there (data.json), for
   later resumes and chimera.evaluate to check."""
   path = workdir / "data.json"
@@ -199,11 +202,16 @@ def check_same_data(workdir: Path, data: Data, *, resuming: bool) -> None:
   if not path.exists():  # a run started before data.json was kept
     return
   saved = json.loads(path.read_text())
-  if saved != data.identity:
-    changed = ", ".join(f"{key} {saved.get(key)!r} -> {data.identity[key]!r}"
-                        for key in data.identity if saved.get(key) != data.identity[key])
+  changed = [key for key in data.identity if saved.get(key) != data.identity[key]]
+  if changed == ["corpus"]:  # the same text (content hash, split sizes) read from elsewhere
+    log(f"data: the corpus moved ({saved['corpus']} -> {data.identity['corpus']}); "
+        f"its text is the run's")
+    if jax.process_index() == 0:
+      write_atomic(path, json.dumps(data.identity, indent=2).encode())
+  elif changed:
+    changes = ", ".join(f"{key} {saved.get(key)!r} -> {data.identity[key]!r}" for key in changed)
     raise ChimeraError(f"--workdir: {workdir} holds a run of other text: the corpus changed "
-                       f"since it started ({changed}). Restore the corpus or use a new workdir")
+                       f"since it started ({changes}). Restore the corpus or use a new workdir")
 
 
 # --- Between steps: the clock, the metric window, evaluation. -----------------------------

@@ -335,10 +335,17 @@ def test_a_workdir_holds_one_run(make_config, corpus, tmp_path):
   # The same config over changed text is another run: resuming it, or scoring it on the
   # new split, is refused in one line.
   assert json.loads((workdir / "data.json").read_text())["corpus"] == str(corpus)
-  corpus.write_text(corpus.read_text() + "\nthe king will speak\n")
+  # The same text moved elsewhere is the same run; data.json follows it.
+  moved = tmp_path / "moved" / "corpus.txt"
+  moved.parent.mkdir()
+  corpus.rename(moved)
+  assert train(make_config("dense", moved, train__steps=5, train__warmup_steps=0),
+               workdir).steps == 5
+  assert json.loads((workdir / "data.json").read_text())["corpus"] == str(moved)
+  moved.write_text(moved.read_text() + "\nthe king will speak\n")
   with pytest.raises(ChimeraError, match=r"^--workdir: .* holds a run of other text: the "
                                          r"corpus changed since it started \(content_hash"):
-    train(make_config("dense", corpus, train__steps=6, train__warmup_steps=0), workdir)
+    train(make_config("dense", moved, train__steps=6, train__warmup_steps=0), workdir)
   with pytest.raises(ChimeraError, match=r"holds a run of other text"):
     evaluate.split_loss(workdir)
 
