@@ -381,12 +381,11 @@ def _train_loop(config: Config, workdir: Path, data: Data, mesh: jax.sharding.Me
   t = config.train
   state, progress = _restore(config, mesh, checkpointer, workdir)
   start_step = step = int(state.step)  # at most t.steps: open_workdir checked
-  if start_step >= t.steps and RunSummary.exists(workdir):
-    summary = RunSummary.load(workdir)
-    if summary.steps == start_step:
-      log(f"{workdir} already holds a finished run of {t.steps} steps")
-      return summary
-  if RunSummary.exists(workdir) and jax.process_index() == 0:
+  summary = RunSummary.load(workdir) if RunSummary.exists(workdir) else None
+  if summary and summary.steps == start_step == t.steps:
+    log(f"{workdir} already holds a finished run of {t.steps} steps")
+    return summary
+  if summary and jax.process_index() == 0:
     # A finished run trained on (train.steps raised), or one cut short at its latest
     # checkpoint: its summary is out of date until this session writes the new one.
     (workdir / "summary.json").unlink()

@@ -15,6 +15,7 @@ from chimera import config as config_lib  # noqa: E402
 jax.config.update("jax_platforms", os.environ["JAX_PLATFORMS"])  # if jax was imported first
 
 ROOT = Path(__file__).resolve().parents[1]
+SHIPPED_CONFIGS = sorted((ROOT / "configs").glob("*.py"))  # every configs/*.py
 
 
 @pytest.fixture(scope="session", autouse=True)

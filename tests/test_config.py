@@ -15,10 +15,7 @@ from chimera import accounting, bench, config as config_lib, presets
 from chimera.config import Config, ModelConfig
 from chimera.decoder import Decoder
 from chimera.errors import ChimeraError
-
-from pathlib import Path
-
-CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.py"))
+from conftest import SHIPPED_CONFIGS as CONFIGS
 
 
 @pytest.mark.parametrize("preset", sorted(presets.PRESETS))

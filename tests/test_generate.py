@@ -3,7 +3,6 @@
 import dataclasses
 import subprocess
 import sys
-from pathlib import Path
 
 import chex
 import jax
@@ -16,6 +15,7 @@ from chimera.decoder import Decoder
 from chimera.errors import ChimeraError
 from chimera.generate import (cast_once, check_length, decode, decode_notes, generate,
                               new_tokens_in_context, prefill)
+from conftest import SHIPPED_CONFIGS
 
 BASE = ModelConfig(vocab_size=40, num_layers=2, num_heads=2, d_model=16, d_ff=32, max_len=16)
 
@@ -46,10 +46,7 @@ def test_greedy_generation_equals_naive_full_forward(config):
   chex.assert_trees_all_close(logits, naive_logits, atol=1e-5, rtol=1e-5)
 
 
-SHIPPED = sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "configs").glob("*.py"))
-
-
-@pytest.mark.parametrize("name", SHIPPED)
+@pytest.mark.parametrize("name", [path.stem for path in SHIPPED_CONFIGS])
 def test_weights_cast_once_give_the_same_bits(name, make_config, corpus):
   """Every shipped config, in bfloat16: the model computes the same logits, in a full pass
   and a decode step, from weights cast once (generate's loop) as from float32 ones."""
