@@ -15,9 +15,16 @@ The study's models:
 - moe_top1, moe_top2, moe_fine: configs/<name>.py, compute-matched to dense (model FLOPs
   per token within 10%, checked here before anything trains);
 - dense_wide: the dense model with moe_top2's total parameters, all of them active
-  (d_ff = (E + shared) * expert_d_ff).
+  (d_ff = (E + shared) * expert_d_ff when every layer is MoE; with moe_every or
+  first_moe_layer, moe_top2's feed-forward parameters spread over all layers).
 A sweep trains its base config once per point (chimera.study_sweeps) beside dense, one
 seed per point unless --seeds says otherwise.
+
+A --set value applies to every model that reads it: settings only an MoE reads
+(config.MOE_ONLY) leave dense and dense_wide as they are, so they stay the same runs.
+Refused, in one line: --set of model.num_experts or model.top_k in the study (they tell
+moe_top1, moe_top2 and moe_fine apart: sweep them instead), seeds and names anywhere
+(--seeds sets them), and a --set or --base_set of a field the sweep's points set.
 
 Every run is a normal training run in runs/compare/<config hash>/, so an interrupted study
 resumes where it stopped, and runs shared between studies (the same config and seed)
@@ -116,7 +123,7 @@ class Study:
   slug: str  # the report's folder under results/
   sweep: str | None = None  # the --sweep value, for a sweep
   base_set: tuple[str, ...] = ()  # its --base_set values, "section.field=value"
-  sets: tuple[str, ...] = ()  # the --set values over every model, "section.field=value"
+  sets: tuple[str, ...] = ()  # the --set values over the models, "section.field=value"
   base: str | None = None  # a sweep's --base, when given
   default_seeds: tuple[int, ...] = ()  # the seeds it trains without --seeds
 
@@ -143,11 +150,29 @@ class Study:
     return self.base is None or Path(self.base).stem == "moe_top2"
 
 
+# Set for each run from --seeds and the model's name, never by --set, --base_set or a sweep.
+PER_RUN = ("name", "train.seed", "data.seed")
+# What tells the study's MoE configs apart: one --set value would make them alike.
+STUDY_DEFINING = ("model.num_experts", "model.top_k")
+
+
+def check_keys(flag: str, keys) -> None:
+  for key in keys:
+    if key in PER_RUN:
+      raise ChimeraError(f"{flag}: {key} is set for each run from --seeds and the model's "
+                         f"name; choose seeds with --seeds")
+
+
 def load(path: str, preset: StudyPreset, overrides: dict) -> Config:
   return config_lib.load(f"{path}:{preset.config_preset}", {**preset.overrides, **overrides})
 
 
 def make_model(name: str, role: str, path: str, preset: StudyPreset, overrides: dict) -> Model:
+  """A model of the study. The dense ones (dense, dense_wide) take no MoE-only setting:
+  --set=model.num_experts=32 is for the MoE models, and a setting a dense model would
+  ignore must not make it a new run (runs are keyed by their whole config)."""
+  if role in ("baseline", "reference"):
+    overrides = {k: v for k, v in overrides.items() if k not in config_lib.MOE_ONLY}
   return Model(name, load(path, preset, overrides), role, f"{path}:{preset.config_preset}",
                {**preset.overrides, **overrides})
 
@@ -166,7 +191,11 @@ def study_models(preset: StudyPreset, overrides: dict) -> list[Model]:
   """dense, the compute-matched MoE configs and dense_wide, at the preset."""
   moes = [make_model(name, "moe", f"configs/{name}.py", preset, overrides) for name in MOE_CONFIGS]
   top2 = next(m.config.model for m in moes if m.name == "moe_top2")
-  wide_ff = (top2.num_experts + top2.num_shared_experts) * top2.expert_d_ff
+  # moe_top2's feed-forward parameters spread over every layer: its MoE layers hold E + S
+  # experts of expert_d_ff, the others (moe_every, first_moe_layer) a dense MLP of d_ff.
+  moe_layers = top2.num_moe_layers
+  wide_ff = round(((top2.num_experts + top2.num_shared_experts) * top2.expert_d_ff * moe_layers
+                   + top2.d_ff * (top2.num_layers - moe_layers)) / top2.num_layers)
   models = [make_model("dense", "baseline", "configs/dense.py", preset, overrides), *moes,
             make_model("dense_wide", "reference", "configs/dense.py", preset,
                   {**overrides, "model.d_ff": wide_ff})]
@@ -196,6 +225,12 @@ def sweep_models(sweep: str, base: str | None, preset: StudyPreset, overrides: d
   else:
     raise ChimeraError(f"--sweep: expected one of {', '.join(study_sweeps.SWEEPS)} or "
                        f"section.field=v1,v2,..., got {sweep!r}")
+  for flag, given in (("--set", overrides), ("--base_set", base_overrides)):
+    for key in given:
+      setting = [name for name, point in points if key in point]
+      if setting:
+        raise ChimeraError(f"{flag}={key}: the sweep sets {key} at its points "
+                           f"({', '.join(setting)}), so this value would be dropped")
   if base_overrides:
     question += " at " + ", ".join(f"{key}={value}" for key, value in base_overrides.items())
   models = [make_model("dense", "baseline", "configs/dense.py", preset, overrides)]
@@ -213,13 +248,18 @@ def sets_suffix(sets: tuple[str, ...], word: str = "with") -> str:
 
 def make_study(preset_name: str, sweep: str | None, base: str | None, overrides: dict,
                base_overrides: dict | None = None, sets: dict | None = None) -> Study:
-  """The study of a preset, or a sweep. `overrides` apply to every model (the --set values,
-  `sets`, among them); `base_overrides` to a sweep's base only. The --set and --base_set
+  """The study of a preset, or a sweep. `overrides` apply to every model that reads them
+  (the --set values, `sets`, among them; see `make_model`); `base_overrides` to a sweep's
+  base only. The --set and --base_set
   values name the report's folder, and so does a --base other than the sweep's own, so a
   study that changes them never writes over the plain one
   (cpu-sweep-num_experts-with-batch_size-64, cpu-sweep-balancing-at-num_experts-32,
   cpu-sweep-num_experts-over-moe_fine)."""
   preset, base_overrides, sets = PRESETS[preset_name], base_overrides or {}, sets or {}
+  check_keys("--set", overrides)
+  check_keys("--base_set", base_overrides)
+  if sweep and "=" in sweep:
+    check_keys("--sweep", [sweep.partition("=")[0]])
   if base and ":" in base:
     raise ChimeraError(f"--base: a config file without a preset (the study's preset "
                        f"{preset.config_preset!r} is added to it), got {base!r}")
@@ -229,6 +269,12 @@ def make_study(preset_name: str, sweep: str | None, base: str | None, overrides:
   if sweep is None:
     if base_overrides:
       raise ChimeraError("--base_set: only with --sweep (the study's models are its configs)")
+    for key in STUDY_DEFINING:
+      if key in overrides:
+        raise ChimeraError(
+            f"--set={key}={overrides[key]}: the study's MoE configs ({', '.join(MOE_CONFIGS)}) "
+            f"differ in {key}, and one value would make them alike; vary it with "
+            f"--sweep={key}=v1,v2,...")
     return Study(f"MoE against dense at equal compute ({preset_name} preset{with_sets})",
                  preset_name, study_models(preset, overrides), preset_name + suffix,
                  sets=given(sets), default_seeds=preset.seeds)
@@ -396,7 +442,7 @@ def main(argv):
     overrides = dict(map(bench.parse_override, _SET.value))
     if _CORPUS.value:
       overrides["data.corpus"] = _CORPUS.value
-    if _STEPS.value:
+    if _STEPS.value is not None:
       overrides["train.steps"] = _STEPS.value
     study = make_study(_PRESET.value, _SWEEP.value, _BASE.value, overrides,
                        dict(map(bench.parse_override, _BASE_SET.value)),

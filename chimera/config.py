@@ -31,8 +31,8 @@ class ModelConfig:
 
   Derived fields (None = derive) are resolved when the config is built, from the final
   values of the fields they follow, so `--config.model.d_ff=...` keeps an MoE matched:
-  - expert_d_ff: d_ff // (top_k + num_shared_experts), the same active hidden size per
-    token as the dense MLP;
+  - expert_d_ff: d_ff / (top_k + num_shared_experts), the same active hidden size per
+    token as the dense MLP (a d_ff that is not a multiple of it is refused);
   - renormalize_gates: on when top_k >= 2;
   - group_size: one sequence (train.context tokens) per routing group.
   They are filled in when the dataclass is built: `dataclasses.replace(m, top_k=4)` keeps
@@ -89,8 +89,13 @@ class ModelConfig:
   def __post_init__(self):
     # Frozen, so derived fields are filled through object.__setattr__, once.
     if self.expert_d_ff is None:
-      object.__setattr__(self, "expert_d_ff",
-                         max(1, self.d_ff // max(1, self.top_k + self.num_shared_experts)))
+      active = self.top_k + self.num_shared_experts
+      if 1 <= self.top_k <= self.num_experts and self.num_shared_experts >= 0:  # else: validate
+        _check(self.d_ff % active == 0 and self.d_ff >= active, "model.d_ff",
+               f"{self.d_ff} is not a multiple of model.top_k + model.num_shared_experts = "
+               f"{active}, so the derived expert width cannot match the dense MLP's "
+               f"hidden size per token: set model.expert_d_ff")
+      object.__setattr__(self, "expert_d_ff", max(1, self.d_ff // max(1, active)))
     if self.renormalize_gates is None:
       object.__setattr__(self, "renormalize_gates", self.top_k >= 2)
 
@@ -171,6 +176,17 @@ class Config:
 
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "mesh": MeshConfig}
 
+# The fields only an MoE reads: a dense model (model.num_experts 0) computes the same run
+# whatever they hold, so a setting meant for the experts is never a dense model's.
+MOE_ONLY = ("model.num_experts", "model.top_k", "model.expert_d_ff",
+            "model.num_shared_experts", "model.router", "model.priority",
+            "model.renormalize_gates", "model.capacity_factor", "model.eval_capacity_factor",
+            "model.min_capacity", "model.group_size", "model.dispatch", "model.router_jitter",
+            "model.expert_init", "model.expert_init_scale", "model.moe_every",
+            "model.first_moe_layer", "model.load_balance_coef", "model.load_balance_scope",
+            "model.router_bias_rate", "model.z_loss_coef", "train.router_lr_scale",
+            "train.router_weight_decay", "train.expert_lr_scale", "train.expert_weight_decay")
+
 # Fields that do not change what a run computes: a workdir's run may be resumed with
 # other values of these (see `run_differences`). The mesh is one: a checkpoint restores
 # onto any mesh, and sharded training equals one device's.
@@ -212,6 +228,9 @@ def _check(ok: bool, field: str, message: str) -> None:
 
 
 _FLOAT32_MAX = 3.4028234663852886e38
+# jax.random.key keeps a seed's low 32 bits (2**32 is seed 0's key), and the run also
+# draws from train.seed + 1: larger seeds would repeat smaller ones' runs.
+MAX_SEED = 2**32 - 2
 
 
 def _check_fields(section: str, value) -> None:
@@ -318,8 +337,9 @@ def validate(c: Config) -> None:
   _check(0.0 < d.val_fraction < 1.0, "data.val_fraction",
          f"must be in (0, 1), got {d.val_fraction}")
   _check(bool(d.corpus), "data.corpus", "is empty")
-  _check(d.seed >= 0, "data.seed", f"must be >= 0, got {d.seed}")
-  _check(t.seed >= 0, "train.seed", f"must be >= 0, got {t.seed}")
+  for name, seed in (("data.seed", d.seed), ("train.seed", t.seed)):
+    _check(seed >= 0, name, f"must be >= 0, got {seed}")
+    _check(seed <= MAX_SEED, name, f"must be in [0, {MAX_SEED}], got {seed}")
   _check(bool(d.text_field), "data.text_field", "is empty")
   _check_positive("mesh", c.mesh, ("data", "expert"))
   _validate_groups(c)
@@ -407,6 +427,11 @@ def load(spec: str, overrides: dict | None = None) -> Config:
     expected = _type_name(annotation)
     if value is None and type(None) not in typing.get_args(annotation):
       raise ChimeraError(f"config.{key}: expected {expected}, got None")
+    # ConfigDict takes True for an int or a float field (bool is an int to Python); only
+    # expert_weight_decay, a bool in older configs, reads true/false as 1 and 0.
+    if (isinstance(value, bool) and annotation is not bool and bool not in
+        typing.get_args(annotation) and key != "train.expert_weight_decay"):
+      raise ChimeraError(f"config.{key}: expected {expected}, got {value!r}")
     try:
       setattr(config_dict[section], field, value)
     except TypeError:  # the locked ConfigDict keeps each field's type

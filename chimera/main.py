@@ -30,16 +30,22 @@ def parse_flags(argv: list[str]) -> list[str]:
     _CONFIG.value["model"]  # config files load lazily: make their errors surface here
     return remaining
   except Exception as error:  # absl and ml_collections raise several kinds here
-    text = str(error).replace("\\n", "\n")
-    lines = [line.strip(" '\"\\") for line in text.splitlines() if line.strip()]
+    text = str(error).strip()
+    if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":  # a KeyError's repr
+      text = text[1:-1]
+    text = text.replace("\\n", "\n").replace("\\'", "'")
+    lines = [line.strip(" \\") for line in text.splitlines() if line.strip(" \\")]
     # A config file that failed to import carries its whole traceback: keep the last line.
     message = lines[-1] if "Traceback" in text else " ".join(lines)
     message = message.removeprefix("chimera.errors.ChimeraError: ")
-    if " " not in message:  # ml_collections names only the unknown key: say which flag
+    key = lines[0].strip("'\"") if lines else ""
+    if " " not in key:  # ml_collections names the unknown key (and a guess): say which flag
       flag = next((arg.split("=")[0] for arg in argv[1:] if arg.startswith("--config.")
-                   and message in arg.split("=")[0].split(".")), None)
+                   and key in arg.split("=")[0].split(".")), None)
       if flag:
-        message = f"{flag}: no such config field {message!r}"
+        guess = " ".join(lines[1:])
+        message = f"{flag}: no such config field {key!r}" + (
+            f"; {guess[0].lower()}{guess[1:]}" if guess else "")
     print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
 

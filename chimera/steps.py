@@ -123,7 +123,7 @@ def train_step(state: TrainState, tokens: jax.Array, rng: jax.Array, *, model: n
     grads, (loss_sums, stats) = jax.lax.scan(micro_step, zeros, (jnp.arange(accum), tokens))
     grads = jax.tree.map(lambda g: g / accum, grads)
   new_state = state.apply_gradients(grads=grads)
-  if config.router_bias_rate > 0:  # auxiliary-loss-free balancing: after the step
+  if config.num_experts and config.router_bias_rate > 0:  # aux-loss-free balancing, after the step
     new_state = new_state.replace(model_state={
         **state.model_state, "router_bias": update_router_bias(
             state.model_state["router_bias"], stats["expert_load"].mean(axis=0),

@@ -36,6 +36,10 @@ def granularity(base: Config) -> list[Point]:
   """Experts split g ways (E*g experts of H/g, top k*g): the total and active expert
   parameters and the model FLOPs stay those of the base; only the router grows."""
   m = base.model
+  if m.num_shared_experts:
+    raise ChimeraError(f"--sweep=granularity: the base has model.num_shared_experts="
+                       f"{m.num_shared_experts}, whose width is expert_d_ff too: splitting "
+                       f"the experts would shrink the shared ones and the active parameters")
   points = []
   for g in (1, 2, 4, 8):
     if m.expert_d_ff % g:

@@ -335,8 +335,8 @@ def test_sweeps_hold_what_they_claim(corpus):
                             overrides).slug == "cpu-sweep-num_experts"
   assert compare.make_study("cpu", "balancing", "configs/moe_fine.py",
                             overrides).slug == "cpu-sweep-balancing-over-moe_fine"
-  # --set changes every model, dense included, and names the report's folder, so such a
-  # study never writes over the plain one.
+  # --set changes every model it applies to, dense included, and names the report's folder,
+  # so such a study never writes over the plain one.
   sets = {"train.batch_size": 64, "train.steps": 1250}
   wider = compare.make_study("cpu", "model.num_experts=16,32", None, {**overrides, **sets},
                              None, sets)
@@ -350,6 +350,51 @@ def test_sweeps_hold_what_they_claim(corpus):
   _, models = compare.sweep_models("init", None, preset, overrides)
   assert [(m.config.model.expert_init, m.config.model.expert_init_scale)
           for m in models[1:]] == [("switch", 0.1), ("switch", 1.0), ("dense", 0.1)]
+
+
+def test_study_settings_keep_the_comparison(corpus):
+  """--set, --base_set and --sweep cannot quietly change what is compared: an MoE setting
+  never makes dense an MoE or a new run, dense_wide keeps moe_top2's parameters when only
+  some layers are MoE, and settings the study makes itself, or would drop, are refused."""
+  overrides = {"data.corpus": str(corpus)}
+  plain = compare.make_study("cpu", None, None, overrides)
+  key = lambda model: compare.run_dir(Path("r"), model.config)
+  # An MoE-only setting reaches every MoE and leaves dense and dense_wide the plain runs.
+  coef = compare.make_study("cpu", None, None, {**overrides, "model.load_balance_coef": 0.02})
+  for model, before in zip(coef.models, plain.models, strict=True):
+    if model.role == "moe":
+      assert model.config.model.load_balance_coef == 0.02
+    else:
+      assert key(model) == key(before) and model.config.model.num_experts == 0
+  # In a sweep, --set=model.num_experts=32 is for the points; dense stays dense.
+  sweep = compare.make_study("cpu", "balancing", None, {**overrides, "model.num_experts": 32})
+  assert key(sweep.models[0]) == key(plain.models[0])
+  assert {m.config.model.num_experts for m in sweep.models[1:]} == {32}
+  # dense_wide holds moe_top2's total parameters when only some layers are MoE.
+  for every, first in ((1, 0), (2, 0), (1, 1)):
+    study = compare.make_study("cpu", None, None, {
+        **overrides, "model.moe_every": every, "model.first_moe_layer": first})
+    counts = {m.name: accounting.count(m.config.model, m.config.train.context).params_total
+              for m in study.models}
+    assert counts["dense_wide"] == pytest.approx(counts["moe_top2"], rel=0.01), (every, first)
+  assert plain.models[-1].config.model.d_ff == 8 * shipped_width(
+      compare.PRESETS["cpu"], overrides)  # every layer MoE: E experts of expert_d_ff
+  refusals = [
+      ({"model.top_k": 1}, None, {}, r"--set=model.top_k=1: the study's MoE configs"),
+      ({"model.num_experts": 16}, None, {}, r"--set=model.num_experts=16: the study's MoE"),
+      ({"train.seed": 7}, None, {}, r"--set: train.seed is set for each run from --seeds"),
+      ({}, "balancing", {"data.seed": 3}, r"--base_set: data.seed is set for each run"),
+      ({}, "train.seed=0,1", {}, r"--sweep: train.seed is set for each run"),
+      ({}, "model.num_experts=4,8", {"model.num_experts": 32},
+       r"--base_set=model.num_experts: the sweep sets model.num_experts at its points"),
+      ({"model.num_experts": 32}, "model.num_experts=4,8", {},
+       r"--set=model.num_experts: the sweep sets model.num_experts at its points"),
+      ({}, "granularity", {"model.num_shared_experts": 1, "model.top_k": 1},
+       r"--sweep=granularity: the base has model.num_shared_experts=1"),
+  ]
+  for sets, sweep, base_set, message in refusals:
+    with pytest.raises(ChimeraError, match="^" + message):
+      compare.make_study("cpu", sweep, None, {**overrides, **sets}, base_set)
 
 
 # --- The whole pipeline on the tiny preset. ---------------------------------------------------
@@ -646,6 +691,7 @@ def test_a_report_folder_is_not_replaced_by_another_study(tmp_path):
 @pytest.mark.parametrize("tool, args, message", [
     ("compare", ["--seeds=a"], "error: --seeds: expected non-negative integers, got 'a'"),
     ("compare", ["--seeds=0,1,0"], "error: --seeds: each seed once, got '0,1,0'"),
+    ("compare", ["--train_steps=0"], "error: config.train.steps: must be > 0, got 0"),
     ("report", ["--readme=MISSING.md"], "error: --readme: MISSING.md is not a file"),
     ("scaling", ["--config=configs/moe_top2.py:tiny", "--mesh=2"],
      "error: --mesh: expected data,expert (two positive integers), got '2'"),

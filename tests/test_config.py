@@ -176,6 +176,46 @@ def test_a_negative_seed_is_refused_before_compiling(key):
     config_lib.load(f"{CONFIGS[0].parent}/dense.py:tiny", {key: -1})
 
 
+@pytest.mark.parametrize("key", ["data.seed", "train.seed"])
+def test_a_seed_that_would_repeat_another_is_refused(key):
+  """jax.random.key keeps a seed's low 32 bits (2**32 trained seed 0's run again), and the
+  run also draws from train.seed + 1."""
+  dense = f"{CONFIGS[0].parent}/dense.py:tiny"
+  accepted = config_lib.load(dense, {key: config_lib.MAX_SEED})
+  assert getattr(accepted, key.split(".")[0]).seed == 2**32 - 2
+  with pytest.raises(ChimeraError, match=rf"^config.{key}: must be in \[0, 4294967294\], "
+                                         rf"got 4294967296$"):
+    config_lib.load(dense, {key: 2**32})
+
+
+def test_a_boolean_for_a_number_is_refused():
+  """ConfigDict takes True for an int or a float field; chimera.compare's --set and --sweep
+  parse "true" as True, which trained top_k=True as top_k=1 under another name."""
+  moe = f"{CONFIGS[0].parent}/moe_top2.py:tiny"
+  with pytest.raises(ChimeraError, match=r"^config.model.top_k: expected int, got True$"):
+    config_lib.load(moe, {"model.top_k": True})
+  with pytest.raises(ChimeraError, match=r"^config.train.learning_rate: expected float, "
+                                         r"got True$"):
+    config_lib.load(moe, {"train.learning_rate": True})
+  # expert_weight_decay was a bool: older config.json files and commands still say so.
+  assert config_lib.load(moe, {"train.expert_weight_decay": False}).train.expert_weight_decay == 0
+  assert config_lib.load(moe, {"model.renormalize_gates": False}).model.renormalize_gates is False
+
+
+def test_a_derived_expert_width_that_cannot_match_dense_is_refused():
+  """expert_d_ff = d_ff / (top_k + shared) only when that divides: d_ff=100 at moe_fine's
+  top-8 floored to 12 (96 active units against dense's 100), and d_ff=4 clamped to 1 (8)."""
+  fine = f"{CONFIGS[0].parent}/moe_fine.py:tiny"
+  for d_ff in (100, 4):
+    with pytest.raises(ChimeraError, match=rf"^config.model.d_ff: {d_ff} is not a multiple of "
+                                           rf"model.top_k \+ model.num_shared_experts = 8"):
+      config_lib.load(fine, {"model.d_ff": d_ff})
+  assert config_lib.load(fine, {"model.d_ff": 104}).model.expert_d_ff == 13
+  assert config_lib.load(fine, {"model.d_ff": 100, "model.expert_d_ff": 12}).model.expert_d_ff == 12
+  dense = config_lib.load(f"{CONFIGS[0].parent}/dense.py:tiny", {"model.d_ff": 101})
+  assert dense.model.d_ff == 101  # a dense model has no experts to match
+
+
 def test_a_local_corpus_path_is_made_absolute(tmp_path, monkeypatch):
   """A run resumed or evaluated from another directory reads the same text."""
   monkeypatch.chdir(tmp_path)
