@@ -227,7 +227,7 @@ def _check(ok: bool, field: str, message: str) -> None:
     raise ChimeraError(f"config.{field}: {message}")
 
 
-_FLOAT32_MAX = 3.4028234663852886e38
+FLOAT32_MAX = 3.4028234663852886e38
 # jax.random.key keeps a seed's low 32 bits (2**32 is seed 0's key), and the run also
 # draws from train.seed + 1: larger seeds would repeat smaller ones' runs.
 MAX_SEED = 2**32 - 2
@@ -243,7 +243,7 @@ def _check_fields(section: str, value) -> None:
     _check(not allowed or current in allowed, f"{section}.{field.name}",
            f"expected one of {', '.join(map(repr, allowed))}, got {current!r}")
     if isinstance(current, float):
-      _check(math.isfinite(current) and abs(current) <= _FLOAT32_MAX,
+      _check(math.isfinite(current) and abs(current) <= FLOAT32_MAX,
              f"{section}.{field.name}", f"must be a finite number, got {current}")
 
 

@@ -75,6 +75,15 @@ def restore_run(workdir: str | Path, step: int | None = None):
   except (TypeError, KeyError, ValueError) as error:
     raise ChimeraError(f"--workdir: {config_path} is not a config this version can read "
                        f"({error})") from None
+  except ChimeraError as error:  # a derived field that cannot be resolved
+    raise ChimeraError(f"--workdir: {config_path}: {error}") from None
+  try:
+    config_lib.validate(config)
+  except ChimeraError as error:
+    raise ChimeraError(f"--workdir: {config_path}: {error}") from None
+  except TypeError as error:  # a field of the wrong type (null for a number)
+    raise ChimeraError(f"--workdir: {config_path} is not a config this version can read "
+                       f"({error})") from None
   available = []
   if (workdir / "checkpoints").is_dir():  # checked first: the manager would make the folder
     checkpointer = Checkpointer(workdir / "checkpoints", keep=config.train.keep_checkpoints)
@@ -86,15 +95,27 @@ def restore_run(workdir: str | Path, step: int | None = None):
     raise ChimeraError(f"--step: no checkpoint at step {step} in {workdir} (it has "
                        f"{', '.join(map(str, available))})")
   try:
-    state, _ = checkpointer.restore(init_state(config), step)
+    state, meta = checkpointer.restore(init_state(config), step)
   except CheckpointMismatch as error:  # a config.json copied from, or edited after, another run
     raise ChimeraError(f"--workdir: {config_path} does not describe the checkpoint at "
                        f"step {step}: {error.difference}") from None
   except FileNotFoundError:  # deleted under us: a run still training here keeps only the last few
     raise ChimeraError(f"--workdir: the checkpoint at step {step} in {workdir} was removed "
                        f"while it was read (is a run still training there?); try again") from None
+  except (KeyError, ValueError, OSError, RuntimeError) as error:  # orbax's, on a damaged one
+    raise ChimeraError(f"--workdir: the checkpoint at step {step} in {workdir} cannot be "
+                       f"read, incomplete or damaged ({type(error).__name__}); the run's "
+                       f"checkpoints: {', '.join(map(str, available))} (--step)") from None
   finally:
     checkpointer.close()
+  # The config the checkpoint was saved with (checkpoints since 2026-11-28 record it):
+  # arrays of the same shapes do not make it the same model (top_k, heads, the router).
+  if meta.get("config"):
+    differing = [key for key in config_lib.run_differences(
+        config_lib.from_dict(meta["config"]), config) if key != "data.corpus"]  # may move
+    if differing:
+      raise ChimeraError(f"--workdir: {config_path} does not describe the checkpoint at "
+                         f"step {step}: it was saved with other {', '.join(differing)}")
   return config, state, step
 
 

@@ -1,7 +1,7 @@
 """Sampling with a static-shape key/value cache.
 
   python -m chimera.generate --workdir=runs/moe_top2-... --prompt="ROMEO:" \
-      --max_new_tokens=200 --temperature=0.8 --top_k=40
+      --max_new_tokens=200 --temperature=0.8 --top_k=40 [--step=N]   # N: a checkpoint
 
 The prompt is run through the model once (prefill), filling each layer's cache; then one
 token per step goes through `jax.lax.scan`, so the whole generation is one compiled
@@ -26,7 +26,7 @@ import numpy as np
 from absl import app, flags, logging
 
 from chimera import compile_cache
-from chimera.config import ModelConfig
+from chimera.config import FLOAT32_MAX, MAX_SEED, ModelConfig
 from chimera.decoder import Decoder
 from chimera.errors import ChimeraError
 from chimera.layers import compute_dtype
@@ -42,13 +42,21 @@ def init_cache(config: ModelConfig, batch_size: int):
 
 
 def sample_logits(logits: jax.Array, rng: jax.Array, temperature: float, top_k: int) -> jax.Array:
-  """logits [B, V] -> token ids [B]. temperature 0 is greedy; top_k 0 keeps every token."""
-  if temperature == 0:
+  """logits [B, V] -> token ids [B]. temperature 0 is greedy; top_k 0 keeps every token.
+
+  The top k are chosen before the temperature scales anything, and the logits are scaled
+  from their maximum, so extreme temperatures reach their limits: greedy where 1 /
+  temperature overflows float32, uniform over the top k where it underflows (dividing the
+  raw logits overflowed: at 1e-40 every positive logit became inf, and the lowest such id
+  was sampled, even outside the top k)."""
+  if temperature == 0 or 1 / temperature > FLOAT32_MAX:
     return jnp.argmax(logits, axis=-1)
-  logits = logits / temperature
   if top_k:
     kth_best = jax.lax.top_k(logits, top_k)[0][:, -1:]
     logits = jnp.where(logits < kth_best, -jnp.inf, logits)
+  shifted = logits - jnp.max(logits, axis=-1, keepdims=True)
+  # Excluded ids stay -inf: a tiny 1 / temperature can flush to 0, and -inf * 0 is NaN.
+  logits = jnp.where(jnp.isneginf(shifted), -jnp.inf, shifted / temperature)
   return jax.random.categorical(rng, logits, axis=-1)
 
 
@@ -150,6 +158,8 @@ def cast_once(params, config: ModelConfig):
 def check_length(config: ModelConfig, prompt_length: int, max_new_tokens: int) -> None:
   if prompt_length < 1:
     raise ChimeraError("prompt: is empty")
+  if max_new_tokens < 1:
+    raise ChimeraError(f"max_new_tokens: must be >= 1, got {max_new_tokens}")
   if prompt_length + max_new_tokens > config.max_len:
     raise ChimeraError(
         f"prompt: {prompt_length} prompt tokens + max_new_tokens={max_new_tokens} exceed the "
@@ -195,6 +205,7 @@ def define_flags() -> None:
   flags.DEFINE_float("temperature", 0.8, "Sampling temperature; 0 is greedy.")
   flags.DEFINE_integer("top_k", 40, "Sample among the k likeliest tokens; 0 for all.")
   flags.DEFINE_integer("seed", 0, "Sampling seed.")
+  flags.DEFINE_integer("step", None, "The checkpoint to sample (default: the latest).")
 
 
 def main(argv):
@@ -210,9 +221,12 @@ def main(argv):
       raise ChimeraError("--workdir is required")
     if FLAGS.max_new_tokens is not None and FLAGS.max_new_tokens < 1:
       raise ChimeraError(f"--max_new_tokens: must be >= 1, got {FLAGS.max_new_tokens}")
-    if not (math.isfinite(FLAGS.temperature) and FLAGS.temperature >= 0):
-      raise ChimeraError(f"--temperature: must be >= 0 (0 is greedy), got {FLAGS.temperature}")
-    config, state, _ = restore_run(FLAGS.workdir)
+    if not (math.isfinite(FLAGS.temperature) and 0 <= FLAGS.temperature <= FLOAT32_MAX):
+      raise ChimeraError(f"--temperature: must be >= 0 (0 is greedy) and a float32, got "
+                         f"{FLAGS.temperature}")
+    if not 0 <= FLAGS.seed <= MAX_SEED:
+      raise ChimeraError(f"--seed: must be in [0, {MAX_SEED}], got {FLAGS.seed}")
+    config, state, _ = restore_run(FLAGS.workdir, FLAGS.step)
     tokenizer = get_tokenizer(config.data.tokenizer)
     if not 0 <= FLAGS.top_k <= tokenizer.vocab_size:
       raise ChimeraError(f"--top_k: must be in [0, {tokenizer.vocab_size}] (the tokenizer's "

@@ -401,6 +401,9 @@ def _train_loop(config: Config, workdir: Path, data: Data, mesh: jax.sharding.Me
   rng, interrupted = jax.random.key(t.seed + 1), False
   step_fn = _compile_train_step(config, mesh, state, rng)
   evaluate = Evaluator(config, data, mesh, writer)
+  # Each checkpoint records the config that saved it: chimera.evaluate and chimera.generate
+  # refuse a config.json that no longer describes it (evaluate.restore_run).
+  saved_config = config_lib.to_dict(config)
   train_log = TrainLog(config, start_step, writer, progress)
   clock = Clock(progress.wall_seconds)
   with _StopRequest() as stop:
@@ -424,7 +427,8 @@ def _train_loop(config: Config, workdir: Path, data: Data, mesh: jax.sharding.Me
         raise TrainingDiverged(f"non-finite validation loss ({val_loss}) at step {step}; "
                                f"stopping. {_last_good(workdir)}")
       if is_save or interrupted:
-        checkpointer.save(step, state, progress.to_json(), val_loss=val_loss)
+        checkpointer.save(step, state, {**progress.to_json(), "config": saved_config},
+                          val_loss=val_loss)
       if is_eval or is_save:  # keep evaluation and saving out of the next window's timing
         train_log.restart_window()
   if step >= t.steps and progress.eval_step != step:

@@ -1,5 +1,6 @@
 """chimera.evaluate: a finished run's loss over its whole validation split."""
 
+import re
 import subprocess
 import sys
 
@@ -138,6 +139,49 @@ def test_a_checkpoint_that_is_not_the_configs_model_is_one_line(finished_run, tm
     with pytest.raises(ChimeraError, match=r"^--workdir: .*config\.json does not describe the "
                                            r"checkpoint at step 12: params/"):
       evaluate.split_loss(edited)
+
+
+def test_a_config_json_that_is_not_the_checkpoints_is_one_line(finished_run, tmp_path):
+  """Arrays of the same shapes do not make the same model: the checkpoint records the
+  config it was saved with, and a config.json that differs in what the run computes (here
+  the heads, or the compute dtype) is refused, naming the fields. One that is not valid is refused
+  before any restore, naming its field."""
+  import json
+  import shutil
+  workdir, _, _ = finished_run
+  edited = tmp_path / "edited"
+  shutil.copytree(workdir / "checkpoints", edited / "checkpoints")
+  saved = json.loads((workdir / "config.json").read_text())
+  write = lambda section, change: (edited / "config.json").write_text(json.dumps(
+      {**saved, section: {**saved[section], **change}}))
+  for change, fields in (({"num_heads": 4}, "model.num_heads"),
+                         ({"dtype": "bfloat16", "init_std": 0.01}, "model.dtype, model.init_std")):
+    write("model", change)
+    with pytest.raises(ChimeraError, match=r"^--workdir: .*config\.json does not describe the "
+                                           rf"checkpoint at step 12: it was saved with other "
+                                           rf"{re.escape(fields)}$"):
+      evaluate.restore_run(edited)
+  write("train", {"eval_every": 1, "steps": 40})  # what a run may change when resumed
+  assert evaluate.restore_run(edited)[2] == 12
+  write("train", {"context": 10_000})
+  with pytest.raises(ChimeraError, match=r"^--workdir: .*config\.json: config\.train\.context: "
+                                         r"10000 is longer than the model supports"):
+    evaluate.restore_run(edited)
+  write("model", {"num_heads": None})
+  with pytest.raises(ChimeraError, match=r"is not a config this version can read"):
+    evaluate.restore_run(edited)
+
+
+def test_a_damaged_checkpoint_is_one_line(finished_run, tmp_path):
+  import shutil
+  workdir, _, _ = finished_run
+  damaged = tmp_path / "damaged"
+  shutil.copytree(workdir, damaged)
+  steps = sorted(int(p.name) for p in (damaged / "checkpoints").iterdir() if p.name.isdigit())
+  shutil.rmtree(damaged / "checkpoints" / str(steps[-1]) / "state")
+  with pytest.raises(ChimeraError, match=rf"^--workdir: the checkpoint at step {steps[-1]} in "
+                                         rf".* cannot be read, incomplete or damaged"):
+    evaluate.restore_run(damaged)
 
 
 def test_a_checkpoint_removed_while_read_is_one_line(finished_run, monkeypatch):

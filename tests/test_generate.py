@@ -14,7 +14,7 @@ from chimera.config import ModelConfig
 from chimera.decoder import Decoder
 from chimera.errors import ChimeraError
 from chimera.generate import (cast_once, check_length, decode, decode_notes, generate,
-                              new_tokens_in_context, prefill)
+                              new_tokens_in_context, prefill, sample_logits)
 from conftest import SHIPPED_CONFIGS
 
 BASE = ModelConfig(vocab_size=40, num_layers=2, num_heads=2, d_model=16, d_ff=32, max_len=16)
@@ -87,6 +87,24 @@ def test_sampling_respects_top_k():
   np.testing.assert_array_equal(one, tokens[:, :1])  # the first token needs no step
 
 
+def test_extreme_temperatures_sample_within_the_top_k():
+  """The top k are chosen before the temperature, and logits are scaled from their
+  maximum: a tiny temperature is greedy, a huge one uniform over the top k. Dividing the
+  raw logits overflowed float32 and sampled outside the top k (token 1 here)."""
+  logits = jnp.array([[-1.0, 0.5, 2.0, 3.0]])
+  rngs = jax.random.split(jax.random.key(0), 200)
+  draw = lambda temperature, top_k: np.asarray(jax.vmap(
+      lambda rng: sample_logits(logits, rng, temperature, top_k))(rngs))[:, 0]
+  for top_k in (0, 2):
+    assert set(draw(1e-40, top_k)) == {3}
+  assert set(draw(1e38, 1)) == {3}
+  assert set(draw(1e38, 2)) == {2, 3}
+  assert set(draw(1e38, 0)) == {0, 1, 2, 3}
+  with pytest.raises(ChimeraError, match=r"^max_new_tokens: must be >= 1, got 0"):
+    generate(None, jnp.zeros((1, 3), jnp.int32), jax.random.key(0), config=BASE,
+             max_new_tokens=0)
+
+
 def test_too_long_a_request_is_refused():
   with pytest.raises(ChimeraError, match="exceed the model's context"):
     check_length(BASE, prompt_length=10, max_new_tokens=7)
@@ -125,7 +143,7 @@ def test_generate_entry_point_samples_from_a_run(make_config, corpus, tmp_path, 
   train(make_config("moe_top2", corpus, train__steps=2, train__warmup_steps=0), workdir)
   result = subprocess.run(
       [sys.executable, "-m", "chimera.generate", f"--workdir={workdir}", "--prompt=the king",
-       "--max_new_tokens=12", "--temperature=0.8", "--top_k=5"],
+       "--max_new_tokens=12", "--temperature=0.8", "--top_k=5", "--step=2"],
       cwd=repo_root, capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-2000:]
   assert result.stdout.startswith("the king") and len(result.stdout) > len("the king")
@@ -134,6 +152,10 @@ def test_generate_entry_point_samples_from_a_run(make_config, corpus, tmp_path, 
                         ("--temperature=-1", "--temperature: must be >= 0"),
                         ("--temperature=nan", "--temperature: must be >= 0"),
                         ("--temperature=inf", "--temperature: must be >= 0"),
+                        ("--temperature=1e39", "--temperature: must be >= 0 (0 is greedy) "
+                                               "and a float32, got 1e+39"),
+                        ("--seed=4294967296", "--seed: must be in [0, 4294967294]"),
+                        ("--step=7", "--step: no checkpoint at step 7"),
                         ("--max_new_tokens=32", "--max_new_tokens: 1 prompt tokens + 32"),  # context 32
                         (b"--prompt=ab\xffcd", "--prompt: not valid UTF-8")):  # raw bytes
     bad = subprocess.run([sys.executable, "-m", "chimera.generate", f"--workdir={workdir}", flag],
