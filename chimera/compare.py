@@ -21,7 +21,8 @@ A sweep trains its base config once per point (chimera.study_sweeps) beside dens
 seed per point unless --seeds says otherwise.
 
 A --set value applies to every model that reads it: settings only an MoE reads
-(config.MOE_ONLY) leave dense and dense_wide as they are, so they stay the same runs.
+(config.MOE_ONLY) leave dense the plain run, and dense_wide too unless they change
+moe_top2's parameter count (moe_every, first_moe_layer, num_shared_experts, ...).
 Refused, in one line: --set of model.num_experts or model.top_k in the study (they tell
 moe_top1, moe_top2 and moe_fine apart: sweep them instead), seeds and names anywhere
 (--seeds sets them), and a --set or --base_set of a field the sweep's points set.
@@ -31,7 +32,7 @@ resumes where it stopped, and runs shared between studies (the same config and s
 train once. The report, plots and summary.json go to results/<preset>/ or
 results/<preset>-sweep-<name>/ (chimera.report); a --base_set value adds
 -at-<field>-<value> to the name, a --base other than the sweep's own adds -over-<config>,
-and a --set, --corpus or --train_steps value, which changes every model, adds
+and a --set, --corpus or --train_steps value, which changes the models that read it, adds
 -with-<field>-<value>.
 """
 
@@ -88,9 +89,10 @@ _BASE_SET = flags.DEFINE_multi_string(
     "base_set", [], "section.field=value over a sweep's base only, not dense: the sweep at "
     "another point of its base (--sweep=balancing --base_set=model.num_experts=32).")
 _STEPS = flags.DEFINE_integer("train_steps", None, "Override the preset's training steps.")
-_SET = flags.DEFINE_multi_string("set", [], "section.field=value for every model, over the "
-                                 "preset (a changed config is a new run; the values name the "
-                                 "report's folder: results/<preset>-...-with-<field>-<value>).")
+_SET = flags.DEFINE_multi_string("set", [], "section.field=value for every model that reads "
+                                 "it, over the preset (a changed config is a new run; the "
+                                 "values name the report's folder: "
+                                 "results/<preset>-...-with-<field>-<value>).")
 _OUT = flags.DEFINE_string("out", None, "Report directory (default: results/<preset>[...]).")
 _RUNS = flags.DEFINE_string("runs", "runs/compare", "Where the training runs live.")
 _RESULTS = flags.DEFINE_string("results", "results", "Where the reports live.")
@@ -170,7 +172,8 @@ def load(path: str, preset: StudyPreset, overrides: dict) -> Config:
 def make_model(name: str, role: str, path: str, preset: StudyPreset, overrides: dict) -> Model:
   """A model of the study. The dense ones (dense, dense_wide) take no MoE-only setting:
   --set=model.num_experts=32 is for the MoE models, and a setting a dense model would
-  ignore must not make it a new run (runs are keyed by their whole config)."""
+  ignore must not make it a new run (runs are keyed by their whole config). dense_wide's
+  width follows moe_top2's parameters (`study_models`)."""
   if role in ("baseline", "reference"):
     overrides = {k: v for k, v in overrides.items() if k not in config_lib.MOE_ONLY}
   return Model(name, load(path, preset, overrides), role, f"{path}:{preset.config_preset}",
@@ -216,11 +219,21 @@ def sweep_models(sweep: str, base: str | None, preset: StudyPreset, overrides: d
       raise ChimeraError(f"--sweep: expected section.field=v1,v2,..., got {sweep!r}")
     base = base or "configs/moe_top2.py"
     points = study_sweeps.field_points(key, [bench.parse_value(v) for v in values.split(",")])
+    points_without = lambda key: points  # the values given, whatever the base
     question = f"{key} over {base}"
   elif sweep in study_sweeps.SWEEPS:
     named = study_sweeps.SWEEPS[sweep]
     base = base or named.base
     points = named.points(load(base, preset, {**overrides, **base_overrides}))
+
+    def points_without(key):
+      """The points from the base without the setting `key`: equal to `points` if they
+      do not follow it (a constant point drops it), or None if that base is not valid."""
+      settings = {k: v for k, v in {**overrides, **base_overrides}.items() if k != key}
+      try:
+        return named.points(load(base, preset, settings))
+      except ChimeraError:
+        return None
     question = f"{named.question}, over {base}"
   else:
     raise ChimeraError(f"--sweep: expected one of {', '.join(study_sweeps.SWEEPS)} or "
@@ -228,7 +241,7 @@ def sweep_models(sweep: str, base: str | None, preset: StudyPreset, overrides: d
   for flag, given in (("--set", overrides), ("--base_set", base_overrides)):
     for key in given:
       setting = [name for name, point in points if key in point]
-      if setting:
+      if setting and points == points_without(key):  # points that do not follow the base
         raise ChimeraError(f"{flag}={key}: the sweep sets {key} at its points "
                            f"({', '.join(setting)}), so this value would be dropped")
   if base_overrides:
@@ -454,6 +467,8 @@ def main(argv):
     seeds = [int(s) for s in given_seeds] or list(study.default_seeds)
     if len(set(seeds)) < len(seeds):
       raise ChimeraError(f"--seeds: each seed once, got {','.join(given_seeds)!r}")
+    if max(seeds) > config_lib.MAX_SEED:
+      raise ChimeraError(f"--seeds: each in [0, {config_lib.MAX_SEED}], got {max(seeds)}")
     out = Path(_OUT.value or Path(_RESULTS.value) / study.slug)
     check_out(out, study, seeds)
     if _REFRESH.value:

@@ -90,7 +90,7 @@ class ModelConfig:
     # Frozen, so derived fields are filled through object.__setattr__, once.
     if self.expert_d_ff is None:
       active = self.top_k + self.num_shared_experts
-      if 1 <= self.top_k <= self.num_experts and self.num_shared_experts >= 0:  # else: validate
+      if self.d_ff > 0 and 1 <= self.top_k <= self.num_experts and self.num_shared_experts >= 0:
         _check(self.d_ff % active == 0 and self.d_ff >= active, "model.d_ff",
                f"{self.d_ff} is not a multiple of model.top_k + model.num_shared_experts = "
                f"{active}, so the derived expert width cannot match the dense MLP's "

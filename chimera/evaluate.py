@@ -94,15 +94,16 @@ def restore_run(workdir: str | Path, step: int | None = None):
   if step not in available:
     raise ChimeraError(f"--step: no checkpoint at step {step} in {workdir} (it has "
                        f"{', '.join(map(str, available))})")
+  like = init_state(config)  # outside the try: running out of memory is not a damaged file
   try:
-    state, meta = checkpointer.restore(init_state(config), step)
+    state, meta = checkpointer.restore(like, step)
   except CheckpointMismatch as error:  # a config.json copied from, or edited after, another run
     raise ChimeraError(f"--workdir: {config_path} does not describe the checkpoint at "
                        f"step {step}: {error.difference}") from None
   except FileNotFoundError:  # deleted under us: a run still training here keeps only the last few
     raise ChimeraError(f"--workdir: the checkpoint at step {step} in {workdir} was removed "
                        f"while it was read (is a run still training there?); try again") from None
-  except (KeyError, ValueError, OSError, RuntimeError) as error:  # orbax's, on a damaged one
+  except (KeyError, ValueError, OSError) as error:  # orbax's, on a damaged checkpoint
     raise ChimeraError(f"--workdir: the checkpoint at step {step} in {workdir} cannot be "
                        f"read, incomplete or damaged ({type(error).__name__}); the run's "
                        f"checkpoints: {', '.join(map(str, available))} (--step)") from None

@@ -26,7 +26,7 @@ import numpy as np
 from absl import app, flags, logging
 
 from chimera import compile_cache
-from chimera.config import FLOAT32_MAX, MAX_SEED, ModelConfig
+from chimera.config import FLOAT32_MAX, ModelConfig
 from chimera.decoder import Decoder
 from chimera.errors import ChimeraError
 from chimera.layers import compute_dtype
@@ -224,8 +224,8 @@ def main(argv):
     if not (math.isfinite(FLAGS.temperature) and 0 <= FLAGS.temperature <= FLOAT32_MAX):
       raise ChimeraError(f"--temperature: must be >= 0 (0 is greedy) and a float32, got "
                          f"{FLAGS.temperature}")
-    if not 0 <= FLAGS.seed <= MAX_SEED:
-      raise ChimeraError(f"--seed: must be in [0, {MAX_SEED}], got {FLAGS.seed}")
+    if not 0 <= FLAGS.seed < 2**32:  # jax.random.key keeps the low 32 bits
+      raise ChimeraError(f"--seed: must be in [0, {2**32 - 1}], got {FLAGS.seed}")
     config, state, _ = restore_run(FLAGS.workdir, FLAGS.step)
     tokenizer = get_tokenizer(config.data.tokenizer)
     if not 0 <= FLAGS.top_k <= tokenizer.vocab_size:

@@ -391,10 +391,19 @@ def test_study_settings_keep_the_comparison(corpus):
        r"--set=model.num_experts: the sweep sets model.num_experts at its points"),
       ({}, "granularity", {"model.num_shared_experts": 1, "model.top_k": 1},
        r"--sweep=granularity: the base has model.num_shared_experts=1"),
+      ({}, "experts_best_lr", {"train.expert_lr_scale": 0.5},  # its rates are constants
+       r"--base_set=train.expert_lr_scale: the sweep sets train.expert_lr_scale at its points"),
+      ({}, "calibration", {"model.dispatch": "einsum"},
+       r"--base_set=model.dispatch: the sweep sets model.dispatch at its points"),
   ]
   for sets, sweep, base_set, message in refusals:
     with pytest.raises(ChimeraError, match="^" + message):
       compare.make_study("cpu", sweep, None, {**overrides, **sets}, base_set)
+  # A named sweep whose points follow the base takes the setting it also varies.
+  at_16 = compare.make_study("cpu", "granularity", None, overrides, {"model.num_experts": 16})
+  assert [m.config.model.num_experts for m in at_16.models[1:]] == [16, 32, 64, 128]
+  top_4 = compare.make_study("cpu", "shared", None, overrides, {"model.top_k": 4})
+  assert [m.name for m in top_4.models[1:]] == ["no shared, top-4", "1 shared + top-3"]
 
 
 # --- The whole pipeline on the tiny preset. ---------------------------------------------------
@@ -692,6 +701,8 @@ def test_a_report_folder_is_not_replaced_by_another_study(tmp_path):
     ("compare", ["--seeds=a"], "error: --seeds: expected non-negative integers, got 'a'"),
     ("compare", ["--seeds=0,1,0"], "error: --seeds: each seed once, got '0,1,0'"),
     ("compare", ["--train_steps=0"], "error: config.train.steps: must be > 0, got 0"),
+    ("compare", ["--seeds=4294967295"],
+     "error: --seeds: each in [0, 4294967294], got 4294967295"),
     ("report", ["--readme=MISSING.md"], "error: --readme: MISSING.md is not a file"),
     ("scaling", ["--config=configs/moe_top2.py:tiny", "--mesh=2"],
      "error: --mesh: expected data,expert (two positive integers), got '2'"),

@@ -211,6 +211,8 @@ def test_a_derived_expert_width_that_cannot_match_dense_is_refused():
                                            rf"model.top_k \+ model.num_shared_experts = 8"):
       config_lib.load(fine, {"model.d_ff": d_ff})
   assert config_lib.load(fine, {"model.d_ff": 104}).model.expert_d_ff == 13
+  with pytest.raises(ChimeraError, match=r"^config.model.d_ff: must be > 0, got 0$"):
+    config_lib.load(fine, {"model.d_ff": 0})  # not a width to set: a d_ff to fix
   assert config_lib.load(fine, {"model.d_ff": 100, "model.expert_d_ff": 12}).model.expert_d_ff == 12
   dense = config_lib.load(f"{CONFIGS[0].parent}/dense.py:tiny", {"model.d_ff": 101})
   assert dense.model.d_ff == 101  # a dense model has no experts to match

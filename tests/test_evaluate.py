@@ -184,6 +184,17 @@ def test_a_damaged_checkpoint_is_one_line(finished_run, tmp_path):
     evaluate.restore_run(damaged)
 
 
+def test_running_out_of_memory_is_not_a_damaged_checkpoint(finished_run, monkeypatch):
+  import jax
+  workdir, _, _ = finished_run
+
+  def out_of_memory(config):
+    raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory")
+  monkeypatch.setattr(evaluate, "init_state", out_of_memory)
+  with pytest.raises(jax.errors.JaxRuntimeError, match="RESOURCE_EXHAUSTED"):
+    evaluate.restore_run(workdir)
+
+
 def test_a_checkpoint_removed_while_read_is_one_line(finished_run, monkeypatch):
   """A run still training in the workdir keeps only its last few checkpoints: the one
   listed can go before it is read."""

@@ -154,7 +154,7 @@ def test_generate_entry_point_samples_from_a_run(make_config, corpus, tmp_path, 
                         ("--temperature=inf", "--temperature: must be >= 0"),
                         ("--temperature=1e39", "--temperature: must be >= 0 (0 is greedy) "
                                                "and a float32, got 1e+39"),
-                        ("--seed=4294967296", "--seed: must be in [0, 4294967294]"),
+                        ("--seed=4294967296", "--seed: must be in [0, 4294967295]"),
                         ("--step=7", "--step: no checkpoint at step 7"),
                         ("--max_new_tokens=32", "--max_new_tokens: 1 prompt tokens + 32"),  # context 32
                         (b"--prompt=ab\xffcd", "--prompt: not valid UTF-8")):  # raw bytes
