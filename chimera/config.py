@@ -384,11 +384,12 @@ def from_dict(values: dict) -> Config:
                                         for name, cls in SECTIONS.items()})
 
 
-def run_differences(saved: Config, new: Config) -> list[str]:
+def run_differences(saved: Config, new: Config, *, corpus_may_move: bool = False) -> list[str]:
   """The fields, as "section.field", in which `new` computes a different run than `saved`.
 
   Logging, evaluation and checkpoint intervals and `train.steps` (extending a run) do not
-  count; see `_RUN_NEUTRAL`.
+  count; see `_RUN_NEUTRAL`. With `corpus_may_move`, neither does `data.corpus`: the
+  caller knows the text by its content (data.json), not by its path.
   """
   old, now = to_dict(saved), to_dict(new)
   # A config.json written before local corpus paths were made absolute: read from here.
@@ -397,7 +398,8 @@ def run_differences(saved: Config, new: Config) -> list[str]:
   for section in SECTIONS:
     for field in sorted(set(old[section]) | set(now[section])):
       key = f"{section}.{field}"
-      if key not in _RUN_NEUTRAL and old[section].get(field) != now[section].get(field):
+      neutral = key in _RUN_NEUTRAL or (corpus_may_move and key == "data.corpus")
+      if not neutral and old[section].get(field) != now[section].get(field):
         differing.append(key)
   return differing
 

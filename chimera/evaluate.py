@@ -72,16 +72,10 @@ def restore_run(workdir: str | Path, step: int | None = None):
     raise ChimeraError(f"--workdir: {workdir} holds no run (no config.json)")
   try:
     config = config_lib.from_dict(json.loads(config_path.read_text()))
-  except (TypeError, KeyError, ValueError) as error:
-    raise ChimeraError(f"--workdir: {config_path} is not a config this version can read "
-                       f"({error})") from None
-  except ChimeraError as error:  # a derived field that cannot be resolved
-    raise ChimeraError(f"--workdir: {config_path}: {error}") from None
-  try:
     config_lib.validate(config)
-  except ChimeraError as error:
+  except ChimeraError as error:  # a field out of range, a derived field that cannot resolve
     raise ChimeraError(f"--workdir: {config_path}: {error}") from None
-  except TypeError as error:  # a field of the wrong type (null for a number)
+  except (TypeError, KeyError, ValueError) as error:  # TypeError: null for a number, ...
     raise ChimeraError(f"--workdir: {config_path} is not a config this version can read "
                        f"({error})") from None
   available = []
@@ -112,8 +106,8 @@ def restore_run(workdir: str | Path, step: int | None = None):
   # The config the checkpoint was saved with (checkpoints since 2026-11-28 record it):
   # arrays of the same shapes do not make it the same model (top_k, heads, the router).
   if meta.get("config"):
-    differing = [key for key in config_lib.run_differences(
-        config_lib.from_dict(meta["config"]), config) if key != "data.corpus"]  # may move
+    differing = config_lib.run_differences(config_lib.from_dict(meta["config"]), config,
+                                           corpus_may_move=True)  # resumed from a new path
     if differing:
       raise ChimeraError(f"--workdir: {config_path} does not describe the checkpoint at "
                          f"step {step}: it was saved with other {', '.join(differing)}")

@@ -127,9 +127,9 @@ def _check_same_run(workdir: Path, config: Config) -> None:
   except (TypeError, KeyError, ValueError) as error:
     raise ChimeraError(f"--workdir: {path} is not a config this version can read ({error}); "
                        f"use a new workdir") from None
-  differing = config_lib.run_differences(saved, config)
-  if "data.corpus" in differing and (workdir / "data.json").exists():
-    differing.remove("data.corpus")  # a moved corpus: check_same_data compares the text
+  # A moved corpus is the run's if its text is (check_same_data compares data.json's hash).
+  differing = config_lib.run_differences(saved, config,
+                                         corpus_may_move=(workdir / "data.json").exists())
   if differing:
     old, new = config_lib.to_dict(saved), config_lib.to_dict(config)
     changes = ", ".join(f"{key} ({_lookup(old, key)!r} -> {_lookup(new, key)!r})"
