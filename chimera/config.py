@@ -267,10 +267,11 @@ def validate_model(m: ModelConfig) -> None:
   _check(m.num_experts >= 0, "model.num_experts", f"must be >= 0, got {m.num_experts}")
   _check(m.num_experts > 0 or m.num_shared_experts == 0, "model.num_shared_experts",
          f"{m.num_shared_experts} shared experts need routed ones (model.num_experts > 0)")
-  if m.num_experts == 0:
-    return
+  # Checked for dense models too: a misspelled router must not reach config.json.
   _check(m.router in ROUTERS, "model.router",
          f"expected one of {', '.join(map(repr, sorted(ROUTERS)))}, got {m.router!r}")
+  if m.num_experts == 0:
+    return
   _check(1 <= m.top_k <= m.num_experts, "model.top_k",
          f"must be between 1 and model.num_experts={m.num_experts}, got {m.top_k}")
   _check(m.num_shared_experts >= 0, "model.num_shared_experts",
@@ -288,6 +289,8 @@ def validate_model(m: ModelConfig) -> None:
   _check(m.top_k >= 2 or not m.renormalize_gates, "model.renormalize_gates",
          "with model.top_k=1 the renormalised gate is a constant 1 and the router gets no "
          "gradient from the loss")
+  refused = ROUTERS[m.router].refuse(m)
+  _check(refused is None, "model.router", f"{m.router!r}: {refused}")
 
 
 def _validate_groups(c: Config) -> None:

@@ -69,6 +69,10 @@ def base(name: str, arg: str | None) -> ml_collections.ConfigDict:
                        f"{', '.join(PRESETS)}")
   c = config_lib.config_dict(name if preset == "default" else f"{name}-{preset}")
   for section, values in PRESETS[preset].items():
+    if not isinstance(c.get(section), ml_collections.ConfigDict):
+      sections = [name for name in c if isinstance(c[name], ml_collections.ConfigDict)]
+      raise ChimeraError(f"config: preset {preset!r} sets section {section!r}, which the "
+                         f"config does not have: expected one of {', '.join(sections)}")
     c[section].update(values)
   return c
 

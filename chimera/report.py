@@ -462,6 +462,16 @@ def split_sentence(meta: dict) -> str:
           f"starts with replacement, so text repeats within a run.")
 
 
+def causality_lines(study) -> list[str]:
+  """A warning for each model of the study whose router is not causal
+  (chimera.routers.causality_note): its losses see later tokens, so they are not language
+  model losses to set beside dense's."""
+  from chimera.routers import causality_note  # imports jax: only when writing a report
+  notes = [(m.name, note) for m in study.models if (note := causality_note(m.config.model))]
+  return [f"**Not causal: {name}.** Its {note}. Its losses are not comparable with a "
+          f"causal model's." for name, note in notes] + ([""] if notes else [])
+
+
 def _verdicts(targets: list[Target], found: list[str]) -> list[str]:
   """The report's Targets table (when the study has targets) and its Findings."""
   lines = []
@@ -553,6 +563,7 @@ def write(out: Path, *, study, runs: dict[str, list[Run]], speed: list, related:
     lines += ["Left out, diverged (a non-finite loss; the figures below have fewer seeds for "
               "these models): " + "; ".join(f"{d['model']}, seed {d['seed']} ({d['error']})"
                                             for d in diverged) + ".", ""]
+  lines += causality_lines(study)
   lines += [SPREAD_NOTE, ""]
   lines += _tables(models, by_name)
   lines += _verdicts(targets, lines_found)

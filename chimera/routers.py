@@ -7,8 +7,12 @@ made. `config.model.router` picks a router by its key in ROUTERS; config validat
 the same keys.
 
 Adding a router is one function with the signature of `top_k` below, one `@register` line
-and its reference test (tests/test_routers.py runs its shape, causality and reference
-checks over every registered router).
+and its reference test (tests/test_routers.py runs its shape, causality, gradient and
+reference checks over every registered router; the decoder, decoding and mesh tests run
+over every router too). A router picks its experts with `choose`, which keeps the choice
+on each device's own tokens on a mesh (a plain `jax.lax.top_k` there all-gathers the
+whole batch's logits), and hands its choices to `assign`, which places them and computes
+the losses and metrics.
 
 Shape letters: G groups, S tokens per group, E experts, C capacity (slots per expert per
 group), K choices per token, Y MoE layers.
@@ -52,19 +56,37 @@ Router = Callable[..., Routing]  # (router_logits, config, *, capacity, bias) ->
 class RouterEntry:
   route: Router
   # Whether a token's routing (and so its output) never depends on later tokens of its
-  # group, under this config. The causality test reads it, and chimera.main,
-  # chimera.evaluate and chimera.generate say so when it is False (causality_note).
+  # group, under this config. The causality tests read it, and chimera.main,
+  # chimera.evaluate, chimera.generate and chimera.compare's reports say so when it is
+  # False (causality_note).
   causal: Callable[[ModelConfig], bool]
+  # Why a config it is not causal under leaks, and which settings are causal: the end of
+  # causality_note's sentence.
+  not_causal_because: str
+  # The configs this router cannot train (e.g. a gate that is constant, so the LM loss
+  # gives the router no gradient): a message for config validation, or None.
+  refuse: Callable[[ModelConfig], str | None]
 
 
 ROUTERS: dict[str, RouterEntry] = {}
 
 
-def register(name: str, *, causal: bool | Callable[[ModelConfig], bool]):
-  """Adds the decorated router to ROUTERS under `name`. `causal` is a bool or a function
-  of the ModelConfig."""
+def register(name: str, *, causal: bool | Callable[[ModelConfig], bool],
+             not_causal_because: str = "",
+             refuse: Callable[[ModelConfig], str | None] = lambda config: None):
+  """Adds the decorated router to ROUTERS under `name`.
+
+  `causal` is a bool or a function of the ModelConfig; a router that is not always causal
+  says why in `not_causal_because` (what leaks, and which settings are causal). `refuse`
+  returns the reason a config cannot train with this router (chimera.config's validation
+  raises it for model.router), or None.
+  """
+  if causal is not True and not not_causal_because:
+    raise ValueError(f"router {name!r}: a router that is not always causal says why "
+                     f"(not_causal_because)")
   def add(route: Router) -> Router:
-    ROUTERS[name] = RouterEntry(route, causal if callable(causal) else lambda config: causal)
+    ROUTERS[name] = RouterEntry(route, causal if callable(causal) else lambda config: causal,
+                                not_causal_because, refuse)
     return route
   return add
 
@@ -80,11 +102,15 @@ def causality_note(config: ModelConfig) -> str | None:
   if config.num_experts == 0 or is_causal(config):
     return None
   return (f"config.model routes with router={config.router!r}, priority={config.priority!r}, "
-          f"top_k={config.top_k} on the {config.dispatch} path, which is not causal: a token's "
-          f"slot can depend on later tokens of its routing group, so the training and "
-          f"validation losses see the future, and decoding (which routes each new token "
-          f"without drops) samples from a different model; priority='token' or "
-          f"dispatch='dropless' is causal")
+          f"top_k={config.top_k} on the {config.dispatch} path, which is not causal, so the "
+          f"training and validation losses see the future, and decoding (which routes each "
+          f"new token on its own) samples from a different model: "
+          f"{ROUTERS[config.router].not_causal_because}")
+
+
+# The slot rule of `assign`, for the routers whose causality is `slots_are_causal`.
+SLOTS_NOT_CAUSAL = ("a token's slot can depend on later tokens of its routing group; "
+                    "priority='token' or dispatch='dropless' is causal")
 
 
 def slots_are_causal(config: ModelConfig) -> bool:
@@ -208,7 +234,7 @@ def assign(router_logits: jax.Array, probs: jax.Array, gate: jax.Array,
   )
 
 
-@register("top_k", causal=slots_are_causal)
+@register("top_k", causal=slots_are_causal, not_causal_because=SLOTS_NOT_CAUSAL)
 def top_k(router_logits: jax.Array, config: ModelConfig, *, capacity: int | None,
           bias: jax.Array | None = None) -> Routing:
   """Softmax top-k (Switch for k=1, GShard / Mixtral for k=2).
@@ -226,7 +252,8 @@ def top_k(router_logits: jax.Array, config: ModelConfig, *, capacity: int | None
   return assign(router_logits, probs, gate, expert_index, config, capacity)
 
 
-@register("sigmoid_top_k", causal=slots_are_causal)
+@register("sigmoid_top_k", causal=slots_are_causal,
+          not_causal_because=SLOTS_NOT_CAUSAL)
 def sigmoid_top_k(router_logits: jax.Array, config: ModelConfig, *, capacity: int | None,
                   bias: jax.Array | None = None) -> Routing:
   """Sigmoid affinities (DeepSeek-V3): each expert scores sigmoid(logit) independently.

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Run the study (chimera.compare): the number-of-experts sweep first (the main report reads
-# it), then dense vs moe_top1 / moe_top2 / moe_fine vs dense_wide, then the named sweeps.
+# it), then dense vs moe_top1 / moe_top2 / moe_fine vs dense_wide, then the named sweeps in
+# SWEEPS below: six of chimera.study_sweeps.SWEEPS by default (`python -m chimera.compare
+# --help` lists them all; experts_sqrt_lr and experts_best_lr are run by name).
 # Reports land in results/<preset>/ and results/<preset>-sweep-<name>/.
 #
 #   launch/compare.sh                  # PRESET=cpu: 10M tokens per run, 2 seeds (hours on 2 cores)

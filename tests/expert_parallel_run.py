@@ -3,7 +3,9 @@ them before jax is imported, so each run is its own process):
 
   python tests/expert_parallel_run.py layer DATA EXPERT OUT.npz
       The MoE layer's output and gradients, for each case of CASES, on one device and on a
-      DATA x EXPERT mesh; the number of all-to-alls in the sharded layer's HLO.
+      DATA x EXPERT mesh; the number of all-to-alls in the sharded layer's HLO, and the
+      collectives whose arrays grow with the batch (compiled again at twice the batch).
+      Every registered router has a case on both paths.
   python tests/expert_parallel_run.py hlo DISPATCH OUT.json
       The train step of configs/moe_top2.py:tiny (issue 13's setting) compiled on 1 x 8:
       its all-to-alls, and the collectives whose arrays grow with the batch
@@ -26,6 +28,7 @@ import numpy as np  # noqa: E402
 from chimera import scaling, scaling_hlo, sharding  # noqa: E402
 from chimera.config import MeshConfig, ModelConfig  # noqa: E402
 from chimera.moe import MoeLayer  # noqa: E402
+from chimera.routers import ROUTERS  # noqa: E402
 
 BATCH, LENGTH, D_MODEL, NUM_EXPERTS = 8, 16, 8, 8
 # name -> (ModelConfig changes, whether every token chooses experts 0 and 1)
@@ -37,6 +40,10 @@ CASES = {
     "dropless_k2_skewed": (dict(top_k=2), True),
     "einsum_k2": (dict(top_k=2, dispatch="einsum", capacity_factor=1.0), False),
 }
+for _router in sorted(set(ROUTERS) - {ModelConfig.router}):
+  CASES[f"dropless_k2_{_router}"] = (dict(top_k=2, router=_router), False)
+  CASES[f"einsum_k2_{_router}"] = (dict(top_k=2, dispatch="einsum", capacity_factor=1.0,
+                                        router=_router), False)
 
 
 def layer_config(changes: dict) -> ModelConfig:
@@ -45,11 +52,11 @@ def layer_config(changes: dict) -> ModelConfig:
                      dropout=0.0, router_jitter=0.0, load_balance_scope="batch", **changes)
 
 
-def inputs(cfg: ModelConfig, skewed: bool, seed: int = 0):
+def inputs(cfg: ModelConfig, skewed: bool, seed: int = 0, batch: int = BATCH):
   """params, x [B, L, M] and a cotangent for y. Skewed: x[..., 0] > 0 and a router whose
   logits for experts 0 and 1 grow with it, so that every token picks those two."""
   rng = np.random.default_rng(seed)
-  x = rng.normal(size=(BATCH, LENGTH, D_MODEL)).astype(np.float32)
+  x = rng.normal(size=(batch, LENGTH, D_MODEL)).astype(np.float32)
   shapes = jax.eval_shape(lambda: MoeLayer(cfg).init(jax.random.key(0), x, deterministic=True))
   params = jax.tree.map(lambda p: rng.normal(size=p.shape).astype(np.float32)
                         / np.sqrt(p.shape[-2]), shapes["params"])
@@ -91,9 +98,16 @@ def run_layer(data: int, expert: int, out: str):
       x, cotangent = put(x, sharding.P(sharding.BATCH)), put(cotangent, sharding.P(sharding.BATCH))
       (_, y), grads = step(params, x, cotangent)
       hlo = step.lower(params, x, cotangent).compile().as_text()
+      _, x2, cotangent2 = inputs(cfg, skewed, batch=2 * BATCH)
+      x2, cotangent2 = put(x2, sharding.P(sharding.BATCH)), put(cotangent2, sharding.P(sharding.BATCH))
+      doubled = step.lower(params, x2, cotangent2).compile().as_text()
     results |= flat(f"{name}/sharded", {"y": y, "grads": grads})
     results[f"{name}/all_to_alls"] = np.asarray(
         sum(c.kind == "all-to-all" for c in scaling.collectives(hlo)))
+    grown = scaling_hlo.token_sized(hlo, doubled)
+    results[f"{name}/token_sized"] = np.asarray(len(grown))
+    if grown:
+      print(name, "collectives that grow with the batch:", grown, file=sys.stderr)
   np.savez(out, **results)
 
 

@@ -6,6 +6,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -266,6 +267,23 @@ def test_presets_meet_the_budget(preset, corpus):
     assert counts[name].flops_per_token == pytest.approx(counts["dense"].flops_per_token, rel=0.1)
 
 
+@pytest.mark.parametrize("preset", sorted(compare.PRESETS))
+@pytest.mark.parametrize("name", sorted(study_sweeps.SWEEPS))
+def test_every_named_sweep_builds_distinct_runs(name, preset, corpus):
+  """Every registered sweep, at every study preset: dense first, then its points, each its
+  own run (runs are keyed by their config); and its folder is its own: no named sweep is
+  called like a config field, whose `--sweep=section.field=...` folder it would share."""
+  study = compare.make_study(preset, name, None, {"data.corpus": str(corpus)})
+  assert study.models[0].name == "dense" and study.models[0].role == "baseline"
+  assert len(study.models) >= 3, "a sweep has at least two points"
+  assert len({m.name for m in study.models}) == len(study.models)
+  assert len({compare.run_dir(Path("r"), m.config) for m in study.models}) == len(study.models)
+  fields = {f.name for section in dataclasses.fields(config_lib.Config)
+            if dataclasses.is_dataclass(section.type)
+            for f in dataclasses.fields(section.type)}
+  assert name not in fields, f"--sweep={name} shares its folder with a field sweep"
+
+
 def test_sweeps_hold_what_they_claim(corpus):
   overrides = {"data.corpus": str(corpus)}
   preset = dataclasses.replace(compare.PRESETS["cpu"], config_preset="tiny", overrides={})
@@ -292,8 +310,6 @@ def test_sweeps_hold_what_they_claim(corpus):
     compare.sweep_models("model.num_expertz=2,4", None, preset, overrides)
   with pytest.raises(ChimeraError, match="--sweep"):
     compare.sweep_models("granularty", None, preset, overrides)
-  assert set(study_sweeps.SWEEPS) == {"granularity", "shared", "balancing", "capacity", "init",
-                                      "calibration", "experts_sqrt_lr", "experts_best_lr"}
   _, models = compare.sweep_models("experts_sqrt_lr", None, preset, overrides)
   base = compare.load("configs/moe_top2.py", preset, overrides).model.num_experts
   assert [(m.config.model.num_experts, m.config.train.expert_lr_scale) for m in models[1:]] == [
@@ -350,6 +366,18 @@ def test_sweeps_hold_what_they_claim(corpus):
   _, models = compare.sweep_models("init", None, preset, overrides)
   assert [(m.config.model.expert_init, m.config.model.expert_init_scale)
           for m in models[1:]] == [("switch", 0.1), ("switch", 1.0), ("dense", 0.1)]
+
+
+def test_a_report_warns_of_a_model_that_is_not_causal(corpus):
+  """A sweep over slot priority on the einsum path: the report says its rank point's
+  losses see later tokens, and says nothing of the causal models."""
+  study = compare.make_study("cpu", "model.priority=token,rank", None,
+                             {"data.corpus": str(corpus)}, {"model.dispatch": "einsum"})
+  lines = report.causality_lines(study)
+  assert [line.split(".**")[0] for line in lines if line] == ["**Not causal: priority=rank"]
+  assert "priority='rank'" in lines[0] and "see the future" in lines[0]
+  plain = compare.make_study("cpu", None, None, {"data.corpus": str(corpus)})
+  assert report.causality_lines(plain) == []
 
 
 def test_study_settings_keep_the_comparison(corpus):
@@ -779,3 +807,19 @@ def test_a_field_added_at_its_default_keeps_the_run_directory():
   assert decay(0.0) == decay(False) == Path("r") / undecayed
   assert decay(1.0) == decay(True) == Path("r") / before
   assert len({decay(0.0), decay(2.0), decay(1.0)}) == 3
+
+
+def test_the_docs_name_every_sweep_and_preset():
+  """README and chimera.compare's usage list every named sweep, and README every config
+  preset and study preset: a new registry entry is not left out of what users read."""
+  from chimera import presets
+  root = Path(__file__).resolve().parents[1]
+  readme, usage = (root / "README.md").read_text(), compare.__doc__
+  for name in study_sweeps.SWEEPS:
+    listed = re.compile(rf"(--sweep=|also: |or )[a-z_, ]*\b{name}\b")
+    assert listed.search(readme) and listed.search(usage), f"--sweep={name} is not listed"
+  for name in presets.PRESETS:
+    assert f"`{name}`" in readme, f"preset {name} is not in README's list"
+  for name in compare.PRESETS:
+    assert f"--preset={name}" in readme, f"study preset {name} is not in README"
+

@@ -86,6 +86,7 @@ MOE = Config(model=ModelConfig(num_experts=8, top_k=2),
     ("model", dict(positions="alibi"), "model.positions"),
     ("model", dict(dispatch="megablocks"), "model.dispatch"),
     ("model", dict(router="nope"), "model.router"),
+    ("model", dict(num_experts=0, router="top_kk"), "model.router"),  # dense: config.json
     ("model", dict(group_size=48), "model.group_size"),  # straddles 64-token sequences
     ("model", dict(group_size=1024), "model.group_size"),  # 8 x 64 tokens hold no 1024 group
     ("model", dict(top_k=1, renormalize_gates=True), "model.renormalize_gates"),
@@ -139,6 +140,14 @@ def test_run_differences_ignore_logging_and_steps():
 def test_unknown_preset_is_one_line():
   with pytest.raises(ChimeraError, match="^config: unknown preset 'huge'"):
     config_lib.load(f"{CONFIGS[0]}:huge")
+
+
+def test_a_preset_with_a_misspelled_section_is_one_line(monkeypatch):
+  monkeypatch.setitem(presets.PRESETS, "laptop", {"modle": {"d_model": 64}})
+  with pytest.raises(ChimeraError, match="^config: preset 'laptop' sets section 'modle', which "
+                                         "the config does not have: expected one of data, "
+                                         "mesh, model, train$"):
+    config_lib.load(f"{CONFIGS[0]}:laptop")
 
 
 def test_an_override_of_the_wrong_type_or_without_a_value_is_one_line():

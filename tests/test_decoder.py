@@ -17,6 +17,7 @@ from chimera.accounting import count
 from chimera.config import ModelConfig
 from chimera.decoder import Decoder
 from chimera.layers import apply_rotary
+from chimera.routers import ROUTERS, is_causal
 
 VOCAB, LENGTH, BATCH = 11, 8, 2
 
@@ -73,6 +74,19 @@ def future_leaks(cfg: ModelConfig, seed: int) -> tuple[float, float, jax.Array]:
     ("moe_rank_priority", dataclasses.replace(MOE, priority="rank"), True),
 ])
 def test_decoder_causality(name, cfg, leaks):
+  assert_causality(name, cfg, leaks)
+
+
+@pytest.mark.parametrize("priority", ["token", "rank"])
+@pytest.mark.parametrize("router", sorted(set(ROUTERS) - {MOE.router}))
+def test_every_router_is_as_causal_in_the_decoder_as_it_claims(router, priority):
+  """The other registered routers, through the whole model: leaks exactly when their
+  causality flag (chimera.routers.is_causal) says they do."""
+  cfg = dataclasses.replace(MOE, router=router, priority=priority)
+  assert_causality(f"{router}, {priority} priority", cfg, not is_causal(cfg))
+
+
+def assert_causality(name: str, cfg: ModelConfig, leaks: bool):
   past, present, dropped_fraction = future_leaks(cfg, seed=0)
   if cfg.num_experts:
     assert (np.asarray(dropped_fraction) > 0).all(), "the case must drop tokens"
@@ -108,7 +122,8 @@ def test_jitted_forward_does_not_retrace():
     # decode gives every expert S slots; eval capacity 8 * 2 * 4 / 4 = 16 >= S: no drops.
     ("moe_learned_swiglu", dataclasses.replace(MOE, activation="swiglu",
                                                eval_capacity_factor=4.0)),
-])
+] + [(f"moe_{router}", dataclasses.replace(MOE, router=router, eval_capacity_factor=4.0))
+     for router in sorted(set(ROUTERS) - {MOE.router})])
 def test_cached_decoding_matches_full_forward(name, cfg):
   model = Decoder(cfg)
   params = init_params(cfg)

@@ -17,6 +17,7 @@ import pytest
 
 from chimera import scaling, scaling_hlo
 from chimera.expert_parallel import received_experts, send_plan
+from chimera.routers import ROUTERS
 from test_sharding import assert_same_training
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,10 +63,17 @@ def test_layer_on_a_mesh_equals_one_device(data, expert, tmp_path):
     single, sharded = results[name], results[name.replace("/single/", "/sharded/")]
     np.testing.assert_allclose(sharded, single, rtol=1e-5,
                                atol=1e-5 * float(np.abs(single).max()), err_msg=name)
-  # Really exchanged: counts, rows and results forward, two transposes backward.
-  for case in ("dropless_k2", "dropless_k1_swiglu", "dropless_k2_skewed"):
-    assert int(results[f"{case}/all_to_alls"]) == 5, case
-  assert int(results["einsum_k2/all_to_alls"]) == 4  # dispatch, combine; forward, backward
+  # Really exchanged: dropless, counts, rows and results forward, two transposes backward;
+  # einsum, dispatch and combine, forward and backward. Every registered router has a case
+  # on each path (expert_parallel_run.CASES).
+  cases = {name.split("/")[0] for name in singles}
+  assert {"dropless_k2", "dropless_k1_swiglu", "dropless_k2_skewed", "einsum_k2"} <= cases
+  assert len(cases) == 4 + 2 * (len(ROUTERS) - 1)
+  for case in cases:
+    assert int(results[f"{case}/all_to_alls"]) == (5 if case.startswith("dropless") else 4), case
+    # Each device routes its own tokens: nothing that grows with the batch is gathered or
+    # reduced (a router's plain jax.lax.top_k would all-gather the logits here).
+    assert int(results[f"{case}/token_sized"]) == 0, case
 
 
 def train(tmp_path, name: str, devices: int, data: int, expert: int, corpus, dispatch: str):

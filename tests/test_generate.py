@@ -13,6 +13,7 @@ import pytest
 from chimera.config import ModelConfig
 from chimera.decoder import Decoder
 from chimera.errors import ChimeraError
+from chimera.routers import ROUTERS
 from chimera.generate import (cast_once, check_length, decode, decode_notes, generate,
                               new_tokens_in_context, prefill, sample_logits)
 from conftest import SHIPPED_CONFIGS
@@ -26,7 +27,9 @@ BASE = ModelConfig(vocab_size=40, num_layers=2, num_heads=2, d_model=16, d_ff=32
     # MoE; a capacity that drops nothing in the full pass, since decoding never drops.
     # Routing groups are whole sequences (group_size unset), as the prompt grows.
     dataclasses.replace(BASE, num_experts=4, top_k=2, expert_d_ff=16, eval_capacity_factor=8.0),
-], ids=["dense", "dense-rotary", "moe"])
+] + [dataclasses.replace(BASE, num_experts=4, top_k=2, expert_d_ff=16, eval_capacity_factor=8.0,
+                         router=router) for router in sorted(set(ROUTERS) - {BASE.router})],
+    ids=["dense", "dense-rotary", "moe"] + sorted(set(ROUTERS) - {BASE.router}))
 def test_greedy_generation_equals_naive_full_forward(config):
   model = Decoder(config)
   prompt = jax.random.randint(jax.random.key(1), (2, 5), 0, config.vocab_size)

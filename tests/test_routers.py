@@ -222,6 +222,48 @@ def test_top_k_causality_flag():
   assert "priority='rank'" in note and "not causal" in note and "\n" not in note
 
 
+
+@pytest.mark.parametrize("router", sorted(ROUTERS))
+@pytest.mark.parametrize("k", [1, 2])
+def test_every_router_learns_from_the_loss(router, k):
+  """Under every config validation accepts, the loss through the gates (here a random
+  weighting of each choice, as the experts' outputs weight them) has a gradient on the
+  router logits: the router does not learn from the auxiliary losses alone."""
+  cfg = router_config(router, k)
+  try:
+    validate_model(cfg)
+  except ChimeraError:  # refused before training (RouterEntry.refuse): nothing to learn from
+    return
+  weights = jnp.asarray(np.random.default_rng(k).normal(size=(GROUPS, GROUP_SIZE, k)))
+  grad = jax.grad(lambda z: jnp.sum(route(z, cfg, capacity=None).gate * weights))(
+      jnp.asarray(random_logits(k)))
+  assert float(jnp.abs(grad).max()) > 1e-3, f"{router}, k={k}: no gradient on the logits"
+
+
+def test_a_router_states_why_it_leaks_and_what_it_cannot_train(monkeypatch):
+  """A router registered with its own reasons: validation raises its `refuse` message,
+  causality_note ends with its `not_causal_because`; a router that may leak must say why."""
+  def softmax_over_chosen(router_logits, config, *, capacity, bias=None):
+    expert_index = routers.choose(router_logits, bias, config.top_k)
+    gate = jax.nn.softmax(jnp.take_along_axis(router_logits, expert_index, axis=-1), axis=-1)
+    return routers.assign(router_logits, jax.nn.softmax(router_logits, axis=-1), gate,
+                          expert_index, config, capacity)
+  monkeypatch.setattr(routers, "ROUTERS", dict(ROUTERS))
+  with pytest.raises(ValueError, match="not_causal_because"):
+    routers.register("leaky", causal=False)(softmax_over_chosen)
+  routers.register(
+      "softmax_over_chosen", causal=routers.slots_are_causal,
+      not_causal_because="choices are placed in rank order here",
+      refuse=lambda m: "one chosen expert gets a gate of 1 whatever the logits"
+      if m.top_k == 1 else None)(softmax_over_chosen)
+  with pytest.raises(ChimeraError, match="config.model.router: 'softmax_over_chosen': one "
+                                         "chosen expert gets a gate of 1"):
+    validate_model(router_config("softmax_over_chosen", 1, renormalize_gates=False))
+  validate_model(router_config("softmax_over_chosen", 2))
+  note = causality_note(router_config("softmax_over_chosen", 2, priority="rank"))
+  assert note.endswith(": choices are placed in rank order here")
+  assert "router='softmax_over_chosen'" in note and "not causal" in note
+
 @pytest.mark.parametrize("router", sorted(ROUTERS))
 def test_bias_changes_choice_not_gate(router):
   # k = E: every expert is chosen either way, so the bias can only reorder the choices;
