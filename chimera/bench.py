@@ -590,7 +590,7 @@ def main(argv):
           + bench_profile.format_summary(record.profile))
     if record.decode_profile:
       print(f"\nwhere decoding's time goes, batch {max(d.batch for d in record.decode)}, "
-            f"per generated token (prefill included): {record.name}\n"
+            f"per generated token after the prefill: {record.name}\n"
             + bench_profile.format_summary(record.decode_profile, unit="token"))
   if FLAGS.json:
     save_records(FLAGS.json, records)

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from absl import app, flags
+from absl import app, flags, logging
 
 from chimera import config as config_lib
 from chimera.bench import parse_override
@@ -40,6 +40,7 @@ def zipf_ids(key, shape, vocab_size: int) -> jax.Array:
 
 def main(argv):
   del argv
+  logging.set_verbosity(logging.WARNING)  # jax logs its platform search at INFO
   try:
     config = config_lib.load(_CONFIG.value, dict(map(parse_override, _SET.value)))
   except ChimeraError as error:

@@ -16,6 +16,7 @@ import gzip
 import json
 import re
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Callable, NamedTuple
@@ -315,9 +316,17 @@ def main(argv):
   if len(argv) != 2:
     raise SystemExit("usage: python -m chimera.bench_profile PREFIX [--steps=N] [--step_ms=MS]"
                      " [--decode]")
-  f = flags.FLAGS
-  summary = summarize_kept(argv[1], f.steps, f.step_ms / 1e3, decode=f.decode)
-  print(format_summary(summary, unit="token" if f.decode else "step"))
+  f, prefix = flags.FLAGS, argv[1]
+  wanted = [f"{prefix}.trace.json.gz", f"{prefix}.hlo.txt or {prefix}.hlo.txt.gz"]
+  if not (Path(f"{prefix}.trace.json.gz").is_file()
+          and (Path(f"{prefix}.hlo.txt").is_file() or Path(f"{prefix}.hlo.txt.gz").is_file())):
+    print(f"error: PREFIX: no kept profile at {prefix} (chimera.bench --profile_dir writes "
+          f"{' and '.join(wanted)})", file=sys.stderr)
+    sys.exit(2)
+  # chimera.bench keeps a decoding trace as '<case>_decode_bN'.
+  decode = f.decode or re.search(r"_decode_b\d+$", prefix) is not None
+  summary = summarize_kept(prefix, f.steps, f.step_ms / 1e3, decode=decode)
+  print(format_summary(summary, unit="token" if decode else "step"))
 
 
 if __name__ == "__main__":
@@ -326,6 +335,6 @@ if __name__ == "__main__":
                        "--new_tokens (256), cut to max_len minus the prompt where the model is "
                        "shorter (chimera.bench.decode_lengths).")
   flags.DEFINE_float("step_ms", 0.0, "The untraced step (or token) time to print beside it.")
-  flags.DEFINE_bool("decode", False, "The trace is of decoding (a prefix ending in "
-                    "'_decode_bN'): parts as for decoding, figures per token.")
+  flags.DEFINE_bool("decode", False, "The trace is of decoding: parts as for decoding, "
+                    "figures per token (implied by a prefix ending in '_decode_bN').")
   app.run(main)

@@ -40,6 +40,13 @@ class CheckpointMismatch(ChimeraError):
     self.difference = difference
 
 
+def saved_meta(directory: Path, step: int) -> dict:
+  """The meta a Checkpointer in `directory` saved at `step`, read in this process alone
+  (the JSON item's handler, with no manager: neither has a barrier with other processes,
+  as a manager's restore does). FileNotFoundError if it is not there."""
+  return dict(ocp.JsonCheckpointHandler().restore(Path(directory) / str(step) / "meta"))
+
+
 class Checkpointer:
 
   def __init__(self, directory: Path, keep: int):
@@ -109,6 +116,10 @@ class Checkpointer:
         step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
                                       meta=ocp.args.JsonRestore()))
     return restored.state, restored.meta
+
+  def meta(self, step: int) -> dict:
+    """The meta saved at `step`, without reading an array (see `saved_meta`)."""
+    return saved_meta(Path(self._manager.directory), step)
 
   def wait(self) -> None:
     self._manager.wait_until_finished()

@@ -249,7 +249,24 @@ def sweep_models(sweep: str, base: str | None, preset: StudyPreset, overrides: d
   models = [make_model("dense", "baseline", "configs/dense.py", preset, overrides)]
   models += [make_model(name, "point", base, preset, {**overrides, **base_overrides, **point})
              for name, point in points]
+  swept = [("--sweep", sweep.partition("=")[0])] if "=" in sweep else []
+  check_read(models, swept + [("--set", key) for key in overrides]
+             + [("--base_set", key) for key in base_overrides])
   return question, models
+
+
+def check_read(models: list[Model], settings: list[tuple[str, str]]) -> None:
+  """Refuses a (flag, key) setting of a field that only the einsum dispatch reads
+  (config.EINSUM_ONLY) when no model of the study dispatches einsum: it would name new
+  runs, or sweep points, of the same models."""
+  if any(m.config.model.num_experts and m.config.model.dispatch == "einsum" for m in models):
+    return
+  for flag, key in settings:
+    if key in config_lib.EINSUM_ONLY:
+      raise ChimeraError(
+          f"{flag}={key}: only dispatch='einsum' reads {key} (static capacity and slot "
+          f"order), and every MoE model here dispatches 'dropless', so the runs would be "
+          f"the same; add --base_set=model.dispatch=einsum (or --set) to study it")
 
 
 def sets_suffix(sets: tuple[str, ...], word: str = "with") -> str:
@@ -288,8 +305,10 @@ def make_study(preset_name: str, sweep: str | None, base: str | None, overrides:
             f"--set={key}={overrides[key]}: the study's MoE configs ({', '.join(MOE_CONFIGS)}) "
             f"differ in {key}, and one value would make them alike; vary it with "
             f"--sweep={key}=v1,v2,...")
+    models = study_models(preset, overrides)
+    check_read(models, [("--set", key) for key in overrides])
     return Study(f"MoE against dense at equal compute ({preset_name} preset{with_sets})",
-                 preset_name, study_models(preset, overrides), preset_name + suffix,
+                 preset_name, models, preset_name + suffix,
                  sets=given(sets), default_seeds=preset.seeds)
   question, models = sweep_models(sweep, base, preset, overrides, base_overrides)
   slug = sweep.partition("=")[0].split(".")[-1] + sets_suffix(given(base_overrides), "at")
@@ -453,10 +472,14 @@ def main(argv):
   compile_cache.enable()
   try:
     overrides = dict(map(bench.parse_override, _SET.value))
-    if _CORPUS.value:
-      overrides["data.corpus"] = _CORPUS.value
-    if _STEPS.value is not None:
-      overrides["train.steps"] = _STEPS.value
+    for flag, key, value in (("corpus", "data.corpus", _CORPUS.value or None),
+                             ("train_steps", "train.steps", _STEPS.value)):
+      if value is None:
+        continue
+      if key in overrides:
+        raise ChimeraError(f"--{flag}={value} and --set={key}={overrides[key]} both set "
+                           f"{key}; pass one")
+      overrides[key] = value
     study = make_study(_PRESET.value, _SWEEP.value, _BASE.value, overrides,
                        dict(map(bench.parse_override, _BASE_SET.value)),
                        sets=overrides)  # every override over the preset names the folder

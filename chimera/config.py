@@ -187,6 +187,11 @@ MOE_ONLY = ("model.num_experts", "model.top_k", "model.expert_d_ff",
             "model.router_bias_rate", "model.z_loss_coef", "train.router_lr_scale",
             "train.router_weight_decay", "train.expert_lr_scale", "train.expert_weight_decay")
 
+# The MoE fields only the einsum dispatch reads (static capacity and the order slots fill
+# in): dispatch="dropless" keeps every choice, so it computes the same run whatever they hold.
+EINSUM_ONLY = ("model.priority", "model.capacity_factor", "model.eval_capacity_factor",
+               "model.min_capacity")
+
 # Fields that do not change what a run computes: a workdir's run may be resumed with
 # other values of these (see `run_differences`). The mesh is one: a checkpoint restores
 # onto any mesh, and sharded training equals one device's.

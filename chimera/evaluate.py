@@ -1,6 +1,6 @@
 """A trained run's loss on its whole validation split, not the fixed subset.
 
-  python -m chimera.evaluate --workdir=runs/moe_top2 [--step=2000] [--batch_size=64]
+  python -m chimera.evaluate --workdir=runs/moe_top2 [--step=2000] [--batch_size=64] [--corpus=PATH]
 
 Training evaluates on `train.eval_batches` fixed windows: cheap, and the same windows for
 every model and seed, so runs compare paired. That subset is a sample of the split,
@@ -68,6 +68,8 @@ def restore_run(workdir: str | Path, step: int | None = None):
   None), restored onto the default device; ChimeraError naming what is missing."""
   workdir = Path(workdir)
   config_path = workdir / "config.json"
+  if not workdir.is_dir():
+    raise ChimeraError(f"--workdir: {workdir} does not exist")
   if not config_path.is_file():
     raise ChimeraError(f"--workdir: {workdir} holds no run (no config.json)")
   try:
@@ -88,6 +90,22 @@ def restore_run(workdir: str | Path, step: int | None = None):
   if step not in available:
     raise ChimeraError(f"--step: no checkpoint at step {step} in {workdir} (it has "
                        f"{', '.join(map(str, available))})")
+  try:
+    # The config the checkpoint was saved with (checkpoints since 2026-11-28 record it),
+    # read first: arrays of the same shapes do not make it the same model (top_k, heads,
+    # the router), and a config of other shapes is named by its fields.
+    recorded = checkpointer.meta(step).get("config")
+  except FileNotFoundError:
+    recorded = None  # removed under us: the restore below says so
+  except (KeyError, ValueError, OSError):
+    recorded = None  # damaged: the restore below says so
+  if recorded:
+    differing = config_lib.run_differences(config_lib.from_dict(recorded), config,
+                                           corpus_may_move=True)  # resumed from a new path
+    if differing:
+      checkpointer.close()
+      raise ChimeraError(f"--workdir: {config_path} does not describe the checkpoint at "
+                         f"step {step}: it was saved with other {', '.join(differing)}")
   like = init_state(config)  # outside the try: running out of memory is not a damaged file
   try:
     state, meta = checkpointer.restore(like, step)
@@ -103,26 +121,28 @@ def restore_run(workdir: str | Path, step: int | None = None):
                        f"checkpoints: {', '.join(map(str, available))} (--step)") from None
   finally:
     checkpointer.close()
-  # The config the checkpoint was saved with (checkpoints since 2026-11-28 record it):
-  # arrays of the same shapes do not make it the same model (top_k, heads, the router).
-  if meta.get("config"):
-    differing = config_lib.run_differences(config_lib.from_dict(meta["config"]), config,
-                                           corpus_may_move=True)  # resumed from a new path
-    if differing:
-      raise ChimeraError(f"--workdir: {config_path} does not describe the checkpoint at "
-                         f"step {step}: it was saved with other {', '.join(differing)}")
   return config, state, step
 
 
 def split_loss(workdir: str | Path, step: int | None = None,
-               batch_size: int | None = None) -> SplitLoss:
+               batch_size: int | None = None, corpus: str | None = None) -> SplitLoss:
   """The validation-split loss of the run in `workdir` at checkpoint `step` (latest if
   None), `batch_size` windows per forward pass (if None, the run's micro-batch,
   train.batch_size / train.grad_accum; rounded down to whole routing groups where a group
-  holds several sequences)."""
+  holds several sequences). `corpus`: the run's corpus at another path (moved since it
+  trained; its text must be the run's, as data.json records it)."""
   config, state, step = restore_run(workdir, step)
-  data = prepare_data(config)  # the run's split, as training loaded it
-  check_same_data(Path(workdir), data, resuming=True)  # and from the same text
+  if corpus:
+    config = dataclasses.replace(config, data=dataclasses.replace(
+        config.data, corpus=config_lib.absolute_corpus(corpus)))
+  try:
+    data = prepare_data(config)  # the run's split, as training loaded it
+  except ChimeraError as error:
+    if "no such file" not in str(error) or corpus:
+      raise
+    raise ChimeraError(f"{error} (if the run's corpus moved, pass its new path: "
+                       f"--corpus=PATH)") from None
+  check_same_data(Path(workdir), data, resuming=True, record_move=False)  # the same text
   rows = windows(data.splits.val, config.train.context)
   # A routing group of several sequences routes them together: every batch holds whole
   # groups, and a tail of windows too short for one is left out (and not counted).
@@ -159,6 +179,8 @@ def define_flags() -> None:
   flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
   flags.DEFINE_integer("batch_size", None, "Windows per forward pass (default: the run's micro-batch, "
                        "train.batch_size / train.grad_accum).")
+  flags.DEFINE_string("corpus", None, "The run's corpus at another path, if it moved since "
+                      "the run trained (its text must be the run's).")
 
 
 def main(argv):
@@ -171,7 +193,7 @@ def main(argv):
       raise ChimeraError("--workdir is required")
     if FLAGS.batch_size is not None and FLAGS.batch_size < 1:
       raise ChimeraError(f"--batch_size: must be >= 1, got {FLAGS.batch_size}")
-    result = split_loss(FLAGS.workdir, FLAGS.step, FLAGS.batch_size)
+    result = split_loss(FLAGS.workdir, FLAGS.step, FLAGS.batch_size, FLAGS.corpus)
     if result.note:
       print(f"note: {result.note}", file=sys.stderr)
   except ChimeraError as error:

@@ -6,8 +6,10 @@ A workdir that already holds a checkpoint is resumed. Without --workdir, a new
 runs/<config>-<timestamp> is made.
 """
 
+import shutil
 import sys
 import time
+from pathlib import Path
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -26,6 +28,9 @@ flags.mark_flag_as_required("config")
 def parse_flags(argv: list[str]) -> list[str]:
   """absl's parser, with a bad flag, config file or config key reported as one line."""
   try:
+    given = [arg.split("=", 1)[1] for arg in argv[1:] if arg.startswith("--config=")]
+    if given and not Path(given[-1].split(":")[0]).is_file():  # the last one counts
+      raise ChimeraError(f"--config: no such file: {given[-1].split(':')[0]}")
     remaining = flags.FLAGS(argv)
     _CONFIG.value["model"]  # config files load lazily: make their errors surface here
     return remaining
@@ -50,7 +55,15 @@ def parse_flags(argv: list[str]) -> list[str]:
     sys.exit(2)
 
 
+def holds_nothing(workdir: Path) -> bool:
+  """Whether a workdir holds only what a start writes before it trains (its config, data
+  record and lock): no log, event or checkpoint."""
+  return workdir.is_dir() and {p.name for p in workdir.iterdir()} <= {
+      "config.json", "data.json", ".lock"}
+
+
 def main(argv):
+  made = False
   logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
   try:
     if len(argv) > 1:  # "config.train.steps=100", its "--" forgotten, would be ignored
@@ -60,10 +73,15 @@ def main(argv):
     config = config_lib.from_config_dict(_CONFIG.value)
     sharding.initialize_distributed()  # before any other JAX call, on every host
     compile_cache.enable()  # a rerun or resume reads its compiled steps from disk
-    workdir = _WORKDIR.value or f"runs/{config.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    from chimera.train import train  # imported here so that config errors come fast
-    train(config, workdir, stop_after=_STOP_AFTER.value)
+    workdir = Path(_WORKDIR.value or f"runs/{config.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    made = not _WORKDIR.value and not workdir.exists()
+    from chimera.train import stopped_by_signal, train  # here: config errors come fast
+    summary = train(config, workdir, stop_after=_STOP_AFTER.value)
+    if not summary.completed and (signum := stopped_by_signal()):
+      sys.exit(128 + signum)  # saved, but not done: `main && evaluate` stops here
   except ChimeraError as error:
+    if made and holds_nothing(workdir):  # no run folder left behind for each failed start
+      shutil.rmtree(workdir, ignore_errors=True)
     print(f"error: {error}", file=sys.stderr)
     sys.exit(2)
   except KeyboardInterrupt:  # outside the training loop, which stops at a checkpoint itself

@@ -116,5 +116,7 @@ def format_duration(seconds: float) -> str:
 
 def progress_line(step: int, steps: int, loss: float, tokens_per_second: float,
                   eta_seconds: float) -> str:
-  return (f"step {step:>6}/{steps} | loss {loss:.4f} | {tokens_per_second / 1e3:7.1f}k tok/s"
+  rate = (f"{tokens_per_second / 1e3:7.1f}k" if tokens_per_second >= 1e3
+           else f"{tokens_per_second:8.1f}")  # a slow step (a GPU preset on a CPU) is not 0.0k
+  return (f"step {step:>6}/{steps} | loss {loss:.4f} | {rate} tok/s"
           f" | ETA {format_duration(eta_seconds)}")

@@ -25,7 +25,7 @@ import sys
 
 import jax
 import numpy as np
-from absl import app, flags
+from absl import app, flags, logging
 
 from chimera import config as config_lib, sharding
 from chimera.bench import parse_override
@@ -145,6 +145,7 @@ def parse_mesh(values: list[str]) -> tuple[int, int]:
 
 def main(argv):
   del argv
+  logging.set_verbosity(logging.WARNING)  # jax logs its platform search at INFO
   try:
     data, expert = parse_mesh(FLAGS.mesh)
     overrides = {"mesh.data": data, "mesh.expert": expert}

@@ -22,7 +22,7 @@ import dataclasses
 import sys
 
 import jax
-from absl import app, flags
+from absl import app, flags, logging
 
 from chimera import config as config_lib, sharding
 from chimera.bench import parse_override
@@ -92,6 +92,7 @@ def doubled(overrides: dict, batch_size: int) -> dict:
 
 def main(argv):
   del argv
+  logging.set_verbosity(logging.WARNING)  # jax logs its platform search at INFO
   try:
     data, expert = parse_mesh(FLAGS.mesh)
     spec, base = FLAGS.config, dict(parse_override(s) for s in FLAGS.set)

@@ -55,9 +55,13 @@ def check_mesh(config: Config, device_count: int) -> None:
   """Rejects a mesh that does not fit the devices, the experts or the batch."""
   mesh, model, train = config.mesh, config.model, config.train
   if mesh.data * mesh.expert != device_count:
+    wanted = mesh.data * mesh.expert
+    hint = (f" (to try a mesh on the CPU, start with XLA_FLAGS="
+            f"--xla_force_host_platform_device_count={wanted})"
+            if jax.default_backend() == "cpu" else "")
     raise ChimeraError(
-        f"config.mesh: data={mesh.data} x expert={mesh.expert} = {mesh.data * mesh.expert} "
-        f"devices, but {device_count} are available")
+        f"config.mesh: data={mesh.data} x expert={mesh.expert} = {wanted} devices, but "
+        f"{device_count} {'is' if device_count == 1 else 'are'} available{hint}")
   if model.num_experts and model.num_experts % mesh.expert:
     raise ChimeraError(
         f"config.model.num_experts={model.num_experts} is not divisible by "

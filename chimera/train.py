@@ -22,7 +22,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from chimera import accounting, allocator, config as config_lib, routers, sharding
-from chimera.checkpoints import Checkpointer
+from chimera.checkpoints import Checkpointer, saved_meta
 from chimera.config import Config
 from chimera.data import batches as batches_lib
 from chimera.data.cache import prepare as prepare_cache
@@ -61,6 +61,13 @@ def open_workdir(workdir: Path, config: Config):
   """
   if workdir.exists() and not workdir.is_dir():
     raise ChimeraError(f"--workdir: {workdir} is a file, not a directory")
+  if RunSummary.exists(workdir):  # before anything is written there
+    try:
+      RunSummary.load(workdir)
+    except (TypeError, ValueError) as error:
+      raise ChimeraError(f"--workdir: {workdir} holds a summary.json that is not a run's "
+                         f"(a chimera.compare report folder?): {type(error).__name__}; use "
+                         f"another workdir") from None
   try:
     workdir.mkdir(parents=True, exist_ok=True)
     lock = open(workdir / ".lock", "a+") if jax.process_index() == 0 else None
@@ -84,7 +91,7 @@ def open_workdir(workdir: Path, config: Config):
     lock.flush()
     saved = _check_steps(workdir, config)  # listed under the lock: no run can save meanwhile
     if saved:
-      _check_same_run(workdir, config)
+      _check_same_run(workdir, config, saved[-1])
     write_atomic(workdir / "config.json",
                  json.dumps(config_lib.to_dict(config), indent=2).encode())
     yield saved
@@ -117,13 +124,18 @@ def _saved_steps(workdir: Path) -> list[int]:
   return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit())
 
 
-def _check_same_run(workdir: Path, config: Config) -> None:
+def _check_same_run(workdir: Path, config: Config, latest: int) -> None:
+  """Refuses a config that computes another run than the one whose checkpoints are in
+  `workdir`, judged by the config the latest checkpoint recorded as it was saved (since
+  2026-11-28), else by config.json: an edited or copied config.json does not make the
+  checkpoints another run's."""
   path = workdir / "config.json"
   if not path.exists():
     raise ChimeraError(f"--workdir: {workdir} holds checkpoints but no config.json, so this "
                        f"config cannot be checked against their run; use a new workdir")
+  recorded = _recorded_config(workdir, latest)
   try:
-    saved = config_lib.from_dict(json.loads(path.read_text()))
+    saved = recorded or config_lib.from_dict(json.loads(path.read_text()))
   except (TypeError, KeyError, ValueError) as error:
     raise ChimeraError(f"--workdir: {path} is not a config this version can read ({error}); "
                        f"use a new workdir") from None
@@ -134,12 +146,28 @@ def _check_same_run(workdir: Path, config: Config) -> None:
     old, new = config_lib.to_dict(saved), config_lib.to_dict(config)
     changes = ", ".join(f"{key} ({_lookup(old, key)!r} -> {_lookup(new, key)!r})"
                         for key in differing)
-    raise ChimeraError(f"--workdir: {workdir} holds another run; these fields differ: "
+    said = f" (as its checkpoint at step {latest} recorded it)" if recorded else ""
+    raise ChimeraError(f"--workdir: {workdir} holds another run{said}; these fields differ: "
                        f"{changes}. Use a new workdir")
   if config.train.steps != saved.train.steps:
     log(f"train.steps: {saved.train.steps} -> {config.train.steps}. The cosine schedule is "
         f"stretched to the new length, so the learning rate at the steps still to run "
         f"follows it, not the old one")
+
+
+def _recorded_config(workdir: Path, step: int) -> Config | None:
+  """The config the checkpoint at `step` recorded as it was saved; None for a checkpoint
+  from before checkpoints recorded it."""
+  try:  # process 0 alone: no barrier with the others (checkpoints.saved_meta)
+    values = saved_meta(workdir / "checkpoints", step).get("config")
+  except (KeyError, ValueError, OSError) as error:  # a damaged checkpoint
+    raise ChimeraError(f"--workdir: the checkpoint at step {step} in {workdir} cannot be "
+                       f"read, incomplete or damaged ({type(error).__name__})") from None
+  try:
+    return config_lib.from_dict(values) if values else None
+  except (TypeError, KeyError, ValueError) as error:
+    raise ChimeraError(f"--workdir: the checkpoint at step {step} in {workdir} records a "
+                       f"config this version cannot read ({error}); use a new workdir") from None
 
 
 def _lookup(values: dict, key: str):
@@ -187,13 +215,15 @@ def prepare_data(config: Config) -> Data:
                "tokens": cache.manifest.tokens})
 
 
-def check_same_data(workdir: Path, data: Data, *, resuming: bool) -> None:
+def check_same_data(workdir: Path, data: Data, *, resuming: bool,
+                    record_move: bool = True) -> None:
   """Refuses (one line) to go on with the run in `workdir` if its corpus changed since it
   started: its batches and its validation split would no longer be the run's (a file added
   to a folder corpus can move documents between the splits). The same text at another path
   (a moved corpus) is the run's: data.json records the new path. A fresh start (no checkpoint
   yet, `resuming` False) holds no run: process 0 records the data there (data.json), for
-  later resumes and chimera.evaluate to check."""
+  later resumes and chimera.evaluate to check. `record_move` False: a reader
+  (chimera.evaluate --corpus) leaves data.json as it is."""
   path = workdir / "data.json"
   if not resuming:
     if jax.process_index() == 0:
@@ -206,7 +236,7 @@ def check_same_data(workdir: Path, data: Data, *, resuming: bool) -> None:
   if changed == ["corpus"]:  # the same text (content hash, split sizes) read from elsewhere
     log(f"data: the corpus moved ({saved['corpus']} -> {data.identity['corpus']}); "
         f"its text is the run's")
-    if jax.process_index() == 0:
+    if record_move and jax.process_index() == 0:
       write_atomic(path, json.dumps(data.identity, indent=2).encode())
   elif changed:
     changes = ", ".join(f"{key} {saved.get(key)!r} -> {data.identity[key]!r}" for key in changed)
@@ -331,10 +361,22 @@ class Evaluator:
     return val_loss
 
 
+# The signal that stopped this process's latest call of `train` (None: it was not stopped
+# by one): chimera.main exits with 128 + it, as a process killed by it would.
+_stopped_by: int | None = None
+
+
+def stopped_by_signal() -> int | None:
+  """The signal (SIGTERM, SIGINT) that stopped the latest `train` call, else None."""
+  return _stopped_by
+
+
 class _StopRequest:
   """Turns SIGTERM / SIGINT into a flag that the loop checks between steps."""
 
   def __init__(self):
+    global _stopped_by
+    _stopped_by = None
     self.requested = False
     self._previous = {}
 
@@ -344,7 +386,8 @@ class _StopRequest:
     return self
 
   def _handle(self, signum, frame):
-    self.requested = True
+    global _stopped_by
+    self.requested, _stopped_by = True, signum
 
   def __exit__(self, *exc):
     for sig, handler in self._previous.items():

@@ -21,7 +21,10 @@ SWEEPS=${SWEEPS:-calibration granularity shared balancing capacity init}
 corpus=()
 if [[ -n ${CORPUS:-} ]]; then corpus=(--corpus="$CORPUS"); fi
 
-python -m chimera.compare --preset="$PRESET" --sweep=model.num_experts=4,8,16,32 "${corpus[@]}" "$@"
+# Three seeds: the number-of-experts target reads paired steps over at least two, and
+# results/cpu-sweep-num_experts holds seeds 0, 1 and 2 (a later --seeds in "$@" wins).
+python -m chimera.compare --preset="$PRESET" --sweep=model.num_experts=4,8,16,32 --seeds=0,1,2 \
+    "${corpus[@]}" "$@"
 python -m chimera.compare --preset="$PRESET" "${corpus[@]}" "$@"
 for sweep in $SWEEPS; do
   python -m chimera.compare --preset="$PRESET" --sweep="$sweep" "${corpus[@]}" "$@"

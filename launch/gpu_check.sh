@@ -104,7 +104,7 @@ for run in "$DENSE" "$DENSE --config.train.log_norms=false" "$MOE" \
   [[ $run == *log_norms=false ]] && name+=_no_norms
   stage "train $name" "$PYTHON" -m chimera.main --config=$run \
     --workdir="/tmp/chimera-runs/$name" --config.train.steps="$STEPS" \
-    --config.train.warmup_steps=$(( STEPS / 6 )) --config.train.log_every=20 \
+    --config.train.warmup_steps=$(( STEPS / 6 )) --config.train.log_every=$(( STEPS < 60 ? (STEPS + 2) / 3 : 20 )) \
     --config.train.eval_every="$STEPS" --config.train.eval_batches=4 \
     --config.train.checkpoint_every="$STEPS"
 done

@@ -19,8 +19,10 @@ if [[ $# -gt 0 && $1 != --* ]]; then CONFIG=$1; shift; fi
 if [[ -n ${CUDA_VISIBLE_DEVICES+set} ]]; then
   IFS=, read -ra visible <<< "$CUDA_VISIBLE_DEVICES"
   GPUS=${#visible[@]}
-else
+elif command -v nvidia-smi > /dev/null; then
   GPUS=$(nvidia-smi --list-gpus | wc -l)
+else
+  GPUS=0  # no driver tools: no NVIDIA GPU here
 fi
 if (( GPUS == 0 )); then echo "no GPU visible (CUDA_VISIBLE_DEVICES='${CUDA_VISIBLE_DEVICES-}')" >&2; exit 2; fi
 EXPERT=${EXPERT:-1}

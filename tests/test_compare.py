@@ -368,6 +368,25 @@ def test_sweeps_hold_what_they_claim(corpus):
           for m in models[1:]] == [("switch", 0.1), ("switch", 1.0), ("dense", 0.1)]
 
 
+def test_a_setting_no_model_reads_is_refused(corpus):
+  """Capacity and slot priority are read only by the einsum dispatch: over the shipped
+  (dropless) MoE configs, sweeping or setting them would train the same models again
+  under other names."""
+  overrides = {"data.corpus": str(corpus)}
+  with pytest.raises(ChimeraError, match=r"^--sweep=model\.priority: only dispatch='einsum' "
+                                         r"reads model\.priority .* add --base_set=model\."
+                                         r"dispatch=einsum"):
+    compare.make_study("cpu", "model.priority=token,rank", None, overrides)
+  with pytest.raises(ChimeraError, match=r"^--set=model\.capacity_factor: only"):
+    compare.make_study("cpu", None, None, {**overrides, "model.capacity_factor": 2.0})
+  with pytest.raises(ChimeraError, match=r"^--base_set=model\.min_capacity: only"):
+    compare.make_study("cpu", "balancing", None, overrides, {"model.min_capacity": 8})
+  # Read once a model dispatches einsum: the capacity sweep's points, or an einsum base.
+  compare.make_study("cpu", "capacity", None, overrides)
+  compare.make_study("cpu", "model.capacity_factor=1.0,2.0", None, overrides,
+                     {"model.dispatch": "einsum"})
+
+
 def test_a_report_warns_of_a_model_that_is_not_causal(corpus):
   """A sweep over slot priority on the einsum path: the report says its rank point's
   losses see later tokens, and says nothing of the causal models."""
@@ -729,9 +748,18 @@ def test_a_report_folder_is_not_replaced_by_another_study(tmp_path):
     ("compare", ["--seeds=a"], "error: --seeds: expected non-negative integers, got 'a'"),
     ("compare", ["--seeds=0,1,0"], "error: --seeds: each seed once, got '0,1,0'"),
     ("compare", ["--train_steps=0"], "error: config.train.steps: must be > 0, got 0"),
+    ("compare", ["--train_steps=20", "--set=train.steps=30"],
+     "error: --train_steps=20 and --set=train.steps=30 both set train.steps; pass one"),
+    ("scaling", ["--config=configs/moe_top2.py:tiny", "--mesh=2,4"],
+     "error: config.mesh: data=2 x expert=4 = 8 devices, but 1 is available (to try a mesh on "
+     "the CPU, start with XLA_FLAGS=--xla_force_host_platform_device_count=8)"),
     ("compare", ["--seeds=4294967295"],
      "error: --seeds: each in [0, 4294967294], got 4294967295"),
     ("report", ["--readme=MISSING.md"], "error: --readme: MISSING.md is not a file"),
+    ("bench_profile", ["/nonexistent/prof"],
+     "error: PREFIX: no kept profile at /nonexistent/prof (chimera.bench --profile_dir writes "
+     "/nonexistent/prof.trace.json.gz and /nonexistent/prof.hlo.txt or "
+     "/nonexistent/prof.hlo.txt.gz)"),
     ("scaling", ["--config=configs/moe_top2.py:tiny", "--mesh=2"],
      "error: --mesh: expected data,expert (two positive integers), got '2'"),
     ("scaling_hlo", ["--config=configs/moe_top2.py:tiny", "--mesh=1,4x"],

@@ -1,6 +1,8 @@
 """chimera.evaluate: a finished run's loss over its whole validation split."""
 
+import json
 import re
+import shutil
 import subprocess
 import sys
 
@@ -8,6 +10,7 @@ import numpy as np
 import pytest
 
 from chimera import evaluate
+from chimera.checkpoints import Checkpointer
 from chimera.data.batches import make_splits
 from chimera.data.corpora import load_corpus
 from chimera.data.tokenizers import get_tokenizer
@@ -80,6 +83,30 @@ def test_bad_workdir_is_one_line(tmp_path):
                           capture_output=True, text=True)
   assert result.returncode == 2
   assert result.stderr.strip() == f"error: --workdir: {tmp_path} holds no run (no config.json)"
+  with pytest.raises(ChimeraError, match=r"^--workdir: \S+/nowhere does not exist$"):
+    evaluate.split_loss(tmp_path / "nowhere")
+
+
+def test_a_moved_corpus_is_scored_from_its_new_path(finished_run, tmp_path):
+  """A run whose corpus moved since it trained: the error says how to point at it, and
+  --corpus scores the same text (refusing other text) without changing the run's records."""
+  workdir, _, config = finished_run
+  run = tmp_path / "run"
+  shutil.copytree(workdir, run)
+  recorded = json.loads((run / "config.json").read_text())
+  recorded["data"]["corpus"] = str(tmp_path / "gone.txt")  # where it was when it trained
+  (run / "config.json").write_text(json.dumps(recorded))
+  data_json = (run / "data.json").read_text()
+  with pytest.raises(ChimeraError, match=r"gone\.txt \(if the run's corpus moved, pass its "
+                                         r"new path: --corpus=PATH\)$"):
+    evaluate.split_loss(run)
+  moved = tmp_path / "moved.txt"
+  shutil.copy(config.data.corpus, moved)
+  assert evaluate.split_loss(run, corpus=str(moved)).loss == evaluate.split_loss(workdir).loss
+  assert (run / "data.json").read_text() == data_json  # a reader records nothing
+  moved.write_text(moved.read_text() + "\nthe queen will speak\n")
+  with pytest.raises(ChimeraError, match=r"holds a run of other text"):
+    evaluate.split_loss(run, corpus=str(moved))
 
 
 def test_an_unreadable_config_is_one_line(tmp_path):
@@ -124,21 +151,29 @@ def test_routing_groups_of_several_sequences_are_scored_whole(tmp_path, monkeypa
         whole.loss, rel=1e-5)
 
 
-def test_a_checkpoint_that_is_not_the_configs_model_is_one_line(finished_run, tmp_path):
+def test_a_checkpoint_that_is_not_the_configs_model_is_one_line(finished_run, tmp_path,
+                                                                monkeypatch):
   """A config.json edited after training (or copied from another run) beside the
-  checkpoints: orbax's shape or tree error becomes one line naming the checkpoint."""
-  import json
-  import shutil
+  checkpoints: one line naming the fields that differ from the config the checkpoint
+  recorded; for a checkpoint that recorded none (before 2026-11-28), orbax's shape or tree
+  error becomes one line naming the arrays."""
   workdir, _, _ = finished_run
   edited = tmp_path / "edited"
   shutil.copytree(workdir / "checkpoints", edited / "checkpoints")
   saved = json.loads((workdir / "config.json").read_text())
-  for change in ({"d_ff": saved["model"]["d_ff"] // 2}, {"num_experts": 4}):
+  for change, field in (({"d_ff": saved["model"]["d_ff"] // 2}, "model.d_ff"),
+                        ({"num_experts": 4}, "model.num_experts")):
     (edited / "config.json").write_text(json.dumps({**saved, "model": {**saved["model"],
                                                                         **change}}))
     with pytest.raises(ChimeraError, match=r"^--workdir: .*config\.json does not describe the "
-                                           r"checkpoint at step 12: params/"):
+                                           rf"checkpoint at step 12: it was saved with other "
+                                           rf"{field}"):
       evaluate.split_loss(edited)
+    with monkeypatch.context() as patch:
+      patch.setattr(Checkpointer, "meta", lambda self, step: {})  # an older checkpoint
+      with pytest.raises(ChimeraError, match=r"^--workdir: .*config\.json does not describe "
+                                             r"the checkpoint at step 12: params/"):
+        evaluate.split_loss(edited)
 
 
 def test_a_config_json_that_is_not_the_checkpoints_is_one_line(finished_run, tmp_path):

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from chimera.errors import ChimeraError
-from chimera.metrics import MetricWriter, truncate_after
+from chimera.metrics import MetricWriter, progress_line, truncate_after
 from chimera.records import read_all_events, read_jsonl
 
 
@@ -98,3 +98,11 @@ def test_two_sessions_in_one_second_keep_both_event_files(tmp_path):
     writer.close()
   steps = [e.step for e in tensorboard_events(tmp_path / "tensorboard") if e.summary.value]
   assert steps == [1, 2]
+
+
+def test_the_progress_line_shows_a_slow_rate():
+  assert progress_line(2, 10, 10.88, 12.5, 65) == (
+      "step      2/10 | loss 10.8800 |     12.5 tok/s | ETA 1m05s")
+  assert progress_line(2, 10, 1.5, 12_345.0, 3700) == (
+      "step      2/10 | loss 1.5000 |    12.3k tok/s | ETA 1h01m")
+

@@ -152,7 +152,7 @@ def test_sigterm_saves_and_resumes_exactly(make_config, corpus, tmp_path):
   wait_for_line(process, "step")  # training is under way
   process.send_signal(signal.SIGTERM)
   rest = process.stderr.read()
-  assert process.wait(timeout=120) == 0, rest
+  assert process.wait(timeout=120) == 128 + signal.SIGTERM, rest  # saved, but not done
   assert "stopped at step" in rest
   stopped_at = Checkpointer(workdir / "checkpoints", keep=2).latest_step()
   assert 0 < stopped_at < steps, "the run finished before the signal; raise `steps`"
@@ -203,6 +203,7 @@ def test_bad_config_is_one_line_before_compiling(corpus, tmp_path):
       "--config.model.router=nope": "config.model.router",
       "--config.train.min_learning_rate=1": "config.train.min_learning_rate",
       f"--workdir={corpus}": "is a file",
+      "--config=configs/moe_top3.py:tiny": "--config: no such file: configs/moe_top3.py",
   }
   for flag, expected in cases.items():
     args = ["--config=configs/moe_top2.py:tiny"]
@@ -218,6 +219,14 @@ def test_bad_config_is_one_line_before_compiling(corpus, tmp_path):
     assert "Compiling" not in result.stderr, (flag, result.stderr)
     assert "Traceback" not in result.stderr, (flag, result.stderr)
     assert lines == [lines[-1]] and lines[-1].startswith("error: "), (flag, lines)
+  # Without --workdir, a start refused before it trained leaves no runs/<config>-<time>/
+  # folder behind for each retry.
+  result = subprocess.run([sys.executable, "-m", "chimera.main",
+                           f"--config={ROOT / 'configs' / 'moe_top2.py'}:tiny",
+                           "--config.data.corpus=/no/such/file.txt"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+  assert result.returncode == 2 and "/no/such/file.txt" in result.stderr
+  assert not any((tmp_path / "runs").iterdir())
 
 
 @pytest.mark.parametrize("content, expected", [
@@ -317,15 +326,25 @@ def test_a_workdir_holds_one_run(make_config, corpus, tmp_path):
   workdir = tmp_path / "run"
   dense = make_config("dense", corpus, train__steps=2, train__warmup_steps=0)
   train(dense, workdir)
-  with pytest.raises(ChimeraError, match=r"^--workdir: .* holds another run; these fields "
-                                         r"differ: .*model\.num_experts \(0 -> 8\)"):
+  with pytest.raises(ChimeraError, match=r"^--workdir: .* holds another run \(as its checkpoint "
+                                         r"at step 2 recorded it\); these fields differ: "
+                                         r".*model\.num_experts \(0 -> 8\)"):
     train(make_config("moe_top2", corpus, train__steps=2, train__warmup_steps=0), workdir)
   with pytest.raises(ChimeraError, match=r"train\.learning_rate \(0\.002 -> 0\.001\)"):
     train(make_config("dense", corpus, train__steps=2, train__warmup_steps=0,
                       train__learning_rate=1e-3), workdir)
+  # An edited config.json does not make the checkpoints another run's: the config they
+  # recorded decides, both ways, and resuming writes config.json back.
+  edited = json.loads((workdir / "config.json").read_text())
+  edited["train"]["learning_rate"] = 3e-3
+  (workdir / "config.json").write_text(json.dumps(edited))
+  with pytest.raises(ChimeraError, match=r"train\.learning_rate \(0\.002 -> 0\.003\)"):
+    train(make_config("dense", corpus, train__steps=2, train__warmup_steps=0,
+                      train__learning_rate=3e-3), workdir)
   # Logging intervals do not change the run; more steps extend it.
   same = make_config("dense", corpus, train__steps=2, train__warmup_steps=0, train__log_every=1)
   assert train(same, workdir).steps == 2
+  assert json.loads((workdir / "config.json").read_text())["train"]["learning_rate"] == 2e-3
   longer = make_config("dense", corpus, train__steps=4, train__warmup_steps=0)
   assert train(longer, workdir).steps == 4
   assert [r["step"] for r in read_events(workdir, "eval")] == [2, 3, 4]
@@ -350,6 +369,18 @@ def test_a_workdir_holds_one_run(make_config, corpus, tmp_path):
     train(make_config("dense", moved, train__steps=6, train__warmup_steps=0), workdir)
   with pytest.raises(ChimeraError, match=r"holds a run of other text"):
     evaluate.split_loss(workdir)
+
+
+def test_a_report_folder_is_not_a_workdir(make_config, corpus, tmp_path):
+  """A chimera.compare report folder (its summary.json is a study's) is refused in one
+  line before anything is written there."""
+  report = tmp_path / "results" / "cpu"
+  report.mkdir(parents=True)
+  (report / "summary.json").write_text(json.dumps({"title": "MoE against dense", "models": {}}))
+  with pytest.raises(ChimeraError, match=r"^--workdir: .* holds a summary\.json that is not a "
+                                         r"run's \(a chimera\.compare report folder\?\)"):
+    train(make_config("dense", corpus, train__steps=2, train__warmup_steps=0), report)
+  assert sorted(p.name for p in report.iterdir()) == ["summary.json"]
 
 
 def test_a_workdir_that_is_a_file_or_in_use_is_refused(make_config, corpus, tmp_path):
