@@ -6,7 +6,6 @@ A workdir that already holds a checkpoint is resumed. Without --workdir, a new
 runs/<config>-<timestamp> is made.
 """
 
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -21,7 +20,7 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "A configs/*.py file[:
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (resumed if it has a checkpoint).")
 _STOP_AFTER = flags.DEFINE_integer(
-    "stop_after", None, "Checkpoint and exit after this many steps, as on SIGTERM.")
+    "stop_after", None, "Checkpoint and exit (status 0) after this many steps.")
 flags.mark_flag_as_required("config")
 
 
@@ -55,15 +54,7 @@ def parse_flags(argv: list[str]) -> list[str]:
     sys.exit(2)
 
 
-def holds_nothing(workdir: Path) -> bool:
-  """Whether a workdir holds only what a start writes before it trains (its config, data
-  record and lock): no log, event or checkpoint."""
-  return workdir.is_dir() and {p.name for p in workdir.iterdir()} <= {
-      "config.json", "data.json", ".lock"}
-
-
 def main(argv):
-  made = False
   logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
   try:
     if len(argv) > 1:  # "config.train.steps=100", its "--" forgotten, would be ignored
@@ -74,14 +65,11 @@ def main(argv):
     sharding.initialize_distributed()  # before any other JAX call, on every host
     compile_cache.enable()  # a rerun or resume reads its compiled steps from disk
     workdir = Path(_WORKDIR.value or f"runs/{config.name}-{time.strftime('%Y%m%d-%H%M%S')}")
-    made = not _WORKDIR.value and not workdir.exists()
     from chimera.train import stopped_by_signal, train  # here: config errors come fast
     summary = train(config, workdir, stop_after=_STOP_AFTER.value)
     if not summary.completed and (signum := stopped_by_signal()):
       sys.exit(128 + signum)  # saved, but not done: `main && evaluate` stops here
   except ChimeraError as error:
-    if made and holds_nothing(workdir):  # no run folder left behind for each failed start
-      shutil.rmtree(workdir, ignore_errors=True)
     print(f"error: {error}", file=sys.stderr)
     sys.exit(2)
   except KeyboardInterrupt:  # outside the training loop, which stops at a checkpoint itself
