@@ -100,7 +100,13 @@ def restore_run(workdir: str | Path, step: int | None = None):
   except (KeyError, ValueError, OSError):
     recorded = None  # damaged: the restore below says so
   if recorded:
-    differing = config_lib.run_differences(config_lib.from_dict(recorded), config,
+    try:
+      recorded = config_lib.from_dict(recorded)
+    except (TypeError, KeyError, ValueError) as error:
+      checkpointer.close()
+      raise ChimeraError(f"--workdir: the checkpoint at step {step} in {workdir} records a "
+                         f"config this version cannot read ({error})") from None
+    differing = config_lib.run_differences(recorded, config,
                                            corpus_may_move=True)  # resumed from a new path
     if differing:
       checkpointer.close()

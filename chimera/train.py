@@ -160,7 +160,7 @@ def _recorded_config(workdir: Path, step: int) -> Config | None:
   from before checkpoints recorded it."""
   try:  # process 0 alone: no barrier with the others (checkpoints.saved_meta)
     values = saved_meta(workdir / "checkpoints", step).get("config")
-  except (KeyError, ValueError, OSError) as error:  # a damaged checkpoint
+  except (KeyError, TypeError, ValueError, OSError) as error:  # a damaged checkpoint
     raise ChimeraError(f"--workdir: the checkpoint at step {step} in {workdir} cannot be "
                        f"read, incomplete or damaged ({type(error).__name__})") from None
   try:
