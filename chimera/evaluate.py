@@ -95,10 +95,8 @@ def restore_run(workdir: str | Path, step: int | None = None):
     # read first: arrays of the same shapes do not make it the same model (top_k, heads,
     # the router), and a config of other shapes is named by its fields.
     recorded = checkpointer.meta(step).get("config")
-  except FileNotFoundError:
-    recorded = None  # removed under us: the restore below says so
   except (KeyError, ValueError, OSError):
-    recorded = None  # damaged: the restore below says so
+    recorded = None  # removed under us, or damaged: the restore below says which
   if recorded:
     try:
       recorded = config_lib.from_dict(recorded)
