@@ -251,22 +251,29 @@ def sweep_models(sweep: str, base: str | None, preset: StudyPreset, overrides: d
              for name, point in points]
   swept = [("--sweep", sweep.partition("=")[0])] if "=" in sweep else []
   check_read(models, swept + [("--set", key) for key in overrides]
-             + [("--base_set", key) for key in base_overrides])
+             + [("--base_set", key) for key in base_overrides], sweep=True)
   return question, models
 
 
-def check_read(models: list[Model], settings: list[tuple[str, str]]) -> None:
+def check_read(models: list[Model], settings: list[tuple[str, str]], sweep: bool) -> None:
   """Refuses a (flag, key) setting of a field that only the einsum dispatch reads
   (config.EINSUM_ONLY) when no model of the study dispatches einsum: it would name new
-  runs, or sweep points, of the same models."""
-  if any(m.config.model.num_experts and m.config.model.dispatch == "einsum" for m in models):
+  runs, or sweep points, of the same models. `sweep`: a sweep's study, where --base_set
+  can give its base the einsum dispatch."""
+  moe = [m for m in models if m.config.model.num_experts]
+  if any(m.config.model.dispatch == "einsum" for m in moe):
     return
   for flag, key in settings:
     if key in config_lib.EINSUM_ONLY:
+      if not moe:
+        raise ChimeraError(f"{flag}={key}: only an MoE model with dispatch='einsum' reads "
+                           f"{key}, and no model here is MoE, so the runs would be the same")
+      add = ("--base_set=model.dispatch=einsum (or --set)" if sweep
+             else "--set=model.dispatch=einsum")
       raise ChimeraError(
           f"{flag}={key}: only dispatch='einsum' reads {key} (static capacity and slot "
           f"order), and every MoE model here dispatches 'dropless', so the runs would be "
-          f"the same; add --base_set=model.dispatch=einsum (or --set) to study it")
+          f"the same; add {add} to study it")
 
 
 def sets_suffix(sets: tuple[str, ...], word: str = "with") -> str:
@@ -306,7 +313,7 @@ def make_study(preset_name: str, sweep: str | None, base: str | None, overrides:
             f"differ in {key}, and one value would make them alike; vary it with "
             f"--sweep={key}=v1,v2,...")
     models = study_models(preset, overrides)
-    check_read(models, [("--set", key) for key in overrides])
+    check_read(models, [("--set", key) for key in overrides], sweep=False)
     return Study(f"MoE against dense at equal compute ({preset_name} preset{with_sets})",
                  preset_name, models, preset_name + suffix,
                  sets=given(sets), default_seeds=preset.seeds)

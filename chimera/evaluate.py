@@ -38,7 +38,7 @@ from chimera.errors import ChimeraError
 from chimera.layers import Kernels
 from chimera.routers import causality_note
 from chimera.steps import eval_step, init_state
-from chimera.train import check_same_data, prepare_data
+from chimera.train import check_same_data, prepare_data, recorded_config, saved_steps
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,48 +68,48 @@ def restore_run(workdir: str | Path, step: int | None = None):
   None), restored onto the default device; ChimeraError naming what is missing."""
   workdir = Path(workdir)
   config_path = workdir / "config.json"
+  if workdir.exists() and not workdir.is_dir():
+    raise ChimeraError(f"--workdir: {workdir} is a file, not a directory")
   if not workdir.is_dir():
     raise ChimeraError(f"--workdir: {workdir} does not exist")
-  if not config_path.is_file():
-    raise ChimeraError(f"--workdir: {workdir} holds no run (no config.json)")
-  try:
-    config = config_lib.from_dict(json.loads(config_path.read_text()))
-    config_lib.validate(config)
-  except ChimeraError as error:  # a field out of range, a derived field that cannot resolve
-    raise ChimeraError(f"--workdir: {config_path}: {error}") from None
-  except (TypeError, KeyError, ValueError) as error:  # TypeError: null for a number, ...
-    raise ChimeraError(f"--workdir: {config_path} is not a config this version can read "
-                       f"({error})") from None
-  available = []
-  if (workdir / "checkpoints").is_dir():  # checked first: the manager would make the folder
-    checkpointer = Checkpointer(workdir / "checkpoints", keep=config.train.keep_checkpoints)
-    available = checkpointer.all_steps()
+  config = None
+  if config_path.is_file():
+    try:
+      config = config_lib.from_dict(json.loads(config_path.read_text()))
+      config_lib.validate(config)
+    except ChimeraError as error:  # a field out of range, a derived field that cannot resolve
+      raise ChimeraError(f"--workdir: {config_path}: {error}") from None
+    except (TypeError, KeyError, ValueError) as error:  # TypeError: null for a number, ...
+      raise ChimeraError(f"--workdir: {config_path} is not a config this version can read "
+                         f"({error})") from None
+  available = saved_steps(workdir)
   if not available:
-    raise ChimeraError(f"--workdir: {workdir} has no checkpoint yet")
+    raise ChimeraError(f"--workdir: {workdir} " + ("has no checkpoint yet" if config
+                                                   else "holds no run (no config.json)"))
   step = available[-1] if step is None else step
   if step not in available:
     raise ChimeraError(f"--step: no checkpoint at step {step} in {workdir} (it has "
                        f"{', '.join(map(str, available))})")
-  try:
-    # The config the checkpoint was saved with (checkpoints since 2026-11-28 record it),
-    # read first: arrays of the same shapes do not make it the same model (top_k, heads,
-    # the router), and a config of other shapes is named by its fields.
-    recorded = checkpointer.meta(step).get("config")
-  except (KeyError, ValueError, OSError):
-    recorded = None  # removed under us, or damaged: the restore below says which
-  if recorded:
+  # The config the checkpoint was saved with (checkpoints since 2026-11-28 record it):
+  # arrays of the same shapes do not make it the same model (top_k, heads, the router),
+  # and a config.json of other shapes is named by its fields. A damaged one is left to
+  # the restore below to name.
+  recorded = recorded_config(workdir, step, damaged_ok=True)
+  if config is None and recorded is None:
+    raise ChimeraError(f"--workdir: {workdir} holds checkpoints that do not record their "
+                       f"config (saved before 2026-11-28) and no config.json")
+  if config is None:  # config.json deleted: the checkpoint's own record
+    config, config_path = recorded, workdir / "checkpoints" / str(step)  # named in errors
     try:
-      recorded = config_lib.from_dict(recorded)
-    except (TypeError, KeyError, ValueError) as error:
-      checkpointer.close()
-      raise ChimeraError(f"--workdir: the checkpoint at step {step} in {workdir} records a "
-                         f"config this version cannot read ({error})") from None
-    differing = config_lib.run_differences(recorded, config,
-                                           corpus_may_move=True)  # resumed from a new path
-    if differing:
-      checkpointer.close()
-      raise ChimeraError(f"--workdir: {config_path} does not describe the checkpoint at "
-                         f"step {step}: it was saved with other {', '.join(differing)}")
+      config_lib.validate(config)
+    except ChimeraError as error:
+      raise ChimeraError(f"--workdir: {config_path}: {error}") from None
+  differing = recorded and config_lib.run_differences(
+      recorded, config, corpus_may_move=True)  # resumed from a new path
+  if differing:
+    raise ChimeraError(f"--workdir: {config_path} does not describe the checkpoint at "
+                       f"step {step}: it was saved with other {', '.join(differing)}")
+  checkpointer = Checkpointer(workdir / "checkpoints", keep=config.train.keep_checkpoints)
   like = init_state(config)  # outside the try: running out of memory is not a damaged file
   try:
     state, meta = checkpointer.restore(like, step)

@@ -27,8 +27,10 @@ flags.mark_flag_as_required("config")
 def parse_flags(argv: list[str]) -> list[str]:
   """absl's parser, with a bad flag, config file or config key reported as one line."""
   try:
-    given = [arg.split("=", 1)[1] for arg in argv[1:] if arg.startswith("--config=")]
-    if given and not Path(given[-1].split(":")[0]).is_file():  # the last one counts
+    given = [arg.split("=", 1)[1] if "=" in arg else value  # --config=FILE, --config FILE
+             for arg, value in zip(argv[1:], argv[2:] + [""])
+             if arg.startswith("--config=") or arg == "--config"]
+    if given and given[-1] and not Path(given[-1].split(":")[0]).is_file():  # the last counts
       raise ChimeraError(f"--config: no such file: {given[-1].split(':')[0]}")
     remaining = flags.FLAGS(argv)
     _CONFIG.value["model"]  # config files load lazily: make their errors surface here

@@ -99,7 +99,7 @@ def open_workdir(workdir: Path, config: Config):
 
 def _check_steps(workdir: Path, config: Config) -> list[int]:
   """The saved steps, once train.steps is known to reach the latest of them."""
-  saved = _saved_steps(workdir)
+  saved = saved_steps(workdir)
   if saved and saved[-1] > config.train.steps:  # before config.json could be rewritten
     raise ChimeraError(f"train.steps={config.train.steps}: {workdir} holds this run at "
                        f"step {saved[-1]} already; ask for at least that many steps")
@@ -115,7 +115,7 @@ def _last_good(workdir: Path) -> str:
   return "No checkpoint had been saved yet"
 
 
-def _saved_steps(workdir: Path) -> list[int]:
+def saved_steps(workdir: Path) -> list[int]:
   """The steps of the completed checkpoints in `workdir`, in order (orbax renames a
   checkpoint's folder to its step when the save is done)."""
   folder = workdir / "checkpoints"
@@ -127,13 +127,14 @@ def _saved_steps(workdir: Path) -> list[int]:
 def _check_same_run(workdir: Path, config: Config, latest: int) -> None:
   """Refuses a config that computes another run than the one whose checkpoints are in
   `workdir`, judged by the config the latest checkpoint recorded as it was saved (since
-  2026-11-28), else by config.json: an edited or copied config.json does not make the
-  checkpoints another run's."""
+  2026-11-28), else by config.json: an edited, copied or deleted config.json does not
+  make the checkpoints another run's."""
   path = workdir / "config.json"
-  if not path.exists():
-    raise ChimeraError(f"--workdir: {workdir} holds checkpoints but no config.json, so this "
-                       f"config cannot be checked against their run; use a new workdir")
-  recorded = _recorded_config(workdir, latest)
+  recorded = recorded_config(workdir, latest)
+  if recorded is None and not path.exists():
+    raise ChimeraError(f"--workdir: {workdir} holds checkpoints that do not record their "
+                       f"config (saved before 2026-11-28) and no config.json, so this config "
+                       f"cannot be checked against their run; use a new workdir")
   try:
     saved = recorded or config_lib.from_dict(json.loads(path.read_text()))
   except (TypeError, KeyError, ValueError) as error:
@@ -155,19 +156,23 @@ def _check_same_run(workdir: Path, config: Config, latest: int) -> None:
         f"follows it, not the old one")
 
 
-def _recorded_config(workdir: Path, step: int) -> Config | None:
-  """The config the checkpoint at `step` recorded as it was saved; None for a checkpoint
-  from before checkpoints recorded it."""
-  try:  # process 0 alone: no barrier with the others (checkpoints.saved_meta)
+def recorded_config(workdir: Path, step: int, damaged_ok: bool = False) -> Config | None:
+  """The config the checkpoint at `step` in `workdir` recorded as it was saved; None for a
+  checkpoint from before checkpoints recorded it, or (`damaged_ok`: a restore that follows
+  says what is wrong) one whose meta cannot be read. Read in this process alone, with no
+  barrier with the others (checkpoints.saved_meta)."""
+  try:
     values = saved_meta(workdir / "checkpoints", step).get("config")
-  except (KeyError, TypeError, ValueError, OSError) as error:  # a damaged checkpoint
+  except (KeyError, TypeError, ValueError, AttributeError, OSError) as error:  # damaged
+    if damaged_ok:
+      return None
     raise ChimeraError(f"--workdir: the checkpoint at step {step} in {workdir} cannot be "
                        f"read, incomplete or damaged ({type(error).__name__})") from None
   try:
     return config_lib.from_dict(values) if values else None
-  except (TypeError, KeyError, ValueError) as error:
+  except (TypeError, KeyError, ValueError, AttributeError) as error:
     raise ChimeraError(f"--workdir: the checkpoint at step {step} in {workdir} records a "
-                       f"config this version cannot read ({error}); use a new workdir") from None
+                       f"config this version cannot read ({error})") from None
 
 
 def _lookup(values: dict, key: str):

@@ -5,13 +5,14 @@
 # --help` lists them all; experts_sqrt_lr and experts_best_lr are run by name).
 # Reports land in results/<preset>/ and results/<preset>-sweep-<name>/.
 #
-#   launch/compare.sh                  # PRESET=cpu: 10M tokens per run, 2 seeds (hours on 2 cores)
-#   PRESET=gpu-small launch/compare.sh # one GPU, 21M tokens per run, one seed
+#   launch/compare.sh                  # PRESET=cpu: 10M tokens per run (hours on 2 cores)
+#   PRESET=gpu-small launch/compare.sh # one GPU, 21M tokens per run
 #
 # What to edit: PRESET, SWEEPS (named sweeps or section.field=v1,v2), and CORPUS (empty =
 # the configs' default corpus; a path, folder, glob, tfds:NAME or hf:NAME otherwise).
-# Seeds: the preset's for the study, the first of them for each sweep (--seeds=0,1,2 gives
-# every run three, the study's too). Finished runs in runs/compare/ are reused, so an
+# Seeds: 0, 1 and 2 for the number-of-experts sweep at every preset; the preset's for the
+# study (cpu: 2, gpu-small: 1); the first of them for each other sweep (--seeds=0,1,2 gives
+# every run three). Finished runs in runs/compare/ are reused, so an
 # interrupted study resumes.
 set -euo pipefail
 cd "$(dirname "$0")/.."

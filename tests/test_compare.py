@@ -377,8 +377,13 @@ def test_a_setting_no_model_reads_is_refused(corpus):
                                          r"reads model\.priority .* add --base_set=model\."
                                          r"dispatch=einsum"):
     compare.make_study("cpu", "model.priority=token,rank", None, overrides)
-  with pytest.raises(ChimeraError, match=r"^--set=model\.capacity_factor: only"):
+  # The plain study has no --base_set: the hint is the flag that can give its MoE einsum.
+  with pytest.raises(ChimeraError, match=r"^--set=model\.capacity_factor: only .* add "
+                                         r"--set=model\.dispatch=einsum to study it$"):
     compare.make_study("cpu", None, None, {**overrides, "model.capacity_factor": 2.0})
+  with pytest.raises(ChimeraError, match=r"^--sweep=model\.capacity_factor: only an MoE "
+                                         r"model .* no model here is MoE"):
+    compare.make_study("cpu", "model.capacity_factor=1.0,2.0", "configs/dense.py", overrides)
   with pytest.raises(ChimeraError, match=r"^--base_set=model\.min_capacity: only"):
     compare.make_study("cpu", "balancing", None, overrides, {"model.min_capacity": 8})
   # Read once a model dispatches einsum: the capacity sweep's points, or an einsum base.

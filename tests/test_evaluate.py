@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from chimera import evaluate
+from chimera import evaluate, train as train_lib
 from chimera.checkpoints import Checkpointer
 from chimera.data.batches import make_splits
 from chimera.data.corpora import load_corpus
@@ -85,6 +85,10 @@ def test_bad_workdir_is_one_line(tmp_path):
   assert result.stderr.strip() == f"error: --workdir: {tmp_path} holds no run (no config.json)"
   with pytest.raises(ChimeraError, match=r"^--workdir: \S+/nowhere does not exist$"):
     evaluate.split_loss(tmp_path / "nowhere")
+  (tmp_path / "summary.json").write_text("{}")  # a run's file given for its folder
+  with pytest.raises(ChimeraError, match=r"^--workdir: \S+/summary\.json is a file, not a "
+                                         r"directory$"):
+    evaluate.split_loss(tmp_path / "summary.json")
 
 
 def test_a_moved_corpus_is_scored_from_its_new_path(finished_run, tmp_path):
@@ -170,7 +174,7 @@ def test_a_checkpoint_that_is_not_the_configs_model_is_one_line(finished_run, tm
                                            rf"{field}"):
       evaluate.split_loss(edited)
     with monkeypatch.context() as patch:
-      patch.setattr(Checkpointer, "meta", lambda self, step: {})  # an older checkpoint
+      patch.setattr(train_lib, "saved_meta", lambda folder, step: {})  # an older checkpoint
       with pytest.raises(ChimeraError, match=r"^--workdir: .*config\.json does not describe "
                                              r"the checkpoint at step 12: params/"):
         evaluate.split_loss(edited)
@@ -219,6 +223,29 @@ def test_a_damaged_checkpoint_is_one_line(finished_run, tmp_path):
     evaluate.restore_run(damaged)
 
 
+def test_a_checkpoints_record_of_its_config_damaged_or_unreadable_is_one_line(
+    finished_run, tmp_path, monkeypatch):
+  """The config a checkpoint recorded, written by another version (a field this one does
+  not have) or damaged (meta that is not a JSON object): one line in evaluate and on a
+  resume, each naming the checkpoint; evaluate leaves a damaged meta to the restore."""
+  workdir, _, config = finished_run
+  run = tmp_path / "run"
+  shutil.copytree(workdir, run)
+  recorded = json.loads((run / "config.json").read_text())
+  other = {**recorded, "model": {**recorded["model"], "no_such_field": 1}}
+  monkeypatch.setattr(train_lib, "saved_meta", lambda folder, step: {"config": other})
+  for attempt in (lambda: evaluate.restore_run(run), lambda: train(config, run)):
+    with pytest.raises(ChimeraError, match=r"^--workdir: the checkpoint at step 12 in \S+ "
+                                           r"records a config this version cannot read "
+                                           r"\(.*no_such_field"):
+      attempt()
+  monkeypatch.setattr(train_lib, "saved_meta", lambda folder, step: dict(["not", "meta"]))
+  with pytest.raises(ChimeraError, match=r"^--workdir: the checkpoint at step 12 in \S+ "
+                                         r"cannot be read, incomplete or damaged \(ValueError"):
+    train(config, run)
+  assert evaluate.restore_run(run)[2] == 12  # its arrays are whole
+
+
 def test_running_out_of_memory_is_not_a_damaged_checkpoint(finished_run, monkeypatch):
   import jax
   workdir, _, _ = finished_run
@@ -233,7 +260,6 @@ def test_running_out_of_memory_is_not_a_damaged_checkpoint(finished_run, monkeyp
 def test_a_checkpoint_removed_while_read_is_one_line(finished_run, monkeypatch):
   """A run still training in the workdir keeps only its last few checkpoints: the one
   listed can go before it is read."""
-  from chimera.checkpoints import Checkpointer
   workdir, _, _ = finished_run
 
   def removed(self, like_state, step=None):

@@ -219,6 +219,10 @@ def test_bad_config_is_one_line_before_compiling(corpus, tmp_path):
     assert "Compiling" not in result.stderr, (flag, result.stderr)
     assert "Traceback" not in result.stderr, (flag, result.stderr)
     assert lines == [lines[-1]] and lines[-1].startswith("error: "), (flag, lines)
+  # The file given as the flag's next argument is checked the same way.
+  result = run_main("--config", "configs/moe_top3.py", f"--workdir={tmp_path / 'run'}")
+  assert result.returncode == 2
+  assert result.stderr.strip() == "error: --config: no such file: configs/moe_top3.py"
 
 
 @pytest.mark.parametrize("content, expected", [
@@ -393,7 +397,7 @@ def test_a_workdir_that_is_a_file_or_in_use_is_refused(make_config, corpus, tmp_
 def test_the_records_follow_the_checkpoints(make_config, corpus, tmp_path, monkeypatch):
   """summary.json is written once the final checkpoint is on disk, goes while a run is
   extended, and describes the step it names; every train row says how many steps it
-  averages; checkpoints without a config.json cannot be checked, so are not resumed."""
+  averages; checkpoints judge a resume by the config they recorded, config.json deleted or not."""
   workdir = tmp_path / "run"
   steps = lambda n, **kw: make_config("dense", corpus, train__steps=n, train__warmup_steps=0,
                                       train__eval_every=4, train__checkpoint_every=2,
@@ -416,10 +420,27 @@ def test_the_records_follow_the_checkpoints(make_config, corpus, tmp_path, monke
   rows = read_events(workdir, "train")
   assert [r["step"] for r in rows] == [2, 4, 5]
   assert [r["window_steps"] for r in rows] == [2, 2, 1]
+  # A deleted config.json: the checkpoints' own record of their config judges the resume
+  # (and evaluate reads it), and resuming writes config.json back.
   (workdir / "config.json").unlink()
-  with pytest.raises(ChimeraError, match=r"holds checkpoints but no config\.json"):
-    train(steps(6), workdir)
+  restored, _, at = evaluate.restore_run(workdir)
+  assert at == 5 and not config_lib.run_differences(restored, steps(5))
+  with pytest.raises(ChimeraError, match=r"holds another run \(as its checkpoint at step 5 "
+                                         r"recorded it\); these fields differ: train\.seed"):
+    train(steps(6, train__seed=1), workdir)
   assert not (workdir / "config.json").exists()  # nothing written over
+  # Checkpoints from before they recorded their config, without config.json: nothing to
+  # check a config against, so they are not resumed (nor evaluated).
+  monkeypatch.setattr(train_lib, "saved_meta", lambda folder, step: {})
+  with pytest.raises(ChimeraError, match=r"holds checkpoints that do not record their config "
+                                         r"\(saved before 2026-11-28\) and no config\.json"):
+    train(steps(6), workdir)
+  with pytest.raises(ChimeraError, match=r"holds checkpoints that do not record their config"):
+    evaluate.restore_run(workdir)
+  assert not (workdir / "config.json").exists()
+  monkeypatch.undo()
+  assert train(steps(6), workdir).steps == 6
+  assert config_lib.from_dict(json.loads((workdir / "config.json").read_text())) == steps(6)
 
 
 def test_a_start_that_saved_no_checkpoint_does_not_hold_the_workdir(make_config, corpus,
