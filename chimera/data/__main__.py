@@ -7,8 +7,9 @@ Prints the cache's folder, and each split's tokens, documents and bytes per toke
 training run with the same data settings then memory-maps it.
 """
 import sys
+import time
 
-from absl import app, flags
+from absl import app, flags, logging
 
 from chimera.config import DataConfig
 from chimera.data.cache import prepare
@@ -28,6 +29,8 @@ _THREADS = flags.DEFINE_integer("threads", None, "Tokenizer threads (default: ev
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  logging.set_verbosity(logging.WARNING)  # datasets logs its backends at INFO
+  started = time.time()
   try:
     cache = prepare(_CORPUS.value, get_tokenizer(_TOKENIZER.value), split=_SPLIT.value,
                     val_fraction=_VAL_FRACTION.value, text_field=_TEXT_FIELD.value,
@@ -36,11 +39,16 @@ def main(argv: list[str]) -> None:
     print(f"error: {error}", file=sys.stderr)
     sys.exit(1)
   m = cache.manifest
+  documents = lambda n: f"{n:,} document" + ("" if n == 1 else "s")
+  # The manifest is written last: one written since this call began is this call's build.
+  built_now = (cache.path / "manifest.json").stat().st_mtime >= started
+  built = (f"built in {m.build_seconds:.1f} s" if built_now
+           else f"read from the cache (built in {m.build_seconds:.1f} s)")
   print(f"cache: {cache.path}")
-  print(f"corpus: {_CORPUS.value}, {m.num_documents:,} documents, {_TOKENIZER.value} tokenizer, "
-        f"{m.split} split (val_fraction {_VAL_FRACTION.value}), built in {m.build_seconds:.1f} s")
+  print(f"corpus: {_CORPUS.value}, {documents(m.num_documents)}, {_TOKENIZER.value} tokenizer, "
+        f"{m.split} split (val_fraction {_VAL_FRACTION.value}), {built}")
   for name in ("train", "val"):
-    print(f"{name}: {m.tokens[name]:,} tokens, {m.documents[name]:,} documents, "
+    print(f"{name}: {m.tokens[name]:,} tokens, {documents(m.documents[name])}, "
           f"{m.bytes[name]:,} bytes, {m.bytes[name] / max(m.tokens[name], 1):.3f} bytes/token")
 
 

@@ -4,6 +4,7 @@ NAME is a dataset on the Hub (read by streaming, so nothing is downloaded whole)
 folder of data files the `datasets` loaders read (JSON lines, parquet, CSV, text), or a
 folder written by `Dataset.save_to_disk`. The text is the `text_field` column.
 """
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -42,9 +43,16 @@ def _load_saved(datasets, path: Path, config: str, spec: str):
 
 def _load(datasets, name: str, config: str, spec: str):
   """The train split, streamed, of a Hub dataset or a local folder of data files."""
+  hub_log = logging.getLogger("huggingface_hub")
+  level = hub_log.level
+  hub_log.setLevel(logging.ERROR)  # offline, it warns of each retry before the error below
   try:
     return datasets.load_dataset(name, config or None, split="train", streaming=True)
-  except (datasets.exceptions.DatasetNotFoundError, FileNotFoundError, ConnectionError) as e:
+  except ConnectionError as e:  # offline, or the Hub down: not a missing dataset
+    raise ChimeraError(f"data.corpus: hf dataset '{name}' cannot be reached, is this machine "
+                       f"offline? ({_one_line(e)}); a copy saved with save_to_disk, or a folder "
+                       f"of its data files, loads offline as hf:PATH") from None
+  except (datasets.exceptions.DatasetNotFoundError, FileNotFoundError) as e:
     raise ChimeraError(f"data.corpus: hf dataset '{name}' not found ({_one_line(e)})") from None
   except ValueError as e:
     message = _one_line(e)
@@ -55,6 +63,8 @@ def _load(datasets, name: str, config: str, spec: str):
     if "split" in message.lower():
       raise ChimeraError(f"data.corpus: hf dataset '{name}' has no 'train' split ({message})") from None
     raise ChimeraError(f"data.corpus: {spec}: {message}") from None
+  finally:
+    hub_log.setLevel(level)
 
 
 def _check_field(dataset, field: str, spec: str) -> None:

@@ -355,7 +355,15 @@ def test_cli_prepares_and_reports(tmp_path):
   # Bytes per token is just under 1: end-of-text stands for no bytes.
   assert re.fullmatch(r"train: [\d,]+ tokens, \d+ documents, [\d,]+ bytes, 0\.99\d bytes/token", lines[2])
   assert re.fullmatch(r"val: [\d,]+ tokens, \d+ documents, [\d,]+ bytes, 0\.99\d bytes/token", lines[3])
-  assert "data: tokenizing" in result.stderr
+  assert "data: tokenizing" in result.stderr and lines[1].endswith(" s") and ", built in " in lines[1]
+  again = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)  # the same cache
+  assert again.stdout.splitlines()[0] == lines[0] and "tokenizing" not in again.stderr
+  assert ", read from the cache (built in " in again.stdout.splitlines()[1]
+  one = write_docs(tmp_path / "one", 1)
+  single = subprocess.run(command[:3] + [f"--corpus={one}", "--tokenizer=byte"], cwd=ROOT,
+                          capture_output=True, text=True)
+  assert single.returncode == 0, single.stderr
+  assert ", 1 document, " in single.stdout.splitlines()[1]
   bad = subprocess.run(command[:4] + ["--tokenizer=bpe"], cwd=ROOT, capture_output=True, text=True)
   assert bad.returncode == 1 and bad.stderr.strip().splitlines() == [
       "error: data.tokenizer: unknown tokenizer 'bpe' (expected 'byte' or 'gpt2')"]

@@ -138,7 +138,9 @@ def test_missing_train_split(tmp_path):
         "Dataset 'someone/missing' doesn't exist on the Hub or cannot be accessed."),
      r"data.corpus: hf dataset 'someone/missing' not found \(Dataset 'someone/missing' doesn't exist"),
     (lambda: ConnectionError("Couldn't reach 'someone/missing' on the Hub (LocalEntryNotFoundError)"),
-     r"data.corpus: hf dataset 'someone/missing' not found \(Couldn't reach"),
+     r"data.corpus: hf dataset 'someone/missing' cannot be reached, is this machine offline\? "
+     r"\(Couldn't reach .*\); a copy saved with save_to_disk, or a folder of its data files, "
+     r"loads offline as hf:PATH$"),
 ])
 def test_hub_errors_name_the_dataset(monkeypatch, error, message):
   def load_dataset(*args, **kwargs):
