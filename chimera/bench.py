@@ -54,7 +54,7 @@ from chimera.data import load_splits
 from chimera.data.batches import WindowSampler
 from chimera.data.tokenizers import get_tokenizer
 from chimera.decoder import Decoder
-from chimera.errors import ChimeraError
+from chimera.errors import ChimeraError, parse_flags
 from chimera.layers import Kernels
 from chimera.moe import MoeLayer
 from chimera.steps import init_state, train_step
@@ -598,4 +598,4 @@ def main(argv):
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -26,7 +26,7 @@ import numpy as np
 from absl import app, flags
 
 from chimera import config as config_lib, moe
-from chimera.errors import ChimeraError
+from chimera.errors import ChimeraError, parse_flags
 from chimera.grouped_matmul import default_block_size, ragged_matmul
 from chimera.layers import Kernels, compute_dtype
 
@@ -140,4 +140,4 @@ def ffn_against_dense(m, tokens: int, dtype) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -19,7 +19,7 @@ from absl import app, flags, logging
 
 from chimera import config as config_lib
 from chimera.bench import parse_override
-from chimera.errors import ChimeraError
+from chimera.errors import ChimeraError, parse_flags
 from chimera.grouped_matmul import ragged_matmul
 from chimera.layers import CrossEntropyKernel, compute_dtype, cross_entropy, embed_lookup
 
@@ -112,4 +112,4 @@ def main(argv):
   print(f"grouped matmul blocks ({m.dtype}): {relative_error(fast, reference):.1e}")
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -48,7 +48,7 @@ from absl import app, flags, logging
 from chimera import accounting, bench, compile_cache, config as config_lib, report, study_sweeps
 from chimera.config import Config
 from chimera.data.corpora import write_atomic
-from chimera.errors import ChimeraError
+from chimera.errors import ChimeraError, parse_flags
 from chimera.records import RunSummary
 from chimera.study_stats import Run
 
@@ -531,4 +531,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

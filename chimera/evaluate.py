@@ -34,7 +34,7 @@ from chimera import compile_cache, config as config_lib
 from chimera.checkpoints import CheckpointMismatch, Checkpointer
 from chimera.data.tokenizers import get_tokenizer
 from chimera.decoder import Decoder
-from chimera.errors import ChimeraError
+from chimera.errors import ChimeraError, parse_flags
 from chimera.layers import Kernels
 from chimera.routers import causality_note
 from chimera.steps import eval_step, init_state
@@ -210,4 +210,4 @@ def main(argv):
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

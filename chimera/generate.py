@@ -28,7 +28,7 @@ from absl import app, flags, logging
 from chimera import compile_cache
 from chimera.config import FLOAT32_MAX, ModelConfig
 from chimera.decoder import Decoder
-from chimera.errors import ChimeraError
+from chimera.errors import ChimeraError, parse_flags
 from chimera.layers import compute_dtype
 from chimera.routers import causality_note
 
@@ -253,4 +253,4 @@ def main(argv):
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from chimera import study_plots, study_sweeps, study_targets
 from chimera.data.corpora import write_atomic
-from chimera.errors import ChimeraError
+from chimera.errors import ChimeraError, parse_flags
 from chimera.study_stats import (Run, Spread, defined_seeds, describe, same_sign, seed_by_seed,
                                  summarize, worst)
 from chimera.study_targets import Target
@@ -668,4 +668,4 @@ if __name__ == "__main__":
   from absl import app, flags
   _README = flags.DEFINE_string("readme", "README.md", "The README whose headline block to "
                                 "rewrite from the summary.json its marker names.")
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

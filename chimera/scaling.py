@@ -29,7 +29,7 @@ from absl import app, flags, logging
 
 from chimera import config as config_lib, sharding
 from chimera.bench import parse_override
-from chimera.errors import ChimeraError
+from chimera.errors import ChimeraError, parse_flags
 from chimera.decoder import Decoder
 from chimera.layers import Kernels
 from chimera.routers import expert_capacity
@@ -177,4 +177,4 @@ def main(argv):
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -26,7 +26,7 @@ from absl import app, flags, logging
 
 from chimera import config as config_lib, sharding
 from chimera.bench import parse_override
-from chimera.errors import ChimeraError
+from chimera.errors import ChimeraError, parse_flags
 from chimera.scaling import (Collective, collectives, compile_train_step, define_flags,
                              parse_mesh, predicted_bytes, upcast_note)
 from chimera.sharding import make_mesh
@@ -130,4 +130,4 @@ def main(argv):
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -1,8 +1,11 @@
 """launch/workstation.sh and launch/slurm.sbatch: the mesh, devices and workdir they ask
-chimera.main for, from the GPUs they may use."""
+chimera.main for, from the GPUs they may use; and every `python -m chimera...` tool's
+handling of a bad flag."""
 
 import os
+import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -101,3 +104,19 @@ def test_gpu_check_fails_when_a_stage_fails_and_keeps_earlier_calls(tmp_path):
   assert run("true").returncode == 0
   assert (out / "train.json").read_text() == '{"dense": {}}'
   assert (out / "gpu_check.log").read_text().count("== gpu_check.sh, ") == 2
+
+
+def test_every_command_line_tool_reports_a_bad_flag_in_one_line():
+  """Every module that runs as `python -m` (found by its `app.run`, so a new tool is
+  covered): an unknown flag is one line and exit status 2, not absl's FATAL and usage."""
+  tools = sorted(".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__main__")
+                 for path in (ROOT / "chimera").rglob("*.py")
+                 if re.search(r"^\s*app\.run\(", path.read_text(), re.MULTILINE))
+  assert {"chimera.main", "chimera.compare", "chimera.bench", "chimera.data"} <= set(tools)
+  running = {tool: subprocess.Popen([sys.executable, "-m", tool, "--no_such_flag=1"], cwd=ROOT,
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for tool in tools}
+  for tool, process in running.items():
+    out, err = process.communicate(timeout=120)
+    assert (process.returncode, err.strip().splitlines(), out) == (
+        2, ["error: Unknown command line flag 'no_such_flag'"], ""), tool

@@ -14,7 +14,7 @@ from absl import app, flags, logging
 from chimera.config import DataConfig
 from chimera.data.cache import prepare
 from chimera.data.tokenizers import get_tokenizer
-from chimera.errors import ChimeraError
+from chimera.errors import ChimeraError, parse_flags
 
 _DEFAULTS = DataConfig()
 _CORPUS = flags.DEFINE_string("corpus", None, "As data.corpus: shakespeare, a file, folder or "
@@ -53,4 +53,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

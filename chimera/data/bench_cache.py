@@ -27,6 +27,7 @@ import numpy as np
 from absl import app, flags
 
 from chimera.data.corpora import load_corpus
+from chimera.errors import parse_flags
 
 _SIZE_MB = flags.DEFINE_integer("size_mb", 1000, "Size of the corpus to write, in MB (1e6 bytes).")
 _DIR = flags.DEFINE_string("dir", "/tmp/chimera-bench-cache", "Where the corpus is written.")
@@ -141,4 +142,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)
