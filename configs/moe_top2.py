@@ -14,9 +14,10 @@ dropless. Batch scope was chosen on a short check whose runs were not kept (600 
 0 and 1: 0.010 nats below group scope in both). At the cpu study's full budget, one seed
 (`python -m chimera.compare --preset=cpu --sweep=balancing`, results/cpu-sweep-balancing),
 the final losses were: the aux-loss-free bias plus the batch loss 1.5361, the loss per
-group 1.5412, per batch (this config) 1.5437, the bias alone 1.5508, no balancing 1.5529;
-these one-seed gaps are within the 0.007 that one config moved between sessions
-(results/README.md). At 32 experts the bias plus the batch loss
+group 1.5412, per batch (this config) 1.5437, the bias alone 1.5508, no balancing 1.5529.
+Against this config the gaps run from -0.0076 to +0.0092, one seed each, the size of the
+0.007 that one config moved between sessions (results/README.md), so one seed does not
+rank them. At 32 experts the bias plus the batch loss
 ended 1.5605 against this recipe's 1.5479 (results/cpu-sweep-router_bias_rate-at-num_experts-32,
 one seed), so the recipe stays until more seeds and expert counts back a change. The einsum
 path executes 1.35x (default preset) and 1.42x (small) dense's FLOPs
