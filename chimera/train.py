@@ -52,11 +52,13 @@ def open_workdir(workdir: Path, config: Config):
 
   Refuses (one-line ChimeraError) a path that is a file or cannot be made, a second live
   run on the same workdir, a config that computes a different run than the one saved there
-  (or checkpoints without the config.json to check it against), and fewer train.steps than
-  its checkpoints have reached. A workdir without a checkpoint holds no
-  run yet (a start that failed on bad input, or a run killed before its first save): its
-  config.json is replaced, so the corrected command starts there. The lock is an flock
-  held by this process: the kernel drops it when the process dies, so a killed run never
+  (or checkpoints that recorded no config, saved before 2026-11-28, without a
+  config.json), and fewer train.steps than its checkpoints have reached. A workdir
+  without a checkpoint holds no run yet (a start that failed on bad input, or a run killed
+  before its first save): its config.json is replaced, so the corrected command starts
+  there. A workdir this call created is removed again if the block fails while it holds
+  only config.json (bad data, say: an auto-named runs/ folder would otherwise outlive the
+  typo). The lock is an flock held by this process: the kernel drops it when the process dies, so a killed run never
   blocks the next one. Yields the steps of the checkpoints there (empty: a fresh start).
   """
   if workdir.exists() and not workdir.is_dir():
@@ -68,6 +70,7 @@ def open_workdir(workdir: Path, config: Config):
       raise ChimeraError(f"--workdir: {workdir} holds a summary.json that is not a run's "
                          f"(a chimera.compare report folder?): {type(error).__name__}; use "
                          f"another workdir") from None
+  created = not workdir.exists()
   try:
     workdir.mkdir(parents=True, exist_ok=True)
     lock = open(workdir / ".lock", "a+") if jax.process_index() == 0 else None
@@ -94,7 +97,26 @@ def open_workdir(workdir: Path, config: Config):
       _check_same_run(workdir, config, saved[-1])
     write_atomic(workdir / "config.json",
                  json.dumps(config_lib.to_dict(config), indent=2).encode())
-    yield saved
+    try:
+      yield saved
+    except BaseException:
+      if created:  # a start that failed before writing anything leaves no folder behind
+        _remove_if_unused(workdir)
+      raise
+
+
+_CLAIM_FILES = {"config.json", ".lock"}
+
+
+def _remove_if_unused(workdir: Path) -> None:
+  """Removes a workdir this start created, under its lock, if it holds only the claim."""
+  try:
+    if {path.name for path in workdir.iterdir()} <= _CLAIM_FILES:
+      for name in _CLAIM_FILES:
+        (workdir / name).unlink(missing_ok=True)
+      workdir.rmdir()
+  except OSError:  # left as it is: the next start with this workdir replaces config.json
+    pass
 
 
 def _check_steps(workdir: Path, config: Config) -> list[int]:

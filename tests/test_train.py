@@ -448,8 +448,13 @@ def test_a_start_that_saved_no_checkpoint_does_not_hold_the_workdir(make_config,
   """A start refused for bad input, or stopped before its first checkpoint, leaves no run:
   the corrected command starts in the same workdir, with a log of its own."""
   workdir = tmp_path / "run"
+  bad_corpus = make_config("dense", tmp_path / "missing.txt", train__steps=4)
+  with pytest.raises(ChimeraError, match="no such file"):  # nothing left of a new workdir
+    train(bad_corpus, workdir)
+  assert not workdir.exists()
+  workdir.mkdir()  # one that was there before keeps its claim
   with pytest.raises(ChimeraError, match="no such file"):
-    train(make_config("dense", tmp_path / "missing.txt", train__steps=4), workdir)
+    train(bad_corpus, workdir)
   assert (workdir / "config.json").exists()
   config = make_config("dense", corpus, train__steps=4, train__checkpoint_every=4,
                        train__log_every=1)
