@@ -24,7 +24,7 @@ from typing import Callable, NamedTuple
 import jax
 from absl import app, flags
 
-from chimera.errors import parse_flags
+from chimera.errors import parse_flags_and_args
 
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([^\s=]+) = .*? ([a-z][a-z0-9-]*)\(")
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
@@ -339,4 +339,4 @@ if __name__ == "__main__":
   flags.DEFINE_float("step_ms", 0.0, "The untraced step (or token) time to print beside it.")
   flags.DEFINE_bool("decode", False, "The trace is of decoding: parts as for decoding, "
                     "figures per token (implied by a prefix ending in '_decode_bN').")
-  app.run(main, flags_parser=parse_flags)
+  app.run(main, flags_parser=parse_flags_and_args)

@@ -218,7 +218,10 @@ def sweep_models(sweep: str, base: str | None, preset: StudyPreset, overrides: d
     if not values:
       raise ChimeraError(f"--sweep: expected section.field=v1,v2,..., got {sweep!r}")
     base = base or "configs/moe_top2.py"
-    points = study_sweeps.field_points(key, [bench.parse_value(v) for v in values.split(",")])
+    parsed = [bench.parse_value(v) for v in values.split(",")]
+    if len(set(map(repr, parsed))) < len(parsed):
+      raise ChimeraError(f"--sweep: each value once, got {values!r}")
+    points = study_sweeps.field_points(key, parsed)
     points_without = lambda key: points  # the values given, whatever the base
     question = f"{key} over {base}"
   elif sweep in study_sweeps.SWEEPS:
@@ -395,7 +398,8 @@ def train_all(models: list[Model], seeds: list[int], root: Path,
                              f"training ({workdir}); run without --report_only to train it")
         from chimera.train import TrainingDiverged, train as train_run  # heavy: only here
         try:
-          summary = train_run(config, workdir)
+          summary = train_run(config, workdir,
+                              resume_hint="Run the same chimera.compare command to resume.")
         except TrainingDiverged as error:
           write_atomic(workdir / DIVERGED, json.dumps(
               {"model": model.name, "seed": seed, "error": str(error)}).encode())
@@ -442,9 +446,10 @@ def related_summaries(results: Path, study: Study) -> dict:
 
 def check_out(out: Path, study: Study, seeds: list[int]) -> None:
   """A report folder holds one study's report. Refuses, in one line and before anything
-  trains, to replace another study's: one with models or seeds this one lacks (a 2-point
-  sweep over a 4-point one's folder, --seeds=0 over a 3-seed study). A study that adds
-  models or seeds to the one there may write over it."""
+  trains (or --refresh rewrites), to replace another study's: one with another title
+  (preset, sweep, --set values) or other steps, batch or context, or with models or seeds
+  this one lacks (a 2-point sweep over a 4-point one's folder, --seeds=0 over a 3-seed
+  study). A study that adds models or seeds to the one there may write over it."""
   if out.exists() and not out.is_dir():
     raise ChimeraError(f"--out: {out} is a file, not a folder")
   path = out / "summary.json"
@@ -456,6 +461,15 @@ def check_out(out: Path, study: Study, seeds: list[int]) -> None:
   except (json.JSONDecodeError, KeyError, TypeError):
     raise ChimeraError(f"{path} is not a study summary; pass --out=DIR to write elsewhere "
                        f"or remove it") from None
+  train = study.models[0].config.train
+  ours = {"title": study.title, "steps": train.steps, "batch_size": train.batch_size,
+          "context": train.context}
+  differs = [f"{key} {there[key]!r}, this one's {value!r}" for key, value in ours.items()
+             if key in there and there[key] != value]
+  if differs:  # the same models and seeds at other settings: its numbers are not this one's
+    raise ChimeraError(
+        f"{out} holds the report of another study ({'; '.join(differs)}); pass --out=DIR "
+        f"to write this one elsewhere, or remove that folder")
   ours = [m.name for m in study.models]
   missing = [m for m in models if m not in ours] + [f"seed {s}" for s in there_seeds
                                                     if s not in seeds]
@@ -491,7 +505,7 @@ def main(argv):
                        dict(map(bench.parse_override, _BASE_SET.value)),
                        sets=overrides)  # every override over the preset names the folder
     given_seeds = _SEEDS.value or []
-    if not all(s.strip().isdigit() for s in given_seeds):
+    if not all(s.strip().isascii() and s.strip().isdigit() for s in given_seeds):
       raise ChimeraError(f"--seeds: expected non-negative integers, got "
                          f"{','.join(given_seeds)!r}")
     seeds = [int(s) for s in given_seeds] or list(study.default_seeds)
@@ -513,20 +527,26 @@ def main(argv):
     if not runs.get(baseline):
       raise ChimeraError(f"{baseline} diverged in every seed ({', '.join(map(str, seeds))}); "
                          f"nothing to compare against")
+    speed = []
+    if _BENCH_REPEATS.value > 0:
+      print("== measuring speed", file=sys.stderr, flush=True)
+      speed = measure_speed(study.models, _BENCH_REPEATS.value)
+    report.write(out, study=study, runs=runs, speed=speed,
+                 related=related_summaries(Path(_RESULTS.value), study),
+                 command="python -m chimera.compare " + " ".join(sys.argv[1:]),
+                 device=trained_on(runs), diverged=diverged)
   except ChimeraError as error:
     print(f"error: {error}", file=sys.stderr)
     sys.exit(2)
   except StudyStopped as stopped:
     print(stopped, file=sys.stderr)
-    sys.exit(1)
-  speed = []
-  if _BENCH_REPEATS.value > 0:
-    print("== measuring speed", file=sys.stderr, flush=True)
-    speed = measure_speed(study.models, _BENCH_REPEATS.value)
-  report.write(out, study=study, runs=runs, speed=speed,
-               related=related_summaries(Path(_RESULTS.value), study),
-               command="python -m chimera.compare " + " ".join(sys.argv[1:]),
-               device=trained_on(runs), diverged=diverged)
+    from chimera.train import stopped_by_signal  # imported already: a run trained
+    sys.exit(128 + signum if (signum := stopped_by_signal()) else 1)  # as chimera.main
+  except KeyboardInterrupt:  # outside a run's training loop, which stops at a checkpoint
+    print("error: interrupted outside a run's training loop; each run keeps its latest "
+          "checkpoint, and the same command resumes the study (and its report)",
+          file=sys.stderr)
+    sys.exit(130)
   print(f"report: {out / 'REPORT.md'}")
 
 

@@ -192,6 +192,9 @@ def sweep_finding(models: dict) -> str | None:
   if not points:
     return None
   names = list(points)
+  if len(names) == 1:
+    return (f"Final validation loss of the one point: {names[0]}: {describe(points[names[0]])}"
+            f"; with one point there is no step between points to report.")
   ranked = sorted(names, key=lambda n: points[n]["mean"])
   gap = points[ranked[-1]]["mean"] - points[ranked[0]]["mean"]
   steps = "; ".join(f"{a} -> {b}: {sweep_step(points[a], points[b])}"
@@ -212,6 +215,17 @@ def sweep_finding(models: dict) -> str | None:
     text += (" Validation minus last-window training loss per point: "
              + "; ".join(f"{n}: {describe(g, signed=True)}" for n, g in gaps.items()) + ".")
   return text
+
+
+def diverged_finding(models: dict, diverged: list[dict]) -> str | None:
+  """The runs left out on a non-finite loss, and the models left with no figures."""
+  if not diverged:
+    return None
+  gone = sorted({d["model"] for d in diverged} - set(models))
+  text = ("Left out, diverged (a non-finite loss): "
+          + "; ".join(f"{d['model']}, seed {d['seed']}" for d in diverged))
+  return text + (f". No seed of {', '.join(gone)} finished, so no sentence above covers "
+                 f"{'it' if len(gone) == 1 else 'them'}." if gone else ".")
 
 
 def sweep_curves(models: dict) -> dict[str, dict[int, Spread]] | None:
@@ -250,8 +264,10 @@ def sweep_curve_finding(models: dict) -> str | None:
           + ".")
 
 
-def findings(models: dict, targets: list[Target]) -> list[str]:
-  """The Findings section: one sentence group per model, then the study as a whole."""
+def findings(models: dict, targets: list[Target], diverged: list[dict] = ()) -> list[str]:
+  """The Findings section: one sentence group per model, then the study as a whole.
+  `diverged`: the runs left out on a non-finite loss, named so that a point or model with
+  no finished seed is not silently missing from the sentences."""
   lines = []
   best = study_targets.best_moe(models)
   if best:
@@ -265,7 +281,7 @@ def findings(models: dict, targets: list[Target]) -> list[str]:
                                         cost_finding(name, entry),
                                         routing_finding(name, entry)])))
   lines += filter(None, [wide_finding(models), sweep_finding(models),
-                         sweep_curve_finding(models)])
+                         sweep_curve_finding(models), diverged_finding(models, diverged)])
   if targets:
     count = lambda status: sum(t.status == status for t in targets)
     lines.append(f"Targets: {count(study_targets.PASS)} pass, {count(study_targets.FAIL)} fail, "
@@ -489,10 +505,18 @@ def refresh(out: Path, study, related: dict) -> bool:
   `write` needs them); True if anything changed. The tables and plots stay as written."""
   summary = json.loads((out / "summary.json").read_text())
   targets = targets_for(study, summary["models"], related, study.command(summary["seeds"]))
-  found = findings(summary["models"], targets)
-  text = (out / "REPORT.md").read_text()
+  found = findings(summary["models"], targets, summary.get("diverged", []))
+  path = out / "REPORT.md"
+  if not path.is_file():
+    raise ChimeraError(f"--refresh: {path} is missing; without --refresh the study writes "
+                       f"it again from its runs")
+  text = path.read_text()
   heading = "\n## Targets\n" if "\n## Targets\n" in text else "\n## Findings\n"
-  start, end = text.index(heading) + 1, text.index("\n## Plots\n")
+  if heading not in text or "\n## Plots\n" not in text[text.find(heading):]:
+    raise ChimeraError(f"--refresh: {path} lacks the '## Targets' or '## Findings' heading, "
+                       f"or a '## Plots' after it (edited by hand?); without --refresh the "
+                       f"study writes it again from its runs")
+  start, end = text.index(heading) + 1, text.index("\n## Plots\n", text.index(heading))
   new_text = text[:start] + "\n".join(_verdicts(targets, found)[1:]) + "\n" + text[end:]
   new_summary = {**summary, "targets": [dataclasses.asdict(t) for t in targets],
                  "findings": found}
@@ -518,7 +542,7 @@ def write(out: Path, *, study, runs: dict[str, list[Run]], speed: list, related:
                                              for name, figures in by_name.items()})
   seeds = sorted({r.seed for rs in runs.values() for r in rs})
   targets = targets_for(study, models, related, study.command(seeds))
-  lines_found = findings(models, targets)
+  lines_found = findings(models, targets, diverged)
   first = next(iter(runs.values()))[0].summary
   train = first.config["train"]
   meta = {"title": study.title, "command": command, "preset": study.preset,
@@ -561,7 +585,7 @@ def write(out: Path, *, study, runs: dict[str, list[Run]], speed: list, related:
       code_sentence(meta["code"], meta["devices"]), ""]
   if diverged:
     lines += ["Left out, diverged (a non-finite loss; the figures below have fewer seeds for "
-              "these models): " + "; ".join(f"{d['model']}, seed {d['seed']} ({d['error']})"
+              "these models, and none for a model that diverged in every seed): " + "; ".join(f"{d['model']}, seed {d['seed']} ({d['error']})"
                                             for d in diverged) + ".", ""]
   lines += causality_lines(study)
   lines += [SPREAD_NOTE, ""]

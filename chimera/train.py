@@ -424,11 +424,13 @@ class _StopRequest:
 # --- The run. ---------------------------------------------------------------------------
 
 
-def train(config: Config, workdir: str | Path, *, stop_after: int | None = None) -> RunSummary:
+def train(config: Config, workdir: str | Path, *, stop_after: int | None = None,
+          resume_hint: str | None = None) -> RunSummary:
   """Trains (or resumes) the run in `workdir`; returns its summary (also summary.json).
 
   `stop_after`: stop as on SIGTERM (checkpoint, then return) after this many steps in
-  this call; the run is resumed by calling again with the same workdir.
+  this call; the run is resumed by calling again with the same workdir. `resume_hint`:
+  how to resume, logged when the run stops early (default: chimera.main's --workdir).
   """
   workdir = Path(workdir)
   sharding.check_mesh(config, jax.device_count())
@@ -440,14 +442,17 @@ def train(config: Config, workdir: str | Path, *, stop_after: int | None = None)
     with jax.set_mesh(mesh):
       checkpointer = Checkpointer(workdir / "checkpoints", keep=config.train.keep_checkpoints)
       try:
-        return _train_loop(config, workdir, data, mesh, checkpointer, stop_after)
+        return _train_loop(config, workdir, data, mesh, checkpointer, stop_after,
+                           resume_hint or f"Run the same command with --workdir={workdir} "
+                                          f"to resume.")
       finally:  # a pending save completes even if the run stops on an error
         checkpointer.wait()
         checkpointer.close()
 
 
 def _train_loop(config: Config, workdir: Path, data: Data, mesh: jax.sharding.Mesh,
-                checkpointer: Checkpointer, stop_after: int | None) -> RunSummary:
+                checkpointer: Checkpointer, stop_after: int | None,
+                resume_hint: str) -> RunSummary:
   t = config.train
   state, progress = _restore(config, mesh, checkpointer, workdir)
   start_step = step = int(state.step)  # at most t.steps: open_workdir checked
@@ -509,8 +514,7 @@ def _train_loop(config: Config, workdir: Path, data: Data, mesh: jax.sharding.Me
   summary = _summarize(config, data, progress, train_log, step, completed=step >= t.steps,
                        workdir=workdir)
   if not summary.completed:
-    log(f"stopped at step {step}; checkpoint saved. Run the same command with "
-        f"--workdir={workdir} to resume.")
+    log(f"stopped at step {step}; checkpoint saved. {resume_hint}")
     return summary
   checkpointer.wait()  # the summary says the run is done: its last checkpoint is on disk
   if jax.process_index() == 0:

@@ -7,6 +7,7 @@ import hashlib
 import json
 import math
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -191,6 +192,10 @@ def test_findings_are_generated_from_the_numbers():
   assert "E=8 -> E=16: -0.0100; E=16 -> E=32: +0.0050" in text
   assert "The lowest is E=16, 0.0100 nats below the highest (E=8)" in text
   assert "one seed per point" in text
+  # One point left (the others diverged, say): no lowest-against-highest of itself.
+  assert report.sweep_finding({"E=8": point(1.50)}) == (
+      "Final validation loss of the one point: E=8: 1.5000 (n=1); with one point there is "
+      "no step between points to report.")
   mixed = {"E=8": point(1.50, 1.52), "E=16": point(1.49)}
   assert ("largest seed SD of a point is 0.0141 (E=16: one seed, no spread)"
           in report.sweep_finding(mixed))
@@ -511,6 +516,23 @@ def test_tiny_study_trains_reports_and_resumes(make_config, corpus, tmp_path, mo
   assert report.refresh(out, study, {})
   assert (out / "REPORT.md").read_text() == report_text
   assert json.loads((out / "summary.json").read_text()) == written
+  # The same models and seeds at other settings are another study: refused, before
+  # anything trains or --refresh rewrites the numbers under the other study's command.
+  compare.check_out(out, study, [0, 1])
+  with pytest.raises(ChimeraError, match=r"another study \(title 'tiny study', this one's "
+                                         r"'tiny at 12 steps'; steps 6, this one's 12\)"):
+    compare.check_out(out, dataclasses.replace(study, title="tiny at 12 steps", models=[
+        dataclasses.replace(m, config=make_config(m.name, corpus, train__steps=12))
+        for m in study.models]), [0, 1])
+  # A REPORT.md that is gone, or edited so its sections cannot be found: one line.
+  edited = tmp_path / "edited"
+  shutil.copytree(out, edited)
+  (edited / "REPORT.md").write_text(report_text.replace("\n## Plots\n", "\n## Figures\n"))
+  with pytest.raises(ChimeraError, match=r"^--refresh: .*REPORT.md lacks the '## Targets'"):
+    report.refresh(edited, study, {})
+  (edited / "REPORT.md").unlink()
+  with pytest.raises(ChimeraError, match=r"^--refresh: .*REPORT.md is missing"):
+    report.refresh(edited, study, {})
   moe = written["models"]["moe_top2"]
   expected = [r.summary.final_val_loss - d for r, d in zip(runs["moe_top2"], dense_losses)]
   assert moe["vs_baseline"]["final_val_loss"]["values"] == pytest.approx(expected)
@@ -641,16 +663,21 @@ def test_tiny_study_trains_reports_and_resumes(make_config, corpus, tmp_path, mo
 
 
 def test_a_stopped_run_stops_the_study_and_the_same_call_resumes(make_config, corpus, tmp_path,
-                                                                 monkeypatch):
+                                                                 monkeypatch, capsys):
   # A run that stops early (as on SIGTERM) ends the study with one line, not a missing
   # summary.json; the same call then resumes it from the checkpoint and finishes.
   from chimera import train as train_lib
   models = [compare.Model("dense", make_config("dense", corpus, train__steps=4), "baseline")]
   real_train = train_lib.train
-  monkeypatch.setattr("chimera.train.train",
-                      lambda config, workdir: real_train(config, workdir, stop_after=2))
+  monkeypatch.setattr("chimera.train.train", lambda config, workdir, **kwargs: real_train(
+      config, workdir, stop_after=2, **kwargs))
   with pytest.raises(compare.StudyStopped, match=r"dense, seed 0, at step 2 of 4 \(checkpoint"):
     compare.train_all(models, seeds=[0], root=tmp_path)
+  # The run's own stop line points at the study's command, not chimera.main's --workdir,
+  # which chimera.compare does not take.
+  err = capsys.readouterr().err
+  assert "stopped at step 2; checkpoint saved. Run the same chimera.compare command" in err
+  assert "--workdir" not in err
   monkeypatch.setattr("chimera.train.train", real_train)
   runs = compare.train_all(models, seeds=[0], root=tmp_path)
   assert runs["dense"][0].summary.completed and runs["dense"][0].summary.steps == 4
@@ -677,6 +704,9 @@ def test_a_diverging_run_is_left_out_and_not_trained_again(make_config, corpus, 
   assert written["diverged"] == diverged
   assert "Left out, diverged" in (tmp_path / "out" / "REPORT.md").read_text()
   assert "lr=1e12, seed 0 (non-finite loss" in (tmp_path / "out" / "REPORT.md").read_text()
+  # The Findings name it too: a point with no finished seed is not silently missing.
+  assert ("Left out, diverged (a non-finite loss): lr=1e12, seed 0. No seed of lr=1e12 "
+          "finished, so no sentence above covers it.") in written["findings"]
 
 
 def test_related_summaries_skip_older_reports(tmp_path):
@@ -752,6 +782,9 @@ def test_a_report_folder_is_not_replaced_by_another_study(tmp_path):
 @pytest.mark.parametrize("tool, args, message", [
     ("compare", ["--seeds=a"], "error: --seeds: expected non-negative integers, got 'a'"),
     ("compare", ["--seeds=0,1,0"], "error: --seeds: each seed once, got '0,1,0'"),
+    ("compare", ["--seeds=\u00b2"], "error: --seeds: expected non-negative integers, got '\u00b2'"),
+    ("compare", ["--sweep=model.num_experts=4,8,4"],
+     "error: --sweep: each value once, got '4,8,4'"),
     ("compare", ["--train_steps=0"], "error: config.train.steps: must be > 0, got 0"),
     ("compare", ["--train_steps=20", "--set=train.steps=30"],
      "error: --train_steps=20 and --set=train.steps=30 both set train.steps; pass one"),

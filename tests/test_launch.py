@@ -108,15 +108,24 @@ def test_gpu_check_fails_when_a_stage_fails_and_keeps_earlier_calls(tmp_path):
 
 def test_every_command_line_tool_reports_a_bad_flag_in_one_line():
   """Every module that runs as `python -m` (found by its `app.run`, so a new tool is
-  covered): an unknown flag is one line and exit status 2, not absl's FATAL and usage."""
-  tools = sorted(".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__main__")
-                 for path in (ROOT / "chimera").rglob("*.py")
-                 if re.search(r"^\s*app\.run\(", path.read_text(), re.MULTILINE))
+  covered): an unknown flag is one line and exit status 2, not absl's FATAL and usage; so
+  is a stray positional argument ("seeds=5", its "--" forgotten), which would otherwise be
+  ignored, in every tool but the one that takes a path."""
+  sources = {".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__main__"):
+             path.read_text() for path in (ROOT / "chimera").rglob("*.py")}
+  tools = sorted(tool for tool, text in sources.items()
+                 if re.search(r"^\s*app\.run\(", text, re.MULTILINE))
   assert {"chimera.main", "chimera.compare", "chimera.bench", "chimera.data"} <= set(tools)
-  running = {tool: subprocess.Popen([sys.executable, "-m", tool, "--no_such_flag=1"], cwd=ROOT,
-                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for tool in tools}
-  for tool, process in running.items():
-    out, err = process.communicate(timeout=120)
-    assert (process.returncode, err.strip().splitlines(), out) == (
-        2, ["error: Unknown command line flag 'no_such_flag'"], ""), tool
+  takes_args = {tool for tool in tools if "flags_parser=parse_flags_and_args" in sources[tool]}
+  assert takes_args == {"chimera.bench_profile"}
+  required = {"chimera.main": ["--config=configs/dense.py"], "chimera.data": ["--corpus=x"]}
+  cases = [(tool, "--no_such_flag=1", "error: Unknown command line flag 'no_such_flag'")
+           for tool in tools]
+  cases += [(tool, "seeds=5", "error: unexpected argument 'seeds=5' (flags start with --)")
+            for tool in tools if tool not in takes_args]
+  running = [(tool, expected, subprocess.Popen(
+      [sys.executable, "-m", tool, *required.get(tool, []), arg], cwd=ROOT,
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)) for tool, arg, expected in cases]
+  for tool, expected, process in running:
+    out, err = process.communicate(timeout=180)
+    assert (process.returncode, err.strip().splitlines(), out) == (2, [expected], ""), tool

@@ -27,8 +27,7 @@ _THREADS = flags.DEFINE_integer("threads", None, "Tokenizer threads (default: ev
 
 
 def main(argv: list[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  del argv  # parse_flags refuses positional arguments
   logging.set_verbosity(logging.WARNING)  # datasets logs its backends at INFO
   started = time.time()
   try:
