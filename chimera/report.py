@@ -585,8 +585,9 @@ def write(out: Path, *, study, runs: dict[str, list[Run]], speed: list, related:
       code_sentence(meta["code"], meta["devices"]), ""]
   if diverged:
     lines += ["Left out, diverged (a non-finite loss; the figures below have fewer seeds for "
-              "these models, and none for a model that diverged in every seed): " + "; ".join(f"{d['model']}, seed {d['seed']} ({d['error']})"
-                                            for d in diverged) + ".", ""]
+              "these models, and none for a model that diverged in every seed): "
+              + "; ".join(f"{d['model']}, seed {d['seed']} ({d['error']})" for d in diverged)
+              + ".", ""]
   lines += causality_lines(study)
   lines += [SPREAD_NOTE, ""]
   lines += _tables(models, by_name)
