@@ -267,8 +267,10 @@ def check_same_data(workdir: Path, data: Data, *, resuming: bool,
       write_atomic(path, json.dumps(data.identity, indent=2).encode())
   elif changed:
     changes = ", ".join(f"{key} {saved.get(key)!r} -> {data.identity[key]!r}" for key in changed)
+    advice = ("Restore the corpus or use a new workdir" if record_move else
+              "Give --corpus the text the run trained on")  # a reader cannot start afresh
     raise ChimeraError(f"--workdir: {workdir} holds a run of other text: the corpus changed "
-                       f"since it started ({changes}). Restore the corpus or use a new workdir")
+                       f"since it started ({changes}). {advice}")
 
 
 # --- Between steps: the clock, the metric window, evaluation. -----------------------------

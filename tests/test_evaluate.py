@@ -109,7 +109,8 @@ def test_a_moved_corpus_is_scored_from_its_new_path(finished_run, tmp_path):
   assert evaluate.split_loss(run, corpus=str(moved)).loss == evaluate.split_loss(workdir).loss
   assert (run / "data.json").read_text() == data_json  # a reader records nothing
   moved.write_text(moved.read_text() + "\nthe queen will speak\n")
-  with pytest.raises(ChimeraError, match=r"holds a run of other text"):
+  with pytest.raises(ChimeraError, match=r"holds a run of other text.*\. Give --corpus the "
+                                         r"text the run trained on$"):
     evaluate.split_loss(run, corpus=str(moved))
 
 
