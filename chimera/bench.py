@@ -434,7 +434,7 @@ def format_table(records: list[BenchRecord]) -> str:
     if batch == batches[0]:
       columns.append((f"decode b{batch} ms/tok", "{:.2f}", decode(batch, "ms_per_token")))
   columns += [
-      ("step memory", "{:,}", lambda r: r.peak_memory_bytes),
+      ("step memory bytes", "{:,}", lambda r: r.peak_memory_bytes),
       ("dispatch share", "{:.1%}", lambda r: r.dispatch_share_of_step),
   ]
   lines = [" | ".join(name for name, _, _ in columns)]

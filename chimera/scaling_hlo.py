@@ -90,6 +90,11 @@ def doubled(overrides: dict, batch_size: int) -> dict:
   return {**overrides, "train.batch_size": 2 * batch_size}
 
 
+def _tail(name: str, width: int) -> str:
+  """The end of a long op name, marked as cut ("...") rather than cut mid-word."""
+  return name if len(name) <= width else "..." + name[len(name) - width + 3:]
+
+
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # jax logs its platform search at INFO
@@ -121,11 +126,11 @@ def main(argv):
     if (note := upcast_note(load(spec, overrides, data, expert), text)):
       print(note)
     for c in sharded.all_to_alls:
-      print(f"  {c.bytes:>9,} B  {len(c.arrays)} x {c.arrays[0]}  {c.op_name[-70:]}")
+      print(f"  {c.bytes:>9,} B  {len(c.arrays)} x {c.arrays[0]}  {_tail(c.op_name, 70)}")
     print(f"token-sized all-gathers / all-reduces (arrays that grow with the batch): "
           f"{len(grown)}")
     for kind, array, op_name in grown:
-      print(f"  {kind} {array}  {op_name[-90:]}")
+      print(f"  {kind} {array}  {_tail(op_name, 90)}")
 
 
 if __name__ == "__main__":
