@@ -110,19 +110,24 @@ def test_every_command_line_tool_reports_a_bad_flag_in_one_line():
   """Every module that runs as `python -m` (found by its `app.run`, so a new tool is
   covered): an unknown flag is one line and exit status 2, not absl's FATAL and usage; so
   is a stray positional argument ("seeds=5", its "--" forgotten), which would otherwise be
-  ignored, in every tool but the one that takes a path."""
+  ignored: every tool but the one that takes a path parses with chimera.errors'
+  `parse_flags`, which refuses it (run here for two of them), or, chimera.main, checks it
+  itself."""
   sources = {".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__main__"):
              path.read_text() for path in (ROOT / "chimera").rglob("*.py")}
   tools = sorted(tool for tool, text in sources.items()
                  if re.search(r"^\s*app\.run\(", text, re.MULTILINE))
   assert {"chimera.main", "chimera.compare", "chimera.bench", "chimera.data"} <= set(tools)
-  takes_args = {tool for tool in tools if "flags_parser=parse_flags_and_args" in sources[tool]}
-  assert takes_args == {"chimera.bench_profile"}
+  parser = {tool: re.search(r"flags_parser=(\w+)\)", sources[tool]).group(1) for tool in tools}
+  assert {tool: name for tool, name in parser.items() if name != "parse_flags"} == {
+      "chimera.bench_profile": "parse_flags_and_args"}
+  assert all(re.search(r"^from chimera.errors import .*\bparse_flags\b", sources[tool], re.M)
+             for tool in tools if tool not in ("chimera.bench_profile", "chimera.main"))
   required = {"chimera.main": ["--config=configs/dense.py"], "chimera.data": ["--corpus=x"]}
   cases = [(tool, "--no_such_flag=1", "error: Unknown command line flag 'no_such_flag'")
            for tool in tools]
   cases += [(tool, "seeds=5", "error: unexpected argument 'seeds=5' (flags start with --)")
-            for tool in tools if tool not in takes_args]
+            for tool in ("chimera.compare", "chimera.data", "chimera.main")]
   running = [(tool, expected, subprocess.Popen(
       [sys.executable, "-m", tool, *required.get(tool, []), arg], cwd=ROOT,
       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)) for tool, arg, expected in cases]
