@@ -32,7 +32,8 @@ drifts; every figure is a median over repeats.
 `--variants=KEY=v1,v2` measures each config once per value. KEY is a config field
 (`model.dispatch`), a field of `chimera.layers.Kernels` (`kernels.embed_grad`), or `ids`
 (`corpus`, `random`). Several `--variants` add their rows together; a row that is the
-same case as an earlier one is measured once.
+same case as an earlier one is measured once, and a dense config measures a field only
+an MoE reads (`chimera.config.MOE_ONLY`, e.g. `model.dispatch`) once, under its own name.
 """
 
 import dataclasses
@@ -507,8 +508,12 @@ def make_cases(specs: list[str], overrides: dict, variants: list[str],
       key, _, values = variant.partition("=")
       if not values:
         raise ChimeraError(f"--variants: expected KEY=v1,v2,..., got {variant!r}")
+      plain = config_lib.load(spec, overrides)
       for value in values.split(","):
-        case = _variant(spec, key, value, overrides, random_ids)
+        case = _variant(spec, key, value, overrides, random_ids)  # a bad value: one line
+        if (key in config_lib.MOE_ONLY and key != "model.num_experts"
+            and plain.model.num_experts == 0):  # a dense model does not read it: one row
+          case = Case(spec, spec, plain, dict(overrides), random_ids=random_ids)
         # The resolved config: a variant at a default value is the case it equals.
         same = (spec, case.config, case.kernels, case.random_ids)
         cases.setdefault(same, case)

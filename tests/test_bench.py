@@ -31,12 +31,13 @@ def test_bench_json_records(tmp_path, corpus):
       cwd=ROOT, capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stderr[-2000:]
   records = bench.load_records(out)
+  # Dense does not read model.dispatch (config.MOE_ONLY): one row, under its own name.
   assert [(r.name, r.spec) for r in records] == [
-      ("configs/dense.py:tiny dispatch=einsum", "configs/dense.py:tiny"),
-      ("configs/dense.py:tiny dispatch=dropless", "configs/dense.py:tiny"),
+      ("configs/dense.py:tiny", "configs/dense.py:tiny"),
       ("configs/moe_top2.py:tiny dispatch=einsum", "configs/moe_top2.py:tiny"),
       ("configs/moe_top2.py:tiny dispatch=dropless", "configs/moe_top2.py:tiny")]
-  assert records[1].overrides == {"data.corpus": str(corpus), "model.dispatch": "dropless"}
+  assert records[0].overrides == {"data.corpus": str(corpus)}
+  assert records[2].overrides == {"data.corpus": str(corpus), "model.dispatch": "dropless"}
   for record in records:
     assert record.token_ids == f"corpus:{corpus}/byte"
     for field in ("train_step_seconds", "train_tokens_per_second", "mfu", "peak_memory_bytes",
@@ -50,13 +51,13 @@ def test_bench_json_records(tmp_path, corpus):
     assert [(d.batch, d.prompt_len, d.new_tokens) for d in record.decode] == [(1, 32, 32),
                                                                               (2, 32, 32)]
     assert record.decode_speed(2).tokens_per_second > 0 and record.decode_speed(2).prefill_ms > 0
-  assert 0 < records[2].dispatch_share_of_moe_layer < 1
+  assert 0 < records[1].dispatch_share_of_moe_layer < 1
   assert records[0].dispatch_share_of_step is None
   assert "configs/moe_top2.py:tiny dispatch=einsum" in result.stdout  # the printed table
   header = next(line for line in result.stdout.splitlines() if line.startswith("name |"))
   assert "decode b1 ms/tok | decode b2 tok/s" in header  # a column per batch measured
   comparisons = [line for line in result.stdout.splitlines() if " vs " in line]
-  assert len(comparisons) == 3 and all(", decode b2 " in line for line in comparisons)
+  assert len(comparisons) == 2 and all(", decode b2 " in line for line in comparisons)
   assert bench.load_records(out) == records  # to_json and from_json round-trip
 
 
@@ -147,6 +148,15 @@ def test_variants_of_kernels_and_ids(corpus, tmp_path):
                          ["model.dispatch=einsum,dropless", "ids=corpus,random"], False)
   assert [c.name.split()[-1] for c in moe] == ["dispatch=einsum", "dispatch=dropless",
                                                 "ids=random"]
+  # A field only an MoE reads is one row of a dense config, under its own name (its
+  # values still checked); model.num_experts makes dense an MoE, so it is a variant.
+  dense = bench.make_cases(["configs/dense.py:tiny"], overrides,
+                           ["model.dispatch=einsum,dropless"], False)
+  assert [(c.name, c.overrides) for c in dense] == [("configs/dense.py:tiny", overrides)]
+  assert len(bench.make_cases(["configs/dense.py:tiny"], overrides,
+                              ["model.num_experts=0,4"], False)) == 2
+  with pytest.raises(ChimeraError, match="model.dispatch"):
+    bench.make_cases(["configs/dense.py:tiny"], overrides, ["model.dispatch=bogus"], False)
   with pytest.raises(ChimeraError, match="kernels.embed_grad"):
     bench.make_cases(["configs/dense.py:tiny"], overrides, ["kernels.embed_grad=gather"], False)
   with pytest.raises(ChimeraError, match="ids"):
