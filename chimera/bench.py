@@ -504,11 +504,11 @@ def make_cases(specs: list[str], overrides: dict, variants: list[str],
                  random_ids=random_ids) for spec in specs]
   cases = {}
   for spec in specs:
+    plain = config_lib.load(spec, overrides)
     for variant in variants:
       key, _, values = variant.partition("=")
       if not values:
         raise ChimeraError(f"--variants: expected KEY=v1,v2,..., got {variant!r}")
-      plain = config_lib.load(spec, overrides)
       for value in values.split(","):
         case = _variant(spec, key, value, overrides, random_ids)  # a bad value: one line
         if (key in config_lib.MOE_ONLY and key != "model.num_experts"

@@ -462,9 +462,9 @@ def check_out(out: Path, study: Study, seeds: list[int]) -> None:
     raise ChimeraError(f"{path} is not a study summary; pass --out=DIR to write elsewhere "
                        f"or remove it") from None
   train = study.models[0].config.train
-  ours = {"title": study.title, "steps": train.steps, "batch_size": train.batch_size,
-          "context": train.context}
-  differs = [f"{key} {there[key]!r}, this one's {value!r}" for key, value in ours.items()
+  settings = {"title": study.title, "steps": train.steps, "batch_size": train.batch_size,
+              "context": train.context}
+  differs = [f"{key} {there[key]!r}, this one's {value!r}" for key, value in settings.items()
              if key in there and there[key] != value]
   if differs:  # the same models and seeds at other settings: its numbers are not this one's
     raise ChimeraError(

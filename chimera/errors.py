@@ -16,14 +16,22 @@ def parse_flags_and_args(argv: list[str]) -> list[str]:
     sys.exit(2)
 
 
+def refuse_arguments(argv: list[str]) -> None:
+  """A ChimeraError for a positional argument after the program name ("seeds=5", its "--"
+  forgotten, or anything after a bare "--"), which a tool that takes none would ignore."""
+  if len(argv) > 1:
+    raise ChimeraError(f"unexpected argument {argv[1]!r} (flags start with --)")
+
+
 def parse_flags(argv: list[str]) -> list[str]:
   """As `parse_flags_and_args`, for a tool that takes no positional argument: one given
-  ("seeds=5", its "--" forgotten, or anything after a bare "--") is refused in one line
-  rather than ignored."""
+  is refused in one line (`refuse_arguments`) rather than ignored."""
   import sys
 
   remaining = parse_flags_and_args(argv)
-  if len(remaining) > 1:
-    print(f"error: unexpected argument {remaining[1]!r} (flags start with --)", file=sys.stderr)
+  try:
+    refuse_arguments(remaining)
+  except ChimeraError as error:
+    print(f"error: {error}", file=sys.stderr)
     sys.exit(2)
   return remaining

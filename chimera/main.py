@@ -14,7 +14,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from chimera import compile_cache, config as config_lib, sharding
-from chimera.errors import ChimeraError
+from chimera.errors import ChimeraError, refuse_arguments
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "A configs/*.py file[:preset].",
                                           lock_config=True)
@@ -59,8 +59,7 @@ def parse_flags(argv: list[str]) -> list[str]:
 def main(argv):
   logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
   try:
-    if len(argv) > 1:  # "config.train.steps=100", its "--" forgotten, would be ignored
-      raise ChimeraError(f"unexpected argument {argv[1]!r} (flags start with --)")
+    refuse_arguments(argv)  # "config.train.steps=100", its "--" forgotten
     if _STOP_AFTER.value is not None and _STOP_AFTER.value < 1:
       raise ChimeraError(f"--stop_after: must be >= 1, got {_STOP_AFTER.value}")
     config = config_lib.from_config_dict(_CONFIG.value)

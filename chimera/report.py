@@ -512,11 +512,13 @@ def refresh(out: Path, study, related: dict) -> bool:
                        f"it again from its runs")
   text = path.read_text()
   heading = "\n## Targets\n" if "\n## Targets\n" in text else "\n## Findings\n"
-  if heading not in text or "\n## Plots\n" not in text[text.find(heading):]:
+  start = text.find(heading)
+  end = text.find("\n## Plots\n", start)
+  if start < 0 or end < 0:
     raise ChimeraError(f"--refresh: {path} lacks the '## Targets' or '## Findings' heading, "
                        f"or a '## Plots' after it (edited by hand?); without --refresh the "
                        f"study writes it again from its runs")
-  start, end = text.index(heading) + 1, text.index("\n## Plots\n", text.index(heading))
+  start += 1
   new_text = text[:start] + "\n".join(_verdicts(targets, found)[1:]) + "\n" + text[end:]
   new_summary = {**summary, "targets": [dataclasses.asdict(t) for t in targets],
                  "findings": found}

@@ -59,7 +59,8 @@ def open_workdir(workdir: Path, config: Config):
   there. A workdir this call created is removed again if the block fails while it holds
   only config.json (bad data, say: an auto-named runs/ folder would otherwise outlive the
   typo). The lock is an flock held by this process: the kernel drops it when the process
-  dies, so a killed run never blocks the next one. Yields the steps of the checkpoints there (empty: a fresh start).
+  dies, so a killed run never blocks the next one. Yields the steps of the checkpoints
+  there (empty: a fresh start).
   """
   if workdir.exists() and not workdir.is_dir():
     raise ChimeraError(f"--workdir: {workdir} is a file, not a directory")
