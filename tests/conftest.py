@@ -7,6 +7,19 @@ from pathlib import Path
 # processes tests start), unless JAX_PLATFORMS is set to say otherwise.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+# XLA:CPU compiles the suite's programs at LLVM's -O0: most of the suite's time is
+# compiling tiny configs, and the suite checks what the programs compute, not how fast.
+# The optimised HLO does not change with the level (the train steps of dense and moe_top2
+# at :tiny, 2026-11-29, metadata aside), and the library dots (Eigen, YNNPACK) are the
+# same code; the generated loops round differently in the last bits (20 steps of both:
+# training losses within 4.1e-7 of the default level's, relative).
+# Each comparison a test makes runs both sides at this level. On the 2-core VM the suite
+# took 479 s at -O0 against 619 s at the default (one run each, the same morning).
+# This process and every process a test starts get it; the drivers of the multi-device
+# tests add their device count to it.
+TEST_XLA_FLAGS = "--xla_backend_optimization_level=0"
+os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {TEST_XLA_FLAGS}".strip()
+
 import jax  # noqa: E402  (after the platform is chosen)
 import pytest  # noqa: E402
 

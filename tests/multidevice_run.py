@@ -13,7 +13,8 @@ import os
 import sys
 
 devices, data, expert = (int(a) for a in sys.argv[1:4])
-os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+os.environ["XLA_FLAGS"] = (f"{os.environ.get('XLA_FLAGS', '')} "  # the suite's (conftest)
+                           f"--xla_force_host_platform_device_count={devices}")
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402

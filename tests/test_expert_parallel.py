@@ -18,6 +18,7 @@ import pytest
 from chimera import scaling, scaling_hlo
 from chimera.expert_parallel import received_experts, send_plan
 from chimera.routers import ROUTERS
+from conftest import TEST_XLA_FLAGS
 from test_sharding import assert_same_training
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,7 +29,7 @@ STEPS = 4
 
 def run(args: list[str]) -> None:
   result = subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, capture_output=True,
-                          text=True, timeout=600, env={**os.environ, "XLA_FLAGS": ""})
+                          text=True, timeout=600, env={**os.environ, "XLA_FLAGS": TEST_XLA_FLAGS})
   assert result.returncode == 0, result.stderr[-3000:]
 
 

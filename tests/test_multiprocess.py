@@ -17,6 +17,7 @@ from chimera import config as config_lib
 from chimera.checkpoints import Checkpointer
 from chimera.records import RunSummary, read_events
 from chimera.steps import init_state
+from conftest import TEST_XLA_FLAGS
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 4
@@ -39,7 +40,7 @@ def main_args(corpus: Path, workdir: Path, dispatch: str) -> list[str]:
 
 def launch(args: list[str], devices: int, processes: int) -> list[subprocess.CompletedProcess]:
   env = {**os.environ, "PYTHONUNBUFFERED": "1",
-         "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+         "XLA_FLAGS": f"{TEST_XLA_FLAGS} --xla_force_host_platform_device_count={devices}"}
   if processes > 1:
     env.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{free_port()}",
                JAX_NUM_PROCESSES=str(processes))

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from chimera import sharding
+from conftest import TEST_XLA_FLAGS
 from chimera.errors import ChimeraError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -23,7 +24,7 @@ def run(tmp_path, name, devices, data, expert, corpus, stop_after=None, workdir=
   args = [sys.executable, str(DRIVER), str(devices), str(data), str(expert), str(workdir),
           str(corpus), str(STEPS), str(stop_after or 0), "einsum"]
   result = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "XLA_FLAGS": ""})
+                          env={**os.environ, "XLA_FLAGS": TEST_XLA_FLAGS})
   assert result.returncode == 0, result.stderr[-3000:]
   return dict(np.load(workdir / "result.npz"))
 
