@@ -63,9 +63,11 @@ def windows(tokens: np.ndarray, context: int) -> np.ndarray:
   return np.asarray(tokens)[starts[:, None] + np.arange(context + 1)]
 
 
-def restore_run(workdir: str | Path, step: int | None = None):
-  """(config, state, step) of the run in `workdir` at checkpoint `step` (the latest if
-  None), restored onto the default device; ChimeraError naming what is missing."""
+def run_config(workdir: str | Path, step: int | None = None) -> tuple[config_lib.Config, int, Path]:
+  """(config, step, where the config was read) of the run in `workdir` at checkpoint
+  `step` (the latest if None), checked against the checkpoint's own record; nothing is
+  restored or compiled, so a program can check its flags against the run first.
+  ChimeraError naming what is missing."""
   workdir = Path(workdir)
   config_path = workdir / "config.json"
   if workdir.exists() and not workdir.is_dir():
@@ -109,6 +111,13 @@ def restore_run(workdir: str | Path, step: int | None = None):
   if differing:
     raise ChimeraError(f"--workdir: {config_path} does not describe the checkpoint at "
                        f"step {step}: it was saved with other {', '.join(differing)}")
+  return config, step, config_path
+
+
+def restore_state(workdir: str | Path, config: config_lib.Config, step: int, config_path: Path):
+  """The state of checkpoint `step` in `workdir`, restored onto the default device, for
+  `config` and `config_path` from `run_config`."""
+  workdir = Path(workdir)
   checkpointer = Checkpointer(workdir / "checkpoints", keep=config.train.keep_checkpoints)
   like = init_state(config)  # outside the try: running out of memory is not a damaged file
   try:
@@ -122,10 +131,18 @@ def restore_run(workdir: str | Path, step: int | None = None):
   except (KeyError, ValueError, OSError) as error:  # orbax's, on a damaged checkpoint
     raise ChimeraError(f"--workdir: the checkpoint at step {step} in {workdir} cannot be "
                        f"read, incomplete or damaged ({type(error).__name__}); the run's "
-                       f"checkpoints: {', '.join(map(str, available))} (--step)") from None
+                       f"checkpoints: {', '.join(map(str, saved_steps(workdir)))} "
+                       f"(--step)") from None
   finally:
     checkpointer.close()
-  return config, state, step
+  return state
+
+
+def restore_run(workdir: str | Path, step: int | None = None):
+  """(config, state, step) of the run in `workdir` at checkpoint `step` (the latest if
+  None), restored onto the default device; ChimeraError naming what is missing."""
+  config, step, config_path = run_config(workdir, step)
+  return config, restore_state(workdir, config, step, config_path), step
 
 
 def split_loss(workdir: str | Path, step: int | None = None,
@@ -135,7 +152,7 @@ def split_loss(workdir: str | Path, step: int | None = None,
   train.batch_size / train.grad_accum; rounded down to whole routing groups where a group
   holds several sequences). `corpus`: the run's corpus at another path (moved since it
   trained; its text must be the run's, as data.json records it)."""
-  config, state, step = restore_run(workdir, step)
+  config, step, config_path = run_config(workdir, step)  # the data is checked before the restore
   if corpus:
     config = dataclasses.replace(config, data=dataclasses.replace(
         config.data, corpus=config_lib.absolute_corpus(corpus)))
@@ -157,6 +174,7 @@ def split_loss(workdir: str | Path, step: int | None = None,
   rows = rows[:len(rows) - len(rows) % per_group]
   batch_size = batch_size or config.train.batch_size // config.train.grad_accum
   batch_size = max(per_group, batch_size // per_group * per_group)
+  state = restore_state(workdir, config, step, config_path)
   evaluate = jax.jit(functools.partial(eval_step, model=Decoder(config.model),
                                        config=config.model),
                      compiler_options=Kernels().compiler_options())

@@ -214,7 +214,7 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)
   compile_cache.enable()
   from chimera.data.tokenizers import get_tokenizer
-  from chimera.evaluate import restore_run
+  from chimera.evaluate import restore_state, run_config
   from chimera.layers import Kernels
   try:
     if not FLAGS.workdir:
@@ -226,7 +226,9 @@ def main(argv):
                          f"{FLAGS.temperature}")
     if not 0 <= FLAGS.seed < 2**32:  # jax.random.key keeps the low 32 bits
       raise ChimeraError(f"--seed: must be in [0, {2**32 - 1}], got {FLAGS.seed}")
-    config, state, _ = restore_run(FLAGS.workdir, FLAGS.step)
+    # The flags are checked against the run's config before the checkpoint is restored
+    # (restoring compiles the state's initialisation).
+    config, step, config_path = run_config(FLAGS.workdir, FLAGS.step)
     tokenizer = get_tokenizer(config.data.tokenizer)
     if not 0 <= FLAGS.top_k <= tokenizer.vocab_size:
       raise ChimeraError(f"--top_k: must be in [0, {tokenizer.vocab_size}] (the tokenizer's "
@@ -238,6 +240,7 @@ def main(argv):
     prompt = tokenizer.encode(FLAGS.prompt)
     max_new_tokens = new_tokens_in_context(len(prompt), FLAGS.max_new_tokens,
                                            config.train.context)
+    state = restore_state(FLAGS.workdir, config, step, config_path)
     for note in decode_notes(config.model):
       print(f"note: {note}", file=sys.stderr)
     args = (state.params, jnp.asarray(prompt)[None], jax.random.key(FLAGS.seed))

@@ -91,24 +91,31 @@ def test_bad_workdir_is_one_line(tmp_path):
     evaluate.split_loss(tmp_path / "summary.json")
 
 
-def test_a_moved_corpus_is_scored_from_its_new_path(finished_run, tmp_path):
+def test_a_moved_corpus_is_scored_from_its_new_path(finished_run, tmp_path, monkeypatch):
   """A run whose corpus moved since it trained: the error says how to point at it, and
-  --corpus scores the same text (refusing other text) without changing the run's records."""
+  --corpus scores the same text (refusing other text) without changing the run's records.
+  Both errors come before the checkpoint is restored."""
   workdir, _, config = finished_run
+
+  def no_restore(*args, **kwargs):
+    raise AssertionError("the checkpoint was restored before the corpus was checked")
   run = tmp_path / "run"
   shutil.copytree(workdir, run)
   recorded = json.loads((run / "config.json").read_text())
   recorded["data"]["corpus"] = str(tmp_path / "gone.txt")  # where it was when it trained
   (run / "config.json").write_text(json.dumps(recorded))
   data_json = (run / "data.json").read_text()
-  with pytest.raises(ChimeraError, match=r"gone\.txt \(if the run's corpus moved, pass its "
-                                         r"new path: --corpus=PATH\)$"):
+  with monkeypatch.context() as patch, pytest.raises(
+      ChimeraError, match=r"gone\.txt \(if the run's corpus moved, pass its new path: "
+                          r"--corpus=PATH\)$"):
+    patch.setattr(evaluate, "restore_state", no_restore)
     evaluate.split_loss(run)
   moved = tmp_path / "moved.txt"
   shutil.copy(config.data.corpus, moved)
   assert evaluate.split_loss(run, corpus=str(moved)).loss == evaluate.split_loss(workdir).loss
   assert (run / "data.json").read_text() == data_json  # a reader records nothing
   moved.write_text(moved.read_text() + "\nthe queen will speak\n")
+  monkeypatch.setattr(evaluate, "restore_state", no_restore)
   with pytest.raises(ChimeraError, match=r"holds a run of other text.*\. Give --corpus the "
                                          r"text the run trained on$"):
     evaluate.split_loss(run, corpus=str(moved))

@@ -1,6 +1,7 @@
 """KV-cache generation: the same tokens and logits as re-running the full forward pass."""
 
 import dataclasses
+import os
 import subprocess
 import sys
 
@@ -150,7 +151,9 @@ def test_generate_entry_point_samples_from_a_run(make_config, corpus, tmp_path, 
       cwd=repo_root, capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-2000:]
   assert result.stdout.startswith("the king") and len(result.stdout) > len("the king")
-  # Bad sampling settings: one line naming the flag, no traceback.
+  # Bad sampling settings: one line naming the flag, no traceback, and found before the
+  # checkpoint is restored (restoring compiles the state's initialisation; JAX_LOG_COMPILES
+  # would log "Compiling ..." to stderr).
   for flag, message in (("--top_k=300", "--top_k: must be in [0, 257]"),
                         ("--temperature=-1", "--temperature: must be >= 0"),
                         ("--temperature=nan", "--temperature: must be >= 0"),
@@ -162,6 +165,8 @@ def test_generate_entry_point_samples_from_a_run(make_config, corpus, tmp_path, 
                         ("--max_new_tokens=32", "--max_new_tokens: 1 prompt tokens + 32"),  # context 32
                         (b"--prompt=ab\xffcd", "--prompt: not valid UTF-8")):  # raw bytes
     bad = subprocess.run([sys.executable, "-m", "chimera.generate", f"--workdir={workdir}", flag],
-                         cwd=repo_root, capture_output=True, text=True, timeout=300)
+                         cwd=repo_root, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "JAX_LOG_COMPILES": "1"})
     assert bad.returncode == 2 and bad.stderr.startswith(f"error: {message}"), bad.stderr[-2000:]
+    assert "Compiling" not in bad.stderr, bad.stderr[-2000:]
     assert len(bad.stderr.strip().splitlines()) == 1  # no traceback
