@@ -39,6 +39,7 @@ an MoE reads (`chimera.config.MOE_ONLY`, e.g. `model.dispatch`) once, under its 
 import dataclasses
 import functools
 import json
+import os
 import re
 import sys
 import time
@@ -53,6 +54,7 @@ from chimera import accounting, allocator, bench_profile, config as config_lib, 
 from chimera.config import Config, DataConfig
 from chimera.data import load_splits
 from chimera.data.batches import WindowSampler
+from chimera.data.corpora import write_atomic
 from chimera.data.tokenizers import get_tokenizer
 from chimera.decoder import Decoder
 from chimera.errors import ChimeraError, parse_flags
@@ -245,7 +247,7 @@ class BenchRecord:
 
 
 def save_records(path: str | Path, records: list[BenchRecord]) -> None:
-  Path(path).write_text(json.dumps([r.to_json() for r in records], indent=2))
+  write_atomic(Path(path), json.dumps([r.to_json() for r in records], indent=2).encode())
 
 
 def load_records(path: str | Path) -> list[BenchRecord]:
@@ -255,7 +257,8 @@ def load_records(path: str | Path) -> list[BenchRecord]:
 class Subject:
   """One case and its compiled functions, measured a slice at a time."""
 
-  def __init__(self, case: Case, settings: Settings):
+  def __init__(self, case: Case, settings: Settings, batches: np.ndarray):
+    """`batches`: the case's `token_batches`, read before anything compiles (`run`)."""
     self.case, self.settings, self.times = case, settings, {}
     c = case.config
     self.accounting = accounting.count_run(c)
@@ -263,7 +266,6 @@ class Subject:
     step = jax.jit(functools.partial(train_step, model=Decoder(c.model, case.kernels),
                                      config=c.model, log_norms=c.train.log_norms),
                    donate_argnums=0, compiler_options=case.kernels.compiler_options())
-    batches = token_batches(c, settings.batches, case.random_ids)
     self.batches = [jax.device_put(b) for b in batches]
     self.rng = jax.random.key(0)
     self.step = step.lower(self.state, self.batches[0], self.rng).compile()
@@ -410,7 +412,10 @@ def run(cases: list[Case], repeats: int, settings: Settings = Settings()) -> lis
   """Measures every case, interleaved `repeats` times; one record per case. malloc is set
   as training sets it (chimera.allocator), so that the bench times what training runs."""
   allocator.keep_freed_memory()
-  subjects = [Subject(case, settings) for case in cases]
+  # Every case's tokens first: a corpus that is missing or too short is one line before
+  # anything compiles.
+  batches = [token_batches(c.config, settings.batches, c.random_ids) for c in cases]
+  subjects = [Subject(case, settings, b) for case, b in zip(cases, batches)]
   dtypes = {s.case.config.model.dtype for s in subjects}
   peak = {d: peak_matmul_flops(jnp.bfloat16 if d == "bfloat16" else jnp.float32) for d in dtypes}
   for _ in range(repeats):
@@ -568,6 +573,13 @@ def check_flags(values) -> None:
                        f"{','.join(values.decode_batches)!r}")
   if not values.configs:
     raise ChimeraError("--configs: no config given")
+  if values.json:  # written after every measurement: a path it cannot take fails now
+    path = Path(values.json)
+    if path.is_dir():
+      raise ChimeraError(f"--json: {path} is a directory")
+    folder = next(p for p in path.absolute().parents if p.exists())  # made if missing
+    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+      raise ChimeraError(f"--json: cannot write under {folder}")
 
 
 def main(argv):

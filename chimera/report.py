@@ -674,7 +674,7 @@ def update_readme(readme: Path) -> bool:
   text = readme.read_text()
   start, end, block = readme_headline(text, readme.parent)
   new = text[:start] + block + text[end:]
-  readme.write_text(new)
+  write_atomic(readme, new.encode())
   return new != text
 
 

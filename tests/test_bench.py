@@ -6,6 +6,7 @@ import json
 import re
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -190,6 +191,39 @@ def test_bad_bench_flags_are_one_line(flag, message):
   result = subprocess.run([sys.executable, "-m", "chimera.bench", flag], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
   assert result.returncode == 2 and result.stderr.strip() == f"error: {message}"
+
+
+def test_a_json_path_the_bench_cannot_write_is_refused_before_it_measures(tmp_path):
+  """--json is written after every measurement: a path it cannot take is one line first.
+  A missing folder is made, and the file is written whole (chimera.data.corpora.write_atomic)."""
+  def check(json_path):
+    bench.check_flags(types.SimpleNamespace(repeats=1, steps=1, prompt_len=1, new_tokens=1,
+                                            decode_batches=["1"], configs=["x"],
+                                            json=str(json_path)))
+  a_file = tmp_path / "a_file"
+  a_file.write_text("")
+  with pytest.raises(ChimeraError, match=r"^--json: .* is a directory$"):
+    check(tmp_path)
+  with pytest.raises(ChimeraError, match=rf"^--json: cannot write under {a_file}$"):
+    check(a_file / "sub" / "bench.json")
+  new = tmp_path / "new" / "folder" / "bench.json"
+  check(new)
+  bench.save_records(new, [])
+  assert bench.load_records(new) == []
+
+
+def test_a_missing_corpus_is_one_line_before_anything_compiles(corpus, monkeypatch):
+  """Every case's tokens are read first: the second config's missing corpus stops the bench
+  before the first one is initialised or compiled."""
+  cases = (bench.make_cases(["configs/dense.py:tiny"], {"data.corpus": str(corpus)}, [], False)
+           + bench.make_cases(["configs/moe_top2.py:tiny"],
+                              {"data.corpus": str(corpus.parent / "gone.txt")}, [], False))
+
+  def no_init(*args, **kwargs):
+    raise AssertionError("a state was initialised before every corpus was read")
+  monkeypatch.setattr(bench, "init_state", no_init)
+  with pytest.raises(ChimeraError, match=r"data.corpus: no such file: .*gone\.txt"):
+    bench.run(cases, repeats=1, settings=bench.Settings(steps=1, decode_batches=()))
 
 
 def test_bench_decodes_a_model_with_a_router_bias(corpus):
