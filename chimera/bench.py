@@ -563,8 +563,21 @@ def define_flags() -> None:
   flags.DEFINE_string("json", None, "Write the records here as JSON.")
 
 
+def check_writable(flag: str, path: str, folder: bool) -> None:
+  """A file (or, `folder`, a directory) the bench writes only after its measurements:
+  one line now if it cannot be written there. Missing folders are made then."""
+  path = Path(path).absolute()
+  if path.exists() and path.is_dir() != folder:
+    raise ChimeraError(f"--{flag}: {path} is a {'file' if folder else 'directory'}")
+  start = path if folder else path.parent
+  existing = next(p for p in (start, *start.parents) if p.exists())
+  if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+    raise ChimeraError(f"--{flag}: cannot write under {existing}")
+
+
 def check_flags(values) -> None:
-  """The bench's counts, before anything compiles: one-line ChimeraErrors."""
+  """The bench's counts and output paths, before anything compiles: one-line
+  ChimeraErrors."""
   for name in ("repeats", "steps", "prompt_len", "new_tokens"):
     if getattr(values, name) < 1:
       raise ChimeraError(f"--{name}: must be >= 1, got {getattr(values, name)}")
@@ -573,13 +586,12 @@ def check_flags(values) -> None:
                        f"{','.join(values.decode_batches)!r}")
   if not values.configs:
     raise ChimeraError("--configs: no config given")
-  if values.json:  # written after every measurement: a path it cannot take fails now
-    path = Path(values.json)
-    if path.is_dir():
-      raise ChimeraError(f"--json: {path} is a directory")
-    folder = next(p for p in path.absolute().parents if p.exists())  # made if missing
-    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
-      raise ChimeraError(f"--json: cannot write under {folder}")
+  if values.profile_dir and not values.profile:
+    raise ChimeraError("--profile_dir: keeps the traces of --profile, which is off")
+  if values.json:
+    check_writable("json", values.json, folder=False)
+  if values.profile_dir:
+    check_writable("profile_dir", values.profile_dir, folder=True)
 
 
 def main(argv):

@@ -238,6 +238,9 @@ def main(argv):
     except UnicodeEncodeError:  # bytes the shell passed that are not UTF-8
       raise ChimeraError("--prompt: not valid UTF-8") from None
     prompt = tokenizer.encode(FLAGS.prompt)
+    if len(prompt) == 0:
+      raise ChimeraError("--prompt: is empty (the model continues a prompt of at least one "
+                         "token)")
     max_new_tokens = new_tokens_in_context(len(prompt), FLAGS.max_new_tokens,
                                            config.train.context)
     state = restore_state(FLAGS.workdir, config, step, config_path)

@@ -193,19 +193,29 @@ def test_bad_bench_flags_are_one_line(flag, message):
   assert result.returncode == 2 and result.stderr.strip() == f"error: {message}"
 
 
-def test_a_json_path_the_bench_cannot_write_is_refused_before_it_measures(tmp_path):
-  """--json is written after every measurement: a path it cannot take is one line first.
-  A missing folder is made, and the file is written whole (chimera.data.corpora.write_atomic)."""
-  def check(json_path):
-    bench.check_flags(types.SimpleNamespace(repeats=1, steps=1, prompt_len=1, new_tokens=1,
-                                            decode_batches=["1"], configs=["x"],
-                                            json=str(json_path)))
+def test_output_paths_the_bench_cannot_write_are_refused_before_it_measures(tmp_path):
+  """--json and --profile_dir are written after every measurement: a path the bench cannot
+  take is one line first. A missing folder is made, and the JSON is written whole
+  (chimera.data.corpora.write_atomic)."""
+  def check(json_path=None, profile_dir=None, profile=True):
+    bench.check_flags(types.SimpleNamespace(
+        repeats=1, steps=1, prompt_len=1, new_tokens=1, decode_batches=["1"], configs=["x"],
+        json=json_path and str(json_path), profile_dir=profile_dir and str(profile_dir),
+        profile=profile))
   a_file = tmp_path / "a_file"
   a_file.write_text("")
   with pytest.raises(ChimeraError, match=r"^--json: .* is a directory$"):
     check(tmp_path)
   with pytest.raises(ChimeraError, match=rf"^--json: cannot write under {a_file}$"):
     check(a_file / "sub" / "bench.json")
+  # --profile_dir the same way, and only with --profile.
+  with pytest.raises(ChimeraError, match=rf"^--profile_dir: {a_file} is a file$"):
+    check(profile_dir=a_file)
+  with pytest.raises(ChimeraError, match=rf"^--profile_dir: cannot write under {a_file}$"):
+    check(profile_dir=a_file / "traces")
+  with pytest.raises(ChimeraError, match=r"^--profile_dir: keeps the traces of --profile"):
+    check(profile_dir=tmp_path / "traces", profile=False)
+  check(profile_dir=tmp_path / "traces")
   new = tmp_path / "new" / "folder" / "bench.json"
   check(new)
   bench.save_records(new, [])

@@ -163,6 +163,7 @@ def test_generate_entry_point_samples_from_a_run(make_config, corpus, tmp_path, 
                         ("--seed=4294967296", "--seed: must be in [0, 4294967295]"),
                         ("--step=7", "--step: no checkpoint at step 7"),
                         ("--max_new_tokens=32", "--max_new_tokens: 1 prompt tokens + 32"),  # context 32
+                        ("--prompt=", "--prompt: is empty"),
                         (b"--prompt=ab\xffcd", "--prompt: not valid UTF-8")):  # raw bytes
     bad = subprocess.run([sys.executable, "-m", "chimera.generate", f"--workdir={workdir}", flag],
                          cwd=repo_root, capture_output=True, text=True, timeout=300,

@@ -31,12 +31,14 @@ def main(argv: list[str]) -> None:
   logging.set_verbosity(logging.WARNING)  # datasets logs its backends at INFO
   started = time.time()
   try:
+    if _THREADS.value is not None and _THREADS.value < 1:
+      raise ChimeraError(f"--threads: must be >= 1, got {_THREADS.value}")
     cache = prepare(_CORPUS.value, get_tokenizer(_TOKENIZER.value), split=_SPLIT.value,
                     val_fraction=_VAL_FRACTION.value, text_field=_TEXT_FIELD.value,
                     num_threads=_THREADS.value)
   except ChimeraError as error:
     print(f"error: {error}", file=sys.stderr)
-    sys.exit(1)
+    sys.exit(2)  # as every tool's bad input
   m = cache.manifest
   documents = lambda n: f"{n:,} document" + ("" if n == 1 else "s")
   # The manifest is written last: one written since this call began is this call's build.

@@ -364,9 +364,12 @@ def test_cli_prepares_and_reports(tmp_path):
                           capture_output=True, text=True)
   assert single.returncode == 0, single.stderr
   assert ", 1 document, " in single.stdout.splitlines()[1]
-  bad = subprocess.run(command[:4] + ["--tokenizer=bpe"], cwd=ROOT, capture_output=True, text=True)
-  assert bad.returncode == 1 and bad.stderr.strip().splitlines() == [
-      "error: data.tokenizer: unknown tokenizer 'bpe' (expected 'byte' or 'gpt2')"]
+  # Bad input: one line and exit status 2, as every tool's.
+  for flag, message in (("--tokenizer=bpe", "data.tokenizer: unknown tokenizer 'bpe' (expected "
+                                            "'byte' or 'gpt2')"),
+                        ("--threads=0", "--threads: must be >= 1, got 0")):
+    bad = subprocess.run(command[:4] + [flag], cwd=ROOT, capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [f"error: {message}"]
 
 
 def test_bench_cache_leaves_a_corpus_it_did_not_write(tmp_path):
