@@ -39,7 +39,6 @@ an MoE reads (`chimera.config.MOE_ONLY`, e.g. `model.dispatch`) once, under its 
 import dataclasses
 import functools
 import json
-import os
 import re
 import sys
 import time
@@ -57,7 +56,7 @@ from chimera.data.batches import WindowSampler
 from chimera.data.corpora import write_atomic
 from chimera.data.tokenizers import get_tokenizer
 from chimera.decoder import Decoder
-from chimera.errors import ChimeraError, parse_flags
+from chimera.errors import ChimeraError, check_writable, parse_flags
 from chimera.layers import Kernels
 from chimera.moe import MoeLayer
 from chimera.steps import init_state, train_step
@@ -561,18 +560,6 @@ def define_flags() -> None:
   flags.DEFINE_string("profile_dir", None, "With --profile: keep each config's trace "
                       "(NAME.trace.json.gz) and compiled HLO (NAME.hlo.txt) in this folder.")
   flags.DEFINE_string("json", None, "Write the records here as JSON.")
-
-
-def check_writable(flag: str, path: str, folder: bool) -> None:
-  """A file (or, `folder`, a directory) the bench writes only after its measurements:
-  one line now if it cannot be written there. Missing folders are made then."""
-  path = Path(path).absolute()
-  if path.exists() and path.is_dir() != folder:
-    raise ChimeraError(f"--{flag}: {path} is a {'file' if folder else 'directory'}")
-  start = path if folder else path.parent
-  existing = next(p for p in (start, *start.parents) if p.exists())
-  if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-    raise ChimeraError(f"--{flag}: cannot write under {existing}")
 
 
 def check_flags(values) -> None:

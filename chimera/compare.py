@@ -48,7 +48,7 @@ from absl import app, flags, logging
 from chimera import accounting, bench, compile_cache, config as config_lib, report, study_sweeps
 from chimera.config import Config
 from chimera.data.corpora import write_atomic
-from chimera.errors import ChimeraError, parse_flags
+from chimera.errors import ChimeraError, check_writable, parse_flags
 from chimera.records import RunSummary
 from chimera.study_stats import Run
 
@@ -505,6 +505,8 @@ def main(argv):
                        dict(map(bench.parse_override, _BASE_SET.value)),
                        sets=overrides)  # every override over the preset names the folder
     given_seeds = _SEEDS.value or []
+    if _SEEDS.value == []:  # --seeds= (None when not given)
+      raise ChimeraError("--seeds: no seed given (leave the flag out for the study's own)")
     if not all(s.strip().isascii() and s.strip().isdigit() for s in given_seeds):
       raise ChimeraError(f"--seeds: expected non-negative integers, got "
                          f"{','.join(given_seeds)!r}")
@@ -513,8 +515,15 @@ def main(argv):
       raise ChimeraError(f"--seeds: each seed once, got {','.join(given_seeds)!r}")
     if max(seeds) > config_lib.MAX_SEED:
       raise ChimeraError(f"--seeds: each in [0, {config_lib.MAX_SEED}], got {max(seeds)}")
+    if _BENCH_REPEATS.value < 0:
+      raise ChimeraError(f"--bench_repeats: must be >= 0 (0: no bench), got "
+                         f"{_BENCH_REPEATS.value}")
     out = Path(_OUT.value or Path(_RESULTS.value) / study.slug)
     check_out(out, study, seeds)
+    # Written only after every run trained: a folder that cannot take them fails now.
+    check_writable("out" if _OUT.value else "results", out, folder=True)
+    if not _REPORT_ONLY.value:
+      check_writable("runs", _RUNS.value, folder=True)
     if _REFRESH.value:
       if not (out / "summary.json").is_file():
         raise ChimeraError(f"--refresh: no report in {out} to refresh")

@@ -1,3 +1,7 @@
+import os
+from pathlib import Path
+
+
 class ChimeraError(ValueError):
     """A user-facing error: one line that names the bad field or file."""
 
@@ -35,3 +39,16 @@ def parse_flags(argv: list[str]) -> list[str]:
     print(f"error: {error}", file=sys.stderr)
     sys.exit(2)
   return remaining
+
+
+def check_writable(flag: str, path: str | os.PathLike, folder: bool) -> None:
+  """A ChimeraError naming --`flag` for a file (or, `folder`, a directory) that a tool
+  writes only after its work, if it could not be written there; checked before the work.
+  Missing folders above it are fine (the tool makes them)."""
+  path = Path(path).absolute()
+  if path.exists() and path.is_dir() != folder:
+    raise ChimeraError(f"--{flag}: {path} is a {'file' if folder else 'directory'}")
+  start = path if folder else path.parent
+  existing = next(p for p in (start, *start.parents) if p.exists())
+  if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+    raise ChimeraError(f"--{flag}: cannot write under {existing}")

@@ -249,6 +249,7 @@ def test_bench_figures_reads_bench_records():
 
 # The recipe issue's budgets: tokens per run and seeds, by study preset.
 BUDGETS = {"cpu": (10_000_000, 2), "gpu-small": (20_000_000, 1)}
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("preset", sorted(compare.PRESETS))
@@ -804,11 +805,20 @@ def test_a_report_folder_is_not_replaced_by_another_study(tmp_path):
      "error: --mesh: expected data,expert (two positive integers), got '1,4x'"),
     ("scaling_hlo", ["--config=configs/moe_top2.py:tiny", "--set=model.top_k=9"],
      "error: config.model.top_k: must be between 1 and model.num_experts=8, got 9"),
+    # Before anything trains: what is written only after every run has trained.
+    ("compare", ["--seeds="], "error: --seeds: no seed given (leave the flag out for the "
+                              "study's own)"),
+    ("compare", ["--bench_repeats=-1"], "error: --bench_repeats: must be >= 0 (0: no bench), "
+                                        "got -1"),
+    ("compare", ["--runs=pyproject.toml"], f"error: --runs: {ROOT}/pyproject.toml is a file"),
+    ("compare", ["--results=pyproject.toml"],
+     f"error: --results: cannot write under {ROOT}/pyproject.toml"),
+    ("compare", ["--out=pyproject.toml/study"],
+     f"error: --out: cannot write under {ROOT}/pyproject.toml"),
 ])
 def test_bad_study_flags_are_one_line(tool, args, message):
-  result = subprocess.run([sys.executable, "-m", f"chimera.{tool}", *args],
-                          cwd=Path(__file__).resolve().parents[1], capture_output=True,
-                          text=True, timeout=120)
+  result = subprocess.run([sys.executable, "-m", f"chimera.{tool}", *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
   assert result.returncode == 2 and result.stderr.strip() == message
 
 
