@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -56,6 +57,18 @@ def parse_flags(argv: list[str]) -> list[str]:
     sys.exit(2)
 
 
+def show_plots(workdir: Path, name: str) -> None:
+  """Writes a finished run's plots (chimera.study_plots.run_plots) and says where. The run
+  is done whatever happens here: a plot that cannot be written is a warning."""
+  from chimera.study_plots import run_plots  # matplotlib: only for a finished run
+  try:
+    paths = run_plots(workdir, name)
+  except (OSError, ValueError) as error:
+    print(f"warning: no plots written ({type(error).__name__}: {error})", file=sys.stderr)
+    return
+  print(f"plots: {', '.join(map(str, paths))}", file=sys.stderr)
+
+
 def main(argv):
   logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
   try:
@@ -70,6 +83,8 @@ def main(argv):
     summary = train(config, workdir, stop_after=_STOP_AFTER.value)
     if not summary.completed and (signum := stopped_by_signal()):
       sys.exit(128 + signum)  # saved, but not done: `main && evaluate` stops here
+    if summary.completed and jax.process_index() == 0:
+      show_plots(workdir, config.name)
   except ChimeraError as error:
     print(f"error: {error}", file=sys.stderr)
     sys.exit(2)

@@ -1,4 +1,5 @@
-"""The plots of a study's report (chimera.report): PNG files, one figure each."""
+"""The plots of a study's report (chimera.report), and of one run that chimera.main
+finished (`run_plots`): PNG files, one figure each."""
 
 from pathlib import Path
 
@@ -22,6 +23,12 @@ def _save(fig, path: Path) -> None:
   plt.close(fig)
 
 
+def _readable_ylim(ax, losses: list[float]) -> None:
+  """The first losses are far above the rest: keep the end of the curves readable."""
+  if losses:
+    ax.set_ylim(min(losses) - 0.02, min(max(losses), np.percentile(losses, 80) * 1.05))
+
+
 def loss_curves(path: Path, runs: dict[str, list[Run]], x: str, xlabel: str) -> bool:
   """Validation loss against `x` ("tokens_seen" or "wall_seconds"): one thin line per
   seed, and the mean over seeds where the seeds share their evaluation points."""
@@ -35,8 +42,7 @@ def loss_curves(path: Path, runs: dict[str, list[Run]], x: str, xlabel: str) -> 
     mean_y = np.mean([r.curve(x)[1][:points] for r in model_runs], axis=0)
     ax.plot(mean_x, mean_y, color=f"C{index}", linewidth=2,
             label=f"{name} (mean of {len(model_runs)})")
-  if losses:  # the first evaluations are far above the rest: keep the end readable
-    ax.set_ylim(min(losses) - 0.02, min(max(losses), np.percentile(losses, 80) * 1.05))
+  _readable_ylim(ax, losses)
   ax.set_xlabel(xlabel)
   ax.set_ylabel("validation loss (nats/token)")
   ax.grid(alpha=0.3)
@@ -132,3 +138,32 @@ def throughput(path: Path, speed: dict[str, dict]) -> bool:
     ax.grid(axis="y", alpha=0.3)
   _save(fig, path)
   return True
+
+
+def run_curves(path: Path, run: Run) -> bool:
+  """One run's training loss (the mean of each logging window) and validation loss
+  (each evaluation) against training tokens."""
+  rows = [r for r in run.train_rows if "loss" in r]
+  tokens_per_step = run.summary.tokens_seen / run.summary.steps
+  fig, ax = plt.subplots(figsize=(7, 4.5))
+  ax.plot([r["step"] * tokens_per_step for r in rows], [r["loss"] for r in rows], color="C0",
+          alpha=0.5, linewidth=1, label="training (mean of each logging window)")
+  ax.plot(*run.curve("tokens_seen"), color="C1", marker="o", markersize=3, linewidth=1.5,
+          label=f"validation (final {run.summary.final_val_loss:.4f})")
+  _readable_ylim(ax, [r["loss"] for r in rows] + run.curve("tokens_seen")[1])
+  ax.set_xlabel("training tokens")
+  ax.set_ylabel("loss (nats/token)")
+  ax.set_title(run.model, fontsize=9)
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
+  _save(fig, path)
+  return True
+
+
+def run_plots(workdir: Path, name: str) -> list[Path]:
+  """loss.png and, for an MoE, routing.png (`routing`) in the workdir of a finished run;
+  the paths written."""
+  run = Run.load(workdir, name, seed=0)  # the seed is only a study's label
+  plots = {workdir / "loss.png": run_curves, workdir / "routing.png":
+           lambda path, run: routing(path, {name: [run]})}
+  return [path for path, plot in plots.items() if plot(path, run)]

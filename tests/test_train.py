@@ -95,6 +95,11 @@ def test_entry_point_one_step(name, corpus, tmp_path):
   assert list((workdir / "tensorboard").iterdir()), "no TensorBoard events"
   assert (workdir / "checkpoints" / "1").is_dir()
   assert str(workdir) in result.stderr  # says where the results are
+  # The finished run's plots, as PNG files, and where they are; routing for an MoE only.
+  plots = [workdir / "loss.png"] + ([workdir / "routing.png"] if name != "dense" else [])
+  assert sorted(workdir.glob("*.png")) == sorted(plots)
+  assert all(p.read_bytes().startswith(b"\x89PNG") for p in plots)
+  assert f"plots: {', '.join(map(str, plots))}" in result.stderr
 
 
 @pytest.mark.parametrize("name", ["dense", "moe_top2"])
