@@ -490,8 +490,8 @@ def trained_on(runs: dict[str, list[Run]]) -> str:
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
-  compile_cache.enable()
   try:
+    compile_cache.enable()  # in the try: a $CHIMERA_CACHE that cannot be a folder is one line
     overrides = dict(map(bench.parse_override, _SET.value))
     for flag, key, value in (("corpus", "data.corpus", _CORPUS.value or None),
                              ("train_steps", "train.steps", _STEPS.value)):

@@ -209,8 +209,8 @@ def main(argv):
   del argv
   FLAGS = flags.FLAGS
   logging.set_verbosity(logging.WARNING)  # orbax logs every restore at INFO
-  compile_cache.enable()
   try:
+    compile_cache.enable()  # in the try: a $CHIMERA_CACHE that cannot be a folder is one line
     if not FLAGS.workdir:
       raise ChimeraError("--workdir is required")
     if FLAGS.batch_size is not None and FLAGS.batch_size < 1:

@@ -212,11 +212,11 @@ def main(argv):
   del argv
   FLAGS = flags.FLAGS
   logging.set_verbosity(logging.WARNING)
-  compile_cache.enable()
   from chimera.data.tokenizers import get_tokenizer
   from chimera.evaluate import restore_state, run_config
   from chimera.layers import Kernels
   try:
+    compile_cache.enable()  # in the try: a $CHIMERA_CACHE that cannot be a folder is one line
     if not FLAGS.workdir:
       raise ChimeraError("--workdir is required")
     if FLAGS.max_new_tokens is not None and FLAGS.max_new_tokens < 1:

@@ -1,6 +1,6 @@
 """launch/workstation.sh and launch/slurm.sbatch: the mesh, devices and workdir they ask
 chimera.main for, from the GPUs they may use; and every `python -m chimera...` tool's
-handling of a bad flag."""
+handling of a bad flag and of a cache folder that cannot be one."""
 
 import os
 import re
@@ -134,3 +134,28 @@ def test_every_command_line_tool_reports_a_bad_flag_in_one_line():
   for tool, expected, process in running:
     out, err = process.communicate(timeout=180)
     assert (process.returncode, err.strip().splitlines(), out) == (2, [expected], ""), tool
+
+
+def test_a_cache_that_cannot_be_a_folder_is_one_line(tmp_path):
+  """$CHIMERA_CACHE naming a file (or a path under one): every tool that reads or writes
+  the cache says so in one line, exit status 2, before it does anything else."""
+  a_file = tmp_path / "cache"
+  a_file.write_text("")
+  tools = [["chimera.main", "--config=configs/dense.py:tiny", f"--workdir={tmp_path / 'run'}"],
+           ["chimera.evaluate", f"--workdir={tmp_path / 'run'}"],
+           ["chimera.generate", f"--workdir={tmp_path / 'run'}"],
+           ["chimera.compare", f"--runs={tmp_path / 'runs'}", f"--results={tmp_path / 'res'}"],
+           ["chimera.bench", "--configs=configs/dense.py:tiny", "--decode_batches="],
+           ["chimera.data", "--corpus=shakespeare"]]
+  # As a user runs them: the compiled steps' cache in $CHIMERA_CACHE too, not the suite's.
+  env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+  for cache in (a_file, a_file / "below"):
+    running = [(args[0], subprocess.Popen(
+        [sys.executable, "-m", *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True, env={**env, "CHIMERA_CACHE": str(cache)})) for args in tools]
+    for tool, process in running:
+      out, err = process.communicate(timeout=180)
+      assert (process.returncode, err.strip().splitlines()) == (2, [
+          f"error: $CHIMERA_CACHE: {a_file} is a file, not a folder (the cache of downloads, "
+          f"tokens and compiled steps: {cache})"]), (tool, err[-2000:])
+  assert not (tmp_path / "run").exists() and not (tmp_path / "runs").exists()

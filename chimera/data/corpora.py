@@ -50,8 +50,14 @@ class Corpus(NamedTuple):
 
 
 def cache_dir() -> Path:
-  """$CHIMERA_CACHE, or ~/.cache/chimera."""
-  return Path(os.environ.get("CHIMERA_CACHE", "~/.cache/chimera")).expanduser()
+  """$CHIMERA_CACHE, or ~/.cache/chimera; a ChimeraError if it cannot be a folder (a file,
+  or a file above it). It need not be writable: a cache prepared elsewhere may be read."""
+  path = Path(os.environ.get("CHIMERA_CACHE", "~/.cache/chimera")).expanduser()
+  existing = next(p for p in (path, *path.absolute().parents) if p.exists())
+  if not existing.is_dir():
+    raise ChimeraError(f"$CHIMERA_CACHE: {existing} is a file, not a folder (the cache of "
+                       f"downloads, tokens and compiled steps: {path})")
+  return path
 
 
 def sha256_of(path: Path) -> str:
