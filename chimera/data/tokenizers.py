@@ -13,7 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from chimera.data.corpora import cache_dir, fetch_sdist, read_members, sha256_of, write_atomic
+from chimera.data.corpora import (cache_dir, cache_writes, fetch_sdist, read_members, sha256_of,
+                                  write_atomic)
 from chimera.errors import ChimeraError
 
 R50K_URL = "https://openaipublic.blob.core.windows.net/encodings/r50k_base.tiktoken"
@@ -72,7 +73,8 @@ def ensure_gpt2_ranks() -> Path:
   actual = hashlib.sha256(ranks).hexdigest()
   if actual != R50K_SHA256:
     raise ChimeraError(f"data.tokenizer: gpt2.tiktoken in {archive} has sha256 {actual}, expected {R50K_SHA256}")
-  write_atomic(path, ranks)
+  with cache_writes(path.parent):
+    write_atomic(path, ranks)
   return path
 
 

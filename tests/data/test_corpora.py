@@ -57,6 +57,23 @@ def test_fetch_sdist_rejects_wrong_hash_and_caches_nothing(tmp_path, cache):
   assert [p for p in (cache / "sdists").rglob("*")] == []
 
 
+def test_a_cache_the_user_cannot_write_is_one_line(tmp_path, cache, monkeypatch):
+  """A shared or read-only cache without the download: the refusal names the folder (the
+  token cache's own case is tests/data/test_cache.py's); other OS errors stay as they are."""
+  def refused(errno_, message):
+    def download(name, version, dest):
+      raise OSError(errno_, message, str(dest))
+    return download
+  with pytest.raises(ChimeraError, match=rf"^the cache {cache / 'sdists'} cannot be written "
+                                         r"\(Permission denied: .*\); set CHIMERA_CACHE to a "
+                                         r"folder you can write$"):
+    corpora.fetch_sdist("pkg", "1.0", "0000", download=refused(13, "Permission denied"))
+  with pytest.raises(ChimeraError, match=r"cannot be written \(Read-only file system"):
+    corpora.fetch_sdist("pkg", "1.0", "0000", download=refused(30, "Read-only file system"))
+  with pytest.raises(OSError, match="No space left"):
+    corpora.fetch_sdist("pkg", "1.0", "0000", download=refused(28, "No space left on device"))
+
+
 def test_fetch_sdist_replaces_a_corrupt_cached_archive(tmp_path, cache):
   sha = make_sdist(tmp_path / "pkg.tar.gz", {"pkg-1.0/a.txt": b"a"})
   (cache / "sdists").mkdir(parents=True)

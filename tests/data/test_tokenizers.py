@@ -72,6 +72,19 @@ def test_gpt2_ranks_honour_a_user_tiktoken_cache_dir(tmp_path, cache, monkeypatc
   assert tokenizers.ensure_gpt2_ranks() == tmp_path / "mine" / R50K_CACHE_NAME
 
 
+def test_gpt2_ranks_in_a_folder_the_user_cannot_write(tmp_path, cache, monkeypatch):
+  """A read-only $TIKTOKEN_CACHE_DIR without the ranks: one line naming the folder."""
+  fake_whisper_sdist(cache, monkeypatch, FAKE_RANKS)
+  monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "theirs"))
+
+  def refused(path, data):
+    raise PermissionError(13, "Permission denied", str(path))
+  monkeypatch.setattr(tokenizers, "write_atomic", refused)
+  with pytest.raises(ChimeraError, match=rf"^the cache {tmp_path / 'theirs'} cannot be written "
+                                         r"\(Permission denied: "):
+    tokenizers.ensure_gpt2_ranks()
+
+
 def test_gpt2_ranks_with_the_wrong_hash_are_rejected(cache, monkeypatch):
   fake_whisper_sdist(cache, monkeypatch, b"IQ== 7\n")
   with pytest.raises(ChimeraError, match="data.tokenizer: gpt2.tiktoken in .* has sha256 .*, expected"):
