@@ -8,6 +8,7 @@ leaves the previous checkpoint intact. Retention: the latest `keep` checkpoints,
 one with the best validation loss.
 """
 
+import contextlib
 import logging
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,22 @@ def saved_meta(directory: Path, step: int) -> dict:
   return dict(ocp.JsonCheckpointHandler().restore(Path(directory) / str(step) / "meta"))
 
 
+class CheckpointWriteFailed(ChimeraError):
+  """A checkpoint could not be written (a full disk, a quota, a folder gone read-only).
+  The checkpoints before it are complete: orbax renames a checkpoint into place only once
+  it is whole."""
+
+
+def _write_failure(error: Exception) -> str | None:
+  """The reason, if `error` is the filesystem refusing a write (orbax reports tensorstore's
+  as a ValueError that carries the OS error code); None for anything else."""
+  if isinstance(error, OSError):
+    return error.strerror or str(error)
+  if isinstance(error, ValueError) and "os_error_code" in str(error):
+    return str(error).split(": ")[-1].split(" [os_error_code")[0]
+  return None
+
+
 class Checkpointer:
 
   def __init__(self, directory: Path, keep: int):
@@ -60,7 +77,8 @@ class Checkpointer:
     options = ocp.CheckpointManagerOptions(
         preservation_policy=policies.AnyPreservationPolicy([policies.LatestN(n=keep), keep_best]),
         best_fn=val_loss, best_mode="min", create=True)
-    self._manager = ocp.CheckpointManager(Path(directory).absolute(), options=options,
+    self.directory = Path(directory).absolute()
+    self._manager = ocp.CheckpointManager(self.directory, options=options,
                                           item_names=("state", "meta"))
 
   def latest_step(self) -> int | None:
@@ -70,12 +88,30 @@ class Checkpointer:
     return sorted(self._manager.all_steps())
 
   def save(self, step: int, state: Any, meta: dict, val_loss: float | None = None) -> None:
-    """Saves `state` and `meta` at `step`; `val_loss` (if evaluated at this step) ranks it."""
-    self._manager.save(
-        step,
-        args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
-        metrics=None if val_loss is None else {"val_loss": float(val_loss)},
-        force=True)
+    """Saves `state` and `meta` at `step`; `val_loss` (if evaluated at this step) ranks it.
+    CheckpointWriteFailed if the filesystem refuses it (or the save before it, which
+    orbax finishes here)."""
+    with self._refused_writes():
+      self._manager.save(
+          step,
+          args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                  meta=ocp.args.JsonSave(meta)),
+          metrics=None if val_loss is None else {"val_loss": float(val_loss)},
+          force=True)
+
+  @contextlib.contextmanager
+  def _refused_writes(self):
+    try:
+      yield
+    except (OSError, ValueError) as error:
+      reason = _write_failure(error)
+      if reason is None:
+        raise
+      complete = self.all_steps()
+      raise CheckpointWriteFailed(
+          f"a checkpoint could not be written in {self.directory} ({reason}); "
+          + (f"the latest complete one is step {complete[-1]}" if complete
+             else "no checkpoint is complete")) from None
 
   def mismatch(self, like_state: Any, step: int) -> str | None:
     """How the arrays saved at `step` differ from `like_state`'s names and shapes (the
@@ -122,7 +158,9 @@ class Checkpointer:
     return saved_meta(Path(self._manager.directory), step)
 
   def wait(self) -> None:
-    self._manager.wait_until_finished()
+    """Until the last save is on disk; CheckpointWriteFailed as `save`."""
+    with self._refused_writes():
+      self._manager.wait_until_finished()
 
   def close(self) -> None:
     self._manager.close()

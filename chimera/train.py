@@ -22,7 +22,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from chimera import accounting, allocator, config as config_lib, routers, sharding
-from chimera.checkpoints import Checkpointer, saved_meta
+from chimera.checkpoints import Checkpointer, CheckpointWriteFailed, saved_meta
 from chimera.config import Config
 from chimera.data import batches as batches_lib
 from chimera.data.cache import prepare as prepare_cache
@@ -444,13 +444,21 @@ def train(config: Config, workdir: str | Path, *, stop_after: int | None = None,
     mesh = sharding.make_mesh(config.mesh)
     with jax.set_mesh(mesh):
       checkpointer = Checkpointer(workdir / "checkpoints", keep=config.train.keep_checkpoints)
+      hint = resume_hint or f"Run the same command with --workdir={workdir} to resume."
+      failed = None  # a checkpoint the filesystem refused: the run is as good as the last one
       try:
-        return _train_loop(config, workdir, data, mesh, checkpointer, stop_after,
-                           resume_hint or f"Run the same command with --workdir={workdir} "
-                                          f"to resume.")
+        return _train_loop(config, workdir, data, mesh, checkpointer, stop_after, hint)
+      except CheckpointWriteFailed as error:
+        failed = error
       finally:  # a pending save completes even if the run stops on an error
-        checkpointer.wait()
+        try:
+          checkpointer.wait()
+        except CheckpointWriteFailed as error:
+          failed = failed or error
         checkpointer.close()
+        if failed:
+          raise CheckpointWriteFailed(f"{failed}. Make room (or mend the folder), then: "
+                                      f"{hint}") from None
 
 
 def _train_loop(config: Config, workdir: Path, data: Data, mesh: jax.sharding.Mesh,

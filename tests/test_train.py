@@ -259,6 +259,41 @@ def test_nan_stops_and_keeps_last_good_checkpoint(log_norms, make_config, corpus
   assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(state.params))
 
 
+@pytest.mark.parametrize("error", [
+    ValueError("RESOURCE_EXHAUSTED: Error writing local file \"x/_sharding\": Failed "
+               "writing: \"x\": No space left on device [os_error_code='28']"),  # tensorstore's
+    OSError(122, "Disk quota exceeded")])
+def test_a_checkpoint_the_disk_refuses_stops_in_one_line_and_resumes(error, make_config, corpus,
+                                                                     tmp_path, monkeypatch):
+  """A full disk (or a quota) at the step-4 save: one ChimeraError naming the folder, the
+  reason and the latest complete checkpoint, with how to resume; step 2 stays whole, and
+  the same call completes the run once the disk takes writes again."""
+  import orbax.checkpoint as ocp
+  config = make_config("dense", corpus, train__steps=6, train__warmup_steps=0,
+                       train__checkpoint_every=2, train__log_every=1)
+  workdir = tmp_path / "run"
+  save = ocp.CheckpointManager.save
+
+  def full_at_step_4(self, step, *args, **kwargs):
+    if step == 4:
+      raise error
+    return save(self, step, *args, **kwargs)
+  with monkeypatch.context() as patch:
+    patch.setattr(ocp.CheckpointManager, "save", full_at_step_4)
+    with pytest.raises(ChimeraError) as raised:
+      train(config, workdir)
+  reason = "No space left on device" if isinstance(error, ValueError) else "Disk quota exceeded"
+  assert str(raised.value) == (
+      f"a checkpoint could not be written in {workdir / 'checkpoints'} ({reason}); the latest "
+      f"complete one is step 2. Make room (or mend the folder), then: Run the same command "
+      f"with --workdir={workdir} to resume.")
+  assert Checkpointer(workdir / "checkpoints", keep=2).all_steps() == [2]
+  summary = train(config, workdir)
+  assert summary.completed and summary.steps == 6
+  steps = [r["step"] for r in records.read_events(workdir, "train")]
+  assert steps == sorted(set(steps)) and steps[-1] == 6  # the log cut back to step 2, no repeats
+
+
 def test_a_non_finite_validation_loss_stops_before_it_is_saved(make_config, corpus, tmp_path,
                                                                monkeypatch):
   """A validation loss of NaN at step 2 (the training loss still finite) stops the run
