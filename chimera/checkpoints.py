@@ -107,11 +107,14 @@ class Checkpointer:
       reason = _write_failure(error)
       if reason is None:
         raise
-      complete = self.all_steps()
-      raise CheckpointWriteFailed(
-          f"a checkpoint could not be written in {self.directory} ({reason}); "
-          + (f"the latest complete one is step {complete[-1]}" if complete
-             else "no checkpoint is complete")) from None
+      raise CheckpointWriteFailed(f"a checkpoint could not be written in {self.directory} "
+                                  f"({reason})") from None
+
+  def latest_complete(self) -> str:
+    """Which checkpoint a run stopped now would resume from, in words."""
+    complete = self.all_steps()
+    return (f"the latest complete checkpoint is step {complete[-1]}" if complete
+            else "no checkpoint is complete")
 
   def mismatch(self, like_state: Any, step: int) -> str | None:
     """How the arrays saved at `step` differ from `like_state`'s names and shapes (the

@@ -7,6 +7,7 @@ only what happens between steps, in small named parts: the workdir and its lock
 """
 
 import contextlib
+import errno
 import fcntl
 import functools
 import json
@@ -427,6 +428,10 @@ class _StopRequest:
 # --- The run. ---------------------------------------------------------------------------
 
 
+# The filesystem refusing a write (full, over quota, read-only), mid-run.
+DISK_REFUSALS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+
+
 def train(config: Config, workdir: str | Path, *, stop_after: int | None = None,
           resume_hint: str | None = None) -> RunSummary:
   """Trains (or resumes) the run in `workdir`; returns its summary (also summary.json).
@@ -445,20 +450,25 @@ def train(config: Config, workdir: str | Path, *, stop_after: int | None = None,
     with jax.set_mesh(mesh):
       checkpointer = Checkpointer(workdir / "checkpoints", keep=config.train.keep_checkpoints)
       hint = resume_hint or f"Run the same command with --workdir={workdir} to resume."
-      failed = None  # a checkpoint the filesystem refused: the run is as good as the last one
+      failed = None  # a write the disk refused: the run is as good as its last checkpoint
       try:
         return _train_loop(config, workdir, data, mesh, checkpointer, stop_after, hint)
       except CheckpointWriteFailed as error:
-        failed = error
+        failed = str(error)
+      except OSError as error:  # the log, TensorBoard's events, the summary
+        if error.errno not in DISK_REFUSALS:
+          raise
+        failed = (f"the run's records could not be written in {workdir} ({error.strerror}: "
+                  f"{error.filename})")
       finally:  # a pending save completes even if the run stops on an error
         try:
           checkpointer.wait()
         except CheckpointWriteFailed as error:
-          failed = failed or error
+          failed = failed or str(error)
         checkpointer.close()
         if failed:
-          raise CheckpointWriteFailed(f"{failed}. Make room (or mend the folder), then: "
-                                      f"{hint}") from None
+          raise ChimeraError(f"{failed}; {checkpointer.latest_complete()}. Make room (or mend "
+                             f"the folder), then: {hint}") from None
 
 
 def _train_loop(config: Config, workdir: Path, data: Data, mesh: jax.sharding.Mesh,

@@ -285,13 +285,36 @@ def test_a_checkpoint_the_disk_refuses_stops_in_one_line_and_resumes(error, make
   reason = "No space left on device" if isinstance(error, ValueError) else "Disk quota exceeded"
   assert str(raised.value) == (
       f"a checkpoint could not be written in {workdir / 'checkpoints'} ({reason}); the latest "
-      f"complete one is step 2. Make room (or mend the folder), then: Run the same command "
-      f"with --workdir={workdir} to resume.")
+      f"complete checkpoint is step 2. Make room (or mend the folder), then: Run the same "
+      f"command with --workdir={workdir} to resume.")
   assert Checkpointer(workdir / "checkpoints", keep=2).all_steps() == [2]
   summary = train(config, workdir)
   assert summary.completed and summary.steps == 6
   steps = [r["step"] for r in records.read_events(workdir, "train")]
   assert steps == sorted(set(steps)) and steps[-1] == 6  # the log cut back to step 2, no repeats
+
+
+def test_a_log_the_disk_refuses_stops_in_one_line(make_config, corpus, tmp_path, monkeypatch):
+  """The run's records (metrics.jsonl, TensorBoard) on a full disk at step 5: one line with
+  the latest complete checkpoint (step 4), as for a checkpoint. Other OS errors propagate."""
+  config = make_config("dense", corpus, train__steps=6, train__warmup_steps=0,
+                       train__checkpoint_every=2, train__log_every=1)
+  write = train_lib.MetricWriter.write
+
+  def refuse_at_step_5(errno_):
+    def refuse(self, event, step, values):
+      if step == 5:
+        raise OSError(errno_, os.strerror(errno_), str(tmp_path / "run" / "metrics.jsonl"))
+      return write(self, event, step, values)
+    return refuse
+  monkeypatch.setattr(train_lib.MetricWriter, "write", refuse_at_step_5(28))
+  with pytest.raises(ChimeraError, match=(
+      rf"^the run's records could not be written in {tmp_path / 'run'} \(No space left on "
+      rf"device: .*metrics\.jsonl\); the latest complete checkpoint is step 4\. Make room")):
+    train(config, tmp_path / "run")
+  monkeypatch.setattr(train_lib.MetricWriter, "write", refuse_at_step_5(5))  # EIO
+  with pytest.raises(OSError, match="Input/output error"):
+    train(config, tmp_path / "other")
 
 
 def test_a_non_finite_validation_loss_stops_before_it_is_saved(make_config, corpus, tmp_path,
