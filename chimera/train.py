@@ -465,10 +465,11 @@ def train(config: Config, workdir: str | Path, *, stop_after: int | None = None,
           checkpointer.wait()
         except CheckpointWriteFailed as error:
           failed = failed or str(error)
+        resumes_from = checkpointer.latest_complete() if failed else ""
         checkpointer.close()
         if failed:
-          raise ChimeraError(f"{failed}; {checkpointer.latest_complete()}. Make room (or mend "
-                             f"the folder), then: {hint}") from None
+          raise ChimeraError(f"{failed}; {resumes_from}. Make room (or mend the folder), "
+                             f"then: {hint}") from None
 
 
 def _train_loop(config: Config, workdir: Path, data: Data, mesh: jax.sharding.Mesh,
