@@ -458,8 +458,8 @@ def train(config: Config, workdir: str | Path, *, stop_after: int | None = None,
       except OSError as error:  # the log, TensorBoard's events, the summary
         if error.errno not in DISK_REFUSALS:
           raise
-        failed = (f"the run's records could not be written in {workdir} ({error.strerror}: "
-                  f"{error.filename})")
+        where = f": {error.filename}" if error.filename else ""
+        failed = f"the run's records could not be written in {workdir} ({error.strerror}{where})"
       finally:  # a pending save completes even if the run stops on an error
         try:
           checkpointer.wait()

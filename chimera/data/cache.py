@@ -268,7 +268,7 @@ def _tokenize(source: Corpus, tokenizer, out_path: Path, dtype: np.dtype,
       position += len(ids)
     tokens = np.concatenate(pieces).astype(dtype)
     counts[:] += np.bincount(tokens, minlength=tokenizer.vocab_size)
-    tokens.tofile(out)
+    out.write(tokens.data)  # not tofile: a full disk is then an OSError with its errno
     num_tokens += len(tokens)
     batch.clear()
     batch_chars = 0

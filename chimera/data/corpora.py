@@ -65,14 +65,19 @@ def cache_dir() -> Path:
 @contextlib.contextmanager
 def cache_writes(folder: Path, what: str = "the cache"):
   """A write into the cache under `folder` that the user may not be allowed (a shared
-  cache, a read-only mount): that refusal becomes one line naming the folder."""
+  cache, a read-only mount) or that the disk has no room for: one line naming the folder."""
   try:
     yield
   except OSError as error:
-    if error.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+      advice = "make room there, or set CHIMERA_CACHE to another folder"
+    elif error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+      advice = "set CHIMERA_CACHE to a folder you can write"
+    else:
       raise
-    raise ChimeraError(f"{what} {folder} cannot be written ({error.strerror}: "
-                       f"{error.filename}); set CHIMERA_CACHE to a folder you can write") from None
+    where = f": {error.filename}" if error.filename else ""
+    raise ChimeraError(f"{what} {folder} cannot be written ({error.strerror}{where}); "
+                       f"{advice}") from None
 
 
 def sha256_of(path: Path) -> str:

@@ -3,6 +3,8 @@
 GPT-2's real rank file is a download, so a small BPE with GPT-2's own pre-tokenizer pattern
 stands in for it: the cutting of long documents is checked against that pattern.
 """
+import errno
+import io
 import json
 import os
 import re
@@ -164,6 +166,25 @@ def test_a_cache_the_user_cannot_write(tmp_path, monkeypatch):
   (corpus / "doc001.txt").write_text("<doc 1> changed")
   with pytest.raises(ChimeraError, match=r"^the token cache .*tokens cannot be written "
                                          r"\(Permission denied: .*\); set CHIMERA_CACHE"):
+    cache.prepare(str(corpus), tok)
+
+
+def test_a_full_disk_while_the_token_cache_builds_is_one_line(tmp_path, monkeypatch):
+  """The tokens are written with file.write, whose OSError carries ENOSPC (numpy's tofile
+  raised a bare "N requested and M written"); checked by hand on a full tmpfs too."""
+  corpus, tok = write_docs(tmp_path / "docs", 6), tokenizers.ByteTokenizer()
+
+  class FullDisk(io.FileIO):
+    def write(self, data):
+      raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+  real_open = open
+  monkeypatch.setattr(cache, "open", lambda path, mode="r", *args, **kwargs: (
+      FullDisk(path, mode) if str(path).endswith("all.bin") else real_open(path, mode, *args,
+                                                                            **kwargs)),
+      raising=False)
+  with pytest.raises(ChimeraError, match=r"^the token cache .*tokens cannot be written \(No "
+                                         r"space left on device\); make room there, or set "
+                                         r"CHIMERA_CACHE to another folder$"):
     cache.prepare(str(corpus), tok)
 
 

@@ -57,9 +57,10 @@ def test_fetch_sdist_rejects_wrong_hash_and_caches_nothing(tmp_path, cache):
   assert [p for p in (cache / "sdists").rglob("*")] == []
 
 
-def test_a_cache_the_user_cannot_write_is_one_line(tmp_path, cache, monkeypatch):
-  """A shared or read-only cache without the download: the refusal names the folder (the
-  token cache's own case is tests/data/test_cache.py's); other OS errors stay as they are."""
+def test_a_cache_the_user_or_the_disk_refuses_is_one_line(tmp_path, cache, monkeypatch):
+  """A shared or read-only cache without the download, or a full disk: the refusal names the
+  folder (the token cache's own case is tests/data/test_cache.py's); other OS errors stay
+  as they are."""
   def refused(errno_, message):
     def download(name, version, dest):
       raise OSError(errno_, message, str(dest))
@@ -70,8 +71,12 @@ def test_a_cache_the_user_cannot_write_is_one_line(tmp_path, cache, monkeypatch)
     corpora.fetch_sdist("pkg", "1.0", "0000", download=refused(13, "Permission denied"))
   with pytest.raises(ChimeraError, match=r"cannot be written \(Read-only file system"):
     corpora.fetch_sdist("pkg", "1.0", "0000", download=refused(30, "Read-only file system"))
-  with pytest.raises(OSError, match="No space left"):
+  with pytest.raises(ChimeraError, match=r"cannot be written \(No space left on device: .*\); "
+                                         r"make room there, or set CHIMERA_CACHE to another "
+                                         r"folder$"):
     corpora.fetch_sdist("pkg", "1.0", "0000", download=refused(28, "No space left on device"))
+  with pytest.raises(OSError, match="Input/output error"):
+    corpora.fetch_sdist("pkg", "1.0", "0000", download=refused(5, "Input/output error"))
 
 
 def test_fetch_sdist_replaces_a_corrupt_cached_archive(tmp_path, cache):
