@@ -39,6 +39,9 @@ from chimera.steps import TrainState, eval_step, init_state, make_schedule, trai
 
 EVAL_SEED = 0  # the validation subset is the same for every training seed
 
+# The filesystem refusing a write (full, over quota, read-only).
+DISK_REFUSALS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+
 
 class TrainingDiverged(ChimeraError):
   """The loss became NaN or inf."""
@@ -91,14 +94,20 @@ def open_workdir(workdir: Path, config: Config):
     except OSError as error:  # a filesystem without flock
       raise ChimeraError(f"--workdir: cannot lock {workdir / '.lock'} ({error.strerror}); "
                          f"use a workdir on a local filesystem") from None
-    lock.truncate(0)
-    lock.write(str(os.getpid()))
-    lock.flush()
-    saved = _check_steps(workdir, config)  # listed under the lock: no run can save meanwhile
-    if saved:
-      _check_same_run(workdir, config, saved[-1])
-    write_atomic(workdir / "config.json",
-                 json.dumps(config_lib.to_dict(config), indent=2).encode())
+    try:
+      os.ftruncate(lock.fileno(), 0)  # unbuffered: nothing is left to flush if it fails
+      os.write(lock.fileno(), str(os.getpid()).encode())
+      saved = _check_steps(workdir, config)  # listed under the lock: no run can save meanwhile
+      if saved:
+        _check_same_run(workdir, config, saved[-1])
+      write_atomic(workdir / "config.json",
+                   json.dumps(config_lib.to_dict(config), indent=2).encode())
+    except OSError as error:
+      if error.errno not in DISK_REFUSALS:
+        raise
+      if created:
+        _remove_if_unused(workdir)
+      raise ChimeraError(f"--workdir: cannot write in {workdir} ({error.strerror})") from None
     try:
       yield saved
     except BaseException:
@@ -426,10 +435,6 @@ class _StopRequest:
 
 
 # --- The run. ---------------------------------------------------------------------------
-
-
-# The filesystem refusing a write (full, over quota, read-only), mid-run.
-DISK_REFUSALS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
 
 
 def train(config: Config, workdir: str | Path, *, stop_after: int | None = None,

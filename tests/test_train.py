@@ -1,5 +1,6 @@
 """The main job end to end on the `tiny` preset: smoke runs, exact resume, bad input, NaN."""
 
+import errno
 import fcntl
 import functools
 import json
@@ -292,6 +293,20 @@ def test_a_checkpoint_the_disk_refuses_stops_in_one_line_and_resumes(error, make
   assert summary.completed and summary.steps == 6
   steps = [r["step"] for r in records.read_events(workdir, "train")]
   assert steps == sorted(set(steps)) and steps[-1] == 6  # the log cut back to step 2, no repeats
+
+
+def test_a_workdir_on_a_full_disk_is_one_line_and_left_as_it_was(make_config, corpus, tmp_path,
+                                                                 monkeypatch):
+  """No room for config.json: one line naming the workdir, and the folder this start made
+  is gone (no half-claimed workdir)."""
+  def full(path, data):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+  monkeypatch.setattr(train_lib, "write_atomic", full)
+  workdir = tmp_path / "run"
+  with pytest.raises(ChimeraError, match=rf"^--workdir: cannot write in {workdir} \(No space "
+                                         rf"left on device\)$"):
+    train(make_config("dense", corpus), workdir)
+  assert not workdir.exists()
 
 
 def test_a_log_the_disk_refuses_stops_in_one_line(make_config, corpus, tmp_path, monkeypatch):
