@@ -48,7 +48,7 @@ from absl import app, flags, logging
 from chimera import accounting, bench, compile_cache, config as config_lib, report, study_sweeps
 from chimera.config import Config
 from chimera.data.corpora import write_atomic
-from chimera.errors import ChimeraError, check_writable, parse_flags
+from chimera.errors import DISK_REFUSALS, ChimeraError, check_writable, parse_flags
 from chimera.records import RunSummary
 from chimera.study_stats import Run
 
@@ -487,6 +487,19 @@ def trained_on(runs: dict[str, list[Run]]) -> str:
   return ", ".join(report.trained_on_devices(runs))
 
 
+def write_report(out: Path, **fields) -> None:
+  """report.write, after every run trained: a disk that refuses the report (full, over
+  quota, read-only) is one line, and the runs stay for the same command to report."""
+  try:
+    report.write(out, **fields)
+  except OSError as error:
+    if error.errno not in DISK_REFUSALS:
+      raise
+    raise ChimeraError(f"the report could not be written in {out} ({error.strerror}); the "
+                       f"runs are kept: make room, then run the same command (with "
+                       f"--report_only, nothing trains)") from None
+
+
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
@@ -540,7 +553,7 @@ def main(argv):
     if _BENCH_REPEATS.value > 0:
       print("== measuring speed", file=sys.stderr, flush=True)
       speed = measure_speed(study.models, _BENCH_REPEATS.value)
-    report.write(out, study=study, runs=runs, speed=speed,
+    write_report(out, study=study, runs=runs, speed=speed,
                  related=related_summaries(Path(_RESULTS.value), study),
                  command="python -m chimera.compare " + " ".join(sys.argv[1:]),
                  device=trained_on(runs), diverged=diverged)

@@ -1,5 +1,10 @@
+import errno
 import os
 from pathlib import Path
+
+# The filesystem refusing a write (full, over quota, read-only): a run or a report stops on
+# it with one line, and keeps what it had written.
+DISK_REFUSALS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
 
 
 class ChimeraError(ValueError):

@@ -7,7 +7,6 @@ only what happens between steps, in small named parts: the workdir and its lock
 """
 
 import contextlib
-import errno
 import fcntl
 import functools
 import json
@@ -30,7 +29,7 @@ from chimera.data.cache import prepare as prepare_cache
 from chimera.data.corpora import write_atomic
 from chimera.data.tokenizers import get_tokenizer
 from chimera.decoder import Decoder
-from chimera.errors import ChimeraError
+from chimera.errors import DISK_REFUSALS, ChimeraError
 from chimera.layers import Kernels
 from chimera.metrics import MetricWriter, log, progress_line
 from chimera.records import (EvalRecord, Progress, RunSummary, device_name, loaded_code_version,
@@ -38,9 +37,6 @@ from chimera.records import (EvalRecord, Progress, RunSummary, device_name, load
 from chimera.steps import TrainState, eval_step, init_state, make_schedule, train_step
 
 EVAL_SEED = 0  # the validation subset is the same for every training seed
-
-# The filesystem refusing a write (full, over quota, read-only).
-DISK_REFUSALS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
 
 
 class TrainingDiverged(ChimeraError):

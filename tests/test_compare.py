@@ -3,9 +3,11 @@ and the whole pipeline (train, report) on the tiny preset."""
 
 import copy
 import dataclasses
+import errno
 import hashlib
 import json
 import math
+import os
 import re
 import shutil
 import subprocess
@@ -778,6 +780,24 @@ def test_a_report_folder_is_not_replaced_by_another_study(tmp_path):
   (tmp_path / "file").write_text("")
   with pytest.raises(ChimeraError, match=r"is a file, not a folder"):
     compare.check_out(tmp_path / "file", study, [0])
+
+
+def test_a_report_the_disk_refuses_is_one_line_and_keeps_the_runs(tmp_path, monkeypatch):
+  """After every run trained, a full disk at the report: one line saying the runs are kept
+  and how to write it without training; other OS errors propagate."""
+  def refused(errno_):
+    def write(out, **fields):
+      raise OSError(errno_, os.strerror(errno_), str(out / "REPORT.md"))
+    return write
+  monkeypatch.setattr(compare.report, "write", refused(errno.ENOSPC))
+  with pytest.raises(ChimeraError, match=(
+      rf"^the report could not be written in {tmp_path} \(No space left on device\); the "
+      rf"runs are kept: make room, then run the same command \(with --report_only, nothing "
+      rf"trains\)$")):
+    compare.write_report(tmp_path, study=None)
+  monkeypatch.setattr(compare.report, "write", refused(errno.EIO))
+  with pytest.raises(OSError, match="Input/output error"):
+    compare.write_report(tmp_path, study=None)
 
 
 @pytest.mark.parametrize("tool, args, message", [
