@@ -4,7 +4,8 @@ from pathlib import Path
 
 # The filesystem refusing a write (full, over quota, read-only): a run or a report stops on
 # it with one line, and keeps what it had written.
-DISK_REFUSALS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+DISK_REFUSALS = (*DISK_FULL, errno.EROFS)
 
 
 class ChimeraError(ValueError):
@@ -53,7 +54,12 @@ def check_writable(flag: str, path: str | os.PathLike, folder: bool) -> None:
   path = Path(path).absolute()
   if path.exists() and path.is_dir() != folder:
     raise ChimeraError(f"--{flag}: {path} is a {'file' if folder else 'directory'}")
-  start = path if folder else path.parent
-  existing = next(p for p in (start, *start.parents) if p.exists())
+  existing = existing_ancestor(path if folder else path.parent)
   if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
     raise ChimeraError(f"--{flag}: cannot write under {existing}")
+
+
+def existing_ancestor(path: str | os.PathLike) -> Path:
+  """`path` if it exists, else the nearest folder (or file) above it that does."""
+  path = Path(path).absolute()
+  return next(p for p in (path, *path.parents) if p.exists())

