@@ -1,8 +1,11 @@
 """Where a train step's time goes: a jax.profiler trace of a few steps, summed by op.
 
   python -m chimera.bench --configs=configs/dense.py:gpu --profile --repeats=1
+  python -m chimera.bench --configs=configs/dense.py --profile --profile_dir=/tmp/prof
+  python -m chimera.bench_profile /tmp/prof/configs_dense.py
+      # again, offline, from the trace, HLO and step count kept by `--profile_dir`
   python -m chimera.bench_profile results/gpu/h100/profile/configs_dense.py_gpu --steps=10
-      # again, offline, from a trace and HLO kept by `chimera.bench --profile_dir`
+      # a trace kept without its step count (before 2026-11-29): --steps says it
 
 Each XLA op in the trace (a thunk on CPU; on GPU the "XLA Ops" line, or the kernels,
 which XLA names after their fusion) is matched to its instruction in the compiled step's
@@ -24,7 +27,7 @@ from typing import Callable, NamedTuple
 import jax
 from absl import app, flags
 
-from chimera.errors import parse_flags_and_args
+from chimera.errors import ChimeraError, parse_flags_and_args
 
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([^\s=]+) = .*? ([a-z][a-z0-9-]*)\(")
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
@@ -275,7 +278,9 @@ def profile(run_steps: Callable[[], object], hlo_text: str, steps: int, step_sec
   """Traces `run_steps()` (which runs `steps` steps of the compiled step whose HLO is
   `hlo_text`) and summarises where the time went; `step_seconds` is the untraced median.
   With `keep` (a path prefix), the trace and the HLO are also written to
-  `<keep>.trace.json.gz` and `<keep>.hlo.txt`, to read again with `hlo_ops`/`op_seconds`.
+  `<keep>.trace.json.gz` and `<keep>.hlo.txt`, and what they hold (`steps`, the untraced
+  `step_seconds`, whether it is a decoding trace) to `<keep>.json`, to read again with
+  `summarize_kept` or `python -m chimera.bench_profile <keep>`.
   `part_of` and `pass_of` place each op (`summarize`): a train step's by default,
   `decode_part` and `decode_pass` for decoding."""
   with tempfile.TemporaryDirectory() as trace_dir:
@@ -286,6 +291,8 @@ def profile(run_steps: Callable[[], object], hlo_text: str, steps: int, step_sec
       keep.parent.mkdir(parents=True, exist_ok=True)
       shutil.copyfile(trace_file, f"{keep}.trace.json.gz")
       Path(f"{keep}.hlo.txt").write_text(hlo_text)
+      Path(f"{keep}.json").write_text(json.dumps({
+          "steps": steps, "step_seconds": step_seconds, "decode": part_of is decode_part}))
     return summarize_trace(trace_file, hlo_text, steps, step_seconds, top, part_of, pass_of)
 
 
@@ -314,6 +321,34 @@ def summarize_kept(prefix: str, steps: int, step_seconds: float, top: int = 15,
                          *places)
 
 
+def kept_settings(prefix: str, steps: int | None, step_ms: float | None,
+                  decode: bool | None) -> tuple[int, float, bool]:
+  """The steps, untraced step seconds and kind of the trace kept at `prefix`: from
+  `<prefix>.json` where `profile(keep=...)` wrote it, else from the flags (--steps is then
+  required: a wrong count scales every figure). A flag that contradicts the kept record is
+  refused, in one line."""
+  record = Path(f"{prefix}.json")
+  kept = json.loads(record.read_text()) if record.is_file() else {}
+  if steps is not None and steps < 1:
+    raise ChimeraError(f"--steps: must be >= 1, got {steps}")
+  if step_ms is not None and step_ms < 0:
+    raise ChimeraError(f"--step_ms: must be >= 0, got {step_ms}")
+  for flag, given, saved in (("steps", steps, kept.get("steps")),
+                             ("decode", decode, kept.get("decode"))):
+    if given is not None and saved is not None and given != saved:
+      raise ChimeraError(f"--{flag}={given}: the trace at {prefix} holds "
+                         f"{flag}={saved} ({record})")
+  steps = steps if steps is not None else kept.get("steps")
+  if steps is None:
+    raise ChimeraError(f"--steps: required for {prefix}, which has no {record.name} saying "
+                       f"how many steps (or tokens) its trace holds")
+  # chimera.bench keeps a decoding trace as '<case>_decode_bN'.
+  decode = (decode if decode is not None else kept.get("decode")) or (
+      re.search(r"_decode_b\d+$", prefix) is not None)
+  seconds = step_ms / 1e3 if step_ms is not None else kept.get("step_seconds", 0.0)
+  return steps, seconds, decode
+
+
 def main(argv):
   if len(argv) != 2:
     raise SystemExit("usage: python -m chimera.bench_profile PREFIX [--steps=N] [--step_ms=MS]"
@@ -325,18 +360,24 @@ def main(argv):
     print(f"error: PREFIX: no kept profile at {prefix} (chimera.bench --profile_dir writes "
           f"{' and '.join(wanted)})", file=sys.stderr)
     sys.exit(2)
-  # chimera.bench keeps a decoding trace as '<case>_decode_bN'.
-  decode = f.decode or re.search(r"_decode_b\d+$", prefix) is not None
-  summary = summarize_kept(prefix, f.steps, f.step_ms / 1e3, decode=decode)
+  try:
+    steps, step_seconds, decode = kept_settings(prefix, f.steps, f.step_ms, f.decode)
+  except ChimeraError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+  summary = summarize_kept(prefix, steps, step_seconds, decode=decode)
   print(format_summary(summary, unit="token" if decode else "step"))
 
 
 if __name__ == "__main__":
-  flags.DEFINE_integer("steps", 10, "Train steps the trace holds (chimera.bench's --steps); "
+  flags.DEFINE_integer("steps", None, "Train steps the trace holds (chimera.bench's --steps); "
                        "with --decode, the single-token forwards traced: one less than its "
                        "--new_tokens (256), cut to max_len minus the prompt where the model is "
-                       "shorter (chimera.bench.decode_lengths).")
-  flags.DEFINE_float("step_ms", 0.0, "The untraced step (or token) time to print beside it.")
-  flags.DEFINE_bool("decode", False, "The trace is of decoding: parts as for decoding, "
-                    "figures per token (implied by a prefix ending in '_decode_bN').")
+                       "shorter (chimera.bench.decode_lengths). Default: PREFIX.json's, which "
+                       "chimera.bench --profile_dir writes; required without it.")
+  flags.DEFINE_float("step_ms", None, "The untraced step (or token) time to print beside it "
+                     "(default: PREFIX.json's, else none).")
+  flags.DEFINE_bool("decode", None, "The trace is of decoding: parts as for decoding, "
+                    "figures per token (default: PREFIX.json's; implied by a prefix ending in "
+                    "'_decode_bN').")
   app.run(main, flags_parser=parse_flags_and_args)

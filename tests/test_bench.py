@@ -178,6 +178,15 @@ def test_variants_of_kernels_and_ids(corpus, tmp_path):
   with gzip.open(f"{kept}.trace.json.gz") as f:
     seconds, _ = bench_profile.op_seconds(json.load(f), ops)
   assert seconds and set(seconds) <= set(ops)
+  # ... and it says how many steps it holds, so the figures per step read offline are the
+  # bench's without the caller having to remember its --steps.
+  mine = next(r.profile for r in records
+              if kept.endswith(re.sub(r"[^A-Za-z0-9._-]+", "_", r.name)))
+  assert json.loads(Path(f"{kept}.json").read_text())["steps"] == 2
+  steps, step_seconds, decode = bench_profile.kept_settings(kept, None, None, None)
+  assert (steps, step_seconds, decode) == (2, mine["step_seconds"], False)
+  again = bench_profile.summarize_kept(kept, steps, step_seconds)
+  assert again["op_seconds"] == pytest.approx(mine["op_seconds"])
 
 
 @pytest.mark.parametrize("flag, message", [
@@ -191,6 +200,49 @@ def test_bad_bench_flags_are_one_line(flag, message):
   result = subprocess.run([sys.executable, "-m", "chimera.bench", flag], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
   assert result.returncode == 2 and result.stderr.strip() == f"error: {message}"
+
+
+def _kept_profile(folder: Path, name: str, record: dict | None) -> str:
+  """A kept profile's files (an empty trace and HLO: enough for the flag checks)."""
+  prefix = folder / name
+  with gzip.open(f"{prefix}.trace.json.gz", "wt") as f:
+    json.dump({"traceEvents": []}, f)
+  Path(f"{prefix}.hlo.txt").write_text("HloModule m\n")
+  if record is not None:
+    Path(f"{prefix}.json").write_text(json.dumps(record))
+  return str(prefix)
+
+
+@pytest.mark.parametrize("record, flags, message", [
+    ({"steps": 5, "step_seconds": 0.1, "decode": False}, ["--steps=10"],
+     "--steps=10: the trace at {p} holds steps=5 ({p}.json)"),
+    ({"steps": 5, "step_seconds": 0.1, "decode": False}, ["--decode"],
+     "--decode=True: the trace at {p} holds decode=False ({p}.json)"),
+    (None, [], "--steps: required for {p}, which has no kept.json saying how many steps (or "
+     "tokens) its trace holds"),
+    (None, ["--steps=0"], "--steps: must be >= 1, got 0"),
+    (None, ["--steps=3", "--step_ms=-1"], "--step_ms: must be >= 0, got -1.0"),
+])
+def test_bad_offline_profile_flags_are_one_line(tmp_path, record, flags, message):
+  """chimera.bench_profile divides every op's time by the steps the trace holds: a count
+  that is missing, not positive, or not the one the bench kept beside the trace would
+  print wrong figures (or divide by zero), so it is refused in one line."""
+  prefix = _kept_profile(tmp_path, "kept", record)
+  result = subprocess.run([sys.executable, "-m", "chimera.bench_profile", prefix, *flags],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert result.returncode == 2 and result.stderr.strip() == "error: " + message.format(
+      p=prefix)
+
+
+def test_offline_profile_flags_agree_with_what_was_kept(tmp_path):
+  """Flags that repeat the kept record, or fill in for a record that is missing, are used."""
+  kept = _kept_profile(tmp_path, "kept", {"steps": 5, "step_seconds": 0.25, "decode": True})
+  assert bench_profile.kept_settings(kept, 5, None, True) == (5, 0.25, True)
+  assert bench_profile.kept_settings(kept, None, 100.0, None) == (5, 0.1, True)
+  bare = _kept_profile(tmp_path, "bare_decode_b8", None)
+  assert bench_profile.kept_settings(bare, 7, None, None) == (7, 0.0, True)
+  plain = _kept_profile(tmp_path, "plain", None)
+  assert bench_profile.kept_settings(plain, 7, 2.0, None) == (7, 0.002, False)
 
 
 def test_output_paths_the_bench_cannot_write_are_refused_before_it_measures(tmp_path):
