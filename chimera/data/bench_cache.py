@@ -27,11 +27,12 @@ import numpy as np
 from absl import app, flags
 
 from chimera.data.corpora import load_corpus
-from chimera.errors import parse_flags
+from chimera.errors import ChimeraError, check_writable, existing_ancestor, parse_flags
 
 _SIZE_MB = flags.DEFINE_integer("size_mb", 1000, "Size of the corpus to write, in MB (1e6 bytes).")
 _DIR = flags.DEFINE_string("dir", "/tmp/chimera-bench-cache", "Where the corpus is written.")
-_PARTS = flags.DEFINE_list("parts", ["prepare", "train"], "prepare, train or both.")
+_PARTS = flags.DEFINE_list("parts", ["prepare", "train"], "prepare, train, both, or none "
+                           "(--parts=: write the corpus only, to keep with --keep).")
 _REPEATS = flags.DEFINE_integer("repeats", 2, "Training runs per corpus; the fastest counts.")
 _KEEP = flags.DEFINE_bool("keep", False, "Keep the corpus and its cache.")
 
@@ -82,10 +83,40 @@ def cache_of(output: str) -> Path:
   return Path(next(line for line in output.splitlines() if line.startswith("cache: "))[7:])
 
 
+PARTS = ("prepare", "train")
+
+
+def check_flags(size_mb: int, folder: Path, parts: list[str], repeats: int) -> float:
+  """A ChimeraError, in one line, for flags that would fail after minutes of writing (or
+  measure nothing); returns the free GB where the corpus goes. A corpus already in `folder`
+  is reused, so only a new one needs the room: its size plus about half for its cache."""
+  if size_mb < 1:
+    raise ChimeraError(f"--size_mb: must be >= 1, got {size_mb}")
+  if repeats < 1:
+    raise ChimeraError(f"--repeats: must be >= 1, got {repeats}")
+  if set(parts) - set(PARTS):
+    raise ChimeraError(f"--parts: expected {', '.join(PARTS)}, both, or none (--parts=), got "
+                       f"{','.join(parts)!r}")
+  check_writable("dir", folder, folder=True)
+  free_gb = shutil.disk_usage(existing_ancestor(folder)).free / 1e9
+  if not folder.exists() and free_gb < 1.5 * size_mb / 1000:
+    raise ChimeraError(f"--size_mb={size_mb}: the corpus and its cache need about "
+                       f"{1.5 * size_mb / 1000:.3g} GB, and {existing_ancestor(folder)} has "
+                       f"{free_gb:.3g} GB free")
+  return free_gb
+
+
 def main(argv: list[str]) -> None:
   del argv
-  folder, logs = Path(_DIR.value) / "corpus", Path(tempfile.mkdtemp(prefix="bench-cache-"))
-  free_gb = shutil.disk_usage(Path(_DIR.value).parent).free / 1e9
+  folder = Path(_DIR.value).absolute() / "corpus"
+  try:
+    free_gb = check_flags(_SIZE_MB.value, folder, _PARTS.value, _REPEATS.value)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+  except (ChimeraError, OSError) as e:
+    print(f"error: {e if isinstance(e, ChimeraError) else f'--dir: {e.strerror}: {e.filename}'}",
+          file=sys.stderr)
+    sys.exit(2)
+  logs = Path(tempfile.mkdtemp(prefix="bench-cache-"))
   print(f"disk: {free_gb:.0f} GB free; the corpus takes {_SIZE_MB.value / 1000:.1f} GB and its "
         f"cache about half that", flush=True)
   created = not folder.exists()  # only what this run wrote is deleted after it
@@ -129,7 +160,7 @@ def main(argv: list[str]) -> None:
             f"{extra_mb:+.0f} MB max RSS (target <= 300 MB)", flush=True)
   finally:
     if _KEEP.value:
-      print(f"kept the corpus, its cache and the logs in {logs}", flush=True)
+      print(f"kept the corpus in {folder}, its cache, and the logs in {logs}", flush=True)
     else:
       if created:
         cached = [cache_of(log.read_text()) for log in logs.glob("prepare*.log")

@@ -398,8 +398,38 @@ def test_bench_cache_leaves_a_corpus_it_did_not_write(tmp_path):
   (tmp_path / "corpus").mkdir()
   (tmp_path / "corpus" / "mine.txt").write_text("the user's text")
   result = subprocess.run([sys.executable, "-m", "chimera.data.bench_cache", f"--dir={tmp_path}",
-                           "--parts=none"], capture_output=True, text=True, timeout=120,
+                           "--parts="], capture_output=True, text=True, timeout=120,
                           env={**os.environ, "CHIMERA_CACHE": str(tmp_path / "cache")})
   assert result.returncode == 0, result.stderr[-2000:]
   assert "did not write them" in result.stdout
   assert (tmp_path / "corpus" / "mine.txt").read_text() == "the user's text"
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--size_mb=0"], "--size_mb: must be >= 1, got 0"),
+    (["--repeats=0"], "--repeats: must be >= 1, got 0"),
+    (["--parts=prepare,tran"], "--parts: expected prepare, train, both, or none (--parts=), got "
+     "'prepare,tran'"),
+    (["--size_mb=1000000000"], "--size_mb=1000000000: the corpus and its cache need about "
+     "1.5e+06 GB, and {tmp} has "),
+])
+def test_bench_cache_refuses_bad_flags_before_writing(tmp_path, flags, message):
+  """Flags that would fail only after the corpus is written (a KeyError with no training
+  repeat, a disk too small for it), or would measure nothing unasked, are one line first,
+  and nothing is written."""
+  result = subprocess.run([sys.executable, "-m", "chimera.data.bench_cache",
+                           f"--dir={tmp_path / 'bench'}", *flags], capture_output=True,
+                          text=True, timeout=120)
+  assert result.returncode == 2, result.stderr[-2000:]
+  line, = result.stderr.strip().splitlines()
+  assert line.startswith("error: " + message.format(tmp=tmp_path)), line
+  assert not (tmp_path / "bench").exists()
+
+
+def test_bench_cache_refuses_a_dir_that_is_a_file(tmp_path):
+  (tmp_path / "afile").write_text("x")
+  result = subprocess.run([sys.executable, "-m", "chimera.data.bench_cache",
+                           f"--dir={tmp_path / 'afile'}", "--size_mb=1"], capture_output=True,
+                          text=True, timeout=120)
+  assert result.returncode == 2
+  assert result.stderr.strip() == f"error: --dir: cannot write under {tmp_path / 'afile'}"
