@@ -309,6 +309,9 @@ def make_study(preset_name: str, sweep: str | None, base: str | None, overrides:
   if sweep is None:
     if base_overrides:
       raise ChimeraError("--base_set: only with --sweep (the study's models are its configs)")
+    if base:
+      raise ChimeraError(f"--base={base}: only with --sweep (the study's models are its "
+                         f"configs)")
     for key in STUDY_DEFINING:
       if key in overrides:
         raise ChimeraError(

@@ -352,6 +352,9 @@ def test_sweeps_hold_what_they_claim(corpus):
           for m in models[1:]] == [(16, 0.001), (16, 0.01)]
   with pytest.raises(ChimeraError, match="--base_set"):
     compare.make_study("cpu", None, None, overrides, {"model.num_experts": 16})
+  # --base is a sweep's too: the plain study trains its own configs, so it would be ignored.
+  with pytest.raises(ChimeraError, match=r"^--base=configs/moe_fine\.py: only with --sweep"):
+    compare.make_study("cpu", None, "configs/moe_fine.py", overrides)
   # A --base other than the sweep's own names the folder too; the sweep's own does not.
   fine = compare.make_study("cpu", "model.num_experts=16,32", "configs/moe_fine.py", overrides)
   assert fine.slug == "cpu-sweep-num_experts-over-moe_fine"
