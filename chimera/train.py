@@ -93,9 +93,10 @@ def open_workdir(workdir: Path, config: Config):
     try:
       os.ftruncate(lock.fileno(), 0)  # unbuffered: nothing is left to flush if it fails
       os.write(lock.fileno(), str(os.getpid()).encode())
-      saved = _check_steps(workdir, config)  # listed under the lock: no run can save meanwhile
-      if saved:
+      saved = saved_steps(workdir)  # listed under the lock: no run can save meanwhile
+      if saved:  # another run first: its steps are not this config's to ask for
         _check_same_run(workdir, config, saved[-1])
+      _check_steps(workdir, config)
       write_atomic(workdir / "config.json",
                    json.dumps(config_lib.to_dict(config), indent=2).encode())
     except OSError as error:

@@ -427,6 +427,11 @@ def test_a_workdir_holds_one_run(make_config, corpus, tmp_path):
     train(make_config("dense", corpus, train__steps=3, train__warmup_steps=0), workdir)
   # Refused before config.json is written: it still says 4 steps.
   assert json.loads((workdir / "config.json").read_text())["train"]["steps"] == 4
+  # Another run with fewer steps is told it is another run, not to ask for more steps
+  # (which would only lead to that).
+  with pytest.raises(ChimeraError, match=r"^--workdir: .* holds another run .*"
+                                         r"model\.num_experts \(0 -> 8\)"):
+    train(make_config("moe_top2", corpus, train__steps=3, train__warmup_steps=0), workdir)
   # The same config over changed text is another run: resuming it, or scoring it on the
   # new split, is refused in one line.
   assert json.loads((workdir / "data.json").read_text())["corpus"] == str(corpus)
