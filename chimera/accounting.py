@@ -135,5 +135,8 @@ def count_run(config: Config) -> Accounting:
   runs it: the micro-batch split over data x expert devices, and dropless's rows traded
   over the expert axis."""
   t, mesh = config.train, config.mesh
+  if mesh.data is None:
+    raise ValueError("count_run: config.mesh.data is unset; resolve it first "
+                     "(chimera.sharding.resolve_mesh)")
   tokens = t.batch_size // t.grad_accum * t.context // (mesh.data * mesh.expert)
   return count(config.model, t.context, tokens_per_call=tokens, expert_devices=mesh.expert)

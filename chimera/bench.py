@@ -50,7 +50,7 @@ import numpy as np
 from absl import app, flags, logging
 
 from chimera import accounting, allocator, bench_profile, config as config_lib, generate
-from chimera.config import Config, DataConfig
+from chimera.config import Config, DataConfig, MeshConfig
 from chimera.data import load_splits
 from chimera.data.batches import WindowSampler
 from chimera.data.corpora import write_atomic
@@ -260,7 +260,8 @@ class Subject:
     """`batches`: the case's `token_batches`, read before anything compiles (`run`)."""
     self.case, self.settings, self.times = case, settings, {}
     c = case.config
-    self.accounting = accounting.count_run(c)
+    # The bench's step runs on one device, whatever mesh the config names.
+    self.accounting = accounting.count_run(dataclasses.replace(c, mesh=MeshConfig(1, 1)))
     self.state = init_state(c)
     step = jax.jit(functools.partial(train_step, model=Decoder(c.model, case.kernels),
                                      config=c.model, log_norms=c.train.log_norms),

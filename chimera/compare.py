@@ -43,9 +43,11 @@ import re
 import sys
 from pathlib import Path
 
+import jax
 from absl import app, flags, logging
 
-from chimera import accounting, bench, compile_cache, config as config_lib, report, study_sweeps
+from chimera import (accounting, bench, compile_cache, config as config_lib, report, sharding,
+                     study_sweeps)
 from chimera.config import Config
 from chimera.data.corpora import write_atomic
 from chimera.errors import DISK_REFUSALS, ChimeraError, check_writable, parse_flags
@@ -361,9 +363,13 @@ def run_dir(root: Path, config: Config) -> Path:
 
 
 def seeded(config: Config, name: str, seed: int) -> Config:
-  return dataclasses.replace(config, name=f"{name}-seed{seed}",
-                             train=dataclasses.replace(config.train, seed=seed),
-                             data=dataclasses.replace(config.data, seed=seed))
+  """The config of `name`'s run at `seed`, on this machine's devices (mesh.data unset is
+  resolved here, as training would: the run's key and folder hold the mesh it trains on)."""
+  return sharding.resolve_mesh(
+      dataclasses.replace(config, name=f"{name}-seed{seed}",
+                          train=dataclasses.replace(config.train, seed=seed),
+                          data=dataclasses.replace(config.data, seed=seed)),
+      jax.device_count())
 
 
 class StudyStopped(Exception):

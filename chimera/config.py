@@ -161,7 +161,10 @@ class TrainConfig:
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
-  data: int = 1
+  """The device mesh, data x expert devices: their product is the device count."""
+  # None: every device the expert axis leaves (device count // expert), resolved when a
+  # run starts (chimera.sharding.resolve_mesh): one CPU, or every GPU of a machine.
+  data: int | None = None
   expert: int = 1
 
 
@@ -308,7 +311,10 @@ def _validate_groups(c: Config) -> None:
   _check(context % group == 0 or group % context == 0, "model.group_size",
          f"{group} straddles sequences of train.context={context}: use a divisor or a "
          f"multiple of it")
-  devices = c.mesh.data * c.mesh.expert
+  # mesh.data unset: checked here as on the fewest devices (data = 1), where a micro-batch's
+  # share is largest: a group that does not tile it tiles no smaller share. The device
+  # count, once known, is checked again (chimera.sharding.resolve_mesh).
+  devices = (c.mesh.data or 1) * c.mesh.expert
   micro_batch = t.batch_size // t.grad_accum
   if micro_batch % devices == 0:  # otherwise sharding.check_mesh names the batch
     local_tokens = micro_batch // devices * context
@@ -349,7 +355,7 @@ def validate(c: Config) -> None:
     _check(seed >= 0, name, f"must be >= 0, got {seed}")
     _check(seed <= MAX_SEED, name, f"must be in [0, {MAX_SEED}], got {seed}")
   _check(bool(d.text_field), "data.text_field", "is empty")
-  _check_positive("mesh", c.mesh, ("data", "expert"))
+  _check_positive("mesh", c.mesh, ("expert",) if c.mesh.data is None else ("data", "expert"))
   _validate_groups(c)
 
 

@@ -1,7 +1,8 @@
 """The device mesh and the partition rules, in one place.
 
 The mesh has two axes, `data` and `expert` (config.mesh.data x config.mesh.expert
-devices; 1 x 1 is a single device and runs the same code). The rules:
+devices; 1 x 1 is a single device and runs the same code; `data` unset is every device
+the expert axis leaves, `resolve_mesh`). The rules:
 - The batch is split over every device, `data` and `expert` together: devices that hold
   different experts also hold different tokens, as in GShard, so no device routes
   tokens another one already routes.
@@ -16,11 +17,13 @@ Multi-host: `initialize_distributed` starts jax.distributed when SLURM or the us
 coordinator variables say there are several processes.
 """
 
+import dataclasses
 import os
 
 import jax
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
+from chimera import config as config_lib
 from chimera.config import Config, MeshConfig
 from chimera.errors import ChimeraError
 
@@ -51,6 +54,24 @@ def initialize_distributed() -> None:
     jax.distributed.initialize()  # reads SLURM_* itself
 
 
+def resolve_mesh(config: Config, device_count: int) -> Config:
+  """The config with `mesh.data` resolved where it is unset: every device the expert axis
+  leaves, so the same command trains on one CPU or on every GPU of a machine; then
+  checked against the devices, the experts and the batch (`check_mesh`, and the routing
+  groups of config validation, which need the device count)."""
+  mesh = config.mesh
+  if mesh.data is None:
+    if device_count % mesh.expert:
+      raise ChimeraError(f"config.mesh.expert={mesh.expert} does not divide the "
+                         f"{device_count} devices (set config.mesh.data too, or another "
+                         f"expert count)")
+    config = dataclasses.replace(config, mesh=dataclasses.replace(
+        mesh, data=device_count // mesh.expert))
+  check_mesh(config, device_count)
+  config_lib.validate(config)
+  return config
+
+
 def check_mesh(config: Config, device_count: int) -> None:
   """Rejects a mesh that does not fit the devices, the experts or the batch."""
   mesh, model, train = config.mesh, config.model, config.train
@@ -75,7 +96,10 @@ def check_mesh(config: Config, device_count: int) -> None:
 
 def make_mesh(config: MeshConfig) -> jax.sharding.Mesh:
   """The data x expert mesh over the first data * expert devices (all of them in training,
-  which `check_mesh` requires; fewer where a tool compiles several meshes in one process)."""
+  which `check_mesh` requires; fewer where a tool compiles several meshes in one process).
+  `data` must be resolved (`resolve_mesh`)."""
+  if config.data is None:
+    raise ValueError("make_mesh: mesh.data is unset; resolve it first (resolve_mesh)")
   return jax.make_mesh((config.data, config.expert), (DATA, EXPERT),
                        devices=jax.devices()[:config.data * config.expert],
                        axis_types=(AxisType.Auto, AxisType.Auto))

@@ -443,7 +443,7 @@ def train(config: Config, workdir: str | Path, *, stop_after: int | None = None,
   how to resume, logged when the run stops early (default: chimera.main's --workdir).
   """
   workdir = Path(workdir)
-  sharding.check_mesh(config, jax.device_count())
+  config = sharding.resolve_mesh(config, jax.device_count())  # mesh.data unset: every device
   allocator.keep_freed_memory()  # each step's temporaries stay mapped (chimera.allocator)
   with open_workdir(workdir, config) as saved:
     data = prepare_data(config)

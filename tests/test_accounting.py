@@ -111,7 +111,8 @@ def test_a_run_counts_one_device_of_its_mesh():
   device receives in chimera.expert_parallel's buffers, over its E_d local experts."""
   moe = dataclasses.replace(MOE, dispatch="dropless")
   expert_matmul = 2 * 8 * 16
-  base = Config(model=moe, train=TrainConfig(batch_size=64, context=16))  # 1024 tokens
+  base = Config(model=moe, train=TrainConfig(batch_size=64, context=16),
+                mesh=MeshConfig(data=1))  # 1024 tokens on one device
   one = count_run(base)
   assert one == count(moe, context=16, tokens_per_call=1024)
   # 8 data devices: T_d = 128 tokens, R = 256 rows, b = 64 (E * b * 4 <= R fails down to
@@ -128,6 +129,9 @@ def test_a_run_counts_one_device_of_its_mesh():
   assert expert2.executed_flops_per_token == plain + round(
       6 * (1280 / 512 - 1) * 2 * expert_matmul + 4 * 10 * 2 * expert_matmul / 256)
   assert expert2.flops_per_token == one.flops_per_token  # model FLOPs do not change
+  # A mesh whose data axis is still unset (resolved when the run starts) has no count.
+  with pytest.raises(ValueError, match="mesh.data is unset"):
+    count_run(dataclasses.replace(base, mesh=MeshConfig()))
 
 
 def test_shared_experts_count_as_active():

@@ -1,5 +1,6 @@
 """Data and expert parallelism on 8 fake CPU devices (each run in its own process)."""
 
+import json
 import os
 import subprocess
 import sys
@@ -9,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from chimera import sharding
+from chimera import config as config_lib, sharding
 from conftest import TEST_XLA_FLAGS
 from chimera.errors import ChimeraError
 
@@ -80,6 +81,49 @@ def test_bad_mesh_is_rejected(make_config, corpus):
   config = make_config("moe_top2", corpus, mesh__data=8, train__batch_size=4)
   with pytest.raises(ChimeraError, match="cannot be split over 8 devices"):
     sharding.check_mesh(config, device_count=8)
+
+
+def test_an_unset_data_axis_is_every_device_the_expert_axis_leaves(make_config, corpus):
+  """mesh.data unset (the default) resolves to device count / mesh.expert, so one command
+  trains on one CPU or on every GPU of a machine; the devices-dependent checks run once it
+  is known."""
+  config = make_config("moe_top2", corpus, train__batch_size=8)
+  assert config.mesh.data is None and config.mesh.expert == 1
+  assert sharding.resolve_mesh(config, 1).mesh == config_lib.MeshConfig(data=1, expert=1)
+  assert sharding.resolve_mesh(config, 8).mesh == config_lib.MeshConfig(data=8, expert=1)
+  split = make_config("moe_top2", corpus, train__batch_size=8, mesh__expert=2)
+  assert sharding.resolve_mesh(split, 8).mesh == config_lib.MeshConfig(data=4, expert=2)
+  with pytest.raises(ChimeraError, match=r"^config\.mesh\.expert=2 does not divide the 3 "):
+    sharding.resolve_mesh(split, 3)
+  with pytest.raises(ChimeraError, match="a micro-batch of 8 sequences cannot be split over 16"):
+    sharding.resolve_mesh(config, 16)
+  # A routing group of 4 sequences (of 32 tokens) fits one device's 8 sequences at 2
+  # devices, not its 2 at 8.
+  grouped = make_config("moe_top2", corpus, train__batch_size=16, model__group_size=4 * 32)
+  assert sharding.resolve_mesh(grouped, 2).mesh.data == 2
+  with pytest.raises(ChimeraError, match=r"^config\.model\.group_size: 128 does not divide "
+                                         r"the 64 tokens of a micro-batch on one device"):
+    sharding.resolve_mesh(grouped, 8)
+  # A mesh given whole is checked as it was.
+  fixed = make_config("moe_top2", corpus, train__batch_size=8, mesh__data=2)
+  assert sharding.resolve_mesh(fixed, 2) == fixed
+
+
+@pytest.mark.slow
+def test_the_default_mesh_trains_on_every_device(corpus, tmp_path):
+  """The README's command with no mesh flag, on 2 (fake CPU) devices: data-parallel over
+  both, and config.json records the mesh it resolved to."""
+  result = subprocess.run(
+      [sys.executable, "-m", "chimera.main", "--config=configs/moe_top2.py:tiny",
+       f"--config.data.corpus={corpus}", "--config.train.steps=2",
+       "--config.train.warmup_steps=1", f"--workdir={tmp_path / 'run'}"],
+      cwd=ROOT, capture_output=True, text=True, timeout=300,
+      env={**os.environ, "XLA_FLAGS": f"{TEST_XLA_FLAGS} "
+                                      f"--xla_force_host_platform_device_count=2"})
+  assert result.returncode == 0, result.stderr[-3000:]
+  recorded = json.loads((tmp_path / "run" / "config.json").read_text())["mesh"]
+  assert recorded == {"data": 2, "expert": 1}
+  assert json.loads((tmp_path / "run" / "summary.json").read_text())["config"]["mesh"] == recorded
 
 
 @pytest.mark.parametrize("env, expected", [

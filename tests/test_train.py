@@ -523,7 +523,9 @@ def test_the_records_follow_the_checkpoints(make_config, corpus, tmp_path, monke
   assert not (workdir / "config.json").exists()
   monkeypatch.undo()
   assert train(steps(6), workdir).steps == 6
-  assert config_lib.from_dict(json.loads((workdir / "config.json").read_text())) == steps(6)
+  # config.json records the run as it trains: its mesh resolved to this process's devices.
+  assert config_lib.from_dict(json.loads((workdir / "config.json").read_text())) == (
+      sharding.resolve_mesh(steps(6), jax.device_count()))
 
 
 def test_a_start_that_saved_no_checkpoint_does_not_hold_the_workdir(make_config, corpus,
@@ -559,6 +561,7 @@ def test_train_and_evaluation_steps_compile_dots_as_the_default_kernels_say(make
   no dot of the train or evaluation step goes to YNNPACK, which jaxlib 0.10.2 would pick
   for the same evaluation step without the options."""
   config = make_config("moe_top2", corpus)
+  config = sharding.resolve_mesh(config, jax.device_count())
   mesh = sharding.make_mesh(config.mesh)
   state = init_state(config)
   batch = np.zeros((2, config.train.context + 1), np.int32)
@@ -615,6 +618,7 @@ def test_evaluation_runs_the_training_micro_batches(make_config, corpus):
   first evaluation)."""
   config = make_config("moe_top2", corpus, train__batch_size=8, train__grad_accum=4,
                        model__dispatch="einsum", model__eval_capacity_factor=1.0)
+  config = sharding.resolve_mesh(config, jax.device_count())
   state = init_state(config)
   batch = np.random.default_rng(0).integers(0, 256, (8, config.train.context + 1), np.int32)
   evaluator = train_lib.Evaluator(config, types.SimpleNamespace(val_batches=[batch]),
