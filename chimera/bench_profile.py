@@ -251,14 +251,26 @@ def summarize(seconds: collections.Counter, ops: dict[str, Op], steps: int,
           "top_ops": costliest}
 
 
+# On a host trace (XLA:CPU) two cores' ops overlap, so their sum can pass the step; a sum
+# under this share of the untraced step means time the trace did not see.
+UNTRACED_NOTE = 0.75
+
+
 def format_summary(summary: dict, unit: str = "step") -> str:
   """The summary as text; `unit` is what one of its steps is (a train step, a decoded
   token)."""
   total = max(summary["op_seconds"], 1e-12)  # shares of nothing, if no op was traced
   untraced = (f"{unit} {1e3 * summary['step_seconds']:.2f} ms (median, no profiler)"
               if summary["step_seconds"] else f"{unit} time without the profiler not given")
-  lines = [f"{untraced}; ops in the trace ({summary['events']}) {1e3 * total:.2f} ms per {unit}",
-           "", "part | forward ms | backward ms | update ms | share of op time"]
+  lines = [f"{untraced}; ops in the trace ({summary['events']}) {1e3 * total:.2f} ms per {unit}"]
+  if summary["events"] == "host" and summary["op_seconds"] < UNTRACED_NOTE * (
+      summary["step_seconds"] or 0.0):
+    lines.append(f"note: the ops add up to {summary['op_seconds'] / summary['step_seconds']:.0%} "
+                 f"of the untraced {unit}; the trace missed the rest, so the parts it traced "
+                 f"short are understated below (on XLA:CPU, the dots Eigen runs, "
+                 f"kernels.cpu_dots='eigen', are traced shorter than they run: "
+                 f"docs/performance.md)")
+  lines += ["", "part | forward ms | backward ms | update ms | share of op time"]
   for part, passes in summary["by_part"].items():
     ms = [1e3 * passes.get(p, 0.0) for p in ("forward", "backward", "update")]
     cells = " | ".join(f"{t:.2f}" for t in ms) if "?" not in passes else "? | ? | ?"

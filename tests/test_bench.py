@@ -324,6 +324,20 @@ def test_profile_says_where_decoding_time_goes(corpus, tmp_path):
   assert "per token" in bench_profile.format_summary(profile, unit="token")
 
 
+def test_a_host_trace_that_misses_time_says_so():
+  """A host trace whose ops add up to well under the untraced step (XLA:CPU's Eigen dots
+  are traced shorter than they run) says so above its table; two overlapping cores' ops
+  adding up to more than the step, or a device trace, do not."""
+  summary = {"step_seconds": 0.4, "op_seconds": 0.2, "events": "host",
+             "by_part": {"mlp": {"forward": 0.1, "backward": 0.1}}, "top_ops": []}
+  note, = [line for line in bench_profile.format_summary(summary).splitlines()
+           if line.startswith("note:")]
+  assert note.startswith("note: the ops add up to 50% of the untraced step; the trace missed")
+  for changed in ({"op_seconds": 0.45}, {"events": "device XLA Ops line"},
+                  {"step_seconds": 0.0}):
+    assert "note:" not in bench_profile.format_summary({**summary, **changed})
+
+
 def test_profile_leaves_out_ops_that_contain_others():
   """A host trace spans a while loop's event over its body's ops: only the body counts."""
   hlo = """
