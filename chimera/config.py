@@ -15,6 +15,7 @@ import dataclasses
 import importlib.util
 import math
 import os
+import re
 import typing
 from pathlib import Path
 from typing import Literal
@@ -419,14 +420,51 @@ def run_differences(saved: Config, new: Config, *, corpus_may_move: bool = False
 
 
 def load_config_dict(spec: str) -> ml_collections.ConfigDict:
-  """`path/to/config.py[:preset]` -> its get_config(preset), as `--config=` would load it."""
+  """`path/to/config.py[:preset]` -> its get_config(preset), as `--config=` would load it.
+  An error in the file itself is one line naming it (`config_file_error`)."""
   path, _, preset = spec.partition(":")
   if not Path(path).is_file():
     raise ChimeraError(f"config: no such file: {path}")
   module_spec = importlib.util.spec_from_file_location(Path(path).stem, path)
   module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  return module.get_config(preset or None)
+  try:
+    module_spec.loader.exec_module(module)
+    return module.get_config(preset or None)
+  except Exception as error:
+    if (message := config_file_error(error, path)) is None:
+      raise
+    raise ChimeraError(f"config: {message}") from None
+
+
+def config_file_error(error: Exception, path: str) -> str | None:
+  """The one line (after the flag's name) for an error of the config file itself (its
+  syntax, its import, its get_config), naming the file and its line; None for any other
+  error (a ChimeraError names its own field, from chimera.presets or config validation).
+  The error is the file's own, or (`--config=FILE:PRESET`, which ml_collections loads while
+  parsing the flag) absl's, which carries the file's traceback as text."""
+  if isinstance(error, ChimeraError) or "ChimeraError: " in str(error):
+    return None
+  file = Path(path).resolve()
+  if isinstance(error, SyntaxError) and error.filename and Path(error.filename).resolve() == file:
+    return f"{path}, line {error.lineno}: {error.msg}"
+  frames, traceback = [], error.__traceback__  # (file, line) from the innermost frame last
+  while traceback is not None:
+    frames.append((traceback.tb_frame.f_code.co_filename, traceback.tb_lineno))
+    traceback = traceback.tb_next
+  what = f"{type(error).__name__}: {error}"
+  text = str(error)
+  if "Traceback (most recent call last)" in text:
+    frames = [(name, int(line)) for name, line in re.findall(r'File "([^"]+)", line (\d+)', text)]
+    what = [line for line in text.strip().splitlines() if line.strip()][-1].strip()
+  lines = [line for name, line in frames if Path(name).resolve() == file]
+  if lines:
+    return f"{path}, line {lines[-1]}: {what}"
+  if "has no attribute 'get_config'" in what:
+    return f"{path} defines no get_config(arg=None)"
+  if what.startswith("TypeError: get_config()"):
+    return (f"{path}: {what.removeprefix('TypeError: ')} (chimera calls "
+            f"get_config(preset), with the text after ':' or None)")
+  return None
 
 
 def load(spec: str, overrides: dict | None = None) -> Config:

@@ -37,6 +37,9 @@ def parse_flags(argv: list[str]) -> list[str]:
     _CONFIG.value["model"]  # config files load lazily: make their errors surface here
     return remaining
   except Exception as error:  # absl and ml_collections raise several kinds here
+    if given and (message := config_lib.config_file_error(error, given[-1].split(":")[0])):
+      print(f"error: --config: {message}", file=sys.stderr)
+      sys.exit(2)
     text = str(error).strip()
     if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":  # a KeyError's repr
       text = text[1:-1]

@@ -250,3 +250,40 @@ def test_the_mesh_does_not_change_the_run():
   """A checkpoint restores onto any mesh: resuming on another mesh is the same run."""
   other = dataclasses.replace(MOE, mesh=config_lib.MeshConfig(data=2, expert=4))
   assert config_lib.run_differences(MOE, other) == []
+
+
+# A user's own config file with an error in it: what each case should say, after the file.
+BROKEN_CONFIGS = [
+    ("def get_config(arg=None):\n  return 1 / 0\n", "", ", line 2: ZeroDivisionError: division by zero"),
+    ("def get_config(:\n", "", ", line 1: invalid syntax"),
+    ("import no_such_module_here\n", "",
+     ", line 1: ModuleNotFoundError: No module named 'no_such_module_here'"),
+    ("x = 1\n", "", " defines no get_config(arg=None)"),
+    ("from chimera import presets\ndef get_config():\n  return presets.finish(presets.base('x', None))\n",
+     ":tiny", ": get_config() takes 0 positional arguments but 1 was given (chimera calls "
+     "get_config(preset), with the text after ':' or None)"),
+]
+
+
+@pytest.mark.parametrize("text, preset, said", BROKEN_CONFIGS)
+def test_an_error_in_a_config_file_is_one_line_naming_its_line(tmp_path, text, preset, said):
+  """Every tool that loads a config file (chimera.bench, compare's --base, scaling, ...)
+  reports an error of the file's own as one line naming the file and its line, not a
+  traceback."""
+  path = tmp_path / "mine.py"
+  path.write_text(text)
+  with pytest.raises(ChimeraError) as error:
+    config_lib.load(f"{path}{preset}")
+  assert str(error.value) == f"config: {path}{said}"
+
+
+def test_a_preset_or_field_error_keeps_its_own_message(tmp_path):
+  """A ChimeraError raised while a config file loads (an unknown preset) is its own line,
+  not the file's."""
+  path = tmp_path / "mine.py"
+  path.write_text("from chimera import presets\n"
+                  "def get_config(arg=None):\n"
+                  "  return presets.finish(presets.base('mine', arg))\n")
+  with pytest.raises(ChimeraError, match=r"^config: unknown preset 'nope' for mine"):
+    config_lib.load(f"{path}:nope")
+  assert config_lib.load(f"{path}:tiny").name == "mine-tiny"

@@ -843,3 +843,15 @@ def test_a_step_in_micro_batches_equals_one_step(make_config, corpus):
   np.testing.assert_allclose(bias, 0.01 * np.sign(load.mean() - load), atol=1e-7)
   assert np.abs(bias).sum() > 0  # the load was not even: the bias moved
   np.testing.assert_array_equal(bias, halves.model_state["router_bias"]["block_0"]["moe"]["bias"])
+
+
+@pytest.mark.parametrize("preset", ["", ":tiny"])
+def test_an_error_in_the_config_file_is_one_line_from_chimera_main(tmp_path, preset):
+  """chimera.main loads --config=FILE through ml_collections, which wraps an error of the
+  file in absl's, with its traceback as text when a preset follows: either way, one line
+  naming the file and its line."""
+  path = tmp_path / "mine.py"
+  path.write_text("def get_config(arg=None):\n  return {}['model']\n")
+  result = run_main(f"--config={path}{preset}", f"--workdir={tmp_path / 'run'}")
+  assert result.returncode == 2
+  assert result.stderr.strip() == f"error: --config: {path}, line 2: KeyError: 'model'"
