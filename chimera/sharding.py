@@ -77,9 +77,14 @@ def check_mesh(config: Config, device_count: int) -> None:
   mesh, model, train = config.mesh, config.model, config.train
   if mesh.data * mesh.expert != device_count:
     wanted = mesh.data * mesh.expert
-    hint = (f" (to try a mesh on the CPU, start with XLA_FLAGS="
-            f"--xla_force_host_platform_device_count={wanted})"
-            if jax.default_backend() == "cpu" else "")
+    if jax.default_backend() == "cpu":
+      hint = (f" (to try a mesh on the CPU, start with XLA_FLAGS="
+              f"--xla_force_host_platform_device_count={wanted})")
+    elif wanted < device_count:
+      hint = (" (leave config.mesh.data unset to use every device, or make only the ones "
+              "to use visible: CUDA_VISIBLE_DEVICES)")
+    else:
+      hint = ""
     raise ChimeraError(
         f"config.mesh: data={mesh.data} x expert={mesh.expert} = {wanted} devices, but "
         f"{device_count} {'is' if device_count == 1 else 'are'} available{hint}")
@@ -91,7 +96,8 @@ def check_mesh(config: Config, device_count: int) -> None:
   if micro_batch % device_count:
     raise ChimeraError(
         f"config.train.batch_size: a micro-batch of {micro_batch} sequences cannot be split "
-        f"over {device_count} devices")
+        f"over {device_count} devices: make batch_size / grad_accum a multiple of "
+        f"{device_count}, or use fewer devices")
 
 
 def make_mesh(config: MeshConfig) -> jax.sharding.Mesh:

@@ -79,8 +79,23 @@ def test_bad_mesh_is_rejected(make_config, corpus):
   with pytest.raises(ChimeraError, match="num_experts=8 is not divisible by config.mesh.expert=3"):
     sharding.check_mesh(config, device_count=3)
   config = make_config("moe_top2", corpus, mesh__data=8, train__batch_size=4)
-  with pytest.raises(ChimeraError, match="cannot be split over 8 devices"):
+  with pytest.raises(ChimeraError, match="cannot be split over 8 devices: make batch_size / "
+                                         "grad_accum a multiple of 8, or use fewer devices"):
     sharding.check_mesh(config, device_count=8)
+
+
+def test_a_mesh_smaller_than_the_gpus_says_how_to_use_them(make_config, corpus, monkeypatch):
+  """On a GPU machine a mesh.data given for fewer devices than there are says how to use
+  them all, or fewer; a mesh larger than the machine has nothing to suggest."""
+  monkeypatch.setattr(sharding.jax, "default_backend", lambda: "gpu")
+  config = make_config("moe_top2", corpus, mesh__data=2, train__batch_size=8)
+  with pytest.raises(ChimeraError, match=r"= 2 devices, but 4 are available \(leave "
+                                         r"config\.mesh\.data unset to use every device, or "
+                                         r"make only the ones to use visible: "
+                                         r"CUDA_VISIBLE_DEVICES\)$"):
+    sharding.check_mesh(config, device_count=4)
+  with pytest.raises(ChimeraError, match=r"= 2 devices, but 1 is available$"):
+    sharding.check_mesh(config, device_count=1)
 
 
 def test_an_unset_data_axis_is_every_device_the_expert_axis_leaves(make_config, corpus):
