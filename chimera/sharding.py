@@ -63,8 +63,8 @@ def resolve_mesh(config: Config, device_count: int) -> Config:
   if mesh.data is None:
     if device_count % mesh.expert:
       raise ChimeraError(f"config.mesh.expert={mesh.expert} does not divide the "
-                         f"{device_count} devices (set config.mesh.data too, or another "
-                         f"expert count)")
+                         f"{device_count} device{'s' if device_count != 1 else ''} (set "
+                         f"config.mesh.data too, or another expert count)")
     config = dataclasses.replace(config, mesh=dataclasses.replace(
         mesh, data=device_count // mesh.expert))
   check_mesh(config, device_count)

@@ -110,6 +110,8 @@ def test_an_unset_data_axis_is_every_device_the_expert_axis_leaves(make_config, 
   assert sharding.resolve_mesh(split, 8).mesh == config_lib.MeshConfig(data=4, expert=2)
   with pytest.raises(ChimeraError, match=r"^config\.mesh\.expert=2 does not divide the 3 "):
     sharding.resolve_mesh(split, 3)
+  with pytest.raises(ChimeraError, match=r"^config\.mesh\.expert=2 does not divide the 1 device "):
+    sharding.resolve_mesh(split, 1)
   with pytest.raises(ChimeraError, match="a micro-batch of 8 sequences cannot be split over 16"):
     sharding.resolve_mesh(config, 16)
   # A routing group of 4 sequences (of 32 tokens) fits one device's 8 sequences at 2
