@@ -52,7 +52,9 @@ def test_bench_json_records(tmp_path, corpus):
     assert [(d.batch, d.prompt_len, d.new_tokens) for d in record.decode] == [(1, 32, 32),
                                                                               (2, 32, 32)]
     assert record.decode_speed(2).tokens_per_second > 0 and record.decode_speed(2).prefill_ms > 0
-  assert 0 < records[1].dispatch_share_of_moe_layer < 1
+  # A ratio of two timings (routing alone over the whole layer): at :tiny's sizes their noise
+  # can put it past 1 (1.008 in one CI run), so only its presence is checked here.
+  assert records[1].dispatch_share_of_moe_layer > 0
   assert records[0].dispatch_share_of_step is None
   assert "configs/moe_top2.py:tiny dispatch=einsum" in result.stdout  # the printed table
   header = next(line for line in result.stdout.splitlines() if line.startswith("name |"))
