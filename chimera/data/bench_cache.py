@@ -29,13 +29,6 @@ from absl import app, flags
 from chimera.data.corpora import load_corpus
 from chimera.errors import ChimeraError, check_writable, existing_ancestor, parse_flags
 
-_SIZE_MB = flags.DEFINE_integer("size_mb", 1000, "Size of the corpus to write, in MB (1e6 bytes).")
-_DIR = flags.DEFINE_string("dir", "/tmp/chimera-bench-cache", "Where the corpus is written.")
-_PARTS = flags.DEFINE_list("parts", ["prepare", "train"], "prepare, train, both, or none "
-                           "(--parts=: write the corpus only, to keep with --keep).")
-_REPEATS = flags.DEFINE_integer("repeats", 2, "Training runs per corpus; the fastest counts.")
-_KEEP = flags.DEFINE_bool("keep", False, "Keep the corpus and its cache.")
-
 FILE_BYTES = 1_000_000
 TRAIN = ["-m", "chimera.main", "--config=configs/dense.py:tiny", "--config.data.tokenizer=gpt2",
          "--config.model.vocab_size=50304", "--config.train.steps=2", "--config.train.warmup_steps=1"]
@@ -108,21 +101,22 @@ def check_flags(size_mb: int, folder: Path, parts: list[str], repeats: int) -> f
 
 def main(argv: list[str]) -> None:
   del argv
-  folder = Path(_DIR.value).absolute() / "corpus"
+  f = flags.FLAGS
+  folder = Path(f.dir).absolute() / "corpus"
   try:
-    free_gb = check_flags(_SIZE_MB.value, folder, _PARTS.value, _REPEATS.value)
+    free_gb = check_flags(f.size_mb, folder, f.parts, f.repeats)
     folder.parent.mkdir(parents=True, exist_ok=True)
   except (ChimeraError, OSError) as e:
     print(f"error: {e if isinstance(e, ChimeraError) else f'--dir: {e.strerror}: {e.filename}'}",
           file=sys.stderr)
     sys.exit(2)
   logs = Path(tempfile.mkdtemp(prefix="bench-cache-"))
-  print(f"disk: {free_gb:.0f} GB free; the corpus takes {_SIZE_MB.value / 1000:.1f} GB and its "
+  print(f"disk: {free_gb:.0f} GB free; the corpus takes {f.size_mb / 1000:.1f} GB and its "
         f"cache about half that", flush=True)
   created = not folder.exists()  # only what this run wrote is deleted after it
   if created:
     started = time.perf_counter()
-    size = write_corpus(folder, _SIZE_MB.value)
+    size = write_corpus(folder, f.size_mb)
     print(f"corpus: {size / 1e6:,.0f} MB in {len(list(folder.iterdir()))} files, written in "
           f"{time.perf_counter() - started:.0f} s: {folder}", flush=True)
   size = sum(p.stat().st_size for p in folder.iterdir())
@@ -130,7 +124,7 @@ def main(argv: list[str]) -> None:
       ["-m", "chimera.data", f"--corpus={corpus}", "--tokenizer=gpt2"], logs / f"{name}.log")
   cores = len(os.sched_getaffinity(0))
   try:
-    if "prepare" in _PARTS.value:
+    if "prepare" in f.parts:
       first = prepare(folder, "prepare")
       print(f"prepare: {size / 1e6 / first.wall_s:.1f} MB/s on {cores} cores ({first.wall_s:.0f} s "
             f"wall, {first.cpu_s:.0f} s CPU, max RSS {first.max_rss_mb:.0f} MB); target >= 5 MB/s",
@@ -140,11 +134,11 @@ def main(argv: list[str]) -> None:
       again = prepare(folder, "prepare-again")
       print(f"prepare again (cached): {again.wall_s:.2f} s wall, max RSS {again.max_rss_mb:.0f} MB",
             flush=True)
-    if "train" in _PARTS.value:
+    if "train" in f.parts:
       prepare("shakespeare", "prepare-shakespeare")
       prepare(folder, "prepare-big")
       runs = {}
-      for repeat in range(_REPEATS.value):
+      for repeat in range(f.repeats):
         for name, corpus in [("shakespeare", "shakespeare"), ("big", folder)]:
           workdir = logs / f"run-{name}-{repeat}"
           runs.setdefault(name, []).append(measure(
@@ -159,7 +153,7 @@ def main(argv: list[str]) -> None:
       print(f"train on {size / 1e9:.1f} GB vs Shakespeare: {extra_s:+.1f} s wall (target <= 5 s), "
             f"{extra_mb:+.0f} MB max RSS (target <= 300 MB)", flush=True)
   finally:
-    if _KEEP.value:
+    if f.keep:
       print(f"kept the corpus in {folder}, its cache, and the logs in {logs}", flush=True)
     else:
       if created:
@@ -172,5 +166,11 @@ def main(argv: list[str]) -> None:
             f"left {folder} and its cache as they were (this run did not write them)", flush=True)
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # here, so that importing the module (tests) defines no flags
+  flags.DEFINE_integer("size_mb", 1000, "Size of the corpus to write, in MB (1e6 bytes).")
+  flags.DEFINE_string("dir", "/tmp/chimera-bench-cache", "Where the corpus is written.")
+  flags.DEFINE_list("parts", ["prepare", "train"], "prepare, train, both, or none "
+                    "(--parts=: write the corpus only, to keep with --keep).")
+  flags.DEFINE_integer("repeats", 2, "Training runs per corpus; the fastest counts.")
+  flags.DEFINE_bool("keep", False, "Keep the corpus and its cache.")
   app.run(main, flags_parser=parse_flags)
