@@ -31,13 +31,14 @@ def parse_flags(argv: list[str]) -> list[str]:
     given = [arg.split("=", 1)[1] if "=" in arg else value  # --config=FILE, --config FILE
              for arg, value in zip(argv[1:], argv[2:] + [""])
              if arg.startswith("--config=") or arg == "--config"]
-    if given and given[-1] and not Path(given[-1].split(":")[0]).is_file():  # the last counts
-      raise ChimeraError(f"--config: no such file: {given[-1].split(':')[0]}")
+    config_file = given[-1].split(":")[0] if given else ""  # the last --config counts
+    if config_file and not Path(config_file).is_file():
+      raise ChimeraError(f"--config: no such file: {config_file}")
     remaining = flags.FLAGS(argv)
     _CONFIG.value["model"]  # config files load lazily: make their errors surface here
     return remaining
   except Exception as error:  # absl and ml_collections raise several kinds here
-    if given and (message := config_lib.config_file_error(error, given[-1].split(":")[0])):
+    if config_file and (message := config_lib.config_file_error(error, config_file)):
       print(f"error: --config: {message}", file=sys.stderr)
       sys.exit(2)
     text = str(error).strip()

@@ -57,16 +57,19 @@ def initialize_distributed() -> None:
 def resolve_mesh(config: Config, device_count: int) -> Config:
   """The config with `mesh.data` resolved where it is unset: every device the expert axis
   leaves, so the same command trains on one CPU or on every GPU of a machine; then
-  checked against the devices, the experts and the batch (`check_mesh`, and the routing
-  groups of config validation, which need the device count)."""
+  checked against the devices, the experts and the batch (`check_mesh`). A resolved
+  mesh is validated again: the routing groups' check needs the device count (a mesh given
+  whole was validated with the config)."""
   mesh = config.mesh
-  if mesh.data is None:
-    if device_count % mesh.expert:
-      raise ChimeraError(f"config.mesh.expert={mesh.expert} does not divide the "
-                         f"{device_count} device{'s' if device_count != 1 else ''} (set "
-                         f"config.mesh.data too, or another expert count)")
-    config = dataclasses.replace(config, mesh=dataclasses.replace(
-        mesh, data=device_count // mesh.expert))
+  if mesh.data is not None:
+    check_mesh(config, device_count)
+    return config
+  if device_count % mesh.expert:
+    raise ChimeraError(f"config.mesh.expert={mesh.expert} does not divide the "
+                       f"{device_count} device{'s' if device_count != 1 else ''} (set "
+                       f"config.mesh.data too, or another expert count)")
+  config = dataclasses.replace(config, mesh=dataclasses.replace(
+      mesh, data=device_count // mesh.expert))
   check_mesh(config, device_count)
   config_lib.validate(config)
   return config

@@ -91,11 +91,11 @@ def check_flags(size_mb: int, folder: Path, parts: list[str], repeats: int) -> f
     raise ChimeraError(f"--parts: expected {', '.join(PARTS)}, both, or none (--parts=), got "
                        f"{','.join(parts)!r}")
   check_writable("dir", folder, folder=True)
-  free_gb = shutil.disk_usage(existing_ancestor(folder)).free / 1e9
+  there = existing_ancestor(folder)
+  free_gb = shutil.disk_usage(there).free / 1e9
   if not folder.exists() and free_gb < 1.5 * size_mb / 1000:
     raise ChimeraError(f"--size_mb={size_mb}: the corpus and its cache need about "
-                       f"{1.5 * size_mb / 1000:.3g} GB, and {existing_ancestor(folder)} has "
-                       f"{free_gb:.3g} GB free")
+                       f"{1.5 * size_mb / 1000:.3g} GB, and {there} has {free_gb:.3g} GB free")
   return free_gb
 
 
