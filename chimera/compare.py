@@ -341,7 +341,8 @@ def make_study(preset_name: str, sweep: str | None, base: str | None, overrides:
 # (the behaviour from before it existed) it is left out of the key, so adding it kept
 # every stored run's directory. A field whose default changes must leave this list.
 KEY_OMITS_AT_DEFAULT = ("train.router_lr_scale", "train.router_weight_decay",
-                        "train.expert_lr_scale", "train.expert_weight_decay")
+                        "train.expert_lr_scale", "train.expert_weight_decay",
+                        "model.router_noise")
 # Fields that change what a run logs, never what it trains: left out of the key always.
 KEY_OMITS = ("train.log_norms",)
 

@@ -69,6 +69,12 @@ class ModelConfig:
   # run the experts as a grouped matmul, no capacity and no drops (see chimera/moe.py).
   dispatch: Literal["einsum", "dropless"] = "einsum"
   router_jitter: float = 0.0  # epsilon of the multiplicative U(1-eps, 1+eps) jitter
+  # Exploration in training: each token's k experts are the top k of its router logits plus
+  # router_noise times Gumbel noise, i.e. k experts drawn without replacement from
+  # softmax(logits / router_noise) (the Gumbel-top-k trick). Only the choice is noisy: the
+  # gates are the noise-free probabilities of the experts chosen, and evaluation and
+  # decoding choose without noise. 0: no noise.
+  router_noise: float = 0.0
   # "switch": truncated normal of variance expert_init_scale / fan_in (Switch); "dense":
   # the dense MLP's init, residual projection scaled by 1/sqrt(2 * num_layers). At the cpu
   # study's budget (`chimera.compare --preset=cpu --sweep=init`, moe_top2, one seed) the final
@@ -186,7 +192,7 @@ MOE_ONLY = ("model.num_experts", "model.top_k", "model.expert_d_ff",
             "model.num_shared_experts", "model.router", "model.priority",
             "model.renormalize_gates", "model.capacity_factor", "model.eval_capacity_factor",
             "model.min_capacity", "model.group_size", "model.dispatch", "model.router_jitter",
-            "model.expert_init", "model.expert_init_scale", "model.moe_every",
+            "model.router_noise", "model.expert_init", "model.expert_init_scale", "model.moe_every",
             "model.first_moe_layer", "model.load_balance_coef", "model.load_balance_scope",
             "model.router_bias_rate", "model.z_loss_coef", "train.router_lr_scale",
             "train.router_weight_decay", "train.expert_lr_scale", "train.expert_weight_decay")
@@ -293,6 +299,7 @@ def validate_model(m: ModelConfig) -> None:
          f"must be in [0, model.num_layers={m.num_layers}), got {m.first_moe_layer}")
   _check(0.0 <= m.router_jitter < 1.0, "model.router_jitter",
          f"must be in [0, 1), got {m.router_jitter}")
+  _check(m.router_noise >= 0, "model.router_noise", f"must be >= 0, got {m.router_noise}")
   for name in ("load_balance_coef", "z_loss_coef", "router_bias_rate"):
     _check(getattr(m, name) >= 0, f"model.{name}", f"must be >= 0, got {getattr(m, name)}")
   _check(m.top_k >= 2 or not m.renormalize_gates, "model.renormalize_gates",

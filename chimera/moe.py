@@ -225,6 +225,20 @@ class MoeLayer(nn.Module):
     return self.variable("router_bias", "bias",
                          lambda: jnp.zeros((self.config.num_experts,), jnp.float32)).value
 
+  def _choice_offset(self, router_logits: jax.Array, deterministic: bool,
+                     decode: bool) -> jax.Array | None:
+    """What is added to the router logits [G, S, E] to choose experts, and only to choose
+    them: the balancing bias [E] (router_bias_rate), plus, in training, router_noise times
+    Gumbel noise [G, S, E], which makes the choice a draw of k experts without replacement
+    from softmax(logits / router_noise). None when neither is on."""
+    cfg = self.config
+    offset = self._router_bias()
+    if cfg.router_noise > 0 and not deterministic and not decode:
+      noise = cfg.router_noise * jax.random.gumbel(self.make_rng("dropout"),
+                                                   router_logits.shape, jnp.float32)
+      offset = noise if offset is None else offset + noise
+    return offset
+
   def _expert_weights(self, d_model: int, count: int, prefix: str = "") -> Weights:
     """`count` experts' weights, each with a leading expert axis, in the compute dtype.
 
@@ -290,7 +304,7 @@ class MoeLayer(nn.Module):
     groups, group_size, _ = x.shape
     router_logits = self._router_logits(x, deterministic,
                                         one_token=decode and length == 1)  # [G, S, E]
-    bias = self._router_bias()
+    bias = self._choice_offset(router_logits, deterministic, decode)
     weights = self._expert_weights(d_model, cfg.num_experts)
     tokens = x.reshape(-1, d_model).astype(dtype)  # [T, M]
 

@@ -122,7 +122,8 @@ def slots_are_causal(config: ModelConfig) -> bool:
 
 
 def choose(scores: jax.Array, bias: jax.Array | None, k: int) -> jax.Array:
-  """The k best experts of scores [G, S, E] (+ bias [E], for choosing only): [G, S, K]."""
+  """The k best experts of scores [G, S, E] (+ bias [E] or [G, S, E], for choosing only):
+  [G, S, K]."""
   num_experts = scores.shape[-1]
   if not 1 <= k <= num_experts:
     raise ValueError(f"k={k} must be between 1 and the number of experts {num_experts}")
@@ -239,8 +240,9 @@ def top_k(router_logits: jax.Array, config: ModelConfig, *, capacity: int | None
           bias: jax.Array | None = None) -> Routing:
   """Softmax top-k (Switch for k=1, GShard / Mixtral for k=2).
 
-  Each token goes to the k experts of highest logit + bias (bias [E] only chooses: the
-  aux-loss-free balancing of DeepSeek-V3). Gates are the softmax probabilities of the
+  Each token goes to the k experts of highest logit + bias (bias only chooses: [E]
+  for the aux-loss-free balancing of DeepSeek-V3, [G, S, E] with the training noise of
+  `model.router_noise`). Gates are the softmax probabilities of the
   chosen experts, divided by their sum when `config.renormalize_gates`. With k=1 the
   gate is the probability itself (Switch), through which the LM loss trains the router.
   """

@@ -897,6 +897,8 @@ def test_a_field_added_at_its_default_keeps_the_run_directory():
                  dict(expert_lr_scale=0.5), dict(expert_weight_decay=False)):
     moved = dataclasses.replace(config, train=dataclasses.replace(config.train, **change))
     assert compare.run_dir(Path("r"), moved) != Path("r") / before
+  noisy = dataclasses.replace(config, model=dataclasses.replace(config.model, router_noise=0.1))
+  assert compare.run_dir(Path("r"), noisy) != Path("r") / before
   # expert_weight_decay became a multiple of weight_decay: 0 keys as the old false did
   # (its key computed here as it was then), and other multiples key apart from both.
   decay = lambda value: compare.run_dir(Path("r"), dataclasses.replace(

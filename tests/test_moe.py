@@ -613,3 +613,46 @@ def test_layer_runs_every_router_as_routed(router, dispatch):
       if kept_by_expert[t, index[t, r]]:
         expected[t] += gate[t, r] * expert_mlp(params, index[t, r], tokens[t], "gelu")
   chex.assert_trees_all_close(y.reshape(-1, D_MODEL), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_router_noise_draws_the_choice_from_the_tempered_softmax(k):
+  # Every token has the same logits, so each token's choice is one draw. Gumbel-top-k at
+  # temperature tau draws k experts without replacement from softmax(logits / tau): the
+  # first with probability p_i, the second p_j / (1 - p_i) of what is left. The gates stay
+  # the noise-free probabilities, and evaluation chooses the plain top k.
+  tau, num_tokens = 0.5, 8192
+  logits = np.array([1.0, 0.6, 0.2, -0.5], np.float32)
+  cfg = ModelConfig(d_model=D_MODEL, num_experts=NUM_EXPERTS, top_k=k, router_noise=tau,
+                    expert_d_ff=EXPERT_D_FF, dispatch="dropless", renormalize_gates=False)
+  x = jnp.zeros((num_tokens // LENGTH, LENGTH, D_MODEL)).at[..., 0].set(1.0)
+  params = layer_params(cfg, x, seed=3)
+  params["router"]["kernel"] = params["router"]["kernel"].at[0].set(logits).at[1:].set(0.0)
+  layer = jax.jit(functools.partial(MoeLayer(cfg).apply, deterministic=False))
+  _, routing = layer({"params": params}, x, rngs={"dropout": jax.random.key(7)})
+  chosen = np.asarray(routing.expert_index).reshape(-1, k)
+  p = np.exp(logits / tau) / np.exp(logits / tau).sum()
+  if k == 1:
+    expected = {(i,): p[i] for i in range(NUM_EXPERTS)}
+  else:
+    expected = {(i, j): p[i] * p[j] / (1 - p[i])
+                for i in range(NUM_EXPERTS) for j in range(NUM_EXPERTS) if i != j}
+  seen = {pair: np.mean(np.all(chosen == pair, axis=-1)) for pair in expected}
+  for pair, share in expected.items():  # sd of each share <= 0.0056 at 8192 draws
+    assert abs(seen[pair] - share) < 0.025, (pair, seen[pair], share)
+  clean = np.exp(logits) / np.exp(logits).sum()
+  np.testing.assert_allclose(routing.gate.reshape(-1, k), clean[chosen], rtol=1e-5)
+  # Another key draws other choices; evaluation has no noise, with or without a key.
+  _, other = layer({"params": params}, x, rngs={"dropout": jax.random.key(8)})
+  assert np.mean(np.asarray(other.expert_index).reshape(-1, k) != chosen) > 0.1
+  for rngs in ({}, {"dropout": jax.random.key(7)}):
+    _, plain = MoeLayer(cfg).apply({"params": params}, x, deterministic=True, rngs=rngs)
+    np.testing.assert_array_equal(plain.expert_index.reshape(-1, k),
+                                  np.broadcast_to(np.argsort(-logits)[:k], chosen.shape))
+
+
+def test_router_noise_below_zero_is_refused():
+  from chimera import config as config_lib
+  from chimera.errors import ChimeraError
+  with pytest.raises(ChimeraError, match=r"^config.model.router_noise: must be >= 0, got -0.1$"):
+    config_lib.load("configs/moe_top2.py:tiny", {"model.router_noise": -0.1})
