@@ -49,7 +49,7 @@ from absl import app, flags, logging
 from chimera import (accounting, bench, compile_cache, config as config_lib, report, sharding,
                      study_sweeps)
 from chimera.config import Config
-from chimera.data.corpora import write_atomic
+from chimera.data.corpora import open_corpus, write_atomic
 from chimera.errors import DISK_REFUSALS, ChimeraError, check_writable, parse_flags
 from chimera.records import RunSummary
 from chimera.study_stats import Run
@@ -391,36 +391,44 @@ def train_all(models: list[Model], seeds: list[int], root: Path,
   A run that diverges (a non-finite loss, e.g. a sweep's largest learning rate) is noted
   in its directory (DIVERGED) and left out, so the other runs still report; the same
   command does not train it again (`diverged_runs` lists them for the report)."""
-  runs = {}
-  for seed in seeds:  # seed-major: a partial study still compares every model
+  plan = []  # seed-major: a partial study still compares every model
+  for seed in seeds:
     for model in models:
       config = seeded(model.config, model.name, seed)
       workdir = run_dir(root, config)
-      finished = RunSummary.exists(workdir) and RunSummary.load(workdir).completed
-      diverged = (workdir / DIVERGED).exists()
-      print(f"== {model.name}, seed {seed}: {workdir}" + (" (done)" if finished else "")
-            + (" (diverged: left out)" if diverged else ""), file=sys.stderr, flush=True)
-      if diverged:
+      plan.append((model, seed, config, workdir,
+                   RunSummary.exists(workdir) and RunSummary.load(workdir).completed,
+                   (workdir / DIVERGED).exists()))
+  if train:  # a corpus that is not there is one line before any run starts, not during one
+    for spec, text_field in {(c.data.corpus, c.data.text_field)
+                             for _, _, c, _, finished, diverged in plan
+                             if not (finished or diverged)}:
+      open_corpus(spec, text_field=text_field)
+  runs = {}
+  for model, seed, config, workdir, finished, diverged in plan:
+    print(f"== {model.name}, seed {seed}: {workdir}" + (" (done)" if finished else "")
+          + (" (diverged: left out)" if diverged else ""), file=sys.stderr, flush=True)
+    if diverged:
+      continue
+    if not finished:
+      if not train:
+        raise ChimeraError(f"--report_only: {model.name}, seed {seed} has not finished "
+                           f"training ({workdir}); run without --report_only to train it")
+      from chimera.train import TrainingDiverged, train as train_run  # heavy: only here
+      try:
+        summary = train_run(config, workdir,
+                            resume_hint="Run the same chimera.compare command to resume.")
+      except TrainingDiverged as error:
+        write_atomic(workdir / DIVERGED, json.dumps(
+            {"model": model.name, "seed": seed, "error": str(error)}).encode())
+        print(f"{model.name}, seed {seed} diverged, left out of the study: {error}",
+              file=sys.stderr, flush=True)
         continue
-      if not finished:
-        if not train:
-          raise ChimeraError(f"--report_only: {model.name}, seed {seed} has not finished "
-                             f"training ({workdir}); run without --report_only to train it")
-        from chimera.train import TrainingDiverged, train as train_run  # heavy: only here
-        try:
-          summary = train_run(config, workdir,
-                              resume_hint="Run the same chimera.compare command to resume.")
-        except TrainingDiverged as error:
-          write_atomic(workdir / DIVERGED, json.dumps(
-              {"model": model.name, "seed": seed, "error": str(error)}).encode())
-          print(f"{model.name}, seed {seed} diverged, left out of the study: {error}",
-                file=sys.stderr, flush=True)
-          continue
-        if not summary.completed:
-          raise StudyStopped(f"study stopped in {model.name}, seed {seed}, at step "
-                             f"{summary.steps} of {config.train.steps} (checkpoint saved in "
-                             f"{workdir}); run the same command to resume")
-      runs.setdefault(model.name, []).append(Run.load(workdir, model.name, seed))
+      if not summary.completed:
+        raise StudyStopped(f"study stopped in {model.name}, seed {seed}, at step "
+                           f"{summary.steps} of {config.train.steps} (checkpoint saved in "
+                           f"{workdir}); run the same command to resume")
+    runs.setdefault(model.name, []).append(Run.load(workdir, model.name, seed))
   return {m.name: runs[m.name] for m in models if m.name in runs}  # the study's order
 
 

@@ -845,6 +845,16 @@ def test_bad_study_flags_are_one_line(tool, args, message):
   assert result.returncode == 2 and result.stderr.strip() == message
 
 
+def test_a_missing_corpus_is_one_line_before_any_run_starts(tmp_path):
+  # Before: the first run's "== dense, seed 0: ..." header, then the error from inside it.
+  result = subprocess.run([sys.executable, "-m", "chimera.compare", "--corpus=/nonexistent/c.txt",
+                           f"--runs={tmp_path}/runs", f"--results={tmp_path}/results"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert result.returncode == 2
+  assert result.stderr.strip() == "error: data.corpus: no such file: /nonexistent/c.txt"
+  assert list(tmp_path.glob("runs/*")) == []  # no run directory
+
+
 def test_a_readme_without_its_headline_block_is_one_line(tmp_path):
   readme = tmp_path / "README.md"
   readme.write_text("no block here\n")
