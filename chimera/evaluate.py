@@ -157,13 +157,15 @@ def split_loss(workdir: str | Path, step: int | None = None,
     config = dataclasses.replace(config, data=dataclasses.replace(
         config.data, corpus=config_lib.absolute_corpus(corpus)))
   try:
-    data = prepare_data(config)  # the run's split, as training loaded it
+    # The run's split, as training loaded it, and the same text (checked before the split
+    # is cut into windows: other text is refused as such, not as too short).
+    data = prepare_data(config, functools.partial(check_same_data, Path(workdir),
+                                                  resuming=True, record_move=False))
   except ChimeraError as error:
     if "no such file" not in str(error) or corpus:
       raise
     raise ChimeraError(f"{error} (if the run's corpus moved, pass its new path: "
                        f"--corpus=PATH)") from None
-  check_same_data(Path(workdir), data, resuming=True, record_move=False)  # the same text
   rows = windows(data.splits.val, config.train.context)
   # A routing group of several sequences routes them together: every batch holds whole
   # groups, and a tail of windows too short for one is left out (and not counted).

@@ -225,9 +225,11 @@ class Data(NamedTuple):
     return loss / math.log(2) / self.val_bytes_per_token
 
 
-def prepare_data(config: Config) -> Data:
+def prepare_data(config: Config, check_identity=lambda identity: None) -> Data:
   """Tokenizer, the cached split (memory-mapped tokens; chimera.data.cache) and the fixed
-  validation subset, with their checks."""
+  validation subset, with their checks. `check_identity` sees the data's identity (corpus,
+  content hash, tokens) as soon as the cache is read, before the splits are cut into
+  windows, so a run's other text is refused as other text, not as too short for them."""
   t, m, d = config.train, config.model, config.data
   tokenizer = get_tokenizer(d.tokenizer)
   if tokenizer.vocab_size > m.vocab_size:
@@ -239,18 +241,19 @@ def prepare_data(config: Config) -> Data:
   splits = cache.splits()
   log(f"data: {config.data.corpus}: train {len(splits.train):,} tokens, "
       f"validation {len(splits.val):,} tokens ({config.data.tokenizer} tokenizer)")
+  identity = {"corpus": d.corpus, "content_hash": cache.manifest.content_hash,
+              "tokens": cache.manifest.tokens}
+  check_identity(identity)
   val_batches = batches_lib.eval_batches(splits.val, batch_size=t.batch_size,
                                          window=t.context + 1, num_batches=t.eval_batches,
                                          seed=EVAL_SEED)
   rows = t.batch_size // jax.process_count()
   val_batches = val_batches[:, jax.process_index() * rows:(jax.process_index() + 1) * rows]
   return Data(splits, val_batches, splits.val_bytes / len(splits.val),
-              batches_lib.unigram_cross_entropy(splits.counts, m.vocab_size),
-              {"corpus": d.corpus, "content_hash": cache.manifest.content_hash,
-               "tokens": cache.manifest.tokens})
+              batches_lib.unigram_cross_entropy(splits.counts, m.vocab_size), identity)
 
 
-def check_same_data(workdir: Path, data: Data, *, resuming: bool,
+def check_same_data(workdir: Path, identity: dict, *, resuming: bool,
                     record_move: bool = True) -> None:
   """Refuses (one line) to go on with the run in `workdir` if its corpus changed since it
   started: its batches and its validation split would no longer be the run's (a file added
@@ -262,19 +265,19 @@ def check_same_data(workdir: Path, data: Data, *, resuming: bool,
   path = workdir / "data.json"
   if not resuming:
     if jax.process_index() == 0:
-      write_atomic(path, json.dumps(data.identity, indent=2).encode())
+      write_atomic(path, json.dumps(identity, indent=2).encode())
     return
   if not path.exists():  # a run started before data.json was kept
     return
   saved = json.loads(path.read_text())
-  changed = [key for key in data.identity if saved.get(key) != data.identity[key]]
+  changed = [key for key in identity if saved.get(key) != identity[key]]
   if changed == ["corpus"]:  # the same text (content hash, split sizes) read from elsewhere
-    log(f"data: the corpus moved ({saved['corpus']} -> {data.identity['corpus']}); "
+    log(f"data: the corpus moved ({saved['corpus']} -> {identity['corpus']}); "
         f"its text is the run's")
     if record_move and jax.process_index() == 0:
-      write_atomic(path, json.dumps(data.identity, indent=2).encode())
+      write_atomic(path, json.dumps(identity, indent=2).encode())
   elif changed:
-    changes = ", ".join(f"{key} {saved.get(key)!r} -> {data.identity[key]!r}" for key in changed)
+    changes = ", ".join(f"{key} {saved.get(key)!r} -> {identity[key]!r}" for key in changed)
     advice = ("Restore the corpus or use a new workdir" if record_move else
               "Give --corpus the text the run trained on")  # a reader cannot start afresh
     raise ChimeraError(f"--workdir: {workdir} holds a run of other text: the corpus changed "
@@ -446,8 +449,8 @@ def train(config: Config, workdir: str | Path, *, stop_after: int | None = None,
   config = sharding.resolve_mesh(config, jax.device_count())  # mesh.data unset: every device
   allocator.keep_freed_memory()  # each step's temporaries stay mapped (chimera.allocator)
   with open_workdir(workdir, config) as saved:
-    data = prepare_data(config)
-    check_same_data(workdir, data, resuming=bool(saved))
+    data = prepare_data(config, functools.partial(check_same_data, workdir,
+                                                  resuming=bool(saved)))
     mesh = sharding.make_mesh(config.mesh)
     with jax.set_mesh(mesh):
       checkpointer = Checkpointer(workdir / "checkpoints", keep=config.train.keep_checkpoints)

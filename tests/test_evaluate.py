@@ -119,6 +119,12 @@ def test_a_moved_corpus_is_scored_from_its_new_path(finished_run, tmp_path, monk
   with pytest.raises(ChimeraError, match=r"holds a run of other text.*\. Give --corpus the "
                                          r"text the run trained on$"):
     evaluate.split_loss(run, corpus=str(moved))
+  # Other text too short to cut into the run's validation windows is still other text
+  # (it was refused as too short, before the text was compared).
+  moved.write_text("the queen will speak\n" * 3)
+  with pytest.raises(ChimeraError, match=r"holds a run of other text.*\. Give --corpus the "
+                                         r"text the run trained on$"):
+    evaluate.split_loss(run, corpus=str(moved))
 
 
 def test_an_unreadable_config_is_one_line(tmp_path):

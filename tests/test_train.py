@@ -448,6 +448,9 @@ def test_a_workdir_holds_one_run(make_config, corpus, tmp_path):
     train(make_config("dense", moved, train__steps=6, train__warmup_steps=0), workdir)
   with pytest.raises(ChimeraError, match=r"holds a run of other text"):
     evaluate.split_loss(workdir)
+  moved.write_text("the king will speak\n" * 3)  # too short for one window, and other text
+  with pytest.raises(ChimeraError, match=r"^--workdir: .* holds a run of other text"):
+    train(make_config("dense", moved, train__steps=6, train__warmup_steps=0), workdir)
 
 
 def test_a_report_folder_is_not_a_workdir(make_config, corpus, tmp_path):
