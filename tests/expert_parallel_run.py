@@ -40,6 +40,10 @@ CASES = {
     # of experts 0 and 1, and exactly fills its buffers.
     "dropless_k2_skewed": (dict(top_k=2), True),
     "einsum_k2": (dict(top_k=2, dispatch="einsum", capacity_factor=1.0), False),
+    # Training noise on the choice (model.router_noise): the same draws on any mesh.
+    "dropless_k2_noise": (dict(top_k=2, router_noise=0.5), False),
+    "einsum_k2_noise": (dict(top_k=2, dispatch="einsum", capacity_factor=1.0,
+                             router_noise=0.5), False),
 }
 for _router in sorted(set(ROUTERS) - {ModelConfig.router}):
   CASES[f"dropless_k2_{_router}"] = (dict(top_k=2, router=_router), False)
@@ -72,7 +76,8 @@ def inputs(cfg: ModelConfig, skewed: bool, seed: int = 0, batch: int = BATCH):
 
 def value_and_grad(cfg: ModelConfig):
   def loss(params, x, cotangent):
-    y, routing = MoeLayer(cfg).apply({"params": params}, x, deterministic=False)
+    y, routing = MoeLayer(cfg).apply({"params": params}, x, deterministic=False,
+                                     rngs={"dropout": jax.random.key(3)})
     return jnp.sum(y * cotangent) + routing.load_balance_loss + routing.z_loss, y
   return jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
 

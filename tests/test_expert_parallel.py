@@ -53,7 +53,8 @@ def test_send_plan_by_hand():
 @pytest.mark.parametrize("data, expert", [(2, 4), (1, 8)])
 def test_layer_on_a_mesh_equals_one_device(data, expert, tmp_path):
   """Outputs and gradients (router, experts, input) of the MoE layer, dropless and einsum,
-  including a routing that sends every row to one device and fills its buffer exactly."""
+  including a routing that sends every row to one device and fills its buffer exactly, and
+  the training noise on the choice (model.router_noise), drawn the same on every mesh."""
   out = tmp_path / "layer.npz"
   run([DRIVER, "layer", data, expert, out])
   results = np.load(out)
@@ -68,8 +69,9 @@ def test_layer_on_a_mesh_equals_one_device(data, expert, tmp_path):
   # einsum, dispatch and combine, forward and backward. Every registered router has a case
   # on each path (expert_parallel_run.CASES).
   cases = {name.split("/")[0] for name in singles}
-  assert {"dropless_k2", "dropless_k1_swiglu", "dropless_k2_skewed", "einsum_k2"} <= cases
-  assert len(cases) == 4 + 2 * (len(ROUTERS) - 1)
+  assert {"dropless_k2", "dropless_k1_swiglu", "dropless_k2_skewed", "einsum_k2",
+          "dropless_k2_noise", "einsum_k2_noise"} <= cases
+  assert len(cases) == 6 + 2 * (len(ROUTERS) - 1)
   for case in cases:
     assert int(results[f"{case}/all_to_alls"]) == (5 if case.startswith("dropless") else 4), case
     # Each device routes its own tokens: nothing that grows with the batch is gathered or
