@@ -590,7 +590,7 @@ def test_the_moe_only_fields_do_not_change_a_dense_run(make_config, corpus):
              "model.priority": "rank", "model.renormalize_gates": False,
              "model.capacity_factor": 3.0, "model.eval_capacity_factor": 3.0,
              "model.min_capacity": 9, "model.group_size": 16, "model.dispatch": "dropless",
-             "model.router_jitter": 0.1, "model.expert_init": "dense",
+             "model.router_jitter": 0.1, "model.router_noise": 0.3, "model.expert_init": "dense",
              "model.expert_init_scale": 0.5, "model.moe_every": 2, "model.first_moe_layer": 1,
              "model.load_balance_coef": 0.5, "model.load_balance_scope": "batch",
              "model.router_bias_rate": 0.1, "model.z_loss_coef": 0.1,
