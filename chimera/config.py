@@ -194,10 +194,11 @@ MOE_ONLY = ("model.num_experts", "model.top_k", "model.expert_d_ff",
             "model.num_shared_experts", "model.router", "model.priority",
             "model.renormalize_gates", "model.capacity_factor", "model.eval_capacity_factor",
             "model.min_capacity", "model.group_size", "model.dispatch", "model.router_jitter",
-            "model.router_noise", "model.expert_init", "model.expert_init_scale", "model.moe_every",
-            "model.first_moe_layer", "model.load_balance_coef", "model.load_balance_scope",
-            "model.router_bias_rate", "model.z_loss_coef", "train.router_lr_scale",
-            "train.router_weight_decay", "train.expert_lr_scale", "train.expert_weight_decay")
+            "model.router_noise", "model.expert_init", "model.expert_init_scale",
+            "model.moe_every", "model.first_moe_layer", "model.load_balance_coef",
+            "model.load_balance_scope", "model.router_bias_rate", "model.z_loss_coef",
+            "train.router_lr_scale", "train.router_weight_decay", "train.expert_lr_scale",
+            "train.expert_weight_decay")
 
 # The MoE fields only the einsum dispatch reads (static capacity and the order slots fill
 # in): dispatch="dropless" keeps every choice, so it computes the same run whatever they hold.
