@@ -70,7 +70,9 @@ def load_checked() -> config_lib.Config:
   if _REPEATS.value < 1:
     raise ChimeraError(f"--repeats: must be >= 1, got {_REPEATS.value}")
   micro_batch = config.train.batch_size // config.train.grad_accum
-  if _DEVICES.value < 1 or micro_batch % _DEVICES.value:
+  if _DEVICES.value < 1:
+    raise ChimeraError(f"--devices: must be >= 1, got {_DEVICES.value}")
+  if micro_batch % _DEVICES.value:
     raise ChimeraError(f"--devices: must divide the micro-batch of {micro_batch} sequences "
                        f"(train.batch_size / train.grad_accum), got {_DEVICES.value}")
   return config

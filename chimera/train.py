@@ -57,8 +57,8 @@ def open_workdir(workdir: Path, config: Config):
   without a checkpoint holds no run yet (a start that failed on bad input, or a run killed
   before its first save): its config.json is replaced, so the corrected command starts
   there. A workdir this call created is removed again if the block fails while it holds
-  only config.json (bad data, say: an auto-named runs/ folder would otherwise outlive the
-  typo). The lock is an flock held by this process: the kernel drops it when the process
+  only config.json and data.json (bad data, say: an auto-named runs/ folder would
+  otherwise outlive the typo), with the empty folders above it that this call made. The lock is an flock held by this process: the kernel drops it when the process
   dies, so a killed run never blocks the next one. Yields the steps of the checkpoints
   there (empty: a fresh start).
   """
@@ -71,7 +71,8 @@ def open_workdir(workdir: Path, config: Config):
       raise ChimeraError(f"--workdir: {workdir} holds a summary.json that is not a run's "
                          f"(a chimera.compare report folder?): {type(error).__name__}; use "
                          f"another workdir") from None
-  created = not workdir.exists()
+  made = [path for path in (workdir, *workdir.parents) if not path.exists()]  # this call's
+  created = bool(made)
   try:
     workdir.mkdir(parents=True, exist_ok=True)
     lock = open(workdir / ".lock", "a+") if jax.process_index() == 0 else None
@@ -103,26 +104,31 @@ def open_workdir(workdir: Path, config: Config):
       if error.errno not in DISK_REFUSALS:
         raise
       if created:
-        _remove_if_unused(workdir)
+        _remove_if_unused(made)
       raise ChimeraError(f"--workdir: cannot write in {workdir} ({error.strerror})") from None
     try:
       yield saved
     except BaseException:
-      if created:  # a start that failed before writing anything leaves no folder behind
-        _remove_if_unused(workdir)
+      if created:  # a start that failed before training leaves no folder behind
+        _remove_if_unused(made)
       raise
 
 
-_CLAIM_FILES = {"config.json", ".lock"}
+_CLAIM_FILES = {"config.json", "data.json", ".lock"}  # what a start writes before training
 
 
-def _remove_if_unused(workdir: Path) -> None:
-  """Removes a workdir this start created, under its lock, if it holds only the claim."""
+def _remove_if_unused(made: list[Path]) -> None:
+  """Removes the workdir this start created (made[0]), under its lock, if it holds only
+  the claim, and then the folders above it that this start made (made[1:], an auto-named
+  run's runs/), those left empty."""
+  workdir = made[0]
   try:
     if {path.name for path in workdir.iterdir()} <= _CLAIM_FILES:
       for name in _CLAIM_FILES:
         (workdir / name).unlink(missing_ok=True)
       workdir.rmdir()
+      for parent in made[1:]:
+        parent.rmdir()  # OSError if another start has put its run there meanwhile
   except OSError:  # left as it is: the next start with this workdir replaces config.json
     pass
 

@@ -478,6 +478,8 @@ def test_numerics_and_grouped_matmul_tools_run():
   for args, message in ((["--config=configs/dense.py:tiny"], "has no experts"),
                         (["--config=configs/moe_top2.py:tiny", "--devices=3"],
                          "--devices: must divide the micro-batch of 4 sequences"),
+                        (["--config=configs/moe_top2.py:tiny", "--devices=0"],
+                         "--devices: must be >= 1, got 0"),
                         (["--config=configs/moe_top2.py:tiny", "--block_sizes=0"],
                          "--block_sizes: expected positive integers, got '0'")):
     bad = subprocess.run([sys.executable, "-m", "chimera.bench_grouped", *args], cwd=ROOT,

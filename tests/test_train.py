@@ -531,6 +531,23 @@ def test_the_records_follow_the_checkpoints(make_config, corpus, tmp_path, monke
       sharding.resolve_mesh(steps(6), jax.device_count()))
 
 
+def test_a_refused_start_leaves_neither_its_workdir_nor_the_folders_it_made(make_config,
+                                                                            tmp_path):
+  """A corpus too short for one window is refused after the data was recorded (data.json):
+  the auto-named workdir, and the runs/ folder made for it, are gone all the same; a
+  folder that was there before stays."""
+  short = tmp_path / "short.txt"
+  short.write_text("To be, or not to be, that is the question. " * 7)  # 301 bytes
+  workdir = tmp_path / "runs" / "dense-tiny-1"
+  with pytest.raises(ChimeraError, match="fewer than one window"):
+    train(make_config("dense", short), workdir)
+  assert not (tmp_path / "runs").exists()
+  (tmp_path / "runs").mkdir()
+  with pytest.raises(ChimeraError, match="fewer than one window"):
+    train(make_config("dense", short), workdir)
+  assert (tmp_path / "runs").exists() and not workdir.exists()
+
+
 def test_a_start_that_saved_no_checkpoint_does_not_hold_the_workdir(make_config, corpus,
                                                                     tmp_path):
   """A start refused for bad input, or stopped before its first checkpoint, leaves no run:
