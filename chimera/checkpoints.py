@@ -10,6 +10,9 @@ one with the best validation loss.
 
 import contextlib
 import logging
+import os
+import sys
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +20,7 @@ import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
-from chimera.errors import ChimeraError
+from chimera.errors import DISK_REFUSALS, ChimeraError
 
 
 def _not_an_expected_warning(record: logging.LogRecord) -> bool:
@@ -31,6 +34,41 @@ def _not_an_expected_warning(record: logging.LogRecord) -> bool:
 
 
 logging.getLogger("absl").addFilter(_not_an_expected_warning)
+
+# How the filesystem refusing a write reads in an OSError's text and in tensorstore's.
+_DISK_REFUSAL_TEXTS = tuple(text for code in DISK_REFUSALS
+                            for text in (os.strerror(code), f"[os_error_code='{code}']"))
+
+
+def _not_a_refused_write(record: logging.LogRecord) -> bool:
+  """Orbax logs a save the disk refused (full, over quota, read-only) as errors with
+  tracebacks from each of its threads, hundreds of lines; the run then stops on
+  CheckpointWriteFailed, which says it in one line. Drops orbax's records of that refusal
+  only: any other orbax error is logged as orbax logs it."""
+  if record.levelno < logging.ERROR or "orbax" not in record.pathname:
+    return True
+  text = record.getMessage()
+  if record.exc_info:
+    text += "".join(traceback.format_exception(*record.exc_info))
+  return not any(mark in text for mark in _DISK_REFUSAL_TEXTS)
+
+
+logging.getLogger("absl").addFilter(_not_a_refused_write)
+
+
+def _closed_loops_unreported(previous):
+  """sys.unraisablehook without "Event loop is closed": when a save fails, orbax closes
+  the event loop of its writes while tensorstore still has callbacks to deliver to it,
+  and each one printed a traceback that no one can act on. Any other unraisable
+  exception goes to the hook that was there before."""
+  def hook(unraisable):
+    if not (isinstance(unraisable.exc_value, RuntimeError)
+            and str(unraisable.exc_value) == "Event loop is closed"):
+      previous(unraisable)
+  return hook
+
+
+sys.unraisablehook = _closed_loops_unreported(sys.unraisablehook)
 
 
 class CheckpointMismatch(ChimeraError):

@@ -295,6 +295,49 @@ def test_a_checkpoint_the_disk_refuses_stops_in_one_line_and_resumes(error, make
   assert steps == sorted(set(steps)) and steps[-1] == 6  # the log cut back to step 2, no repeats
 
 
+def test_orbax_errors_of_a_refused_write_are_left_to_the_one_line():
+  """A save the disk refused is logged by orbax as errors with tracebacks, from several
+  threads: those records are dropped (CheckpointWriteFailed says it in one line); orbax's
+  other errors, and anyone else's records of a full disk, still reach the log."""
+  import logging
+
+  import orbax.checkpoint as ocp
+  absl_logger = logging.getLogger("absl")
+  orbax_file = str(Path(ocp.__file__).parent / "_src" / "futures" / "future.py")
+
+  def kept(message, level=logging.ERROR, pathname=orbax_file, error=None):
+    exc_info = (type(error), error, None) if error else None
+    return bool(absl_logger.filter(logging.LogRecord("absl", level, pathname, 1, message,
+                                                     None, exc_info)))
+  tensorstore_text = ("RESOURCE_EXHAUSTED: Error writing \"opt_state\" in OCDBT database: "
+                      "Failed to write 43957 bytes to file 12: No space left on device "
+                      "[os_error_code='28']")
+  assert not kept(f"_SignalingThread.run() raised an exception: {tensorstore_text}")
+  assert not kept("Save Finalize thread (save_finalize) failed.",
+                  error=OSError(errno.EROFS, os.strerror(errno.EROFS)))
+  assert not kept("Failed to run 5 Handler Commit operations",
+                  error=ValueError(tensorstore_text.replace("28", "122")))
+  assert kept("Failed to run 5 Handler Commit operations", error=ValueError("a bug"))
+  assert kept(tensorstore_text, pathname="/work/somewhere/else.py")
+  assert kept(tensorstore_text, level=logging.WARNING)
+
+
+def test_callbacks_into_a_closed_event_loop_are_not_reported():
+  """orbax closes its writes' event loop when a save fails; tensorstore's late callbacks
+  into it raised "Event loop is closed" once each, printed as unraisable tracebacks. Only
+  those are dropped; any other unraisable exception reaches the hook before."""
+  from chimera import checkpoints
+  seen = []
+  hook = checkpoints._closed_loops_unreported(seen.append)
+  closed, other = (types.SimpleNamespace(exc_value=RuntimeError("Event loop is closed")),
+                   types.SimpleNamespace(exc_value=RuntimeError("something else")))
+  hook(closed)
+  hook(other)
+  hook(types.SimpleNamespace(exc_value=ValueError("Event loop is closed")))
+  assert [u.exc_value.args[0] for u in seen] == ["something else", "Event loop is closed"]
+  assert type(seen[1].exc_value) is ValueError
+
+
 def test_a_workdir_on_a_full_disk_is_one_line_and_left_as_it_was(make_config, corpus, tmp_path,
                                                                  monkeypatch):
   """No room for config.json: one line naming the workdir, and the folder this start made

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# A real full disk under a checkpoint save, then the same command once there is room.
+# Needs root (it mounts a 3 MB tmpfs). Prints what stderr held and how the resume went.
+# Run from the repository root with the project's environment active:
+#   bash results/cpu-experiments/full-disk/run.sh /path/to/tinyshakespeare.txt
+set -u
+corpus="${1:?the corpus file}"
+disk="$(mktemp -d)"
+mount -t tmpfs -o size=3M tmpfs "$disk" || { echo "cannot mount a tmpfs here (root?)"; exit 1; }
+trap 'umount "$disk"; rmdir "$disk"' EXIT
+export CHIMERA_CACHE="${CHIMERA_CACHE:-$(mktemp -d)}"
+run() {
+  python -m chimera.main --config=configs/moe_top2.py:tiny --config.data.corpus="$corpus" \
+      --workdir="$disk/run" --config.train.steps=40 --config.train.checkpoint_every=2 \
+      --config.train.keep_checkpoints=100 >/dev/null 2>"$disk/../stderr.$1"
+  echo "exit status $?"
+}
+echo "== 3 MB free: $(run full)"
+echo "stderr: $(wc -l < "$disk/../stderr.full") lines; those not a step or an eval line:"
+grep -v "^step\|^eval" "$disk/../stderr.full"
+mount -o remount,size=40M "$disk"
+echo "== 40 MB, the same command: $(run resumed)"
+grep -v "^step\|^eval" "$disk/../stderr.resumed"
+echo "checkpoints: $(ls "$disk/run/checkpoints" | sort -n | tr '\n' ' ')"
