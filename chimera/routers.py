@@ -235,6 +235,13 @@ def assign(router_logits: jax.Array, probs: jax.Array, gate: jax.Array,
   )
 
 
+def renormalized(gate: jax.Array) -> jax.Array:
+  """The chosen experts' gates [..., K] divided by their sum. A sum that underflowed to 0
+  (a bias or noise that chose experts of probability 0, logits some 100 below the best)
+  gives gates of 0, not NaN; any other sum gives the plain quotient, bit for bit."""
+  return gate / jnp.maximum(gate.sum(axis=-1, keepdims=True), jnp.finfo(gate.dtype).tiny)
+
+
 @register("top_k", causal=slots_are_causal, not_causal_because=SLOTS_NOT_CAUSAL)
 def top_k(router_logits: jax.Array, config: ModelConfig, *, capacity: int | None,
           bias: jax.Array | None = None) -> Routing:
@@ -250,7 +257,7 @@ def top_k(router_logits: jax.Array, config: ModelConfig, *, capacity: int | None
   expert_index = choose(router_logits, bias, config.top_k)  # [G, S, K]
   gate = jnp.take_along_axis(probs, expert_index, axis=-1)
   if config.renormalize_gates:
-    gate = gate / gate.sum(axis=-1, keepdims=True)
+    gate = renormalized(gate)
   return assign(router_logits, probs, gate, expert_index, config, capacity)
 
 
@@ -271,7 +278,7 @@ def sigmoid_top_k(router_logits: jax.Array, config: ModelConfig, *, capacity: in
   expert_index = choose(router_logits, bias, config.top_k)
   gate = jnp.take_along_axis(affinity, expert_index, axis=-1)
   if config.renormalize_gates:
-    gate = gate / gate.sum(axis=-1, keepdims=True)
+    gate = renormalized(gate)
   return assign(router_logits, probs, gate, expert_index, config, capacity)
 
 

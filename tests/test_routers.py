@@ -283,6 +283,26 @@ def test_bias_changes_choice_not_gate(router):
   np.testing.assert_allclose(gate_per_expert(biased), gate_per_expert(plain), atol=1e-6)
 
 
+@pytest.mark.parametrize("router", sorted(ROUTERS))
+def test_renormalised_gates_of_experts_of_probability_zero_are_zero_not_nan(router):
+  """A bias that chooses experts 200 logits below the best: their probabilities (and
+  sigmoid affinities) underflow to 0, and so does their sum. Their renormalised gates are
+  0, not 0/0, and every other token's gates are the plain quotient, bit for bit."""
+  cfg = router_config(router, 2, renormalize_gates=True)
+  logits = random_logits(5)
+  logits[0, 0] = [0.0, -200.0, -200.0, -200.0]
+  bias = jnp.array([-1000.0, 0.0, 0.0, 0.0])
+  routing = jit_route(logits, cfg, capacity=None, bias=bias)
+  assert set(np.asarray(routing.expert_index[0, 0]).tolist()) <= {1, 2, 3}
+  np.testing.assert_array_equal(routing.gate[0, 0], [0.0, 0.0])
+  assert np.isfinite(np.asarray(routing.gate)).all()
+  unnormalised = jit_route(logits, dataclasses.replace(cfg, renormalize_gates=False),
+                           capacity=None, bias=bias).gate
+  plain = unnormalised / unnormalised.sum(-1, keepdims=True)
+  np.testing.assert_array_equal(np.asarray(routing.gate).reshape(-1, 2)[1:],
+                                np.asarray(plain).reshape(-1, 2)[1:])
+
+
 def test_top1_gate_is_the_probability_and_trains_the_router():
   # Switch: the top-1 gate is p_i, so d(sum of gates)/d logits = p_i * (onehot(i) - p).
   cfg = router_config("top_k", 1)
