@@ -1,0 +1,145 @@
+"""How far a run's routing moves between its checkpoints.
+
+  python -m chimera.routing_stability --workdir=runs/moe_top2-...  [--batches=N] [--json=FILE]
+
+When the router keeps changing which experts a token goes to ("routing fluctuation",
+StableMoE, Dai et al. 2022), each expert keeps being trained on other tokens. For every
+checkpoint the run kept (`train.keep_checkpoints`; the study runner's runs keep the last
+two and the best), each MoE layer's choice for every token of the run's fixed validation
+batches (those its evaluations score; the first N with --batches) is computed as
+evaluation makes it: the top k of the router's logits plus the balancing bias, no noise.
+Between each pair of consecutive checkpoints it prints, per MoE layer, the fraction of
+those tokens whose first expert changed and the fraction whose set of k experts changed.
+The same checkpoint against itself gives 0 and 0.
+"""
+
+import dataclasses
+import functools
+import json
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags, logging
+
+from chimera import compile_cache, config as config_lib
+from chimera.decoder import Decoder
+from chimera.errors import ChimeraError, check_writable, parse_flags
+from chimera.evaluate import restore_state, run_config
+from chimera.routers import choose
+from chimera.train import check_same_data, prepare_data, saved_steps
+
+
+@dataclasses.dataclass(frozen=True)
+class Change:
+  """Between the checkpoints at steps `before` and `after`: per MoE layer (in depth order),
+  the fraction of tokens whose first expert changed, and whose set of k experts changed."""
+
+  before: int
+  after: int
+  first_expert: tuple[float, ...]
+  expert_set: tuple[float, ...]
+
+
+def _is_router(module, method_name: str) -> bool:
+  return module.name == "router" and method_name == "__call__"
+
+
+def expert_choices(config: config_lib.Config, params, model_state: dict,
+                   tokens: np.ndarray) -> np.ndarray:
+  """Each MoE layer's k experts for every token of tokens [N, B, L+1] (the inputs, the
+  last position left out): [layers, N * B * L, k], in the order of the layers and, for
+  each, of the experts' scores (the first is the best)."""
+  model = Decoder(config.model)
+  k = config.model.top_k
+
+  @jax.jit
+  def one_batch(batch):
+    _, captured = model.apply({"params": params, **model_state}, batch[:, :-1],
+                              deterministic=True, capture_intermediates=_is_router,
+                              mutable=["intermediates"])
+    blocks = captured["intermediates"]
+    biases = model_state.get("router_bias", {})
+    chosen = []
+    for name in sorted(blocks, key=lambda n: int(n.rsplit("_", 1)[-1])):  # block_<i>
+      logits = blocks[name]["moe"]["router"]["__call__"][0]  # [G, S, E]
+      bias = biases.get(name, {}).get("moe", {}).get("bias")
+      chosen.append(choose(logits, bias, k).reshape(-1, k))
+    return jnp.stack(chosen)  # [layers, B * L, k]
+
+  return np.concatenate([np.asarray(one_batch(batch)) for batch in tokens], axis=1)
+
+
+def changed(before: np.ndarray, after: np.ndarray) -> tuple[tuple[float, ...],
+                                                             tuple[float, ...]]:
+  """Per layer, the fraction of tokens whose first expert differs between two
+  `expert_choices` of the same tokens, and the fraction whose set of experts differs."""
+  first = (before[..., 0] != after[..., 0]).mean(axis=1)
+  sets = (np.sort(before, axis=-1) != np.sort(after, axis=-1)).any(axis=-1).mean(axis=1)
+  return tuple(map(float, first)), tuple(map(float, sets))
+
+
+def routing_changes(workdir: str | Path, batches: int | None = None) -> list[Change]:
+  """The changes between each pair of consecutive checkpoints of the run in `workdir`,
+  on its first `batches` validation batches (all of them if None)."""
+  config, last, config_path = run_config(workdir)
+  if not config.model.num_experts:
+    raise ChimeraError(f"--workdir: {workdir} holds a dense run (model.num_experts=0): "
+                       f"nothing is routed")
+  steps = saved_steps(Path(workdir))
+  if len(steps) < 2:
+    raise ChimeraError(f"--workdir: {workdir} holds one checkpoint (step {last}); routing "
+                       f"changes need two (train.keep_checkpoints)")
+  data = prepare_data(config, functools.partial(check_same_data, Path(workdir),
+                                                resuming=True, record_move=False))
+  tokens = data.val_batches[:batches]
+  previous, changes = None, []
+  for step in steps:
+    state = restore_state(workdir, config, step, config_path)
+    choices = expert_choices(config, state.params, state.model_state, tokens)
+    if previous is not None:
+      changes.append(Change(previous[0], step, *changed(previous[1], choices)))
+    previous = (step, choices)
+  return changes
+
+
+def define_flags() -> None:
+  """Command-line flags, defined only when this runs as a program (chimera.evaluate and
+  chimera.generate define a --workdir of their own)."""
+  flags.DEFINE_string("workdir", None, "A run directory with checkpoints/.")
+  flags.DEFINE_integer("batches", None, "Score only the first N validation batches "
+                       "(default: all the run's evaluation batches).")
+  flags.DEFINE_string("json", None, "Also write the changes to this file, as JSON.")
+
+
+def main(argv):
+  del argv
+  FLAGS = flags.FLAGS
+  logging.set_verbosity(logging.WARNING)  # orbax logs every restore at INFO
+  try:
+    compile_cache.enable()  # in the try: a $CHIMERA_CACHE that cannot be a folder is one line
+    if not FLAGS.workdir:
+      raise ChimeraError("--workdir is required")
+    if FLAGS.batches is not None and FLAGS.batches < 1:
+      raise ChimeraError(f"--batches: must be >= 1, got {FLAGS.batches}")
+    if FLAGS.json:
+      check_writable("json", FLAGS.json, folder=False)
+    changes = routing_changes(FLAGS.workdir, FLAGS.batches)
+  except ChimeraError as error:
+    print(f"error: {error}", file=sys.stderr)
+    sys.exit(2)
+  layers = len(changes[0].first_expert)
+  print("steps | " + " | ".join(f"MoE layer {i}: first expert, expert set changed"
+                                for i in range(layers)))
+  for c in changes:
+    print(f"{c.before} -> {c.after} | " + " | ".join(
+        f"{f:.1%}, {s:.1%}" for f, s in zip(c.first_expert, c.expert_set)))
+  if FLAGS.json:
+    Path(FLAGS.json).write_text(json.dumps([dataclasses.asdict(c) for c in changes], indent=2))
+
+
+if __name__ == "__main__":
+  define_flags()
+  app.run(main, flags_parser=parse_flags)

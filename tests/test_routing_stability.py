@@ -1,0 +1,101 @@
+"""chimera.routing_stability: how far a run's routing moves between its checkpoints."""
+
+import functools
+import json
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from chimera import evaluate, routing_stability
+from chimera.decoder import Decoder
+from chimera.errors import ChimeraError
+from chimera.steps import eval_step
+from chimera.train import train
+from conftest import ROOT
+
+
+def test_changed_counts_first_experts_and_sets():
+  before = np.array([[[0, 1], [2, 3], [1, 0], [3, 2]]])  # [layers 1, tokens 4, k 2]
+  after = np.array([[[1, 0], [2, 3], [1, 2], [0, 2]]])
+  # token 0: first 0 -> 1, set {0,1} kept; token 2: first kept, set {0,1} -> {1,2};
+  # token 3: both change.
+  assert routing_stability.changed(before, after) == ((0.5,), (0.5,))
+  assert routing_stability.changed(before, before) == ((0.0,), (0.0,))
+
+
+@pytest.fixture(scope="module")
+def biased_run(tmp_path_factory, write_corpus):
+  """A tiny moe_top2 run with the balancing bias on (it chooses too), three checkpoints."""
+  from conftest import make_config
+  folder = tmp_path_factory.mktemp("routing")
+  config = make_config("moe_top2", write_corpus(folder / "corpus.txt"), train__steps=9,
+                       train__checkpoint_every=3, train__keep_checkpoints=5,
+                       model__router_bias_rate=0.01)
+  train(config, folder / "run")
+  return folder / "run"
+
+
+def test_choices_are_the_layers_routing_and_changes_follow_the_checkpoints(biased_run):
+  """The choices, counted per expert, are the expert loads the evaluation step reports
+  from the MoE layers themselves (bias included); a checkpoint against itself changes
+  nothing; and the run's steps pair up in order."""
+  config, state, _ = evaluate.restore_run(biased_run)
+  assert any(np.asarray(leaf).any() for leaf in
+             jax.tree.leaves(state.model_state["router_bias"]))  # the bias has moved
+  from chimera.train import prepare_data
+  tokens = prepare_data(config).val_batches
+  choices = routing_stability.expert_choices(config, state.params, state.model_state, tokens)
+  layers, k, num_experts = 2, config.model.top_k, config.model.num_experts
+  assert choices.shape == (layers, tokens.shape[0] * tokens.shape[1] * (tokens.shape[2] - 1), k)
+  load = np.stack([np.bincount(layer.ravel(), minlength=num_experts) / layer.size
+                   for layer in choices])
+  step = jax.jit(functools.partial(eval_step, model=Decoder(config.model),
+                                   config=config.model))
+  reported = np.mean([np.asarray(step(state.params, state.model_state, batch)["expert_load"])
+                      for batch in tokens], axis=0)
+  np.testing.assert_allclose(load, reported, atol=1e-6)
+  assert routing_stability.changed(choices, choices) == ((0.0,) * layers, (0.0,) * layers)
+  changes = routing_stability.routing_changes(biased_run, batches=1)
+  assert [(c.before, c.after) for c in changes] == [(3, 6), (6, 9)]
+  assert all(0 <= f <= 1 and 0 <= s <= 1 for c in changes
+             for f, s in zip(c.first_expert, c.expert_set))
+  assert any(s > 0 for c in changes for s in c.expert_set)  # 9 steps of training do move it
+
+
+def test_command_prints_and_writes_the_changes_and_refuses_in_one_line(biased_run, tmp_path,
+                                                                       make_config, corpus):
+  out = tmp_path / "changes.json"
+  tool = lambda *args: subprocess.run([sys.executable, "-m", "chimera.routing_stability",
+                                       *args], cwd=ROOT, capture_output=True, text=True,
+                                      timeout=300)
+  result = tool(f"--workdir={biased_run}", "--batches=1", f"--json={out}")
+  assert result.returncode == 0, result.stderr[-2000:]
+  lines = result.stdout.splitlines()
+  assert lines[0].startswith("steps | MoE layer 0: first expert, expert set changed")
+  assert [line.split(" |")[0] for line in lines[1:]] == ["3 -> 6", "6 -> 9"]
+  written = json.loads(out.read_text())
+  assert [(c["before"], c["after"]) for c in written] == [(3, 6), (6, 9)]
+  assert written == [dataclass_dict(c) for c in
+                     routing_stability.routing_changes(biased_run, batches=1)]
+  dense = tmp_path / "dense"
+  train(make_config("dense", corpus, train__steps=3, train__checkpoint_every=3), dense)
+  bad = tool(f"--workdir={dense}")
+  assert (bad.returncode, bad.stdout, bad.stderr.strip().splitlines()) == (2, "", [
+      f"error: --workdir: {dense} holds a dense run (model.num_experts=0): nothing is routed"])
+
+
+def test_one_checkpoint_is_not_enough(tmp_path, make_config, corpus):
+  workdir = tmp_path / "run"
+  train(make_config("moe_top2", corpus, train__steps=3, train__checkpoint_every=3), workdir)
+  with pytest.raises(ChimeraError, match=r"holds one checkpoint \(step 3\); routing changes "
+                                         r"need two"):
+    routing_stability.routing_changes(workdir)
+
+
+def dataclass_dict(change) -> dict:
+  import dataclasses
+  return {key: list(value) if isinstance(value, tuple) else value
+          for key, value in dataclasses.asdict(change).items()}
