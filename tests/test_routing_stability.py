@@ -2,6 +2,7 @@
 
 import functools
 import json
+import shutil
 import subprocess
 import sys
 
@@ -87,10 +88,12 @@ def test_command_prints_and_writes_the_changes_and_refuses_in_one_line(biased_ru
       f"error: --workdir: {dense} holds a dense run (model.num_experts=0): nothing is routed"])
 
 
-def test_one_checkpoint_is_not_enough(tmp_path, make_config, corpus):
+def test_one_checkpoint_is_not_enough(biased_run, tmp_path):
   workdir = tmp_path / "run"
-  train(make_config("moe_top2", corpus, train__steps=3, train__checkpoint_every=3), workdir)
-  with pytest.raises(ChimeraError, match=r"holds one checkpoint \(step 3\); routing changes "
+  shutil.copytree(biased_run, workdir)
+  for step in (3, 6):
+    shutil.rmtree(workdir / "checkpoints" / str(step))
+  with pytest.raises(ChimeraError, match=r"holds one checkpoint \(step 9\); routing changes "
                                          r"need two"):
     routing_stability.routing_changes(workdir)
 
