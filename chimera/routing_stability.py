@@ -9,8 +9,11 @@ two and the best), each MoE layer's choice for every token of the run's fixed va
 batches (those its evaluations score; the first N with --batches) is computed as
 evaluation makes it: the top k of the router's logits plus the balancing bias, no noise.
 Between each pair of consecutive checkpoints it prints, per MoE layer, the fraction of
-those tokens whose first expert changed and the fraction whose set of k experts changed.
-The same checkpoint against itself gives 0 and 0.
+those tokens whose first expert changed, the fraction whose set of k experts changed, and
+that fraction again with the routers (their weights and bias) held at the earlier
+checkpoint: the part of the change that the inputs to the router, the representations
+the layers below learned meanwhile, make alone. The same checkpoint against itself gives
+0, 0 and 0.
 """
 
 import dataclasses
@@ -25,6 +28,7 @@ import numpy as np
 from absl import app, flags, logging
 
 from chimera import compile_cache, config as config_lib
+from chimera.config import ModelConfig
 from chimera.decoder import Decoder
 from chimera.errors import ChimeraError, check_writable, parse_flags
 from chimera.evaluate import restore_state, run_config
@@ -41,10 +45,27 @@ class Change:
   after: int
   first_expert: tuple[float, ...]
   expert_set: tuple[float, ...]
+  expert_set_router_held: tuple[float, ...]  # the later model with the earlier routers
 
 
 def _is_router(module, method_name: str) -> bool:
   return module.name == "router" and method_name == "__call__"
+
+
+@functools.partial(jax.jit, static_argnames="config")
+def _batch_choices(params, model_state: dict, batch: jax.Array, *,
+                   config: ModelConfig) -> jax.Array:
+  _, captured = Decoder(config).apply({"params": params, **model_state}, batch[:, :-1],
+                                      deterministic=True, capture_intermediates=_is_router,
+                                      mutable=["intermediates"])
+  blocks = captured["intermediates"]
+  biases = model_state.get("router_bias", {})
+  chosen = []
+  for name in sorted(blocks, key=lambda n: int(n.rsplit("_", 1)[-1])):  # block_<i>
+    logits = blocks[name]["moe"]["router"]["__call__"][0]  # [G, S, E]
+    bias = biases.get(name, {}).get("moe", {}).get("bias")
+    chosen.append(choose(logits, bias, config.top_k).reshape(-1, config.top_k))
+  return jnp.stack(chosen)  # [layers, B * L, k]
 
 
 def expert_choices(config: config_lib.Config, params, model_state: dict,
@@ -52,24 +73,21 @@ def expert_choices(config: config_lib.Config, params, model_state: dict,
   """Each MoE layer's k experts for every token of tokens [N, B, L+1] (the inputs, the
   last position left out): [layers, N * B * L, k], in the order of the layers and, for
   each, of the experts' scores (the first is the best)."""
-  model = Decoder(config.model)
-  k = config.model.top_k
+  return np.concatenate([np.asarray(_batch_choices(params, model_state, batch,
+                                                   config=config.model))
+                         for batch in tokens], axis=1)
 
-  @jax.jit
-  def one_batch(batch):
-    _, captured = model.apply({"params": params, **model_state}, batch[:, :-1],
-                              deterministic=True, capture_intermediates=_is_router,
-                              mutable=["intermediates"])
-    blocks = captured["intermediates"]
-    biases = model_state.get("router_bias", {})
-    chosen = []
-    for name in sorted(blocks, key=lambda n: int(n.rsplit("_", 1)[-1])):  # block_<i>
-      logits = blocks[name]["moe"]["router"]["__call__"][0]  # [G, S, E]
-      bias = biases.get(name, {}).get("moe", {}).get("bias")
-      chosen.append(choose(logits, bias, k).reshape(-1, k))
-    return jnp.stack(chosen)  # [layers, B * L, k]
 
-  return np.concatenate([np.asarray(one_batch(batch)) for batch in tokens], axis=1)
+def with_routers_of(params, model_state: dict, earlier_params,
+                    earlier_model_state: dict) -> tuple[dict, dict]:
+  """(params, model_state) with every router's weights and balancing bias taken from the
+  earlier ones: the later model routing through the earlier routers."""
+  is_router = lambda path: any(getattr(key, "key", None) == "router" for key in path)
+  params = jax.tree_util.tree_map_with_path(
+      lambda path, now, then: then if is_router(path) else now, params, earlier_params)
+  if "router_bias" in model_state:
+    model_state = {**model_state, "router_bias": earlier_model_state["router_bias"]}
+  return params, model_state
 
 
 def changed(before: np.ndarray, after: np.ndarray) -> tuple[tuple[float, ...],
@@ -100,8 +118,13 @@ def routing_changes(workdir: str | Path, batches: int | None = None) -> list[Cha
     state = restore_state(workdir, config, step, config_path)
     choices = expert_choices(config, state.params, state.model_state, tokens)
     if previous is not None:
-      changes.append(Change(previous[0], step, *changed(previous[1], choices)))
-    previous = (step, choices)
+      earlier_step, earlier, earlier_choices = previous
+      held = expert_choices(config, *with_routers_of(state.params, state.model_state,
+                                                     earlier.params, earlier.model_state),
+                            tokens)
+      changes.append(Change(earlier_step, step, *changed(earlier_choices, choices),
+                            changed(earlier_choices, held)[1]))
+    previous = (step, state, choices)
   return changes
 
 
@@ -131,11 +154,12 @@ def main(argv):
     print(f"error: {error}", file=sys.stderr)
     sys.exit(2)
   layers = len(changes[0].first_expert)
-  print("steps | " + " | ".join(f"MoE layer {i}: first expert, expert set changed"
-                                for i in range(layers)))
+  print("steps | " + " | ".join(f"MoE layer {i}: first expert, expert set changed (routers "
+                                f"held)" for i in range(layers)))
   for c in changes:
     print(f"{c.before} -> {c.after} | " + " | ".join(
-        f"{f:.1%}, {s:.1%}" for f, s in zip(c.first_expert, c.expert_set)))
+        f"{f:.1%}, {s:.1%} ({h:.1%})"
+        for f, s, h in zip(c.first_expert, c.expert_set, c.expert_set_router_held)))
   if FLAGS.json:
     Path(FLAGS.json).write_text(json.dumps([dataclasses.asdict(c) for c in changes], indent=2))
 

@@ -6,6 +6,7 @@ import shutil
 import subprocess
 import sys
 
+import flax
 import jax
 import numpy as np
 import pytest
@@ -59,10 +60,26 @@ def test_choices_are_the_layers_routing_and_changes_follow_the_checkpoints(biase
                       for batch in tokens], axis=0)
   np.testing.assert_allclose(load, reported, atol=1e-6)
   assert routing_stability.changed(choices, choices) == ((0.0,) * layers, (0.0,) * layers)
+  # The later model through the earlier routers: their weights and bias are step 3's,
+  # every other weight step 9's.
+  _, earlier, _ = evaluate.restore_run(biased_run, step=3)
+  params, model_state = routing_stability.with_routers_of(
+      state.params, state.model_state, earlier.params, earlier.model_state)
+  flat = lambda tree: flax.traverse_util.flatten_dict(flax.core.unfreeze(tree))
+  routers = 0
+  for path, leaf in flat(params).items():
+    source = earlier if "router" in path else state
+    routers += "router" in path
+    np.testing.assert_array_equal(leaf, flat(source.params)[path])
+  assert routers == layers
+  assert model_state["router_bias"] is earlier.model_state["router_bias"]
+  assert model_state.keys() == state.model_state.keys()
+  assert all(model_state[key] is state.model_state[key] for key in model_state
+             if key != "router_bias")
   changes = routing_stability.routing_changes(biased_run, batches=1)
   assert [(c.before, c.after) for c in changes] == [(3, 6), (6, 9)]
-  assert all(0 <= f <= 1 and 0 <= s <= 1 for c in changes
-             for f, s in zip(c.first_expert, c.expert_set))
+  assert all(0 <= f <= 1 and 0 <= s <= 1 and 0 <= h <= 1 for c in changes
+             for f, s, h in zip(c.first_expert, c.expert_set, c.expert_set_router_held))
   assert any(s > 0 for c in changes for s in c.expert_set)  # 9 steps of training do move it
 
 
