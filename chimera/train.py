@@ -58,8 +58,9 @@ def open_workdir(workdir: Path, config: Config):
   before its first save): its config.json is replaced, so the corrected command starts
   there. A workdir this call created is removed again if the block fails while it holds
   only config.json and data.json (bad data, say: an auto-named runs/ folder would
-  otherwise outlive the typo), with the empty folders above it that this call made. The lock is an flock held by this process: the kernel drops it when the process
-  dies, so a killed run never blocks the next one. Yields the steps of the checkpoints
+  otherwise outlive the typo), with the empty folders above it that this call made. The
+  lock is an flock held by this process: the kernel drops it when the process dies, so a
+  killed run never blocks the next one. Yields the steps of the checkpoints
   there (empty: a fresh start).
   """
   if workdir.exists() and not workdir.is_dir():
