@@ -20,7 +20,7 @@ import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
-from chimera.errors import DISK_REFUSALS, ChimeraError
+from chimera.errors import DISK_REFUSALS, ChimeraError, hook_without
 
 
 def _not_an_expected_warning(record: logging.LogRecord) -> bool:
@@ -56,19 +56,16 @@ def _not_a_refused_write(record: logging.LogRecord) -> bool:
 logging.getLogger("absl").addFilter(_not_a_refused_write)
 
 
-def _closed_loops_unreported(previous):
-  """sys.unraisablehook without "Event loop is closed": when a save fails, orbax closes
-  the event loop of its writes while tensorstore still has callbacks to deliver to it,
-  and each one printed a traceback that no one can act on. Any other unraisable
-  exception goes to the hook that was there before."""
-  def hook(unraisable):
-    if not (isinstance(unraisable.exc_value, RuntimeError)
-            and str(unraisable.exc_value) == "Event loop is closed"):
-      previous(unraisable)
-  return hook
+def _is_closed_loop(error: BaseException) -> bool:
+  """When a save fails, orbax closes the event loop of its writes while tensorstore still
+  has callbacks to deliver to it: each one raised "Event loop is closed", printed as an
+  unraisable exception's traceback that no one can act on (CheckpointWriteFailed says
+  what went wrong, in one line)."""
+  return isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
 
 
-sys.unraisablehook = _closed_loops_unreported(sys.unraisablehook)
+sys.unraisablehook = hook_without(sys.unraisablehook,
+                                  lambda args: _is_closed_loop(args.exc_value))
 
 
 class CheckpointMismatch(ChimeraError):

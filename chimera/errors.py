@@ -8,6 +8,21 @@ DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 DISK_REFUSALS = (*DISK_FULL, errno.EROFS)
 
 
+def is_disk_refusal(error: BaseException) -> bool:
+  """Whether `error` is the filesystem refusing a write (full, over quota, read-only)."""
+  return isinstance(error, OSError) and error.errno in DISK_REFUSALS
+
+
+def hook_without(previous, drop):
+  """A sys.unraisablehook or threading.excepthook that hands `previous` every exception
+  but those `drop(args)` (the hook's argument: its exc_value, and for a thread's, the
+  thread) says a one-line error already reports."""
+  def hook(args):
+    if not drop(args):
+      previous(args)
+  return hook
+
+
 class ChimeraError(ValueError):
     """A user-facing error: one line that names the bad field or file."""
 

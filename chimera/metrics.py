@@ -7,15 +7,39 @@ import itertools
 import json
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 
 import jax
 import numpy as np
-from tensorboardX import SummaryWriter
+from tensorboardX import SummaryWriter, event_file_writer
 
 from chimera.data.corpora import write_atomic
+from chimera.errors import hook_without, is_disk_refusal
 from chimera.records import read_jsonl
+
+
+
+def _reported_by_the_run(args) -> bool:
+  """A log the disk refuses stops the run in one line (chimera.train), from the main
+  thread's own write, or its flush after every write. tensorboardX's writer thread meets
+  the same file's errors, and at exit its atexit hook flushes the abandoned writer again:
+  each printed a traceback of what that line has already said. Dropped: the disk's
+  refusals anywhere, and any OSError in tensorboardX's writer thread (at exit, after a
+  refusal, "handle is closed"). Everything else is printed as before."""
+  error = args.exc_value
+  thread = getattr(args, "thread", None)
+  return is_disk_refusal(error) or (isinstance(error, OSError)
+                                    and isinstance(thread, _TENSORBOARD_THREAD))
+
+
+# tensorboardX's private writer thread class; () (nothing is one) if a release renames it.
+_TENSORBOARD_THREAD = getattr(event_file_writer, "_EventLoggerThread", ())
+
+
+threading.excepthook = hook_without(threading.excepthook, _reported_by_the_run)
+sys.unraisablehook = hook_without(sys.unraisablehook, _reported_by_the_run)
 
 
 def _plain(value):

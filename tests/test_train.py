@@ -322,20 +322,39 @@ def test_orbax_errors_of_a_refused_write_are_left_to_the_one_line():
   assert kept(tensorstore_text, level=logging.WARNING)
 
 
-def test_callbacks_into_a_closed_event_loop_are_not_reported():
-  """orbax closes its writes' event loop when a save fails; tensorstore's late callbacks
-  into it raised "Event loop is closed" once each, printed as unraisable tracebacks. Only
-  those are dropped; any other unraisable exception reaches the hook before."""
-  from chimera import checkpoints
+def test_tracebacks_of_a_refused_write_that_the_one_line_reports_are_not_printed():
+  """After a refused write, orbax's late callbacks into its closed event loop raised
+  "Event loop is closed", and tensorboardX's writer thread and atexit flush raised the
+  disk's error (or "handle is closed"), each printed as a traceback. The hooks drop those
+  and hand every other exception to the hook that was there before."""
+  import threading
+
+  from tensorboardX import event_file_writer
+
+  from chimera import checkpoints, metrics
+  from chimera.errors import hook_without
   seen = []
-  hook = checkpoints._closed_loops_unreported(seen.append)
-  closed, other = (types.SimpleNamespace(exc_value=RuntimeError("Event loop is closed")),
-                   types.SimpleNamespace(exc_value=RuntimeError("something else")))
-  hook(closed)
-  hook(other)
-  hook(types.SimpleNamespace(exc_value=ValueError("Event loop is closed")))
-  assert [u.exc_value.args[0] for u in seen] == ["something else", "Event loop is closed"]
-  assert type(seen[1].exc_value) is ValueError
+  unraisable = lambda error: types.SimpleNamespace(exc_value=error)
+  in_thread = lambda error, thread: types.SimpleNamespace(exc_value=error, thread=thread)
+  orbax_hook = hook_without(seen.append, lambda args: checkpoints._is_closed_loop(args.exc_value))
+  log_hook = hook_without(seen.append, metrics._reported_by_the_run)
+  writer_thread = event_file_writer._EventLoggerThread(None, None, 1)
+  other_thread = threading.Thread()
+  dropped = [(orbax_hook, unraisable(RuntimeError("Event loop is closed"))),
+             (log_hook, unraisable(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))),
+             (log_hook, in_thread(OSError(errno.EROFS, os.strerror(errno.EROFS)), other_thread)),
+             (log_hook, in_thread(OSError("handle is closed"), writer_thread))]
+  kept = [(orbax_hook, unraisable(RuntimeError("something else"))),
+          (orbax_hook, unraisable(ValueError("Event loop is closed"))),
+          (log_hook, unraisable(OSError(errno.EIO, os.strerror(errno.EIO)))),
+          (log_hook, in_thread(OSError("handle is closed"), other_thread)),
+          (log_hook, in_thread(ValueError("a bug"), writer_thread))]
+  for hook, args in dropped + kept:
+    hook(args)
+  assert seen == [args for _, args in kept]
+  # This tensorboardX's writer thread class was found (a rename would leave () there,
+  # and its threads' errors printed).
+  assert isinstance(writer_thread, metrics._TENSORBOARD_THREAD)
 
 
 def test_a_workdir_on_a_full_disk_is_one_line_and_left_as_it_was(make_config, corpus, tmp_path,

@@ -22,3 +22,11 @@ mount -o remount,size=40M "$disk"
 echo "== 40 MB, the same command: $(run resumed)"
 grep -v "^step\|^eval" "$disk/../stderr.resumed"
 echo "checkpoints: $(ls "$disk/run/checkpoints" | sort -n | tr '\n' ' ')"
+# A log the disk refuses: 60 kB, room for the claim files and a few hundred log rows.
+umount "$disk" && mount -t tmpfs -o size=60k tmpfs "$disk"
+python -m chimera.main --config=configs/moe_top2.py:tiny --config.data.corpus="$corpus" \
+    --workdir="$disk/run" --config.train.steps=3000 --config.train.checkpoint_every=3000 \
+    --config.train.eval_every=3000 --config.train.log_every=1 >/dev/null 2>"$disk/../stderr.log"
+echo "== 60 kB free, a log row every step: exit status $?"
+echo "stderr: $(wc -l < "$disk/../stderr.log") lines; those not a step line:"
+grep -v "^step" "$disk/../stderr.log"
