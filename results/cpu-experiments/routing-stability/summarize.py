@@ -22,3 +22,29 @@ for name, label in RUNS.items():
   rows.append(("mean of the intervals", *(mean([row[i] for row in rows]) for i in (1, 2, 3))))
   for steps, first, changed, held in rows:
     print(f"{label} | {steps} | {first:.1%} | {changed:.1%} | {held:.1%} | {held / changed:.2f}")
+
+# The same, drawn: the pair's changes against the interval's end, solid; with the routers
+# held, dashed (routing_stability.png, next to this file).
+import matplotlib  # noqa: E402
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+figure, axis = plt.subplots(figsize=(7, 4.5))
+for (name, label), color in zip(RUNS.items(), ("tab:blue", "tab:orange", "tab:green")):
+  path = HERE / f"{name}.json"
+  if not path.exists():
+    continue
+  changes = json.loads(path.read_text())
+  steps = [c["after"] for c in changes]
+  axis.plot(steps, [mean(c["expert_set"]) for c in changes], color=color, label=label)
+  axis.plot(steps, [mean(c["expert_set_router_held"]) for c in changes], color=color,
+            linestyle="--", label=f"{label}, routers held")
+axis.set_xlabel("training step (end of each 250-step interval)")
+axis.set_ylabel("validation tokens whose pair of experts changed")
+axis.yaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0))
+axis.set_title("Routing changes between checkpoints, mean of 3 MoE layers (seed 0)")
+axis.legend(fontsize=8)
+axis.grid(alpha=0.3)
+figure.tight_layout()
+figure.savefig(HERE / "routing_stability.png", dpi=110)
