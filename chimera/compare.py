@@ -50,7 +50,7 @@ from chimera import (accounting, bench, compile_cache, config as config_lib, rep
                      study_sweeps)
 from chimera.config import Config
 from chimera.data.corpora import open_corpus, write_atomic
-from chimera.errors import DISK_REFUSALS, ChimeraError, check_writable, parse_flags
+from chimera.errors import ChimeraError, check_writable, is_disk_refusal, parse_flags
 from chimera.records import RunSummary
 from chimera.study_stats import Run
 
@@ -511,7 +511,7 @@ def write_report(out: Path, **fields) -> None:
   try:
     report.write(out, **fields)
   except OSError as error:
-    if error.errno not in DISK_REFUSALS:
+    if not is_disk_refusal(error):
       raise
     raise ChimeraError(f"the report could not be written in {out} ({error.strerror}); the "
                        f"runs are kept: make room, then run the same command (with "

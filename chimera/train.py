@@ -29,7 +29,7 @@ from chimera.data.cache import prepare as prepare_cache
 from chimera.data.corpora import write_atomic
 from chimera.data.tokenizers import get_tokenizer
 from chimera.decoder import Decoder
-from chimera.errors import DISK_REFUSALS, ChimeraError
+from chimera.errors import ChimeraError, is_disk_refusal
 from chimera.layers import Kernels
 from chimera.metrics import MetricWriter, log, progress_line
 from chimera.records import (EvalRecord, Progress, RunSummary, device_name, loaded_code_version,
@@ -73,7 +73,6 @@ def open_workdir(workdir: Path, config: Config):
                          f"(a chimera.compare report folder?): {type(error).__name__}; use "
                          f"another workdir") from None
   made = [path for path in (workdir, *workdir.parents) if not path.exists()]  # this call's
-  created = bool(made)
   try:
     workdir.mkdir(parents=True, exist_ok=True)
     lock = open(workdir / ".lock", "a+") if jax.process_index() == 0 else None
@@ -102,15 +101,15 @@ def open_workdir(workdir: Path, config: Config):
       write_atomic(workdir / "config.json",
                    json.dumps(config_lib.to_dict(config), indent=2).encode())
     except OSError as error:
-      if error.errno not in DISK_REFUSALS:
+      if not is_disk_refusal(error):
         raise
-      if created:
+      if made:
         _remove_if_unused(made)
       raise ChimeraError(f"--workdir: cannot write in {workdir} ({error.strerror})") from None
     try:
       yield saved
     except BaseException:
-      if created:  # a start that failed before training leaves no folder behind
+      if made:  # a start that failed before training leaves no folder behind
         _remove_if_unused(made)
       raise
 
@@ -468,7 +467,7 @@ def train(config: Config, workdir: str | Path, *, stop_after: int | None = None,
       except CheckpointWriteFailed as error:
         failed = str(error)
       except OSError as error:  # the log, TensorBoard's events, the summary
-        if error.errno not in DISK_REFUSALS:
+        if not is_disk_refusal(error):
           raise
         where = f": {error.filename}" if error.filename else ""
         failed = f"the run's records could not be written in {workdir} ({error.strerror}{where})"
