@@ -1,4 +1,4 @@
-"""How far a run's routing moves between its checkpoints.
+"""How far a run's routing moves between its checkpoints, and how much of it the token decides.
 
   python -m chimera.routing_stability --workdir=runs/moe_top2-...  [--batches=N] [--json=FILE]
 
@@ -14,6 +14,13 @@ that fraction again with the routers (their weights and bias) held at the earlie
 checkpoint: the part of the change that the inputs to the router, the representations
 the layers below learned meanwhile, make alone. The same checkpoint against itself gives
 0, 0 and 0.
+
+For every checkpoint it also prints, per MoE layer, the share of the first expert's
+entropy that the current input token alone determines: I(first expert; token) /
+H(first expert), from the counts over the same tokens. 1 means the layer routes by token
+id, as a lookup table would; 0 means the token says nothing about the expert, so the
+choice is made from context. Beside it is the same estimate with the tokens shuffled
+against the choices: what the counts give when there is nothing to find (their bias).
 """
 
 import dataclasses
@@ -48,6 +55,22 @@ class Change:
   expert_set_router_held: tuple[float, ...]  # the later model with the earlier routers
 
 
+@dataclasses.dataclass(frozen=True)
+class TokenShare:
+  """At the checkpoint of `step`, per MoE layer: the share of the first expert's entropy
+  that the current token determines, and the same with the tokens shuffled."""
+
+  step: int
+  by_token: tuple[float, ...]
+  shuffled: tuple[float, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Report:
+  changes: list[Change]  # one per pair of consecutive checkpoints
+  token_shares: list[TokenShare]  # one per checkpoint
+
+
 def _is_router(module, method_name: str) -> bool:
   return module.name == "router" and method_name == "__call__"
 
@@ -78,6 +101,38 @@ def expert_choices(config: config_lib.Config, params, model_state: dict,
                          for batch in tokens], axis=1)
 
 
+def input_tokens(tokens: np.ndarray) -> np.ndarray:
+  """The token ids of tokens [N, B, L+1] that `expert_choices` routes, in its order:
+  [N * B * L]."""
+  return tokens[:, :, :-1].reshape(-1)
+
+
+def _entropy(ids: np.ndarray) -> float:
+  counts = np.unique(ids, return_counts=True)[1]
+  p = counts / counts.sum()
+  return float(-(p * np.log(p)).sum())
+
+
+def token_share(first: np.ndarray, token_ids: np.ndarray) -> float:
+  """I(first; token) / H(first) from the counts of the pairs (first[i], token_ids[i]):
+  the share of the first expert's entropy that the token determines. NaN when every
+  token goes to the same expert (no entropy to explain)."""
+  h_first = _entropy(first)
+  if h_first == 0:
+    return float("nan")
+  joint = first.astype(np.int64) * (int(token_ids.max()) + 1) + token_ids
+  return (h_first + _entropy(token_ids) - _entropy(joint)) / h_first
+
+
+def token_shares(choices: np.ndarray, token_ids: np.ndarray,
+                 seed: int = 0) -> tuple[tuple[float, ...], tuple[float, ...]]:
+  """Per layer of `expert_choices`, `token_share` of its first expert, and the same with
+  the token ids shuffled (a fixed permutation)."""
+  shuffled = np.random.default_rng(seed).permutation(token_ids)
+  return (tuple(token_share(layer[:, 0], token_ids) for layer in choices),
+          tuple(token_share(layer[:, 0], shuffled) for layer in choices))
+
+
 def with_routers_of(params, model_state: dict, earlier_params,
                     earlier_model_state: dict) -> tuple[dict, dict]:
   """(params, model_state) with every router's weights and balancing bias taken from the
@@ -99,9 +154,10 @@ def changed(before: np.ndarray, after: np.ndarray) -> tuple[tuple[float, ...],
   return tuple(map(float, first)), tuple(map(float, sets))
 
 
-def routing_changes(workdir: str | Path, batches: int | None = None) -> list[Change]:
+def report(workdir: str | Path, batches: int | None = None) -> Report:
   """The changes between each pair of consecutive checkpoints of the run in `workdir`,
-  on its first `batches` validation batches (all of them if None)."""
+  and each checkpoint's token shares, on its first `batches` validation batches (all of
+  them if None)."""
   config, last, config_path = run_config(workdir)
   if not config.model.num_experts:
     raise ChimeraError(f"--workdir: {workdir} holds a dense run (model.num_experts=0): "
@@ -113,10 +169,12 @@ def routing_changes(workdir: str | Path, batches: int | None = None) -> list[Cha
   data = prepare_data(config, functools.partial(check_same_data, Path(workdir),
                                                 resuming=True, record_move=False))
   tokens = data.val_batches[:batches]
-  previous, changes = None, []
+  token_ids = input_tokens(tokens)
+  previous, changes, shares = None, [], []
   for step in steps:
     state = restore_state(workdir, config, step, config_path)
     choices = expert_choices(config, state.params, state.model_state, tokens)
+    shares.append(TokenShare(step, *token_shares(choices, token_ids)))
     if previous is not None:
       earlier_step, earlier, earlier_choices = previous
       held = expert_choices(config, *with_routers_of(state.params, state.model_state,
@@ -125,7 +183,7 @@ def routing_changes(workdir: str | Path, batches: int | None = None) -> list[Cha
       changes.append(Change(earlier_step, step, *changed(earlier_choices, choices),
                             changed(earlier_choices, held)[1]))
     previous = (step, state, choices)
-  return changes
+  return Report(changes, shares)
 
 
 def define_flags() -> None:
@@ -149,10 +207,11 @@ def main(argv):
       raise ChimeraError(f"--batches: must be >= 1, got {FLAGS.batches}")
     if FLAGS.json:
       check_writable("json", FLAGS.json, folder=False)
-    changes = routing_changes(FLAGS.workdir, FLAGS.batches)
+    result = report(FLAGS.workdir, FLAGS.batches)
   except ChimeraError as error:
     print(f"error: {error}", file=sys.stderr)
     sys.exit(2)
+  changes = result.changes
   layers = len(changes[0].first_expert)
   print("steps | " + " | ".join(f"MoE layer {i}: first expert, expert set changed (routers "
                                 f"held)" for i in range(layers)))
@@ -160,8 +219,16 @@ def main(argv):
     print(f"{c.before} -> {c.after} | " + " | ".join(
         f"{f:.1%}, {s:.1%} ({h:.1%})"
         for f, s, h in zip(c.first_expert, c.expert_set, c.expert_set_router_held)))
+  print()
+  print("step | " + " | ".join(f"MoE layer {i}: first expert's entropy the token determines "
+                               f"(tokens shuffled)" for i in range(layers)))
+  for share in result.token_shares:
+    print(f"{share.step} | " + " | ".join(f"{b:.2f} ({s:.2f})"
+                                          for b, s in zip(share.by_token, share.shuffled)))
   if FLAGS.json:
-    Path(FLAGS.json).write_text(json.dumps([dataclasses.asdict(c) for c in changes], indent=2))
+    no_nan = lambda value: None if isinstance(value, float) and value != value else value
+    written = jax.tree.map(no_nan, dataclasses.asdict(result))  # NaN is not JSON: null
+    Path(FLAGS.json).write_text(json.dumps(written, indent=2))
 
 
 if __name__ == "__main__":

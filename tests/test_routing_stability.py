@@ -28,6 +28,23 @@ def test_changed_counts_first_experts_and_sets():
   assert routing_stability.changed(before, before) == ((0.0,), (0.0,))
 
 
+def test_token_share_is_one_for_a_lookup_and_zero_for_no_relation():
+  tokens = np.repeat(np.arange(6), 40)
+  lookup = tokens // 2  # 3 experts, each for two tokens
+  assert routing_stability.token_share(lookup, tokens) == pytest.approx(1.0)
+  unrelated = np.tile(np.arange(4), 60)  # every token sees the 4 experts equally often
+  assert routing_stability.token_share(unrelated, tokens) == pytest.approx(0.0, abs=1e-12)
+  # Half the entropy: the token picks one of two pairs of experts, and within the pair
+  # the choice is even (H(first) = log 4, H(first | token) = log 2).
+  half = 2 * (tokens % 2) + np.tile([0, 1], 120)
+  assert routing_stability.token_share(half, tokens) == pytest.approx(0.5)
+  assert np.isnan(routing_stability.token_share(np.zeros(10, int), np.arange(10)))
+  choices = np.stack([np.stack([lookup, lookup], -1), np.stack([unrelated, lookup], -1)])
+  by_token, shuffled = routing_stability.token_shares(choices, tokens)
+  assert by_token == pytest.approx((1.0, 0.0), abs=1e-12)
+  assert shuffled[0] < 0.1 and shuffled[1] < 0.1  # the counts' bias here is small
+
+
 @pytest.fixture(scope="module")
 def biased_run(tmp_path_factory, write_corpus):
   """A tiny moe_top2 run with the balancing bias on (it chooses too), three checkpoints."""
@@ -76,8 +93,25 @@ def test_choices_are_the_layers_routing_and_changes_follow_the_checkpoints(biase
   assert model_state.keys() == state.model_state.keys()
   assert all(model_state[key] is state.model_state[key] for key in model_state
              if key != "router_bias")
-  changes = routing_stability.routing_changes(biased_run, batches=1)
+  # Choices come sequence by sequence in the order of input_tokens: reversing the
+  # sequences of a batch reverses the blocks of their choices.
+  one = tokens[:1]
+  length = one.shape[2] - 1
+  forward = routing_stability.expert_choices(config, state.params, state.model_state, one)
+  backward = routing_stability.expert_choices(config, state.params, state.model_state,
+                                              one[:, ::-1])
+  blocks = lambda choices: choices.reshape(layers, -1, length, k)
+  np.testing.assert_array_equal(blocks(backward), blocks(forward)[:, ::-1])
+  np.testing.assert_array_equal(routing_stability.input_tokens(one[:, ::-1]).reshape(-1, length),
+                                one[0, ::-1, :-1])
+  result = routing_stability.report(biased_run, batches=1)
+  changes = result.changes
   assert [(c.before, c.after) for c in changes] == [(3, 6), (6, 9)]
+  assert [s.step for s in result.token_shares] == [3, 6, 9]
+  ids = routing_stability.input_tokens(tokens[:1])
+  first = routing_stability.expert_choices(config, state.params, state.model_state,
+                                           tokens[:1])
+  assert result.token_shares[-1].by_token == routing_stability.token_shares(first, ids)[0]
   assert all(0 <= f <= 1 and 0 <= s <= 1 and 0 <= h <= 1 for c in changes
              for f, s, h in zip(c.first_expert, c.expert_set, c.expert_set_router_held))
   assert any(s > 0 for c in changes for s in c.expert_set)  # 9 steps of training do move it
@@ -93,11 +127,15 @@ def test_command_prints_and_writes_the_changes_and_refuses_in_one_line(biased_ru
   assert result.returncode == 0, result.stderr[-2000:]
   lines = result.stdout.splitlines()
   assert lines[0].startswith("steps | MoE layer 0: first expert, expert set changed")
-  assert [line.split(" |")[0] for line in lines[1:]] == ["3 -> 6", "6 -> 9"]
+  assert [line.split(" |")[0] for line in lines[1:3]] == ["3 -> 6", "6 -> 9"]
+  assert lines[3] == ""
+  assert lines[4].startswith("step | MoE layer 0: first expert's entropy the token determines")
+  assert [line.split(" |")[0] for line in lines[5:]] == ["3", "6", "9"]
   written = json.loads(out.read_text())
-  assert [(c["before"], c["after"]) for c in written] == [(3, 6), (6, 9)]
-  assert written == [dataclass_dict(c) for c in
-                     routing_stability.routing_changes(biased_run, batches=1)]
+  expected = routing_stability.report(biased_run, batches=1)
+  assert [(c["before"], c["after"]) for c in written["changes"]] == [(3, 6), (6, 9)]
+  assert written["changes"] == [dataclass_dict(c) for c in expected.changes]
+  assert written["token_shares"] == [dataclass_dict(s) for s in expected.token_shares]
   dense = tmp_path / "dense"
   train(make_config("dense", corpus, train__steps=3, train__checkpoint_every=3), dense)
   bad = tool(f"--workdir={dense}")
@@ -112,7 +150,7 @@ def test_one_checkpoint_is_not_enough(biased_run, tmp_path):
     shutil.rmtree(workdir / "checkpoints" / str(step))
   with pytest.raises(ChimeraError, match=r"holds one checkpoint \(step 9\); routing changes "
                                          r"need two"):
-    routing_stability.routing_changes(workdir)
+    routing_stability.report(workdir)
 
 
 def dataclass_dict(change) -> dict:

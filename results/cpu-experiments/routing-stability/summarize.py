@@ -1,4 +1,5 @@
-"""The routing changes of the runs here, averaged over their three MoE layers, as a table.
+"""The routing changes of the runs here, averaged over their three MoE layers, as a table;
+then, per layer, the share of the first expert's entropy that the token determines.
 
   python results/cpu-experiments/routing-stability/summarize.py
 """
@@ -16,14 +17,26 @@ for name, label in RUNS.items():
   path = HERE / f"{name}.json"
   if not path.exists():
     continue
-  changes = json.loads(path.read_text())
+  changes = json.loads(path.read_text())["changes"]
   rows = [(f"{c['before']} -> {c['after']}", mean(c["first_expert"]), mean(c["expert_set"]),
            mean(c["expert_set_router_held"])) for c in changes]
   rows.append(("mean of the intervals", *(mean([row[i] for row in rows]) for i in (1, 2, 3))))
   for steps, first, changed, held in rows:
     print(f"{label} | {steps} | {first:.1%} | {changed:.1%} | {held:.1%} | {held / changed:.2f}")
 
-# The same, drawn: the pair's changes against the interval's end, solid; with the routers
+print()
+print("run | step | " + " | ".join(f"MoE layer {i}: token's share (shuffled)" for i in range(3)))
+print("--- | --- | " + " | ".join("---:" for _ in range(3)))
+for name, label in RUNS.items():
+  path = HERE / f"{name}.json"
+  if not path.exists():
+    continue
+  shares = json.loads(path.read_text())["token_shares"]
+  for share in (shares[0], shares[len(shares) // 2], shares[-1]):
+    print(f"{label} | {share['step']} | " + " | ".join(
+        f"{b:.2f} ({s:.2f})" for b, s in zip(share["by_token"], share["shuffled"])))
+
+# The same changes, drawn: the pair's changes against the interval's end, solid; with the routers
 # held, dashed (routing_stability.png, next to this file).
 import matplotlib  # noqa: E402
 
@@ -35,7 +48,7 @@ for (name, label), color in zip(RUNS.items(), ("tab:blue", "tab:orange", "tab:gr
   path = HERE / f"{name}.json"
   if not path.exists():
     continue
-  changes = json.loads(path.read_text())
+  changes = json.loads(path.read_text())["changes"]
   steps = [c["after"] for c in changes]
   axis.plot(steps, [mean(c["expert_set"]) for c in changes], color=color, label=label)
   axis.plot(steps, [mean(c["expert_set_router_held"]) for c in changes], color=color,
