@@ -624,9 +624,13 @@ def headline(summary: dict, study: str) -> list[str]:
            f"{summary['tokenizer']} tokens of `{summary['corpus']}` per run, seeds "
            f"{summary['seeds']}.{split_sentence(summary)} \"a ± b (n=N)\": mean and sample SD "
            f"over N seeds; \"- dense\" is paired by seed.", ""]
+  speed = summary.get("speed") or {}
+  bench = lambda name: speed.get(name, {}).get("train_tokens_per_second")
+  with_bench = any(bench(name) for name in models)
   rows = []
   for name, e in models.items():
     vs = e.get("vs_baseline")
+    bench_column = ([f"{bench(name):,.0f}" if bench(name) else "-"] if with_bench else [])
     rows.append([name, describe(e["final_val_loss"]),
                  describe(vs["final_val_loss"], signed=True) if vs else "-",
                  describe(e["val_bits_per_byte"]),
@@ -634,10 +638,16 @@ def headline(summary: dict, study: str) -> list[str]:
                  if vs else "-",
                  f"{e['executed_flops_per_token'] / 1e6:.2f}"
                  + _ratio(vs and vs["executed_flops_ratio"]),
-                 describe(e["train_tokens_per_second"], digits=0)])
+                 describe(e["train_tokens_per_second"], digits=0), *bench_column])
   lines += _table(["model", "final val loss", "- dense", "bits/byte",
                    "tokens to dense's final loss", "executed MFLOPs/token",
-                   "train tok/s (during training)"], rows)
+                   "train tok/s (during training)",
+                   *(["train tok/s (bench)"] if with_bench else [])], rows)
+  lines += ["", "Tokens/s during training is each run's own clock, with whatever else the "
+            "machine ran beside it, so its spread includes the machine's load"
+            + ("; the bench's figure is one process after training, every model interleaved, "
+               "the median of its repeats, and the one to compare speeds by." if with_bench
+               else "; this study ran no bench (--bench_repeats=0).")]
   best = study_targets.best_moe(models)
   if best:
     lines += ["", f"Lowest of the compute-matched MoE configs: **{best}**, "

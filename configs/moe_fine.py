@@ -9,7 +9,7 @@ Dispatch is dropless: at this granularity the einsum path's dispatch and combine
 and capacity padding would execute 1.97x (default preset) and 2.29x (small) dense's FLOPs
 per token (`chimera.accounting.count_run(...).executed_flops_per_token`); the grouped matmul's block
 layout executes 1.21x (small preset) and 1.22x (default) dense's, padding and block weights
-included (`chimera.accounting.count_run`).
+included (`python results/cpu-experiments/recount/configs.py`, saved in configs.txt there).
 
   python -m chimera.main --config=configs/moe_fine.py          # CPU default preset
   python -m chimera.main --config=configs/moe_fine.py:tiny     # seconds, smoke test

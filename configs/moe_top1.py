@@ -9,9 +9,9 @@ FLOPs per token as the dense MLP (plus a router), with 8x its feed-forward param
 
 Dispatch is dropless, so no token goes without its expert (a dropped top-1 token gets no
 FFN output in that layer), and the gate is Switch's router probability. Both were chosen on
-a short check whose runs were not kept (600 steps, seeds 0 and 1: einsum dispatch at
-capacity factor 1.25 dropped 4.6-15% of the assignments per layer and ended above dense;
-dropless ended below it; a gate of value 1 ended above dense).
+a short check whose runs and figures were not kept, so nothing here rests on it; the
+capacity sweep (results/cpu-sweep-capacity) is the saved comparison of dispatch modes,
+at moe_top2 (top-2), one seed.
 
 What it reaches against dense is measured by `python -m chimera.compare --preset=cpu`
 (results/cpu, 10.24M byte tokens per run): 0.0281 ± 0.0092 nats below dense (mean ± SD of

@@ -10,8 +10,8 @@ d_ff and top_k, so the same matmul FLOPs per token as the dense MLP (plus a rout
   python -m chimera.main --config=configs/moe_top2.py --config.model.num_experts=16
 
 Balancing is over the whole micro-batch (`load_balance_scope="batch"`) and dispatch is
-dropless. Batch scope was chosen on a short check whose runs were not kept (600 steps, seeds
-0 and 1: 0.010 nats below group scope in both). At the cpu study's full budget, one seed
+dropless. Batch scope was chosen on a short check whose runs and figures were not kept, so
+nothing here rests on it. At the cpu study's full budget, one seed
 (`python -m chimera.compare --preset=cpu --sweep=balancing`, results/cpu-sweep-balancing),
 the final losses were: the aux-loss-free bias plus the batch loss 1.5361, the loss per
 group 1.5412, per batch (this config) 1.5437, the bias alone 1.5508, no balancing 1.5529.
@@ -22,8 +22,8 @@ ended 1.5605 against this recipe's 1.5479 (results/cpu-sweep-router_bias_rate-at
 one seed), so the recipe stays until more seeds and expert counts back a change. The einsum
 path executes 1.35x (default preset) and 1.42x (small) dense's FLOPs
 per token with capacity padding and dispatch (`chimera.accounting`); dropless drops
-nothing and executes 1.15x (small) and 1.16x (default preset) with its block layout's
-padding. `--config.model.dispatch=einsum` gives the static-capacity path.
+nothing and executes 1.155x (small) and 1.165x (default preset) with its block layout's
+padding (`python results/cpu-experiments/recount/configs.py`, saved in configs.txt there). `--config.model.dispatch=einsum` gives the static-capacity path.
 
 More experts at this k and expert size do not keep paying at the cpu study's budget
 (`python -m chimera.compare --preset=cpu --sweep=model.num_experts=4,8,16,32 --seeds=0,1,2`,

@@ -873,6 +873,22 @@ def test_readme_headline_is_the_summary_it_names():
   assert text[start:end] == block, "README's headline is stale: python -m chimera.report --readme"
 
 
+def test_headline_gives_the_bench_beside_the_training_clock_when_the_study_ran_one():
+  root = Path(__file__).resolve().parents[1]
+  summary = json.loads((root / "results/cpu/summary.json").read_text())
+  rows = lambda lines: [line for line in lines if line.startswith("| ")]
+  with_bench = report.headline(summary, "results/cpu")
+  assert rows(with_bench)[0].endswith("| train tok/s (during training) | train tok/s (bench) |")
+  dense = summary["speed"]["dense"]["train_tokens_per_second"]
+  assert rows(with_bench)[2].startswith("| dense |")
+  assert rows(with_bench)[2].endswith(f"| {dense:,.0f} |")
+  assert any("the one to compare speeds by" in line for line in with_bench)
+  without = report.headline({**summary, "speed": {}}, "results/cpu")
+  assert rows(without)[0].endswith("| train tok/s (during training) |")
+  assert all(row.count("|") == rows(without)[0].count("|") for row in rows(without))
+  assert any("this study ran no bench (--bench_repeats=0)" in line for line in without)
+
+
 def shipped_width(preset, overrides) -> int:
   return compare.load("configs/moe_top2.py", preset, overrides).model.expert_d_ff
 
