@@ -186,6 +186,16 @@ def report(workdir: str | Path, batches: int | None = None) -> Report:
   return Report(changes, shares)
 
 
+def to_json(result: Report) -> str:
+  """The report as JSON, fields in their order; a NaN share (no entropy) as null."""
+  no_nan = lambda value: None if isinstance(value, float) and value != value else value
+  clean = lambda tree: ({key: clean(value) for key, value in tree.items()}
+                        if isinstance(tree, dict) else
+                        [clean(value) for value in tree] if isinstance(tree, (list, tuple))
+                        else no_nan(tree))
+  return json.dumps(clean(dataclasses.asdict(result)), indent=2)
+
+
 def define_flags() -> None:
   """Command-line flags, defined only when this runs as a program (chimera.evaluate and
   chimera.generate define a --workdir of their own)."""
@@ -226,9 +236,7 @@ def main(argv):
     print(f"{share.step} | " + " | ".join(f"{b:.2f} ({s:.2f})"
                                           for b, s in zip(share.by_token, share.shuffled)))
   if FLAGS.json:
-    no_nan = lambda value: None if isinstance(value, float) and value != value else value
-    written = jax.tree.map(no_nan, dataclasses.asdict(result))  # NaN is not JSON: null
-    Path(FLAGS.json).write_text(json.dumps(written, indent=2))
+    Path(FLAGS.json).write_text(to_json(result))
 
 
 if __name__ == "__main__":

@@ -879,9 +879,9 @@ def test_headline_gives_the_bench_beside_the_training_clock_when_the_study_ran_o
   rows = lambda lines: [line for line in lines if line.startswith("| ")]
   with_bench = report.headline(summary, "results/cpu")
   assert rows(with_bench)[0].endswith("| train tok/s (during training) | train tok/s (bench) |")
-  dense = summary["speed"]["dense"]["train_tokens_per_second"]
-  assert rows(with_bench)[2].startswith("| dense |")
-  assert rows(with_bench)[2].endswith(f"| {dense:,.0f} |")
+  for row, name in zip(rows(with_bench)[2:], summary["models"], strict=True):
+    assert row.startswith(f"| {name} |")
+    assert row.endswith(f"| {summary['speed'][name]['train_tokens_per_second']:,.0f} |")
   assert any("the one to compare speeds by" in line for line in with_bench)
   without = report.headline({**summary, "speed": {}}, "results/cpu")
   assert rows(without)[0].endswith("| train tok/s (during training) |")

@@ -42,7 +42,22 @@ def test_token_share_is_one_for_a_lookup_and_zero_for_no_relation():
   choices = np.stack([np.stack([lookup, lookup], -1), np.stack([unrelated, lookup], -1)])
   by_token, shuffled = routing_stability.token_shares(choices, tokens)
   assert by_token == pytest.approx((1.0, 0.0), abs=1e-12)
-  assert shuffled[0] < 0.1 and shuffled[1] < 0.1  # the counts' bias here is small
+  permuted = np.random.default_rng(0).permutation(tokens)
+  assert shuffled == (routing_stability.token_share(lookup, permuted),
+                      routing_stability.token_share(unrelated, permuted))
+  assert 0 < shuffled[0] < 0.1 and shuffled[1] < 0.1  # the counts' bias: small, not nil
+
+
+def test_json_keeps_the_fields_in_order_and_writes_nan_as_null():
+  result = routing_stability.Report(
+      [routing_stability.Change(3, 6, (0.5,), (0.25,), (0.125,))],
+      [routing_stability.TokenShare(3, (float("nan"),), (0.0,))])
+  assert json.loads(routing_stability.to_json(result)) == {
+      "changes": [{"before": 3, "after": 6, "first_expert": [0.5], "expert_set": [0.25],
+                   "expert_set_router_held": [0.125]}],
+      "token_shares": [{"step": 3, "by_token": [None], "shuffled": [0.0]}]}
+  assert list(json.loads(routing_stability.to_json(result))["changes"][0]) == [
+      "before", "after", "first_expert", "expert_set", "expert_set_router_held"]
 
 
 @pytest.fixture(scope="module")
@@ -104,6 +119,17 @@ def test_choices_are_the_layers_routing_and_changes_follow_the_checkpoints(biase
   np.testing.assert_array_equal(blocks(backward), blocks(forward)[:, ::-1])
   np.testing.assert_array_equal(routing_stability.input_tokens(one[:, ::-1]).reshape(-1, length),
                                 one[0, ::-1, :-1])
+  # Over several batches: batch after batch, in both.
+  assert tokens.shape[0] >= 2
+  two = tokens[:2]
+  np.testing.assert_array_equal(
+      routing_stability.expert_choices(config, state.params, state.model_state, two),
+      np.concatenate([routing_stability.expert_choices(config, state.params,
+                                                       state.model_state, two[i:i + 1])
+                      for i in (0, 1)], axis=1))
+  np.testing.assert_array_equal(routing_stability.input_tokens(two),
+                                np.concatenate([two[0, :, :-1].ravel(),
+                                                two[1, :, :-1].ravel()]))
   result = routing_stability.report(biased_run, batches=1)
   changes = result.changes
   assert [(c.before, c.after) for c in changes] == [(3, 6), (6, 9)]

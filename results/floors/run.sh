@@ -3,7 +3,7 @@
 # with every runtime dependency pinned to its floor, the project installed with --no-deps,
 # then pytest on two workers. The [dev] extras' datasets is left out (its tests,
 # tests/data/test_hf.py, are left out with it). Needs PyPI; about 20 s to install and
-# 10-15 minutes to test on 2 cores. Run from the repository root:
+# about 8 minutes to test on 2 idle cores. Run from the repository root:
 #   bash results/floors/run.sh [VENV_DIR]
 set -eu
 venv="${1:-/tmp/chimera-floors}"
