@@ -20,7 +20,6 @@ from chimera.errors import hook_without, is_disk_refusal
 from chimera.records import read_jsonl
 
 
-
 def _reported_by_the_run(args) -> bool:
   """A log the disk refuses stops the run in one line (chimera.train), from the main
   thread's own write, or its flush after every write. tensorboardX's writer thread meets

@@ -26,6 +26,7 @@ against the choices: what the counts give when there is nothing to find (their b
 import dataclasses
 import functools
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -188,12 +189,11 @@ def report(workdir: str | Path, batches: int | None = None) -> Report:
 
 def to_json(result: Report) -> str:
   """The report as JSON, fields in their order; a NaN share (no entropy) as null."""
-  no_nan = lambda value: None if isinstance(value, float) and value != value else value
-  clean = lambda tree: ({key: clean(value) for key, value in tree.items()}
-                        if isinstance(tree, dict) else
-                        [clean(value) for value in tree] if isinstance(tree, (list, tuple))
-                        else no_nan(tree))
-  return json.dumps(clean(dataclasses.asdict(result)), indent=2)
+  fields = dataclasses.asdict(result)
+  for share in fields["token_shares"]:
+    for key in ("by_token", "shuffled"):
+      share[key] = [None if math.isnan(value) else value for value in share[key]]
+  return json.dumps(fields, indent=2)
 
 
 def define_flags() -> None:

@@ -9,15 +9,16 @@ from pathlib import Path
 HERE = Path(__file__).parent
 RUNS = {"e16": "16 experts", "e32": "32 experts", "e32_lr0.5": "32 experts, expert lr x 0.5"}
 mean = lambda values: sum(values) / len(values)
+saved = {name: json.loads((HERE / f"{name}.json").read_text()) for name in RUNS
+         if (HERE / f"{name}.json").exists()}
 
 print("run | steps | first expert changed | expert set changed | with the routers held "
       "| held / set")
 print("--- | --- | ---: | ---: | ---: | ---:")
 for name, label in RUNS.items():
-  path = HERE / f"{name}.json"
-  if not path.exists():
+  if name not in saved:
     continue
-  changes = json.loads(path.read_text())["changes"]
+  changes = saved[name]["changes"]
   rows = [(f"{c['before']} -> {c['after']}", mean(c["first_expert"]), mean(c["expert_set"]),
            mean(c["expert_set_router_held"])) for c in changes]
   rows.append(("mean of the intervals", *(mean([row[i] for row in rows]) for i in (1, 2, 3))))
@@ -28,10 +29,9 @@ print()
 print("run | step | " + " | ".join(f"MoE layer {i}: token's share (shuffled)" for i in range(3)))
 print("--- | --- | " + " | ".join("---:" for _ in range(3)))
 for name, label in RUNS.items():
-  path = HERE / f"{name}.json"
-  if not path.exists():
+  if name not in saved:
     continue
-  shares = json.loads(path.read_text())["token_shares"]
+  shares = saved[name]["token_shares"]
   for share in (shares[0], shares[len(shares) // 2], shares[-1]):
     print(f"{label} | {share['step']} | " + " | ".join(
         f"{b:.2f} ({s:.2f})" for b, s in zip(share["by_token"], share["shuffled"])))
@@ -45,10 +45,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 figure, axis = plt.subplots(figsize=(7, 4.5))
 for (name, label), color in zip(RUNS.items(), ("tab:blue", "tab:orange", "tab:green")):
-  path = HERE / f"{name}.json"
-  if not path.exists():
+  if name not in saved:
     continue
-  changes = json.loads(path.read_text())["changes"]
+  changes = saved[name]["changes"]
   steps = [c["after"] for c in changes]
   axis.plot(steps, [mean(c["expert_set"]) for c in changes], color=color, label=label)
   axis.plot(steps, [mean(c["expert_set_router_held"]) for c in changes], color=color,
