@@ -21,7 +21,7 @@ from chimera.data.batches import make_splits
 from chimera.data.corpora import load_corpus
 from chimera.data.tokenizers import get_tokenizer
 from chimera.errors import ChimeraError
-from chimera.records import device_name, loaded_code_version
+from chimera.records import EvalRecord, RunSummary, device_name, loaded_code_version
 from chimera.study_stats import Spread, paired, router_stats, tokens_to_reach, value_at
 
 # --- The math, on numbers worked out by hand. ---------------------------------------------
@@ -85,6 +85,69 @@ def test_router_stats_after_warmup_worst_layer():
   logged = [{**row, "max_violation": [1.0, 2.0]} for row in rows]  # the run's own MaxVio wins
   assert router_stats(logged, 2)["max_violation_after_warmup"] == pytest.approx(2.0)
   assert router_stats([{"step": 2, "dropped_fraction": []}], 2)["dropped_after_warmup"] is None
+
+
+def _hand_run(model: str, seed: int, evals: list[tuple], *, steps: int, seconds: float,
+              tokens_per_second: float, rows: list[dict] = ()) -> study_stats.Run:
+  """A finished tiny-preset run with evaluations (step, tokens, wall seconds, loss)."""
+  config = config_lib.load(f"configs/{model}.py:tiny", {"mesh.data": 1})
+  records = [EvalRecord(step, tokens, wall, loss, math.exp(loss), loss / math.log(2), [], [])
+             for step, tokens, wall, loss in evals]
+  experts, layers = config.model.num_experts, config.model.num_moe_layers
+  summary = RunSummary(model, True, steps, evals[-1][1], seconds, tokens_per_second,
+                       evals[-1][3], min(e[3] for e in evals), evals[-1][3] / math.log(2), 5.0,
+                       {}, config_lib.to_dict(config),
+                       [[1 / experts] * experts] * layers if experts else [], [0.0] * layers)
+  return study_stats.Run(model, seed, summary, records, list(rows))
+
+
+def test_summarize_by_hand():
+  """The paired figures the targets and findings read, on runs made by hand: the tokens
+  an MoE needs to reach dense's final loss, the longest stretch without an evaluation, its
+  loss at dense's end on the measured and the steady clock, and the routing curves."""
+  rows = [{"step": 2, "loss": 2.0, "dropped_fraction": [0.1, 0.3],
+           "expert_load": [[0.25] * 4, [0.7, 0.1, 0.1, 0.1]],
+           "router_entropy": [0.2, 0.4], "router_confidence": [0.6, 0.8]},
+          {"step": 4, "loss": 1.9, "dropped_fraction": [0.05, 0.0],
+           "expert_load": [[0.4, 0.2, 0.2, 0.2], [0.25] * 4],
+           "router_entropy": [0.5, 0.7], "router_confidence": [0.5, 0.3]}]
+  runs = {"dense": [], "moe_top2": []}
+  for seed, shift in ((0, 0.0), (1, 0.1)):
+    # Dense ends at 1.5 + shift after 1000 tokens, 40 s on both clocks (25 tokens/s).
+    runs["dense"].append(_hand_run("dense", seed, [(25, 250, 10.0, 2.0 + shift),
+                                                   (50, 500, 20.0, 1.8 + shift),
+                                                   (100, 1000, 40.0, 1.5 + shift)],
+                                   steps=100, seconds=40.0, tokens_per_second=25.0))
+    # The MoE passes 1.5 + shift between 400 and 600 tokens, at 500; at 40 s of its own
+    # clock it is 10/15 of the way from 1.6 to 1.4; its steady clock (10 tokens/s) reads
+    # 40 s at 400 tokens. Its longest stretch without an evaluation: steps 60 to 100.
+    runs["moe_top2"].append(_hand_run(
+        "moe_top2", seed, [(20, 200, 15.0, 1.9 + shift), (40, 400, 30.0, 1.6 + shift),
+                           (60, 600, 45.0, 1.4 + shift), (100, 1000, 75.0, 1.3 + shift)],
+        steps=100, seconds=75.0, tokens_per_second=10.0, rows=rows))
+  figures = study_stats.summarize(runs, {"dense": "baseline", "moe_top2": "moe"})
+  moe = figures["moe_top2"]
+  assert moe["largest_eval_gap"] == pytest.approx(0.4)
+  assert figures["dense"]["largest_eval_gap"] == pytest.approx(0.5)
+  against = moe["vs_baseline"]
+  assert against["token_fraction"]["values"] == pytest.approx([0.5, 0.5])
+  assert against["final_val_loss"]["values"] == pytest.approx([-0.2, -0.2])
+  measured, steady = against["equal_time"]["measured"], against["equal_time"]["steady"]
+  assert measured["loss"]["values"] == pytest.approx([1.6 - 0.2 * 10 / 15, 1.7 - 0.2 * 10 / 15])
+  assert measured["difference"]["mean"] == pytest.approx(0.1 - 0.2 * 10 / 15)
+  assert steady["loss"]["values"] == pytest.approx([1.6, 1.7])
+  assert steady["difference"]["mean"] == pytest.approx(0.1)
+  assert measured["seconds"]["values"] == steady["seconds"]["values"] == [40.0, 40.0]
+  assert against["equal_time"]["bench"]["missing"] == {"no bench": 2}
+  # Routing over training: the worst layer's drops and MaxVio, the layers' mean entropy
+  # and confidence, per logged row; nothing for dense.
+  curves = study_stats.router_curves(rows)
+  assert curves["step"] == [2, 4]
+  assert curves["dropped_fraction"] == pytest.approx([0.3, 0.05])
+  assert curves["max_violation"] == pytest.approx([4 * 0.7 - 1, 4 * 0.4 - 1])
+  assert curves["router_entropy"] == pytest.approx([0.3, 0.6])
+  assert curves["router_confidence"] == pytest.approx([0.7, 0.4])
+  assert study_stats.router_curves([{"step": 2, "loss": 2.0}])["step"] == []
 
 
 def _entry(role, diffs, *, fraction=(0.6, 0.65), dropped=(0.005, 0.004), executed=1.2,
@@ -401,6 +464,21 @@ def test_a_setting_no_model_reads_is_refused(corpus):
   compare.make_study("cpu", "capacity", None, overrides)
   compare.make_study("cpu", "model.capacity_factor=1.0,2.0", None, overrides,
                      {"model.dispatch": "einsum"})
+
+
+def test_a_setting_that_unmatches_the_compute_is_refused(corpus):
+  """The study compares at equal compute per token: --set that makes an MoE config's model
+  FLOPs per token differ from dense's by more than COMPUTE_MATCH is refused in one line,
+  with both counts, before anything trains."""
+  overrides = {"data.corpus": str(corpus)}
+  wide = {**overrides, "model.expert_d_ff": 1024}
+  configs = [compare.load(f"configs/{name}.py", compare.PRESETS["cpu"], wide)
+             for name in ("dense", "moe_top1")]
+  dense, top1 = (accounting.count(c.model, c.train.context).flops_per_token for c in configs)
+  assert top1 / dense - 1 > compare.COMPUTE_MATCH
+  with pytest.raises(ChimeraError, match=rf"^moe_top1 is not compute-matched to dense: "
+                                         rf"{top1:,} vs {dense:,} FLOPs per token$"):
+    compare.make_study("cpu", None, None, wide)
 
 
 def test_a_report_warns_of_a_model_that_is_not_causal(corpus):

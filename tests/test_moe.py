@@ -613,6 +613,13 @@ def test_layer_runs_every_router_as_routed(router, dispatch):
       if kept_by_expert[t, index[t, r]]:
         expected[t] += gate[t, r] * expert_mlp(params, index[t, r], tokens[t], "gelu")
   chex.assert_trees_all_close(y.reshape(-1, D_MODEL), expected, atol=1e-5, rtol=1e-5)
+  # The bench's routing-only layer (skip_experts): every expert returns its input, so each
+  # token gets back its gate-weighted copies through the same dispatch, drops included.
+  copies, _ = jax.jit(functools.partial(MoeLayer(cfg, skip_experts=True).apply,
+                                        deterministic=False))({"params": params}, x)
+  kept = np.take_along_axis(kept_by_expert, index, axis=1)  # [T, K]
+  chex.assert_trees_all_close(copies.reshape(-1, D_MODEL),
+                              (gate * kept).sum(-1, keepdims=True) * tokens, atol=1e-6, rtol=1e-6)
 
 
 @pytest.mark.parametrize("k", [1, 2])
@@ -649,6 +656,41 @@ def test_router_noise_draws_the_choice_from_the_tempered_softmax(k):
     _, plain = MoeLayer(cfg).apply({"params": params}, x, deterministic=True, rngs=rngs)
     np.testing.assert_array_equal(plain.expert_index.reshape(-1, k),
                                   np.broadcast_to(np.argsort(-logits)[:k], chosen.shape))
+
+
+def test_router_jitter_scales_each_router_input_in_training_only():
+  # Switch's jitter: in training, each element of the router's input is multiplied by its
+  # own draw from U(1 - j, 1 + j). Each token here has two nonzero features a and b, so its
+  # E logits are u_a * x_a W[a] + u_b * x_b W[b]: the two draws are solved for per token.
+  jitter, num_tokens = 0.2, 4096
+  cfg = ModelConfig(d_model=D_MODEL, num_experts=NUM_EXPERTS, top_k=2, router_jitter=jitter,
+                    expert_d_ff=EXPERT_D_FF, group_size=LENGTH, dispatch="dropless")
+  a = np.arange(num_tokens) % D_MODEL
+  b = (a + 1) % D_MODEL
+  tokens = 1.5 * (np.eye(D_MODEL, dtype=np.float32)[a] + np.eye(D_MODEL, dtype=np.float32)[b])
+  x = jnp.asarray(tokens).reshape(-1, LENGTH, D_MODEL)
+  params = layer_params(cfg, x, seed=9)
+  kernel = np.asarray(params["router"]["kernel"])  # [M, E]
+
+  def logits(deterministic, key):
+    _, state = MoeLayer(cfg).apply({"params": params}, x, deterministic=deterministic,
+                                   rngs={"dropout": key}, mutable=["intermediates"],
+                                   capture_intermediates=lambda module, _: module.name == "router")
+    return np.asarray(state["intermediates"]["router"]["__call__"][0]).reshape(num_tokens, -1)
+
+  jittered = logits(False, jax.random.key(1))
+  columns = 1.5 * np.stack([kernel[a], kernel[b]], axis=-1)  # [T, E, 2]
+  draws = np.stack([np.linalg.lstsq(columns[t], jittered[t], rcond=None)[0]
+                    for t in range(num_tokens)])  # [T, 2]: u_a, u_b
+  np.testing.assert_allclose(np.einsum("tec,tc->te", columns, draws), jittered, atol=1e-5)
+  assert draws.min() >= 1 - jitter - 1e-4 and draws.max() <= 1 + jitter + 1e-4
+  # U(0.8, 1.2): mean 1 (SE 0.0013 over 8192 draws), SD 0.2 / sqrt(3) = 0.1155, and the
+  # two draws of a token independent.
+  assert abs(draws.mean() - 1) < 0.01 and abs(draws.std() - jitter / math.sqrt(3)) < 0.01
+  assert abs(np.corrcoef(draws[:, 0], draws[:, 1])[0, 1]) < 0.1
+  assert np.mean(np.abs(logits(False, jax.random.key(2)) - jittered) > 1e-6) > 0.99
+  np.testing.assert_allclose(logits(True, jax.random.key(1)), tokens @ kernel, rtol=1e-5,
+                             atol=1e-6)
 
 
 def test_router_noise_below_zero_is_refused():

@@ -225,19 +225,24 @@ def test_top_k_causality_flag():
 
 @pytest.mark.parametrize("router", sorted(ROUTERS))
 @pytest.mark.parametrize("k", [1, 2])
-def test_every_router_learns_from_the_loss(router, k):
-  """Under every config validation accepts, the loss through the gates (here a random
-  weighting of each choice, as the experts' outputs weight them) has a gradient on the
-  router logits: the router does not learn from the auxiliary losses alone."""
-  cfg = router_config(router, k)
-  try:
-    validate_model(cfg)
-  except ChimeraError:  # refused before training (RouterEntry.refuse): nothing to learn from
-    return
+@pytest.mark.parametrize("renormalize", [False, True])
+def test_every_router_learns_from_the_loss_where_validation_accepts_it(router, k, renormalize):
+  """The loss through the gates (here a random weighting of each choice, as the experts'
+  outputs weight them) has a gradient on the router logits under every config validation
+  accepts, so the router does not learn from the auxiliary losses alone; validation refuses
+  exactly the configs under which it has none (k=1 renormalised: a gate of 1)."""
+  cfg = router_config(router, k, renormalize_gates=renormalize)
   weights = jnp.asarray(np.random.default_rng(k).normal(size=(GROUPS, GROUP_SIZE, k)))
   grad = jax.grad(lambda z: jnp.sum(route(z, cfg, capacity=None).gate * weights))(
       jnp.asarray(random_logits(k)))
-  assert float(jnp.abs(grad).max()) > 1e-3, f"{router}, k={k}: no gradient on the logits"
+  try:
+    validate_model(cfg)
+    accepted = True
+  except ChimeraError:
+    accepted = False
+  assert accepted == ((k, renormalize) != (1, True))  # the one refused case
+  learns = float(jnp.abs(grad).max())
+  assert learns > 1e-3 if accepted else learns < 1e-6, f"{router}, k={k}: gradient {learns}"
 
 
 def test_a_router_states_why_it_leaks_and_what_it_cannot_train(monkeypatch):

@@ -527,7 +527,8 @@ def test_a_report_folder_is_not_a_workdir(make_config, corpus, tmp_path):
   assert sorted(p.name for p in report.iterdir()) == ["summary.json"]
 
 
-def test_a_workdir_that_is_a_file_or_in_use_is_refused(make_config, corpus, tmp_path):
+def test_a_workdir_that_is_a_file_or_in_use_is_refused(make_config, corpus, tmp_path,
+                                                         monkeypatch):
   config = make_config("dense", corpus, train__steps=2, train__warmup_steps=0)
   with pytest.raises(ChimeraError, match="is a file"):
     train(config, corpus)
@@ -540,9 +541,17 @@ def test_a_workdir_that_is_a_file_or_in_use_is_refused(make_config, corpus, tmp_
     with pytest.raises(ChimeraError, match="in use by another live run"):
       train(config, workdir)
   assert train(config, workdir).completed  # released: the next run goes ahead
+  # A filesystem without flock (some network mounts) is named, with what to do instead.
+  def no_flock(file, operation):
+    raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+  monkeypatch.setattr(train_lib.fcntl, "flock", no_flock)
+  with pytest.raises(ChimeraError, match=r"^--workdir: cannot lock .*\.lock \(No locks "
+                                         r"available\); use a workdir on a local filesystem$"):
+    train(make_config("dense", corpus, train__steps=3, train__warmup_steps=0), workdir)
 
 
-def test_the_records_follow_the_checkpoints(make_config, corpus, tmp_path, monkeypatch):
+def test_the_records_follow_the_checkpoints(make_config, corpus, tmp_path, monkeypatch,
+                                           capsys):
   """summary.json is written once the final checkpoint is on disk, goes while a run is
   extended, and describes the step it names; every train row says how many steps it
   averages; checkpoints judge a resume by the config they recorded, config.json deleted or not."""
@@ -557,7 +566,9 @@ def test_the_records_follow_the_checkpoints(make_config, corpus, tmp_path, monke
       save(self, workdir))[1])
   assert train(steps(4), workdir).completed and on_disk == [["2", "4"]]
   # Extended to 8 steps and stopped at 5: the 4-step summary no longer describes the run.
+  capsys.readouterr()
   assert not train(steps(8), workdir, stop_after=1).completed
+  assert "train.steps: 4 -> 8. The cosine schedule is stretched" in capsys.readouterr().err
   assert not RunSummary.exists(workdir)
   # Then ended at its latest checkpoint: evaluated there, not left at step 4's loss.
   summary = train(steps(5), workdir)
@@ -586,11 +597,23 @@ def test_the_records_follow_the_checkpoints(make_config, corpus, tmp_path, monke
   with pytest.raises(ChimeraError, match=r"holds checkpoints that do not record their config"):
     evaluate.restore_run(workdir)
   assert not (workdir / "config.json").exists()
+  # There config.json judges; one this version cannot read is refused, and left as it is.
+  (workdir / "config.json").write_text(json.dumps({"model": {"d_model": "wide"}}))
+  with pytest.raises(ChimeraError, match=r"^--workdir: .*config\.json is not a config this "
+                                         r"version can read \(.*\); use a new workdir$"):
+    train(steps(6), workdir)
+  assert json.loads((workdir / "config.json").read_text()) == {"model": {"d_model": "wide"}}
+  (workdir / "config.json").unlink()
   monkeypatch.undo()
   assert train(steps(6), workdir).steps == 6
   # config.json records the run as it trains: its mesh resolved to this process's devices.
   assert config_lib.from_dict(json.loads((workdir / "config.json").read_text())) == (
       sharding.resolve_mesh(steps(6), jax.device_count()))
+  # A run started before data.json was kept resumes without it (nothing to check the
+  # corpus against), and a resume does not write one: only a fresh start records its data.
+  (workdir / "data.json").unlink()
+  assert train(steps(7), workdir).steps == 7
+  assert not (workdir / "data.json").exists()
 
 
 def test_a_refused_start_leaves_neither_its_workdir_nor_the_folders_it_made(make_config,
@@ -815,6 +838,11 @@ def test_a_checkpoint_of_another_model_is_refused_before_reading_it(tmp_path):
   assert checkpointer.mismatch(more, 1) == "params/b is in the model, not in the checkpoint"
   fewer = {"params": saved["params"]}
   assert checkpointer.mismatch(fewer, 1) == "opt/mu is in the checkpoint, not in the model"
+  # Past three differences, the line names the first three and counts the rest.
+  other = {"params": {name: np.zeros(3, np.float32) for name in "abcde"}}
+  assert checkpointer.mismatch(other, 1) == (
+      "params/a is in the model, not in the checkpoint; params/b is in the model, not in the "
+      "checkpoint; params/c is in the model, not in the checkpoint (and 4 more)")
   checkpointer.close()
 
 
