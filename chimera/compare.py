@@ -414,7 +414,8 @@ def train_all(models: list[Model], seeds: list[int], root: Path,
       if not train:
         raise ChimeraError(f"--report_only: {model.name}, seed {seed} has not finished "
                            f"training ({workdir}); run without --report_only to train it")
-      from chimera.train import TrainingDiverged, train as train_run  # heavy: only here
+      from chimera.train import (TrainingDiverged, stopped_by_signal,  # heavy: only here
+                                 train as train_run)
       try:
         summary = train_run(config, workdir,
                             resume_hint="Run the same chimera.compare command to resume.")
@@ -428,6 +429,9 @@ def train_all(models: list[Model], seeds: list[int], root: Path,
         raise StudyStopped(f"study stopped in {model.name}, seed {seed}, at step "
                            f"{summary.steps} of {config.train.steps} (checkpoint saved in "
                            f"{workdir}); run the same command to resume")
+      if stopped_by_signal():  # asked as the run ended: it is done, and the study stops
+        raise StudyStopped(f"study stopped after {model.name}, seed {seed}, which finished "
+                           f"as the stop came ({workdir}); run the same command to resume")
     runs.setdefault(model.name, []).append(Run.load(workdir, model.name, seed))
   return {m.name: runs[m.name] for m in models if m.name in runs}  # the study's order
 

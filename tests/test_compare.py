@@ -10,6 +10,7 @@ import math
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -765,6 +766,23 @@ def test_a_stopped_run_stops_the_study_and_the_same_call_resumes(make_config, co
   monkeypatch.setattr("chimera.train.train", real_train)
   runs = compare.train_all(models, seeds=[0], root=tmp_path)
   assert runs["dense"][0].summary.completed and runs["dense"][0].summary.steps == 4
+  # A stop that comes as a run ends (here while its last step evaluates) lets that run
+  # finish, then stops the study before the next one starts.
+  two = [compare.Model(name, make_config(name, corpus, train__steps=4), role)
+         for name, role in (("dense", "baseline"), ("moe_top2", "moe"))]
+  evaluate = train_lib.Evaluator.__call__
+  def stop_at_the_end(self, state, step, progress):
+    if step == 4:
+      os.kill(os.getpid(), signal.SIGTERM)
+    return evaluate(self, state, step, progress)
+  monkeypatch.setattr(train_lib.Evaluator, "__call__", stop_at_the_end)
+  root = tmp_path / "two"
+  with pytest.raises(compare.StudyStopped, match=r"^study stopped after dense, seed 0, which "
+                                                 r"finished as the stop came"):
+    compare.train_all(two, seeds=[0], root=root)
+  assert len(list(root.iterdir())) == 1  # dense's run; moe_top2's not begun
+  monkeypatch.setattr(train_lib.Evaluator, "__call__", evaluate)
+  assert set(compare.train_all(two, seeds=[0], root=root)) == {"dense", "moe_top2"}
 
 
 def test_a_diverging_run_is_left_out_and_not_trained_again(make_config, corpus, tmp_path,

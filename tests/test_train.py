@@ -169,6 +169,74 @@ def test_sigterm_saves_and_resumes_exactly(make_config, corpus, tmp_path):
   chex.assert_trees_all_equal(state_a.params, state_b.params)
 
 
+def test_a_stop_during_the_last_step_is_noted_and_ends_main(corpus, tmp_path):
+  """SIGTERM while the run's last step evaluates: the run completes (summary.json, the
+  final checkpoint), and chimera.main exits with 128 + the signal all the same, so that
+  `main && evaluate` stops there as it would for a stop one step earlier."""
+  script = ("import os, signal, sys; import chimera.train as t\n"
+            "evaluate = t.Evaluator.__call__\n"
+            "def last(self, state, step, progress):\n"
+            "  if step == 4: os.kill(os.getpid(), signal.SIGTERM)\n"
+            "  return evaluate(self, state, step, progress)\n"
+            "t.Evaluator.__call__ = last\n"
+            "from absl import app; from chimera import main\n"
+            "sys.argv[0] = 'chimera.main'; app.run(main.main, flags_parser=main.parse_flags)")
+  workdir = tmp_path / "run"
+  overrides = {"train__steps": 4, "train__warmup_steps": 0, "train__eval_every": 2}
+  result = subprocess.run([sys.executable, "-c", script,
+                           *main_args("dense", corpus, workdir, overrides)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 128 + signal.SIGTERM, result.stderr[-2000:]
+  assert "a stop was asked for during the run's last step" in result.stderr
+  summary = RunSummary.load(workdir)
+  assert summary.completed and summary.steps == 4
+  assert Checkpointer(workdir / "checkpoints", keep=2).latest_step() == 4
+
+
+def test_the_loop_runs_at_most_max_ahead_steps_ahead(make_config, corpus, tmp_path,
+                                                    monkeypatch):
+  """A step is dispatched only once every step but the last MAX_AHEAD has finished, so a
+  stop waits for those few (not for every step the loop could have run ahead by)."""
+  compile_step = train_lib._compile_train_step
+  returned, pending_at_dispatch = [], []
+
+  def counted(*args):
+    step_fn = compile_step(*args)
+    def step(state, batch, rng):
+      pending_at_dispatch.append(sum(not leaf.is_ready()
+                                     for leaf in returned[:len(returned) - train_lib.MAX_AHEAD]))
+      state, metrics = step_fn(state, batch, rng)
+      returned.append(jax.tree.leaves(metrics)[0])
+      return state, metrics
+    return step
+
+  monkeypatch.setattr(train_lib, "_compile_train_step", counted)
+  config = make_config("dense", corpus, train__steps=12, train__warmup_steps=0,
+                       train__log_every=12, train__eval_every=12, train__checkpoint_every=12)
+  assert train(config, tmp_path / "run").completed
+  assert len(pending_at_dispatch) == 12 and max(pending_at_dispatch) == 0
+
+
+def test_a_job_started_with_sigint_ignored_keeps_ignoring_it():
+  """As Python leaves Ctrl-C alone in a process started with SIGINT ignored (a shell's
+  background job, nohup), so does the training loop; SIGTERM still stops it."""
+  before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+  try:
+    with train_lib._StopRequest() as stop:
+      assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+      os.kill(os.getpid(), signal.SIGINT)
+      assert not stop.requested
+      os.kill(os.getpid(), signal.SIGTERM)
+      assert stop.requested and train_lib.stopped_by_signal() == signal.SIGTERM
+    assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+  finally:
+    signal.signal(signal.SIGINT, before)
+  with train_lib._StopRequest() as stop:  # started normally: Ctrl-C is a stop
+    os.kill(os.getpid(), signal.SIGINT)
+    assert stop.requested and train_lib.stopped_by_signal() == signal.SIGINT
+  assert signal.getsignal(signal.SIGINT) == before
+
+
 def test_ctrl_c_outside_the_training_loop_is_one_line(corpus, tmp_path):
   """Ctrl-C while the data is prepared or the step compiles (the loop turns it into a
   checkpoint itself): one line and exit status 130, no traceback."""
