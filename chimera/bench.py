@@ -56,7 +56,7 @@ from chimera.data.batches import WindowSampler
 from chimera.data.corpora import write_atomic
 from chimera.data.tokenizers import get_tokenizer
 from chimera.decoder import Decoder
-from chimera.errors import ChimeraError, check_writable, parse_flags
+from chimera.errors import ChimeraError, check_writable, out_of_memory_is_one_line, parse_flags
 from chimera.layers import Kernels
 from chimera.moe import MoeLayer
 from chimera.steps import init_state, train_step
@@ -595,7 +595,8 @@ def main(argv):
                         profile_dir=FLAGS.profile_dir)
     cases = make_cases(FLAGS.configs, dict(map(parse_override, FLAGS.set)), FLAGS.variants,
                        FLAGS.random_ids)
-    records = run(cases, FLAGS.repeats, settings)
+    with out_of_memory_is_one_line():
+      records = run(cases, FLAGS.repeats, settings)
   except ChimeraError as error:
     print(f"error: {error}", file=sys.stderr)
     sys.exit(2)

@@ -580,7 +580,12 @@ def main(argv):
                  command="python -m chimera.compare " + " ".join(sys.argv[1:]),
                  device=trained_on(runs), diverged=diverged)
   except ChimeraError as error:
-    print(f"error: {error}", file=sys.stderr)
+    hint = ""
+    if (str(error).startswith("config.train.warmup_steps:") and _STEPS.value is not None
+        and not any(s.startswith("train.warmup_steps=") for s in _SET.value)):
+      hint = (f"; --train_steps={_STEPS.value} keeps the preset's warm-up: add "
+              f"--set=train.warmup_steps=N with N < {_STEPS.value}")
+    print(f"error: {error}{hint}", file=sys.stderr)
     sys.exit(2)
   except StudyStopped as stopped:
     print(stopped, file=sys.stderr)

@@ -1,5 +1,7 @@
+import contextlib
 import errno
 import os
+import re
 from pathlib import Path
 
 # The filesystem refusing a write (full, over quota, read-only): a run or a report stops on
@@ -25,6 +27,25 @@ def hook_without(previous, drop):
 
 class ChimeraError(ValueError):
     """A user-facing error: one line that names the bad field or file."""
+
+
+@contextlib.contextmanager
+def out_of_memory_is_one_line(after: str = ""):
+  """Turns XLA running out of device memory (a JaxRuntimeError of RESOURCE_EXHAUSTED or
+  "Out of memory ...", at compile or run time) into a ChimeraError: one line with the
+  allocation that failed and what to lower, then `after`. Other errors pass through."""
+  try:
+    yield
+  except RuntimeError as error:
+    text = str(error)
+    if type(error).__name__ != "JaxRuntimeError" or not (
+        "RESOURCE_EXHAUSTED" in text or "Out of memory" in text):
+      raise
+    size = re.search(r"allocat\w* (\d+) bytes", text)
+    need = f" (an allocation of {int(size.group(1)) / 2**30:.2f} GiB failed)" if size else ""
+    raise ChimeraError(f"out of device memory{need}: lower train.batch_size (train.grad_accum "
+                       f"keeps the batch per update), train.context or the model{after}"
+                       ) from None
 
 
 def parse_flags_and_args(argv: list[str]) -> list[str]:

@@ -54,7 +54,13 @@ def parse_flags(argv: list[str]) -> list[str]:
       flag = next((arg.split("=")[0] for arg in argv[1:] if arg.startswith("--config.")
                    and key in arg.split("=")[0].split(".")), None)
       if flag:
-        guess = " ".join(lines[1:])
+        # ml_collections guesses within the section; a field named at the top level (or in
+        # another section) is found by its name in every section.
+        elsewhere = [f"--config.{section}.{key}" for section, fields in
+                     config_lib.SECTIONS.items() if key in fields.__dataclass_fields__
+                     and f"--config.{section}.{key}" != flag]
+        guess = " ".join(lines[1:]) or (
+            f"did you mean {' or '.join(elsewhere)}?" if elsewhere else "")
         message = f"{flag}: no such config field {key!r}" + (
             f"; {guess[0].lower()}{guess[1:]}" if guess else "")
     print(f"error: {message}", file=sys.stderr)

@@ -51,9 +51,10 @@ PRESETS["gpu_large"] = {**PRESETS["gpu"], "model": {
     "d_ff": 4096}}
 
 # The GPU study at scale: the gpu backbone on FineWeb-Edu's 10B-token sample (GPT-2 BPE),
-# one pass over about 1B tokens (30,500 steps of 64 x 512). Needs the network once, for
-# `python -m chimera.data --corpus=hf:HuggingFaceFW/fineweb-edu:sample-10BT --tokenizer=gpt2
-# --val_fraction=0.0005`; offline, point --config.data.corpus at a local file or folder.
+# about 1B tokens drawn (30,500 steps of 64 x 512, windows at random, not one pass in order).
+# Needs the network once, for `python -m chimera.data
+# --corpus=hf:HuggingFaceFW/fineweb-edu:sample-10BT --tokenizer=gpt2 --val_fraction=0.0005`;
+# offline, point --config.data.corpus at a local file or folder.
 PRESETS["gpu_fineweb"] = {**PRESETS["gpu"], "data": {
     **PRESETS["gpu"]["data"], "corpus": "hf:HuggingFaceFW/fineweb-edu:sample-10BT",
     "val_fraction": 0.0005}, "train": {

@@ -21,7 +21,7 @@ from chimera.data.corpora import write_atomic
 from chimera.errors import ChimeraError, parse_flags
 from chimera.study_stats import (Run, Spread, defined_seeds, describe, same_sign, seed_by_seed,
                                  summarize, worst)
-from chimera.study_targets import Target
+from chimera.study_targets import EVAL_GAP, Target
 
 SPREAD_NOTE = (
     "**How to read the numbers.** n is the number of seeds. \"a ± b\" is the mean over the "
@@ -122,7 +122,10 @@ def efficiency_finding(name: str, entry: dict) -> str:
     text = f"{name} does not reach dense's final loss in any of its {len(reach['values'])} seeds."
   else:
     text = (f"{name} reaches dense's final loss after "
-            f"{describe(reach, digits=2, suffix='x', missing='not reached')} dense's tokens.")
+            f"{describe(reach, digits=2, suffix='x', missing='not reached')} dense's tokens")
+    gap = entry["largest_eval_gap"]
+    text += (f", read from evaluations up to {gap:.0%} of training apart (a loss reached by "
+             f"the first evaluation counts as reached there)." if gap > EVAL_GAP + 1e-9 else ".")
   return text + "".join(_time_clause(vs["equal_time"][clock], clock) for clock in CLOCK_WORDS)
 
 
@@ -453,8 +456,9 @@ def training_sentence(runs: dict[str, list[Run]]) -> str:
   for name, model_runs in runs.items():
     for way in dict.fromkeys(map(how, model_runs)):
       ways.setdefault(way, []).append(name)
-  clause = lambda w: (f"{w[0]} steps of {w[1]} x {w[2]} = {w[3]:,} tokens, evaluated every "
-                      f"{w[4]} steps on a fixed validation subset of {w[5]:,} tokens")
+  clause = lambda w: (f"{w[0]} steps of {w[1]} x {w[2]} = {w[3]:,} tokens, evaluated "
+                      + (f"every {w[4]} steps" if w[4] < w[0] else "at the end only")
+                      + f" on a fixed validation subset of {w[5]:,} tokens")
   if len(ways) == 1:
     return f"every run trains {clause(next(iter(ways)))} (the same for every model and seed)"
   parts = "; ".join(f"{', '.join(names)}: {clause(way)}" for way, names in ways.items())

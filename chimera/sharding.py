@@ -89,7 +89,8 @@ def check_mesh(config: Config, device_count: int) -> None:
     else:
       hint = ""
     raise ChimeraError(
-        f"config.mesh: data={mesh.data} x expert={mesh.expert} = {wanted} devices, but "
+        f"config.mesh: data={mesh.data} x expert={mesh.expert} = {wanted} "
+        f"device{'' if wanted == 1 else 's'}, but "
         f"{device_count} {'is' if device_count == 1 else 'are'} available{hint}")
   if model.num_experts and model.num_experts % mesh.expert:
     raise ChimeraError(

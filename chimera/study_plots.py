@@ -40,8 +40,8 @@ def loss_curves(path: Path, runs: dict[str, list[Run]], x: str, xlabel: str) -> 
     points = min(len(r.evals) for r in model_runs)
     mean_x = np.mean([r.curve(x)[0][:points] for r in model_runs], axis=0)
     mean_y = np.mean([r.curve(x)[1][:points] for r in model_runs], axis=0)
-    ax.plot(mean_x, mean_y, color=f"C{index}", linewidth=2,
-            label=f"{name} (mean of {len(model_runs)})")
+    ax.plot(mean_x, mean_y, color=f"C{index}", linewidth=2, marker="o", markersize=3,
+            label=f"{name} (mean of {len(model_runs)})")  # a marker: one evaluation shows
   _readable_ylim(ax, losses)
   ax.set_xlabel(xlabel)
   ax.set_ylabel("validation loss (nats/token)")
@@ -89,6 +89,7 @@ def routing(path: Path, runs: dict[str, list[Run]]) -> bool:
     for name, model_curves in curves.items():
       for seed_index, curve in enumerate(model_curves):
         ax.plot(curve["step"], curve[field], color=color[name], linewidth=1,
+                marker="o" if len(curve["step"]) < 3 else None, markersize=3,  # short runs
                 label=name if seed_index == 0 else None)
     ax.set_title(title, fontsize=9)
     ax.set_xlabel("step", fontsize=8)

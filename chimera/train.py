@@ -30,7 +30,7 @@ from chimera.data.cache import prepare as prepare_cache
 from chimera.data.corpora import write_atomic
 from chimera.data.tokenizers import get_tokenizer
 from chimera.decoder import Decoder
-from chimera.errors import ChimeraError, is_disk_refusal
+from chimera.errors import ChimeraError, is_disk_refusal, out_of_memory_is_one_line
 from chimera.layers import Kernels
 from chimera.metrics import MetricWriter, log, progress_line
 from chimera.records import (EvalRecord, Progress, RunSummary, device_name, loaded_code_version,
@@ -69,10 +69,9 @@ def open_workdir(workdir: Path, config: Config):
   if RunSummary.exists(workdir):  # before anything is written there
     try:
       RunSummary.load(workdir)
-    except (TypeError, ValueError) as error:
+    except (TypeError, ValueError):
       raise ChimeraError(f"--workdir: {workdir} holds a summary.json that is not a run's "
-                         f"(a chimera.compare report folder?): {type(error).__name__}; use "
-                         f"another workdir") from None
+                         f"(a chimera.compare report folder?); use another workdir") from None
   made = [path for path in (workdir, *workdir.parents) if not path.exists()]  # this call's
   try:
     workdir.mkdir(parents=True, exist_ok=True)
@@ -96,9 +95,11 @@ def open_workdir(workdir: Path, config: Config):
       os.ftruncate(lock.fileno(), 0)  # unbuffered: nothing is left to flush if it fails
       os.write(lock.fileno(), str(os.getpid()).encode())
       saved = saved_steps(workdir)  # listed under the lock: no run can save meanwhile
-      if saved:  # another run first: its steps are not this config's to ask for
-        _check_same_run(workdir, config, saved[-1])
+      # Another run first: its steps are not this config's to ask for.
+      steps_note = _check_same_run(workdir, config, saved[-1]) if saved else None
       _check_steps(workdir, config)
+      if steps_note:  # only once the steps asked for are known to be taken
+        log(steps_note)
       write_atomic(workdir / "config.json",
                    json.dumps(config_lib.to_dict(config), indent=2).encode())
     except OSError as error:
@@ -161,11 +162,11 @@ def saved_steps(workdir: Path) -> list[int]:
   return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit())
 
 
-def _check_same_run(workdir: Path, config: Config, latest: int) -> None:
+def _check_same_run(workdir: Path, config: Config, latest: int) -> str | None:
   """Refuses a config that computes another run than the one whose checkpoints are in
   `workdir`, judged by the config the latest checkpoint recorded as it was saved (since
   2026-11-28), else by config.json: an edited, copied or deleted config.json does not
-  make the checkpoints another run's."""
+  make the checkpoints another run's. Returns a line to log if train.steps changed."""
   path = workdir / "config.json"
   recorded = recorded_config(workdir, latest)
   if recorded is None and not path.exists():
@@ -188,9 +189,10 @@ def _check_same_run(workdir: Path, config: Config, latest: int) -> None:
     raise ChimeraError(f"--workdir: {workdir} holds another run{said}; these fields differ: "
                        f"{changes}. Use a new workdir")
   if config.train.steps != saved.train.steps:
-    log(f"train.steps: {saved.train.steps} -> {config.train.steps}. The cosine schedule is "
-        f"stretched to the new length, so the learning rate at the steps still to run "
-        f"follows it, not the old one")
+    return (f"train.steps: {saved.train.steps} -> {config.train.steps}. The cosine schedule "
+            f"is stretched to the new length, so the learning rate at the steps still to run "
+            f"follows it, not the old one")
+  return None
 
 
 def recorded_config(workdir: Path, step: int, damaged_ok: bool = False) -> Config | None:
@@ -467,7 +469,9 @@ def train(config: Config, workdir: str | Path, *, stop_after: int | None = None,
   workdir = Path(workdir)
   config = sharding.resolve_mesh(config, jax.device_count())  # mesh.data unset: every device
   allocator.keep_freed_memory()  # each step's temporaries stay mapped (chimera.allocator)
-  with open_workdir(workdir, config) as saved:
+  with (out_of_memory_is_one_line(f"; {workdir} keeps what it had (its latest checkpoint, "
+                                  f"if any)"),
+        open_workdir(workdir, config) as saved):
     data = prepare_data(config, functools.partial(check_same_data, workdir,
                                                   resuming=bool(saved)))
     mesh = sharding.make_mesh(config.mesh)

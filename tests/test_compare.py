@@ -149,6 +149,10 @@ def test_summarize_by_hand():
   assert curves["router_entropy"] == pytest.approx([0.3, 0.6])
   assert curves["router_confidence"] == pytest.approx([0.7, 0.4])
   assert study_stats.router_curves([{"step": 2, "loss": 2.0}])["step"] == []
+  # Evaluations 40% of training apart: the finding says how coarse its reading is.
+  assert report.efficiency_finding("moe_top2", moe).startswith(
+      "moe_top2 reaches dense's final loss after 0.50x ± 0.00 (n=2) dense's tokens, read from "
+      "evaluations up to 40% of training apart")
 
 
 def _entry(role, diffs, *, fraction=(0.6, 0.65), dropped=(0.005, 0.004), executed=1.2,
@@ -663,6 +667,9 @@ def test_tiny_study_trains_reports_and_resumes(make_config, corpus, tmp_path, mo
   wider = report.training_sentence(
       {"dense": runs["dense"], "moe_top2": [trained(r, batch_size=8) for r in runs["moe_top2"]]})
   assert "moe_top2: 6 steps of 8 x 32" in wider and "validation subsets differ" in wider
+  once = report.training_sentence({name: [trained(r, eval_every=6) for r in model_runs]
+                                   for name, model_runs in runs.items()})
+  assert "768 tokens, evaluated at the end only on a fixed validation subset" in once
   dense_run = runs["dense"][0]
   assert written["models"]["dense"]["generalization_gap"]["values"][0] == pytest.approx(
       dense_run.summary.final_val_loss - dense_run.train_rows[-1]["loss"])
@@ -908,6 +915,9 @@ def test_a_report_the_disk_refuses_is_one_line_and_keeps_the_runs(tmp_path, monk
     ("compare", ["--train_steps=0"], "error: config.train.steps: must be > 0, got 0"),
     ("compare", ["--train_steps=20", "--set=train.steps=30"],
      "error: --train_steps=20 and --set=train.steps=30 both set train.steps; pass one"),
+    ("compare", ["--train_steps=20"],
+     "error: config.train.warmup_steps: must be in [0, train.steps=20), got 100; "
+     "--train_steps=20 keeps the preset's warm-up: add --set=train.warmup_steps=N with N < 20"),
     ("scaling", ["--config=configs/moe_top2.py:tiny", "--mesh=2,4"],
      "error: config.mesh: data=2 x expert=4 = 8 devices, but 1 is available (to try a mesh on "
      "the CPU, start with XLA_FLAGS=--xla_force_host_platform_device_count=8)"),

@@ -96,6 +96,9 @@ def test_a_mesh_smaller_than_the_gpus_says_how_to_use_them(make_config, corpus, 
     sharding.check_mesh(config, device_count=4)
   with pytest.raises(ChimeraError, match=r"= 2 devices, but 1 is available$"):
     sharding.check_mesh(config, device_count=1)
+  one = make_config("moe_top2", corpus, mesh__data=1)
+  with pytest.raises(ChimeraError, match=r"data=1 x expert=1 = 1 device, but 2 are available"):
+    sharding.check_mesh(one, device_count=2)
 
 
 def test_an_unset_data_axis_is_every_device_the_expert_axis_leaves(make_config, corpus):

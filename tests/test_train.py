@@ -217,6 +217,26 @@ def test_the_loop_runs_at_most_max_ahead_steps_ahead(make_config, corpus, tmp_pa
   assert len(pending_at_dispatch) == 12 and max(pending_at_dispatch) == 0
 
 
+def test_out_of_device_memory_is_one_line(make_config, corpus, tmp_path, monkeypatch):
+  """XLA's out-of-memory error (here raised where the step compiles, as a GPU preset on a
+  small device would) is one line naming the allocation and what to lower; other runtime
+  errors pass through."""
+  def oom(*args):
+    raise jax.errors.JaxRuntimeError("INTERNAL: Error dispatching computation: "
+                                     "Out of memory allocating 36862573904 bytes.")
+  monkeypatch.setattr(train_lib, "_compile_train_step", oom)
+  config = make_config("dense", corpus, train__steps=2, train__warmup_steps=0)
+  with pytest.raises(ChimeraError, match=r"^out of device memory \(an allocation of 34\.33 GiB "
+                                         r"failed\): lower train\.batch_size .*; .*run keeps "
+                                         r"what it had \(its latest checkpoint, if any\)$"):
+    train(config, tmp_path / "run")
+  def other(*args):
+    raise jax.errors.JaxRuntimeError("INVALID_ARGUMENT: something else")
+  monkeypatch.setattr(train_lib, "_compile_train_step", other)
+  with pytest.raises(jax.errors.JaxRuntimeError, match="something else"):
+    train(config, tmp_path / "run")
+
+
 def test_a_job_started_with_sigint_ignored_keeps_ignoring_it():
   """As Python leaves Ctrl-C alone in a process started with SIGINT ignored (a shell's
   background job, nohup), so does the training loop; SIGTERM still stops it."""
@@ -269,6 +289,8 @@ def test_bad_config_is_one_line_before_compiling(corpus, tmp_path):
       "--config.train.steps=abc": "invalid literal for int() with base 10: 'abc'",
       "--config.train.seed=4294967295": "config.train.seed: must be in [0, 4294967294]",
       "--config.model.foo=1": "--config.model.foo: no such config field 'foo'",
+      "--config.seed=1": "--config.seed: no such config field 'seed'; did you mean "
+                         "--config.data.seed or --config.train.seed?",
       "--config.model.group_size=48": "config.model.group_size",
       "--config.model.priority=ranked": "config.model.priority",
       "--config.data.seed=-1": "config.data.seed: must be >= 0",
@@ -644,6 +666,13 @@ def test_the_records_follow_the_checkpoints(make_config, corpus, tmp_path, monke
   assert summary.completed and summary.steps == 5 and [r["step"] for r in evals] == [4, 5]
   assert summary.final_val_loss == evals[-1]["val_loss"] != evals[0]["val_loss"]
   assert RunSummary.load(workdir).steps == 5
+  # Fewer steps than the checkpoints reached: refused, and without the line a change of
+  # train.steps would print.
+  capsys.readouterr()
+  with pytest.raises(ChimeraError, match=r"^train\.steps=4: .* holds this run at step 5 "
+                                         r"already; ask for at least that many steps$"):
+    train(steps(4), workdir)
+  assert "train.steps: 5 -> 4" not in capsys.readouterr().err
   rows = read_events(workdir, "train")
   assert [r["step"] for r in rows] == [2, 4, 5]
   assert [r["window_steps"] for r in rows] == [2, 2, 1]
