@@ -50,7 +50,8 @@ from chimera import (accounting, bench, compile_cache, config as config_lib, rep
                      study_sweeps)
 from chimera.config import Config
 from chimera.data.corpora import open_corpus, write_atomic
-from chimera.errors import ChimeraError, check_writable, is_disk_refusal, parse_flags
+from chimera.errors import (ChimeraError, check_writable, is_disk_refusal, parse_flags,
+                            out_of_memory_is_one_line)
 from chimera.records import RunSummary
 from chimera.study_stats import Run
 
@@ -424,6 +425,9 @@ def train_all(models: list[Model], seeds: list[int], root: Path,
             {"model": model.name, "seed": seed, "error": str(error)}).encode())
         print(f"{model.name}, seed {seed} diverged, left out of the study: {error}",
               file=sys.stderr, flush=True)
+        if stopped_by_signal():  # the stop that came with it still stops the study
+          raise StudyStopped(f"study stopped after {model.name}, seed {seed}, which diverged "
+                             f"as the stop came; run the same command to resume") from None
         continue
       if not summary.completed:
         raise StudyStopped(f"study stopped in {model.name}, seed {seed}, at step "
@@ -574,7 +578,8 @@ def main(argv):
     speed = []
     if _BENCH_REPEATS.value > 0:
       print("== measuring speed", file=sys.stderr, flush=True)
-      speed = measure_speed(study.models, _BENCH_REPEATS.value)
+      with out_of_memory_is_one_line():
+        speed = measure_speed(study.models, _BENCH_REPEATS.value)
     write_report(out, study=study, runs=runs, speed=speed,
                  related=related_summaries(Path(_RESULTS.value), study),
                  command="python -m chimera.compare " + " ".join(sys.argv[1:]),

@@ -423,13 +423,11 @@ def stopped_by_signal() -> int | None:
 class _StopRequest:
   """Turns SIGTERM / SIGINT into a flag that the loop checks between steps.
 
-  A process that started with SIGINT ignored (a job a shell put in the background, or
-  nohup's) keeps ignoring it, as Python itself does: Ctrl-C at the terminal is not for it.
-  SIGTERM (`kill PID`) stops it."""
+  A process that started with SIGINT ignored (a job a script started with `&`: without job
+  control the shell has it ignore SIGINT) keeps ignoring it, as Python itself does: Ctrl-C
+  at the terminal is not for it. SIGTERM (`kill PID`) stops it."""
 
   def __init__(self):
-    global _stopped_by
-    _stopped_by = None
     self.requested = False
     self._previous = {}
 
@@ -450,8 +448,9 @@ class _StopRequest:
 
 
 # Steps the training loop may have dispatched and not yet finished when it goes on to the
-# next. 1, 2 and 4 trained at the same speed as no bound at nanogpt_cpu on 2 CPU cores
-# (19.8k, 20.7k, 19.2k against 20.2k tokens/s, medians of 3 alternated 600-step runs).
+# next. At nanogpt_cpu on 2 CPU cores, 1, 2 and 4 trained at 19.8k, 20.7k and 19.2k tokens/s
+# against 20.2k without a bound (medians of 3 alternated rounds of 600 steps); an earlier 3
+# rounds of 1 against none read 7-10% slower (results/cpu-experiments/run-ahead).
 MAX_AHEAD = 2
 
 
@@ -466,6 +465,8 @@ def train(config: Config, workdir: str | Path, *, stop_after: int | None = None,
   this call; the run is resumed by calling again with the same workdir. `resume_hint`:
   how to resume, logged when the run stops early (default: chimera.main's --workdir).
   """
+  global _stopped_by
+  _stopped_by = None  # this call's stop only (it may end without reaching the loop)
   workdir = Path(workdir)
   config = sharding.resolve_mesh(config, jax.device_count())  # mesh.data unset: every device
   allocator.keep_freed_memory()  # each step's temporaries stay mapped (chimera.allocator)

@@ -816,6 +816,19 @@ def test_a_diverging_run_is_left_out_and_not_trained_again(make_config, corpus, 
   # The Findings name it too: a point with no finished seed is not silently missing.
   assert ("Left out, diverged (a non-finite loss): lr=1e12, seed 0. No seed of lr=1e12 "
           "finished, so no sentence above covers it.") in written["findings"]
+  # A stop that comes as a run diverges (its last window flushed early) still stops the
+  # study, after the run is noted as diverged.
+  from chimera import train as train_lib
+  def stopped_and_diverged(config, workdir, **kwargs):
+    train_lib._stopped_by = signal.SIGTERM
+    raise train_lib.TrainingDiverged("non-finite loss at step 1")
+  monkeypatch.setattr(train_lib, "_stopped_by", None)
+  monkeypatch.setattr("chimera.train.train", stopped_and_diverged)
+  with pytest.raises(compare.StudyStopped, match=r"^study stopped after dense, seed 1, which "
+                                                 r"diverged as the stop came"):
+    compare.train_all(models, seeds=[1], root=tmp_path / "runs")
+  assert [(d["model"], d["seed"]) for d in compare.diverged_runs(
+      models, [1], tmp_path / "runs")] == [("dense", 1)]
 
 
 def test_related_summaries_skip_older_reports(tmp_path):

@@ -688,6 +688,7 @@ def test_router_jitter_scales_each_router_input_in_training_only():
   # two draws of a token independent.
   assert abs(draws.mean() - 1) < 0.01 and abs(draws.std() - jitter / math.sqrt(3)) < 0.01
   assert abs(np.corrcoef(draws[:, 0], draws[:, 1])[0, 1]) < 0.1
+  assert draws[a == 0, 0].std() > 0.05  # drawn per token too, not once per feature
   assert np.mean(np.abs(logits(False, jax.random.key(2)) - jittered) > 1e-6) > 0.99
   np.testing.assert_allclose(logits(True, jax.random.key(1)), tokens @ kernel, rtol=1e-5,
                              atol=1e-6)

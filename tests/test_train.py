@@ -237,11 +237,13 @@ def test_out_of_device_memory_is_one_line(make_config, corpus, tmp_path, monkeyp
     train(config, tmp_path / "run")
 
 
-def test_a_job_started_with_sigint_ignored_keeps_ignoring_it():
-  """As Python leaves Ctrl-C alone in a process started with SIGINT ignored (a shell's
-  background job, nohup), so does the training loop; SIGTERM still stops it."""
-  before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+def test_a_job_started_with_sigint_ignored_keeps_ignoring_it(monkeypatch):
+  """As Python leaves Ctrl-C alone in a process started with SIGINT ignored (a job a
+  script started with `&`), so does the training loop; SIGTERM still stops it."""
+  monkeypatch.setattr(train_lib, "_stopped_by", None)  # the signals below set it
+  before = signal.getsignal(signal.SIGINT)  # pytest-xdist's workers may ignore it already
   try:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     with train_lib._StopRequest() as stop:
       assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
       os.kill(os.getpid(), signal.SIGINT)
@@ -249,12 +251,13 @@ def test_a_job_started_with_sigint_ignored_keeps_ignoring_it():
       os.kill(os.getpid(), signal.SIGTERM)
       assert stop.requested and train_lib.stopped_by_signal() == signal.SIGTERM
     assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # as Python starts normally
+    with train_lib._StopRequest() as stop:  # Ctrl-C is a stop
+      os.kill(os.getpid(), signal.SIGINT)
+      assert stop.requested and train_lib.stopped_by_signal() == signal.SIGINT
+    assert signal.getsignal(signal.SIGINT) == signal.default_int_handler
   finally:
     signal.signal(signal.SIGINT, before)
-  with train_lib._StopRequest() as stop:  # started normally: Ctrl-C is a stop
-    os.kill(os.getpid(), signal.SIGINT)
-    assert stop.requested and train_lib.stopped_by_signal() == signal.SIGINT
-  assert signal.getsignal(signal.SIGINT) == before
 
 
 def test_ctrl_c_outside_the_training_loop_is_one_line(corpus, tmp_path):
