@@ -448,10 +448,10 @@ class _StopRequest:
 
 
 # Steps the training loop may have dispatched and not yet finished when it goes on to the
-# next. At nanogpt_cpu on 2 CPU cores, 1, 2 and 4 trained at 19.8k, 20.7k and 19.2k tokens/s
-# against 20.2k without a bound (medians of 3 alternated rounds of 600 steps); an earlier 3
-# rounds of 1 against none read 7-10% slower (results/cpu-experiments/run-ahead).
-MAX_AHEAD = 2
+# next. At nanogpt_cpu on 2 CPU cores (600-step runs in ABBA order, medians of 4 each), 2
+# trained at 18.3k tokens/s against 20.4k without a bound, and 4 at 20.0k against 19.5k
+# (results/cpu-experiments/run-ahead). SIGTERM at step 50 of the small preset stopped it at 55.
+MAX_AHEAD = 4
 
 
 # --- The run. ---------------------------------------------------------------------------
