@@ -420,22 +420,22 @@ def train_all(models: list[Model], seeds: list[int], root: Path,
       try:
         summary = train_run(config, workdir,
                             resume_hint="Run the same chimera.compare command to resume.")
+        ended = "finished"
       except TrainingDiverged as error:
         write_atomic(workdir / DIVERGED, json.dumps(
             {"model": model.name, "seed": seed, "error": str(error)}).encode())
         print(f"{model.name}, seed {seed} diverged, left out of the study: {error}",
               file=sys.stderr, flush=True)
-        if stopped_by_signal():  # the stop that came with it still stops the study
-          raise StudyStopped(f"study stopped after {model.name}, seed {seed}, which diverged "
-                             f"as the stop came; run the same command to resume") from None
-        continue
-      if not summary.completed:
+        summary, ended = None, "diverged"
+      if summary is not None and not summary.completed:
         raise StudyStopped(f"study stopped in {model.name}, seed {seed}, at step "
                            f"{summary.steps} of {config.train.steps} (checkpoint saved in "
                            f"{workdir}); run the same command to resume")
       if stopped_by_signal():  # asked as the run ended: it is done, and the study stops
-        raise StudyStopped(f"study stopped after {model.name}, seed {seed}, which finished "
+        raise StudyStopped(f"study stopped after {model.name}, seed {seed}, which {ended} "
                            f"as the stop came ({workdir}); run the same command to resume")
+      if summary is None:
+        continue
     runs.setdefault(model.name, []).append(Run.load(workdir, model.name, seed))
   return {m.name: runs[m.name] for m in models if m.name in runs}  # the study's order
 

@@ -38,9 +38,10 @@ def out_of_memory_is_one_line(after: str = ""):
     yield
   except RuntimeError as error:
     text = str(error)
-    if type(error).__name__ != "JaxRuntimeError" or "memory" not in text.lower() or not (
-        "RESOURCE_EXHAUSTED" in text or "Out of memory" in text):
-      raise  # a RESOURCE_EXHAUSTED of something else (a multi-host service) is not this
+    # A RESOURCE_EXHAUSTED of something else (a multi-host service) is not this.
+    memory = "Out of memory" in text or ("RESOURCE_EXHAUSTED" in text and "memory" in text.lower())
+    if type(error).__name__ != "JaxRuntimeError" or not memory:
+      raise
     size = re.search(r"allocat\w* (\d+) bytes", text)
     need = f" (an allocation of {int(size.group(1)) / 2**30:.2f} GiB failed)" if size else ""
     raise ChimeraError(f"out of device memory{need}: lower train.batch_size (train.grad_accum "

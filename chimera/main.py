@@ -91,12 +91,9 @@ def main(argv):
     workdir = Path(_WORKDIR.value or f"runs/{config.name}-{time.strftime('%Y%m%d-%H%M%S')}")
     from chimera.train import stopped_by_signal, train  # here: config errors come fast
     summary = train(config, workdir, stop_after=_STOP_AFTER.value)
-    signum = stopped_by_signal()
-    if not summary.completed and signum:
-      sys.exit(128 + signum)  # saved, but not done: `main && evaluate` stops here
     if summary.completed and jax.process_index() == 0:
       show_plots(workdir, config.name)
-    if signum:  # it came as the run ended: done, and asked to stop all the same
+    if (signum := stopped_by_signal()):  # saved (done or not): `main && evaluate` stops here
       sys.exit(128 + signum)
   except ChimeraError as error:
     print(f"error: {error}", file=sys.stderr)

@@ -45,6 +45,16 @@ def start_main(*args, env_extra=None):
                           env={**os.environ, "PYTHONUNBUFFERED": "1", **(env_extra or {})})
 
 
+def run_main_patched(patch: str, *args) -> subprocess.CompletedProcess:
+  """chimera.main with `args`, in a process that first runs `patch`: Python source that
+  changes chimera.train (imported as `t`, with os, signal and sys)."""
+  script = ("import os, signal, sys; import chimera.train as t\n" + patch +
+            "\nfrom absl import app; from chimera import main\n"
+            "sys.argv[0] = 'chimera.main'; app.run(main.main, flags_parser=main.parse_flags)")
+  return subprocess.run([sys.executable, "-c", script, *args], cwd=ROOT, capture_output=True,
+                        text=True, timeout=300)
+
+
 def main_args(name: str, corpus, workdir, overrides: dict) -> list[str]:
   """chimera.main's flags for configs/<name>.py:tiny with `section__field` overrides."""
   return [f"--config=configs/{name}.py:tiny", f"--config.data.corpus={corpus}",
@@ -173,19 +183,14 @@ def test_a_stop_during_the_last_step_is_noted_and_ends_main(corpus, tmp_path):
   """SIGTERM while the run's last step evaluates: the run completes (summary.json, the
   final checkpoint), and chimera.main exits with 128 + the signal all the same, so that
   `main && evaluate` stops there as it would for a stop one step earlier."""
-  script = ("import os, signal, sys; import chimera.train as t\n"
-            "evaluate = t.Evaluator.__call__\n"
-            "def last(self, state, step, progress):\n"
-            "  if step == 4: os.kill(os.getpid(), signal.SIGTERM)\n"
-            "  return evaluate(self, state, step, progress)\n"
-            "t.Evaluator.__call__ = last\n"
-            "from absl import app; from chimera import main\n"
-            "sys.argv[0] = 'chimera.main'; app.run(main.main, flags_parser=main.parse_flags)")
+  last_step = ("evaluate = t.Evaluator.__call__\n"
+               "def last(self, state, step, progress):\n"
+               "  if step == 4: os.kill(os.getpid(), signal.SIGTERM)\n"
+               "  return evaluate(self, state, step, progress)\n"
+               "t.Evaluator.__call__ = last")
   workdir = tmp_path / "run"
   overrides = {"train__steps": 4, "train__warmup_steps": 0, "train__eval_every": 2}
-  result = subprocess.run([sys.executable, "-c", script,
-                           *main_args("dense", corpus, workdir, overrides)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+  result = run_main_patched(last_step, *main_args("dense", corpus, workdir, overrides))
   assert result.returncode == 128 + signal.SIGTERM, result.stderr[-2000:]
   assert "a stop was asked for during the run's last step" in result.stderr
   summary = RunSummary.load(workdir)
@@ -263,14 +268,8 @@ def test_a_job_started_with_sigint_ignored_keeps_ignoring_it(monkeypatch):
 def test_ctrl_c_outside_the_training_loop_is_one_line(corpus, tmp_path):
   """Ctrl-C while the data is prepared or the step compiles (the loop turns it into a
   checkpoint itself): one line and exit status 130, no traceback."""
-  interrupted = ("import sys; import chimera.train as t\n"
-                 "def train(*args, **kwargs): raise KeyboardInterrupt\n"
-                 "t.train = train\n"
-                 "from absl import app; from chimera import main\n"
-                 "sys.argv[0] = 'chimera.main'; app.run(main.main, flags_parser=main.parse_flags)")
-  result = subprocess.run(
-      [sys.executable, "-c", interrupted, *main_args("dense", corpus, tmp_path / "run", {})],
-      cwd=ROOT, capture_output=True, text=True, timeout=300)
+  interrupted = "def train(*args, **kwargs): raise KeyboardInterrupt\nt.train = train"
+  result = run_main_patched(interrupted, *main_args("dense", corpus, tmp_path / "run", {}))
   assert result.returncode == 130, result.stderr[-2000:]
   assert [line for line in result.stderr.splitlines() if line.strip()] == [
       "error: interrupted outside the training loop; the workdir keeps what it had (its "
