@@ -7,7 +7,6 @@ Prints the cache's folder, and each split's tokens, documents and bytes per toke
 training run with the same data settings then memory-maps it.
 """
 import sys
-import time
 
 from absl import app, flags, logging
 
@@ -29,7 +28,6 @@ _THREADS = flags.DEFINE_integer("threads", None, "Tokenizer threads (default: ev
 def main(argv: list[str]) -> None:
   del argv  # parse_flags refuses positional arguments
   logging.set_verbosity(logging.WARNING)  # datasets logs its backends at INFO
-  started = time.time()
   try:
     if _THREADS.value is not None and _THREADS.value < 1:
       raise ChimeraError(f"--threads: must be >= 1, got {_THREADS.value}")
@@ -41,9 +39,7 @@ def main(argv: list[str]) -> None:
     sys.exit(2)  # as every tool's bad input
   m = cache.manifest
   documents = lambda n: f"{n:,} document" + ("" if n == 1 else "s")
-  # The manifest is written last: one written since this call began is this call's build.
-  built_now = (cache.path / "manifest.json").stat().st_mtime >= started
-  built = (f"built in {m.build_seconds:.1f} s" if built_now
+  built = (f"built in {m.build_seconds:.1f} s" if cache.built
            else f"read from the cache (built in {m.build_seconds:.1f} s)")
   print(f"cache: {cache.path}")
   print(f"corpus: {_CORPUS.value}, {documents(m.num_documents)}, {_TOKENIZER.value} tokenizer, "

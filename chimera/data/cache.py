@@ -33,7 +33,8 @@ from typing import NamedTuple
 import numpy as np
 
 from chimera.data.batches import Splits, check_val_bytes, held_out, resolve_mode
-from chimera.data.corpora import Corpus, cache_dir, cache_writes, open_corpus, write_atomic
+from chimera.data.corpora import (Corpus, cache_dir, cache_writes, open_corpus, open_corpus_file,
+                                   write_atomic)
 from chimera.errors import ChimeraError
 
 FORMAT = 2  # bump when the layout, the tokenization or the split changes: older caches are rebuilt
@@ -74,6 +75,7 @@ class Manifest:
 class TokenCache:
   path: Path
   manifest: Manifest
+  built: bool = False  # by this call (else read from the cache)
 
   def splits(self) -> Splits:
     """The train and val streams, memory-mapped read-only."""
@@ -113,7 +115,7 @@ def prepare(corpus: str, tokenizer, *, split: str = "auto", val_fraction: float 
     if stale:
       print(f"data: rebuilding the token cache {path}: {stale}", file=sys.stderr)
     manifest = _build(path, key, source, tokenizer, num_threads or len(os.sched_getaffinity(0)))
-  return TokenCache(path, manifest)
+  return TokenCache(path, manifest, built=True)
 
 
 def load_splits(corpus: str, tokenizer, *, split: str = "auto", val_fraction: float = 0.1,
@@ -141,7 +143,7 @@ def _content_hash(document_digests) -> str:
 
 def _files_content_hash(files: tuple[str, ...]) -> str:
   def digest(path):
-    with open(path, "rb") as f:
+    with open_corpus_file(path) as f:
       return hashlib.file_digest(f, lambda: hashlib.blake2b(digest_size=16)).digest()
   return _content_hash(digest(path) for path in files)
 
@@ -200,7 +202,11 @@ class _Stream(NamedTuple):
 
 def _build(path: Path, key: dict, source: Corpus, tokenizer, num_threads: int) -> Manifest:
   started = time.perf_counter()
+  # The files' hash is taken before they are tokenized, and their fingerprint (sizes and
+  # times) before and after: a file written to meanwhile is refused below, not cached
+  # with tokens of another text than the hash that will vouch for them.
   fingerprint = _fingerprint(source.files)
+  files_hash = _files_content_hash(source.files) if source.files else None
   folder = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.build-"))
   try:
     dtype = token_dtype(tokenizer.vocab_size)
@@ -217,8 +223,10 @@ def _build(path: Path, key: dict, source: Corpus, tokenizer, num_threads: int) -
         dict(zip(["train", "val"], tokens)), dict(zip(["train", "val"], text_bytes)),
         dict(zip(["train", "val"], documents)),
         {name: (folder / name).stat().st_size for name in names},
-        round(time.perf_counter() - started, 3),
-        _files_content_hash(source.files) if source.files else None)
+        round(time.perf_counter() - started, 3), files_hash)
+    if _fingerprint(source.files) != fingerprint:
+      raise ChimeraError(f"data.corpus: {source.spec} changed while it was being tokenized; "
+                         f"run again once it is written")
     manifest.write(folder)
     os.chmod(folder, 0o755)  # mkdtemp's 0700 would hide a shared cache from other users
     for name in names + ["manifest.json", "."]:  # on disk before the folder is in place

@@ -153,10 +153,20 @@ def read_members(archive: Path, pattern: str) -> dict[str, bytes]:
 FILE_BLOCK = 1 << 24  # bytes of a file decoded at a time
 
 
+def open_corpus_file(path: str):
+  """`path` opened for reading bytes; one that cannot be (no permission, say) is a one-line
+  ChimeraError naming it, not an OSError that a cache write's handler would take for its
+  own."""
+  try:
+    return open(path, "rb")
+  except OSError as error:
+    raise ChimeraError(f"data.corpus: cannot read {path} ({error.strerror})") from None
+
+
 def _file_parts(path: str) -> Iterator[str]:
   """The text of a UTF-8 file, decoded FILE_BLOCK bytes at a time."""
   decoder, offset = codecs.getincrementaldecoder("utf-8")(), 0
-  with open(path, "rb") as f:
+  with open_corpus_file(path) as f:
     while True:
       block = f.read(FILE_BLOCK)
       pending = len(decoder.getstate()[0])  # bytes of a character cut by the last block
@@ -184,7 +194,7 @@ def files_under(folder: str) -> list[str]:
   Symlinked folders are followed, as a glob follows them, but each real folder is read
   once (under its first path in a sorted walk), so a link to a folder above it is no
   endless loop and a folder linked twice gives no duplicate documents. A file reached by
-  several paths (a symlink to a file beside it) is one document too, as in a glob, so it
+  several paths (a symlink to a file beside it, or a hard link) is one document too, so it
   can never fall in both splits."""
   paths, seen = [], {os.path.realpath(folder)}
   for root, dirs, names in os.walk(folder, followlinks=True):
@@ -200,13 +210,15 @@ def files_under(folder: str) -> list[str]:
 
 
 def _unique_files(matches: list[str]) -> list[str]:
-  """The regular files among glob matches, each real file once (under its shallowest path),
-  in sorted order: "**" follows symlinked folders, so a folder linked into itself would
-  otherwise give every file under it once per path, up to 40 levels deep."""
+  """The regular files among glob matches, each file once (under its shallowest path), in
+  sorted order: "**" follows symlinked folders, so a folder linked into itself would
+  otherwise give every file under it once per path, up to 40 levels deep. A file is known
+  by its device and inode, so that symlinks and hard links to it are the same file."""
   first = {}
   for path in sorted(matches, key=lambda p: (p.count(os.sep), p)):
     if os.path.isfile(path):
-      first.setdefault(os.path.realpath(path), path)
+      stat = os.stat(path)
+      first.setdefault((stat.st_dev, stat.st_ino), path)
   return sorted(first.values())
 
 

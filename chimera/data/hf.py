@@ -4,7 +4,9 @@ NAME is a dataset on the Hub (read by streaming, so nothing is downloaded whole)
 folder of data files the `datasets` loaders read (JSON lines, parquet, CSV, text), or a
 folder written by `Dataset.save_to_disk`. The text is the `text_field` column.
 """
+import contextlib
 import logging
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -43,11 +45,10 @@ def _load_saved(datasets, path: Path, config: str, spec: str):
 
 def _load(datasets, name: str, config: str, spec: str):
   """The train split, streamed, of a Hub dataset or a local folder of data files."""
-  hub_log = logging.getLogger("huggingface_hub")
-  level = hub_log.level
-  hub_log.setLevel(logging.ERROR)  # offline, it warns of each retry before the error below
   try:
     return datasets.load_dataset(name, config or None, split="train", streaming=True)
+  except StopIteration:  # its loaders' guess of the format, over a folder of empty files
+    raise ChimeraError(f"data.corpus: {spec} has no rows (its data files are empty)") from None
   except ConnectionError as e:  # offline, or the Hub down: not a missing dataset
     raise ChimeraError(f"data.corpus: hf dataset '{name}' cannot be reached, is this machine "
                        f"offline? ({_one_line(e)}); a copy saved with save_to_disk, or a folder "
@@ -63,8 +64,21 @@ def _load(datasets, name: str, config: str, spec: str):
     if "split" in message.lower():
       raise ChimeraError(f"data.corpus: hf dataset '{name}' has no 'train' split ({message})") from None
     raise ChimeraError(f"data.corpus: {spec}: {message}") from None
+
+
+@contextlib.contextmanager
+def _quiet_loggers():
+  """Offline, huggingface_hub warns of each retry before the error; datasets logs a file
+  that does not parse before raising the error that `_rows` turns into one line."""
+  loggers = [logging.getLogger(name) for name in ("huggingface_hub", "datasets")]
+  levels = [logger.level for logger in loggers]
+  for logger in loggers:
+    logger.setLevel(logging.CRITICAL)
+  try:
+    yield
   finally:
-    hub_log.setLevel(level)
+    for logger, level in zip(loggers, levels):
+      logger.setLevel(level)
 
 
 def _check_field(dataset, field: str, spec: str) -> None:
@@ -117,7 +131,11 @@ def open_hf(spec: str, text_field: str) -> Corpus:
   key = f"hf:{local.resolve() if is_local else name}:{config} text_field={text_field}"
 
   def read() -> Iterator[tuple[str, Iterator[str]]]:
-    datasets = _import_datasets(spec)
+    datasets = _import_datasets(spec)  # first: importing it sets its logger's level
+    with _quiet_loggers():
+      yield from read_rows(datasets)
+
+  def read_rows(datasets) -> Iterator[tuple[str, Iterator[str]]]:
     if is_local and ((local / "state.json").exists() or (local / "dataset_dict.json").exists()):
       dataset = _load_saved(datasets, local, config, spec)
     else:
@@ -126,7 +144,7 @@ def open_hf(spec: str, text_field: str) -> Corpus:
     expected.update(_num_rows(dataset))
     if dataset.features is not None:  # else the rows are checked as they are read
       dataset = dataset.select_columns([text_field])
-    index = 0
+    index = nulls = 0
     for rows in _rows(dataset, spec):
       if text_field not in rows:
         raise ChimeraError(f"data.text_field: {spec} has no column '{text_field}' "
@@ -135,10 +153,13 @@ def open_hf(spec: str, text_field: str) -> Corpus:
         if text is not None and not isinstance(text, str):
           raise ChimeraError(f"data.text_field: column '{text_field}' of {spec} holds "
                              f"{type(text).__name__}, not text")
-        # Zero-padded numbers keep name order and reading order the same. A null text is
-        # an empty document.
+        # Zero-padded numbers keep name order and reading order the same. A null text (a
+        # JSON line without the field, say) is an empty document, and is counted.
         yield f"{spec}/{index:010d}", iter([text or ""])
-        index += 1
+        index, nulls = index + 1, nulls + (text is None)
+    if nulls:  # a misspelt key in some JSON lines would otherwise drop them unseen
+      print(f"data: {nulls:,} of {index:,} rows of {spec} have no '{text_field}' (null): "
+            f"read as empty documents", file=sys.stderr)
 
   expected = {}
   return Corpus(spec, key, files, read, expected)

@@ -169,6 +169,46 @@ def test_a_cache_the_user_cannot_write(tmp_path, monkeypatch):
     cache.prepare(str(corpus), tok)
 
 
+def test_a_corpus_the_user_cannot_read_is_named(tmp_path, monkeypatch):
+  """Reading the corpus happens inside the cache's write handler; a file that cannot be
+  read is named as the corpus's, not blamed on the cache."""
+  corpus, tok = write_docs(tmp_path / "docs", 6), tokenizers.ByteTokenizer()
+  real_open = open
+
+  def denied(path, *args, **kwargs):  # as chmod 000 does for a user who is not root
+    if str(path).endswith("doc003.txt"):
+      raise PermissionError(13, "Permission denied", str(path))
+    return real_open(path, *args, **kwargs)
+
+  monkeypatch.setattr("builtins.open", denied)
+  with pytest.raises(ChimeraError, match=r"^data\.corpus: cannot read \S+/doc003\.txt "
+                                         r"\(Permission denied\)$"):
+    cache.prepare(str(corpus), tok)
+  assert not list((cache.cache_dir() / "tokens").glob("docs-*"))
+
+
+def test_a_corpus_written_while_it_is_tokenized_is_not_cached(tmp_path, monkeypatch):
+  """A file that changes during the build is refused, not cached with the tokens of one
+  text under the hash of another (which every later check would then accept)."""
+  corpus, tok = write_docs(tmp_path / "docs", 6), tokenizers.ByteTokenizer()
+  real = cache._write_split
+
+  def appending(*args, **kwargs):
+    with open(corpus / "doc002.txt", "a") as f:
+      f.write(" NEW TEXT" * 50)
+    return real(*args, **kwargs)
+
+  monkeypatch.setattr(cache, "_write_split", appending)
+  with pytest.raises(ChimeraError, match=r"^data\.corpus: \S+docs changed while it was being "
+                                         r"tokenized; run again once it is written$"):
+    cache.prepare(str(corpus), tok)
+  monkeypatch.setattr(cache, "_write_split", real)
+  built = cache.prepare(str(corpus), tok)  # the next start builds from the text as it is
+  assert built.built and "NEW TEXT" in tok.decode(
+      np.concatenate([built.splits().train, built.splits().val]))
+  assert not cache.prepare(str(corpus), tok).built
+
+
 def test_a_full_disk_while_the_token_cache_builds_is_one_line(tmp_path, monkeypatch):
   """The tokens are written with file.write, whose OSError carries ENOSPC (numpy's tofile
   raised a bare "N requested and M written"); checked by hand on a full tmpfs too."""
@@ -380,6 +420,9 @@ def test_cli_prepares_and_reports(tmp_path):
   again = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)  # the same cache
   assert again.stdout.splitlines()[0] == lines[0] and "tokenizing" not in again.stderr
   assert ", read from the cache (built in " in again.stdout.splitlines()[1]
+  os.utime(corpus / "doc001.txt")  # touched, not changed: still read, not built
+  touched = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+  assert ", read from the cache (built in " in touched.stdout.splitlines()[1]
   one = write_docs(tmp_path / "one", 1)
   single = subprocess.run(command[:3] + [f"--corpus={one}", "--tokenizer=byte"], cwd=ROOT,
                           capture_output=True, text=True)

@@ -199,6 +199,13 @@ def test_folder_follows_symlinked_folders_once(tmp_path):
   assert [d.name for d in corpora.load_corpus(str(folder))] == [
       str(folder / "a.txt"), str(folder / "sub" / "b.txt")]
   assert [d.name for d in corpora.load_corpus(str(folder / "*.txt"))] == [str(folder / "a.txt")]
+  # So is a hard link: the same file under a second name, not a copy.
+  os.unlink(folder / "latest.txt")
+  os.link(folder / "a.txt", folder / "z.txt")
+  assert [d.name for d in corpora.load_corpus(str(folder))] == [
+      str(folder / "a.txt"), str(folder / "sub" / "b.txt")]
+  (folder / "copy.txt").write_text("own")  # a copy is a document of its own
+  assert len(corpora.load_corpus(str(folder))) == 3
 
 
 def test_files_are_decoded_in_blocks(tmp_path, monkeypatch):

@@ -1,6 +1,10 @@
 """hf: corpora from local datasets built here; the Hub's errors are stood in for."""
 import json
 import os
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import datasets  # a dev dependency (pyproject's [dev]): missing, these tests fail, not skip
 import numpy as np
@@ -12,6 +16,7 @@ from chimera.data.corpora import load_corpus
 from chimera.data.tokenizers import ByteTokenizer
 from chimera.errors import ChimeraError
 
+ROOT = Path(__file__).resolve().parents[2]
 TEXTS = [f"<row {i}> " + "lorem ipsum dolor " * (i % 7 + 1) for i in range(30)]
 
 
@@ -117,6 +122,38 @@ def test_a_file_that_does_not_parse(tmp_path):
   (tmp_path / "bad").mkdir()
   (tmp_path / "bad" / "rows.jsonl").write_text('{"text": "fine"}\n{"text": oops\n')
   one_line_error(f"hf:{tmp_path}/bad", r"data.corpus: hf:.*bad: .*JSON parse error")
+
+
+def test_a_bad_file_is_one_line_and_logs_nothing(tmp_path):
+  """datasets logs a file that does not parse before it raises; only the error is seen
+  (a subprocess: under pytest its log handler writes to a stream pytest holds)."""
+  (tmp_path / "bad").mkdir()
+  (tmp_path / "bad" / "rows.jsonl").write_text('{"text": "fine"}\n{"text": oops\n')
+  result = subprocess.run([sys.executable, "-m", "chimera.data", f"--corpus=hf:{tmp_path}/bad"],
+                          capture_output=True, text=True, cwd=ROOT)
+  assert result.returncode == 2
+  assert re.fullmatch(r"error: data\.corpus: hf:\S+/bad: JSON parse error: [^\n]*\n",
+                      result.stderr), result.stderr
+
+
+def test_empty_data_files(tmp_path):
+  (tmp_path / "empty").mkdir()
+  (tmp_path / "empty" / "rows.jsonl").write_text("")
+  one_line_error(f"hf:{tmp_path}/empty", r"data.corpus: hf:.*empty has no rows \(its data "
+                                         r"files are empty\)")
+
+
+def test_rows_without_the_text_field_are_counted(tmp_path, capfd):
+  """A JSON line without the field reads as null: an empty document, and said."""
+  (tmp_path / "mixed").mkdir()
+  with open(tmp_path / "mixed" / "rows.jsonl", "w") as f:
+    for i in range(20):
+      f.write(json.dumps({"text" if i % 2 else "txt": f"row {i}"}) + "\n")
+  docs = load_corpus(f"hf:{tmp_path}/mixed")
+  assert [d.text for d in docs] == ["" if i % 2 == 0 else f"row {i}" for i in range(20)]
+  assert capfd.readouterr().err.splitlines() == [
+      f"data: 10 of 20 rows of hf:{tmp_path}/mixed have no 'text' (null): read as empty "
+      f"documents"]
 
 
 def test_missing_config(json_folder, saved):
