@@ -42,10 +42,12 @@ _DISK_REFUSAL_TEXTS = tuple(text for code in DISK_REFUSALS
 
 def _not_a_refused_write(record: logging.LogRecord) -> bool:
   """Orbax logs a save the disk refused (full, over quota, read-only) as errors with
-  tracebacks from each of its threads, hundreds of lines; the run then stops on
-  CheckpointWriteFailed, which says it in one line. Drops orbax's records of that refusal
-  only: any other orbax error is logged as orbax logs it."""
-  if record.levelno < logging.ERROR or "orbax" not in record.pathname:
+  tracebacks from each of its threads, hundreds of lines, and asyncio may log the same
+  error again for the futures of orbax's writes ("exception was never retrieved"); the
+  run then stops on CheckpointWriteFailed, which says it in one line. Drops orbax's and
+  asyncio's records of that refusal only: any other error is logged as it was."""
+  if record.levelno < logging.ERROR or not ("orbax" in record.pathname
+                                            or record.name == "asyncio"):
     return True
   text = record.getMessage()
   if record.exc_info:
@@ -53,7 +55,8 @@ def _not_a_refused_write(record: logging.LogRecord) -> bool:
   return not any(mark in text for mark in _DISK_REFUSAL_TEXTS)
 
 
-logging.getLogger("absl").addFilter(_not_a_refused_write)
+for _logger in ("absl", "asyncio"):
+  logging.getLogger(_logger).addFilter(_not_a_refused_write)
 
 
 def _is_closed_loop(error: BaseException) -> bool:
@@ -101,7 +104,11 @@ def _write_failure(error: Exception) -> str | None:
 
 class Checkpointer:
 
-  def __init__(self, directory: Path, keep: int):
+  def __init__(self, directory: Path, keep: int, *, remove_partial: bool = False):
+    """`remove_partial`: remove the folders of saves a killed run left half-written (orbax
+    renames a save into place only once it is whole), as only the run holding the
+    workdir's lock may: a reader (chimera.evaluate) beside a live run would remove the
+    save it is writing."""
     val_loss = lambda metrics: metrics["val_loss"]
     keep_best = policies.BestN(get_metric_fn=val_loss,
                                reverse=True,  # sorted descending: the last one is the lowest
@@ -111,7 +118,7 @@ class Checkpointer:
     # checkpoint without its val_loss and delete it at the next save.
     options = ocp.CheckpointManagerOptions(
         preservation_policy=policies.AnyPreservationPolicy([policies.LatestN(n=keep), keep_best]),
-        best_fn=val_loss, best_mode="min", create=True)
+        best_fn=val_loss, best_mode="min", create=True, cleanup_tmp_directories=remove_partial)
     self.directory = Path(directory).absolute()
     self._manager = ocp.CheckpointManager(self.directory, options=options,
                                           item_names=("state", "meta"))

@@ -50,15 +50,18 @@ def _plain(value):
   return value
 
 
-def truncate_after(path: Path, step: int) -> int:
+def truncate_after(path: Path, step: int, eval_at_step: bool = True) -> int:
   """Drops the records of steps after `step` from a metrics.jsonl (atomically), and a last
   line cut short by a crash; returns how many rows were dropped. A run that crashed after
-  its last checkpoint wrote such rows, and the resumed run writes those steps again."""
+  its last checkpoint wrote such rows, and the resumed run writes those steps again.
+  `eval_at_step` False: the checkpoint at `step` records no evaluation there, so an eval
+  row at `step` came after it too (an evaluation a stopped run's end gets when resumed)."""
   if not path.exists():
     return 0
   text = path.read_text()
   records, torn = read_jsonl(path, text)
-  kept = [record for record in records if record["step"] <= step]
+  kept = [record for record in records if record["step"] < step or (
+      record["step"] == step and (eval_at_step or record["event"] != "eval"))]
   dropped = len(records) - len(kept) + torn
   if dropped or (text and not text.endswith("\n")):  # the next row starts a line of its own
     write_atomic(path, "".join(json.dumps(record) + "\n" for record in kept).encode())
@@ -71,17 +74,18 @@ _SESSIONS = itertools.count()  # MetricWriters opened by this process
 class MetricWriter:
   """Appends one JSON object per event (each with `step`) and mirrors scalars to TensorBoard.
 
-  `resume_step`: the step a resumed run restarts from; later rows are dropped first.
+  `resume_step`: the step a resumed run restarts from; later rows are dropped first, and
+  an eval row at that step too unless `evaluated_at_resume` (its checkpoint records one).
   """
 
-  def __init__(self, workdir: Path, resume_step: int = 0):
+  def __init__(self, workdir: Path, resume_step: int = 0, evaluated_at_resume: bool = True):
     self.enabled = jax.process_index() == 0
     if not self.enabled:
       return
     jsonl = Path(workdir) / "metrics.jsonl"
     # A run that starts at step 0 writes its log afresh: rows there (its setup row among
     # them) came from an attempt that saved no checkpoint.
-    dropped = truncate_after(jsonl, resume_step if resume_step > 0 else -1)
+    dropped = truncate_after(jsonl, resume_step if resume_step > 0 else -1, evaluated_at_resume)
     if dropped:
       log(f"metrics.jsonl: dropped {dropped} rows written after the step-{resume_step} "
           f"checkpoint by the interrupted run" if resume_step > 0 else

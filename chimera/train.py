@@ -51,7 +51,8 @@ class TrainingDiverged(ChimeraError):
 def open_workdir(workdir: Path, config: Config):
   """Claims `workdir` for `config`'s run for the duration of the block.
 
-  Refuses (one-line ChimeraError) a path that is a file or cannot be made, a second live
+  Refuses (one-line ChimeraError) a path that is a file or cannot be made, a folder that
+  holds files but no run (none of `_RUN_MARKS`; hidden files aside), a second live
   run on the same workdir, a config that computes a different run than the one saved there
   (or checkpoints that recorded no config, saved before 2026-11-28, without a
   config.json), and fewer train.steps than its checkpoints have reached. A workdir
@@ -72,6 +73,15 @@ def open_workdir(workdir: Path, config: Config):
     except (TypeError, ValueError):
       raise ChimeraError(f"--workdir: {workdir} holds a summary.json that is not a run's "
                          f"(a chimera.compare report folder?); use another workdir") from None
+  if workdir.is_dir() and not any((workdir / name).exists() for name in _RUN_MARKS):
+    try:
+      others = sorted(path.name for path in workdir.iterdir() if not path.name.startswith("."))
+    except OSError:  # unreadable: creating the lock below says so in one line
+      others = []
+    if others:  # not a run's folder: its files would be mixed with (or under) the run's
+      more = f" and {len(others) - 3} more" if len(others) > 3 else ""
+      raise ChimeraError(f"--workdir: {workdir} holds no run and is not empty "
+                         f"({', '.join(others[:3])}{more}); use a new or empty folder")
   made = [path for path in (workdir, *workdir.parents) if not path.exists()]  # this call's
   try:
     workdir.mkdir(parents=True, exist_ok=True)
@@ -117,6 +127,7 @@ def open_workdir(workdir: Path, config: Config):
 
 
 _CLAIM_FILES = {"config.json", "data.json", ".lock"}  # what a start writes before training
+_RUN_MARKS = (".lock", "config.json", "checkpoints")  # a folder a start has claimed
 
 
 def _remove_if_unused(made: list[Path]) -> None:
@@ -145,11 +156,10 @@ def _check_steps(workdir: Path, config: Config) -> list[int]:
 
 
 def _last_good(workdir: Path) -> str:
-  """What is left on disk after a run stopped on a non-finite value (a save still being
-  written finishes before the run exits: chimera.train waits for it)."""
-  folder = workdir / "checkpoints"
-  if folder.is_dir() and any(folder.iterdir()):
-    return f"The last good checkpoint in {folder} is untouched"
+  """What is left on disk after a run stopped on a non-finite value, once the save still
+  being written (if any) is done."""
+  if saved_steps(workdir):  # complete ones: the folder of a killed save is not one
+    return f"The last good checkpoint in {workdir / 'checkpoints'} is untouched"
   return "No checkpoint had been saved yet"
 
 
@@ -310,9 +320,10 @@ class Clock:
 class TrainLog:
   """Per-step metrics, fetched from the device once per logging window and averaged.
 
-  Also the run's throughput: windows after each session's first (which holds
-  compilation), with evaluation and saving left out (`restart_window`), counted in the
-  run's `Progress` so that they add up over its sessions.
+  Also the run's throughput: every step but each session's first (its first execution:
+  buffers allocated, caches filled; the step compiles before the loop), with evaluation and
+  saving left out (`restart_window`), counted in the run's `Progress` so that they add up
+  over its sessions. A run of one logging window is timed too, if it has two steps.
   """
 
   def __init__(self, config: Config, start_step: int, writer: MetricWriter, progress: Progress):
@@ -322,6 +333,7 @@ class TrainLog:
     self.schedule = jax.jit(make_schedule(config.train))  # one compile, not one per jnp op
     self.pending: list = []
     self.window_started = time.perf_counter()
+    self.first_step_done_at: float | None = None  # set by first_step_done, read once
     self.last: dict | None = None
 
   def add(self, step_metrics: dict) -> None:
@@ -330,12 +342,16 @@ class TrainLog:
   def restart_window(self) -> None:
     self.window_started = time.perf_counter()
 
+  def first_step_done(self) -> None:
+    """Called once the session's first step has run: its window is timed from here."""
+    self.first_step_done_at = time.perf_counter()
+
   @property
   def tokens_per_second(self) -> float | None:
     p = self.progress
     return p.timed_tokens / p.timed_seconds if p.timed_seconds else None
 
-  def flush(self, step: int, wall_seconds: float, workdir: Path) -> dict:
+  def flush(self, step: int, wall_seconds: float) -> dict:
     """Fetches and averages the window ending at `step`; stops on a non-finite loss."""
     records = jax.device_get(self.pending)
     first_step = step - len(records) + 1
@@ -347,11 +363,16 @@ class TrainLog:
       if not (np.isfinite(record["loss_sum"]) and np.isfinite(record[norm])):
         raise TrainingDiverged(
             f"non-finite loss ({record['loss_sum']}) or {norm} ({record[norm]}) at step "
-            f"{first_step + offset}; stopping. {_last_good(workdir)}")
-    seconds = time.perf_counter() - self.window_started  # after device_get: steps are done
-    if first_step - 1 > self.start_step:  # the first window holds compilation: not timed
-      self.progress.timed_tokens += len(records) * self.tokens_per_step
-      self.progress.timed_seconds += seconds
+            f"{first_step + offset}; stopping.")
+    now = time.perf_counter()  # after device_get: the window's steps are done
+    seconds = now - self.window_started
+    timed_steps, timed_seconds = len(records), seconds
+    if first_step - 1 == self.start_step:  # the session's first step is not timed
+      timed_steps -= 1
+      timed_seconds = now - self.first_step_done_at if self.first_step_done_at else 0.0
+    if timed_steps > 0 and timed_seconds > 0:
+      self.progress.timed_tokens += timed_steps * self.tokens_per_step
+      self.progress.timed_seconds += timed_seconds
     averaged = _average(records)
     averaged["window_steps"] = len(records)  # the steps averaged (a stop ends a window early)
     averaged["tokens_per_second"] = len(records) * self.tokens_per_step / seconds
@@ -477,11 +498,15 @@ def train(config: Config, workdir: str | Path, *, stop_after: int | None = None,
                                                   resuming=bool(saved)))
     mesh = sharding.make_mesh(config.mesh)
     with jax.set_mesh(mesh):
-      checkpointer = Checkpointer(workdir / "checkpoints", keep=config.train.keep_checkpoints)
+      checkpointer = Checkpointer(workdir / "checkpoints", keep=config.train.keep_checkpoints,
+                                  remove_partial=True)  # open_workdir holds the lock
       hint = resume_hint or f"Run the same command with --workdir={workdir} to resume."
       failed = None  # a write the disk refused: the run is as good as its last checkpoint
+      diverged = None  # said with what is on disk once a pending save is done
       try:
         return _train_loop(config, workdir, data, mesh, checkpointer, stop_after, hint)
+      except TrainingDiverged as error:
+        diverged = error
       except CheckpointWriteFailed as error:
         failed = str(error)
       except OSError as error:  # the log, TensorBoard's events, the summary
@@ -499,6 +524,7 @@ def train(config: Config, workdir: str | Path, *, stop_after: int | None = None,
         if failed:
           raise ChimeraError(f"{failed}; {resumes_from}. Make room (or mend the folder), "
                              f"then: {hint}") from None
+      raise TrainingDiverged(f"{diverged} {_last_good(workdir)}") from None
 
 
 def _train_loop(config: Config, workdir: Path, data: Data, mesh: jax.sharding.Mesh,
@@ -516,7 +542,8 @@ def _train_loop(config: Config, workdir: Path, data: Data, mesh: jax.sharding.Me
     # checkpoint: its summary is out of date until this session writes the new one.
     (workdir / "summary.json").unlink()
   progress.trained_by(loaded_code_version())
-  writer = MetricWriter(workdir, resume_step=start_step)
+  writer = MetricWriter(workdir, resume_step=start_step,
+                        evaluated_at_resume=progress.eval_step == start_step)
   _log_setup(config, data, mesh, writer, start_step)
   sampler = batches_lib.WindowSampler(data.splits.train, batch_size=t.batch_size,
                                       window=t.context + 1, seed=config.data.seed,
@@ -546,6 +573,9 @@ def _train_loop(config: Config, workdir: Path, data: Data, mesh: jax.sharding.Me
       if len(in_flight) > MAX_AHEAD:
         jax.block_until_ready(in_flight.popleft())
       train_log.add(step_metrics)
+      if step == start_step:  # the session's first step: throughput is timed from its end
+        jax.block_until_ready(step_metrics)
+        train_log.first_step_done()
       step += 1
       progress.tokens_seen += t.batch_size * t.context
       is_eval = step % t.eval_every == 0 or step == t.steps
@@ -556,11 +586,11 @@ def _train_loop(config: Config, workdir: Path, data: Data, mesh: jax.sharding.Me
         # saving and the summary all follow a flush, so they read this value too.
         jax.block_until_ready(step_metrics)
         progress.wall_seconds = clock()
-        train_log.flush(step, progress.wall_seconds, workdir)
+        train_log.flush(step, progress.wall_seconds)
       val_loss = evaluate(state, step, progress) if is_eval else None
       if val_loss is not None and not math.isfinite(val_loss):  # before it could be saved
         raise TrainingDiverged(f"non-finite validation loss ({val_loss}) at step {step}; "
-                               f"stopping. {_last_good(workdir)}")
+                               "stopping.")
       if is_save or interrupted:
         checkpointer.save(step, state, {**progress.to_json(), "config": saved_config},
                           val_loss=val_loss)

@@ -28,6 +28,17 @@ def test_a_torn_last_line_is_dropped_and_the_resumed_run_appends_whole_lines(tmp
   assert records[-1]["loss"] == 0.5
 
 
+def test_an_eval_row_the_checkpoint_does_not_record_is_dropped(tmp_path):
+  """A stopped run ended at its checkpoint evaluates there after the checkpoint was saved;
+  killed before its summary, the next session evaluates again and writes the row again."""
+  jsonl = tmp_path / "metrics.jsonl"
+  evaluation = json.dumps({"event": "eval", "step": 20, "val_loss": 1.0}) + "\n"
+  jsonl.write_text(rows(10, 20) + evaluation)
+  assert truncate_after(jsonl, 20) == 0  # the checkpoint records it: kept
+  assert truncate_after(jsonl, 20, eval_at_step=False) == 1
+  assert jsonl.read_text() == rows(10, 20)  # the train row at 20 was the checkpoint's
+
+
 def test_a_whole_last_row_without_its_newline_gets_one(tmp_path):
   jsonl = tmp_path / "metrics.jsonl"
   jsonl.write_text(rows(10, 20).rstrip("\n"))  # the crash came between the row and "\n"

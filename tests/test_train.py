@@ -135,10 +135,10 @@ def test_resume_is_exact(name, make_config, corpus, tmp_path):
   written = (straight / "summary.json").read_text()
   assert train(config, straight) == RunSummary.load(straight)
   assert (straight / "summary.json").read_text() == written
-  # Throughput adds up over sessions: tiny logs every 2 steps and a session's first window
-  # (compilation) is not timed, so steps 3 (session 1) and 5-6 (session 2) are.
+  # Throughput adds up over sessions: every step but a session's first is timed, so steps
+  # 2-3 (session 1) and 5-6 (session 2) are.
   progress = Progress.from_json(meta_b)
-  assert progress.timed_tokens == 3 * 4 * 32
+  assert progress.timed_tokens == 4 * 4 * 32
   assert second.train_tokens_per_second == pytest.approx(
       progress.timed_tokens / progress.timed_seconds)
   # A run that stopped after its final checkpoint and before summary.json (a crash in
@@ -153,6 +153,21 @@ def test_resume_is_exact(name, make_config, corpus, tmp_path):
   if name == "moe_top2":
     assert again.expert_load == read_events(resumed, "train")[-1]["expert_load"]
     assert len(again.expert_load) == config.model.num_layers and again.dropped_fraction
+
+
+def test_one_logging_window_is_timed(make_config, corpus, tmp_path):
+  """A run that logs once (a smoke run) has a throughput: all its steps but the first."""
+  config = make_config("dense", corpus, train__steps=4, train__log_every=4,
+                       train__eval_every=4, train__checkpoint_every=4)
+  summary = train(config, tmp_path / "run")
+  progress = Progress.from_json(final_params(config, tmp_path / "run")[1])
+  assert progress.timed_tokens == 3 * 4 * 32 and progress.timed_seconds > 0
+  assert summary.train_tokens_per_second == pytest.approx(
+      progress.timed_tokens / progress.timed_seconds)
+  # One step: nothing to time.
+  single = make_config("dense", corpus, train__steps=1, train__log_every=1,
+                       train__eval_every=1, train__checkpoint_every=1, train__warmup_steps=0)
+  assert train(single, tmp_path / "single").train_tokens_per_second is None
 
 
 @pytest.mark.slow
@@ -412,6 +427,18 @@ def test_orbax_errors_of_a_refused_write_are_left_to_the_one_line():
   assert kept("Failed to run 5 Handler Commit operations", error=ValueError("a bug"))
   assert kept(tensorstore_text, pathname="/work/somewhere/else.py")
   assert kept(tensorstore_text, level=logging.WARNING)
+  # asyncio's record of the same error, on a future of orbax's writes no one awaited
+  # (logged from asyncio's own file); its other errors are kept.
+  asyncio_logger = logging.getLogger("asyncio")
+  asyncio_file = str(Path(logging.__file__).parent.parent / "asyncio" / "base_events.py")
+
+  def asyncio_kept(message, error):
+    record = logging.LogRecord("asyncio", logging.ERROR, asyncio_file, 1771, message, None,
+                               (type(error), error, None))
+    return bool(asyncio_logger.filter(record))
+  assert not asyncio_kept("_GatheringFuture exception was never retrieved",
+                          ValueError(tensorstore_text))
+  assert asyncio_kept("Task exception was never retrieved", ValueError("a bug"))
 
 
 def test_tracebacks_of_a_refused_write_that_the_one_line_reports_are_not_printed():
@@ -500,6 +527,31 @@ def test_a_non_finite_validation_loss_stops_before_it_is_saved(make_config, corp
                                              r"stopping\. The last good checkpoint"):
     train(config, workdir)
   assert Checkpointer(workdir / "checkpoints", keep=2).all_steps() == [1]
+
+
+def test_a_save_killed_before_its_rename_is_removed_and_not_called_good(make_config, corpus,
+                                                                       tmp_path, monkeypatch):
+  """A run killed while orbax wrote a save leaves that save's temporary folder (orbax
+  renames it into place once it is whole). The next start of the run removes it, and
+  until then it is not taken for a good checkpoint."""
+  config = make_config("dense", corpus, train__steps=2, train__warmup_steps=0,
+                       train__checkpoint_every=2)
+  workdir = tmp_path / "run"
+  train(config, workdir)
+  folder = workdir / "checkpoints"
+  shutil.copytree(folder / "2", folder / "4.orbax-checkpoint-tmp")  # as a killed save leaves it
+  # What a divergence says of the checkpoints reads the complete ones only.
+  (folder / "2").rename(tmp_path / "2")
+  assert train_lib._last_good(workdir) == "No checkpoint had been saved yet"
+  (tmp_path / "2").rename(folder / "2")
+  assert train_lib._last_good(workdir) == f"The last good checkpoint in {folder} is untouched"
+  # A reader beside the run (chimera.evaluate) leaves it: it could be a live run's save.
+  Checkpointer(folder, keep=2)
+  assert (folder / "4.orbax-checkpoint-tmp").is_dir()
+  extended = train(make_config("dense", corpus, train__steps=6, train__warmup_steps=0,
+                               train__checkpoint_every=2), workdir)
+  assert extended.completed
+  assert sorted(p.name for p in folder.iterdir()) == ["4", "6"]
 
 
 @pytest.mark.slow
@@ -619,6 +671,31 @@ def test_a_report_folder_is_not_a_workdir(make_config, corpus, tmp_path):
   assert sorted(p.name for p in report.iterdir()) == ["summary.json"]
 
 
+def test_a_folder_that_holds_no_run_is_not_a_workdir(make_config, corpus, tmp_path):
+  """`--workdir=.` or `--workdir=~/papers` would mix a run's files with the user's: a
+  non-empty folder that no start has claimed is refused, and nothing is written there."""
+  config = make_config("dense", corpus, train__steps=2, train__warmup_steps=0)
+  folder = tmp_path / "papers"
+  (folder / "drafts").mkdir(parents=True)
+  for name in ("notes.txt", "a.pdf", "b.pdf", "c.pdf"):
+    (folder / name).write_text("mine")
+  before = sorted(p.name for p in folder.iterdir())
+  with pytest.raises(ChimeraError, match=r"^--workdir: \S+/papers holds no run and is not "
+                                         r"empty \(a\.pdf, b\.pdf, c\.pdf and 2 more\); use a "
+                                         r"new or empty folder$"):
+    train(config, folder)
+  assert sorted(p.name for p in folder.iterdir()) == before
+  # An empty folder, or one with hidden files only, is a workdir; then it holds a run,
+  # which is resumed or extended there like any other.
+  hidden = tmp_path / "hidden"
+  hidden.mkdir()
+  (hidden / ".DS_Store").write_text("")
+  assert train(config, hidden).completed
+  (hidden / "my-notes.txt").write_text("the run's own notes")
+  assert train(make_config("dense", corpus, train__steps=3, train__warmup_steps=0),
+               hidden).steps == 3
+
+
 def test_a_workdir_that_is_a_file_or_in_use_is_refused(make_config, corpus, tmp_path,
                                                          monkeypatch):
   config = make_config("dense", corpus, train__steps=2, train__warmup_steps=0)
@@ -652,17 +729,28 @@ def test_the_records_follow_the_checkpoints(make_config, corpus, tmp_path, monke
                                       train__eval_every=4, train__checkpoint_every=2,
                                       train__log_every=2, **kw)
   save = RunSummary.save
-  on_disk = []
-  monkeypatch.setattr(RunSummary, "save", lambda self, workdir: (
-      on_disk.append(sorted(p.name for p in (workdir / "checkpoints").iterdir())),
-      save(self, workdir))[1])
+  on_disk, crash = [], []
+
+  def save_or_crash(self, workdir):
+    if crash:
+      raise crash.pop()
+    on_disk.append(sorted(p.name for p in (workdir / "checkpoints").iterdir()))
+    save(self, workdir)
+
+  monkeypatch.setattr(RunSummary, "save", save_or_crash)
   assert train(steps(4), workdir).completed and on_disk == [["2", "4"]]
   # Extended to 8 steps and stopped at 5: the 4-step summary no longer describes the run.
   capsys.readouterr()
   assert not train(steps(8), workdir, stop_after=1).completed
   assert "train.steps: 4 -> 8. The cosine schedule is stretched" in capsys.readouterr().err
   assert not RunSummary.exists(workdir)
-  # Then ended at its latest checkpoint: evaluated there, not left at step 4's loss.
+  # Then ended at its latest checkpoint: evaluated there, not left at step 4's loss. The
+  # first try dies after that evaluation and before its summary; the step-5 checkpoint
+  # records no evaluation, so the next one evaluates again, and the log keeps one row.
+  crash.append(SystemExit("killed"))
+  with pytest.raises(SystemExit):
+    train(steps(5), workdir)
+  assert [r["step"] for r in read_events(workdir, "eval")] == [4, 5]
   summary = train(steps(5), workdir)
   evals = read_events(workdir, "eval")
   assert summary.completed and summary.steps == 5 and [r["step"] for r in evals] == [4, 5]
