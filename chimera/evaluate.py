@@ -83,7 +83,8 @@ def run_config(workdir: str | Path, step: int | None = None) -> tuple[config_lib
       raise ChimeraError(f"--workdir: {config_path}: {error}") from None
     except (TypeError, KeyError, ValueError) as error:  # TypeError: null for a number, ...
       raise ChimeraError(f"--workdir: {config_path} is not a config this version can read "
-                         f"({error})") from None
+                         f"({type(error).__name__}: {error}); without it, the config each "
+                         f"checkpoint recorded is read (since 2026-11-28)") from None
   available = saved_steps(workdir)
   if not available:
     raise ChimeraError(f"--workdir: {workdir} " + ("has no checkpoint yet" if config
@@ -118,9 +119,10 @@ def restore_state(workdir: str | Path, config: config_lib.Config, step: int, con
   """The state of checkpoint `step` in `workdir`, restored onto the default device, for
   `config` and `config_path` from `run_config`."""
   workdir = Path(workdir)
-  checkpointer = Checkpointer(workdir / "checkpoints", keep=config.train.keep_checkpoints)
   like = init_state(config)  # outside the try: running out of memory is not a damaged file
-  try:
+  checkpointer = None
+  try:  # orbax lists every checkpoint as the manager opens: a live run may delete one
+    checkpointer = Checkpointer(workdir / "checkpoints", keep=config.train.keep_checkpoints)
     state, meta = checkpointer.restore(like, step)
   except CheckpointMismatch as error:  # a config.json copied from, or edited after, another run
     raise ChimeraError(f"--workdir: {config_path} does not describe the checkpoint at "
@@ -128,14 +130,40 @@ def restore_state(workdir: str | Path, config: config_lib.Config, step: int, con
   except FileNotFoundError:  # deleted under us: a run still training here keeps only the last few
     raise ChimeraError(f"--workdir: the checkpoint at step {step} in {workdir} was removed "
                        f"while it was read (is a run still training there?); try again") from None
-  except (KeyError, ValueError, OSError) as error:  # orbax's, on a damaged checkpoint
+  except Exception as error:
+    # orbax's, on a damaged checkpoint; an array file cut short is a bare Exception
+    # ("Encountered error while reading array index"), which nothing else raises.
+    if not (isinstance(error, (KeyError, ValueError, OSError)) or type(error) is Exception):
+      raise
     raise ChimeraError(f"--workdir: the checkpoint at step {step} in {workdir} cannot be "
                        f"read, incomplete or damaged ({type(error).__name__}); the run's "
                        f"checkpoints: {', '.join(map(str, saved_steps(workdir)))} "
                        f"(--step)") from None
   finally:
-    checkpointer.close()
+    if checkpointer is not None:
+      checkpointer.close()
   return state
+
+
+def run_data(workdir: str | Path, config: config_lib.Config, corpus: str | None = None):
+  """(config, data): the run's split, as training loaded it, from `corpus` if given (the
+  run's corpus, moved since it trained), and checked to be the run's text (data.json)
+  before it is cut into windows: other text is refused as such, not as too short."""
+  if corpus and not (Path(workdir) / "data.json").exists():
+    print(f"note: {workdir} has no data.json (a run from before 2026-11-28), so the text of "
+          f"--corpus cannot be checked against the run's: what follows is of {corpus}, "
+          f"whatever the run trained on", file=sys.stderr)
+  if corpus:
+    config = dataclasses.replace(config, data=dataclasses.replace(
+        config.data, corpus=config_lib.absolute_corpus(corpus)))
+  try:
+    return config, prepare_data(config, functools.partial(
+        check_same_data, Path(workdir), resuming=True, record_move=False))
+  except ChimeraError as error:
+    if "no such file" not in str(error) or corpus:
+      raise
+    raise ChimeraError(f"{error} (if the run's corpus moved, pass its new path: "
+                       f"--corpus=PATH)") from None
 
 
 def restore_run(workdir: str | Path, step: int | None = None):
@@ -153,19 +181,7 @@ def split_loss(workdir: str | Path, step: int | None = None,
   holds several sequences). `corpus`: the run's corpus at another path (moved since it
   trained; its text must be the run's, as data.json records it)."""
   config, step, config_path = run_config(workdir, step)  # the data is checked before the restore
-  if corpus:
-    config = dataclasses.replace(config, data=dataclasses.replace(
-        config.data, corpus=config_lib.absolute_corpus(corpus)))
-  try:
-    # The run's split, as training loaded it, and the same text (checked before the split
-    # is cut into windows: other text is refused as such, not as too short).
-    data = prepare_data(config, functools.partial(check_same_data, Path(workdir),
-                                                  resuming=True, record_move=False))
-  except ChimeraError as error:
-    if "no such file" not in str(error) or corpus:
-      raise
-    raise ChimeraError(f"{error} (if the run's corpus moved, pass its new path: "
-                       f"--corpus=PATH)") from None
+  config, data = run_data(workdir, config, corpus)
   rows = windows(data.splits.val, config.train.context)
   # A routing group of several sequences routes them together: every batch holds whole
   # groups, and a tail of windows too short for one is left out (and not counted).

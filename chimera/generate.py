@@ -160,17 +160,20 @@ def check_length(config: ModelConfig, prompt_length: int, max_new_tokens: int) -
     raise ChimeraError("prompt: is empty")
   if max_new_tokens < 1:
     raise ChimeraError(f"max_new_tokens: must be >= 1, got {max_new_tokens}")
-  if prompt_length + max_new_tokens > config.max_len:
+  # The last new token is sampled and not fed back: the model reads P + N - 1 positions.
+  if prompt_length + max_new_tokens - 1 > config.max_len:
     raise ChimeraError(
         f"prompt: {prompt_length} prompt tokens + max_new_tokens={max_new_tokens} exceed the "
-        f"model's context (model.max_len={config.max_len})")
+        f"model's context (model.max_len={config.max_len}; the last new token is not read, "
+        f"so at most {config.max_len + 1} tokens in all)")
 
 
 def new_tokens_in_context(prompt_length: int, asked: int | None, context: int,
                           default: int = 200) -> int:
   """The tokens to generate after a prompt, within the context the run trained on: the
-  number `asked`, or `default` cut to what fits if None; ChimeraError if none fits."""
-  room = context - prompt_length
+  number `asked`, or `default` cut to what fits if None; ChimeraError if none fits. The
+  model reads the prompt and every new token but the last, so P + N <= context + 1."""
+  room = context + 1 - prompt_length
   if room < 1:
     raise ChimeraError(f"--prompt: {prompt_length} tokens leave no room in the context the "
                        f"run trained on (train.context={context})")

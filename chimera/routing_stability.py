@@ -39,9 +39,10 @@ from chimera import compile_cache, config as config_lib
 from chimera.config import ModelConfig
 from chimera.decoder import Decoder
 from chimera.errors import ChimeraError, check_writable, parse_flags
-from chimera.evaluate import restore_state, run_config
+from chimera.data.corpora import write_atomic
+from chimera.evaluate import restore_state, run_config, run_data
 from chimera.routers import choose
-from chimera.train import check_same_data, prepare_data, saved_steps
+from chimera.train import saved_steps
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,10 +156,10 @@ def changed(before: np.ndarray, after: np.ndarray) -> tuple[tuple[float, ...],
   return tuple(map(float, first)), tuple(map(float, sets))
 
 
-def report(workdir: str | Path, batches: int | None = None) -> Report:
+def report(workdir: str | Path, batches: int | None = None, corpus: str | None = None) -> Report:
   """The changes between each pair of consecutive checkpoints of the run in `workdir`,
   and each checkpoint's token shares, on its first `batches` validation batches (all of
-  them if None)."""
+  them if None). `corpus`: the run's corpus at another path (moved since it trained)."""
   config, last, config_path = run_config(workdir)
   if not config.model.num_experts:
     raise ChimeraError(f"--workdir: {workdir} holds a dense run (model.num_experts=0): "
@@ -167,8 +168,7 @@ def report(workdir: str | Path, batches: int | None = None) -> Report:
   if len(steps) < 2:
     raise ChimeraError(f"--workdir: {workdir} holds one checkpoint (step {last}); routing "
                        f"changes need two (train.keep_checkpoints)")
-  data = prepare_data(config, functools.partial(check_same_data, Path(workdir),
-                                                resuming=True, record_move=False))
+  config, data = run_data(workdir, config, corpus)
   tokens = data.val_batches[:batches]
   token_ids = input_tokens(tokens)
   previous, changes, shares = None, [], []
@@ -203,6 +203,8 @@ def define_flags() -> None:
   flags.DEFINE_integer("batches", None, "Score only the first N validation batches "
                        "(default: all the run's evaluation batches).")
   flags.DEFINE_string("json", None, "Also write the changes to this file, as JSON.")
+  flags.DEFINE_string("corpus", None, "The run's corpus at its new path, if it moved since "
+                      "the run trained (its text must still be the run's).")
 
 
 def main(argv):
@@ -217,7 +219,7 @@ def main(argv):
       raise ChimeraError(f"--batches: must be >= 1, got {FLAGS.batches}")
     if FLAGS.json:
       check_writable("json", FLAGS.json, folder=False)
-    result = report(FLAGS.workdir, FLAGS.batches)
+    result = report(FLAGS.workdir, FLAGS.batches, FLAGS.corpus)
   except ChimeraError as error:
     print(f"error: {error}", file=sys.stderr)
     sys.exit(2)
@@ -235,8 +237,8 @@ def main(argv):
   for share in result.token_shares:
     print(f"{share.step} | " + " | ".join(f"{b:.2f} ({s:.2f})"
                                           for b, s in zip(share.by_token, share.shuffled)))
-  if FLAGS.json:
-    Path(FLAGS.json).write_text(to_json(result))
+  if FLAGS.json:  # its folder made if need be, as check_writable said it would be
+    write_atomic(Path(FLAGS.json), to_json(result).encode())
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """chimera.evaluate: a finished run's loss over its whole validation split."""
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -91,7 +92,8 @@ def test_bad_workdir_is_one_line(tmp_path):
     evaluate.split_loss(tmp_path / "summary.json")
 
 
-def test_a_moved_corpus_is_scored_from_its_new_path(finished_run, tmp_path, monkeypatch):
+def test_a_moved_corpus_is_scored_from_its_new_path(finished_run, tmp_path, monkeypatch,
+                                                   capsys):
   """A run whose corpus moved since it trained: the error says how to point at it, and
   --corpus scores the same text (refusing other text) without changing the run's records.
   Both errors come before the checkpoint is restored."""
@@ -125,11 +127,21 @@ def test_a_moved_corpus_is_scored_from_its_new_path(finished_run, tmp_path, monk
   with pytest.raises(ChimeraError, match=r"holds a run of other text.*\. Give --corpus the "
                                          r"text the run trained on$"):
     evaluate.split_loss(run, corpus=str(moved))
+  # A run from before data.json: the text cannot be checked, and the loss says so.
+  shutil.copy(config.data.corpus, moved)
+  (run / "data.json").unlink()
+  monkeypatch.undo()
+  with_note = evaluate.split_loss(run, corpus=str(moved))
+  assert with_note.loss > 0
+  assert (f"note: {run} has no data.json (a run from before 2026-11-28), so the text of "
+          f"--corpus cannot be checked against the run's") in capsys.readouterr().err
 
 
 def test_an_unreadable_config_is_one_line(tmp_path):
   (tmp_path / "config.json").write_text('{"model": {}}')
-  with pytest.raises(ChimeraError, match="is not a config this version can read"):
+  with pytest.raises(ChimeraError, match=r"is not a config this version can read \(KeyError: "
+                                         r".*\); without it, the config each checkpoint "
+                                         r"recorded is read"):
     evaluate.split_loss(tmp_path)
 
 
@@ -235,6 +247,13 @@ def test_a_damaged_checkpoint_is_one_line(finished_run, tmp_path):
   with pytest.raises(ChimeraError, match=rf"^--workdir: the checkpoint at step {steps[-1]} in "
                                          rf".* cannot be read, incomplete or damaged"):
     evaluate.restore_run(damaged)
+  # Its largest array file cut short: orbax raises a bare Exception, the same damage.
+  arrays = (damaged / "checkpoints" / str(steps[0]) / "state").glob("ocdbt.process_0/d/*")
+  os.truncate(max(arrays, key=lambda path: path.stat().st_size), 1000)
+  with pytest.raises(ChimeraError, match=rf"^--workdir: the checkpoint at step {steps[0]} in "
+                                         rf".* cannot be read, incomplete or damaged "
+                                         rf"\(Exception\)"):
+    evaluate.restore_run(damaged, steps[0])
 
 
 def test_a_checkpoints_record_of_its_config_damaged_or_unreadable_is_one_line(
@@ -281,6 +300,13 @@ def test_a_checkpoint_removed_while_read_is_one_line(finished_run, monkeypatch):
   monkeypatch.setattr(Checkpointer, "restore", removed)
   with pytest.raises(ChimeraError, match=r"^--workdir: the checkpoint at step 12 in .* was "
                                          r"removed while it was read \(is a run still"):
+    evaluate.restore_run(workdir)
+  # Or as orbax lists the checkpoints, when the manager opens.
+  def listing_removed(self, directory, keep, **kwargs):
+    raise FileNotFoundError(2, "No such file or directory", f"{directory}/9")
+  monkeypatch.setattr(Checkpointer, "__init__", listing_removed)
+  with pytest.raises(ChimeraError, match=r"^--workdir: the checkpoint at step 12 in .* was "
+                                         r"removed while it was read"):
     evaluate.restore_run(workdir)
 
 

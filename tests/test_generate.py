@@ -35,7 +35,7 @@ def test_greedy_generation_equals_naive_full_forward(config):
   model = Decoder(config)
   prompt = jax.random.randint(jax.random.key(1), (2, 5), 0, config.vocab_size)
   params = model.init(jax.random.key(0), prompt)["params"]
-  new_tokens = 8
+  new_tokens = config.max_len + 1 - prompt.shape[1]  # as many as fit: the last is not read
   tokens, logits = generate(params, prompt, jax.random.key(2), config=config,
                             max_new_tokens=new_tokens, temperature=0.0)
 
@@ -43,9 +43,11 @@ def test_greedy_generation_equals_naive_full_forward(config):
   # pass. Position p's logits see tokens <= p only, so the logits at the prompt's last
   # position and at each generated token but the last are the ones that chose the next
   # token, and greedy decoding must have taken their argmax.
-  sequence = jnp.concatenate([prompt, tokens], axis=1)
+  # The last generated token is read by no position: max_len positions in all.
+  sequence = jnp.concatenate([prompt, tokens[:, :-1]], axis=1)
+  assert sequence.shape[1] == config.max_len
   full, _ = model.apply({"params": params}, sequence)
-  naive_logits = full[:, prompt.shape[1] - 1:-1]  # [B, new_tokens, V]
+  naive_logits = full[:, prompt.shape[1] - 1:]  # [B, new_tokens, V]
   np.testing.assert_array_equal(tokens, jnp.argmax(naive_logits, -1))
   chex.assert_trees_all_close(logits, naive_logits, atol=1e-5, rtol=1e-5)
 
@@ -110,8 +112,10 @@ def test_extreme_temperatures_sample_within_the_top_k():
 
 
 def test_too_long_a_request_is_refused():
-  with pytest.raises(ChimeraError, match="exceed the model's context"):
-    check_length(BASE, prompt_length=10, max_new_tokens=7)
+  check_length(BASE, prompt_length=10, max_new_tokens=7)  # 16 positions read: max_len
+  with pytest.raises(ChimeraError, match=r"exceed the model's context \(model\.max_len=16; "
+                                         r"the last new token is not read, so at most 17"):
+    check_length(BASE, prompt_length=10, max_new_tokens=8)
   # generate() itself refuses, before anything runs: 5 + 40 tokens with max_len 16.
   params = Decoder(BASE).init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]
   with pytest.raises(ChimeraError, match=r"^prompt: 5 prompt tokens \+ max_new_tokens=40"):
@@ -120,14 +124,16 @@ def test_too_long_a_request_is_refused():
 
 
 def test_new_tokens_stay_in_the_trained_context():
-  assert new_tokens_in_context(8, None, context=128) == 120  # the default, cut to what fits
+  # The prompt and every new token but the last are read: 8 + 121 - 1 = 128 positions.
+  assert new_tokens_in_context(8, None, context=128) == 121  # the default, cut to what fits
   assert new_tokens_in_context(8, None, context=512) == 200
-  assert new_tokens_in_context(8, 120, context=128) == 120
-  with pytest.raises(ChimeraError, match=r"^--max_new_tokens: 8 prompt tokens \+ 121 new .*"
-                                         r"train\.context=128.*at most 120$"):
-    new_tokens_in_context(8, 121, context=128)
-  with pytest.raises(ChimeraError, match=r"^--prompt: 128 tokens leave no room"):
-    new_tokens_in_context(128, None, context=128)
+  assert new_tokens_in_context(8, 121, context=128) == 121
+  with pytest.raises(ChimeraError, match=r"^--max_new_tokens: 8 prompt tokens \+ 122 new .*"
+                                         r"train\.context=128.*at most 121$"):
+    new_tokens_in_context(8, 122, context=128)
+  assert new_tokens_in_context(128, None, context=128) == 1  # from the last position's logits
+  with pytest.raises(ChimeraError, match=r"^--prompt: 129 tokens leave no room"):
+    new_tokens_in_context(129, None, context=128)
 
 
 def test_decode_notes_name_what_decoding_does_differently():
@@ -162,7 +168,7 @@ def test_generate_entry_point_samples_from_a_run(make_config, corpus, tmp_path, 
                                                "and a float32, got 1e+39"),
                         ("--seed=4294967296", "--seed: must be in [0, 4294967295]"),
                         ("--step=7", "--step: no checkpoint at step 7"),
-                        ("--max_new_tokens=32", "--max_new_tokens: 1 prompt tokens + 32"),  # context 32
+                        ("--max_new_tokens=33", "--max_new_tokens: 1 prompt tokens + 33"),  # context 32
                         ("--prompt=", "--prompt: is empty"),
                         (b"--prompt=ab\xffcd", "--prompt: not valid UTF-8")):  # raw bytes
     bad = subprocess.run([sys.executable, "-m", "chimera.generate", f"--workdir={workdir}", flag],

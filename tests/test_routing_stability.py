@@ -145,7 +145,7 @@ def test_choices_are_the_layers_routing_and_changes_follow_the_checkpoints(biase
 
 def test_command_prints_and_writes_the_changes_and_refuses_in_one_line(biased_run, tmp_path,
                                                                        make_config, corpus):
-  out = tmp_path / "changes.json"
+  out = tmp_path / "made" / "changes.json"  # its folder is made
   tool = lambda *args: subprocess.run([sys.executable, "-m", "chimera.routing_stability",
                                        *args], cwd=ROOT, capture_output=True, text=True,
                                       timeout=300)
@@ -167,6 +167,23 @@ def test_command_prints_and_writes_the_changes_and_refuses_in_one_line(biased_ru
   bad = tool(f"--workdir={dense}")
   assert (bad.returncode, bad.stdout, bad.stderr.strip().splitlines()) == (2, "", [
       f"error: --workdir: {dense} holds a dense run (model.num_experts=0): nothing is routed"])
+
+
+def test_a_moved_corpus_is_read_from_its_new_path(biased_run, tmp_path):
+  """As chimera.evaluate: the error says how to point at the moved corpus, and --corpus
+  reads it (the same text: the same report)."""
+  run = tmp_path / "run"
+  shutil.copytree(biased_run, run)
+  recorded = json.loads((run / "config.json").read_text())
+  corpus = recorded["data"]["corpus"]
+  recorded["data"]["corpus"] = str(tmp_path / "gone.txt")  # where it was when it trained
+  (run / "config.json").write_text(json.dumps(recorded))
+  with pytest.raises(ChimeraError, match=r"gone\.txt \(if the run's corpus moved, pass its new "
+                                         r"path: --corpus=PATH\)$"):
+    routing_stability.report(run, batches=1)
+  moved = shutil.copy(corpus, tmp_path / "moved.txt")
+  assert (routing_stability.report(run, batches=1, corpus=str(moved))
+          == routing_stability.report(biased_run, batches=1))
 
 
 def test_one_checkpoint_is_not_enough(biased_run, tmp_path):
