@@ -192,6 +192,11 @@ def cpu_model(cpuinfo: Path = Path("/proc/cpuinfo")) -> str | None:
   return ", ".join(parts) or platform.processor() or None
 
 
+# The plots chimera.main writes into a finished run's workdir (chimera.study_plots.run_plots);
+# like summary.json, they describe the run as it ended, and go when it is trained on.
+RUN_PLOTS = ("loss.png", "routing.png")
+
+
 @dataclasses.dataclass(frozen=True)
 class RunSummary:
   """What a run ended with (WORKDIR/summary.json)."""

@@ -9,6 +9,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
+from chimera.records import RUN_PLOTS
 from chimera.study_stats import Run, router_curves
 
 
@@ -165,6 +166,6 @@ def run_plots(workdir: Path, name: str) -> list[Path]:
   """loss.png and, for an MoE, routing.png (`routing`) in the workdir of a finished run;
   the paths written."""
   run = Run.load(workdir, name, seed=0)  # the seed is only a study's label
-  plots = {workdir / "loss.png": run_curves, workdir / "routing.png":
-           lambda path, run: routing(path, {name: [run]})}
+  loss, routing_plot = (workdir / plot for plot in RUN_PLOTS)
+  plots = {loss: run_curves, routing_plot: lambda path, run: routing(path, {name: [run]})}
   return [path for path, plot in plots.items() if plot(path, run)]

@@ -33,8 +33,8 @@ from chimera.decoder import Decoder
 from chimera.errors import ChimeraError, is_disk_refusal, out_of_memory_is_one_line
 from chimera.layers import Kernels
 from chimera.metrics import MetricWriter, log, progress_line
-from chimera.records import (EvalRecord, Progress, RunSummary, device_name, loaded_code_version,
-                             read_events)
+from chimera.records import (RUN_PLOTS, EvalRecord, Progress, RunSummary, device_name,
+                             loaded_code_version, read_events)
 from chimera.steps import TrainState, eval_step, init_state, make_schedule, train_step
 
 EVAL_SEED = 0  # the validation subset is the same for every training seed
@@ -539,8 +539,9 @@ def _train_loop(config: Config, workdir: Path, data: Data, mesh: jax.sharding.Me
     return summary
   if summary and jax.process_index() == 0:
     # A finished run trained on (train.steps raised), or one cut short at its latest
-    # checkpoint: its summary is out of date until this session writes the new one.
-    (workdir / "summary.json").unlink()
+    # checkpoint: its summary and plots are out of date until this session ends it.
+    for name in ("summary.json", *RUN_PLOTS):
+      (workdir / name).unlink(missing_ok=True)
   progress.trained_by(loaded_code_version())
   writer = MetricWriter(workdir, resume_step=start_step,
                         evaluated_at_resume=progress.eval_step == start_step)

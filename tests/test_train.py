@@ -28,6 +28,7 @@ from chimera.layers import Kernels
 from chimera.records import (Progress, RunSummary, code_version, cpu_model, device_name,
                               loaded_code_version, read_events)
 from chimera.steps import eval_step, init_state, make_optimizer, make_schedule, train_step
+from chimera.study_plots import run_plots
 from chimera.train import TrainingDiverged, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -739,11 +740,13 @@ def test_the_records_follow_the_checkpoints(make_config, corpus, tmp_path, monke
 
   monkeypatch.setattr(RunSummary, "save", save_or_crash)
   assert train(steps(4), workdir).completed and on_disk == [["2", "4"]]
-  # Extended to 8 steps and stopped at 5: the 4-step summary no longer describes the run.
+  # Extended to 8 steps and stopped at 5: the 4-step summary no longer describes the run,
+  # nor do the plots chimera.main drew of it.
+  assert run_plots(workdir, "dense") == [workdir / "loss.png"]
   capsys.readouterr()
   assert not train(steps(8), workdir, stop_after=1).completed
   assert "train.steps: 4 -> 8. The cosine schedule is stretched" in capsys.readouterr().err
-  assert not RunSummary.exists(workdir)
+  assert not RunSummary.exists(workdir) and not list(workdir.glob("*.png"))
   # Then ended at its latest checkpoint: evaluated there, not left at step 4's loss. The
   # first try dies after that evaluation and before its summary; the step-5 checkpoint
   # records no evaluation, so the next one evaluates again, and the log keeps one row.
