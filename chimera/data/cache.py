@@ -112,6 +112,8 @@ def prepare(corpus: str, tokenizer, *, split: str = "auto", val_fraction: float 
     manifest, stale = _check(path, key, source)  # another process may have built it
     if manifest:
       return TokenCache(path, manifest)
+    if (manifest := _reuse_moved(path, key, source)):
+      return TokenCache(path, manifest)
     if stale:
       print(f"data: rebuilding the token cache {path}: {stale}", file=sys.stderr)
     manifest = _build(path, key, source, tokenizer, num_threads or len(os.sched_getaffinity(0)))
@@ -148,11 +150,12 @@ def _files_content_hash(files: tuple[str, ...]) -> str:
   return _content_hash(digest(path) for path in files)
 
 
-def _check(path: Path, key: dict, source: Corpus) -> tuple[Manifest | None, str]:
-  """(the manifest, "") of a complete cache of this key and source, else (None, why not)."""
+def _check(path: Path, key: dict | None, source: Corpus | None) -> tuple[Manifest | None, str]:
+  """(the manifest, "") of a complete cache of this key and source, else (None, why not);
+  of any key and source if they are None."""
   try:
     manifest = Manifest(**json.loads((path / "manifest.json").read_text()))
-    if manifest.key != key:
+    if key is not None and manifest.key != key:
       return None, "its manifest is of another corpus, tokenizer or split"
     itemsize = np.dtype(manifest.dtype).itemsize
     if any(manifest.sizes[f"{name}.bin"] != manifest.tokens[name] * itemsize for name in ("train", "val")):
@@ -165,7 +168,7 @@ def _check(path: Path, key: dict, source: Corpus) -> tuple[Manifest | None, str]
     actual = (path / name).stat().st_size if (path / name).exists() else None
     if actual != size:
       return None, f"{name} is {'missing' if actual is None else f'{actual} bytes'}, not {size} bytes"
-  if source.files:
+  if source is not None and source.files:
     fingerprint = _fingerprint(source.files)
     if fingerprint != manifest.files:
       # Touched or moved, perhaps not changed: the content decides.
@@ -200,6 +203,46 @@ class _Stream(NamedTuple):
   content_hash: str
 
 
+@contextlib.contextmanager
+def _build_folder(path: Path):
+  """A temporary folder beside `path` for a cache being made, removed if making it fails."""
+  folder = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.build-"))
+  try:
+    yield folder
+  except BaseException:
+    shutil.rmtree(folder, ignore_errors=True)
+    raise
+
+
+def _put_in_place(folder: Path, path: Path, manifest: Manifest) -> None:
+  """Writes the manifest last, syncs the folder's files, and renames it to `path` (an
+  incomplete or stale cache there is set aside and removed first)."""
+  manifest.write(folder)
+  os.chmod(folder, 0o755)  # mkdtemp's 0700 would hide a shared cache from other users
+  for name in [*manifest.sizes, "manifest.json", "."]:  # on disk before it is in place
+    fd = os.open(folder / name, os.O_RDONLY)
+    os.fsync(fd)
+    os.close(fd)
+  if path.exists():
+    stale = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.build-stale-"))
+    os.rename(path, stale / "old")
+    shutil.rmtree(stale)
+  os.rename(folder, path)
+
+
+def _link(source: Path, folder: Path, names: list[str]) -> bool:
+  """Hard links (copies where a link fails) of `names` in `source` into `folder`; False
+  if one is gone (its cache rebuilt or removed meanwhile)."""
+  for name in names:
+    try:
+      os.link(source / name, folder / name)
+    except FileNotFoundError:
+      return False
+    except OSError:  # another filesystem, or links not allowed
+      shutil.copyfile(source / name, folder / name)
+  return True
+
+
 def _build(path: Path, key: dict, source: Corpus, tokenizer, num_threads: int) -> Manifest:
   started = time.perf_counter()
   # The files' hash is taken before they are tokenized, and their fingerprint (sizes and
@@ -207,8 +250,7 @@ def _build(path: Path, key: dict, source: Corpus, tokenizer, num_threads: int) -
   # with tokens of another text than the hash that will vouch for them.
   fingerprint = _fingerprint(source.files)
   files_hash = _files_content_hash(source.files) if source.files else None
-  folder = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.build-"))
-  try:
+  with _build_folder(path) as folder:
     dtype = token_dtype(tokenizer.vocab_size)
     stream = _tokenize(source, tokenizer, folder / "all.bin", dtype, num_threads)
     split = resolve_mode(int((stream.doc_chars > 0).sum()), key["split"], key["val_fraction"])
@@ -227,21 +269,43 @@ def _build(path: Path, key: dict, source: Corpus, tokenizer, num_threads: int) -
     if _fingerprint(source.files) != fingerprint:
       raise ChimeraError(f"data.corpus: {source.spec} changed while it was being tokenized; "
                          f"run again once it is written")
-    manifest.write(folder)
-    os.chmod(folder, 0o755)  # mkdtemp's 0700 would hide a shared cache from other users
-    for name in names + ["manifest.json", "."]:  # on disk before the folder is in place
-      fd = os.open(folder / name, os.O_RDONLY)
-      os.fsync(fd)
-      os.close(fd)
-    if path.exists():  # an incomplete or stale cache: out of the way first
-      stale = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.build-stale-"))
-      os.rename(path, stale / "old")
-      shutil.rmtree(stale)
-    os.rename(folder, path)
-  except BaseException:
-    shutil.rmtree(folder, ignore_errors=True)
-    raise
+    _put_in_place(folder, path, manifest)
   return manifest
+
+
+def _reuse_moved(path: Path, key: dict, source: Corpus) -> Manifest | None:
+  """The manifest of a new cache at `path` made of another cache's files (hard links, or
+  copies where links fail), if one holds the same local files' text under another path: a
+  moved or copied corpus, whose tokens and split are the same (documents are read in name
+  order, and the split follows their lengths in that order). Files of the same sizes are
+  hashed first; None if no cache matches."""
+  if not source.files or source.key.startswith(("hf:", "tfds:")):
+    return None
+  fingerprint = _fingerprint(source.files)  # before the hash: a later change is seen
+  sizes = [size for _, size, _ in fingerprint]
+  same_kind = lambda other: ({**other, "corpus": None} == {**key, "corpus": None}
+                             and not str(other["corpus"]).startswith(("hf:", "tfds:")))
+  files_hash = None
+  for manifest_path in sorted(path.parent.glob("*/manifest.json")):
+    if manifest_path.parent.name.startswith("."):  # a build not yet in place
+      continue
+    other, _ = _check(manifest_path.parent, None, None)
+    if other is None or not same_kind(other.key) or [f[1] for f in other.files] != sizes:
+      continue
+    files_hash = files_hash or _files_content_hash(source.files)
+    if (other.files_hash or other.content_hash) != files_hash:
+      continue
+    with _build_folder(path) as folder:
+      if not _link(manifest_path.parent, folder, list(other.sizes)):
+        shutil.rmtree(folder)  # that cache was rebuilt or removed meanwhile
+        continue
+      manifest = dataclasses.replace(other, key=key, files=fingerprint, files_hash=files_hash)
+      _put_in_place(folder, path, manifest)
+    print(f"data: {source.spec} holds the text of the token cache {manifest_path.parent} "
+          f"(a moved or copied corpus): its tokens are reused, not tokenized again",
+          file=sys.stderr)
+    return manifest
+  return None
 
 
 def _cut(text: str, size: int) -> tuple[list[str], str]:

@@ -8,6 +8,7 @@ import io
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -148,6 +149,41 @@ def test_a_touched_corpus_is_reused_and_a_changed_one_rebuilt(tmp_path, monkeypa
   changed = cache.prepare(str(corpus), tok)
   assert changed.manifest.content_hash != built.manifest.content_hash
   assert "changed" in tok.decode(np.concatenate([changed.splits().train, changed.splits().val]))
+
+
+def test_a_moved_or_copied_corpus_reuses_its_tokens(tmp_path, monkeypatch, capsys):
+  """The cache is keyed by the corpus's path; the same files' text at another path (a
+  moved or copied folder) gets a cache of its own from the first one's files, tokenized
+  no more. Other text of the same sizes, or another split, is tokenized."""
+  corpus, tok = write_docs(tmp_path / "docs", 8), tokenizers.ByteTokenizer()
+  first = cache.prepare(str(corpus), tok)
+  moved = tmp_path / "elsewhere" / "texts"
+  moved.parent.mkdir()
+  corpus.rename(moved)
+  capsys.readouterr()
+  with monkeypatch.context() as m:
+    refuse_to_tokenize(m, tok)
+    reused = cache.prepare(str(moved), tok)
+  assert not reused.built and reused.path != first.path
+  assert reused.manifest.key["corpus"] != first.manifest.key["corpus"]
+  assert reused.manifest.content_hash == first.manifest.content_hash
+  assert_splits_equal(reused.splits(), first.splits())
+  assert f"holds the text of the token cache {first.path}" in capsys.readouterr().err
+  # Its own manifest, checked as any other: the next load is a stat, and the first cache
+  # is untouched (its files are linked, not moved).
+  with monkeypatch.context() as m:
+    refuse_to_tokenize(m, tok)
+    assert cache.prepare(str(moved), tok).path == reused.path
+  assert cache._check(first.path, first.manifest.key, None)[0] == first.manifest
+  # A copy with one byte changed (the same sizes) is other text: tokenized.
+  copy = tmp_path / "copy"
+  shutil.copytree(moved, copy)
+  text = (copy / "doc003.txt").read_text()
+  (copy / "doc003.txt").write_text(text.replace("<doc 3>", "<doc 9>"))
+  changed = cache.prepare(str(copy), tok)
+  assert changed.built and changed.manifest.content_hash != first.manifest.content_hash
+  # The same text at another validation fraction is another split: tokenized.
+  assert cache.prepare(str(moved), tok, val_fraction=0.3).built
 
 
 def test_a_cache_the_user_cannot_write(tmp_path, monkeypatch):
