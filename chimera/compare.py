@@ -49,7 +49,9 @@ from absl import app, flags, logging
 from chimera import (accounting, bench, compile_cache, config as config_lib, report, sharding,
                      study_sweeps)
 from chimera.config import Config
+from chimera.data.cache import prepare as prepare_cache
 from chimera.data.corpora import open_corpus, write_atomic
+from chimera.data.tokenizers import get_tokenizer
 from chimera.errors import (ChimeraError, check_writable, is_disk_refusal, parse_flags,
                             out_of_memory_is_one_line)
 from chimera.records import RunSummary
@@ -258,6 +260,10 @@ def sweep_models(sweep: str, base: str | None, preset: StudyPreset, overrides: d
   swept = [("--sweep", sweep.partition("=")[0])] if "=" in sweep else []
   check_read(models, swept + [("--set", key) for key in overrides]
              + [("--base_set", key) for key in base_overrides], sweep=True)
+  if (dense := [m.name for m in models[1:] if not m.config.model.num_experts]):
+    what = "is a dense model" if len(dense) == 1 else "are dense models"
+    raise ChimeraError(f"--sweep: {', '.join(dense)} {what} (model.num_experts=0), which the "
+                       f"study trains already as its baseline")
   return question, models
 
 
@@ -383,6 +389,35 @@ class StudyStopped(Exception):
 DIVERGED = "diverged.json"
 
 
+def _check_finished_text(plan: list, must_read: bool) -> None:
+  """Refuses (one line) a finished run whose text (data.json's content hash) is not what
+  its corpus holds now: a run's folder is keyed by the corpus's path, so an edited corpus
+  would otherwise leave its finished runs in the study beside runs of the new text. The
+  corpus is read through the token cache (a stat when it is there); with `must_read`
+  False (--report_only) a corpus that is gone is not checked."""
+  current = {}
+  for model, seed, config, workdir, finished, diverged in plan:
+    if not finished or not (workdir / "data.json").exists():
+      continue
+    d = config.data
+    source = (d.corpus, d.tokenizer, d.split, d.val_fraction, d.text_field)
+    if source not in current:
+      try:
+        current[source] = prepare_cache(d.corpus, get_tokenizer(d.tokenizer), split=d.split,
+                                        val_fraction=d.val_fraction,
+                                        text_field=d.text_field).manifest.content_hash
+      except ChimeraError:
+        if must_read:
+          raise
+        current[source] = None
+    saved = json.loads((workdir / "data.json").read_text()).get("content_hash")
+    if current[source] is not None and saved != current[source]:
+      raise ChimeraError(f"{model.name}, seed {seed} ({workdir}) finished on other text than "
+                         f"{d.corpus} holds now (content hash {saved} then, "
+                         f"{current[source]} now); restore the corpus, or give this "
+                         f"study a new --runs folder")
+
+
 def train_all(models: list[Model], seeds: list[int], root: Path,
               train: bool = True) -> dict[str, list[Run]]:
   """Trains every model for every seed, resuming partial runs and skipping finished ones.
@@ -405,6 +440,7 @@ def train_all(models: list[Model], seeds: list[int], root: Path,
                              for _, _, c, _, finished, diverged in plan
                              if not (finished or diverged)}:
       open_corpus(spec, text_field=text_field)
+  _check_finished_text(plan, must_read=train)
   runs = {}
   for model, seed, config, workdir, finished, diverged in plan:
     print(f"== {model.name}, seed {seed}: {workdir}" + (" (done)" if finished else "")

@@ -14,6 +14,7 @@ import json
 import math
 import os
 import signal
+import sys
 import time
 from pathlib import Path
 from typing import NamedTuple
@@ -306,6 +307,9 @@ def check_same_data(workdir: Path, identity: dict, *, resuming: bool,
 # --- Between steps: the clock, the metric window, evaluation. -----------------------------
 
 
+_LOG_FLOAT_MAX = math.log(sys.float_info.max)  # a loss past it has an infinite perplexity
+
+
 class Clock:
   """Training seconds: those of earlier sessions (from the checkpoint) plus this one's."""
 
@@ -419,7 +423,8 @@ class Evaluator:
     layers = lambda name: np.mean([r[name] for r in results], axis=0).tolist()
     record = EvalRecord(step=step, tokens_seen=progress.tokens_seen,
                         wall_seconds=progress.wall_seconds, val_loss=val_loss,
-                        val_perplexity=math.exp(val_loss),
+                        val_perplexity=(math.exp(val_loss) if val_loss < _LOG_FLOAT_MAX
+                                        else math.inf),
                         val_bits_per_byte=self.data.bits_per_byte(val_loss),
                         dropped_fraction=layers("dropped_fraction"),
                         expert_load=layers("expert_load"))

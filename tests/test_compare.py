@@ -471,6 +471,14 @@ def test_a_setting_no_model_reads_is_refused(corpus):
                      {"model.dispatch": "einsum"})
 
 
+def test_a_sweep_point_that_is_dense_is_refused(corpus):
+  """num_experts=0 is dense: the point would train the baseline again under another key."""
+  with pytest.raises(ChimeraError, match=r"^--sweep: num_experts=0 is a dense model "
+                                         r"\(model\.num_experts=0\), which the study trains "
+                                         r"already as its baseline$"):
+    compare.make_study("cpu", "model.num_experts=0,8", None, {"data.corpus": str(corpus)})
+
+
 def test_a_setting_that_unmatches_the_compute_is_refused(corpus):
   """The study compares at equal compute per token: --set that makes an MoE config's model
   FLOPs per token differ from dense's by more than COMPUTE_MATCH is refused in one line,
@@ -829,6 +837,31 @@ def test_a_diverging_run_is_left_out_and_not_trained_again(make_config, corpus, 
     compare.train_all(models, seeds=[1], root=tmp_path / "runs")
   assert [(d["model"], d["seed"]) for d in compare.diverged_runs(
       models, [1], tmp_path / "runs")] == [("dense", 1)]
+
+
+def test_finished_runs_of_text_the_corpus_no_longer_holds_are_refused(make_config, corpus,
+                                                                      tmp_path, monkeypatch):
+  """Runs are keyed by the corpus's path: edited text must not leave its finished runs in
+  the study beside runs of the new text (one report would mix the two)."""
+  models = [compare.Model("dense", make_config("dense", corpus, train__steps=2,
+                                               train__warmup_steps=0), "baseline")]
+  root = tmp_path / "runs"
+  assert list(compare.train_all(models, seeds=[0], root=root)) == ["dense"]
+  original = corpus.read_text()
+  corpus.write_text(original.upper())
+  monkeypatch.setattr("chimera.train.train", lambda *a, **k: pytest.fail("trained"))
+  with pytest.raises(ChimeraError, match=r"^dense, seed 0 \(\S+\) finished on other text than "
+                                         r"\S+corpus\.txt holds now \(content hash \w+ then, "
+                                         r"\w+ now\); restore the corpus, or give this study a "
+                                         r"new --runs folder$"):
+    compare.train_all(models, seeds=[0, 1], root=root)
+  # --report_only checks it as well; a corpus gone (nothing trains) is not checked.
+  with pytest.raises(ChimeraError, match="finished on other text"):
+    compare.train_all(models, seeds=[0], root=root, train=False)
+  corpus.unlink()
+  assert list(compare.train_all(models, seeds=[0], root=root, train=False)) == ["dense"]
+  corpus.write_text(original)  # restored: the study goes on
+  assert list(compare.train_all(models, seeds=[0], root=root)) == ["dense"]
 
 
 def test_related_summaries_skip_older_reports(tmp_path):

@@ -514,6 +514,22 @@ def test_a_log_the_disk_refuses_stops_in_one_line(make_config, corpus, tmp_path,
     train(config, tmp_path / "other")
 
 
+def test_a_finite_loss_past_the_floats_perplexity_does_not_crash(make_config, corpus, tmp_path,
+                                                                 monkeypatch):
+  """A validation loss above log(float max) (~709.8; a sweep's far too large learning
+  rate) is finite: the run goes on, and its perplexity is infinite, not an OverflowError."""
+  real = train_lib.eval_step
+
+  def huge(*args, **kwargs):
+    out = real(*args, **kwargs)
+    return {**out, "loss_sum": out["loss_sum"] * 1000.0}
+  monkeypatch.setattr(train_lib, "eval_step", huge)
+  config = make_config("dense", corpus, train__steps=2, train__warmup_steps=0)
+  summary = train(config, tmp_path / "run")
+  assert summary.completed and 709.8 < summary.final_val_loss < float("inf")
+  assert read_events(tmp_path / "run", "eval")[-1]["val_perplexity"] == float("inf")
+
+
 def test_a_non_finite_validation_loss_stops_before_it_is_saved(make_config, corpus, tmp_path,
                                                                monkeypatch):
   """A validation loss of NaN at step 2 (the training loss still finite) stops the run
