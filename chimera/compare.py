@@ -49,7 +49,7 @@ from absl import app, flags, logging
 from chimera import (accounting, bench, compile_cache, config as config_lib, report, sharding,
                      study_sweeps)
 from chimera.config import Config
-from chimera.data.cache import prepare as prepare_cache
+from chimera.data.cache import peek as peek_cache, prepare as prepare_cache
 from chimera.data.corpora import open_corpus, write_atomic
 from chimera.data.tokenizers import get_tokenizer
 from chimera.errors import (ChimeraError, check_writable, is_disk_refusal, parse_flags,
@@ -260,10 +260,11 @@ def sweep_models(sweep: str, base: str | None, preset: StudyPreset, overrides: d
   swept = [("--sweep", sweep.partition("=")[0])] if "=" in sweep else []
   check_read(models, swept + [("--set", key) for key in overrides]
              + [("--base_set", key) for key in base_overrides], sweep=True)
-  if (dense := [m.name for m in models[1:] if not m.config.model.num_experts]):
+  moe_base = load(base, preset, {**overrides, **base_overrides}).model.num_experts
+  if moe_base and (dense := [m.name for m in models[1:] if not m.config.model.num_experts]):
     what = "is a dense model" if len(dense) == 1 else "are dense models"
-    raise ChimeraError(f"--sweep: {', '.join(dense)} {what} (model.num_experts=0), which the "
-                       f"study trains already as its baseline")
+    raise ChimeraError(f"--sweep: {', '.join(dense)} {what} (model.num_experts=0) over an MoE "
+                       f"base, which computes the study's dense baseline again")
   return question, models
 
 
@@ -389,33 +390,39 @@ class StudyStopped(Exception):
 DIVERGED = "diverged.json"
 
 
-def _check_finished_text(plan: list, must_read: bool) -> None:
+def _check_finished_text(plan: list, train: bool) -> None:
   """Refuses (one line) a finished run whose text (data.json's content hash) is not what
   its corpus holds now: a run's folder is keyed by the corpus's path, so an edited corpus
-  would otherwise leave its finished runs in the study beside runs of the new text. The
-  corpus is read through the token cache (a stat when it is there); with `must_read`
-  False (--report_only) a corpus that is gone is not checked."""
-  current = {}
+  would otherwise leave its finished runs in the study beside runs of the new text. A
+  corpus that runs will train on is read (its token cache built, as training would);
+  another is checked only against a cache already there, never tokenized or downloaded
+  for this (--report_only, a finished study), and not at all if it is gone."""
+  data = lambda c: (c.data.corpus, c.data.tokenizer, c.data.split, c.data.val_fraction,
+                    c.data.text_field)
+  trained = {data(c) for _, _, c, _, finished, diverged in plan
+             if train and not (finished or diverged)}
+  cached = {}
   for model, seed, config, workdir, finished, diverged in plan:
     if not finished or not (workdir / "data.json").exists():
       continue
-    d = config.data
-    source = (d.corpus, d.tokenizer, d.split, d.val_fraction, d.text_field)
-    if source not in current:
-      try:
-        current[source] = prepare_cache(d.corpus, get_tokenizer(d.tokenizer), split=d.split,
-                                        val_fraction=d.val_fraction,
-                                        text_field=d.text_field).manifest.content_hash
-      except ChimeraError:
-        if must_read:
-          raise
-        current[source] = None
+    corpus, tokenizer, split, val_fraction, text_field = source = data(config)
+    if source not in cached:
+      kwargs = dict(split=split, val_fraction=val_fraction, text_field=text_field)
+      if source in trained:
+        cached[source] = prepare_cache(corpus, get_tokenizer(tokenizer), **kwargs).manifest, True
+      else:
+        try:
+          cached[source] = peek_cache(corpus, get_tokenizer(tokenizer), **kwargs)
+        except ChimeraError:  # gone: nothing trains on it
+          cached[source] = None, False
+    manifest, current = cached[source]
     saved = json.loads((workdir / "data.json").read_text()).get("content_hash")
-    if current[source] is not None and saved != current[source]:
+    # A cache of the text now that is not the run's, or one the corpus has changed from
+    # since that is the run's.
+    if manifest and (saved != manifest.content_hash) == current:
       raise ChimeraError(f"{model.name}, seed {seed} ({workdir}) finished on other text than "
-                         f"{d.corpus} holds now (content hash {saved} then, "
-                         f"{current[source]} now); restore the corpus, or give this "
-                         f"study a new --runs folder")
+                         f"{corpus} holds now; restore the corpus, or give this study a new "
+                         f"--runs folder")
 
 
 def train_all(models: list[Model], seeds: list[int], root: Path,
@@ -440,7 +447,7 @@ def train_all(models: list[Model], seeds: list[int], root: Path,
                              for _, _, c, _, finished, diverged in plan
                              if not (finished or diverged)}:
       open_corpus(spec, text_field=text_field)
-  _check_finished_text(plan, must_read=train)
+  _check_finished_text(plan, train)
   runs = {}
   for model, seed, config, workdir, finished, diverged in plan:
     print(f"== {model.name}, seed {seed}: {workdir}" + (" (done)" if finished else "")

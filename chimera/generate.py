@@ -113,7 +113,8 @@ def generate(params, prompt: jax.Array, rng: jax.Array, *, config: ModelConfig,
   Returns (new tokens [B, N], the logits that chose them [B, N, V]). `vocab_limit` masks
   ids at or above it (a vocabulary padded beyond the tokenizer's). `model_state`: the
   TrainState's non-parameter collections (the router bias of aux-loss-free balancing).
-  Raises ChimeraError (when traced) if P + N exceeds the model's max_len.
+  Raises ChimeraError (when traced) if P + N - 1 (the tokens read) exceeds the
+  model's max_len.
   """
   check_length(config, prompt.shape[1], max_new_tokens)
   forward = _forward(cast_once(params, config), config, vocab_limit, model_state)

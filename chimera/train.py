@@ -53,7 +53,7 @@ def open_workdir(workdir: Path, config: Config):
   """Claims `workdir` for `config`'s run for the duration of the block.
 
   Refuses (one-line ChimeraError) a path that is a file or cannot be made, a folder that
-  holds files but no run (none of `_RUN_MARKS`; hidden files aside), a second live
+  holds no run (none of `_RUN_MARKS`) but files the run would write over, a second live
   run on the same workdir, a config that computes a different run than the one saved there
   (or checkpoints that recorded no config, saved before 2026-11-28, without a
   config.json), and fewer train.steps than its checkpoints have reached. A workdir
@@ -79,10 +79,15 @@ def open_workdir(workdir: Path, config: Config):
       others = sorted(path.name for path in workdir.iterdir() if not path.name.startswith("."))
     except OSError:  # unreadable: creating the lock below says so in one line
       others = []
-    if others:  # not a run's folder: its files would be mixed with (or under) the run's
+    # Not a run's folder. A file the run would write over (a log that is not its own) is
+    # refused; other files (the log `| tee` writes there) are named, and left beside it.
+    if (taken := [name for name in _RUN_FILES if name in others]):
+      raise ChimeraError(f"--workdir: {workdir} holds no run but holds {', '.join(taken)}, "
+                         f"which the run would write over; use a new or empty folder")
+    if others:
       more = f" and {len(others) - 3} more" if len(others) > 3 else ""
-      raise ChimeraError(f"--workdir: {workdir} holds no run and is not empty "
-                         f"({', '.join(others[:3])}{more}); use a new or empty folder")
+      log(f"note: --workdir {workdir} holds no run but other files ({', '.join(others[:3])}"
+          f"{more}); the run's files go beside them")
   made = [path for path in (workdir, *workdir.parents) if not path.exists()]  # this call's
   try:
     workdir.mkdir(parents=True, exist_ok=True)
@@ -129,6 +134,8 @@ def open_workdir(workdir: Path, config: Config):
 
 _CLAIM_FILES = {"config.json", "data.json", ".lock"}  # what a start writes before training
 _RUN_MARKS = (".lock", "config.json", "checkpoints")  # a folder a start has claimed
+# What a run writes beside them (RunSummary's summary.json is checked on its own).
+_RUN_FILES = ("data.json", "metrics.jsonl", "tensorboard", *RUN_PLOTS)
 
 
 def _remove_if_unused(made: list[Path]) -> None:
@@ -423,8 +430,8 @@ class Evaluator:
     layers = lambda name: np.mean([r[name] for r in results], axis=0).tolist()
     record = EvalRecord(step=step, tokens_seen=progress.tokens_seen,
                         wall_seconds=progress.wall_seconds, val_loss=val_loss,
-                        val_perplexity=(math.exp(val_loss) if val_loss < _LOG_FLOAT_MAX
-                                        else math.inf),
+                        val_perplexity=(math.inf if val_loss > _LOG_FLOAT_MAX
+                                        else math.exp(val_loss)),  # NaN stays NaN
                         val_bits_per_byte=self.data.bits_per_byte(val_loss),
                         dropped_fraction=layers("dropped_fraction"),
                         expert_load=layers("expert_load"))
@@ -548,8 +555,8 @@ def _train_loop(config: Config, workdir: Path, data: Data, mesh: jax.sharding.Me
     for name in ("summary.json", *RUN_PLOTS):
       (workdir / name).unlink(missing_ok=True)
   progress.trained_by(loaded_code_version())
-  writer = MetricWriter(workdir, resume_step=start_step,
-                        evaluated_at_resume=progress.eval_step == start_step)
+  writer = MetricWriter(workdir, resume_step=start_step,  # None: a checkpoint from before
+                        evaluated_at_resume=progress.eval_step in (None, start_step))  # eval_step
   _log_setup(config, data, mesh, writer, start_step)
   sampler = batches_lib.WindowSampler(data.splits.train, batch_size=t.batch_size,
                                       window=t.context + 1, seed=config.data.seed,

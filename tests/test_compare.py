@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from chimera import accounting, bench, compare, config as config_lib, report, study_stats, study_sweeps, study_targets
+from chimera.data import cache as cache_lib
 from chimera.data.batches import make_splits
 from chimera.data.corpora import load_corpus
 from chimera.data.tokenizers import get_tokenizer
@@ -474,9 +475,12 @@ def test_a_setting_no_model_reads_is_refused(corpus):
 def test_a_sweep_point_that_is_dense_is_refused(corpus):
   """num_experts=0 is dense: the point would train the baseline again under another key."""
   with pytest.raises(ChimeraError, match=r"^--sweep: num_experts=0 is a dense model "
-                                         r"\(model\.num_experts=0\), which the study trains "
-                                         r"already as its baseline$"):
+                                         r"\(model\.num_experts=0\) over an MoE base, which "
+                                         r"computes the study's dense baseline again$"):
     compare.make_study("cpu", "model.num_experts=0,8", None, {"data.corpus": str(corpus)})
+  # A sweep over a dense base has dense points, each its own model.
+  compare.make_study("cpu", "train.learning_rate=0.001,0.003", "configs/dense.py",
+                     {"data.corpus": str(corpus)})
 
 
 def test_a_setting_that_unmatches_the_compute_is_refused(corpus):
@@ -850,17 +854,23 @@ def test_finished_runs_of_text_the_corpus_no_longer_holds_are_refused(make_confi
   original = corpus.read_text()
   corpus.write_text(original.upper())
   monkeypatch.setattr("chimera.train.train", lambda *a, **k: pytest.fail("trained"))
-  with pytest.raises(ChimeraError, match=r"^dense, seed 0 \(\S+\) finished on other text than "
-                                         r"\S+corpus\.txt holds now \(content hash \w+ then, "
-                                         r"\w+ now\); restore the corpus, or give this study a "
-                                         r"new --runs folder$"):
+  refused = (r"^dense, seed 0 \(\S+\) finished on other text than \S+corpus\.txt holds now; "
+             r"restore the corpus, or give this study a new --runs folder$")
+  with pytest.raises(ChimeraError, match=refused):  # a seed to train: the corpus is read
     compare.train_all(models, seeds=[0, 1], root=root)
-  # --report_only checks it as well; a corpus gone (nothing trains) is not checked.
-  with pytest.raises(ChimeraError, match="finished on other text"):
-    compare.train_all(models, seeds=[0], root=root, train=False)
-  corpus.unlink()
+  # Nothing to train (--report_only, or a finished study): checked against the token cache
+  # there, of the text now or of the run's since changed, and never tokenized for it.
+  for train in (False, True):
+    with pytest.raises(ChimeraError, match=refused):
+      compare.train_all(models, seeds=[0], root=root, train=train)
+  monkeypatch.setattr(cache_lib, "_build", lambda *a, **k: pytest.fail("tokenized"))
+  shutil.rmtree(cache_lib.cache_dir() / "tokens")
   assert list(compare.train_all(models, seeds=[0], root=root, train=False)) == ["dense"]
+  corpus.unlink()  # gone: nothing trains, so nothing to check
+  assert list(compare.train_all(models, seeds=[0], root=root)) == ["dense"]
+  monkeypatch.undo()
   corpus.write_text(original)  # restored: the study goes on
+  monkeypatch.setattr("chimera.train.train", lambda *a, **k: pytest.fail("trained"))
   assert list(compare.train_all(models, seeds=[0], root=root)) == ["dense"]
 
 

@@ -688,29 +688,31 @@ def test_a_report_folder_is_not_a_workdir(make_config, corpus, tmp_path):
   assert sorted(p.name for p in report.iterdir()) == ["summary.json"]
 
 
-def test_a_folder_that_holds_no_run_is_not_a_workdir(make_config, corpus, tmp_path):
-  """`--workdir=.` or `--workdir=~/papers` would mix a run's files with the user's: a
-  non-empty folder that no start has claimed is refused, and nothing is written there."""
+def test_a_folder_that_holds_no_run(make_config, corpus, tmp_path, capsys):
+  """`--workdir=.` or `--workdir=~/papers`: a folder no start has claimed. Its files that
+  the run would write over are refused (nothing is written there); other files are named
+  and left beside the run's (`| tee WORKDIR/log` makes one before the run starts)."""
   config = make_config("dense", corpus, train__steps=2, train__warmup_steps=0)
   folder = tmp_path / "papers"
   (folder / "drafts").mkdir(parents=True)
-  for name in ("notes.txt", "a.pdf", "b.pdf", "c.pdf"):
+  for name in ("notes.txt", "a.pdf", "metrics.jsonl"):
     (folder / name).write_text("mine")
   before = sorted(p.name for p in folder.iterdir())
-  with pytest.raises(ChimeraError, match=r"^--workdir: \S+/papers holds no run and is not "
-                                         r"empty \(a\.pdf, b\.pdf, c\.pdf and 2 more\); use a "
-                                         r"new or empty folder$"):
+  with pytest.raises(ChimeraError, match=r"^--workdir: \S+/papers holds no run but holds "
+                                         r"metrics\.jsonl, which the run would write over; use "
+                                         r"a new or empty folder$"):
     train(config, folder)
   assert sorted(p.name for p in folder.iterdir()) == before
-  # An empty folder, or one with hidden files only, is a workdir; then it holds a run,
-  # which is resumed or extended there like any other.
-  hidden = tmp_path / "hidden"
-  hidden.mkdir()
-  (hidden / ".DS_Store").write_text("")
-  assert train(config, hidden).completed
-  (hidden / "my-notes.txt").write_text("the run's own notes")
+  (folder / "metrics.jsonl").unlink()
+  capsys.readouterr()
+  assert train(config, folder).completed
+  assert (f"note: --workdir {folder} holds no run but other files (a.pdf, drafts, notes.txt); "
+          f"the run's files go beside them") in capsys.readouterr().err
+  assert (folder / "notes.txt").read_text() == "mine"
+  # Then it holds a run, resumed or extended there like any other, without the note.
   assert train(make_config("dense", corpus, train__steps=3, train__warmup_steps=0),
-               hidden).steps == 3
+               folder).steps == 3
+  assert "note: --workdir" not in capsys.readouterr().err
 
 
 def test_a_workdir_that_is_a_file_or_in_use_is_refused(make_config, corpus, tmp_path,

@@ -94,17 +94,35 @@ def token_dtype(vocab_size: int) -> np.dtype:
   return np.dtype(np.uint16 if vocab_size <= 1 << 16 else np.uint32)
 
 
-def prepare(corpus: str, tokenizer, *, split: str = "auto", val_fraction: float = 0.1,
-            text_field: str = "text", num_threads: int | None = None) -> TokenCache:
-  """The cache of `corpus` under `tokenizer` and this split, built if it is missing,
-  incomplete or of another version of the corpus's files."""
+def _where(corpus: str, tokenizer, split: str, val_fraction: float,
+           text_field: str) -> tuple[Corpus, dict, Path]:
+  """(the corpus opened, its cache's key, the cache's folder)."""
   resolve_mode(0, split, val_fraction)  # a bad split or val_fraction fails before any work
   source = open_corpus(corpus, text_field=text_field)
   key = {"format": FORMAT, "corpus": source.key, "tokenizer": tokenizer.identity,
          "split": split, "val_fraction": val_fraction}
   digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
   slug = re.sub(r"[^A-Za-z0-9._-]+", "_", corpus.rstrip("/").rsplit("/", 1)[-1])[-40:]
-  path = cache_dir() / "tokens" / f"{slug}-{tokenizer.name}-{digest}"
+  return source, key, cache_dir() / "tokens" / f"{slug}-{tokenizer.name}-{digest}"
+
+
+def peek(corpus: str, tokenizer, *, split: str = "auto", val_fraction: float = 0.1,
+         text_field: str = "text") -> tuple[Manifest | None, bool]:
+  """(the manifest of `corpus`'s complete cache, whether the corpus still holds its text),
+  built by no one: (None, False) if there is none. A cache whose corpus changed since is
+  returned with False (its content_hash is the earlier text's)."""
+  source, key, path = _where(corpus, tokenizer, split, val_fraction, text_field)
+  manifest, _ = _check(path, key, source)
+  if manifest:
+    return manifest, True
+  return _check(path, key, None)[0], False
+
+
+def prepare(corpus: str, tokenizer, *, split: str = "auto", val_fraction: float = 0.1,
+            text_field: str = "text", num_threads: int | None = None) -> TokenCache:
+  """The cache of `corpus` under `tokenizer` and this split, built if it is missing,
+  incomplete or of another version of the corpus's files."""
+  source, key, path = _where(corpus, tokenizer, split, val_fraction, text_field)
   manifest, stale = _check(path, key, source)
   if manifest:
     return TokenCache(path, manifest)
@@ -181,14 +199,19 @@ def _check(path: Path, key: dict | None, source: Corpus | None) -> tuple[Manifes
 
 
 @contextlib.contextmanager
-def _locked(path: Path):
-  """Holds an flock for `path`, so that one process builds it while the others wait."""
+def _locked(path: Path, wait: bool = True):
+  """Holds an flock for `path`, so that one process builds it while the others wait.
+  Yields True, or with `wait` False, False at once if another process holds it."""
   path.parent.mkdir(parents=True, exist_ok=True)
   with open(path.parent / f".{path.name}.lock", "a") as lock:
-    fcntl.flock(lock, fcntl.LOCK_EX)
+    try:
+      fcntl.flock(lock, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+    except BlockingIOError:
+      yield False
+      return
     for leftover in path.parent.glob(f".{path.name}.build-*"):  # from a killed build
       shutil.rmtree(leftover, ignore_errors=True)
-    yield
+    yield True
 
 
 # --- Building a cache. ---------------------------------------------------------------------
@@ -230,17 +253,13 @@ def _put_in_place(folder: Path, path: Path, manifest: Manifest) -> None:
   os.rename(folder, path)
 
 
-def _link(source: Path, folder: Path, names: list[str]) -> bool:
-  """Hard links (copies where a link fails) of `names` in `source` into `folder`; False
-  if one is gone (its cache rebuilt or removed meanwhile)."""
+def _link(source: Path, folder: Path, names: list[str]) -> None:
+  """Hard links (copies where a link fails) of `names` in `source` into `folder`."""
   for name in names:
     try:
       os.link(source / name, folder / name)
-    except FileNotFoundError:
-      return False
     except OSError:  # another filesystem, or links not allowed
       shutil.copyfile(source / name, folder / name)
-  return True
 
 
 def _build(path: Path, key: dict, source: Corpus, tokenizer, num_threads: int) -> Manifest:
@@ -266,7 +285,11 @@ def _build(path: Path, key: dict, source: Corpus, tokenizer, num_threads: int) -
         dict(zip(["train", "val"], documents)),
         {name: (folder / name).stat().st_size for name in names},
         round(time.perf_counter() - started, 3), files_hash)
-    if _fingerprint(source.files) != fingerprint:
+    try:
+      changed = _fingerprint(source.files) != fingerprint
+    except FileNotFoundError:  # a file removed meanwhile
+      changed = True
+    if changed:
       raise ChimeraError(f"data.corpus: {source.spec} changed while it was being tokenized; "
                          f"run again once it is written")
     _put_in_place(folder, path, manifest)
@@ -295,10 +318,12 @@ def _reuse_moved(path: Path, key: dict, source: Corpus) -> Manifest | None:
     files_hash = files_hash or _files_content_hash(source.files)
     if (other.files_hash or other.content_hash) != files_hash:
       continue
-    with _build_folder(path) as folder:
-      if not _link(manifest_path.parent, folder, list(other.sizes)):
-        shutil.rmtree(folder)  # that cache was rebuilt or removed meanwhile
+    with _locked(manifest_path.parent, wait=False) as held, _build_folder(path) as folder:
+      # Under its lock, and as it was when checked: no process rebuilds it meanwhile.
+      if not held or _check(manifest_path.parent, None, None)[0] != other:
+        shutil.rmtree(folder)
         continue
+      _link(manifest_path.parent, folder, list(other.sizes))
       manifest = dataclasses.replace(other, key=key, files=fingerprint, files_hash=files_hash)
       _put_in_place(folder, path, manifest)
     print(f"data: {source.spec} holds the text of the token cache {manifest_path.parent} "

@@ -213,12 +213,15 @@ def _unique_files(matches: list[str]) -> list[str]:
   """The regular files among glob matches, each file once (under its shallowest path), in
   sorted order: "**" follows symlinked folders, so a folder linked into itself would
   otherwise give every file under it once per path, up to 40 levels deep. A file is known
-  by its device and inode, so that symlinks and hard links to it are the same file."""
+  by its real path, and one with hard links by its device and inode (only there: some
+  network filesystems do not keep inode numbers unique), so that symlinks and hard links
+  to it are the same file."""
   first = {}
   for path in sorted(matches, key=lambda p: (p.count(os.sep), p)):
     if os.path.isfile(path):
       stat = os.stat(path)
-      first.setdefault((stat.st_dev, stat.st_ino), path)
+      same = (stat.st_dev, stat.st_ino) if stat.st_nlink > 1 else os.path.realpath(path)
+      first.setdefault(same, path)
   return sorted(first.values())
 
 

@@ -70,10 +70,11 @@ def _load(datasets, name: str, config: str, spec: str):
 def _quiet_loggers():
   """Offline, huggingface_hub warns of each retry before the error; datasets logs a file
   that does not parse before raising the error that `_rows` turns into one line."""
-  loggers = [logging.getLogger(name) for name in ("huggingface_hub", "datasets")]
+  quiet = {"huggingface_hub": logging.ERROR, "datasets": logging.CRITICAL}
+  loggers = [logging.getLogger(name) for name in quiet]
   levels = [logger.level for logger in loggers]
   for logger in loggers:
-    logger.setLevel(logging.CRITICAL)
+    logger.setLevel(quiet[logger.name])
   try:
     yield
   finally:

@@ -184,6 +184,15 @@ def test_a_moved_or_copied_corpus_reuses_its_tokens(tmp_path, monkeypatch, capsy
   assert changed.built and changed.manifest.content_hash != first.manifest.content_hash
   # The same text at another validation fraction is another split: tokenized.
   assert cache.prepare(str(moved), tok, val_fraction=0.3).built
+  # A cache another process holds (rebuilding it, say) is not linked from: tokenized.
+  import fcntl
+  again = shutil.copytree(moved, tmp_path / "again")
+  with open(reused.path.parent / f".{reused.path.name}.lock", "a") as lock, \
+       open(first.path.parent / f".{first.path.name}.lock", "a") as other:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    fcntl.flock(other, fcntl.LOCK_EX)
+    built = cache.prepare(str(again), tok)
+  assert built.built and built.manifest.content_hash == first.manifest.content_hash
 
 
 def test_a_cache_the_user_cannot_write(tmp_path, monkeypatch):
@@ -220,7 +229,8 @@ def test_a_corpus_the_user_cannot_read_is_named(tmp_path, monkeypatch):
   with pytest.raises(ChimeraError, match=r"^data\.corpus: cannot read \S+/doc003\.txt "
                                          r"\(Permission denied\)$"):
     cache.prepare(str(corpus), tok)
-  assert not list((cache.cache_dir() / "tokens").glob("docs-*"))
+  assert not [p for p in (cache.cache_dir() / "tokens").glob("*docs-*")  # builds are hidden
+              if not p.name.endswith(".lock")]
 
 
 def test_a_corpus_written_while_it_is_tokenized_is_not_cached(tmp_path, monkeypatch):
