@@ -130,6 +130,9 @@ def restore_state(workdir: str | Path, config: config_lib.Config, step: int, con
   except FileNotFoundError:  # deleted under us: a run still training here keeps only the last few
     raise ChimeraError(f"--workdir: the checkpoint at step {step} in {workdir} was removed "
                        f"while it was read (is a run still training there?); try again") from None
+  except PermissionError as error:
+    raise ChimeraError(f"--workdir: cannot read the checkpoints in {workdir} "
+                       f"({error.strerror}: {error.filename})") from None
   except Exception as error:
     # orbax's, on a damaged checkpoint; an array file cut short is a bare Exception
     # ("Encountered error while reading array index"), which nothing else raises.

@@ -258,6 +258,8 @@ def main(argv):
   except ChimeraError as error:
     print(f"error: {error}", file=sys.stderr)
     sys.exit(2)
+  # A terminal that cannot show a character (PYTHONIOENCODING=ascii, say) gets "?" for it.
+  sys.stdout.reconfigure(errors="replace")
   print(FLAGS.prompt + tokenizer.decode(np.asarray(tokens[0])))
 
 

@@ -301,6 +301,13 @@ def test_a_checkpoint_removed_while_read_is_one_line(finished_run, monkeypatch):
   with pytest.raises(ChimeraError, match=r"^--workdir: the checkpoint at step 12 in .* was "
                                          r"removed while it was read \(is a run still"):
     evaluate.restore_run(workdir)
+  # A folder this user cannot read is said as such, not as damage.
+  def denied(self, directory, keep, **kwargs):
+    raise PermissionError(13, "Permission denied", f"{directory}/12")
+  monkeypatch.setattr(Checkpointer, "__init__", denied)
+  with pytest.raises(ChimeraError, match=r"^--workdir: cannot read the checkpoints in \S+ "
+                                         r"\(Permission denied: \S+/checkpoints/12\)$"):
+    evaluate.restore_run(workdir)
   # Or as orbax lists the checkpoints, when the manager opens.
   def listing_removed(self, directory, keep, **kwargs):
     raise FileNotFoundError(2, "No such file or directory", f"{directory}/9")

@@ -157,6 +157,15 @@ def test_generate_entry_point_samples_from_a_run(make_config, corpus, tmp_path, 
       cwd=repo_root, capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-2000:]
   assert result.stdout.startswith("the king") and len(result.stdout) > len("the king")
+  # A terminal that cannot show the sample's characters: "?" for them, not a traceback.
+  # (Uniform over 257 bytes, 20 of them: some are not ASCII, but for 2**-20.)
+  ascii_out = subprocess.run(
+      [sys.executable, "-m", "chimera.generate", f"--workdir={workdir}", "--prompt=a",
+       "--max_new_tokens=20", "--temperature=1e30", "--top_k=0"],
+      cwd=repo_root, capture_output=True, timeout=300,
+      env={**os.environ, "PYTHONIOENCODING": "ascii"})
+  assert ascii_out.returncode == 0, ascii_out.stderr[-2000:]
+  assert b"?" in ascii_out.stdout and ascii_out.stdout.startswith(b"a")
   # Bad sampling settings: one line naming the flag, no traceback, and found before the
   # checkpoint is restored (restoring compiles the state's initialisation; JAX_LOG_COMPILES
   # would log "Compiling ..." to stderr).
