@@ -483,8 +483,11 @@ def comparison_lines(records: list[BenchRecord]) -> list[str]:
   return lines
 
 
-def parse_value(text: str):
-  """A command-line value: int, float, bool or string, in that order."""
+def parse_value(text: str, key: str | None = None):
+  """A command-line value: int, float, bool or string, in that order; the text itself for
+  a field `key` that holds text (data.corpus=2024 is a path)."""
+  if key and config_lib.is_text_field(key):
+    return text
   for cast in (int, float):
     try:
       return cast(text)
@@ -498,7 +501,7 @@ def parse_override(text: str) -> tuple[str, object]:
   key, equals, value = text.partition("=")
   if not equals:
     raise ChimeraError(f"{text!r}: expected section.field=value")
-  return key, parse_value(value)
+  return key, parse_value(value, key)
 
 
 def make_cases(specs: list[str], overrides: dict, variants: list[str],
@@ -537,7 +540,7 @@ def _variant(spec: str, key: str, value: str, overrides: dict, random_ids: bool)
       raise ChimeraError(f"--variants: {key}: not a field of chimera.layers.Kernels")
     kernels = dataclasses.replace(kernels, **{kernel_field: value})
   else:
-    overrides[key] = parse_value(value)
+    overrides[key] = parse_value(value, key)
   return Case(name, spec, config_lib.load(spec, overrides), overrides, kernels, random_ids)
 
 

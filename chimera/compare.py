@@ -195,6 +195,30 @@ def check_compute_matched(models: list[Model]) -> None:
                          f"{flops[m.name]:,} vs {base:,} FLOPs per token")
 
 
+# What a sweep's points over an MoE base share with dense: the backbone (every model field
+# but the MoE's own), the data, and the tokens each run trains on.
+SAME_AS_DENSE = ("train.steps", "train.batch_size", "train.context")
+
+
+def check_same_backbone(models: list[Model]) -> None:
+  """Refuses a sweep point over an MoE base that differs from dense (models[0]) in its
+  backbone, its data or its tokens: a --base_set (or the sweep's own field) that dense
+  does not get would compare models of other compute or text."""
+  flat = lambda config: {f"{section}.{field}": value
+                         for section, fields in config_lib.to_dict(config).items()
+                         if isinstance(fields, dict) for field, value in fields.items()}
+  dense = flat(models[0].config)
+  shared = [key for key in dense if key.startswith(("model.", "data.")) or key in SAME_AS_DENSE]
+  for m in models[1:]:
+    point = flat(m.config)
+    differing = [key for key in shared
+                 if key not in config_lib.MOE_ONLY and point[key] != dense[key]]
+    if differing:
+      raise ChimeraError(f"--sweep: {m.name} differs from dense in {', '.join(differing)}, "
+                         f"which dense does not get; a setting of the backbone, the data or "
+                         f"the tokens goes in --set, which dense gets too")
+
+
 def study_models(preset: StudyPreset, overrides: dict) -> list[Model]:
   """dense, the compute-matched MoE configs and dense_wide, at the preset."""
   moes = [make_model(name, "moe", f"configs/{name}.py", preset, overrides) for name in MOE_CONFIGS]
@@ -223,7 +247,7 @@ def sweep_models(sweep: str, base: str | None, preset: StudyPreset, overrides: d
     if not values:
       raise ChimeraError(f"--sweep: expected section.field=v1,v2,..., got {sweep!r}")
     base = base or "configs/moe_top2.py"
-    parsed = [bench.parse_value(v) for v in values.split(",")]
+    parsed = [bench.parse_value(v, key) for v in values.split(",")]
     if len(set(map(repr, parsed))) < len(parsed):
       raise ChimeraError(f"--sweep: each value once, got {values!r}")
     points = study_sweeps.field_points(key, parsed)
@@ -260,11 +284,19 @@ def sweep_models(sweep: str, base: str | None, preset: StudyPreset, overrides: d
   swept = [("--sweep", sweep.partition("=")[0])] if "=" in sweep else []
   check_read(models, swept + [("--set", key) for key in overrides]
              + [("--base_set", key) for key in base_overrides], sweep=True)
-  moe_base = load(base, preset, {**overrides, **base_overrides}).model.num_experts
-  if moe_base and (dense := [m.name for m in models[1:] if not m.config.model.num_experts]):
-    what = "is a dense model" if len(dense) == 1 else "are dense models"
-    raise ChimeraError(f"--sweep: {', '.join(dense)} {what} (model.num_experts=0) over an MoE "
-                       f"base, which computes the study's dense baseline again")
+  seen = {}
+  for m in models[1:]:  # values that differ as written, not once read (1 and 1.0)
+    same = json.dumps({**config_lib.to_dict(m.config), "name": None}, sort_keys=True)
+    if same in seen:
+      raise ChimeraError(f"--sweep: {seen[same]} and {m.name} are the same model; each "
+                         f"value once")
+    seen[same] = m.name
+  if load(base, preset, {**overrides, **base_overrides}).model.num_experts:  # an MoE base
+    if (dense := [m.name for m in models[1:] if not m.config.model.num_experts]):
+      what = "is a dense model" if len(dense) == 1 else "are dense models"
+      raise ChimeraError(f"--sweep: {', '.join(dense)} {what} (model.num_experts=0) over an "
+                         f"MoE base, which computes the study's dense baseline again")
+    check_same_backbone(models)
   return question, models
 
 
@@ -274,6 +306,11 @@ def check_read(models: list[Model], settings: list[tuple[str, str]], sweep: bool
   runs, or sweep points, of the same models. `sweep`: a sweep's study, where --base_set
   can give its base the einsum dispatch."""
   moe = [m for m in models if m.config.model.num_experts]
+  if not moe:
+    for flag, key in settings:
+      if key in config_lib.MOE_ONLY:
+        raise ChimeraError(f"{flag}={key}: only an MoE model reads {key}, and no model here "
+                           f"is MoE, so the runs would be the same")
   if any(m.config.model.dispatch == "einsum" for m in moe):
     return
   for flag, key in settings:

@@ -503,6 +503,18 @@ def load(spec: str, overrides: dict | None = None) -> Config:
   return from_config_dict(config_dict)
 
 
+def is_text_field(key: str) -> bool:
+  """Whether "section.field" holds text (a str, a str or None, or one of some strings): a
+  command-line value for it is its text as written, not a number that looks like it."""
+  section, _, field = key.partition(".")
+  if section not in SECTIONS or field not in SECTIONS[section].__dataclass_fields__:
+    return False
+  annotation = typing.get_type_hints(SECTIONS[section])[field]
+  if typing.get_origin(annotation) is Literal:
+    return all(isinstance(arg, str) for arg in typing.get_args(annotation))
+  return annotation is str or set(typing.get_args(annotation)) == {str, type(None)}
+
+
 def _type_name(annotation) -> str:
   """A field's annotation as a reader writes it: "int", "int | None", "'token' or 'rank'"."""
   if typing.get_origin(annotation) is Literal:

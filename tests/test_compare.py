@@ -483,6 +483,32 @@ def test_a_sweep_point_that_is_dense_is_refused(corpus):
                      {"data.corpus": str(corpus)})
 
 
+def test_a_sweep_compares_its_points_with_dense_on_dense_s_backbone_data_and_tokens(corpus):
+  """Over an MoE base, a point's backbone, data and tokens are dense's: a --base_set or a
+  swept field of those (which dense does not get) would compare other compute or text.
+  Its optimiser may differ (the MoE's recipe is what a sweep tunes)."""
+  preset = dataclasses.replace(compare.PRESETS["cpu"], config_preset="tiny", overrides={})
+  overrides = {"data.corpus": str(corpus)}
+  for sweep, base_set, field in (("balancing", {"model.d_ff": 256}, "model.d_ff"),
+                                 ("model.activation=gelu,swiglu", {}, "model.activation"),
+                                 ("train.steps=100,200", {}, "train.steps"),
+                                 ("balancing", {"data.val_fraction": 0.2}, "data.val_fraction")):
+    with pytest.raises(ChimeraError, match=rf"^--sweep: \S.* differs from dense in {field}, "
+                                           rf"which dense does not get; .* goes in --set"):
+      compare.sweep_models(sweep, None, preset, overrides, base_set)
+  for sweep, base_set in (("train.learning_rate=0.001,0.003", {}),
+                          ("balancing", {"train.b2": 0.95}), ("model.num_experts=4,8", {})):
+    compare.sweep_models(sweep, None, preset, overrides, base_set)
+  # The same value written twice is one point; a setting only an MoE reads, over a dense
+  # base, names runs of the same dense model.
+  with pytest.raises(ChimeraError, match=r"^--sweep: expert_lr_scale=1 and expert_lr_scale=1\.0 "
+                                         r"are the same model; each value once$"):
+    compare.sweep_models("train.expert_lr_scale=1,1.0,0.5", None, preset, overrides)
+  with pytest.raises(ChimeraError, match=r"^--sweep=model\.top_k: only an MoE model reads "
+                                         r"model\.top_k, and no model here is MoE"):
+    compare.sweep_models("model.top_k=1,2", "configs/dense.py", preset, overrides)
+
+
 def test_a_setting_that_unmatches_the_compute_is_refused(corpus):
   """The study compares at equal compute per token: --set that makes an MoE config's model
   FLOPs per token differ from dense's by more than COMPUTE_MATCH is refused in one line,

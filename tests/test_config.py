@@ -172,6 +172,14 @@ def test_an_override_of_the_wrong_type_or_without_a_value_is_one_line():
   with pytest.raises(ChimeraError, match=r"^'train.batch_size': expected section.field=value$"):
     bench.parse_override("train.batch_size")
   assert bench.parse_override("train.steps=300") == ("train.steps", 300)
+  # A field that holds text takes the text as written (a corpus named 2024, 1e3 as a path),
+  # as chimera.main's --config.data.corpus=2024 does; a number stays a number.
+  assert bench.parse_override("data.corpus=2024") == ("data.corpus", "2024")
+  assert bench.parse_override("data.corpus=1e3") == ("data.corpus", "1e3")
+  assert bench.parse_override("model.router=top_k") == ("model.router", "top_k")
+  assert bench.parse_override("train.learning_rate=1e-3") == ("train.learning_rate", 1e-3)
+  assert config_lib.load(moe, dict([bench.parse_override("data.corpus=2024")])).data.corpus \
+      .endswith("/2024")
   # The run's name is the one field outside a section; a section alone is no field.
   assert config_lib.load(moe, {"name": "mine"}).name == "mine"
   for key in ("model", "model.", "name.x", "nosuch.steps"):
