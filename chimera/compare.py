@@ -196,8 +196,10 @@ def check_compute_matched(models: list[Model]) -> None:
 
 
 # What a sweep's points over an MoE base share with dense: the backbone (every model field
-# but the MoE's own), the data, and the tokens each run trains on.
+# but the MoE's own and the two below), the data, and the tokens each run trains on. The
+# rest of the training (optimiser, dropout, initial scale) is the MoE's recipe to tune.
 SAME_AS_DENSE = ("train.steps", "train.batch_size", "train.context")
+MAY_DIFFER = ("model.dropout", "model.init_std")
 
 
 def check_same_backbone(models: list[Model]) -> None:
@@ -211,8 +213,8 @@ def check_same_backbone(models: list[Model]) -> None:
   shared = [key for key in dense if key.startswith(("model.", "data.")) or key in SAME_AS_DENSE]
   for m in models[1:]:
     point = flat(m.config)
-    differing = [key for key in shared
-                 if key not in config_lib.MOE_ONLY and point[key] != dense[key]]
+    differing = [key for key in shared if key not in config_lib.MOE_ONLY + MAY_DIFFER
+                 and point[key] != dense[key]]
     if differing:
       raise ChimeraError(f"--sweep: {m.name} differs from dense in {', '.join(differing)}, "
                          f"which dense does not get; a setting of the backbone, the data or "

@@ -486,7 +486,8 @@ def test_a_sweep_point_that_is_dense_is_refused(corpus):
 def test_a_sweep_compares_its_points_with_dense_on_dense_s_backbone_data_and_tokens(corpus):
   """Over an MoE base, a point's backbone, data and tokens are dense's: a --base_set or a
   swept field of those (which dense does not get) would compare other compute or text.
-  Its optimiser may differ (the MoE's recipe is what a sweep tunes)."""
+  Its optimiser, dropout and initial scale may differ (the MoE's recipe, which a sweep
+  tunes)."""
   preset = dataclasses.replace(compare.PRESETS["cpu"], config_preset="tiny", overrides={})
   overrides = {"data.corpus": str(corpus)}
   for sweep, base_set, field in (("balancing", {"model.d_ff": 256}, "model.d_ff"),
@@ -497,7 +498,8 @@ def test_a_sweep_compares_its_points_with_dense_on_dense_s_backbone_data_and_tok
                                            rf"which dense does not get; .* goes in --set"):
       compare.sweep_models(sweep, None, preset, overrides, base_set)
   for sweep, base_set in (("train.learning_rate=0.001,0.003", {}),
-                          ("balancing", {"train.b2": 0.95}), ("model.num_experts=4,8", {})):
+                          ("balancing", {"train.b2": 0.95}), ("model.num_experts=4,8", {}),
+                          ("model.dropout=0.0,0.1", {})):
     compare.sweep_models(sweep, None, preset, overrides, base_set)
   # The same value written twice is one point; a setting only an MoE reads, over a dense
   # base, names runs of the same dense model.
