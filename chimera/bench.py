@@ -56,7 +56,8 @@ from chimera.data.batches import WindowSampler
 from chimera.data.corpora import write_atomic
 from chimera.data.tokenizers import get_tokenizer
 from chimera.decoder import Decoder
-from chimera.errors import ChimeraError, check_writable, out_of_memory_is_one_line, parse_flags
+from chimera.errors import (ChimeraError, check_writable, out_of_memory_is_one_line, parse_flags,
+                            tool_main)
 from chimera.layers import Kernels
 from chimera.moe import MoeLayer
 from chimera.steps import init_state, train_step
@@ -504,6 +505,23 @@ def parse_override(text: str) -> tuple[str, object]:
   return key, parse_value(value, key)
 
 
+# Fields the bench's steps never read: the loop's logging, evaluation and checkpoints, and
+# the run's length (only the schedule's values, not the step's work).
+_NOT_IN_STEP = ("train.log_every", "train.eval_every", "train.eval_batches",
+                "train.checkpoint_every", "train.keep_checkpoints", "train.steps")
+
+
+def _step_reads(config: Config, key: str) -> bool:
+  """Whether the timed step of `config` reads the field `key`: a dense model no MoE field
+  but num_experts, a dropless MoE no field only the einsum dispatch reads."""
+  m = config.model
+  if key in _NOT_IN_STEP:
+    return False
+  if key in config_lib.MOE_ONLY and key != "model.num_experts" and not m.num_experts:
+    return False
+  return not (key in config_lib.EINSUM_ONLY and m.num_experts and m.dispatch != "einsum")
+
+
 def make_cases(specs: list[str], overrides: dict, variants: list[str],
                random_ids: bool) -> list[Case]:
   """One case per spec, or per spec and variant value (see the module docstring)."""
@@ -519,8 +537,7 @@ def make_cases(specs: list[str], overrides: dict, variants: list[str],
         raise ChimeraError(f"--variants: expected KEY=v1,v2,..., got {variant!r}")
       for value in values.split(","):
         case = _variant(spec, key, value, overrides, random_ids)  # a bad value: one line
-        if (key in config_lib.MOE_ONLY and key != "model.num_experts"
-            and plain.model.num_experts == 0):  # a dense model does not read it: one row
+        if not _step_reads(plain, key):  # one row, not rows whose ratios are noise
           case = Case(spec, spec, plain, dict(overrides), random_ids=random_ids)
         # The resolved config: a variant at a default value is the case it equals.
         same = (spec, case.config, case.kernels, case.random_ids)
@@ -585,6 +602,7 @@ def check_flags(values) -> None:
     check_writable("profile_dir", values.profile_dir, folder=True)
 
 
+@tool_main
 def main(argv):
   del argv
   FLAGS = flags.FLAGS

@@ -26,7 +26,7 @@ import numpy as np
 from absl import app, flags
 
 from chimera import config as config_lib, moe
-from chimera.errors import ChimeraError, parse_flags
+from chimera.errors import ChimeraError, parse_flags, tool_main
 from chimera.grouped_matmul import default_block_size, ragged_matmul
 from chimera.layers import Kernels, compute_dtype
 
@@ -78,6 +78,7 @@ def load_checked() -> config_lib.Config:
   return config
 
 
+@tool_main
 def main(argv):
   del argv
   try:

@@ -19,7 +19,7 @@ from absl import app, flags, logging
 
 from chimera import config as config_lib
 from chimera.bench import parse_override
-from chimera.errors import ChimeraError, parse_flags
+from chimera.errors import ChimeraError, parse_flags, tool_main
 from chimera.grouped_matmul import ragged_matmul
 from chimera.layers import CrossEntropyKernel, compute_dtype, cross_entropy, embed_lookup
 
@@ -38,6 +38,7 @@ def zipf_ids(key, shape, vocab_size: int) -> jax.Array:
   return jax.random.categorical(key, logits, shape=shape).astype(jnp.int32)
 
 
+@tool_main
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # jax logs its platform search at INFO

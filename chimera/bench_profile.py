@@ -27,7 +27,7 @@ from typing import Callable, NamedTuple
 import jax
 from absl import app, flags
 
-from chimera.errors import ChimeraError, parse_flags_and_args
+from chimera.errors import ChimeraError, parse_flags_and_args, tool_main
 
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([^\s=]+) = .*? ([a-z][a-z0-9-]*)\(")
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
@@ -361,6 +361,7 @@ def kept_settings(prefix: str, steps: int | None, step_ms: float | None,
   return steps, seconds, decode
 
 
+@tool_main
 def main(argv):
   if len(argv) != 2:
     raise SystemExit("usage: python -m chimera.bench_profile PREFIX [--steps=N] [--step_ms=MS]"

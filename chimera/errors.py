@@ -47,6 +47,30 @@ def out_of_memory_is_one_line(after: str = ""):
     raise ChimeraError(f"out of device memory{need}: lower train.batch_size (train.grad_accum "
                        f"keeps the batch per update), train.context or the model{after}"
                        ) from None
+  except MemoryError:  # the host's (numpy, or XLA:CPU's buffers past a ulimit)
+    raise ChimeraError(f"out of host memory: lower train.batch_size, train.context or the "
+                       f"model{after}") from None
+
+
+def tool_main(main):
+  """A measuring tool's absl `main`, whose bad input (ChimeraError), running out of memory
+  and Ctrl-C each end it with one line (exit status 2, 2 and 130), not a traceback."""
+  import functools
+  import sys
+
+  @functools.wraps(main)
+  def wrapped(argv):
+    try:
+      with out_of_memory_is_one_line():
+        return main(argv)
+    except ChimeraError as error:
+      print(f"error: {error}", file=sys.stderr)
+      sys.exit(2)
+    except KeyboardInterrupt:
+      print("error: interrupted (Ctrl-C); what was printed is all that was measured",
+            file=sys.stderr)
+      sys.exit(130)
+  return wrapped
 
 
 def parse_flags_and_args(argv: list[str]) -> list[str]:

@@ -29,7 +29,7 @@ from absl import app, flags, logging
 
 from chimera import config as config_lib, sharding
 from chimera.bench import parse_override
-from chimera.errors import ChimeraError, parse_flags
+from chimera.errors import ChimeraError, parse_flags, tool_main
 from chimera.decoder import Decoder
 from chimera.layers import Kernels
 from chimera.routers import expert_capacity
@@ -143,6 +143,7 @@ def parse_mesh(values: list[str]) -> tuple[int, int]:
   return data, expert
 
 
+@tool_main
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # jax logs its platform search at INFO

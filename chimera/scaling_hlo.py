@@ -26,7 +26,7 @@ from absl import app, flags, logging
 
 from chimera import config as config_lib, sharding
 from chimera.bench import parse_override
-from chimera.errors import ChimeraError, parse_flags
+from chimera.errors import ChimeraError, parse_flags, tool_main
 from chimera.scaling import (Collective, collectives, compile_train_step, define_flags,
                              parse_mesh, predicted_bytes, upcast_note)
 from chimera.sharding import make_mesh
@@ -95,13 +95,18 @@ def _tail(name: str, width: int) -> str:
   return name if len(name) <= width else "..." + name[len(name) - width + 3:]
 
 
+@tool_main
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # jax logs its platform search at INFO
   try:
     data, expert = parse_mesh(FLAGS.mesh)
     spec, base = FLAGS.config, dict(parse_override(s) for s in FLAGS.set)
-    batch_size = load(spec, base, 1, 1).train.batch_size
+    plain = load(spec, base, 1, 1)
+    if not plain.model.num_experts:  # no dispatch to compare, nor experts to place
+      raise ChimeraError(f"--config: {spec} has no experts (model.num_experts=0); this tool "
+                         f"compares the MoE's two dispatches")
+    batch_size = plain.train.batch_size
     for dispatch in ("einsum", "dropless"):
       sharding.check_mesh(load(spec, {**base, "model.dispatch": dispatch}, data, expert),
                           jax.device_count())

@@ -6,8 +6,9 @@
 #   DEADLINE=600 STEPS=100 STUDY=0 launch/gpu_check.sh       # more time, longer runs, no study
 #   STAGES="loss train_dense numerics" launch/gpu_check.sh  # only these stages ("train": all 4)
 #
-# Made for a lent GPU with no network: the project must import (`pip install --no-deps -e .`
-# or PYTHONPATH=.), and $CHIMERA_CACHE must already hold the Shakespeare texts and GPT-2's
+# Made for a lent GPU with no network: the project must import (PYTHONPATH=., or
+# `pip install --no-deps --no-build-isolation -e .`: without the last flag pip fetches
+# setuptools to build, which fails offline), and $CHIMERA_CACHE must already hold the Shakespeare texts and GPT-2's
 # ranks (and, to save a few seconds, their token cache). Fill it on a machine with the
 # network first:
 #   CHIMERA_CACHE=.gpu-cache python -m chimera.data --corpus=shakespeare --tokenizer=gpt2

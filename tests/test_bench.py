@@ -158,6 +158,14 @@ def test_variants_of_kernels_and_ids(corpus, tmp_path):
   assert [(c.name, c.overrides) for c in dense] == [("configs/dense.py:tiny", overrides)]
   assert len(bench.make_cases(["configs/dense.py:tiny"], overrides,
                               ["model.num_experts=0,4"], False)) == 2
+  # Nor are fields the timed step never reads rows of their own: the capacity of a
+  # dropless MoE, the loop's logging (their "speedups" were noise); einsum reads capacity.
+  for variant in ("model.capacity_factor=1.0,4.0", "train.log_every=1,50"):
+    assert [c.name for c in bench.make_cases(["configs/moe_top2.py:tiny"], overrides,
+                                             [variant], False)] == ["configs/moe_top2.py:tiny"]
+  assert len(bench.make_cases(["configs/moe_top2.py:tiny"],
+                              {**overrides, "model.dispatch": "einsum"},
+                              ["model.capacity_factor=1.0,4.0"], False)) == 2
   with pytest.raises(ChimeraError, match="model.dispatch"):
     bench.make_cases(["configs/dense.py:tiny"], overrides, ["model.dispatch=bogus"], False)
   with pytest.raises(ChimeraError, match="kernels.embed_grad"):
@@ -486,3 +494,28 @@ def test_numerics_and_grouped_matmul_tools_run():
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and bad.stderr.startswith("error: ") and message in bad.stderr
     assert len(bad.stderr.strip().splitlines()) == 1, bad.stderr[-2000:]
+
+
+@pytest.mark.parametrize("raised, status, line", [
+    (KeyboardInterrupt(), 130, "error: interrupted (Ctrl-C); what was printed is all that was "
+                               "measured"),
+    (MemoryError(), 2, "error: out of host memory: lower train.batch_size, train.context or "
+                       "the model"),
+    (ChimeraError("--steps: must be >= 1"), 2, "error: --steps: must be >= 1")])
+def test_a_measuring_tool_ends_in_one_line(raised, status, line, capsys):
+  """Every measuring tool's main (chimera.bench, bench_numerics, bench_grouped, scaling,
+  scaling_hlo, bench_profile, data.bench_cache) is wrapped so: Ctrl-C and running out of
+  memory were tracebacks in some of them."""
+  from chimera.errors import tool_main
+
+  @tool_main
+  def main(argv):
+    raise raised
+  with pytest.raises(SystemExit) as exit_:
+    main([])
+  assert exit_.value.code == status and capsys.readouterr().err.splitlines() == [line]
+  for module in ("bench", "bench_numerics", "bench_grouped", "scaling", "scaling_hlo",
+                 "bench_profile", "data/bench_cache"):
+    source = (ROOT / "chimera" / f"{module}.py").read_text()
+    assert "\n@tool_main\ndef main(" in source, module
+

@@ -1016,6 +1016,9 @@ def test_a_report_the_disk_refuses_is_one_line_and_keeps_the_runs(tmp_path, monk
      "error: --mesh: expected data,expert (two positive integers), got '2'"),
     ("scaling_hlo", ["--config=configs/moe_top2.py:tiny", "--mesh=1,4x"],
      "error: --mesh: expected data,expert (two positive integers), got '1,4x'"),
+    ("scaling_hlo", ["--config=configs/dense.py:tiny"],
+     "error: --config: configs/dense.py:tiny has no experts (model.num_experts=0); this tool "
+     "compares the MoE's two dispatches"),
     ("scaling_hlo", ["--config=configs/moe_top2.py:tiny", "--set=model.top_k=9"],
      "error: config.model.top_k: must be between 1 and model.num_experts=8, got 9"),
     # Before anything trains: what is written only after every run has trained.

@@ -27,10 +27,12 @@ import numpy as np
 from absl import app, flags
 
 from chimera.data.corpora import load_corpus
-from chimera.errors import ChimeraError, check_writable, existing_ancestor, parse_flags
+from chimera.errors import ChimeraError, check_writable, existing_ancestor, parse_flags, tool_main
 
 FILE_BYTES = 1_000_000
-TRAIN = ["-m", "chimera.main", "--config=configs/dense.py:tiny", "--config.data.tokenizer=gpt2",
+# The config by its place in the checkout, so the tool runs from any directory.
+DENSE = Path(__file__).resolve().parents[2] / "configs" / "dense.py"
+TRAIN = ["-m", "chimera.main", f"--config={DENSE}:tiny", "--config.data.tokenizer=gpt2",
          "--config.model.vocab_size=50304", "--config.train.steps=2", "--config.train.warmup_steps=1"]
 
 
@@ -55,21 +57,33 @@ def measure(args: list[str], log: Path) -> Measured:
 
 
 def write_corpus(folder: Path, size_mb: int) -> int:
-  """Fills `folder` with 1 MB files of random runs of 1-40 Shakespeare lines; returns bytes."""
+  """Fills `folder` with 1 MB files of random runs of 1-40 Shakespeare lines; returns bytes.
+  They are written beside it and renamed into place whole: an interrupted write leaves no
+  partial corpus that a later run would take for its own."""
   lines = [line for doc in load_corpus("shakespeare") for line in doc.text.splitlines(keepends=True)]
   rng, written = np.random.default_rng(0), 0
-  folder.mkdir(parents=True, exist_ok=True)
-  for i in range(size_mb * 1_000_000 // FILE_BYTES):
-    runs, size = [], 0
-    while size < FILE_BYTES:
-      start = int(rng.integers(len(lines)))
-      run = "".join(lines[start:start + int(rng.integers(1, 41))])
-      runs.append(run)
-      size += len(run)
-    data = "".join(runs).encode("utf-8")
-    (folder / f"doc{i:05d}.txt").write_bytes(data)
-    written += len(data)
+  partial = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}-"))
+  try:
+    for i in range(size_mb * 1_000_000 // FILE_BYTES):
+      written += _write_file(partial / f"doc{i:05d}.txt", lines, rng)
+    partial.rename(folder)
+  except BaseException:
+    shutil.rmtree(partial, ignore_errors=True)
+    raise
   return written
+
+
+def _write_file(path: Path, lines: list[str], rng) -> int:
+  """One file of about FILE_BYTES; returns its bytes."""
+  runs, size = [], 0
+  while size < FILE_BYTES:
+    start = int(rng.integers(len(lines)))
+    run = "".join(lines[start:start + int(rng.integers(1, 41))])
+    runs.append(run)
+    size += len(run)
+  data = "".join(runs).encode("utf-8")
+  path.write_bytes(data)
+  return len(data)
 
 
 def cache_of(output: str) -> Path:
@@ -99,6 +113,7 @@ def check_flags(size_mb: int, folder: Path, parts: list[str], repeats: int) -> f
   return free_gb
 
 
+@tool_main
 def main(argv: list[str]) -> None:
   del argv
   f = flags.FLAGS

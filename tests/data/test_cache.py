@@ -12,6 +12,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -492,6 +493,31 @@ def test_bench_cache_leaves_a_corpus_it_did_not_write(tmp_path):
   assert result.returncode == 0, result.stderr[-2000:]
   assert "did not write them" in result.stdout
   assert (tmp_path / "corpus" / "mine.txt").read_text() == "the user's text"
+
+
+def test_bench_cache_leaves_no_partial_corpus_and_runs_from_anywhere(tmp_path, monkeypatch):
+  """An interrupted write left a partial corpus that the next run took for the one it asked
+  for (and never deleted); the train part named its config relative to the checkout."""
+  from chimera.data import bench_cache
+  monkeypatch.setattr(bench_cache, "load_corpus", lambda name: [
+      types.SimpleNamespace(text="ROMEO: the king will speak\n" * 50)])
+  written, real = [], bench_cache._write_file
+
+  def interrupted(path, lines, rng):
+    if len(written) == 2:
+      raise KeyboardInterrupt
+    written.append(path)
+    return real(path, lines, rng)
+  monkeypatch.setattr(bench_cache, "_write_file", interrupted)
+  with pytest.raises(KeyboardInterrupt):
+    bench_cache.write_corpus(tmp_path / "corpus", size_mb=5)
+  assert list(tmp_path.iterdir()) == []  # no corpus, and no partial one beside it
+  monkeypatch.setattr(bench_cache, "_write_file", real)
+  assert bench_cache.write_corpus(tmp_path / "corpus", size_mb=3) >= 3 * bench_cache.FILE_BYTES
+  assert len(list((tmp_path / "corpus").iterdir())) == 3
+  config = next(a for a in bench_cache.TRAIN if a.startswith("--config="))
+  assert Path(config.removeprefix("--config=").removesuffix(":tiny")).is_absolute()
+  assert bench_cache.DENSE.is_file()
 
 
 @pytest.mark.parametrize("flags, message", [
