@@ -18,7 +18,6 @@ import collections
 import gzip
 import json
 import re
-import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -27,6 +26,7 @@ from typing import Callable, NamedTuple
 import jax
 from absl import app, flags
 
+from chimera.data.corpora import write_atomic
 from chimera.errors import ChimeraError, parse_flags_and_args, tool_main
 
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([^\s=]+) = .*? ([a-z][a-z0-9-]*)\(")
@@ -299,12 +299,11 @@ def profile(run_steps: Callable[[], object], hlo_text: str, steps: int, step_sec
     with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
       run_steps()
     trace_file = next(Path(trace_dir).glob("**/perfetto_trace.json.gz"))
-    if keep is not None:
-      keep.parent.mkdir(parents=True, exist_ok=True)
-      shutil.copyfile(trace_file, f"{keep}.trace.json.gz")
-      Path(f"{keep}.hlo.txt").write_text(hlo_text)
-      Path(f"{keep}.json").write_text(json.dumps({
-          "steps": steps, "step_seconds": step_seconds, "decode": part_of is decode_part}))
+    if keep is not None:  # each file whole or not at all (a Ctrl-C between them included)
+      write_atomic(Path(f"{keep}.trace.json.gz"), Path(trace_file).read_bytes())
+      write_atomic(Path(f"{keep}.hlo.txt"), hlo_text.encode())
+      write_atomic(Path(f"{keep}.json"), json.dumps({
+          "steps": steps, "step_seconds": step_seconds, "decode": part_of is decode_part}).encode())
     return summarize_trace(trace_file, hlo_text, steps, step_seconds, top, part_of, pass_of)
 
 
@@ -313,8 +312,12 @@ def summarize_trace(trace_file: str | Path, hlo_text: str, steps: int, step_seco
                     pass_of: Callable[[str], str] = step_pass) -> dict:
   """The summary of a perfetto trace (.json.gz) of `steps` steps of the compiled step
   whose HLO is `hlo_text`."""
-  with gzip.open(trace_file) as f:
-    trace = json.load(f)
+  try:
+    with gzip.open(trace_file) as f:
+      trace = json.load(f)
+  except (OSError, EOFError, ValueError) as error:  # cut short, or not a trace
+    raise ChimeraError(f"{trace_file}: not a whole gzipped trace ({type(error).__name__}: "
+                       f"{error})") from None
   ops = hlo_ops(hlo_text)
   seconds, source = op_seconds(trace, ops, entry_order(hlo_text))
   return {**summarize(seconds, ops, steps, step_seconds, top, part_of, pass_of),
@@ -340,7 +343,10 @@ def kept_settings(prefix: str, steps: int | None, step_ms: float | None,
   required: a wrong count scales every figure). A flag that contradicts the kept record is
   refused, in one line."""
   record = Path(f"{prefix}.json")
-  kept = json.loads(record.read_text()) if record.is_file() else {}
+  try:
+    kept = json.loads(record.read_text()) if record.is_file() else {}
+  except ValueError as error:
+    raise ChimeraError(f"{record}: not the JSON the profile kept ({error})") from None
   if steps is not None and steps < 1:
     raise ChimeraError(f"--steps: must be >= 1, got {steps}")
   if step_ms is not None and step_ms < 0:

@@ -366,6 +366,11 @@ def validate(c: Config) -> None:
     _check(seed >= 0, name, f"must be >= 0, got {seed}")
     _check(seed <= MAX_SEED, name, f"must be in [0, {MAX_SEED}], got {seed}")
   _check(bool(d.text_field), "data.text_field", "is empty")
+  # Only an hf: corpus has columns: another text_field would be read by nothing and name
+  # a new run (and study runs) of the same text.
+  _check(d.text_field == DataConfig.text_field or d.corpus.startswith("hf:"),
+         "data.text_field", f"names a column of an hf: corpus; {d.corpus} is read as text, "
+         f"so it takes none (got {d.text_field!r})")
   _check_positive("mesh", c.mesh, ("expert",) if c.mesh.data is None else ("data", "expert"))
   _validate_groups(c)
 

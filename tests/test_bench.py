@@ -253,6 +253,13 @@ def test_offline_profile_flags_agree_with_what_was_kept(tmp_path):
   assert bench_profile.kept_settings(bare, 7, None, None) == (7, 0.0, True)
   plain = _kept_profile(tmp_path, "plain", None)
   assert bench_profile.kept_settings(plain, 7, 2.0, None) == (7, 0.002, False)
+  # Kept files cut short (a copy interrupted before they were written whole): one line.
+  Path(f"{kept}.json").write_text('{"steps": 5, "step_')
+  with pytest.raises(ChimeraError, match=r"kept\.json: not the JSON the profile kept"):
+    bench_profile.kept_settings(kept, None, None, None)
+  Path(f"{plain}.trace.json.gz").write_bytes(gzip.compress(b'{"traceEvents": [')[:20])
+  with pytest.raises(ChimeraError, match=r"plain\.trace\.json\.gz: not a whole gzipped trace"):
+    bench_profile.summarize_kept(str(plain), 7, 0.002)
 
 
 def test_output_paths_the_bench_cannot_write_are_refused_before_it_measures(tmp_path):

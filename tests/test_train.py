@@ -316,6 +316,8 @@ def test_bad_config_is_one_line_before_compiling(corpus, tmp_path):
       "config.train.steps=100": "unexpected argument 'config.train.steps=100'",
       "--config.model.router=nope": "config.model.router",
       "--config.train.min_learning_rate=1": "config.train.min_learning_rate",
+      "--config.data.text_field=body": "config.data.text_field: names a column of an hf: "
+                                       "corpus;",
       f"--workdir={corpus}": "is a file",
       "--config=configs/moe_top3.py:tiny": "--config: no such file: configs/moe_top3.py",
   }
