@@ -206,15 +206,13 @@ def check_same_backbone(models: list[Model]) -> None:
   """Refuses a sweep point over an MoE base that differs from dense (models[0]) in its
   backbone, its data or its tokens: a --base_set (or the sweep's own field) that dense
   does not get would compare models of other compute or text."""
-  flat = lambda config: {f"{section}.{field}": value
-                         for section, fields in config_lib.to_dict(config).items()
-                         if isinstance(fields, dict) for field, value in fields.items()}
-  dense = flat(models[0].config)
-  shared = [key for key in dense if key.startswith(("model.", "data.")) or key in SAME_AS_DENSE]
+  dense = models[0].config
   for m in models[1:]:
-    point = flat(m.config)
-    differing = [key for key in shared if key not in config_lib.MOE_ONLY + MAY_DIFFER
-                 and point[key] != dense[key]]
+    # run_differences leaves train.steps out (a run may be extended): asked for here.
+    differing = [key for key in config_lib.run_differences(dense, m.config)
+                 + (["train.steps"] if m.config.train.steps != dense.train.steps else [])
+                 if (key.startswith(("model.", "data.")) or key in SAME_AS_DENSE)
+                 and key not in config_lib.MOE_ONLY + MAY_DIFFER]
     if differing:
       raise ChimeraError(f"--sweep: {m.name} differs from dense in {', '.join(differing)}, "
                          f"which dense does not get; a setting of the backbone, the data or "
@@ -303,23 +301,18 @@ def sweep_models(sweep: str, base: str | None, preset: StudyPreset, overrides: d
 
 
 def check_read(models: list[Model], settings: list[tuple[str, str]], sweep: bool) -> None:
-  """Refuses a (flag, key) setting of a field that only the einsum dispatch reads
-  (config.EINSUM_ONLY) when no model of the study dispatches einsum: it would name new
-  runs, or sweep points, of the same models. `sweep`: a sweep's study, where --base_set
-  can give its base the einsum dispatch."""
+  """Refuses a (flag, key) setting of a field no model of the study reads: one only an MoE
+  reads (config.MOE_ONLY) when none is an MoE, or one only the einsum dispatch reads
+  (config.EINSUM_ONLY) when every MoE dispatches dropless. It would name new runs, or
+  sweep points, of the same models. `sweep`: a sweep's study, where --base_set can give
+  its base the einsum dispatch."""
   moe = [m for m in models if m.config.model.num_experts]
-  if not moe:
-    for flag, key in settings:
-      if key in config_lib.MOE_ONLY:
-        raise ChimeraError(f"{flag}={key}: only an MoE model reads {key}, and no model here "
-                           f"is MoE, so the runs would be the same")
-  if any(m.config.model.dispatch == "einsum" for m in moe):
-    return
+  einsum = any(m.config.model.dispatch == "einsum" for m in moe)
   for flag, key in settings:
-    if key in config_lib.EINSUM_ONLY:
-      if not moe:
-        raise ChimeraError(f"{flag}={key}: only an MoE model with dispatch='einsum' reads "
-                           f"{key}, and no model here is MoE, so the runs would be the same")
+    if not moe and key in config_lib.MOE_ONLY:
+      raise ChimeraError(f"{flag}={key}: only an MoE model reads {key}, and no model here "
+                         f"is MoE, so the runs would be the same")
+    if moe and not einsum and key in config_lib.EINSUM_ONLY:
       add = ("--base_set=model.dispatch=einsum (or --set)" if sweep
              else "--set=model.dispatch=einsum")
       raise ChimeraError(

@@ -292,29 +292,25 @@ def test_running_out_of_memory_is_not_a_damaged_checkpoint(finished_run, monkeyp
 
 def test_a_checkpoint_removed_while_read_is_one_line(finished_run, monkeypatch):
   """A run still training in the workdir keeps only its last few checkpoints: the one
-  listed can go before it is read."""
+  listed can go before it is read, or as orbax lists them when the manager opens. A
+  folder this user cannot read is said as such, not as damage."""
   workdir, _, _ = finished_run
-
-  def removed(self, like_state, step=None):
+  removed = (r"^--workdir: the checkpoint at step 12 in .* was removed while it was read "
+             r"\(is a run still")
+  def restore_removed(self, like_state, step=None):
     raise FileNotFoundError(f"Checkpoint at {workdir}/checkpoints/{step} not found.")
-  monkeypatch.setattr(Checkpointer, "restore", removed)
-  with pytest.raises(ChimeraError, match=r"^--workdir: the checkpoint at step 12 in .* was "
-                                         r"removed while it was read \(is a run still"):
-    evaluate.restore_run(workdir)
-  # A folder this user cannot read is said as such, not as damage.
-  def denied(self, directory, keep, **kwargs):
+  def open_denied(self, directory, keep, **kwargs):
     raise PermissionError(13, "Permission denied", f"{directory}/12")
-  monkeypatch.setattr(Checkpointer, "__init__", denied)
-  with pytest.raises(ChimeraError, match=r"^--workdir: cannot read the checkpoints in \S+ "
-                                         r"\(Permission denied: \S+/checkpoints/12\)$"):
-    evaluate.restore_run(workdir)
-  # Or as orbax lists the checkpoints, when the manager opens.
   def listing_removed(self, directory, keep, **kwargs):
     raise FileNotFoundError(2, "No such file or directory", f"{directory}/9")
-  monkeypatch.setattr(Checkpointer, "__init__", listing_removed)
-  with pytest.raises(ChimeraError, match=r"^--workdir: the checkpoint at step 12 in .* was "
-                                         r"removed while it was read"):
-    evaluate.restore_run(workdir)
+  for method, failing, message in (
+      ("restore", restore_removed, removed),
+      ("__init__", open_denied, r"^--workdir: cannot read the checkpoints in \S+ "
+                                r"\(Permission denied: \S+/checkpoints/12\)$"),
+      ("__init__", listing_removed, removed)):
+    monkeypatch.setattr(Checkpointer, method, failing)
+    with pytest.raises(ChimeraError, match=message):
+      evaluate.restore_run(workdir)
 
 
 def test_bits_per_byte_count_the_bytes_of_the_tokens_scored(tmp_path, monkeypatch,
