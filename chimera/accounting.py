@@ -9,32 +9,40 @@ Conventions:
   multiplies (attention, MLP or the k chosen and the shared experts, the router, and the
   tied output head; not norms, biases or position tables), 6 = 2 (multiply-add) *
   3 (forward + backward); the second term is the attention scores and weighted sum
-  (QK^T and AV, 2 * 2 * T * M FLOPs per token per layer forward, the full T x T square as
-  computed, times 3), with T the context.
-- `dispatch_flops_per_token` is the cost of the dispatch and combine einsums, which are
-  not model FLOPs: 2 * E * C * M per token per MoE layer and einsum pass, 5 passes. The
-  combine einsum runs three times (forward; backward to the experts' outputs and to the
-  gate weights), the dispatch einsum twice: its mask is built from one-hots, a constant
-  with no gradient, as the jaxpr of the layer's forward and backward shows.
-  With C ~ k * cf * S / E this is 10 * k * cf * S * M per MoE layer.
+  (QK^T and AV, 2 * 2 * T * M FLOPs per token per layer forward, times 3), with T the
+  context. That is the full T x T square, as XLA's attention computes it and as the usual
+  MFU convention counts it (PaLM, Chowdhery et al. 2022, appendix B); a causal
+  flash-attention kernel (cuDNN's, on a GPU) may skip the masked blocks and compute less.
+- `dispatch_flops_per_token` is the matmul work of routing, dispatch and combine, which
+  is not model FLOPs. On the einsum path, per MoE layer and token: the dispatch and
+  combine einsums, 2 * E * C * M per einsum pass, 5 passes (combine runs three times:
+  forward, and backward to the experts' outputs and to the gate weights; dispatch twice:
+  its mask is built from one-hots, a constant with no gradient), and the einsums that
+  build those masks from the choices, 2 * K * E * C each (dispatch mask, combine mask,
+  and the combine mask's gradient to the gates), plus 2 * K * min(E, C) twice (the gates
+  times the smaller of the choice and slot one-hots, forward and backward). With C ~ k * cf * S / E the passes are
+  10 * k * cf * S * M per MoE layer.
 - `executed_flops_per_token` is what the einsum path computes: the experts run on all
   E * C / S slots per token (empty slots are computed too) instead of k, plus the
-  dispatch and combine einsums. C comes from `chimera.routers.expert_capacity` at the
-  training capacity factor. Under `dispatch="dropless"` with `tokens_per_call` given, it
-  counts what the "blocks" layout (`chimera.grouped_matmul`) computes: R = tokens_per_call * k
+  dispatch work above. C comes from `chimera.routers.expert_capacity` at the training
+  capacity factor. Under `dispatch="dropless"` with `tokens_per_call` given, it counts
+  what the "blocks" layout (`chimera.grouped_matmul`) computes: R = tokens_per_call * k
   routed rows laid out as N = R // b + E blocks of b rows (b from
   `grouped_matmul.default_block_size`; the static layout computes all N * b rows, empty
   ones too), so the experts run N * b / R times the model's; plus the one-hot matmul that
   picks each block's weights, 2 * N * E * M * H per expert matrix, forward and once more
-  for the weights' gradient (the one-hot itself is a constant: times 2, not 3). The
-  sort, gathers and the gate-weighted sum of the k outputs do no matmul and are not
-  counted. Without `tokens_per_call` (or on XLA:CPU's `ragged_dot`, a masked matmul over all
+  for the weights' gradient (the one-hot itself is a constant: times 2, not 3), and the
+  gate-weighted sum of the k outputs, 2 * K * M forward and twice backward (to the
+  outputs and to the gates). The sort and the gathers do no matmul and are not counted.
+  Without `tokens_per_call` (or on XLA:CPU's `ragged_dot`, a masked matmul over all
   E experts) dropless is counted at its model FLOPs.
 - `count_run(config)` is `count` at a run's context and micro-batch, as one device runs
   it: on a mesh each device lays out its own share of the rows and b follows them; with
   experts split over X devices, dropless computes the X * T_d * min(k, E / X) rows each
   device receives in `chimera.expert_parallel`'s worst-case buffers, X * min(k, E / X) / k
-  times the T_d * k routed rows of its own T_d tokens.
+  times the T_d * k routed rows of its own T_d tokens; each received row's output is
+  summed with a constant gate of 1 before it is sent back, 2 * M forward and 2 * M
+  backward per row.
 """
 
 import dataclasses
@@ -113,15 +121,21 @@ def count(config: ModelConfig, context: int, tokens_per_call: int | None = None,
       total += router + config.num_experts * expert_matmul + shared
       active += router + config.top_k * expert_matmul + shared
       matmul += router + config.top_k * expert_matmul + shared
+      k, experts = config.top_k, config.num_experts
       if config.dispatch == "einsum":
         capacity = expert_capacity(config, config.group_size)
-        dispatch += (3 + 2) * 2 * config.num_experts * capacity * m  # combine, dispatch
-        padding += 6 * (expert_slots_per_token(config) - config.top_k) * expert_matmul
+        dispatch += (3 + 2) * 2 * experts * capacity * m  # combine, dispatch
+        # The masks: the gates multiply the smaller of the choice and slot one-hots.
+        dispatch += 3 * 2 * k * experts * capacity + 2 * 2 * k * min(experts, capacity)
+        padding += 6 * (expert_slots_per_token(config) - k) * expert_matmul
       elif tokens_per_call is not None:
         rows_ratio, blocks = block_padding(config, tokens_per_call, expert_devices)
-        padding += 6 * (rows_ratio - 1) * config.top_k * expert_matmul
-        local_experts = config.num_experts // expert_devices
+        padding += 6 * (rows_ratio - 1) * k * expert_matmul
+        local_experts = experts // expert_devices
         dispatch += 4 * blocks * local_experts * expert_matmul / tokens_per_call
+        dispatch += 3 * 2 * k * m  # the gate-weighted sum of the k outputs
+        if expert_devices > 1:  # each received row, summed with a gate of 1
+          dispatch += 2 * 2 * m * expert_devices * min(k, local_experts)
     else:
       total += mlp_matmul + mlp_bias
       active += mlp_matmul + mlp_bias

@@ -62,14 +62,20 @@ from chimera.layers import Kernels
 from chimera.moe import MoeLayer
 from chimera.steps import init_state, train_step
 
-# Dense (no sparsity) peak matmul FLOP/s by jax `device_kind` substring; the first match
-# wins, so a name that contains another comes before it. Columns: bfloat16, float32. The
-# float32 figure of an NVIDIA part is its TF32 tensor-core peak, which XLA uses for
-# float32 matmuls at jax's default precision; None where no peak is known.
+# Dense (no sparsity) peak matmul FLOP/s by the name in jax's `device_kind`, matched as
+# whole words ("A100" is not "RTX A1000"); the first match wins, so a name that contains
+# another comes before it. Columns: bfloat16, float32. The float32 figure of an NVIDIA
+# part is its TF32 tensor-core peak, which XLA uses for float32 matmuls at jax's default
+# precision; None where no peak is known. The NVL parts run at lower clocks than the SXM
+# ones and are left unknown (None for both): the bench then divides by its measured peak
+# and says so, rather than by the SXM figure.
 NOMINAL_PEAK_FLOPS = (
     ("H100 PCIe", 756e12, 378e12),
+    ("H100 NVL", None, None),
+    ("H200 NVL", None, None),
     ("H100", 989e12, 494.7e12),  # SXM ("NVIDIA H100 80GB HBM3")
-    ("H200", 989e12, 494.7e12),  # also GH200
+    ("GH200", 989e12, 494.7e12),
+    ("H200", 989e12, 494.7e12),
     ("A100", 312e12, 156e12),
     ("L40S", 362e12, 183e12),
     ("L40", 181e12, 90.5e12),
@@ -77,7 +83,8 @@ NOMINAL_PEAK_FLOPS = (
     ("RTX 4090", 165e12, 82.6e12),
     ("TPU v4", 275e12, None),
     ("TPU v5 lite", 197e12, None),
-    ("TPU v5", 459e12, None),  # v5p
+    ("TPU v5p", 459e12, None),
+    ("TPU v5", 459e12, None),  # v5p, as some jax versions name it
     ("TPU v6 lite", 918e12, None),
 )
 
@@ -85,7 +92,7 @@ NOMINAL_PEAK_FLOPS = (
 def nominal_peak_flops(device_kind: str, dtype: str) -> float | None:
   """The table's peak for this device and compute dtype ("bfloat16" or "float32")."""
   for name, bf16, f32 in NOMINAL_PEAK_FLOPS:
-    if name in device_kind:
+    if re.search(rf"(?<![A-Za-z0-9]){re.escape(name)}(?![A-Za-z0-9])", device_kind):
       return bf16 if dtype == "bfloat16" else f32
   return None
 

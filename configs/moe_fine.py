@@ -6,7 +6,7 @@ width is left to the config: d_ff / (top_k + num_shared_experts) = d_ff / 8, so 
 matmul FLOPs per token as the dense MLP (plus a router) with 4x its feed-forward
 parameters. The gates are renormalised over the 8 chosen (the default for top_k >= 2).
 Dispatch is dropless: at this granularity the einsum path's dispatch and combine einsums
-and capacity padding would execute 1.97x (default preset) and 2.29x (small) dense's FLOPs
+and capacity padding would execute 1.99x (default preset) and 2.33x (small) dense's FLOPs
 per token (`chimera.accounting.count_run(...).executed_flops_per_token`); the grouped matmul's block
 layout executes 1.21x (small preset) and 1.22x (default) dense's, padding and block weights
 included (`python results/cpu-experiments/recount/configs.py`, saved in configs.txt there).

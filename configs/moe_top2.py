@@ -20,9 +20,9 @@ Against this config the gaps run from -0.0076 to +0.0092, one seed each, the siz
 rank them. At 32 experts the bias plus the batch loss
 ended 1.5605 against this recipe's 1.5479 (results/cpu-sweep-router_bias_rate-at-num_experts-32,
 one seed), so the recipe stays until more seeds and expert counts back a change. The einsum
-path executes 1.35x (default preset) and 1.42x (small) dense's FLOPs
+path executes 1.35x (default preset) and 1.43x (small) dense's FLOPs
 per token with capacity padding and dispatch (`chimera.accounting`); dropless drops
-nothing and executes 1.155x (small) and 1.165x (default preset) with its block layout's
+nothing and executes 1.156x (small) and 1.165x (default preset) with its block layout's
 padding (`python results/cpu-experiments/recount/configs.py`, saved in configs.txt there). `--config.model.dispatch=einsum` gives the static-capacity path.
 
 More experts at this k and expert size do not keep paying at the cpu study's budget

@@ -64,11 +64,13 @@ def test_moe_counts_by_hand():
   # Matmul params of one token: head 88, attention 2 * 256, mlp 512, router 32, 2 experts.
   assert accounting.flops_per_token == 6 * (88 + 2 * 256 + 512 + 32 + 2 * 256) \
       + 12 * 2 * 16 * 8
-  # One MoE layer: (3 combine + 2 dispatch passes) * 2 * E 4 * C 5 * M 8.
-  assert accounting.dispatch_flops_per_token == 5 * 2 * 4 * 5 * 8 == 1600
+  # One MoE layer: (3 combine + 2 dispatch passes) * 2 * E 4 * C 5 * M 8, and building
+  # their masks: 3 * 2 * K 2 * E 4 * C 5 and 2 * 2 * K 2 * E 4.
+  assert accounting.dispatch_flops_per_token == 5 * 2 * 4 * 5 * 8 + 3 * 2 * 2 * 4 * 5 \
+      + 2 * 2 * 2 * 4 == 1872
   # Executed: the experts run on E * C / S = 4 * 5 / 8 = 2.5 slots per token, not 2, so
   # 0.5 * 6 * 256 more, plus the dispatch and combine einsums.
-  assert accounting.executed_flops_per_token == accounting.flops_per_token + 768 + 1600
+  assert accounting.executed_flops_per_token == accounting.flops_per_token + 768 + 1872
 
 
 def test_dense_executes_its_model_flops():
@@ -97,11 +99,12 @@ def test_dropless_counts_the_block_layout_it_computes():
   expert_matmul = 2 * 8 * 16  # wi, wo of one expert
   # One MoE layer: 0.25 * 2 routed rows of padding per token, and the one-hot matmul
   # that picks each block's weights, 2 * N * E * M * H per matrix, forward and for the
-  # weights' gradient (times 2: the one-hot is a constant).
-  dispatch = 4 * num_blocks * 4 * expert_matmul / tokens
-  assert padded.dispatch_flops_per_token == round(dispatch) == 160
+  # weights' gradient (times 2: the one-hot is a constant); and the gate-weighted sum of
+  # the K 2 outputs, 2 * K * M forward and twice backward.
+  dispatch = 4 * num_blocks * 4 * expert_matmul / tokens + 3 * 2 * 2 * 8
+  assert padded.dispatch_flops_per_token == round(dispatch) == 160 + 96
   assert padded.executed_flops_per_token == plain.flops_per_token + 6 * 0.25 * 2 * expert_matmul \
-      + 160
+      + 256
   assert padded.flops_per_token == plain.flops_per_token  # model FLOPs do not change
 
 
@@ -119,15 +122,18 @@ def test_a_run_counts_one_device_of_its_mesh():
   # the smallest block), N = 256 // 64 + 4 = 8 blocks: 2x the routed rows, not 1.25x.
   data8 = count_run(dataclasses.replace(base, mesh=MeshConfig(data=8)))
   plain = count(moe, context=16).flops_per_token
+  gate_sum = 3 * 2 * 2 * 8  # the gate-weighted sum of the K outputs
   assert data8.executed_flops_per_token == plain + round(
-      6 * (2 - 1) * 2 * expert_matmul + 4 * 8 * 4 * expert_matmul / 128)
+      6 * (2 - 1) * 2 * expert_matmul + 4 * 8 * 4 * expert_matmul / 128) + gate_sum
   assert data8.executed_flops_per_token > one.executed_flops_per_token
   # 2 data x 2 expert devices: T_d = 256, each device receives X * T_d * min(k, E_d) =
   # 2 * 256 * 2 = 1024 rows over E_d = 2 experts: b = 128, N = 1024 // 128 + 2 = 10, so
-  # 1280 rows for 512 routed rows (2.5x), and the one-hot over its 2 experts.
+  # 1280 rows for 512 routed rows (2.5x), and the one-hot over its 2 experts; each of the
+  # X * min(k, E_d) = 4 rows per token it receives is summed with a gate of 1 (2 * 2 * M).
   expert2 = count_run(dataclasses.replace(base, mesh=MeshConfig(data=2, expert=2)))
   assert expert2.executed_flops_per_token == plain + round(
-      6 * (1280 / 512 - 1) * 2 * expert_matmul + 4 * 10 * 2 * expert_matmul / 256)
+      6 * (1280 / 512 - 1) * 2 * expert_matmul + 4 * 10 * 2 * expert_matmul / 256) \
+      + gate_sum + 4 * 2 * 2 * 8
   assert expert2.flops_per_token == one.flops_per_token  # model FLOPs do not change
   # A mesh whose data axis is still unset (resolved when the run starts) has no count.
   with pytest.raises(ValueError, match="mesh.data is unset"):
@@ -172,3 +178,47 @@ def test_resolved_expert_width_is_compute_matched(top_k, num_shared):
 def test_count_matches_init(changes):
   cfg = dataclasses.replace(DENSE, **changes)
   assert count(cfg, context=16).params_total == init_param_count(cfg)
+
+
+def _dot_flops(jaxpr) -> int:
+  """FLOPs of every dot_general in a jaxpr and the jaxprs inside it (2 per multiply-add)."""
+  flops = 0
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "dot_general":
+      lhs, rhs = (v.aval.shape for v in eqn.invars[:2])
+      (_, rhs_contract), (_, rhs_batch) = eqn.params["dimension_numbers"]
+      rhs_free = [n for i, n in enumerate(rhs) if i not in (*rhs_contract, *rhs_batch)]
+      flops += 2 * int(np.prod(lhs)) * int(np.prod(rhs_free))
+    trips = eqn.params["length"] if eqn.primitive.name == "scan" else 1
+    for value in eqn.params.values():
+      for sub in value if isinstance(value, (list, tuple)) else [value]:
+        sub = sub.jaxpr if isinstance(sub, jax.extend.core.ClosedJaxpr) else sub
+        if isinstance(sub, jax.extend.core.Jaxpr):
+          inner = _dot_flops(sub)
+          assert not (inner and eqn.primitive.name == "while"), "a loop of unknown trips"
+          flops += trips * inner
+  return flops
+
+
+@pytest.mark.parametrize("cfg", [DENSE, MOE, dataclasses.replace(MOE, num_shared_experts=1),
+                                 dataclasses.replace(MOE, top_k=1),
+                                 dataclasses.replace(MOE, dispatch="dropless"),
+                                 dataclasses.replace(MOE, dispatch="dropless", top_k=3)],
+                         ids=["dense", "einsum", "shared", "top1", "dropless", "dropless-top3"])
+def test_executed_flops_are_the_training_steps_matmuls(cfg):
+  """executed_flops_per_token equals the matmul FLOPs of the traced forward and backward
+  of a training loss, per token: every dot the step runs is counted, and nothing else."""
+  from chimera.layers import cross_entropy
+  batch, context = 4, 16
+  model = Decoder(cfg)
+  tokens = jnp.zeros((batch, context), jnp.int32)
+  params = jax.eval_shape(model.init, jax.random.key(0), tokens)
+
+  def loss(params):
+    logits, _ = model.apply(params, tokens, deterministic=False,
+                            rngs={"dropout": jax.random.key(1)})
+    return cross_entropy(logits, tokens).mean()
+
+  traced = _dot_flops(jax.make_jaxpr(jax.grad(loss))(params).jaxpr)
+  counted = count(cfg, context, tokens_per_call=batch * context)
+  assert traced / (batch * context) == counted.executed_flops_per_token

@@ -74,6 +74,14 @@ def test_bench_json_records(tmp_path, corpus):
     ("NVIDIA L4", "bfloat16", 121e12),
     ("TPU v4", "float32", None),
     ("cpu", "bfloat16", None),
+    # Whole names only: an RTX A1000 is not an A100.
+    ("NVIDIA RTX A1000 Laptop GPU", "bfloat16", None),
+    # The NVL parts are not the SXM ones: unknown, so the measured peak is used.
+    ("NVIDIA H100 NVL", "bfloat16", None),
+    ("NVIDIA H200 NVL", "bfloat16", None),
+    ("NVIDIA GH200 480GB", "bfloat16", 989e12),
+    ("TPU v5p", "bfloat16", 459e12),
+    ("TPU v5 lite", "bfloat16", 197e12),
 ])
 def test_nominal_peak_by_device_kind(device_kind, dtype, peak):
   assert bench.nominal_peak_flops(device_kind, dtype) == peak
