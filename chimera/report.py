@@ -19,8 +19,8 @@ from pathlib import Path
 from chimera import study_plots, study_sweeps, study_targets
 from chimera.data.corpora import write_atomic
 from chimera.errors import ChimeraError, parse_flags
-from chimera.study_stats import (Run, Spread, defined_seeds, describe, same_sign, seed_by_seed,
-                                 summarize, worst)
+from chimera.study_stats import (Run, Spread, common_means, defined_seeds, describe, same_sign,
+                                 seed_by_seed, summarize, worst)
 from chimera.study_targets import EVAL_GAP, Target
 
 SPREAD_NOTE = (
@@ -118,6 +118,8 @@ def _time_clause(equal_time: dict, clock: str) -> str:
 def efficiency_finding(name: str, entry: dict) -> str:
   vs = entry["vs_baseline"]
   reach = vs["token_fraction"]
+  if not reach["values"]:  # no seed paired with dense: nothing was measured
+    return ""
   if reach["n"] == 0:
     text = f"{name} does not reach dense's final loss in any of its {len(reach['values'])} seeds."
   else:
@@ -198,14 +200,23 @@ def sweep_finding(models: dict) -> str | None:
   if len(names) == 1:
     return (f"Final validation loss of the one point: {names[0]}: {describe(points[names[0]])}"
             f"; with one point there is no step between points to report.")
-  ranked = sorted(names, key=lambda n: points[n]["mean"])
-  gap = points[ranked[-1]]["mean"] - points[ranked[0]]["mean"]
+  # Ranked over the seeds every point has: a seed one point lacks (it diverged there)
+  # would put seed-to-seed variation into the ranking.
+  means, seeds = common_means(points)
+  uneven = any(defined_seeds(points[n]) != set(seeds) for n in names)
   steps = "; ".join(f"{a} -> {b}: {sweep_step(points[a], points[b])}"
                     for a, b in itertools.pairwise(names))
   text = (f"Final validation loss per point: "
           f"{'; '.join(f'{n}: {describe(points[n])}' for n in names)}. From each point to the "
-          f"next: {steps or '-'}. The lowest is {ranked[0]}, {gap:.4f} nats below the highest "
-          f"({ranked[-1]})")
+          f"next: {steps or '-'}.")
+  if not seeds:
+    return text + " No seed was run at every point, so the points are not ranked."
+  ranked = sorted(names, key=means.get)
+  text += (f" The lowest is {ranked[0]}, {means[ranked[-1]] - means[ranked[0]]:.4f} nats below "
+           f"the highest ({ranked[-1]})")
+  if uneven:
+    text += (f", in the means over the {len(seeds)} seed{'s' * (len(seeds) != 1)} run at "
+             f"every point")
   spreads = {n: points[n]["sd"] for n in names if points[n]["sd"] is not None}
   single = [n for n in names if n not in spreads]
   if not spreads:
@@ -267,15 +278,26 @@ def sweep_curve_finding(models: dict) -> str | None:
           + ".")
 
 
+def best_finding(models: dict) -> str | None:
+  """Which compute-matched MoE ends lowest against dense (`study_targets.best_moe`), and over
+  which seeds, when they are not every MoE's own."""
+  best = study_targets.best_moe(models)
+  if not best:
+    return None
+  differences = study_targets.moe_differences(models).values()
+  seeds = set.intersection(*map(defined_seeds, differences))
+  over = ("" if all(defined_seeds(d) == seeds for d in differences) else
+          f", in the means over the {len(seeds)} seed{'s' * (len(seeds) != 1)} every one "
+          f"of them has" if seeds else ", each mean over its own seeds (they share none)")
+  return (f"Of the compute-matched MoE configs, **{best}** has the lowest mean paired "
+          f"difference to dense{over}.")
+
+
 def findings(models: dict, targets: list[Target], diverged: list[dict] = ()) -> list[str]:
   """The Findings section: one sentence group per model, then the study as a whole.
   `diverged`: the runs left out on a non-finite loss, named so that a point or model with
   no finished seed is not silently missing from the sentences."""
-  lines = []
-  best = study_targets.best_moe(models)
-  if best:
-    lines.append(f"Of the compute-matched MoE configs, **{best}** has the lowest mean paired "
-                 f"difference to dense.")
+  lines = list(filter(None, [best_finding(models)]))
   for name, entry in models.items():
     if "vs_baseline" not in entry:
       continue

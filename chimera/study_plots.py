@@ -24,17 +24,21 @@ def _save(fig, path: Path) -> None:
   plt.close(fig)
 
 
-def _readable_ylim(ax, losses: list[float]) -> None:
-  """The first losses are far above the rest: keep the end of the curves readable."""
+def _readable_ylim(ax, curves: list[list[float]]) -> None:
+  """The first losses are far above the rest: keep the end of the curves readable, but
+  never cut off a curve's last loss (a run that stalled high keeps its line)."""
+  losses = [loss for curve in curves for loss in curve]
   if losses:
-    ax.set_ylim(min(losses) - 0.02, min(max(losses), np.percentile(losses, 80) * 1.05))
+    top = min(max(losses), np.percentile(losses, 80) * 1.05)
+    top = max(top, max(curve[-1] for curve in curves if curve) + 0.02)
+    ax.set_ylim(min(losses) - 0.02, top)
 
 
 def loss_curves(path: Path, runs: dict[str, list[Run]], x: str, xlabel: str) -> bool:
   """Validation loss against `x` ("tokens_seen" or "wall_seconds"): one thin line per
   seed, and the mean over seeds where the seeds share their evaluation points."""
   fig, ax = plt.subplots(figsize=(7, 4.5))
-  losses = [loss for rs in runs.values() for r in rs for loss in r.curve(x)[1]]
+  curves = [list(r.curve(x)[1]) for rs in runs.values() for r in rs]
   for index, (name, model_runs) in enumerate(runs.items()):
     for run in model_runs:
       ax.plot(*run.curve(x), color=f"C{index}", alpha=0.35, linewidth=1)
@@ -43,7 +47,7 @@ def loss_curves(path: Path, runs: dict[str, list[Run]], x: str, xlabel: str) -> 
     mean_y = np.mean([r.curve(x)[1][:points] for r in model_runs], axis=0)
     ax.plot(mean_x, mean_y, color=f"C{index}", linewidth=2, marker="o", markersize=3,
             label=f"{name} (mean of {len(model_runs)})")  # a marker: one evaluation shows
-  _readable_ylim(ax, losses)
+  _readable_ylim(ax, curves)
   ax.set_xlabel(xlabel)
   ax.set_ylabel("validation loss (nats/token)")
   ax.grid(alpha=0.3)
@@ -152,7 +156,7 @@ def run_curves(path: Path, run: Run) -> bool:
           alpha=0.5, linewidth=1, label="training (mean of each logging window)")
   ax.plot(*run.curve("tokens_seen"), color="C1", marker="o", markersize=3, linewidth=1.5,
           label=f"validation (final {run.summary.final_val_loss:.4f})")
-  _readable_ylim(ax, [r["loss"] for r in rows] + run.curve("tokens_seen")[1])
+  _readable_ylim(ax, [[r["loss"] for r in rows], list(run.curve("tokens_seen")[1])])
   ax.set_xlabel("training tokens")
   ax.set_ylabel("loss (nats/token)")
   ax.set_title(run.model, fontsize=9)

@@ -99,6 +99,17 @@ def defined_seeds(spread: dict) -> set[int]:
   return {s for s, v in zip(spread["seeds"], spread["values"]) if v is not None}
 
 
+def common_means(spreads: dict[str, dict]) -> tuple[dict[str, float | None], list[int]]:
+  """Each Spread JSON's mean over the seeds every one of them has a value for, and those
+  seeds: means that can be ranked against each other (a seed one lacks, say a diverged
+  run, would otherwise put its seed-to-seed variation into the ranking). Means are None
+  when they share no seed."""
+  seeds = sorted(set.intersection(*map(defined_seeds, spreads.values()))) if spreads else []
+  values = {n: dict(zip(sp["seeds"], sp["values"])) for n, sp in spreads.items()}
+  return {n: sum(values[n][s] for s in seeds) / len(seeds) if seeds else None
+          for n in spreads}, seeds
+
+
 def tokens_to_reach(tokens: list[float], losses: list[float], target: float) -> float | None:
   """The tokens at which a validation curve first reaches `target`, interpolated linearly
   between the two evaluations around the crossing. None if it never does.

@@ -213,6 +213,22 @@ def test_targets_pass_fail_and_not_measured():
     uneven[name]["final_val_loss"] = Spread.of({0: uneven[name]["final_val_loss"]["values"][0],
                                                 1: 1.58, 2: extra}).to_json()
   assert study_targets.expert_sweep_target(uneven, "cmd").status == "FAIL"
+  # A step that missed over enough seeds fails the target, whatever the other step's n.
+  rising = {"E=8": _entry("point", [0.0, 0.01, 0.02], num_experts=8),
+            "E=16": _entry("point", [0.05, 0.06, 0.07], num_experts=16),
+            "E=32": _entry("point", [-0.1], num_experts=32)}
+  target = study_targets.expert_sweep_target(rising, "cmd")
+  assert target.status == "FAIL" and "16->32: -0.1500 (n=1)" in target.measured
+  # The best MoE is ranked over the seeds every MoE has: moe_b's one seed is above
+  # moe_a's same seed, though moe_b's mean is below moe_a's mean over its two.
+  uneven_moes = {"dense": models["dense"], "moe_a": _entry("moe", [-0.06, -0.02]),
+                 "moe_b": _entry("moe", [-0.05])}
+  assert study_targets.best_moe(uneven_moes) == "moe_a"
+  assert ("**moe_a** has the lowest mean paired difference to dense, in the means over the "
+          "1 seed every one of them has." in report.best_finding(uneven_moes))
+  uneven_moes["moe_b"] = _entry("moe", [-0.05, -0.04])
+  assert report.best_finding(uneven_moes) == ("Of the compute-matched MoE configs, **moe_b** "
+                                              "has the lowest mean paired difference to dense.")
   # A sweep's report checks the sweep's own target; only the number-of-experts sweeps have one.
   sweep_study = lambda sweep: compare.Study("t", "cpu", [], "t", sweep)
   targets = report.targets_for(sweep_study("model.num_experts=4,8,16,32"), sweep, {}, "cmd")
@@ -273,6 +289,13 @@ def test_findings_are_generated_from_the_numbers():
   # A seed one point lacks is left out of the step, and the step says so.
   assert ("E=8 -> E=16: -0.0100 (over the 1 seed run at both points)"
           in report.sweep_finding(mixed))
+  # The ranking too is over the seeds every point has: E=16's one seed is above E=8's.
+  assert ("The lowest is E=8, 0.0200 nats below the highest (E=16), in the means over the "
+          "1 seed run at every point" in report.sweep_finding({"E=8": point(1.50, 1.60),
+                                                                "E=16": point(1.52)}))
+  no_common = {"E=8": point(1.50, None), "E=16": point(None, 1.52)}
+  assert report.sweep_finding(no_common).endswith(
+      "No seed was run at every point, so the points are not ranked.")
   sweep = {"E=8": point(1.50, 1.52), "E=16": point(1.53, 1.49)}
   assert "largest seed SD of a point is 0.0283." in report.sweep_finding(sweep)
   # With seeds at both points, each step also reads seed by seed (paired by seed).
@@ -1143,3 +1166,29 @@ def test_the_docs_name_every_sweep_and_preset():
   for name in compare.PRESETS:
     assert f"--preset={name}" in readme, f"study preset {name} is not in README"
 
+
+
+def test_loss_plots_keep_every_curves_last_loss():
+  """The y-axis cuts off the first, high losses to keep the ends readable, but a run that
+  stalled high still shows its line to its last evaluation."""
+  import matplotlib.pyplot as plt
+
+  from chimera import study_plots
+  curves = [[base + 1 / step for step in range(1, 11)] for base in (1.6, 1.55, 1.5, 1.52, 3.0)]
+  fig, ax = plt.subplots()
+  study_plots._readable_ylim(ax, curves)
+  low, high = ax.get_ylim()
+  plt.close(fig)
+  assert low == pytest.approx(1.5 + 0.1 - 0.02)
+  assert high >= 3.1 + 0.02  # the stalled run's last loss, 3.1, with room
+  fig, ax = plt.subplots()
+  study_plots._readable_ylim(ax, curves[:4])  # without it, the early losses are cut
+  assert ax.get_ylim()[1] < 2.6
+  plt.close(fig)
+
+
+def test_no_seed_paired_with_dense_says_nothing_of_reaching_it():
+  unpaired = Spread.of({}).to_json()
+  entry = {"largest_eval_gap": 0.1, "vs_baseline": {"token_fraction": unpaired,
+                                                    "equal_time": {}}}
+  assert report.efficiency_finding("moe_top2", entry) == ""
