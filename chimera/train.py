@@ -274,8 +274,8 @@ def prepare_data(config: Config, check_identity=lambda identity: None) -> Data:
   val_batches = batches_lib.eval_batches(splits.val, batch_size=t.batch_size,
                                          window=t.context + 1, num_batches=t.eval_batches,
                                          seed=EVAL_SEED)
-  rows = t.batch_size // jax.process_count()
-  val_batches = val_batches[:, jax.process_index() * rows:(jax.process_index() + 1) * rows]
+  val_batches = batches_lib.process_rows(val_batches, t.grad_accum, jax.process_index(),
+                                         jax.process_count())
   return Data(splits, val_batches, splits.val_bytes / len(splits.val),
               batches_lib.unigram_cross_entropy(splits.counts, m.vocab_size), identity)
 
@@ -561,7 +561,8 @@ def _train_loop(config: Config, workdir: Path, data: Data, mesh: jax.sharding.Me
   sampler = batches_lib.WindowSampler(data.splits.train, batch_size=t.batch_size,
                                       window=t.context + 1, seed=config.data.seed,
                                       step=start_step, process_index=jax.process_index(),
-                                      process_count=jax.process_count())
+                                      process_count=jax.process_count(),
+                                      micro_batches=t.grad_accum)
   to_batch = functools.partial(jax.make_array_from_process_local_data,
                                sharding.batch_sharding(mesh, ndim=3, batch_axis=1))
   rng, interrupted = jax.random.key(t.seed + 1), False

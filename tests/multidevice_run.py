@@ -45,5 +45,6 @@ flat = {"params/" + "/".join(str(getattr(k, "key", k)) for k in path): np.asarra
 losses = [line for line in open(os.path.join(workdir, "metrics.jsonl")) if '"train"' in line]
 np.savez(os.path.join(workdir, "result.npz"), step=int(state.step),
          experts_per_device=wi.sharding.shard_shape(wi.shape)[0],
-         num_shards=len({s.device for s in wi.addressable_shards}),
+         distinct_shards=len({tuple((i.start, i.stop) for i in s.index)
+                              for s in wi.addressable_shards}),
          last_loss=float(__import__("json").loads(losses[-1])["loss"]), **flat)

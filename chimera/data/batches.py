@@ -142,23 +142,47 @@ def _check_length(tokens: np.ndarray, window: int, split: str) -> None:
                        f"fewer than one window of {window} (context + 1)")
 
 
+def process_rows(batch: np.ndarray, micro_batches: int, process_index: int,
+                 process_count: int) -> np.ndarray:
+  """This process's rows of a global batch [..., B, W]: [..., B / process_count, W].
+
+  The batch is cut into `micro_batches` micro-batches of consecutive rows first (as the
+  training step cuts it, `train.grad_accum`), and the process keeps its share of each, in
+  micro-batch order: so micro-batch a, put together from every process's share, is the
+  same rows on any number of processes (cutting each process's share instead would mix
+  them, and anything not linear over a micro-batch, such as the batch-wide balancing
+  loss, would change with the process count).
+  """
+  *lead, rows, window = batch.shape
+  if rows % (micro_batches * process_count):
+    raise ChimeraError(f"train.batch_size: {rows} does not split into {micro_batches} "
+                       f"micro-batches (train.grad_accum) over {process_count} processes")
+  share = rows // (micro_batches * process_count)
+  batch = batch.reshape(*lead, micro_batches, rows // micro_batches, window)
+  mine = batch[..., process_index * share:(process_index + 1) * share, :]
+  return mine.reshape(*lead, micro_batches * share, window)
+
+
 class WindowSampler:
   """Random windows of `window` consecutive tokens, in batches that depend only on (seed, step).
 
   Batch i's start offsets come from np.random.default_rng([seed, i]) for the whole global
-  batch; process p keeps rows [p*b, (p+1)*b) with b = batch_size // process_count, so the
-  global batch is the same on any number of processes, and resuming at `step` is exact.
+  batch; process p keeps its share of each of the `micro_batches` micro-batches
+  (`process_rows`), so the global batch and each of its micro-batches are the same on any
+  number of processes, and resuming at `step` is exact.
   """
 
   def __init__(self, tokens: np.ndarray, *, batch_size: int, window: int, seed: int, step: int = 0,
-               process_index: int = 0, process_count: int = 1, split: str = "training"):
+               process_index: int = 0, process_count: int = 1, micro_batches: int = 1,
+               split: str = "training"):
     _check_length(tokens, window, split)
-    if batch_size % process_count:
-      raise ChimeraError(f"data.batch_size: {batch_size} does not split evenly over {process_count} processes")
+    if batch_size % (process_count * micro_batches):
+      raise ChimeraError(f"data.batch_size: {batch_size} does not split evenly into "
+                         f"{micro_batches} micro-batches over {process_count} processes")
     self.tokens, self.window, self.seed, self.step = tokens, window, seed, step
     self.batch_size = batch_size
-    self.local_batch_size = batch_size // process_count
-    self.process_index = process_index
+    self.process_index, self.process_count = process_index, process_count
+    self.micro_batches = micro_batches
 
   @classmethod
   def restore(cls, tokens: np.ndarray, state: dict, **kwargs) -> "WindowSampler":
@@ -172,8 +196,8 @@ class WindowSampler:
     """The next batch, [batch_size // process_count, window] int32."""
     rng = np.random.default_rng([self.seed, self.step])
     starts = rng.integers(0, len(self.tokens) - self.window + 1, size=self.batch_size)
-    first = self.process_index * self.local_batch_size
-    starts = starts[first:first + self.local_batch_size]
+    starts = process_rows(starts[:, None], self.micro_batches, self.process_index,
+                          self.process_count)[:, 0]
     self.step += 1
     return np.asarray(self.tokens[starts[:, None] + np.arange(self.window)], np.int32)
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from chimera.data.batches import (WindowSampler, eval_batches, held_out, join_documents, make_splits,
-                                   split_documents)
+                                  process_rows, split_documents)
 from chimera.data.corpora import Document
 from chimera.data.tokenizers import ByteTokenizer
 from chimera.errors import ChimeraError
@@ -109,6 +109,27 @@ def test_processes_split_the_global_batch():
     np.testing.assert_array_equal(np.concatenate([h.next() for h in halves]), whole.next())
 
 
+def test_processes_split_each_micro_batch():
+  """With gradient accumulation, micro-batch a put together from every process's rows is
+  micro-batch a of one process: the same rows, in the same order."""
+  tokens = np.arange(5000, dtype=np.int32)
+  one = WindowSampler(tokens, batch_size=16, window=9, seed=3, micro_batches=4)
+  parts = [WindowSampler(tokens, batch_size=16, window=9, seed=3, micro_batches=4,
+                         process_index=p, process_count=2) for p in range(2)]
+  for _ in range(3):
+    whole = one.next().reshape(4, 4, 9)  # as the training step cuts it
+    shares = [part.next().reshape(4, 2, 9) for part in parts]
+    np.testing.assert_array_equal(np.concatenate(shares, axis=1), whole)
+  # One process draws the same batch with accumulation as without.
+  np.testing.assert_array_equal(
+      WindowSampler(tokens, batch_size=16, window=9, seed=3, micro_batches=4).next(),
+      WindowSampler(tokens, batch_size=16, window=9, seed=3).next())
+  # The fixed validation batches [N, B, W] split the same way.
+  val = eval_batches(tokens, batch_size=16, window=9, num_batches=2)
+  shares = [process_rows(val, 4, p, 2).reshape(2, 4, 2, 9) for p in range(2)]
+  np.testing.assert_array_equal(np.concatenate(shares, axis=2), val.reshape(2, 4, 4, 9))
+
+
 def test_eval_batches_are_fixed():
   tokens = np.arange(500, dtype=np.int32)
   batches = eval_batches(tokens, batch_size=2, window=5, num_batches=3)
@@ -131,7 +152,8 @@ def test_too_short_splits_name_the_split():
 
 
 def test_bad_arguments():
-  with pytest.raises(ChimeraError, match="data.batch_size: 4 does not split evenly over 3 processes"):
+  with pytest.raises(ChimeraError, match="data.batch_size: 4 does not split evenly into 1 "
+                                         "micro-batches over 3 processes"):
     sampler(np.arange(100), process_count=3)
   with pytest.raises(ChimeraError, match="data.split: unknown mode 'random'"):
     make_splits([Document("a", "abc")], TOK, mode="random")
