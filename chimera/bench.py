@@ -300,7 +300,7 @@ class Subject:
                                                           model_state=state.model_state)
       self.decoders[b] = generate.decode.lower(
           state.params, cache, logits, jax.random.key(0), config=c.model,
-          max_new_tokens=self.new_tokens, temperature=1.0,
+          prompt_length=self.prompt_len, max_new_tokens=self.new_tokens, temperature=1.0,
           model_state=state.model_state).compile(options)
     self.moe_layer = self._moe_layer_fns() if c.model.num_experts and settings.moe_split else None
     self.measure(warmup=True)

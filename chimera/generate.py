@@ -132,13 +132,16 @@ def prefill(params, prompt: jax.Array, *, config: ModelConfig, vocab_limit: int 
   return forward(init_cache(config, prompt.shape[0]), prompt)
 
 
-@functools.partial(jax.jit, static_argnames=_STATIC)
+@functools.partial(jax.jit, static_argnames=(*_STATIC, "prompt_length"))
 def decode(params, cache, logits: jax.Array, rng: jax.Array, *, config: ModelConfig,
-           max_new_tokens: int, temperature: float = 1.0, top_k: int = 0,
+           prompt_length: int, max_new_tokens: int, temperature: float = 1.0, top_k: int = 0,
            vocab_limit: int | None = None,
            model_state: dict | None = None) -> tuple[jax.Array, jax.Array]:
-  """From `prefill`'s (cache, logits): the new tokens and their logits, as `generate`
-  returns them for the same rng (the bench times the two parts apart)."""
+  """From `prefill`'s (cache, logits) of a prompt of `prompt_length` tokens: the new tokens
+  and their logits, as `generate` returns them for the same rng (the bench times the two
+  parts apart). Raises ChimeraError (when traced) past the model's max_len, as `generate`
+  does: the cache would keep writing its last slot, and the logits would be meaningless."""
+  check_length(config, prompt_length, max_new_tokens)
   forward = _forward(cast_once(params, config), config, vocab_limit, model_state)
   return _continue(forward, cache, logits, rng, max_new_tokens, temperature, top_k)
 

@@ -122,6 +122,9 @@ def test_jitted_forward_does_not_retrace():
     # decode gives every expert S slots; eval capacity 8 * 2 * 4 / 4 = 16 >= S: no drops.
     ("moe_learned_swiglu", dataclasses.replace(MOE, activation="swiglu",
                                                eval_capacity_factor=4.0)),
+    # The shipped configs' path: no capacity in the full forward either, the prefill's
+    # tokens through the grouped FFN and each later one through decode_experts.
+    ("moe_dropless", dataclasses.replace(MOE, dispatch="dropless")),
 ] + [(f"moe_{router}", dataclasses.replace(MOE, router=router, eval_capacity_factor=4.0))
      for router in sorted(set(ROUTERS) - {MOE.router})])
 def test_cached_decoding_matches_full_forward(name, cfg):

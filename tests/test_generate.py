@@ -84,10 +84,15 @@ def test_sampling_respects_top_k():
   # generate is prefill then decode: the two apart give the same tokens and logits (the
   # bench times them apart).
   cache, first = prefill(params, prompt, config=config)
-  again = decode(params, cache, first, jax.random.key(3), config=config, max_new_tokens=6,
-                 temperature=1.0, top_k=3)
+  again = decode(params, cache, first, jax.random.key(3), config=config, prompt_length=3,
+                 max_new_tokens=6, temperature=1.0, top_k=3)
   np.testing.assert_array_equal(again[0], tokens)
   chex.assert_trees_all_close(again[1], logits, atol=1e-5, rtol=1e-5)
+  # Past the context, decode refuses as generate does (the cache would write its last
+  # slot again and again).
+  with pytest.raises(ChimeraError, match="exceed the model's context"):
+    decode(params, cache, first, jax.random.key(3), config=config, prompt_length=3,
+           max_new_tokens=config.max_len - 1, temperature=1.0)
   one, _ = generate(params, prompt, jax.random.key(3), config=config, max_new_tokens=1,
                     temperature=1.0, top_k=3)
   np.testing.assert_array_equal(one, tokens[:, :1])  # the first token needs no step
