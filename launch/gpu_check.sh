@@ -1,16 +1,18 @@
 #!/usr/bin/env bash
 # Every GPU figure of issue 11 ("Speed on real text") on the gpu preset, and issue 10's
-# gpu-small study, in about 9 minutes.
+# gpu-small study, over two or three calls of up to 10 minutes (STAGES splits them).
 #
-#   CHIMERA_CACHE=.gpu-cache launch/gpu_check.sh            # figures under $OUT
+#   CHIMERA_CACHE=.gpu-cache STAGES="main train" launch/gpu_check.sh   # figures under $OUT
+#   CHIMERA_CACHE=.gpu-cache STAGES="study d1024" launch/gpu_check.sh  # the next call
 #   DEADLINE=600 STEPS=100 STUDY=0 launch/gpu_check.sh       # more time, longer runs, no study
 #   STAGES="loss train_dense numerics" launch/gpu_check.sh  # only these stages ("train": all 4)
 #
-# Made for a lent GPU with no network: the project must import (PYTHONPATH=., or
-# `pip install --no-deps --no-build-isolation -e .`: without the last flag pip fetches
-# setuptools to build, which fails offline), and $CHIMERA_CACHE must already hold the Shakespeare texts and GPT-2's
-# ranks (and, to save a few seconds, their token cache). Fill it on a machine with the
-# network first:
+# Made for a lent GPU with no network: the project must import (run from the repository
+# root with PYTHONPATH=., which needs nothing installed; an offline
+# `pip install --no-deps --no-build-isolation -e .` needs setuptools >= 70.1, or an older
+# one with the wheel package, already installed), and $CHIMERA_CACHE must already hold the
+# Shakespeare texts and GPT-2's ranks (and, to save a few seconds, their token cache).
+# Fill it on a machine with the network first:
 #   CHIMERA_CACHE=.gpu-cache python -m chimera.data --corpus=shakespeare --tokenizer=gpt2
 #
 # Stages, in this order (most important first); each is cut off at DEADLINE seconds after
@@ -23,13 +25,16 @@
 #   main      chimera.bench, dense and MoE top-2: step time, tokens/s, MFU against the
 #             nominal and the measured peak, decode at batch 1 and 8, and (PROFILE=0: not)
 #             a profile of where each step's time goes (by model part and pass, costliest
-#             ops); the traces and HLO are kept in $OUT/profile, to read again offline
+#             ops); the traces and HLO are kept in $OUT/profile.tgz, to read again offline
 #   train     chimera.main for STEPS steps (default 60) of dense as shipped and with
 #             train.log_norms off, MoE top-2 as shipped (dropless) and with einsum
 #             dispatch: summary.json's train_tokens_per_second, to compare with the bench's
-#   study     issue 10's `chimera.compare --preset=gpu-small` and its expert sweep (STUDY=0:
-#             none; SWEEP=: no sweep; STUDY_BENCH=0: no speed bench): the reports in
-#             $OUT/study_results.tgz, the runs' logs and configs in $OUT/study_runs.tgz
+#   study     issue 10's `chimera.compare --preset=gpu-small`, one seed per model (STUDY=0:
+#             none; STUDY_BENCH=0: no speed bench); SWEEP=model.num_experts=4,8,16,32 adds
+#             the expert sweep first, at SWEEP_SEEDS (default 0,1: its target is a mean
+#             over at least 2 seeds, so one seed would spend device time on a NOT MEASURED);
+#             the reports in $OUT/study_results.tgz, the runs' logs and configs in
+#             $OUT/study_runs.tgz
 #   dropless  MoE top-2, einsum against dropless dispatch (grouped matmul: "blocks")
 #   d1024     dense and MoE at d_model 1024, 12 layers: MFU
 #   grouped   the grouped matmul alone at the MoE's shapes: ragged_dot against blocks
@@ -41,8 +46,11 @@
 #   cublas    dense and MoE with XLA_FLAGS=--xla_gpu_enable_triton_gemm=false (every dot
 #             through cuBLAS), against the main stage's step
 # Writes to $OUT (default results/gpu/check): gpu_check.log (everything printed, versions
-# first; each call appends), bench_<stage>.json (chimera.bench records), train.json
-# ({model: summary.json}; rewritten only by a call that trains). Exits 1 if any stage failed.
+# first; each call appends), bench_<stage>.json (chimera.bench records), profile.tgz,
+# train.json ({model: summary.json}; rewritten only by a call whose train stages ran), and
+# the study's two .tgz files. A lent device sends back at most 8 files from its $OUT: a
+# call of "main train study" writes 6. Exits 1 if any stage failed; a skipped stage (no
+# time left) is named in the last line but does not fail the call.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -50,6 +58,7 @@ OUT=${OUT:-results/gpu/check}
 DEADLINE=${DEADLINE:-540}
 STEPS=${STEPS:-60}
 PYTHON=${PYTHON:-python3}
+RUNS=${RUNS:-/tmp/chimera-runs}  # the train stages' workdirs
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 # Stages share compiled executables: the dense step compiled for "main" is reused later.
@@ -68,14 +77,21 @@ wanted() {  # wanted NAME: the stage is among the STAGES asked for (all without 
   [[ -z ${STAGES:-} || " $STAGES " == *" ${1%% *} "* || " $STAGES " == *" ${1// /_} "* ]]
 }
 
-FAILED=()
+FAILED=() SKIPPED=() TRAINED=0
 stage() {  # stage NAME COMMAND...: runs COMMAND with whatever is left before DEADLINE
   local name=$1 left=$(( DEADLINE - SECONDS ))
   shift
   wanted "$name" || return 0
   if (( left < 30 )); then
     echo "== $name: skipped, ${left}s left of ${DEADLINE}s"
+    SKIPPED+=("$name")
     return
+  fi
+  # A warm machine's earlier runs would be resumed, not timed: cleared before the first
+  # train stage that runs (a call whose train stages are all skipped keeps them).
+  if [[ $name == train\ * ]] && (( ! TRAINED )); then
+    rm -rf "$RUNS"
+    TRAINED=1
   fi
   echo "== $name: $* (at ${SECONDS}s, ${left}s left)"
   timeout "$left" "$@" || { echo "== $name: stopped with exit code $?"; FAILED+=("$name"); }
@@ -91,10 +107,10 @@ PROFILE_ARGS=(--profile --profile_dir="$OUT/profile")
 [[ ${PROFILE:-1} == 0 ]] && PROFILE_ARGS=()
 stage main "$PYTHON" "${BENCH[@]}" --configs=$DENSE,$MOE --decode_batches=1,8 \
   "${PROFILE_ARGS[@]}" --json="$OUT/bench_main.json"
-TRAIN=0  # any train stage asked for: "train", or one of them ("train_dense", ...)
-[[ -z ${STAGES:-} || " $STAGES " == *" train "* || " $STAGES " == *" train_"* ]] && TRAIN=1
-# A warm machine's earlier runs would be resumed, not timed (only when this call trains).
-(( TRAIN )) && rm -rf /tmp/chimera-runs
+# One file, not a dozen: a lent device sends back at most 8 files.
+if [[ -d $OUT/profile ]]; then
+  tar -czf "$OUT/profile.tgz" -C "$OUT" profile && rm -rf "$OUT/profile"
+fi
 # Dense as shipped, then without the per-step parameter and update norms; the MoE as
 # shipped (dropless dispatch), then with einsum dispatch.
 for run in "$DENSE" "$DENSE --config.train.log_norms=false" "$MOE" \
@@ -104,29 +120,33 @@ for run in "$DENSE" "$DENSE --config.train.log_norms=false" "$MOE" \
   [[ $run == *dispatch=einsum ]] && name+=_einsum
   [[ $run == *log_norms=false ]] && name+=_no_norms
   stage "train $name" "$PYTHON" -m chimera.main --config=$run \
-    --workdir="/tmp/chimera-runs/$name" --config.train.steps="$STEPS" \
+    --workdir="$RUNS/$name" --config.train.steps="$STEPS" \
     --config.train.warmup_steps=$(( STEPS / 6 )) --config.train.log_every=$(( STEPS < 60 ? (STEPS + 2) / 3 : 20 )) \
     --config.train.eval_every="$STEPS" --config.train.eval_batches=4 \
     --config.train.checkpoint_every="$STEPS"
 done
-(( TRAIN )) && "$PYTHON" - "$OUT/train.json" <<'EOF'
+(( TRAINED )) && "$PYTHON" - "$OUT/train.json" "$RUNS" <<'EOF'
 import json, pathlib, sys
 runs = {p.parent.name: json.loads(p.read_text())
-        for p in pathlib.Path("/tmp/chimera-runs").glob("*/summary.json")}
-pathlib.Path(sys.argv[1]).write_text(json.dumps(runs, indent=2))
+        for p in pathlib.Path(sys.argv[2]).glob("*/summary.json")}
+if runs:  # no run finished: the earlier call's train.json stays
+  pathlib.Path(sys.argv[1]).write_text(json.dumps(runs, indent=2))
+else:
+  print("== train: no run finished; train.json left as it was")
 for name, summary in runs.items():
   print(f"chimera.main {name}: train_tokens_per_second {summary.get('train_tokens_per_second')}")
 EOF
-# Issue 10's gpu-small study (its expert sweep first, which the study's targets read), one
-# seed per model; reports in results/gpu-small*/.
-# SWEEP= (empty) trains the study alone; STUDY_BENCH=0 leaves out its speed bench. The runs'
-# logs and configs (no checkpoints) come back in $OUT/study_runs.tgz, to write the reports
-# again offline (`chimera.compare --preset=gpu-small --runs=DIR --report_only`).
-SWEEP=${SWEEP-model.num_experts=4,8,16,32}
+# Issue 10's gpu-small study, one seed per model (with SWEEP, its expert sweep first, which
+# the study's targets read, at SWEEP_SEEDS); reports in results/gpu-small*/.
+# STUDY_BENCH=0 leaves out its speed bench. The runs' logs and configs (no checkpoints)
+# come back in $OUT/study_runs.tgz, to write the reports again offline
+# (`chimera.compare --preset=gpu-small --runs=DIR --report_only`).
+SWEEP=${SWEEP:-}
 if [[ ${STUDY:-1} == 1 && ( -z ${STAGES:-} || " $STAGES " == *" study "* ) ]]; then
   study=(-m chimera.compare --preset=gpu-small --runs=/tmp/chimera-study ${STUDY_ARGS:-})
   started=$(mktemp)  # reports written after this are this call's, not the checkout's
-  [[ -n $SWEEP ]] && stage "study sweep" "$PYTHON" "${study[@]}" --sweep="$SWEEP" --bench_repeats=0
+  [[ -n $SWEEP ]] && stage "study sweep" "$PYTHON" "${study[@]}" --sweep="$SWEEP" \
+    --seeds="${SWEEP_SEEDS:-0,1}" --bench_repeats=0
   stage study "$PYTHON" "${study[@]}" --bench_repeats="${STUDY_BENCH:-1}"
   mapfile -t written < <(find results -path 'results/gpu-small*' -type f -newer "$started")
   if (( ${#written[@]} )); then
@@ -153,6 +173,7 @@ stage attention "$PYTHON" "${BENCH[@]}" --configs=$DENSE --variants=kernels.atte
 stage cublas env XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_triton_gemm=false" "$PYTHON" \
   "${BENCH[@]}" --configs=$DENSE,$MOE --json="$OUT/bench_cublas.json"
 echo "== done at ${SECONDS}s"
+(( ${#SKIPPED[@]} )) && echo "== skipped (no time left): ${SKIPPED[*]}"
 if (( ${#FAILED[@]} )); then
   echo "== failed: ${FAILED[*]}"
   exit 1

@@ -2,6 +2,7 @@
 chimera.main for, from the GPUs they may use; and every `python -m chimera...` tool's
 handling of a bad flag and of a cache folder that cannot be one."""
 
+import json
 import os
 import re
 import subprocess
@@ -89,21 +90,41 @@ def test_slurm_drives_every_gpu_of_each_node(tmp_path):
 
 
 def test_gpu_check_fails_when_a_stage_fails_and_keeps_earlier_calls(tmp_path):
-  """launch/gpu_check.sh, split across calls with STAGES into one OUT: a failed stage makes
-  the call fail, and a call that trains nothing leaves the earlier call's train.json and
-  log lines."""
-  out = tmp_path / "out"
+  """launch/gpu_check.sh, split across calls with STAGES into one OUT, with a fake python:
+  a failed stage makes the call fail; a call whose train stages are all skipped (no time
+  left) leaves the earlier call's train.json and runs; one whose train stages run writes
+  their summaries; every call appends to the log."""
+  out, runs = tmp_path / "out", tmp_path / "runs"
   out.mkdir()
   (out / "train.json").write_text('{"dense": {}}')
-  run = lambda python: subprocess.run(
-      ["bash", str(ROOT / "launch" / "gpu_check.sh")], capture_output=True, text=True,
-      timeout=60, env={**os.environ, "OUT": str(out), "PYTHON": python, "STUDY": "0",
-                       "STAGES": "numerics"})
-  failed = run("false")
+  (runs / "earlier").mkdir(parents=True)
+  # The fake python: `python - ...` (the script's own heredoc) runs for real; chimera.main
+  # leaves a summary.json in its workdir; anything else exits with FAKE_STATUS.
+  fake = tmp_path / "python"
+  fake.write_text(f"""#!/bin/sh
+if [ "$1" = - ]; then exec {sys.executable} "$@"; fi
+for arg; do case $arg in --workdir=*) dir=${{arg#--workdir=}};; esac; done
+if [ "$2" = chimera.main ]; then mkdir -p "$dir" && echo '{{"steps": 6}}' > "$dir/summary.json"; fi
+exit $FAKE_STATUS
+""")
+  fake.chmod(0o755)
+  def run(status: int, **env):
+    return subprocess.run(
+        ["bash", str(ROOT / "launch" / "gpu_check.sh")], capture_output=True, text=True,
+        timeout=60, env={**os.environ, "OUT": str(out), "RUNS": str(runs), "PYTHON": str(fake),
+                         "FAKE_STATUS": str(status), "STUDY": "0", **env})
+  failed = run(1, STAGES="numerics")
   assert failed.returncode == 1 and "== failed: numerics" in failed.stdout
-  assert run("true").returncode == 0
+  assert run(0, STAGES="numerics").returncode == 0
+  skipped = run(0, STAGES="train", DEADLINE="1")
+  assert skipped.returncode == 0 and "== skipped (no time left): train dense" in skipped.stdout
   assert (out / "train.json").read_text() == '{"dense": {}}'
-  assert (out / "gpu_check.log").read_text().count("== gpu_check.sh, ") == 2
+  assert (runs / "earlier").is_dir()
+  trained = run(0, STAGES="train_dense")
+  assert trained.returncode == 0, trained.stdout
+  assert json.loads((out / "train.json").read_text()) == {"dense": {"steps": 6}}
+  assert not (runs / "earlier").exists()  # cleared before the first train stage that ran
+  assert (out / "gpu_check.log").read_text().count("== gpu_check.sh, ") == 4
 
 
 def test_every_command_line_tool_reports_a_bad_flag_in_one_line():
