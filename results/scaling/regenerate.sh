@@ -4,6 +4,11 @@
 set -euo pipefail
 export XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu
 out=results/scaling
+# What these files were measured with: the date, the code and the versions.
+{ date -u '+%Y-%m-%d %H:%M UTC'; git log -1 --format='commit %H' 2>/dev/null
+  git diff --quiet 2>/dev/null || echo "with uncommitted changes"
+  python -c "import jax, jaxlib; print('jax', jax.__version__, 'jaxlib', jaxlib.__version__)"
+  nproc; } > "$out/versions.txt"
 run() { local name=$1; shift; echo "$ python -m $*" > "$out/$name.txt"; python -m "$@" >> "$out/$name.txt" 2>&1; }
 # The einsum table (default moe_top2, einsum dispatch).
 run einsum_2x4 chimera.scaling --mesh=2,4 --set=model.dispatch=einsum
