@@ -352,7 +352,8 @@ def validate(c: Config) -> None:
          f"must be in [0, train.steps={t.steps}), got {t.warmup_steps}")
   _check(0 <= t.min_learning_rate <= t.learning_rate, "train.min_learning_rate",
          f"must be in [0, train.learning_rate={t.learning_rate}], got {t.min_learning_rate}")
-  _check(0 <= t.b1 < 1 and 0 <= t.b2 < 1, "train.b1", f"b1={t.b1} and b2={t.b2} must be in [0, 1)")
+  _check(0 <= t.b1 < 1, "train.b1", f"must be in [0, 1), got {t.b1}")
+  _check(0 <= t.b2 < 1, "train.b2", f"must be in [0, 1), got {t.b2}")
   _check(t.weight_decay >= 0, "train.weight_decay", f"must be >= 0, got {t.weight_decay}")
   for name in ("router_lr_scale", "expert_lr_scale"):
     _check(getattr(t, name) > 0, f"train.{name}", f"must be > 0, got {getattr(t, name)}")

@@ -1192,3 +1192,17 @@ def test_no_seed_paired_with_dense_says_nothing_of_reaching_it():
   entry = {"largest_eval_gap": 0.1, "vs_baseline": {"token_fraction": unpaired,
                                                     "equal_time": {}}}
   assert report.efficiency_finding("moe_top2", entry) == ""
+
+
+def test_routing_finding_by_hand():
+  spread = lambda *values: Spread.of(dict(enumerate(values))).to_json()
+  entry = {"shape": {"num_experts": 8},
+           "routing": {"dropped_after_warmup": spread(0.001, 0.004),
+                       "dropped_worst_window": spread(0.01, 0.02),
+                       "max_violation_after_warmup": spread(0.5, 0.7),
+                       "router_entropy": spread(1.1, 1.3), "router_confidence": spread(0.6, 0.6)}}
+  assert report.routing_finding("moe_top2", entry) == (
+      "moe_top2 drops 0.40% of its assignments after warm-up in its worst layer (worst of "
+      "n=2 seeds; worst logging window 2.00%), MaxVio 0.60 ± 0.14 (n=2); in the last window "
+      "its router entropy is 1.200 ± 0.141 (n=2) nats (uniform over 8 experts: 2.079) and "
+      "its top-1 probability 0.600 ± 0.000 (n=2).")

@@ -101,6 +101,13 @@ MOE = Config(model=ModelConfig(num_experts=8, top_k=2),
     ("train", dict(router_lr_scale=0.0), "train.router_lr_scale"),
     ("train", dict(expert_lr_scale=-1.0), "train.expert_lr_scale"),
     ("train", dict(expert_weight_decay=-0.5), "train.expert_weight_decay"),
+    ("train", dict(grad_clip=0.0), "train.grad_clip"),
+    ("train", dict(b1=1.0), "train.b1"),
+    ("train", dict(b2=-0.1), "train.b2"),
+    ("train", dict(weight_decay=-1.0), "train.weight_decay"),
+    ("model", dict(first_moe_layer=12), "model.first_moe_layer"),  # no MoE layer at all
+    ("model", dict(router_jitter=1.0), "model.router_jitter"),
+    ("model", dict(positions="rotary", d_model=66, num_heads=2), "model.positions"),
     # Not finite, or not as a float32: they pass `> 0` and train NaN.
     ("model", dict(capacity_factor=float("inf")), "model.capacity_factor"),
     ("model", dict(dropout=float("nan")), "model.dropout"),

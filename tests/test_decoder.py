@@ -205,3 +205,13 @@ def test_rotary_scores_depend_only_on_relative_position():
   # Position 0 is not rotated, and rotations keep the norm.
   np.testing.assert_allclose(q[0, 0, 0], q0, atol=1e-6)
   np.testing.assert_allclose(np.linalg.norm(q, axis=-1), np.linalg.norm(q0), rtol=1e-5)
+
+
+def test_rotary_by_hand():
+  """RoFormer's frequencies 10000^(-2i/D): for D = 4, pairs (0, 2) and (1, 3) turn by p and
+  p / 100 radians at position p."""
+  x = jnp.array([1.0, 2.0, 3.0, 4.0])
+  slow, fast = 3 / 100, 3.0  # position 3
+  expected = [1 * np.cos(fast) - 3 * np.sin(fast), 2 * np.cos(slow) - 4 * np.sin(slow),
+              3 * np.cos(fast) + 1 * np.sin(fast), 4 * np.cos(slow) + 2 * np.sin(slow)]
+  np.testing.assert_allclose(apply_rotary(x, jnp.array(3)), expected, rtol=1e-6, atol=1e-6)

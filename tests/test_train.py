@@ -4,6 +4,7 @@ import errno
 import fcntl
 import functools
 import json
+import math
 import os
 import shutil
 import signal
@@ -129,6 +130,11 @@ def test_resume_is_exact(name, make_config, corpus, tmp_path):
   chex.assert_trees_all_equal(state_a.opt_state, state_b.opt_state)
   assert meta_a["tokens_seen"] == meta_b["tokens_seen"] == 6 * 4 * 32
   assert losses(straight) == losses(resumed)
+  # Each training row logs the learning rate of its window's last step (step n ran at
+  # schedule(n - 1): the optimiser counts from 0).
+  rows = read_events(straight, "train")
+  assert [r["learning_rate"] for r in rows] == pytest.approx(
+      [float(make_schedule(config.train)(r["step"] - 1)) for r in rows], rel=1e-6)
   for field in ("final_val_loss", "best_val_loss", "steps", "tokens_seen", "code"):
     assert getattr(summary, field) == getattr(second, field), field
   assert summary.code == [loaded_code_version() or "unknown"]  # one version, noted once
@@ -1054,6 +1060,26 @@ def test_a_checkpoint_of_another_model_is_refused_before_reading_it(tmp_path):
       "params/a is in the model, not in the checkpoint; params/b is in the model, not in the "
       "checkpoint; params/c is in the model, not in the checkpoint (and 4 more)")
   checkpointer.close()
+
+
+def test_the_best_validation_loss_is_the_lowest_evaluation():
+  """Evaluator keeps the lowest loss as best and the latest as final (a run whose loss
+  rises at the end, as an overfitting one's does)."""
+  evaluator = object.__new__(train_lib.Evaluator)
+  losses_seen = iter([3.0, 2.0, 2.5])
+  evaluator.batches = [None]
+  evaluator.eval_fn = lambda params, model_state, batch: {
+      "loss_sum": 10 * next(losses_seen), "tokens": 10.0, "dropped_fraction": np.zeros(1),
+      "expert_load": np.zeros((1, 2))}
+  evaluator.data = types.SimpleNamespace(bits_per_byte=lambda loss: loss / math.log(2))
+  written = []
+  evaluator.writer = types.SimpleNamespace(write=lambda *args: written.append(args))
+  progress = Progress()
+  state = types.SimpleNamespace(params=None, model_state=None)
+  for step in (10, 20, 30):
+    evaluator(state, step, progress)
+  assert (progress.best_val_loss, progress.final_val_loss, progress.eval_step) == (2.0, 2.5, 30)
+  assert [args[2]["val_loss"] for args in written] == [3.0, 2.0, 2.5]
 
 
 def test_progress_saved_is_a_copy():

@@ -109,6 +109,18 @@ def test_processes_split_the_global_batch():
     np.testing.assert_array_equal(np.concatenate([h.next() for h in halves]), whole.next())
 
 
+def test_every_window_of_the_split_can_be_drawn():
+  """Starts run from 0 to len - window inclusive: a split of exactly one window gives it,
+  and one token more gives both windows."""
+  tokens = np.arange(9, dtype=np.int32)
+  np.testing.assert_array_equal(WindowSampler(tokens, batch_size=4, window=9, seed=0).next(),
+                                np.tile(tokens, (4, 1)))
+  tokens = np.arange(10, dtype=np.int32)
+  starts = {int(row[0]) for step in range(20)
+            for row in WindowSampler(tokens, batch_size=4, window=9, seed=0, step=step).next()}
+  assert starts == {0, 1}
+
+
 def test_processes_split_each_micro_batch():
   """With gradient accumulation, micro-batch a put together from every process's rows is
   micro-batch a of one process: the same rows, in the same order."""
