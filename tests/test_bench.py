@@ -534,3 +534,45 @@ def test_a_measuring_tool_ends_in_one_line(raised, status, line, capsys):
     source = (ROOT / "chimera" / f"{module}.py").read_text()
     assert "\n@tool_main\ndef main(" in source, module
 
+
+
+def test_a_record_s_figures_from_its_timings_by_hand(monkeypatch):
+  """BenchRecord's arithmetic on made-up timings: tokens/s from the median step, MFU over
+  the nominal peak where the device is known (the measured one beside it), decode tokens/s
+  over the new tokens after the prefill, and the MoE dispatch share of a whole step."""
+  import types
+  from chimera import config as config_lib
+  config = config_lib.load("configs/moe_top2.py:tiny", {"train.batch_size": 8,
+                                                         "train.context": 32,
+                                                         "train.grad_accum": 2})
+  subject = object.__new__(bench.Subject)
+  subject.case = types.SimpleNamespace(name="m", spec="s", overrides={}, config=config,
+                                       kernels=bench.Kernels(), random_ids=False)
+  subject.settings = types.SimpleNamespace(profile=False)
+  subject.accounting = types.SimpleNamespace(flops_per_token=1000, params_total=1,
+                                             params_active=1)
+  subject.new_tokens, subject.prompt_len, subject.prompts = 33, 4, {2: None}
+  subject.moe_layer, subject.compiled_memory = True, None
+  subject.times = {"train_step_seconds": [1.0, 2.0, 3.0],  # median 2 s: 256 / 2 tok/s
+                   "decode_seconds_b2": [0.32, 0.64, 0.96],  # 0.64 s over 32 new tokens
+                   "prefill_seconds_b2": [0.1],
+                   "moe_layer_seconds": [0.2], "moe_routing_seconds": [0.05]}
+  monkeypatch.setattr(bench.jax, "devices",
+                      lambda: [types.SimpleNamespace(device_kind="NVIDIA H100 80GB HBM3")])
+  monkeypatch.setattr(bench, "device_peak_memory", lambda: None)
+  record = subject.result(measured_peak=1e9)
+  assert record.train_tokens_per_second == 8 * 32 / 2 == 128
+  assert record.peak_source == "nominal" and record.peak_flops == 494.7e12  # float32
+  assert record.mfu == pytest.approx(128 * 1000 / 494.7e12)
+  assert record.mfu_vs_measured_peak == pytest.approx(128 * 1000 / 1e9)
+  (decode,) = record.decode
+  assert decode.ms_per_token == pytest.approx(20.0) and decode.tokens_per_second == pytest.approx(100)
+  assert decode.prefill_ms == pytest.approx(100.0)
+  assert record.dispatch_share_of_moe_layer == pytest.approx(0.25)
+  # Routing runs in every MoE layer of both micro-batches of the 2 s step.
+  assert record.dispatch_share_of_step == pytest.approx(
+      config.model.num_moe_layers * 2 * 0.05 / 2.0)
+  # An unknown device: the measured peak, and the record says so.
+  monkeypatch.setattr(bench.jax, "devices", lambda: [types.SimpleNamespace(device_kind="cpu")])
+  record = subject.result(measured_peak=1e9)
+  assert record.peak_source == "measured" and record.mfu == pytest.approx(128 * 1000 / 1e9)

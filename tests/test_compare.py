@@ -987,6 +987,14 @@ def test_a_report_folder_is_not_replaced_by_another_study(tmp_path):
   assert fewer.slug == study.slug  # the same folder...
   with pytest.raises(ChimeraError, match=r"without num_experts=4, num_experts=8"):
     compare.check_out(out, fewer, [0, 1, 2])  # ...refused before anything trains
+  # The same models and seeds at another batch or context: another study's numbers.
+  train = study.models[0].config.train
+  for key, there in (("batch_size", train.batch_size * 2), ("context", train.context // 2)):
+    (out / "summary.json").write_text(json.dumps({
+        "models": {m.name: {} for m in study.models}, "seeds": [0], key: there}))
+    with pytest.raises(ChimeraError, match=rf"another study \({key} {there}, this one's "
+                                           rf"{getattr(train, key)}\)"):
+      compare.check_out(out, study, [0])
   (out / "summary.json").write_text("{")
   with pytest.raises(ChimeraError, match=r"is not a study summary"):
     compare.check_out(out, study, [0])
@@ -1206,3 +1214,11 @@ def test_routing_finding_by_hand():
       "n=2 seeds; worst logging window 2.00%), MaxVio 0.60 ± 0.14 (n=2); in the last window "
       "its router entropy is 1.200 ± 0.141 (n=2) nats (uniform over 8 experts: 2.079) and "
       "its top-1 probability 0.600 ± 0.000 (n=2).")
+
+
+def test_a_seed_sets_the_runs_init_dropout_and_batches():
+  """Each seed of a study is its own run: its parameters and dropout (train.seed) and its
+  batches (data.seed), under its own name."""
+  config = compare.make_study("cpu", None, None, {}).models[0].config
+  seeded = compare.seeded(config, "dense", 3)
+  assert (seeded.train.seed, seeded.data.seed, seeded.name) == (3, 3, "dense-seed3")

@@ -191,3 +191,16 @@ def test_generate_entry_point_samples_from_a_run(make_config, corpus, tmp_path, 
     assert bad.returncode == 2 and bad.stderr.startswith(f"error: {message}"), bad.stderr[-2000:]
     assert "Compiling" not in bad.stderr, bad.stderr[-2000:]
     assert len(bad.stderr.strip().splitlines()) == 1  # no traceback
+
+
+def test_vocab_limit_masks_the_padded_ids():
+  """A vocabulary padded past the tokenizer's (GPT-2's 50257 in 50304): ids at or above the
+  limit are never sampled, and their logits are -inf; the ones below stay finite."""
+  config = BASE  # vocab 40
+  prompt = jnp.zeros((4, 3), jnp.int32)
+  params = Decoder(config).init(jax.random.key(0), prompt)["params"]
+  tokens, logits = generate(params, prompt, jax.random.key(1), config=config, max_new_tokens=8,
+                            temperature=1e30, vocab_limit=30)  # near-uniform over what is left
+  assert bool(jnp.all(jnp.isneginf(logits[..., 30:])))
+  assert bool(jnp.all(jnp.isfinite(logits[..., :30])))
+  assert int(tokens.max()) < 30 and int(tokens.max()) > 20  # the top of the allowed range is drawn

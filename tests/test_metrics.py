@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 
 from chimera.errors import ChimeraError
@@ -84,6 +85,16 @@ def test_tensorboard_hides_what_an_interrupted_run_wrote_past_its_checkpoint(
   scalars = [(e.step, v.tag) for e in tensorboard_events(tmp_path / "tensorboard")
              for v in e.summary.value]
   assert scalars == [(resume_step + 1, "train/loss")]
+
+
+def test_per_layer_metrics_get_one_tensorboard_tag_per_moe_layer(tmp_path):
+  writer = MetricWriter(tmp_path, resume_step=0)
+  writer.write("train", 1, {"dropped": np.array([0.25, 0.5], np.float32), "loss": 2.0})
+  writer.close()
+  scalars = sorted((e.step, v.tag, v.simple_value)
+                   for e in tensorboard_events(tmp_path / "tensorboard") for v in e.summary.value)
+  assert scalars == [(1, "train/dropped/moe_layer_0", 0.25), (1, "train/dropped/moe_layer_1", 0.5),
+                     (1, "train/loss", 2.0)]
 
 
 def test_a_fresh_start_drops_the_events_of_an_attempt_that_saved_no_checkpoint(tmp_path):

@@ -26,6 +26,9 @@ def test_changed_counts_first_experts_and_sets():
   # token 3: both change.
   assert routing_stability.changed(before, after) == ((0.5,), (0.5,))
   assert routing_stability.changed(before, before) == ((0.0,), (0.0,))
+  # A set that keeps one expert and changes the other has changed: {0, 1} -> {0, 2}.
+  assert routing_stability.changed(np.array([[[0, 1], [0, 1]]]),
+                                   np.array([[[0, 2], [0, 1]]])) == ((0.0,), (0.5,))
 
 
 def test_token_share_is_one_for_a_lookup_and_zero_for_no_relation():

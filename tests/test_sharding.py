@@ -83,6 +83,15 @@ def test_bad_mesh_is_rejected(make_config, corpus):
   with pytest.raises(ChimeraError, match="cannot be split over 8 devices: make batch_size / "
                                          "grad_accum a multiple of 8, or use fewer devices"):
     sharding.check_mesh(config, device_count=8)
+  # It is each micro-batch that is split: 16 sequences in 4 micro-batches of 4.
+  config = make_config("moe_top2", corpus, mesh__data=8, train__batch_size=16,
+                       train__grad_accum=4)
+  with pytest.raises(ChimeraError, match="micro-batch of 4 sequences cannot be split over 8"):
+    sharding.check_mesh(config, device_count=8)
+  # ...over every device, the expert axis's too: 6 sequences on 2 x 2 devices.
+  config = make_config("moe_top2", corpus, mesh__data=2, mesh__expert=2, train__batch_size=6)
+  with pytest.raises(ChimeraError, match="micro-batch of 6 sequences cannot be split over 4"):
+    sharding.check_mesh(config, device_count=4)
 
 
 def test_a_mesh_smaller_than_the_gpus_says_how_to_use_them(make_config, corpus, monkeypatch):

@@ -986,6 +986,9 @@ def test_code_version_names_the_commit_and_uncommitted_changes(tmp_path):
   progress.trained_by("abc")
   progress.trained_by(None)
   assert progress.code == ["abc", "unknown"]
+  progress.trained_by("abc")  # back to the first code: a third session, noted again
+  assert progress.code == ["abc", "unknown", "abc"]
+  progress.code.pop()
   assert Progress.from_json(progress.to_json()).code == ["abc", "unknown"]
   # A checkpoint older than the record: its code is not known, and a resume says so.
   assert Progress.from_json({"tokens_seen": 3}).code == ["not recorded"]

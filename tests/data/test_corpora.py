@@ -226,3 +226,12 @@ def test_hf_without_the_package_says_how_to_install_it(tmp_path, monkeypatch):
   (tmp_path / "train.jsonl").write_text('{"text": "a"}\n')
   with pytest.raises(ChimeraError, match=r'data.corpus: hf:.* needs the datasets package; run pip install -e "\.\[hf\]"'):
     corpora.load_corpus(f"hf:{tmp_path}")
+
+
+def test_written_files_are_readable_by_others(tmp_path):
+  """A shared cache's files: not mkstemp's 0600."""
+  import stat
+  from chimera.data.corpora import write_atomic
+  path = tmp_path / "file"
+  write_atomic(path, b"x")
+  assert path.read_bytes() == b"x" and stat.S_IMODE(path.stat().st_mode) == 0o644

@@ -61,6 +61,15 @@ def test_streamed_json_with_configs(json_folder):
   assert [d.text for d in load_corpus(f"hf:{json_folder}:second")] == TEXTS[20:]
 
 
+def test_each_config_has_its_own_token_cache(json_folder):
+  """hf:FOLDER:first and hf:FOLDER:second are other texts: neither reads the other's cache."""
+  tok = ByteTokenizer()
+  first, second = (load_splits(f"hf:{json_folder}:{name}", tok) for name in ("first", "second"))
+  whole = lambda splits: tok.decode(np.concatenate([splits.train, splits.val]))
+  assert "<row 0>" in whole(first) and "<row 0>" not in whole(second)
+  assert "<row 25>" in whole(second) and "<row 25>" not in whole(first)
+
+
 def test_cached_hf_corpus_equals_in_memory(saved, monkeypatch):
   tok = ByteTokenizer()
   cached = load_splits(f"hf:{saved}", tok, text_field="body")

@@ -133,6 +133,8 @@ def test_gpt2_methods_treat_special_token_text_as_text():
   ids = tokenizer.encode(text)
   assert ids.dtype == np.int32 and 256 in ids.tolist() and 257 not in ids.tolist()
   assert tokenizer.decode(ids) == text
+  # End-of-text (and any padded id past it) is dropped, not decoded as its literal text.
+  assert tokenizer.decode([256, 257, 256, 300]) == "thth"
   texts = [text, "", "th"]
   assert ([a.tolist() for a in tokenizer.encode_batch(texts, 2)]
           == [tokenizer.encode(t).tolist() for t in texts])
