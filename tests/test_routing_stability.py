@@ -203,3 +203,21 @@ def dataclass_dict(change) -> dict:
   import dataclasses
   return {key: list(value) if isinstance(value, tuple) else value
           for key, value in dataclasses.asdict(change).items()}
+
+
+def test_the_routers_held_column_holds_the_earlier_routers(biased_run, monkeypatch):
+  """expert_set_router_held compares the earlier checkpoint's choices with the later model
+  routed by the earlier routers: with the whole earlier model held it is 0, and with
+  nothing held (the later model whole) it is the expert-set column."""
+  real = routing_stability.report(biased_run, batches=1)
+  monkeypatch.setattr(routing_stability, "with_routers_of",
+                      lambda params, state, earlier_params, earlier_state: (earlier_params,
+                                                                           earlier_state))
+  whole_earlier = routing_stability.report(biased_run, batches=1)
+  assert all(h == 0.0 for c in whole_earlier.changes for h in c.expert_set_router_held)
+  monkeypatch.setattr(routing_stability, "with_routers_of",
+                      lambda params, state, earlier_params, earlier_state: (params, state))
+  nothing = routing_stability.report(biased_run, batches=1)
+  assert ([c.expert_set_router_held for c in nothing.changes]
+          == [c.expert_set for c in real.changes])
+  assert any(s > 0 for c in real.changes for s in c.expert_set)

@@ -1085,6 +1085,27 @@ def test_the_best_validation_loss_is_the_lowest_evaluation():
   assert [args[2]["val_loss"] for args in written] == [3.0, 2.0, 2.5]
 
 
+def test_the_sessions_first_step_is_left_out_of_the_throughput(make_config, corpus,
+                                                               monkeypatch):
+  """A window of 4 steps that ends 8 s after it started, the first step (buffers
+  allocated, caches filled) done at 5 s: 3 steps in 3 s are timed, not 4 in 8."""
+  config = make_config("dense", corpus)
+  times = [0.0, 5.0, 8.0]  # the window's start, the first step done, the window's end
+  # chimera.train's own clock only (jax, compiling the schedule, keeps the real one).
+  monkeypatch.setattr(train_lib, "time", types.SimpleNamespace(
+      perf_counter=lambda: times.pop(0) if len(times) > 1 else times[0], time=time.time,
+      monotonic=time.monotonic, sleep=time.sleep))
+  progress = Progress()
+  log = train_lib.TrainLog(config, 0, types.SimpleNamespace(write=lambda *args: None), progress)
+  log.first_step_done()
+  for _ in range(4):
+    log.add({"loss_sum": 20.0, "tokens": 10.0, "steps": 1.0, "param_norm": 1.0})
+  log.flush(4, wall_seconds=8.0)
+  tokens_per_step = config.train.batch_size * config.train.context
+  assert (progress.timed_tokens, progress.timed_seconds) == (3 * tokens_per_step, 3.0)
+  assert log.tokens_per_second == tokens_per_step
+
+
 def test_progress_saved_is_a_copy():
   progress = Progress(tokens_seen=10)
   saved = progress.to_json()
