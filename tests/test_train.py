@@ -564,18 +564,35 @@ def test_a_save_killed_before_its_rename_is_removed_and_not_called_good(make_con
   workdir = tmp_path / "run"
   train(config, workdir)
   folder = workdir / "checkpoints"
-  shutil.copytree(folder / "2", folder / "4.orbax-checkpoint-tmp")  # as a killed save leaves it
+  # As a killed save leaves it; at a step the run will not save again, so that only the
+  # clean-up, not a later save of that step, can remove it.
+  partial = folder / "5.orbax-checkpoint-tmp"
+  shutil.copytree(folder / "2", partial)
   # What a divergence says of the checkpoints reads the complete ones only.
   (folder / "2").rename(tmp_path / "2")
   assert train_lib._last_good(workdir) == "No checkpoint had been saved yet"
   (tmp_path / "2").rename(folder / "2")
   assert train_lib._last_good(workdir) == f"The last good checkpoint in {folder} is untouched"
+
+  def gone_within(path, seconds=60.0):  # orbax removes partial saves in the background
+    deadline = time.monotonic() + seconds
+    while path.exists() and time.monotonic() < deadline:
+      time.sleep(0.1)
+    return not path.exists()
+
   # A reader beside the run (chimera.evaluate) leaves it: it could be a live run's save.
+  # (A control that may remove partial saves, opened after the reader on a copy, shows
+  # that the reader had the time to remove it.)
   Checkpointer(folder, keep=2)
-  assert (folder / "4.orbax-checkpoint-tmp").is_dir()
+  control = tmp_path / "control"
+  shutil.copytree(folder, control)
+  Checkpointer(control, keep=2, remove_partial=True)
+  assert gone_within(control / partial.name)
+  assert partial.is_dir()
   extended = train(make_config("dense", corpus, train__steps=6, train__warmup_steps=0,
                                train__checkpoint_every=2), workdir)
   assert extended.completed
+  assert gone_within(partial)  # the run that holds the workdir removes it
   assert sorted(p.name for p in folder.iterdir()) == ["4", "6"]
 
 
