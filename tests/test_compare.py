@@ -1222,3 +1222,23 @@ def test_a_seed_sets_the_runs_init_dropout_and_batches():
   config = compare.make_study("cpu", None, None, {}).models[0].config
   seeded = compare.seeded(config, "dense", 3)
   assert (seeded.train.seed, seeded.data.seed, seeded.name) == (3, 3, "dense-seed3")
+
+
+def test_the_named_sweeps_points_by_hand():
+  """What each point of the balancing, capacity and calibration sweeps sets, at a base
+  whose balancing coefficient is not the default (the points keep it)."""
+  from chimera import study_sweeps
+  base = compare.make_study("cpu", None, None, {}).models[0].config
+  base = dataclasses.replace(base, model=dataclasses.replace(base.model, load_balance_coef=0.001))
+  rate = study_sweeps.BIAS_RATE
+  assert [(name, p["model.load_balance_scope"], p["model.load_balance_coef"],
+           p["model.router_bias_rate"]) for name, p in study_sweeps.balancing(base)] == [
+      ("loss per group", "group", 0.001, 0.0), ("loss per batch", "batch", 0.001, 0.0),
+      ("bias, no loss", "group", 0.0, rate), ("bias + loss per batch", "batch", 0.001, rate),
+      ("none", "group", 0.0, 0.0)]
+  assert [p.get("model.capacity_factor") for _, p in study_sweeps.capacity(base)] == [
+      1.0, 1.25, 2.0, None]
+  assert study_sweeps.calibration(base)[0][1] == {
+      "model.dispatch": "einsum", "model.capacity_factor": 1.25, "model.group_size": 64,
+      "model.renormalize_gates": False, "model.load_balance_scope": "group",
+      "model.router_bias_rate": 0.0}

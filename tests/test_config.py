@@ -302,3 +302,26 @@ def test_a_preset_or_field_error_keeps_its_own_message(tmp_path):
   with pytest.raises(ChimeraError, match=r"^config: unknown preset 'nope' for mine"):
     config_lib.load(f"{path}:nope")
   assert config_lib.load(f"{path}:tiny").name == "mine-tiny"
+
+
+def test_routing_groups_fit_each_devices_micro_batch():
+  """A group must divide the tokens one device holds of one micro-batch: the batch split
+  over data x expert devices, and over train.grad_accum."""
+  moe = ModelConfig(num_experts=8, top_k=2)
+  per_device = Config(model=dataclasses.replace(moe, group_size=64),
+                      train=config_lib.TrainConfig(batch_size=8, context=32),
+                      mesh=config_lib.MeshConfig(data=2, expert=4))  # 1 sequence each
+  with pytest.raises(ChimeraError, match=r"^config\.model\.group_size: 64 does not divide "
+                                         r"the 32 tokens"):
+    config_lib.validate(per_device)
+  per_micro_batch = Config(model=dataclasses.replace(moe, group_size=256),
+                           train=config_lib.TrainConfig(batch_size=16, grad_accum=4, context=32))
+  with pytest.raises(ChimeraError, match=r"^config\.model\.group_size: 256 does not divide "
+                                         r"the 128 tokens"):
+    config_lib.validate(per_micro_batch)
+
+
+def test_gpu_large_is_the_gpu_preset_wider_and_deeper():
+  m = config_lib.load("configs/dense.py:gpu_large").model
+  assert (m.vocab_size, m.dtype, m.max_len, m.d_model, m.num_layers, m.num_heads, m.d_ff) == (
+      50304, "bfloat16", 512, 1024, 12, 16, 4096)

@@ -15,7 +15,7 @@ import pytest
 
 from chimera.accounting import count
 from chimera.config import ModelConfig
-from chimera.decoder import Decoder
+from chimera.decoder import Decoder, collect_moe_stats
 from chimera.layers import apply_rotary
 from chimera.routers import ROUTERS, is_causal
 
@@ -215,3 +215,79 @@ def test_rotary_by_hand():
   expected = [1 * np.cos(fast) - 3 * np.sin(fast), 2 * np.cos(slow) - 4 * np.sin(slow),
               3 * np.cos(fast) + 1 * np.sin(fast), 4 * np.cos(slow) + 2 * np.sin(slow)]
   np.testing.assert_allclose(apply_rotary(x, jnp.array(3)), expected, rtol=1e-6, atol=1e-6)
+
+
+def _norm(kind: str, x: np.ndarray, params, eps: float = 1e-6) -> np.ndarray:
+  """LayerNorm (no bias) or RMSNorm, float64."""
+  if kind == "layernorm":
+    x = x - x.mean(-1, keepdims=True)
+  return x / np.sqrt((x ** 2).mean(-1, keepdims=True) + eps) * np.asarray(params["scale"], np.float64)
+
+
+def _gelu(x: np.ndarray) -> np.ndarray:  # tanh approximation, as flax's nn.gelu
+  return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x ** 3)))
+
+
+@pytest.mark.parametrize("norm", ["layernorm", "rmsnorm"])
+def test_the_decoder_against_a_float64_reference(norm):
+  """The whole dense forward, written out in numpy: embeddings plus positions, each block
+  x += attention(norm(x)), x += mlp(norm(x)), then the final norm and the tied head. The
+  weights are scaled and the norm scales moved off 1, so that no norm is an identity."""
+  from test_layers import reference_attention
+  cfg = ModelConfig(vocab_size=13, num_layers=2, num_heads=2, d_model=16, d_ff=32, max_len=16,
+                    norm=norm)
+  tokens = np.random.default_rng(0).integers(0, 13, (2, 7)).astype(np.int32)
+  params = Decoder(cfg).init(jax.random.key(0), tokens)["params"]
+  rng = np.random.default_rng(1)
+  params = jax.tree.map(lambda p: p * 5.0 if p.ndim == 2 else p + 0.5 * rng.normal(size=p.shape),
+                        params)
+  logits, _ = Decoder(cfg).apply({"params": params}, tokens)
+  f64 = lambda a: np.asarray(a, np.float64)
+  embed = f64(params["embed"]["embedding"])
+  x = embed[tokens] + f64(params["pos_embed"])[:7]
+  for i in range(cfg.num_layers):
+    block = params[f"block_{i}"]
+    x = x + reference_attention(block["attn"], _norm(norm, x, block["norm_attn"]), cfg.num_heads)
+    h = _norm(norm, x, block["norm_ffn"])
+    x = x + _gelu(h @ f64(block["mlp"]["wi"]["kernel"])) @ f64(block["mlp"]["wo"]["kernel"])
+  expected = _norm(norm, x, params["norm_final"]) @ embed.T
+  np.testing.assert_allclose(np.asarray(logits), expected, rtol=1e-4,
+                             atol=1e-4 * np.abs(expected).max())
+
+
+def test_dropout_of_one_drops_every_path():
+  """At dropout 1.0 the embedding, every residual branch and so the logits are zero: the
+  biases (set to 1) would show any path that skips its dropout."""
+  cfg = ModelConfig(vocab_size=13, num_layers=2, num_heads=2, d_model=16, d_ff=32, max_len=16,
+                    dropout=1.0, use_bias=True)
+  tokens = np.arange(14).reshape(2, 7) % 13
+  params = Decoder(cfg).init(jax.random.key(0), tokens)["params"]
+  params = jax.tree_util.tree_map_with_path(
+      lambda path, p: (jnp.ones_like(p) if path[-1].key == "bias" and path[0].key != "norm_final"
+                       else p), params)
+  logits, _ = Decoder(cfg).apply({"params": params}, tokens, deterministic=False,
+                                 rngs={"dropout": jax.random.key(1)})
+  np.testing.assert_array_equal(np.asarray(logits), 0.0)
+
+
+def test_the_moe_losses_are_means_over_layers():
+  """So that load_balance_coef and z_loss_coef do not grow with the number of MoE layers."""
+  import types
+  routing = lambda balance, z: types.SimpleNamespace(
+      load_balance_loss=jnp.float32(balance), z_loss=jnp.float32(z),
+      dropped_fraction=jnp.float32(0), expert_load=jnp.zeros(4), max_violation=jnp.float32(0),
+      router_entropy=jnp.float32(0), router_confidence=jnp.float32(0))
+  stats = collect_moe_stats([routing(1.0, 0.5), routing(3.0, 1.5)], 4)
+  assert float(stats["load_balance_loss"]) == 2.0 and float(stats["z_loss"]) == 1.0
+  assert stats["expert_load"].shape == (2, 4)
+
+
+def test_residual_projections_are_scaled_by_depth():
+  """GPT-2's init: normal(0.02), the projections into the residual stream (attention's out,
+  the MLP's wo) by 1/sqrt(2 * layers): 0.02 / 4 at 8 layers."""
+  cfg = ModelConfig(vocab_size=11, num_layers=8, num_heads=4, d_model=128, d_ff=512, max_len=8)
+  block = jax.jit(Decoder(cfg).init)(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))[
+      "params"]["block_0"]
+  np.testing.assert_allclose(np.std(block["mlp"]["wo"]["kernel"]), 0.005, rtol=0.1)
+  np.testing.assert_allclose(np.std(block["attn"]["out"]["kernel"]), 0.005, rtol=0.1)
+  np.testing.assert_allclose(np.std(block["mlp"]["wi"]["kernel"]), 0.02, rtol=0.1)

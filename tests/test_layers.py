@@ -262,3 +262,19 @@ def test_one_pass_logsumexp():
                                 rtol=1e-6, atol=1e-5)
   with pytest.raises(ChimeraError, match="kernels.cross_entropy"):
     cross_entropy(jnp.zeros((2, 3)), jnp.zeros((2,), jnp.int32), "fused")
+
+
+def test_rotary_attention_by_hand():
+  """One head of D = 2 at positions 0 and 1, q = k = 3x, v = x: position 1's query and key
+  turn by 1 radian, position 0's not, so the scores at position 1 are
+  [q1 . k0, q1 . k1] / sqrt(2) = [-9 sin 1, 9] / sqrt(2) (both rotated: a relative angle)."""
+  cfg = ModelConfig(vocab_size=5, num_layers=1, num_heads=1, d_model=2, d_ff=4, max_len=4,
+                    positions="rotary")
+  x = np.array([[[1.0, 0.0], [0.0, 1.0]]], np.float32)
+  qkv = np.zeros((2, 6), np.float32)
+  qkv[:, 0:2], qkv[:, 2:4], qkv[:, 4:6] = 3 * np.eye(2), 3 * np.eye(2), np.eye(2)
+  params = {"qkv": {"kernel": qkv}, "out": {"kernel": np.eye(2, dtype=np.float32)}}
+  out = CausalSelfAttention(cfg, "einsum").apply({"params": params}, x, deterministic=True)
+  scores = np.array([-9 * np.sin(1.0), 9.0]) / np.sqrt(2)
+  weights = np.exp(scores - scores.max()) / np.exp(scores - scores.max()).sum()
+  np.testing.assert_allclose(out[0, 1], weights, rtol=1e-5)  # v = x: the weights themselves

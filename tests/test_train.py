@@ -262,6 +262,11 @@ def test_out_of_device_memory_is_one_line(make_config, corpus, tmp_path, monkeyp
   monkeypatch.setattr(train_lib, "_compile_train_step", other)
   with pytest.raises(jax.errors.JaxRuntimeError, match="something else"):
     train(config, tmp_path / "run")
+  # A quota other than memory is not out of memory.
+  from chimera.errors import out_of_memory_is_one_line
+  with pytest.raises(jax.errors.JaxRuntimeError, match="coordination"):
+    with out_of_memory_is_one_line():
+      raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: coordination service quota")
 
 
 def test_a_job_started_with_sigint_ignored_keeps_ignoring_it(monkeypatch):
