@@ -285,8 +285,8 @@ def best_finding(models: dict) -> str | None:
   if not best:
     return None
   differences = study_targets.moe_differences(models).values()
-  seeds = set.intersection(*map(defined_seeds, differences))
-  over = ("" if all(defined_seeds(d) == seeds for d in differences) else
+  _, seeds = common_means(dict(enumerate(differences)))
+  over = ("" if all(defined_seeds(d) == set(seeds) for d in differences) else
           f", in the means over the {len(seeds)} seed{'s' * (len(seeds) != 1)} every one "
           f"of them has" if seeds else ", each mean over its own seeds (they share none)")
   return (f"Of the compute-matched MoE configs, **{best}** has the lowest mean paired "

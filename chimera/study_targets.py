@@ -145,9 +145,7 @@ def expert_sweep_target(models: dict | None, command: str) -> Target:
   measured = ", ".join(f"{a}->{b}: {describe(step.to_json(), signed=True)}"
                        for a, b, step in steps) + " nats (paired by seed)"
   # Both steps must fall: one that missed over enough seeds decides it whatever the other.
-  failed = [f"{a}->{b}" for a, b, step in steps
-            if step.n >= MIN_SEEDS and step.mean > -EXPERT_DOUBLING_DROP]
-  if failed:
+  if any(step.n >= MIN_SEEDS and step.mean > -EXPERT_DOUBLING_DROP for _, _, step in steps):
     return Target(claim, command, measured, FAIL)
   n = min(step.n for _, _, step in steps)
   if n < MIN_SEEDS:
