@@ -34,7 +34,7 @@ from chimera import compile_cache, config as config_lib
 from chimera.checkpoints import CheckpointMismatch, Checkpointer
 from chimera.data.tokenizers import get_tokenizer
 from chimera.decoder import Decoder
-from chimera.errors import ChimeraError, parse_flags
+from chimera.errors import ChimeraError, parse_flags, tool_main
 from chimera.layers import Kernels
 from chimera.routers import causality_note
 from chimera.steps import eval_step, init_state
@@ -226,22 +226,19 @@ def define_flags() -> None:
                       "the run trained (its text must be the run's).")
 
 
+@tool_main
 def main(argv):
   del argv
   FLAGS = flags.FLAGS
   logging.set_verbosity(logging.WARNING)  # orbax logs every restore at INFO
-  try:
-    compile_cache.enable()  # in the try: a $CHIMERA_CACHE that cannot be a folder is one line
-    if not FLAGS.workdir:
-      raise ChimeraError("--workdir is required")
-    if FLAGS.batch_size is not None and FLAGS.batch_size < 1:
-      raise ChimeraError(f"--batch_size: must be >= 1, got {FLAGS.batch_size}")
-    result = split_loss(FLAGS.workdir, FLAGS.step, FLAGS.batch_size, FLAGS.corpus)
-    if result.note:
-      print(f"note: {result.note}", file=sys.stderr)
-  except ChimeraError as error:
-    print(f"error: {error}", file=sys.stderr)
-    sys.exit(2)
+  compile_cache.enable()  # a $CHIMERA_CACHE that cannot be a folder is one line (tool_main)
+  if not FLAGS.workdir:
+    raise ChimeraError("--workdir is required")
+  if FLAGS.batch_size is not None and FLAGS.batch_size < 1:
+    raise ChimeraError(f"--batch_size: must be >= 1, got {FLAGS.batch_size}")
+  result = split_loss(FLAGS.workdir, FLAGS.step, FLAGS.batch_size, FLAGS.corpus)
+  if result.note:
+    print(f"note: {result.note}", file=sys.stderr)
   print(f"{FLAGS.workdir}, step {result.step}: validation split {result.loss:.4f} nats per "
         f"token, {result.bits_per_byte:.4f} bits per byte ({result.tokens:,} tokens in "
         f"{result.windows:,} windows)")

@@ -38,7 +38,7 @@ from absl import app, flags, logging
 from chimera import compile_cache, config as config_lib
 from chimera.config import ModelConfig
 from chimera.decoder import Decoder
-from chimera.errors import ChimeraError, check_writable, parse_flags
+from chimera.errors import ChimeraError, check_writable, parse_flags, tool_main
 from chimera.data.corpora import write_atomic
 from chimera.evaluate import restore_state, run_config, run_data
 from chimera.routers import choose
@@ -207,22 +207,19 @@ def define_flags() -> None:
                       "the run trained (its text must still be the run's).")
 
 
+@tool_main
 def main(argv):
   del argv
   FLAGS = flags.FLAGS
   logging.set_verbosity(logging.WARNING)  # orbax logs every restore at INFO
-  try:
-    compile_cache.enable()  # in the try: a $CHIMERA_CACHE that cannot be a folder is one line
-    if not FLAGS.workdir:
-      raise ChimeraError("--workdir is required")
-    if FLAGS.batches is not None and FLAGS.batches < 1:
-      raise ChimeraError(f"--batches: must be >= 1, got {FLAGS.batches}")
-    if FLAGS.json:
-      check_writable("json", FLAGS.json, folder=False)
-    result = report(FLAGS.workdir, FLAGS.batches, FLAGS.corpus)
-  except ChimeraError as error:
-    print(f"error: {error}", file=sys.stderr)
-    sys.exit(2)
+  compile_cache.enable()  # a $CHIMERA_CACHE that cannot be a folder is one line (tool_main)
+  if not FLAGS.workdir:
+    raise ChimeraError("--workdir is required")
+  if FLAGS.batches is not None and FLAGS.batches < 1:
+    raise ChimeraError(f"--batches: must be >= 1, got {FLAGS.batches}")
+  if FLAGS.json:
+    check_writable("json", FLAGS.json, folder=False)
+  result = report(FLAGS.workdir, FLAGS.batches, FLAGS.corpus)
   changes = result.changes
   layers = len(changes[0].first_expert)
   print("steps | " + " | ".join(f"MoE layer {i}: first expert, expert set changed (routers "

@@ -519,8 +519,8 @@ def test_numerics_and_grouped_matmul_tools_run():
     (ChimeraError("--steps: must be >= 1"), 2, "error: --steps: must be >= 1")])
 def test_a_measuring_tool_ends_in_one_line(raised, status, line, capsys):
   """Every measuring tool's main (chimera.bench, bench_numerics, bench_grouped, scaling,
-  scaling_hlo, bench_profile, data.bench_cache) is wrapped so: Ctrl-C and running out of
-  memory were tracebacks in some of them."""
+  scaling_hlo, bench_profile, data.bench_cache, evaluate, routing_stability) is wrapped so:
+  Ctrl-C and running out of memory were tracebacks in some of them."""
   from chimera.errors import tool_main
 
   @tool_main
@@ -530,7 +530,7 @@ def test_a_measuring_tool_ends_in_one_line(raised, status, line, capsys):
     main([])
   assert exit_.value.code == status and capsys.readouterr().err.splitlines() == [line]
   for module in ("bench", "bench_numerics", "bench_grouped", "scaling", "scaling_hlo",
-                 "bench_profile", "data/bench_cache"):
+                 "bench_profile", "data/bench_cache", "evaluate", "routing_stability"):
     source = (ROOT / "chimera" / f"{module}.py").read_text()
     assert "\n@tool_main\ndef main(" in source, module
 
