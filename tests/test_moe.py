@@ -699,3 +699,71 @@ def test_router_noise_below_zero_is_refused():
   from chimera.errors import ChimeraError
   with pytest.raises(ChimeraError, match=r"^config.model.router_noise: must be >= 0, got -0.1$"):
     config_lib.load("configs/moe_top2.py:tiny", {"model.router_noise": -0.1})
+
+
+def per_token_output(weights, x: np.ndarray, gate: np.ndarray, expert_index: np.ndarray,
+                     activation: str = "gelu") -> np.ndarray:
+  """y_t = sum_r gate[t, r] * expert_{expert_index[t, r]}(x_t), one token at a time."""
+  y = np.zeros_like(x)
+  for t in range(x.shape[0]):
+    for r in range(expert_index.shape[1]):
+      y[t] += gate[t, r] * np.asarray(expert_mlp(weights, int(expert_index[t, r]), x[t],
+                                                 activation))
+  return y
+
+
+def test_prefill_routes_each_sequence_without_drops():
+  """decode=True on a prompt of several tokens (prefill) routes each sequence as one group
+  with capacity S, so nothing is dropped, even where the configured capacity factors drop
+  choices (decoding never drops, and prefill must agree with it)."""
+  cfg = ModelConfig(d_model=D_MODEL, num_experts=4, top_k=2, expert_d_ff=EXPERT_D_FF,
+                    capacity_factor=0.5, eval_capacity_factor=0.5, min_capacity=1)
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 8, D_MODEL)), jnp.float32)
+  params = layer_params(cfg, x, seed=1)
+  apply = jax.jit(functools.partial(MoeLayer(cfg).apply, deterministic=True),
+                  static_argnames="decode")
+  _, outside = apply({"params": params}, x, decode=False)
+  assert float(outside.dropped_fraction) > 0.2  # the premise: these capacities drop
+  y, routing = apply({"params": params}, x, decode=True)
+  assert float(routing.dropped_fraction) == 0.0
+  expected = per_token_output(params, np.asarray(x).reshape(-1, D_MODEL),
+                              np.asarray(routing.gate).reshape(-1, 2),
+                              np.asarray(routing.expert_index).reshape(-1, 2))
+  np.testing.assert_allclose(np.asarray(y).reshape(-1, D_MODEL), expected, atol=1e-5,
+                             rtol=1e-5)
+
+
+@pytest.mark.parametrize("num_tokens,k", [(3, 2), (2, 3)])
+def test_decode_experts_gather_path_with_several_tokens_and_choices(num_tokens, k):
+  """T*K < E gathers each choice's weights: with T >= 2 and K >= 2 (a decoded batch of 8
+  with top-2 of 64 experts) each token must meet its own K experts, in its own order."""
+  num_experts = 8
+  assert num_tokens * k < num_experts  # the gather path
+  rng = np.random.default_rng(num_tokens * 10 + k)
+  x = rng.normal(size=(num_tokens, D_MODEL)).astype(np.float32)
+  expert_index = np.stack([rng.permutation(num_experts)[:k]
+                           for _ in range(num_tokens)]).astype(np.int32)
+  gate = rng.uniform(size=(num_tokens, k)).astype(np.float32)
+  weights = {"wi": rng.normal(size=(num_experts, D_MODEL, EXPERT_D_FF)).astype(np.float32),
+             "wo": rng.normal(size=(num_experts, EXPERT_D_FF, D_MODEL)).astype(np.float32)}
+  y = jax.jit(decode_experts, static_argnums=4)(x, gate, expert_index, weights, "gelu")
+  np.testing.assert_allclose(y, per_token_output(weights, x, gate, expert_index), atol=1e-4,
+                             rtol=1e-5)
+
+
+def test_router_noise_keeps_the_balancing_bias():
+  """In training the choice offset is the balancing bias plus the noise: with
+  router_noise on, a bias of +100 on expert 3 still puts it first for every token (the
+  noise is a Gumbel draw times 0.01), and the gates stay the unbiased probabilities."""
+  cfg = ModelConfig(d_model=D_MODEL, num_experts=4, top_k=2, expert_d_ff=EXPERT_D_FF,
+                    group_size=8, dispatch="dropless", router_bias_rate=1e-3,
+                    router_noise=0.01, renormalize_gates=False)
+  x = jnp.asarray(np.random.default_rng(2).normal(size=(2, 8, D_MODEL)), jnp.float32)
+  params = layer_params(cfg, x, seed=3)
+  bias = jnp.array([0.0, 0.0, 0.0, 100.0])
+  _, routing = jax.jit(functools.partial(MoeLayer(cfg).apply, deterministic=False))(
+      {"params": params, "router_bias": {"bias": bias}}, x,
+      rngs={"dropout": jax.random.key(0)})
+  np.testing.assert_array_equal(routing.expert_index[..., 0], 3)
+  probs = jax.nn.softmax(x @ params["router"]["kernel"])
+  np.testing.assert_allclose(routing.gate[..., 0], probs[..., 3], atol=1e-6)

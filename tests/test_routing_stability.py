@@ -5,6 +5,7 @@ import json
 import shutil
 import subprocess
 import sys
+import types
 
 import flax
 import jax
@@ -12,6 +13,7 @@ import numpy as np
 import pytest
 
 from chimera import evaluate, routing_stability
+from chimera.config import ModelConfig
 from chimera.decoder import Decoder
 from chimera.errors import ChimeraError
 from chimera.steps import eval_step
@@ -221,3 +223,23 @@ def test_the_routers_held_column_holds_the_earlier_routers(biased_run, monkeypat
   assert ([c.expert_set_router_held for c in nothing.changes]
           == [c.expert_set for c in real.changes])
   assert any(s > 0 for c in real.changes for s in c.expert_set)
+
+
+def test_routing_stability_orders_the_layers_by_depth_past_ten_blocks():
+  """expert_choices lists the MoE layers in depth order: with MoE blocks 2 and 10 (block_10
+  sorts before block_2 as text), each layer's choices, counted per expert, are the expert
+  loads that the layers themselves report, layer for layer."""
+  cfg = ModelConfig(vocab_size=11, num_layers=11, num_heads=2, d_model=8, d_ff=16,
+                    max_len=16, num_experts=4, top_k=1, expert_d_ff=16,
+                    first_moe_layer=2, moe_every=8)
+  assert [i for i in range(11) if cfg.is_moe_layer(i)] == [2, 10]
+  tokens = np.random.default_rng(4).integers(0, 11, size=(1, 4, 9)).astype(np.int32)
+  params = Decoder(cfg).init(jax.random.key(0), tokens[0, :, :-1])["params"]
+  choices = routing_stability.expert_choices(types.SimpleNamespace(model=cfg), params, {},
+                                             tokens)  # [Y, T, K]
+  _, stats = jax.jit(functools.partial(Decoder(cfg).apply, deterministic=True))(
+      {"params": params}, tokens[0, :, :-1])
+  reported = np.asarray(stats["expert_load"])  # [Y, E], depth order
+  assert not np.allclose(reported[0], reported[1])  # the two layers route differently
+  counted = np.stack([np.bincount(layer.ravel(), minlength=4) / layer.size for layer in choices])
+  np.testing.assert_allclose(counted, reported, atol=1e-6)
