@@ -489,7 +489,9 @@ def train_all(models: list[Model], seeds: list[int], root: Path,
     if not finished:
       if not train:
         raise ChimeraError(f"--report_only: {model.name}, seed {seed} has not finished "
-                           f"training ({workdir}); run without --report_only to train it")
+                           f"training ({workdir}); run without --report_only to train it "
+                           f"(or, for a saved report whose runs are gone, --refresh rewrites "
+                           f"its Targets and Findings from its summary.json)")
       from chimera.train import (TrainingDiverged, stopped_by_signal,  # heavy: only here
                                  train as train_run)
       try:

@@ -296,7 +296,14 @@ def _dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
       except (ValueError, NotImplementedError, RuntimeError):
         pass  # a cuDNN that rejects the shape: XLA's implementation below
     kernel = "xla"
-  return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=kernel)
+  try:
+    return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=kernel)
+  except (ValueError, NotImplementedError, RuntimeError) as error:
+    if kernel != "cudnn":
+      raise
+    reason = (str(error).strip().splitlines() or [type(error).__name__])[0].rstrip(".")
+    raise ChimeraError(f"kernels.attention: 'cudnn' cannot run here ({reason}); 'auto' uses "
+                       f"cuDNN where it fits and XLA elsewhere") from None
 
 
 class CausalSelfAttention(nn.Module):

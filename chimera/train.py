@@ -535,7 +535,7 @@ def train(config: Config, workdir: str | Path, *, stop_after: int | None = None,
         checkpointer.close()
         if failed:
           raise ChimeraError(f"{failed}; {resumes_from}. Make room (or mend the folder), "
-                             f"then: {hint}") from None
+                             f"then: {hint[:1].lower() + hint[1:]}") from None
       raise TrainingDiverged(f"{diverged} {_last_good(workdir)}") from None
 
 

@@ -121,6 +121,17 @@ def test_attention_matches_reference(kernel, dtype):
   np.testing.assert_allclose(np.asarray(out, np.float32), expected, **tolerance)
 
 
+def test_cudnn_attention_where_it_cannot_run_is_one_line():
+  """kernels.attention="cudnn" on the CPU (this suite's platform) was jax's RuntimeError
+  with its traceback in chimera.bench --variants=kernels.attention=cudnn."""
+  assert jax.default_backend() == "cpu"
+  x = np.ones((1, 4, CONFIG.d_model), np.float32)
+  layer = CausalSelfAttention(CONFIG, "cudnn")
+  with pytest.raises(ChimeraError, match=r"^kernels.attention: 'cudnn' cannot run here \(cuDNN "
+                                         r"is not detected\); 'auto' uses cuDNN where it fits"):
+    layer.init(jax.random.key(0), x, deterministic=True)
+
+
 @pytest.mark.parametrize("kernels, expected", [
     (Kernels(attention="einsum", embed_grad="onehot", cross_entropy="one_pass"),
      {"einsum attention", "onehot rows", "one-pass logsumexp"}),

