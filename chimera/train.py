@@ -53,7 +53,7 @@ def open_workdir(workdir: Path, config: Config):
   """Claims `workdir` for `config`'s run for the duration of the block.
 
   Refuses (one-line ChimeraError) a path that is a file or cannot be made, a folder that
-  holds no run (none of `_RUN_MARKS`) but files the run would write over, a second live
+  holds no run (see `_claimed`) but files the run would write over, a second live
   run on the same workdir, a config that computes a different run than the one saved there
   (or checkpoints that recorded no config, saved before 2026-11-28, without a
   config.json), and fewer train.steps than its checkpoints have reached. A workdir
@@ -74,7 +74,7 @@ def open_workdir(workdir: Path, config: Config):
     except (TypeError, ValueError):
       raise ChimeraError(f"--workdir: {workdir} holds a summary.json that is not a run's "
                          f"(a chimera.compare report folder?); use another workdir") from None
-  if workdir.is_dir() and not any((workdir / name).exists() for name in _RUN_MARKS):
+  if workdir.is_dir() and not _claimed(workdir):
     try:
       others = sorted(path.name for path in workdir.iterdir() if not path.name.startswith("."))
     except OSError:  # unreadable: creating the lock below says so in one line
@@ -133,9 +133,23 @@ def open_workdir(workdir: Path, config: Config):
 
 
 _CLAIM_FILES = {"config.json", "data.json", ".lock"}  # what a start writes before training
-_RUN_MARKS = (".lock", "config.json", "checkpoints")  # a folder a start has claimed
-# What a run writes beside them (RunSummary's summary.json is checked on its own).
-_RUN_FILES = ("data.json", "metrics.jsonl", "tensorboard", *RUN_PLOTS)
+# What a run writes (RunSummary's summary.json is checked on its own): refused in a folder
+# that holds no run, whose file it would write over.
+_RUN_FILES = ("config.json", "data.json", "metrics.jsonl", "tensorboard", *RUN_PLOTS)
+
+
+def _claimed(workdir: Path) -> bool:
+  """Whether a start has claimed `workdir`: its lock file, checkpoints, or a config.json
+  that is a run's (one with the sections of `config_lib.to_dict`). Another program's
+  config.json (a Hugging Face model folder's, say) is not, so it is refused, not written
+  over."""
+  if (workdir / ".lock").exists() or (workdir / "checkpoints").exists():
+    return True
+  try:
+    values = json.loads((workdir / "config.json").read_text())
+  except (OSError, ValueError):  # none, unreadable, or not JSON
+    return False
+  return isinstance(values, dict) and {"model", "train", "data"} <= values.keys()
 
 
 def _remove_if_unused(made: list[Path]) -> None:

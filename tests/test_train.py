@@ -745,6 +745,28 @@ def test_a_folder_that_holds_no_run(make_config, corpus, tmp_path, capsys):
   assert "note: --workdir" not in capsys.readouterr().err
 
 
+def test_another_program_s_config_json_is_not_written_over(make_config, corpus, tmp_path):
+  """A Hugging Face model folder holds a config.json too: it was taken for a run that had
+  not saved a checkpoint yet and replaced, even by a start that then failed. A run's own
+  config.json, in a folder whose lock was removed, still marks the run."""
+  config = make_config("dense", corpus, train__steps=2, train__warmup_steps=0)
+  folder = tmp_path / "gpt2-hf"
+  folder.mkdir()
+  theirs = '{"architectures": ["GPT2LMHeadModel"], "n_embd": 768}'
+  (folder / "config.json").write_text(theirs)
+  with pytest.raises(ChimeraError, match=r"^--workdir: \S+/gpt2-hf holds no run but holds "
+                                         r"config\.json, which the run would write over"):
+    train(config, folder)
+  assert (folder / "config.json").read_text() == theirs
+  assert sorted(p.name for p in folder.iterdir()) == ["config.json"]
+  ours = tmp_path / "ours"
+  assert train(config, ours).completed
+  for name in (".lock", "summary.json"):
+    (ours / name).unlink()
+  shutil.rmtree(ours / "checkpoints")
+  assert train(config, ours).completed  # config.json alone: still this run's folder
+
+
 def test_a_workdir_that_is_a_file_or_in_use_is_refused(make_config, corpus, tmp_path,
                                                          monkeypatch):
   config = make_config("dense", corpus, train__steps=2, train__warmup_steps=0)
