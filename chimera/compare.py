@@ -25,7 +25,10 @@ A --set value applies to every model that reads it: settings only an MoE reads
 moe_top2's parameter count (moe_every, first_moe_layer, num_shared_experts, ...).
 Refused, in one line: --set of model.num_experts or model.top_k in the study (they tell
 moe_top1, moe_top2 and moe_fine apart: sweep them instead), seeds and names anywhere
-(--seeds sets them), and a --set or --base_set of a field the sweep's points set.
+(--seeds sets them), a --set or --base_set of a field the sweep's points set, a sweep whose
+points differ from dense in the backbone, data, tokens or validation subset, a named
+sweep of MoE settings over a dense base, and points that differ only where a run does
+not (what it logs, how often it saves).
 
 Every run is a normal training run in runs/compare/<config hash>/, so an interrupted study
 resumes where it stopped, and runs shared between studies (the same config and seed)
@@ -198,7 +201,7 @@ def check_compute_matched(models: list[Model]) -> None:
 # What a sweep's points over an MoE base share with dense: the backbone (every model field
 # but the MoE's own and the two below), the data, and the tokens each run trains on. The
 # rest of the training (optimiser, dropout, initial scale) is the MoE's recipe to tune.
-SAME_AS_DENSE = ("train.steps", "train.batch_size", "train.context")
+SAME_AS_DENSE = ("train.steps", "train.batch_size", "train.context", "train.eval_batches")
 MAY_DIFFER = ("model.dropout", "model.init_std")
 
 
@@ -281,16 +284,24 @@ def sweep_models(sweep: str, base: str | None, preset: StudyPreset, overrides: d
   models = [make_model("dense", "baseline", "configs/dense.py", preset, overrides)]
   models += [make_model(name, "point", base, preset, {**overrides, **base_overrides, **point})
              for name, point in points]
+  if "=" not in sweep and not any(m.config.model.num_experts for m in models[1:]):
+    moe_only = [k for k in dict.fromkeys(k for _, p in points for k in p)
+                if k in config_lib.MOE_ONLY]
+    if moe_only:  # every point would be the dense base again
+      raise ChimeraError(f"--sweep={sweep}: its points set {', '.join(moe_only)}, which only "
+                         f"an MoE model reads, and the base {base} is dense "
+                         f"(model.num_experts=0)")
   swept = [("--sweep", sweep.partition("=")[0])] if "=" in sweep else []
   check_read(models, swept + [("--set", key) for key in overrides]
              + [("--base_set", key) for key in base_overrides], sweep=True)
-  seen = {}
-  for m in models[1:]:  # values that differ as written, not once read (1 and 1.0)
-    same = json.dumps({**config_lib.to_dict(m.config), "name": None}, sort_keys=True)
-    if same in seen:
-      raise ChimeraError(f"--sweep: {seen[same]} and {m.name} are the same model; each "
-                         f"value once")
-    seen[same] = m.name
+  for i, a in enumerate(models[1:], 1):  # values that differ as written, not once read (1 and 1.0)
+    for b in models[i + 1:]:
+      if a.config.train.steps == b.config.train.steps and not config_lib.run_differences(
+          a.config, b.config):
+        only = config_lib.run_differences(a.config, b.config, neutral=False)
+        why = (f": they differ only in {', '.join(only)}, which does not change what a run "
+               f"trains" if only else "; each value once")
+        raise ChimeraError(f"--sweep: {a.name} and {b.name} are the same model{why}")
   if load(base, preset, {**overrides, **base_overrides}).model.num_experts:  # an MoE base
     if (dense := [m.name for m in models[1:] if not m.config.model.num_experts]):
       what = "is a dense model" if len(dense) == 1 else "are dense models"

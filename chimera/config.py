@@ -415,12 +415,14 @@ def from_dict(values: dict) -> Config:
                                         for name, cls in SECTIONS.items()})
 
 
-def run_differences(saved: Config, new: Config, *, corpus_may_move: bool = False) -> list[str]:
+def run_differences(saved: Config, new: Config, *, corpus_may_move: bool = False,
+                    neutral: bool = True) -> list[str]:
   """The fields, as "section.field", in which `new` computes a different run than `saved`.
 
   Logging, evaluation and checkpoint intervals and `train.steps` (extending a run) do not
-  count; see `_RUN_NEUTRAL`. With `corpus_may_move`, neither does `data.corpus`: the
-  caller knows the text by its content (data.json), not by its path.
+  count; see `_RUN_NEUTRAL` (`neutral=False`: they do, every field that differs). With
+  `corpus_may_move`, neither does `data.corpus`: the caller knows the text by its content
+  (data.json), not by its path.
   """
   old, now = to_dict(saved), to_dict(new)
   # A config.json written before local corpus paths were made absolute: read from here.
@@ -429,8 +431,8 @@ def run_differences(saved: Config, new: Config, *, corpus_may_move: bool = False
   for section in SECTIONS:
     for field in sorted(set(old[section]) | set(now[section])):
       key = f"{section}.{field}"
-      neutral = key in _RUN_NEUTRAL or (corpus_may_move and key == "data.corpus")
-      if not neutral and old[section].get(field) != now[section].get(field):
+      ignored = (neutral and key in _RUN_NEUTRAL) or (corpus_may_move and key == "data.corpus")
+      if not ignored and old[section].get(field) != now[section].get(field):
         differing.append(key)
   return differing
 

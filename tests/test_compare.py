@@ -516,7 +516,9 @@ def test_a_sweep_compares_its_points_with_dense_on_dense_s_backbone_data_and_tok
   for sweep, base_set, field in (("balancing", {"model.d_ff": 256}, "model.d_ff"),
                                  ("model.activation=gelu,swiglu", {}, "model.activation"),
                                  ("train.steps=100,200", {}, "train.steps"),
-                                 ("balancing", {"data.val_fraction": 0.2}, "data.val_fraction")):
+                                 ("balancing", {"data.val_fraction": 0.2}, "data.val_fraction"),
+                                 # each point's loss on another validation subset
+                                 ("train.eval_batches=2,20", {}, "train.eval_batches")):
     with pytest.raises(ChimeraError, match=rf"^--sweep: \S.* differs from dense in {field}, "
                                            rf"which dense does not get; .* goes in --set"):
       compare.sweep_models(sweep, None, preset, overrides, base_set)
@@ -532,6 +534,21 @@ def test_a_sweep_compares_its_points_with_dense_on_dense_s_backbone_data_and_tok
   with pytest.raises(ChimeraError, match=r"^--sweep=model\.top_k: only an MoE model reads "
                                          r"model\.top_k, and no model here is MoE"):
     compare.sweep_models("model.top_k=1,2", "configs/dense.py", preset, overrides)
+  # A named sweep of MoE settings over a dense base: every point was dense again, each
+  # retrained under a key of its own (from fields it never reads).
+  with pytest.raises(ChimeraError, match=r"^--sweep=balancing: its points set "
+                                         r"model\.load_balance_scope, model\.load_balance_coef, "
+                                         r"model\.router_bias_rate, which only an MoE model "
+                                         r"reads, and the base configs/dense\.py is dense"):
+    compare.sweep_models("balancing", "configs/dense.py", preset, overrides)
+  # Points that differ only where a run does not (what it logs, how often it saves) are
+  # the same model trained again.
+  for field, values in (("train.log_norms", "true,false"), ("train.log_every", "10,20"),
+                        ("train.checkpoint_every", "1,2")):
+    with pytest.raises(ChimeraError, match=rf"^--sweep: \S+ and \S+ are the same model: they "
+                                           rf"differ only in {field}, which does not change "
+                                           rf"what a run trains$"):
+      compare.sweep_models(f"{field}={values}", None, preset, overrides)
 
 
 def test_a_setting_that_unmatches_the_compute_is_refused(corpus):
