@@ -335,6 +335,20 @@ def _validate_groups(c: Config) -> None:
            f"{devices} devices)")
 
 
+def validate_text(d: DataConfig) -> None:
+  """Raises ChimeraError on the first bad field of what a token cache is made from: the
+  corpus, its split and its text field (chimera.main and chimera.data)."""
+  _check(0.0 < d.val_fraction < 1.0, "data.val_fraction",
+         f"must be in (0, 1), got {d.val_fraction}")
+  _check(bool(d.corpus), "data.corpus", "is empty")
+  _check(bool(d.text_field), "data.text_field", "is empty")
+  # Only an hf: corpus has columns: another text_field would be read by nothing and name
+  # a new run (and study runs) of the same text.
+  _check(d.text_field == DataConfig.text_field or d.corpus.startswith("hf:"),
+         "data.text_field", f"names a column of an hf: corpus; {d.corpus} is read as text, "
+         f"so it takes none (got {d.text_field!r})")
+
+
 def validate(c: Config) -> None:
   """Raises ChimeraError on the first bad field of a whole run's Config."""
   validate_model(c.model)
@@ -360,18 +374,10 @@ def validate(c: Config) -> None:
   _check(t.expert_weight_decay >= 0, "train.expert_weight_decay",
          f"must be >= 0, got {t.expert_weight_decay}")
   _check(t.grad_clip > 0, "train.grad_clip", f"must be > 0, got {t.grad_clip}")
-  _check(0.0 < d.val_fraction < 1.0, "data.val_fraction",
-         f"must be in (0, 1), got {d.val_fraction}")
-  _check(bool(d.corpus), "data.corpus", "is empty")
+  validate_text(d)
   for name, seed in (("data.seed", d.seed), ("train.seed", t.seed)):
     _check(seed >= 0, name, f"must be >= 0, got {seed}")
     _check(seed <= MAX_SEED, name, f"must be in [0, {MAX_SEED}], got {seed}")
-  _check(bool(d.text_field), "data.text_field", "is empty")
-  # Only an hf: corpus has columns: another text_field would be read by nothing and name
-  # a new run (and study runs) of the same text.
-  _check(d.text_field == DataConfig.text_field or d.corpus.startswith("hf:"),
-         "data.text_field", f"names a column of an hf: corpus; {d.corpus} is read as text, "
-         f"so it takes none (got {d.text_field!r})")
   _check_positive("mesh", c.mesh, ("expert",) if c.mesh.data is None else ("data", "expert"))
   _validate_groups(c)
 

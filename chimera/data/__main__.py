@@ -10,7 +10,7 @@ import sys
 
 from absl import app, flags, logging
 
-from chimera.config import DataConfig
+from chimera.config import DataConfig, validate_text
 from chimera.data.cache import prepare
 from chimera.data.tokenizers import get_tokenizer
 from chimera.errors import ChimeraError, parse_flags
@@ -31,6 +31,9 @@ def main(argv: list[str]) -> None:
   try:
     if _THREADS.value is not None and _THREADS.value < 1:
       raise ChimeraError(f"--threads: must be >= 1, got {_THREADS.value}")
+    # An empty --corpus was the current directory, read whole.
+    validate_text(DataConfig(corpus=_CORPUS.value, split=_SPLIT.value,
+                             val_fraction=_VAL_FRACTION.value, text_field=_TEXT_FIELD.value))
     cache = prepare(_CORPUS.value, get_tokenizer(_TOKENIZER.value), split=_SPLIT.value,
                     val_fraction=_VAL_FRACTION.value, text_field=_TEXT_FIELD.value,
                     num_threads=_THREADS.value)

@@ -478,7 +478,13 @@ def test_cli_prepares_and_reports(tmp_path):
   # Bad input: one line and exit status 2, as every tool's.
   for flag, message in (("--tokenizer=bpe", "data.tokenizer: unknown tokenizer 'bpe' (expected "
                                             "'byte' or 'gpt2')"),
-                        ("--threads=0", "--threads: must be >= 1, got 0")):
+                        ("--threads=0", "--threads: must be >= 1, got 0"),
+                        # An empty corpus was the current directory, read whole; a text
+                        # field on a plain file was read by nothing (chimera.main refused both).
+                        ("--corpus=", "config.data.corpus: is empty"),
+                        ("--text_field=body", "config.data.text_field: names a column of an hf: "
+                                              f"corpus; {corpus} is read as text, so it takes "
+                                              "none (got 'body')")):
     bad = subprocess.run(command[:4] + [flag], cwd=ROOT, capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [f"error: {message}"]
 
