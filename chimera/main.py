@@ -79,6 +79,16 @@ def show_plots(workdir: Path, name: str) -> None:
   print(f"plots: {', '.join(map(str, paths))}", file=sys.stderr)
 
 
+def default_workdir(name: str) -> Path:
+  """runs/<name>-<date>-<time>, the workdir of a run without --workdir. `name` must be a
+  plain folder name: "../x" put the run outside runs/, "a/b" a folder below it."""
+  if not name or "/" in name or name in (".", ".."):
+    raise ChimeraError(f"config.name: names the run's folder under runs/ when no --workdir "
+                       f"is given, so it must be a plain name (not empty, no '/'), got "
+                       f"{name!r}")
+  return Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
 def main(argv):
   logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
   try:
@@ -88,7 +98,7 @@ def main(argv):
     config = config_lib.from_config_dict(_CONFIG.value)
     sharding.initialize_distributed()  # before any other JAX call, on every host
     compile_cache.enable()  # a rerun or resume reads its compiled steps from disk
-    workdir = Path(_WORKDIR.value or f"runs/{config.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    workdir = Path(_WORKDIR.value) if _WORKDIR.value else default_workdir(config.name)
     from chimera.train import stopped_by_signal, train  # here: config errors come fast
     summary = train(config, workdir, stop_after=_STOP_AFTER.value)
     if summary.completed and jax.process_index() == 0:

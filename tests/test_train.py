@@ -37,8 +37,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def run_main(*args, env_extra=None, **kwargs):
   env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env_extra or {})}
-  return subprocess.run([sys.executable, "-m", "chimera.main", *args], cwd=ROOT, env=env,
-                        capture_output=True, text=True, timeout=300, **kwargs)
+  return subprocess.run([sys.executable, "-m", "chimera.main", *args],
+                        cwd=kwargs.pop("cwd", ROOT), env=env, capture_output=True, text=True,
+                        timeout=300, **kwargs)
 
 
 def start_main(*args, env_extra=None):
@@ -716,6 +717,18 @@ def test_a_report_folder_is_not_a_workdir(make_config, corpus, tmp_path):
                                          r"run's \(a chimera\.compare report folder\?\)"):
     train(make_config("dense", corpus, train__steps=2, train__warmup_steps=0), report)
   assert sorted(p.name for p in report.iterdir()) == ["summary.json"]
+
+
+def test_a_name_that_is_not_a_plain_folder_name_is_refused_without_workdir(tmp_path):
+  """Without --workdir the run's folder is runs/<name>-<time>: config.name=../../x put it
+  outside runs/ (and "" made runs/-<time>). Refused in one line, before anything is made."""
+  for name in ("../../escaped", "a/b", ""):
+    result = run_main(f"--config={ROOT}/configs/dense.py:tiny", f"--config.name={name}",
+                      cwd=tmp_path)
+    assert result.returncode == 2 and result.stderr.splitlines() == [
+        f"error: config.name: names the run's folder under runs/ when no --workdir is "
+        f"given, so it must be a plain name (not empty, no '/'), got {name!r}"], result.stderr
+  assert list(tmp_path.iterdir()) == []
 
 
 def test_a_folder_that_holds_no_run(make_config, corpus, tmp_path, capsys):
