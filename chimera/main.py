@@ -79,6 +79,23 @@ def show_plots(workdir: Path, name: str) -> None:
   print(f"plots: {', '.join(map(str, paths))}", file=sys.stderr)
 
 
+def refuse_unread_moe_settings(config: config_lib.Config, given, spec: str) -> None:
+  """Refuses a --config.<field> that only an MoE reads (config.MOE_ONLY) on a dense model:
+  it trained as if unset, but named the run apart (config.json, and a resume with another
+  value was refused as another run). `given`: the ConfigDict after the overrides; `spec`:
+  the config file and preset, loaded again to tell the overrides from the file's values."""
+  if config.model.num_experts:
+    return
+  plain = config_lib.load_config_dict(spec)
+  for key in config_lib.MOE_ONLY:
+    if key == "model.num_experts":  # 0 on an MoE config's command line: this dense model
+      continue
+    section, field = key.split(".")
+    if given[section].get(field) != plain[section].get(field):
+      raise ChimeraError(f"--config.{key}: only an MoE model reads it, and this one is "
+                         f"dense (model.num_experts=0), so it would change nothing")
+
+
 def default_workdir(name: str) -> Path:
   """runs/<name>-<date>-<time>, the workdir of a run without --workdir. `name` must be a
   plain folder name: "../x" put the run outside runs/, "a/b" a folder below it."""
@@ -96,6 +113,8 @@ def main(argv):
     if _STOP_AFTER.value is not None and _STOP_AFTER.value < 1:
       raise ChimeraError(f"--stop_after: must be >= 1, got {_STOP_AFTER.value}")
     config = config_lib.from_config_dict(_CONFIG.value)
+    refuse_unread_moe_settings(config, _CONFIG.value, config_flags.get_config_filename(
+        flags.FLAGS["config"]))
     sharding.initialize_distributed()  # before any other JAX call, on every host
     compile_cache.enable()  # a rerun or resume reads its compiled steps from disk
     workdir = Path(_WORKDIR.value) if _WORKDIR.value else default_workdir(config.name)

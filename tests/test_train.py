@@ -719,6 +719,22 @@ def test_a_report_folder_is_not_a_workdir(make_config, corpus, tmp_path):
   assert sorted(p.name for p in report.iterdir()) == ["summary.json"]
 
 
+def test_a_setting_only_an_moe_reads_is_refused_on_a_dense_model(corpus, tmp_path):
+  """--config.model.top_k=99 on configs/dense.py trained dense as if unset, but wrote
+  top_k 99 (and expert_d_ff 1) into config.json, and a resume with another value was
+  refused as another run. The same field set by an MoE config file, on a model its
+  command line makes dense (num_experts=0), is the file's, not an override."""
+  refused = run_main(*main_args("dense", corpus, tmp_path / "dense", {"model__top_k": 99}))
+  assert refused.returncode == 2 and refused.stderr.splitlines() == [
+      "error: --config.model.top_k: only an MoE model reads it, and this one is dense "
+      "(model.num_experts=0), so it would change nothing"], refused.stderr
+  assert not (tmp_path / "dense").exists()
+  made_dense = run_main(*main_args("moe_top2", corpus, tmp_path / "moe", {
+      "model__num_experts": 0, "train__steps": 1, "train__warmup_steps": 0}))
+  assert made_dense.returncode == 0, made_dense.stderr[-2000:]
+  assert json.loads((tmp_path / "moe" / "config.json").read_text())["model"]["num_experts"] == 0
+
+
 def test_a_name_that_is_not_a_plain_folder_name_is_refused_without_workdir(tmp_path):
   """Without --workdir the run's folder is runs/<name>-<time>: config.name=../../x put it
   outside runs/ (and "" made runs/-<time>). Refused in one line, before anything is made."""
