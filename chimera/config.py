@@ -358,6 +358,8 @@ def validate(c: Config) -> None:
   _check_positive("train", t, ("steps", "batch_size", "context", "grad_accum", "log_every",
                                "eval_every", "eval_batches", "checkpoint_every",
                                "keep_checkpoints", "learning_rate"))
+  # optax counts steps in int32: a step past 2**31 - 1 wraps to a negative count.
+  _check(t.steps < 2**31, "train.steps", f"must be < 2**31, got {t.steps}")
   _check(t.context <= c.model.max_len, "train.context",
          f"{t.context} is longer than the model supports (model.max_len={c.model.max_len})")
   _check(t.batch_size % t.grad_accum == 0, "train.batch_size",

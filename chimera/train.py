@@ -285,6 +285,12 @@ def prepare_data(config: Config, check_identity=lambda identity: None) -> Data:
   identity = {"corpus": d.corpus, "content_hash": cache.manifest.content_hash,
               "tokens": cache.manifest.tokens}
   check_identity(identity)
+  windows, distinct = t.eval_batches * t.batch_size, len(splits.val) - t.context
+  if windows > distinct > 0:  # (a split shorter than one window is refused in the sampler)
+    raise ChimeraError(f"config.train.eval_batches: {t.eval_batches} batches of {t.batch_size} are "
+                       f"{windows:,} windows, more than the {distinct:,} the validation split "
+                       f"holds (of context + 1 = {t.context + 1} tokens); lower it, or score "
+                       f"the whole split with chimera.evaluate")
   val_batches = batches_lib.eval_batches(splits.val, batch_size=t.batch_size,
                                          window=t.context + 1, num_batches=t.eval_batches,
                                          seed=EVAL_SEED)

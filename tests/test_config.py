@@ -200,6 +200,15 @@ def test_a_negative_seed_is_refused_before_compiling(key):
     config_lib.load(f"{CONFIGS[0].parent}/dense.py:tiny", {key: -1})
 
 
+def test_steps_past_what_the_optimiser_counts_are_refused():
+  """optax counts steps in int32: train.steps=3e9 was accepted (and its ETA printed)."""
+  dense = f"{CONFIGS[0].parent}/dense.py:tiny"
+  assert config_lib.load(dense, {"train.steps": 2**31 - 1}).train.steps == 2**31 - 1
+  with pytest.raises(ChimeraError, match=r"^config.train.steps: must be < 2\*\*31, got "
+                                         r"2147483648$"):
+    config_lib.load(dense, {"train.steps": 2**31})
+
+
 @pytest.mark.parametrize("key", ["data.seed", "train.seed"])
 def test_a_seed_that_would_repeat_another_is_refused(key):
   """jax.random.key keeps a seed's low 32 bits (2**32 trained seed 0's run again), and the

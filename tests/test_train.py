@@ -293,6 +293,30 @@ def test_a_job_started_with_sigint_ignored_keeps_ignoring_it(monkeypatch):
     signal.signal(signal.SIGINT, before)
 
 
+def test_a_size_that_overflows_is_one_line(corpus, tmp_path):
+  """model.num_experts=1e8 overflowed an index as the state was initialised: jax's
+  OverflowError and its traceback. One line, exit status 2."""
+  overflow = ("def train(*args, **kwargs): raise OverflowError('An overflow was encountered "
+              "while parsing an argument\\nmore')\nt.train = train")
+  result = run_main_patched(overflow, *main_args("dense", corpus, tmp_path / "run", {}))
+  assert result.returncode == 2 and result.stderr.splitlines() == [
+      "error: a size is too large for this model's arrays; lower the model or batch sizes "
+      "(An overflow was encountered while parsing an argument)"], result.stderr[-2000:]
+
+
+def test_more_validation_windows_than_the_split_holds_are_refused(make_config, corpus,
+                                                                  tmp_path):
+  """train.eval_batches=1e9 hung building the fixed subset (528 GB of windows drawn again
+  and again from a split of far fewer): refused in one line before it is drawn."""
+  config = make_config("dense", corpus, train__eval_batches=10**9)
+  val = len(train_lib.prepare_data(make_config("dense", corpus)).splits.val)
+  with pytest.raises(ChimeraError, match=rf"^config.train.eval_batches: 1000000000 batches of "
+                                         rf"{config.train.batch_size} are [\d,]+ windows, more "
+                                         rf"than the {val - config.train.context:,} the "
+                                         rf"validation split holds"):
+    train_lib.prepare_data(config)
+
+
 def test_ctrl_c_outside_the_training_loop_is_one_line(corpus, tmp_path):
   """Ctrl-C while the data is prepared or the step compiles (the loop turns it into a
   checkpoint itself): one line and exit status 130, no traceback."""
