@@ -334,3 +334,10 @@ def test_gpu_large_is_the_gpu_preset_wider_and_deeper():
   m = config_lib.load("configs/dense.py:gpu_large").model
   assert (m.vocab_size, m.dtype, m.max_len, m.d_model, m.num_layers, m.num_heads, m.d_ff) == (
       50304, "bfloat16", 512, 1024, 12, 16, 4096)
+
+
+def test_an_override_value_may_hold_an_equals_sign():
+  """Only the first "=" ends the field: a corpus path with one in it is that path."""
+  assert bench.parse_override("data.corpus=/data/run=3/text.txt") == (
+      "data.corpus", "/data/run=3/text.txt")
+  assert bench.parse_override("model.router=a=b") == ("model.router", "a=b")

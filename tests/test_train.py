@@ -1322,3 +1322,20 @@ def test_an_error_in_the_config_file_is_one_line_from_chimera_main(tmp_path, pre
   result = run_main(f"--config={path}{preset}", f"--workdir={tmp_path / 'run'}")
   assert result.returncode == 2
   assert result.stderr.strip() == f"error: --config: {path}, line 2: KeyError: 'model'"
+
+
+def test_the_validation_subset_is_the_same_for_every_data_seed(make_config, corpus):
+  """The fixed validation windows do not follow data.seed (a study's seeds differ in it):
+  every seed is scored on eval_batches of the validation split at seed 0, computed here
+  from the text in memory."""
+  from chimera.data.batches import eval_batches, make_splits
+  from chimera.data.corpora import load_corpus
+  from chimera.data.tokenizers import get_tokenizer
+  configs = [make_config("dense", corpus, data__seed=seed, train__seed=seed) for seed in (3, 5)]
+  t, d = configs[0].train, configs[0].data
+  val = make_splits(load_corpus(str(corpus)), get_tokenizer(d.tokenizer),
+                    val_fraction=d.val_fraction, mode=d.split).val
+  expected = eval_batches(val, batch_size=t.batch_size, window=t.context + 1,
+                          num_batches=t.eval_batches, seed=0)
+  for config in configs:
+    np.testing.assert_array_equal(train_lib.prepare_data(config).val_batches, expected)

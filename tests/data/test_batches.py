@@ -232,3 +232,15 @@ def test_held_out_with_a_tiny_val_fraction_is_fast():
   started = time.perf_counter()
   assert held_out([100] * 10, 1e-7).tolist() == [False] * 9 + [True]
   assert time.perf_counter() - started < 1
+
+
+def test_batch_i_is_drawn_from_the_seed_and_i():
+  """The contract a checkpoint's {seed, step} relies on: batch i's starts are
+  default_rng([seed, i]) over the len - window + 1 possible starts, from the first batch
+  on (a sampler that drew batch i from [seed, i + 1] still resumed consistently with
+  itself, but not a run saved by the documented one)."""
+  tokens = np.arange(1000, dtype=np.int32)
+  drawn = sampler(tokens)  # batch_size 4, window 9, seed 3
+  for i in range(3):
+    starts = np.random.default_rng([3, i]).integers(0, 1000 - 9 + 1, size=4)
+    np.testing.assert_array_equal(drawn.next(), starts[:, None] + np.arange(9))

@@ -564,3 +564,57 @@ def test_bench_cache_refuses_a_dir_that_is_a_file(tmp_path):
                           text=True, timeout=120)
   assert result.returncode == 2
   assert result.stderr.strip() == f"error: --dir: cannot write under {tmp_path / 'afile'}"
+
+
+class ShiftedBytes(tokenizers.ByteTokenizer):
+  """Another id mapping under the byte tokenizer's name: byte b is id (b + 1) % 256."""
+  identity = "byte, each id shifted by one"
+
+  def encode(self, text):
+    return (super().encode(text) + 1) % 256
+
+  def encode_batch(self, texts, num_threads=1):
+    return [self.encode(text).astype(np.uint8) for text in texts]
+
+
+def test_the_cache_is_keyed_by_the_tokenizers_identity_not_its_name(tmp_path):
+  """Two tokenizers of one name and other ids (GPT-2's under another rank file) are two
+  caches: the second must not map the first one's tokens."""
+  corpus = write_docs(tmp_path / "docs", 8)
+  plain = cache.prepare(str(corpus), tokenizers.ByteTokenizer()).splits()
+  shifted = cache.prepare(str(corpus), ShiftedBytes())
+  assert shifted.built
+  for ours, theirs in ((shifted.splits().train, plain.train), (shifted.splits().val, plain.val)):
+    theirs = np.asarray(theirs, np.int64)
+    np.testing.assert_array_equal(ours, np.where(theirs == 256, 256, (theirs + 1) % 256))
+
+
+def test_the_documents_split_weighs_documents_by_characters_not_bytes(tmp_path):
+  """held_out weighs documents by their characters (as make_splits does), also when the
+  cache builds the split. By hand, val_fraction 0.2 (k = 5, order e, d, c, b, a):
+  characters 100, 100, 100, 100, 40 -> target 88: e (40), then d (140) -> {d, e}.
+  Counted in bytes ("日" is 3), e alone (120 of 520 bytes) would reach the target."""
+  (tmp_path / "docs").mkdir()
+  for name in "abcd":
+    (tmp_path / "docs" / f"{name}.txt").write_text(name * 100)
+  (tmp_path / "docs" / "e.txt").write_text("日" * 40)
+  tok = tokenizers.ByteTokenizer()
+  built = cache.prepare(str(tmp_path / "docs"), tok, split="documents", val_fraction=0.2)
+  assert built.documents("val")[:, 0].tolist() == [3, 4]
+  assert built.manifest.bytes == {"train": 300, "val": 220}
+  assert_splits_equal(built.splits(), make_splits(load_corpus(str(tmp_path / "docs")), tok,
+                                                  val_fraction=0.2, mode="documents"))
+
+
+def test_peek_tells_a_cache_of_the_text_now_from_one_of_earlier_text(tmp_path, monkeypatch):
+  """chimera.compare checks finished runs against peek: a cache of text the corpus no
+  longer holds comes back with False (the run's text, changed since), never as current;
+  and peek builds nothing."""
+  corpus, tok = write_docs(tmp_path / "docs", 6), tokenizers.ByteTokenizer()
+  assert cache.peek(str(corpus), tok) == (None, False)
+  built = cache.prepare(str(corpus), tok)
+  assert cache.peek(str(corpus), tok) == (built.manifest, True)
+  (corpus / "doc001.txt").write_text("<doc 1> changed")
+  refuse_to_tokenize(monkeypatch, tok)
+  manifest, current = cache.peek(str(corpus), tok)
+  assert manifest.content_hash == built.manifest.content_hash and current is False
