@@ -177,7 +177,7 @@ class WindowSampler:
                split: str = "training"):
     _check_length(tokens, window, split)
     if batch_size % (process_count * micro_batches):
-      raise ChimeraError(f"data.batch_size: {batch_size} does not split evenly into "
+      raise ChimeraError(f"config.train.batch_size: {batch_size} does not split evenly into "
                          f"{micro_batches} micro-batches over {process_count} processes")
     self.tokens, self.window, self.seed, self.step = tokens, window, seed, step
     self.batch_size = batch_size

@@ -164,7 +164,7 @@ def test_too_short_splits_name_the_split():
 
 
 def test_bad_arguments():
-  with pytest.raises(ChimeraError, match="data.batch_size: 4 does not split evenly into 1 "
+  with pytest.raises(ChimeraError, match="^config.train.batch_size: 4 does not split evenly into 1 "
                                          "micro-batches over 3 processes"):
     sampler(np.arange(100), process_count=3)
   with pytest.raises(ChimeraError, match="data.split: unknown mode 'random'"):
