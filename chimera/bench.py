@@ -512,10 +512,25 @@ def parse_override(text: str) -> tuple[str, object]:
   return key, parse_value(value, key)
 
 
-# Fields the bench's steps never read: the loop's logging, evaluation and checkpoints, and
-# the run's length (only the schedule's values, not the step's work).
+def parse_overrides(flag: str, texts: list[str]) -> dict:
+  """A repeated "section.field=value" flag (--set) -> {"section.field": value}; a field
+  given twice is refused (the last value won, silently)."""
+  overrides = {}
+  for text in texts:
+    key, value = parse_override(text)
+    if key in overrides:
+      raise ChimeraError(f"--{flag}: {key} is given twice ({overrides[key]!r} and "
+                         f"{value!r}); give it once")
+    overrides[key] = value
+  return overrides
+
+
+# Fields the bench's steps never read: the loop's logging, evaluation and checkpoints, the
+# run's length (only the schedule's values, not the step's work), its name and its seeds
+# (other numbers, the same work).
 _NOT_IN_STEP = ("train.log_every", "train.eval_every", "train.eval_batches",
-                "train.checkpoint_every", "train.keep_checkpoints", "train.steps")
+                "train.checkpoint_every", "train.keep_checkpoints", "train.steps", "name",
+                "train.seed", "data.seed")
 
 
 def _step_reads(config: Config, key: str) -> bool:
@@ -532,6 +547,9 @@ def _step_reads(config: Config, key: str) -> bool:
 def make_cases(specs: list[str], overrides: dict, variants: list[str],
                random_ids: bool) -> list[Case]:
   """One case per spec, or per spec and variant value (see the module docstring)."""
+  if (twice := sorted({spec for spec in specs if specs.count(spec) > 1})):
+    raise ChimeraError(f"--configs: {', '.join(twice)} given twice (its rows would time one "
+                       f"step against itself); give each config once")
   if not variants:
     return [Case(spec, spec, config_lib.load(spec, overrides), dict(overrides),
                  random_ids=random_ids) for spec in specs]
@@ -621,7 +639,7 @@ def main(argv):
                         decode_batches=tuple(int(b) for b in FLAGS.decode_batches),
                         moe_split=FLAGS.moe_split, profile=FLAGS.profile,
                         profile_dir=FLAGS.profile_dir)
-    cases = make_cases(FLAGS.configs, dict(map(parse_override, FLAGS.set)), FLAGS.variants,
+    cases = make_cases(FLAGS.configs, parse_overrides("set", FLAGS.set), FLAGS.variants,
                        FLAGS.random_ids)
     with out_of_memory_is_one_line():
       records = run(cases, FLAGS.repeats, settings)

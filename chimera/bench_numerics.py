@@ -18,7 +18,7 @@ import optax
 from absl import app, flags, logging
 
 from chimera import config as config_lib
-from chimera.bench import parse_override
+from chimera.bench import parse_overrides
 from chimera.errors import ChimeraError, parse_flags, tool_main
 from chimera.grouped_matmul import ragged_matmul
 from chimera.layers import CrossEntropyKernel, compute_dtype, cross_entropy, embed_lookup
@@ -43,7 +43,7 @@ def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # jax logs its platform search at INFO
   try:
-    config = config_lib.load(_CONFIG.value, dict(map(parse_override, _SET.value)))
+    config = config_lib.load(_CONFIG.value, parse_overrides("set", _SET.value))
   except ChimeraError as error:
     print(f"error: {error}", file=sys.stderr)
     sys.exit(2)

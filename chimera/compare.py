@@ -619,7 +619,7 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)
   try:
     compile_cache.enable()  # in the try: a $CHIMERA_CACHE that cannot be a folder is one line
-    overrides = dict(map(bench.parse_override, _SET.value))
+    overrides = bench.parse_overrides("set", _SET.value)
     for flag, key, value in (("corpus", "data.corpus", _CORPUS.value or None),
                              ("train_steps", "train.steps", _STEPS.value)):
       if value is None:
@@ -629,7 +629,7 @@ def main(argv):
                            f"{key}; pass one")
       overrides[key] = value
     study = make_study(_PRESET.value, _SWEEP.value, _BASE.value, overrides,
-                       dict(map(bench.parse_override, _BASE_SET.value)),
+                       bench.parse_overrides("base_set", _BASE_SET.value),
                        sets=overrides)  # every override over the preset names the folder
     given_seeds = _SEEDS.value or []
     if _SEEDS.value == []:  # --seeds= (None when not given)

@@ -28,7 +28,7 @@ import numpy as np
 from absl import app, flags, logging
 
 from chimera import config as config_lib, sharding
-from chimera.bench import parse_override
+from chimera.bench import parse_overrides
 from chimera.errors import ChimeraError, parse_flags, tool_main
 from chimera.decoder import Decoder
 from chimera.layers import Kernels
@@ -150,7 +150,7 @@ def main(argv):
   try:
     data, expert = parse_mesh(FLAGS.mesh)
     overrides = {"mesh.data": data, "mesh.expert": expert}
-    overrides.update(dict(parse_override(s) for s in FLAGS.set))
+    overrides.update(parse_overrides("set", FLAGS.set))
     config = config_lib.load(FLAGS.config, overrides)
     sharding.check_mesh(config, jax.device_count())
   except ChimeraError as error:

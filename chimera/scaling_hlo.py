@@ -25,7 +25,7 @@ import jax
 from absl import app, flags, logging
 
 from chimera import config as config_lib, sharding
-from chimera.bench import parse_override
+from chimera.bench import parse_overrides
 from chimera.errors import ChimeraError, parse_flags, tool_main
 from chimera.scaling import (Collective, collectives, compile_train_step, define_flags,
                              parse_mesh, predicted_bytes, upcast_note)
@@ -101,7 +101,7 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)  # jax logs its platform search at INFO
   try:
     data, expert = parse_mesh(FLAGS.mesh)
-    spec, base = FLAGS.config, dict(parse_override(s) for s in FLAGS.set)
+    spec, base = FLAGS.config, parse_overrides("set", FLAGS.set)
     plain = load(spec, base, 1, 1)
     if not plain.model.num_experts:  # no dispatch to compare, nor experts to place
       raise ChimeraError(f"--config: {spec} has no experts (model.num_experts=0); this tool "

@@ -168,7 +168,9 @@ def test_variants_of_kernels_and_ids(corpus, tmp_path):
                               ["model.num_experts=0,4"], False)) == 2
   # Nor are fields the timed step never reads rows of their own: the capacity of a
   # dropless MoE, the loop's logging (their "speedups" were noise); einsum reads capacity.
-  for variant in ("model.capacity_factor=1.0,4.0", "train.log_every=1,50"):
+  # Nor its seeds or name: other numbers, the same work ("name=b vs name=a: 0.23x").
+  for variant in ("model.capacity_factor=1.0,4.0", "train.log_every=1,50", "train.seed=1,2",
+                  "data.seed=1,2", "name=a,b"):
     assert [c.name for c in bench.make_cases(["configs/moe_top2.py:tiny"], overrides,
                                              [variant], False)] == ["configs/moe_top2.py:tiny"]
   assert len(bench.make_cases(["configs/moe_top2.py:tiny"],
@@ -176,6 +178,15 @@ def test_variants_of_kernels_and_ids(corpus, tmp_path):
                               ["model.capacity_factor=1.0,4.0"], False)) == 2
   with pytest.raises(ChimeraError, match="model.dispatch"):
     bench.make_cases(["configs/dense.py:tiny"], overrides, ["model.dispatch=bogus"], False)
+  # A config given twice timed one step against itself; a --set given twice kept the last.
+  with pytest.raises(ChimeraError, match=r"^--configs: configs/dense\.py:tiny given twice"):
+    bench.make_cases(["configs/dense.py:tiny", "configs/moe_top2.py:tiny",
+                      "configs/dense.py:tiny"], overrides, [], False)
+  with pytest.raises(ChimeraError, match=r"^--set: train\.batch_size is given twice \(16 and "
+                                         r"8\); give it once$"):
+    bench.parse_overrides("set", ["train.batch_size=16", "train.steps=3", "train.batch_size=8"])
+  assert bench.parse_overrides("set", ["train.batch_size=16", "train.steps=3"]) == {
+      "train.batch_size": 16, "train.steps": 3}
   with pytest.raises(ChimeraError, match="kernels.embed_grad"):
     bench.make_cases(["configs/dense.py:tiny"], overrides, ["kernels.embed_grad=gather"], False)
   with pytest.raises(ChimeraError, match="ids"):
