@@ -184,7 +184,13 @@ def make_model(name: str, role: str, path: str, preset: StudyPreset, overrides: 
   width follows moe_top2's parameters (`study_models`)."""
   if role in ("baseline", "reference"):
     overrides = {k: v for k, v in overrides.items() if k not in config_lib.MOE_ONLY}
-  return Model(name, load(path, preset, overrides), role, f"{path}:{preset.config_preset}",
+  try:
+    config = load(path, preset, overrides)
+  except ChimeraError as error:  # dense, built first, fails on what every model gets
+    if role == "baseline":
+      raise
+    raise ChimeraError(f"{name} ({path}): {error}") from None
+  return Model(name, config, role, f"{path}:{preset.config_preset}",
                {**preset.overrides, **overrides})
 
 
@@ -224,6 +230,8 @@ def check_same_backbone(models: list[Model]) -> None:
 
 def study_models(preset: StudyPreset, overrides: dict) -> list[Model]:
   """dense, the compute-matched MoE configs and dense_wide, at the preset."""
+  dense = make_model("dense", "baseline", "configs/dense.py", preset, overrides)  # first:
+  # what every model gets fails there, without a model's name
   moes = [make_model(name, "moe", f"configs/{name}.py", preset, overrides) for name in MOE_CONFIGS]
   top2 = next(m.config.model for m in moes if m.name == "moe_top2")
   # moe_top2's feed-forward parameters spread over every layer: its MoE layers hold E + S
@@ -231,7 +239,7 @@ def study_models(preset: StudyPreset, overrides: dict) -> list[Model]:
   moe_layers = top2.num_moe_layers
   wide_ff = round(((top2.num_experts + top2.num_shared_experts) * top2.expert_d_ff * moe_layers
                    + top2.d_ff * (top2.num_layers - moe_layers)) / top2.num_layers)
-  models = [make_model("dense", "baseline", "configs/dense.py", preset, overrides), *moes,
+  models = [dense, *moes,
             make_model("dense_wide", "reference", "configs/dense.py", preset,
                   {**overrides, "model.d_ff": wide_ff})]
   check_compute_matched(models)

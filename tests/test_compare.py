@@ -551,6 +551,19 @@ def test_a_sweep_compares_its_points_with_dense_on_dense_s_backbone_data_and_tok
       compare.sweep_models(f"{field}={values}", None, preset, overrides)
 
 
+def test_a_setting_one_model_cannot_take_names_that_model(corpus):
+  """--set=model.num_shared_experts=1 fits moe_top1 (1 + 1 divides d_ff) but not moe_top2
+  (2 + 1): its error named a field and no model. What every model gets still fails on
+  dense, built first, without a name."""
+  with pytest.raises(ChimeraError, match=r"^moe_top2 \(configs/moe_top2\.py\): "
+                                         r"config\.model\.d_ff: 512 is not a multiple of "
+                                         r"model\.top_k \+ model\.num_shared_experts = 3"):
+    compare.make_study("cpu", None, None, {"data.corpus": str(corpus),
+                                           "model.num_shared_experts": 1})
+  with pytest.raises(ChimeraError, match=r"^config\.train\.steps: must be > 0, got 0$"):
+    compare.make_study("cpu", None, None, {"data.corpus": str(corpus), "train.steps": 0})
+
+
 def test_a_setting_that_unmatches_the_compute_is_refused(corpus):
   """The study compares at equal compute per token: --set that makes an MoE config's model
   FLOPs per token differ from dense's by more than COMPUTE_MATCH is refused in one line,
