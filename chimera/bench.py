@@ -507,7 +507,7 @@ def parse_value(text: str, key: str | None = None):
 def parse_override(text: str) -> tuple[str, object]:
   """"section.field=value" -> ("section.field", value)."""
   key, equals, value = text.partition("=")
-  if not equals:
+  if not equals or not key:
     raise ChimeraError(f"{text!r}: expected section.field=value")
   return key, parse_value(value, key)
 

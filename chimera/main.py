@@ -25,6 +25,24 @@ _STOP_AFTER = flags.DEFINE_integer(
 flags.mark_flag_as_required("config")
 
 
+def check_config_keys(args: list[str]) -> None:
+  """Refuses a --config.KEY that is not section.field or name, in one line of its own
+  (ml_collections' were "string indices must be integers" for --config.name.x, a Python
+  ast node for --config.model=foo)."""
+  for arg in args:
+    if not arg.startswith("--config."):
+      continue
+    key = arg.removeprefix("--config.").split("=")[0]
+    parts = key.split(".")
+    if parts[0] == "name" and len(parts) > 1:
+      raise ChimeraError(f"--config.{key}: config.name is a string, not a section")
+    if parts[0] in config_lib.SECTIONS and len(parts) != 2:
+      raise ChimeraError(
+          f"--config.{key}: a section; set one of its fields, --config.{key}.FIELD=value "
+          f"(chimera/config.py's {config_lib.SECTIONS[key].__name__})" if len(parts) == 1
+          else f"--config.{key}: {parts[0]}.{parts[1]} is a field, not a section")
+
+
 def parse_flags(argv: list[str]) -> list[str]:
   """absl's parser, with a bad flag, config file or config key reported as one line."""
   try:
@@ -34,6 +52,7 @@ def parse_flags(argv: list[str]) -> list[str]:
     config_file = given[-1].split(":")[0] if given else ""  # the last --config counts
     if config_file and not Path(config_file).is_file():
       raise ChimeraError(f"--config: no such file: {config_file}")
+    check_config_keys(argv[1:])
     remaining = flags.FLAGS(argv)
     _CONFIG.value["model"]  # config files load lazily: make their errors surface here
     return remaining

@@ -185,6 +185,8 @@ def test_variants_of_kernels_and_ids(corpus, tmp_path):
   with pytest.raises(ChimeraError, match=r"^--set: train\.batch_size is given twice \(16 and "
                                          r"8\); give it once$"):
     bench.parse_overrides("set", ["train.batch_size=16", "train.steps=3", "train.batch_size=8"])
+  with pytest.raises(ChimeraError, match=r"^'=5': expected section\.field=value$"):
+    bench.parse_overrides("set", ["=5"])  # was "config.: unknown field"
   assert bench.parse_overrides("set", ["train.batch_size=16", "train.steps=3"]) == {
       "train.batch_size": 16, "train.steps": 3}
   with pytest.raises(ChimeraError, match="kernels.embed_grad"):

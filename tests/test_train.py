@@ -343,6 +343,11 @@ def test_bad_config_is_one_line_before_compiling(corpus, tmp_path):
       "--config.train.steps=abc": "invalid literal for int() with base 10: 'abc'",
       "--config.train.seed=4294967295": "config.train.seed: must be in [0, 4294967294]",
       "--config.model.foo=1": "--config.model.foo: no such config field 'foo'",
+      # ml_collections' own: "string indices must be integers", a Python ast node.
+      "--config.name.x=1": "--config.name.x: config.name is a string, not a section",
+      "--config.model=foo": "--config.model: a section; set one of its fields, "
+                            "--config.model.FIELD=value (chimera/config.py's ModelConfig)",
+      "--config.model.d_ff.x=1": "--config.model.d_ff.x: model.d_ff is a field, not a section",
       "--config.seed=1": "--config.seed: no such config field 'seed'; did you mean "
                          "--config.data.seed or --config.train.seed?",
       "--config.model.group_size=48": "config.model.group_size",
