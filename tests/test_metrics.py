@@ -128,3 +128,14 @@ def test_the_progress_line_shows_a_slow_rate():
   assert progress_line(2, 10, 1.5, 12_345.0, 3700) == (
       "step      2/10 | loss 1.5000 |    12.3k tok/s | ETA 1h01m")
 
+
+
+def test_each_row_is_on_disk_as_soon_as_it_is_written(tmp_path):
+  """A run killed (SIGKILL, the OOM killer) keeps every row it wrote: metrics.jsonl is
+  flushed at each write, not only when the writer closes."""
+  writer = MetricWriter(tmp_path, resume_step=0)
+  writer.write("train", 1, {"loss": 2.0})
+  writer.write("eval", 1, {"val_loss": 3.0})
+  records, torn = read_jsonl(tmp_path / "metrics.jsonl")
+  assert not torn and [(r["event"], r["step"]) for r in records] == [("train", 1), ("eval", 1)]
+  writer.close()

@@ -1344,3 +1344,187 @@ def test_the_validation_subset_is_the_same_for_every_data_seed(make_config, corp
                           num_batches=t.eval_batches, seed=0)
   for config in configs:
     np.testing.assert_array_equal(train_lib.prepare_data(config).val_batches, expected)
+
+
+# --- Run integrity: tests written by the checkpoint/resume mutation audit. ---------------
+
+
+def test_a_resume_carries_on_from_where_the_run_stopped(make_config, corpus, tmp_path,
+                                                        monkeypatch):
+  """A stop (here stop_after, as SIGTERM) between two checkpoint steps saves a checkpoint
+  where it stopped, and the next session carries the run on from it: the training time
+  and the best validation loss so far come from that checkpoint, and the checkpoint ranked
+  best there outlives the next session's saves (retention keeps it by its val_loss)."""
+  config = make_config("dense", corpus, train__steps=2, train__warmup_steps=0,
+                       train__checkpoint_every=2, train__eval_every=1, train__log_every=1,
+                       train__keep_checkpoints=1)
+  workdir = tmp_path / "run"
+  evaluate = train_lib.Evaluator.__call__
+
+  def best_so_far(self, state, step, progress):  # an evaluation better than any to come
+    evaluate(self, state, step, progress)
+    progress.best_val_loss = 0.5
+    return 0.5
+  with monkeypatch.context() as patch:
+    patch.setattr(train_lib.Evaluator, "__call__", best_so_far)
+    # The first session's clock reads an hour more: the second must count on from it.
+    patch.setattr(train_lib.Clock, "__call__", lambda self: self.earlier_seconds + 3600.0)
+    stopped = train(config, workdir, stop_after=1)
+  assert not stopped.completed and stopped.steps == 1
+  checkpoints = Checkpointer(workdir / "checkpoints", keep=1)
+  assert checkpoints.all_steps() == [1], "the stop at step 1 saved no checkpoint there"
+  checkpoints.close()
+  summary = train(config, workdir)
+  assert summary.completed and summary.steps == 2
+  assert summary.wall_seconds >= 3600.0, "the training time restarted from 0 on resume"
+  assert summary.best_val_loss == 0.5, "the best validation loss was not restored"
+  assert summary.final_val_loss == read_events(workdir, "eval")[-1]["val_loss"] > 0.5
+  # Retention (keep_checkpoints=1): the latest checkpoint, and step 1, the best by the
+  # val_loss it was saved with.
+  assert Checkpointer(workdir / "checkpoints", keep=1).all_steps() == [1, 2]
+
+
+def test_a_resume_is_exact_with_dropout_and_the_router_bias(make_config, corpus, tmp_path):
+  """What a resume must restore beyond the parameters and the optimiser: the random stream
+  (here dropout's; router jitter and noise draw from it too), the same key at each step as
+  the run without a stop, and the model's own state (the router bias of
+  auxiliary-loss-free balancing)."""
+  config = make_config("moe_top2", corpus, train__steps=2, train__warmup_steps=0,
+                       train__checkpoint_every=1, train__eval_every=2, train__log_every=1,
+                       model__dropout=0.1, model__router_bias_rate=0.01)
+  straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+  train(config, straight)
+  assert not train(config, resumed, stop_after=1).completed
+  assert train(config, resumed).completed
+  (state_a, _), (state_b, _) = final_params(config, straight), final_params(config, resumed)
+  assert int(state_a.step) == int(state_b.step) == 2
+  bias = state_a.model_state["router_bias"]["block_0"]["moe"]["bias"]
+  assert np.abs(np.asarray(bias)).sum() > 0  # the bias moved: there is something to restore
+  chex.assert_trees_all_equal(state_a.model_state, state_b.model_state)
+  chex.assert_trees_all_equal(state_a.params, state_b.params)
+
+
+def test_a_diverged_step_is_not_saved_between_log_rows(make_config, corpus, tmp_path):
+  """With train.log_every longer than train.checkpoint_every, each save still follows the
+  check of the steps before it: the NaN at step 2 (learning rate 1e12) stops the run before
+  it is saved, and the checkpoint left is step 1's, finite."""
+  config = make_config("dense", corpus, train__steps=4, train__learning_rate=1e12,
+                       train__warmup_steps=0, train__checkpoint_every=1, train__log_every=4,
+                       train__eval_every=4, train__grad_clip=1e12)
+  workdir = tmp_path / "run"
+  with pytest.raises(TrainingDiverged, match=r"at step 2; stopping\. The last good checkpoint"):
+    train(config, workdir)
+  checkpointer = Checkpointer(workdir / "checkpoints", keep=2)
+  assert checkpointer.all_steps() == [1]
+  state, _ = checkpointer.restore(init_state(config))
+  assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(state.params))
+
+
+def test_a_non_finite_norm_stops_the_run_even_with_a_finite_loss(make_config, corpus):
+  """The loss checks the parameters a step started from; the norm (the new parameters', or
+  without train.log_norms the gradient's) is checked too, so that a step whose update
+  overflowed is not saved."""
+  config = make_config("dense", corpus)
+  log = train_lib.TrainLog(config, 0, types.SimpleNamespace(write=lambda *args: None),
+                           Progress())
+  log.first_step_done()
+  for norm in ("param_norm", "grad_norm"):
+    log.add({"loss_sum": 20.0, "tokens": 10.0, "steps": 1.0, norm: 1.0})
+    log.add({"loss_sum": 20.0, "tokens": 10.0, "steps": 1.0, norm: np.inf})
+    with pytest.raises(TrainingDiverged, match=rf"^non-finite loss \(20\.0\) or {norm} \(inf\) "
+                                               rf"at step 2; stopping\.$"):
+      log.flush(2, wall_seconds=1.0)
+    log.pending.clear()
+
+
+def test_a_save_that_fails_in_the_background_is_one_line(make_config, corpus, tmp_path,
+                                                         monkeypatch):
+  """Orbax writes a checkpoint in the background: a full disk met there is raised when the
+  run waits for that save, here as the run stops on a NaN validation loss at step 2 with
+  step 1's save pending. It is the one-line error of a refused save, not orbax's."""
+  import orbax.checkpoint as ocp
+  config = make_config("dense", corpus, train__steps=4, train__warmup_steps=0,
+                       train__checkpoint_every=1, train__eval_every=1, train__log_every=1)
+  evaluate = train_lib.Evaluator.__call__
+  monkeypatch.setattr(train_lib.Evaluator, "__call__", lambda self, state, step, progress:
+                      float("nan") if step == 2 else evaluate(self, state, step, progress))
+  wait, failed = ocp.CheckpointManager.wait_until_finished, []
+
+  def full_once_step_1_is_pending(self):  # as orbax raises a background error: once
+    wait(self)
+    if self.latest_step() == 1 and not failed:
+      failed.append(True)
+      raise ValueError("RESOURCE_EXHAUSTED: Error writing local file \"x/_sharding\": "
+                       "Failed writing: \"x\": No space left on device [os_error_code='28']")
+  monkeypatch.setattr(ocp.CheckpointManager, "wait_until_finished", full_once_step_1_is_pending)
+  workdir = tmp_path / "run"
+  with pytest.raises(ChimeraError, match=rf"^a checkpoint could not be written in "
+                                         rf"{workdir / 'checkpoints'} \(No space left on "
+                                         rf"device\); .*Make room"):
+    train(config, workdir)
+  assert failed
+
+
+def test_the_workdir_lock_is_exclusive(make_config, corpus, tmp_path):
+  """While a run holds its workdir, no other process can take the workdir's lock, shared or
+  exclusive (two runs would otherwise write the same checkpoints)."""
+  config = make_config("dense", corpus, train__steps=2, train__warmup_steps=0)
+  workdir = tmp_path / "run"
+  with train_lib.open_workdir(workdir, config):
+    for operation in (fcntl.LOCK_SH, fcntl.LOCK_EX):
+      with open(workdir / ".lock") as other:  # another open file: as another process's
+        with pytest.raises(BlockingIOError):
+          fcntl.flock(other, operation | fcntl.LOCK_NB)
+  with open(workdir / ".lock") as other:  # released with the block
+    fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+def save_run_checkpoints(workdir, config, steps):
+  """Checkpoints at `steps` that record `config` as a run's do, with a stand-in state:
+  open_workdir reads only the steps and the config their meta records."""
+  checkpointer = Checkpointer(workdir / "checkpoints", keep=len(steps))
+  recorded = config_lib.to_dict(sharding.resolve_mesh(config, jax.device_count()))
+  for step in steps:
+    checkpointer.save(step, {"w": np.zeros(3, np.float32)},
+                      {**Progress().to_json(), "config": recorded})
+  checkpointer.wait()
+  checkpointer.close()
+
+
+def test_without_data_json_a_run_of_other_text_is_another_run(make_config, corpus, tmp_path,
+                                                            write_corpus):
+  """A workdir without data.json (a run started before it was kept) has no content hash to
+  recognise a moved corpus by: its corpus path is part of the run, and another path is
+  refused as another run."""
+  workdir = tmp_path / "run"
+  run = functools.partial(make_config, "dense", train__steps=2, train__warmup_steps=0)
+  save_run_checkpoints(workdir, run(corpus), [1])
+  other = write_corpus(tmp_path / "other.txt", seed=1)
+  with pytest.raises(ChimeraError, match=r"^--workdir: .* holds another run .*: data\.corpus "):
+    with train_lib.open_workdir(workdir, run(other)):
+      pass
+  with train_lib.open_workdir(workdir, run(corpus)) as saved:
+    assert saved == [1]  # the run's own corpus resumes
+
+
+def test_the_latest_checkpoint_is_the_highest_step(make_config, corpus, tmp_path):
+  """Checkpoints at steps 9 and 10 ("10" sorts before "9" as text): the run is at step 10,
+  so 9 steps are refused as fewer than it has trained."""
+  workdir = tmp_path / "run"
+  run = functools.partial(make_config, "dense", corpus, train__warmup_steps=0)
+  save_run_checkpoints(workdir, run(train__steps=10), [9, 10])
+  with pytest.raises(ChimeraError, match=r"^train\.steps=9: .* holds this run at step 10 "):
+    with train_lib.open_workdir(workdir, run(train__steps=9)):
+      pass
+  assert train_lib.saved_steps(workdir) == [9, 10]
+
+
+def test_main_draws_no_plots_of_a_stopped_run(corpus, tmp_path):
+  """chimera.main plots a run once it has completed, not one stopped short (a run's plots
+  describe it as it ended, and go when it is trained on)."""
+  stopped = ("import types, chimera.study_plots as plots\n"
+             "t.train = lambda *args, **kwargs: types.SimpleNamespace(completed=False)\n"
+             "plots.run_plots = lambda workdir, name: print('PLOTTED', file=sys.stderr) or []")
+  result = run_main_patched(stopped, *main_args("dense", corpus, tmp_path / "run", {}))
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert "PLOTTED" not in result.stderr, "a stopped run's plots were drawn"

@@ -239,3 +239,33 @@ def test_written_files_are_readable_by_others(tmp_path):
   path = tmp_path / "file"
   write_atomic(path, b"x")
   assert path.read_bytes() == b"x" and stat.S_IMODE(path.stat().st_mode) == 0o644
+
+
+def test_a_write_cut_short_leaves_the_old_file_whole(tmp_path, monkeypatch):
+  """write_atomic (summary.json, config.json, data.json): until the rename, readers see the
+  old file, whole, and nothing is left beside it; the new bytes reach the disk (fsync)
+  before the rename makes them the file, so a power cut after it leaves no empty file."""
+  import errno
+  from chimera.data.corpora import write_atomic
+  path = tmp_path / "summary.json"
+  path.write_bytes(b"old")
+  calls = []
+  fsync = os.fsync
+
+  def synced(fd):
+    calls.append("fsync")
+    fsync(fd)
+
+  def cut(source, target):
+    calls.append("replace")
+    raise OSError(errno.EIO, os.strerror(errno.EIO))
+  monkeypatch.setattr(os, "fsync", synced)
+  monkeypatch.setattr(os, "replace", cut)
+  with pytest.raises(OSError):
+    write_atomic(path, b"new")
+  assert path.read_bytes() == b"old"
+  assert [p.name for p in tmp_path.iterdir()] == ["summary.json"]
+  assert calls == ["fsync", "replace"]
+  monkeypatch.undo()
+  write_atomic(path, b"new")
+  assert path.read_bytes() == b"new"
