@@ -427,6 +427,12 @@ def _average(records: list[dict]) -> dict:
   return averaged
 
 
+def _check_finite(val_loss: float, step: int) -> None:
+  if not math.isfinite(val_loss):
+    raise TrainingDiverged(f"non-finite validation loss ({val_loss}) at step {step}; "
+                           "stopping.")
+
+
 class Evaluator:
   """Validation loss on the fixed subset, written as an EvalRecord."""
 
@@ -622,9 +628,8 @@ def _train_loop(config: Config, workdir: Path, data: Data, mesh: jax.sharding.Me
         progress.wall_seconds = clock()
         train_log.flush(step, progress.wall_seconds)
       val_loss = evaluate(state, step, progress) if is_eval else None
-      if val_loss is not None and not math.isfinite(val_loss):  # before it could be saved
-        raise TrainingDiverged(f"non-finite validation loss ({val_loss}) at step {step}; "
-                               "stopping.")
+      if val_loss is not None:
+        _check_finite(val_loss, step)  # before it could be saved
       if is_save or interrupted:
         checkpointer.save(step, state, {**progress.to_json(), "config": saved_config},
                           val_loss=val_loss)
@@ -633,7 +638,7 @@ def _train_loop(config: Config, workdir: Path, data: Data, mesh: jax.sharding.Me
     if step >= t.steps and progress.eval_step != step:
       # train.steps lowered to a stopped run's latest checkpoint, or a checkpoint older than
       # Progress.eval_step: no step of this session evaluated the run's end.
-      evaluate(state, step, progress)
+      _check_finite(evaluate(state, step, progress), step)  # before the summary says done
     writer.close()
     summary = _summarize(config, data, progress, train_log, step, completed=step >= t.steps,
                          workdir=workdir)

@@ -589,6 +589,24 @@ def test_a_non_finite_validation_loss_stops_before_it_is_saved(make_config, corp
   assert Checkpointer(workdir / "checkpoints", keep=2).all_steps() == [1]
 
 
+def test_a_non_finite_validation_loss_at_the_end_of_a_shortened_run_is_not_summarized(
+    make_config, corpus, tmp_path, monkeypatch):
+  """train.steps lowered to a stopped run's latest checkpoint: the run's end is evaluated
+  after the loop. A NaN there was summarized as completed, with final and best val loss
+  NaN (min(nan, x) is nan) in a summary.json that is not strict JSON."""
+  kw = dict(train__warmup_steps=0, train__eval_every=4, train__checkpoint_every=4,
+            train__log_every=1)
+  workdir = tmp_path / "run"
+  assert not train(make_config("dense", corpus, train__steps=4, **kw), workdir,
+                   stop_after=2).completed
+  monkeypatch.setattr(train_lib.Evaluator, "__call__",
+                      lambda self, state, step, progress: float("nan"))
+  with pytest.raises(TrainingDiverged, match=r"non-finite validation loss \(nan\) at step 2; "
+                                             r"stopping\. The last good checkpoint"):
+    train(make_config("dense", corpus, train__steps=2, **kw), workdir)
+  assert not records.RunSummary.exists(workdir)
+
+
 def test_a_save_killed_before_its_rename_is_removed_and_not_called_good(make_config, corpus,
                                                                        tmp_path, monkeypatch):
   """A run killed while orbax wrote a save leaves that save's temporary folder (orbax
