@@ -547,6 +547,11 @@ def _step_reads(config: Config, key: str) -> bool:
 def make_cases(specs: list[str], overrides: dict, variants: list[str],
                random_ids: bool) -> list[Case]:
   """One case per spec, or per spec and variant value (see the module docstring)."""
+  for flag, key in [("--set", k) for k in overrides] + [("--variants", v.partition("=")[0])
+                                                        for v in variants]:
+    if key.startswith("mesh."):  # it was measured on one device, with no word of it
+      raise ChimeraError(f"{flag}={key}: the bench times one device's step, whatever the "
+                         f"mesh; chimera.scaling and chimera.scaling_hlo measure a mesh")
   if (twice := sorted({spec for spec in specs if specs.count(spec) > 1})):
     raise ChimeraError(f"--configs: {', '.join(twice)} given twice (its rows would time one "
                        f"step against itself); give each config once")

@@ -178,6 +178,11 @@ def test_variants_of_kernels_and_ids(corpus, tmp_path):
                               ["model.capacity_factor=1.0,4.0"], False)) == 2
   with pytest.raises(ChimeraError, match="model.dispatch"):
     bench.make_cases(["configs/dense.py:tiny"], overrides, ["model.dispatch=bogus"], False)
+  for settings, variants in (({**overrides, "mesh.expert": 2}, []),
+                            (overrides, ["mesh.data=1,2"])):
+    with pytest.raises(ChimeraError, match=r"^--(set|variants)=mesh\.(expert|data): the bench "
+                                           r"times one device's step, whatever the mesh"):
+      bench.make_cases(["configs/moe_top2.py:tiny"], settings, variants, False)
   # A config given twice timed one step against itself; a --set given twice kept the last.
   with pytest.raises(ChimeraError, match=r"^--configs: configs/dense\.py:tiny given twice"):
     bench.make_cases(["configs/dense.py:tiny", "configs/moe_top2.py:tiny",
