@@ -267,7 +267,12 @@ def sweep_models(sweep: str, base: str | None, preset: StudyPreset, overrides: d
   elif sweep in study_sweeps.SWEEPS:
     named = study_sweeps.SWEEPS[sweep]
     base = base or named.base
-    points = named.points(load(base, preset, {**overrides, **base_overrides}))
+    base_config = load(base, preset, {**overrides, **base_overrides})
+    if not base_config.model.num_experts:  # every named sweep is of an MoE's settings
+      raise ChimeraError(f"--sweep={sweep}: a sweep of an MoE's settings, and its base "
+                         f"({base}{' with --base_set' if base_overrides else ''}) is dense "
+                         f"(model.num_experts=0)")
+    points = named.points(base_config)
 
     def points_without(key):
       """The points from the base without the setting `key`: equal to `points` if they
@@ -292,13 +297,6 @@ def sweep_models(sweep: str, base: str | None, preset: StudyPreset, overrides: d
   models = [make_model("dense", "baseline", "configs/dense.py", preset, overrides)]
   models += [make_model(name, "point", base, preset, {**overrides, **base_overrides, **point})
              for name, point in points]
-  if "=" not in sweep and not any(m.config.model.num_experts for m in models[1:]):
-    moe_only = [k for k in dict.fromkeys(k for _, p in points for k in p)
-                if k in config_lib.MOE_ONLY]
-    if moe_only:  # every point would be the dense base again
-      raise ChimeraError(f"--sweep={sweep}: its points set {', '.join(moe_only)}, which only "
-                         f"an MoE model reads, and the base {base} is dense "
-                         f"(model.num_experts=0)")
   swept = [("--sweep", sweep.partition("=")[0])] if "=" in sweep else []
   check_read(models, swept + [("--set", key) for key in overrides]
              + [("--base_set", key) for key in base_overrides], sweep=True)

@@ -337,7 +337,8 @@ def _validate_groups(c: Config) -> None:
 
 def validate_text(d: DataConfig) -> None:
   """Raises ChimeraError on the first bad field of what a token cache is made from: the
-  corpus, its split and its text field (chimera.main and chimera.data)."""
+  corpus, the validation fraction and the text field (chimera.main and chimera.data; the
+  split's mode is checked as the cache is made)."""
   _check(0.0 < d.val_fraction < 1.0, "data.val_fraction",
          f"must be in (0, 1), got {d.val_fraction}")
   _check(bool(d.corpus), "data.corpus", "is empty")
@@ -428,10 +429,13 @@ def run_differences(saved: Config, new: Config, *, corpus_may_move: bool = False
   """The fields, as "section.field", in which `new` computes a different run than `saved`.
 
   Logging, evaluation and checkpoint intervals and `train.steps` (extending a run) do not
-  count; see `_RUN_NEUTRAL` (`neutral=False`: they do, every field that differs). With
+  count; see `_RUN_NEUTRAL` (`neutral=False`: they do, every field that differs). Between
+  two dense models neither do the fields only an MoE reads (`MOE_ONLY`): a dense run
+  started with one (before chimera.main refused them) resumes without it. With
   `corpus_may_move`, neither does `data.corpus`: the caller knows the text by its content
   (data.json), not by its path.
   """
+  dense = not saved.model.num_experts and not new.model.num_experts
   old, now = to_dict(saved), to_dict(new)
   # A config.json written before local corpus paths were made absolute: read from here.
   old["data"]["corpus"] = absolute_corpus(old["data"]["corpus"])
@@ -439,7 +443,8 @@ def run_differences(saved: Config, new: Config, *, corpus_may_move: bool = False
   for section in SECTIONS:
     for field in sorted(set(old[section]) | set(now[section])):
       key = f"{section}.{field}"
-      ignored = (neutral and key in _RUN_NEUTRAL) or (corpus_may_move and key == "data.corpus")
+      ignored = ((neutral and key in _RUN_NEUTRAL) or (corpus_may_move and key == "data.corpus")
+                 or (dense and key in MOE_ONLY))
       if not ignored and old[section].get(field) != now[section].get(field):
         differing.append(key)
   return differing

@@ -148,7 +148,7 @@ def main(argv):
     sys.exit(2)
   except OverflowError as error:  # a size past what an index can hold (num_experts=1e8)
     print(f"error: a size is too large for this model's arrays; lower the model or batch "
-          f"sizes ({str(error).splitlines()[0]})", file=sys.stderr)
+          f"sizes ({(str(error).splitlines() or [type(error).__name__])[0]})", file=sys.stderr)
     sys.exit(2)
   except KeyboardInterrupt:  # outside the training loop, which stops at a checkpoint itself
     print("error: interrupted outside the training loop; the workdir keeps what it had "

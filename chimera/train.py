@@ -285,12 +285,15 @@ def prepare_data(config: Config, check_identity=lambda identity: None) -> Data:
   identity = {"corpus": d.corpus, "content_hash": cache.manifest.content_hash,
               "tokens": cache.manifest.tokens}
   check_identity(identity)
-  windows, distinct = t.eval_batches * t.batch_size, len(splits.val) - t.context
-  if windows > distinct > 0:  # (a split shorter than one window is refused in the sampler)
-    raise ChimeraError(f"config.train.eval_batches: {t.eval_batches} batches of {t.batch_size} are "
-                       f"{windows:,} windows, more than the {distinct:,} the validation split "
-                       f"holds (of context + 1 = {t.context + 1} tokens); lower it, or score "
-                       f"the whole split with chimera.evaluate")
+  # The fixed subset is drawn with replacement, so it may hold more windows than the split;
+  # but train.eval_batches=1e9 hung drawing 528 GB of them.
+  subset = t.eval_batches * t.batch_size * (t.context + 1) * 4  # int32
+  memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+  if subset > memory / 2:
+    raise ChimeraError(f"config.train.eval_batches: {t.eval_batches} batches of {t.batch_size} "
+                       f"windows of {t.context + 1} tokens would take {subset / 2**30:,.1f} GiB, "
+                       f"more than half this machine's memory; lower it, or score the whole "
+                       f"split with chimera.evaluate")
   val_batches = batches_lib.eval_batches(splits.val, batch_size=t.batch_size,
                                          window=t.context + 1, num_batches=t.eval_batches,
                                          seed=EVAL_SEED)

@@ -534,13 +534,16 @@ def test_a_sweep_compares_its_points_with_dense_on_dense_s_backbone_data_and_tok
   with pytest.raises(ChimeraError, match=r"^--sweep=model\.top_k: only an MoE model reads "
                                          r"model\.top_k, and no model here is MoE"):
     compare.sweep_models("model.top_k=1,2", "configs/dense.py", preset, overrides)
-  # A named sweep of MoE settings over a dense base: every point was dense again, each
-  # retrained under a key of its own (from fields it never reads).
-  with pytest.raises(ChimeraError, match=r"^--sweep=balancing: its points set "
-                                         r"model\.load_balance_scope, model\.load_balance_coef, "
-                                         r"model\.router_bias_rate, which only an MoE model "
-                                         r"reads, and the base configs/dense\.py is dense"):
-    compare.sweep_models("balancing", "configs/dense.py", preset, overrides)
+  # A named sweep (each is of an MoE's settings) over a dense base: every balancing point
+  # was dense again, each retrained under a key of its own (from fields it never reads);
+  # shared and experts_sqrt_lr failed on a point instead.
+  for sweep in study_sweeps.SWEEPS:
+    with pytest.raises(ChimeraError, match=rf"^--sweep={sweep}: a sweep of an MoE's settings, "
+                                           rf"and its base \(configs/dense\.py\) is dense"):
+      compare.sweep_models(sweep, "configs/dense.py", preset, overrides)
+  with pytest.raises(ChimeraError, match=r"^--sweep=balancing: .* its base "
+                                         r"\(configs/moe_top2\.py with --base_set\) is dense"):
+    compare.sweep_models("balancing", None, preset, overrides, {"model.num_experts": 0})
   # Points that differ only where a run does not (what it logs, how often it saves) are
   # the same model trained again.
   for field, values in (("train.log_norms", "true,false"), ("train.log_every", "10,20"),

@@ -304,17 +304,21 @@ def test_a_size_that_overflows_is_one_line(corpus, tmp_path):
       "(An overflow was encountered while parsing an argument)"], result.stderr[-2000:]
 
 
-def test_more_validation_windows_than_the_split_holds_are_refused(make_config, corpus,
-                                                                  tmp_path):
-  """train.eval_batches=1e9 hung building the fixed subset (528 GB of windows drawn again
-  and again from a split of far fewer): refused in one line before it is drawn."""
+def test_a_validation_subset_past_the_machine_s_memory_is_refused(make_config, corpus):
+  """train.eval_batches=1e9 hung building the fixed subset (528 GB of windows): refused in
+  one line before it is drawn. A subset of more windows than the split holds is drawn with
+  replacement, as before (a run with one must still resume)."""
   config = make_config("dense", corpus, train__eval_batches=10**9)
-  val = len(train_lib.prepare_data(make_config("dense", corpus)).splits.val)
   with pytest.raises(ChimeraError, match=rf"^config.train.eval_batches: 1000000000 batches of "
-                                         rf"{config.train.batch_size} are [\d,]+ windows, more "
-                                         rf"than the {val - config.train.context:,} the "
-                                         rf"validation split holds"):
+                                         rf"{config.train.batch_size} windows of "
+                                         rf"{config.train.context + 1} tokens would take "
+                                         rf"[\d,.]+ GiB, more than half this machine's memory"):
     train_lib.prepare_data(config)
+  plain = train_lib.prepare_data(make_config("dense", corpus))
+  windows = len(plain.splits.val) - plain.val_batches.shape[-1] + 1
+  many = -(-2 * windows // plain.val_batches.shape[1])  # twice the windows the split holds
+  assert train_lib.prepare_data(make_config("dense", corpus, train__eval_batches=many)
+                                ).val_batches.shape[0] == many
 
 
 def test_ctrl_c_outside_the_training_loop_is_one_line(corpus, tmp_path):
@@ -1523,6 +1527,22 @@ def test_without_data_json_a_run_of_other_text_is_another_run(make_config, corpu
       pass
   with train_lib.open_workdir(workdir, run(corpus)) as saved:
     assert saved == [1]  # the run's own corpus resumes
+
+
+def test_a_dense_run_started_with_a_setting_only_an_moe_reads_resumes_without_it(
+    make_config, corpus, tmp_path):
+  """chimera.main now refuses model.router_noise on a dense model, and a dense run that
+  was started with it (before) was refused as another run without it: a field only an
+  MoE reads is not a difference between two dense models."""
+  workdir = tmp_path / "run"
+  run = functools.partial(make_config, "dense", corpus, train__steps=2, train__warmup_steps=0)
+  save_run_checkpoints(workdir, run(model__router_noise=0.1, model__top_k=4), [1])
+  with train_lib.open_workdir(workdir, run()) as saved:
+    assert saved == [1]
+  with pytest.raises(ChimeraError, match=r"holds another run .* model\.num_experts \(0 -> 8\)"):
+    with train_lib.open_workdir(workdir, make_config("moe_top2", corpus, train__steps=2,
+                                                     train__warmup_steps=0)):
+      pass
 
 
 def test_the_latest_checkpoint_is_the_highest_step(make_config, corpus, tmp_path):

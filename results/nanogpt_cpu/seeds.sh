@@ -11,7 +11,7 @@ set -u
 # tinyshakespeare.txt, NANOGPT its checkout (3adf61e), TORCH_PY a python with torch.
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 CORPUS=${CORPUS:-$ROOT/../shared/data/tinyshakespeare.txt}
-NANOGPT=${NANOGPT:-/tmp/nanogpt}; TORCH_PY=${TORCH_PY:-"$TORCH_PY"}
+NANOGPT=${NANOGPT:-/tmp/nanogpt}; TORCH_PY=${TORCH_PY:-/tmp/torchvenv/bin/python}
 out=/tmp/sbs/seeds; mkdir -p $out
 here=$(cd "$(dirname "$0")" && pwd)
 sed -e 's/^torch.manual_seed(1337 + seed_offset)$/torch.manual_seed(seed + seed_offset)/' \

@@ -32,11 +32,11 @@ for path in sorted((ROOT / "results").glob("*/summary.json")):
   FLAGS.unparse_flags()
   FLAGS(["compare"] + shlex.split(saved["command"])[3:])
   try:
-    overrides = dict(map(bench.parse_override, FLAGS.set))
+    overrides = bench.parse_overrides("set", FLAGS.set)
     if FLAGS.train_steps is not None:
       overrides["train.steps"] = FLAGS.train_steps
     study = compare.make_study(FLAGS.preset, FLAGS.sweep, FLAGS.base, overrides,
-                               dict(map(bench.parse_override, FLAGS.base_set)), sets=overrides)
+                               bench.parse_overrides("base_set", FLAGS.base_set), sets=overrides)
   except Exception as error:  # a study the code no longer builds: name it, go on
     print(f"{path.parent.name}: not rebuilt ({error})", file=sys.stderr)
     continue
