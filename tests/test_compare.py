@@ -47,6 +47,9 @@ def test_paired_differences_by_hand():
   reached = Spread.of({0: 0.5, 1: None}).to_json()
   assert study_stats.describe(reached, digits=2, missing="not reached") == (
       "0.50 (n=1; not reached in 1 of 2 seeds)")
+  # The seeds without a value are counted, not the seeds with one: 2 of 3 here.
+  assert study_stats.describe(Spread.of({0: 0.5, 1: None, 2: None}).to_json(), digits=2,
+                              missing="not reached") == "0.50 (n=1; not reached in 2 of 3 seeds)"
 
 
 def test_tokens_to_reach_interpolates_between_evaluations():
@@ -55,6 +58,7 @@ def test_tokens_to_reach_interpolates_between_evaluations():
   assert tokens_to_reach(tokens, losses, 1.6) == pytest.approx(200 + 100 * 2 / 3)
   assert tokens_to_reach(tokens, losses, 1.5) == pytest.approx(300)
   assert tokens_to_reach(tokens, losses, 1.3) is None  # never reached
+  assert tokens_to_reach(tokens, losses, 1.4) == 400  # met exactly at the last evaluation
   assert tokens_to_reach(tokens, losses, 2.5) == 100  # the first evaluation: an upper bound
   # Not "the last point below": a curve that rises again is read at its first crossing.
   assert tokens_to_reach([1, 2, 3], [2.0, 1.0, 1.9], 1.5) == pytest.approx(1.5)
@@ -65,6 +69,7 @@ def test_value_at_equal_wall_clock():
   assert value_at(seconds, losses, 25.0) == (pytest.approx(1.5), False)
   assert value_at(seconds, losses, 5.0) == (None, False)  # before its first evaluation
   assert value_at(seconds, losses, 40.0) == (1.4, True)  # it ended sooner: its final loss
+  assert value_at(seconds, losses, 30.0) == (1.4, False)  # it ended at that time, not sooner
 
 
 def test_router_stats_after_warmup_worst_layer():
@@ -87,6 +92,13 @@ def test_router_stats_after_warmup_worst_layer():
   logged = [{**row, "max_violation": [1.0, 2.0]} for row in rows]  # the run's own MaxVio wins
   assert router_stats(logged, 2)["max_violation_after_warmup"] == pytest.approx(2.0)
   assert router_stats([{"step": 2, "dropped_fraction": []}], 2)["dropped_after_warmup"] is None
+  # One row per step, warmup 2: step 2's window is warm-up, so only steps 3 and 4 count,
+  # (0.0 + 0.02) / 2; not (0.4 + 0.0 + 0.02) / 3.
+  each = [{"step": step, "dropped_fraction": [dropped], "expert_load": [[0.5, 0.5]]}
+          for step, dropped in ((1, 0.5), (2, 0.4), (3, 0.0), (4, 0.02))]
+  stats = router_stats(each, warmup_steps=2)
+  assert stats["dropped_after_warmup"] == pytest.approx(0.01)
+  assert stats["dropped_worst_window"] == pytest.approx(0.02)
 
 
 def _hand_run(model: str, seed: int, evals: list[tuple], *, steps: int, seconds: float,
@@ -154,6 +166,67 @@ def test_summarize_by_hand():
   assert report.efficiency_finding("moe_top2", moe).startswith(
       "moe_top2 reaches dense's final loss after 0.50x ± 0.00 (n=2) dense's tokens, read from "
       "evaluations up to 40% of training apart")
+
+
+def test_summarize_against_dense_by_hand():
+  """The paired figures against dense's final loss (not its best), dense's tokens and
+  bits per byte, the cost ratios as MoE over dense, the evaluation gap from step 0, the
+  expert load averaged over seeds, and the sentences the equal-time figures make."""
+  runs = {"dense": [], "moe_top2": []}
+  for seed, shift in ((0, 0.0), (1, 0.1)):
+    # Dense: best 1.4 + shift at 750 tokens, final 1.5 + shift at 1000 tokens, 40 s on both
+    # clocks (25 tokens/s); its evaluations at steps 50, 75, 100: the first gap is 50%.
+    runs["dense"].append(_hand_run("dense", seed, [(50, 500, 20.0, 1.8 + shift),
+                                                   (75, 750, 30.0, 1.4 + shift),
+                                                   (100, 1000, 40.0, 1.5 + shift)],
+                                   steps=100, seconds=40.0, tokens_per_second=25.0))
+    # The MoE trains 1200 tokens and ends at 30 s measured, sooner than dense; its steady
+    # clock (30 tokens/s) reads 20, 30 and 40 s. It passes 1.5 + shift halfway from 600
+    # to 900 tokens: at 750, 0.75 of dense's 1000 tokens.
+    run = _hand_run("moe_top2", seed, [(60, 600, 15.0, 1.6 + shift),
+                                       (90, 900, 22.5, 1.4 + shift),
+                                       (120, 1200, 30.0, 1.3 + shift)],
+                    steps=120, seconds=30.0, tokens_per_second=30.0)
+    busy = [0.3 if expert == seed else 0.1 for expert in range(8)]  # expert `seed` busiest
+    runs["moe_top2"].append(dataclasses.replace(run, summary=dataclasses.replace(
+        run.summary, expert_load=[busy, [0.125] * 8])))
+  figures = study_stats.summarize(runs, {"dense": "baseline", "moe_top2": "moe"})
+  dense, moe = figures["dense"], figures["moe_top2"]
+  against = moe["vs_baseline"]
+  assert dense["largest_eval_gap"] == pytest.approx(0.5)  # steps 0 -> 50 of 100
+  assert moe["largest_eval_gap"] == pytest.approx(0.5)  # steps 0 -> 60 of 120
+  assert against["token_fraction"]["values"] == pytest.approx([0.75, 0.75])
+  assert against["final_val_loss"]["values"] == pytest.approx([-0.2, -0.2])
+  assert against["val_bits_per_byte"]["values"] == pytest.approx([-0.2 / math.log(2)] * 2)
+  measured, steady = against["equal_time"]["measured"], against["equal_time"]["steady"]
+  # Measured: the MoE ended at 30 s, before dense's 40 s: its final loss, 0.2 below dense's
+  # final loss (0.1 below its best).
+  assert measured["loss"]["values"] == pytest.approx([1.3, 1.4])
+  assert measured["difference"]["values"] == pytest.approx([-0.2, -0.2])
+  assert measured["ended_before"] == 2
+  # Steady: dense's 40 s is the MoE's last evaluation exactly: read there, not ended sooner.
+  assert steady["loss"]["values"] == pytest.approx([1.3, 1.4])
+  assert steady["ended_before"] == 0
+  assert against["params_total_ratio"] == pytest.approx(
+      moe["params_total"] / dense["params_total"])
+  assert against["params_total_ratio"] > 1  # the MoE holds more parameters than dense
+  assert against["executed_flops_ratio"] == pytest.approx(
+      moe["executed_flops_per_token"] / dense["executed_flops_per_token"])
+  assert against["flops_ratio"] == pytest.approx(moe["flops_per_token"] / dense["flops_per_token"])
+  # Expert load: per layer, the mean over the two seeds.
+  assert moe["expert_load"] == [
+      pytest.approx([0.2, 0.2] + [0.1] * 6), pytest.approx([0.125] * 8)]
+  text = report.efficiency_finding("moe_top2", moe)
+  assert ("At dense's training time as measured (evaluation included; the train step compiles "
+          "before the clock starts), 40 s, it is 0.2000 nats below dense (-0.2000 ± 0.0000 "
+          "(n=2)); in 2 of 2 seeds it had finished sooner, and its final loss is used.") in text
+  assert ("At dense's steady-state training time (tokens / timed-step throughput), 40 s, it is "
+          "0.2000 nats below dense (-0.2000 ± 0.0000 (n=2)).") in text
+  # Evaluations 15% of training apart are said to be coarser than the targets' 10%.
+  coarse = report.efficiency_finding("moe_top2", {**moe, "largest_eval_gap": 0.15})
+  assert "0.75x ± 0.00 (n=2) dense's tokens, read from evaluations up to 15% of training apart" in coarse
+  fine = report.efficiency_finding("moe_top2", {**moe, "largest_eval_gap": 0.1})
+  assert "0.75x ± 0.00 (n=2) dense's tokens. At dense's" in fine
 
 
 def _entry(role, diffs, *, fraction=(0.6, 0.65), dropped=(0.005, 0.004), executed=1.2,
@@ -240,6 +313,39 @@ def test_targets_pass_fail_and_not_measured():
   assert "PASS" in [t.status for t in main if "Number-of-experts" in t.claim]
 
 
+def test_targets_at_their_thresholds():
+  """Each target's threshold, from the issue, met exactly (PASS: "at least", "at most") and
+  missed by a little. The values are exact in binary where the rule compares them exactly."""
+  dense = {"role": "baseline", "largest_eval_gap": 0.1}
+  loss = lambda name, diffs: study_targets.loss_targets(
+      {"dense": dense, name: _entry("moe", diffs)}, "cmd")
+  # The best MoE: >= 0.05 nats below dense.
+  assert loss("moe_fine", [-0.05, -0.05])[0].status == "PASS"
+  assert loss("moe_fine", [-0.048, -0.048])[0].status == "FAIL"
+  # moe_top1: below dense; a mean of exactly 0 is not below.
+  assert loss("moe_top1", [0.01, -0.01])[2].status == "FAIL"
+  # Tokens to dense's final loss: <= 0.7x dense's.
+  token = lambda fraction: study_targets.token_target(
+      {"dense": dense, "moe_fine": _entry("moe", [-0.06, -0.06], fraction=fraction)}, "cmd")
+  assert token((0.7, 0.7)).status == "PASS"
+  assert token((0.72, 0.72)).status == "FAIL"
+  # Drops after warm-up <= 1% in the worst seed; executed FLOPs <= 1.3x dense's.
+  routing = lambda **kw: [t.status for t in study_targets.routing_targets(
+      {"dense": dense, "moe_fine": _entry("moe", [-0.06, -0.06], **kw)}, "cmd")]
+  assert routing(dropped=(0.01, 0.0), executed=1.3) == ["PASS", "PASS"]
+  assert routing(dropped=(0.0101, 0.0), executed=1.28) == ["FAIL", "PASS"]
+  assert routing(dropped=(0.0, 0.0), executed=1.31) == ["PASS", "FAIL"]
+  # The expert sweep: each doubling >= 0.005 nats lower, here exactly 0.005 at both
+  # (0.005 - 0.01 and 0.0 - 0.005 are -0.005 exactly in binary).
+  point = lambda e, value: {"role": "point", "shape": {"num_experts": e, "top_k": 2,
+                                                       "expert_d_ff": 256},
+                            "final_val_loss": Spread.of({0: value, 1: value}).to_json()}
+  sweep = {f"E={e}": point(e, v) for e, v in ((8, 0.01), (16, 0.005), (32, 0.0))}
+  assert study_targets.expert_sweep_target(sweep, "cmd").status == "PASS"
+  sweep["E=32"] = point(32, 0.001)
+  assert study_targets.expert_sweep_target(sweep, "cmd").status == "FAIL"
+
+
 def test_ordering_target_names_its_n():
   loss = lambda *values: {"final_val_loss": Spread.of(dict(enumerate(values))).to_json()}
   here = {"dense": loss(1.6, 1.62), "moe_top2": loss(1.5, 1.52), "moe_fine": loss(1.4, 1.42)}
@@ -254,6 +360,9 @@ def test_ordering_target_names_its_n():
   single = {name: loss(entry["final_val_loss"]["values"][0]) for name, entry in here.items()}
   target = study_targets.ordering_target(single, there, "cmd", "ref")
   assert target.status == "NOT MEASURED" and target.measured.endswith("(n=1 per model)")
+  # Two seeds here, one in the reference: its order is of one seed, so nothing is measured.
+  target = study_targets.ordering_target(here, single, "cmd", "ref")
+  assert target.status == "NOT MEASURED" and target.note.startswith("n=2 here, 1 in the reference")
   # Each model's mean is over the seeds every model has: moe_top2's seed 1 (dense's seed 2
   # diverged) would put it below moe_fine.
   uneven = {"dense": loss(1.6, 1.6, None), "moe_top2": loss(1.5, 1.5, 1.0),
@@ -272,6 +381,12 @@ def test_findings_are_generated_from_the_numbers():
   above = report.loss_finding("moe_top2", entry)
   assert "0.0150 nats above dense" in above and "disagree in sign" in above
   assert "within one SD" in above
+  # Every seed below dense, but the mean, -0.0275, within one SD, 0.0318 (above one
+  # standard error, 0.0225): "within".
+  entry["vs_baseline"]["final_val_loss"] = Spread.of({0: -0.05, 1: -0.005}).to_json()
+  close = report.loss_finding("moe_top2", entry)
+  assert ("paired difference -0.0275 ± 0.0318, mean ± SD over n=2 seeds, per seed -0.0500, "
+          "-0.0050; every seed agrees in sign, and the mean is within one SD") in close
   point = lambda *losses: {"role": "point",
                            "final_val_loss": Spread.of(dict(enumerate(losses))).to_json()}
   sweep = {"E=8": point(1.50), "E=16": point(1.49), "E=32": point(1.495)}
@@ -306,6 +421,9 @@ def test_findings_are_generated_from_the_numbers():
   wide = report.wide_finding({"moe_top2": vs_dense(-0.06, -0.05),
                               "dense_wide": vs_dense(-0.03, -0.01)})
   assert "0.0350 nats above moe_top2 (mean of n=2 paired seeds, per seed +0.0300, +0.0400)" in wide
+  costly = report.wide_finding({"moe_top2": vs_dense(-0.06, -0.05),
+                                "dense_wide": {**vs_dense(-0.03, -0.01), "flops_per_token": 2.5}})
+  assert costly.endswith("at 2.50x its model FLOPs.")  # dense_wide's FLOPs over moe_top2's
   for entry, gap in zip(sweep.values(), (0.01, 0.04)):
     entry["generalization_gap"] = Spread.of({0: gap, 1: gap}).to_json()
   assert "E=8: +0.0100 ± 0.0000 (n=2); E=16: +0.0400 ± 0.0000 (n=2)" in report.sweep_finding(sweep)
@@ -1248,6 +1366,35 @@ def test_routing_finding_by_hand():
       "n=2 seeds; worst logging window 2.00%), MaxVio 0.60 ± 0.14 (n=2); in the last window "
       "its router entropy is 1.200 ± 0.141 (n=2) nats (uniform over 8 experts: 2.079) and "
       "its top-1 probability 0.600 ± 0.000 (n=2).")
+
+
+def test_cost_finding_and_targets_tally_by_hand():
+  entry = {"params_active": 30, "params_total": 120,
+           "vs_baseline": {"params_total_ratio": 4.0, "flops_ratio": 1.0,
+                           "executed_flops_ratio": 1.25}}
+  assert report.cost_finding("moe_top2", entry) == (
+      "moe_top2 has 4.00x dense's parameters (25% active per token) and 1.00x its model FLOPs "
+      "per token; it executes 1.25x dense's FLOPs per token with capacity or block padding "
+      "and dispatch.")
+  targets = [study_targets.Target("c", "cmd", "-", status)
+             for status in ("PASS", "FAIL", "FAIL", "NOT MEASURED", "PASS", "FAIL")]
+  assert report.findings({}, targets) == ["Targets: 2 pass, 3 fail, 1 not measured, of 6."]
+
+
+def test_paired_differences_plot_draws_the_mean_and_each_seed(monkeypatch):
+  """The bar is the mean paired difference, the dots the seeds' own."""
+  from chimera import study_plots
+  drawn = []
+  monkeypatch.setattr(study_plots, "_save", lambda fig, path: drawn.append(fig))
+  models = {"dense": {}, "moe_top2": {"vs_baseline": {
+      "final_val_loss": Spread.of({0: -0.06, 1: -0.02}).to_json()}}}
+  assert study_plots.paired_differences(Path("unused.png"), models)
+  ax = drawn[0].axes[0]
+  bars = [bar.get_height() for bar in ax.patches]
+  dots = ax.collections[0].get_offsets()[:, 1].tolist()
+  study_plots.plt.close(drawn[0])
+  assert bars == pytest.approx([-0.04])  # the mean of -0.06 and -0.02
+  assert dots == pytest.approx([-0.06, -0.02])
 
 
 def test_a_seed_sets_the_runs_init_dropout_and_batches():

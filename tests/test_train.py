@@ -1082,6 +1082,15 @@ def test_evaluation_runs_the_training_micro_batches(make_config, corpus):
   assert temp(micro) < 0.5 * temp(batch)
 
 
+def test_bits_per_byte_by_hand():
+  """A validation loss of 2 ln 2 nats per token is 2 bits per token; at 2 bytes of text
+  per token, 1 bit per byte."""
+  data = train_lib.Data(splits=None, val_batches=None, val_bytes_per_token=2.0,
+                        unigram_loss=0.0, identity={})
+  assert data.bits_per_byte(2 * math.log(2)) == pytest.approx(1.0)
+  assert data.bits_per_byte(math.log(2)) == pytest.approx(0.5)
+
+
 def test_code_version_names_the_commit_and_uncommitted_changes(tmp_path):
   git = lambda *args: subprocess.run(["git", "-C", str(tmp_path), *args], check=True,
                                      capture_output=True, text=True).stdout.strip()
