@@ -67,9 +67,17 @@ def _seeds_clause(spread: dict) -> str:
   """The paired difference with its n, spread, per-seed values and their agreement."""
   if spread["n"] < 2:
     return f"paired difference {describe(spread, signed=True)}: one seed, so no spread"
-  values = ", ".join(f"{v:+.4f}" for v in spread["values"] if v is not None)
-  agreement = ("every seed agrees in sign" if same_sign(spread)
-               else "the seeds disagree in sign")
+  defined = [v for v in spread["values"] if v is not None]
+  values = ", ".join(f"{v:+.4f}" for v in defined)
+  # Over the seeds with a value (an undefined one made agreeing seeds read as disagreeing).
+  seeds = ("every seed" if len(defined) == len(spread["values"])
+           else f"every seed with a value ({len(defined)} of {len(spread['values'])})")
+  if all(v == 0 for v in defined):
+    agreement = f"{seeds} is exactly 0"
+  elif same_sign({"values": defined}):
+    agreement = f"{seeds} agrees in sign"
+  else:
+    agreement = "the seeds disagree in sign"
   size = "larger than" if abs(spread["mean"]) > spread["sd"] else "within"
   return (f"paired difference {spread['mean']:+.4f} ± {spread['sd']:.4f}, mean ± SD over "
           f"n={spread['n']} seeds, per seed {values}; {agreement}, and the mean is {size} "
@@ -81,7 +89,7 @@ def loss_finding(name: str, entry: dict) -> str:
   bits = entry["vs_baseline"]["val_bits_per_byte"]
   if diff["mean"] is None:
     return f"**{name}** has no run paired with dense."
-  side = "below" if diff["mean"] < 0 else "above"
+  side = "below" if diff["mean"] < 0 else "above" if diff["mean"] > 0 else "from"
   return (f"**{name}** ends {abs(diff['mean']):.4f} nats {side} dense ({_seeds_clause(diff)}); "
           f"in bits per byte {describe(bits, signed=True)}.")
 

@@ -371,6 +371,21 @@ def test_ordering_target_names_its_n():
   assert target.status == "PASS" and target.measured.startswith("moe_fine < moe_top2")
 
 
+def test_the_seeds_clause_of_undefined_and_zero_differences():
+  """A seed with no value made two agreeing seeds read as disagreeing; differences all
+  exactly 0 read as "above" dense and disagreeing."""
+  clause = report._seeds_clause(study_stats.Spread.of({0: -0.05, 1: -0.04, 2: None}).to_json())
+  assert clause.endswith("per seed -0.0500, -0.0400; every seed with a value (2 of 3) agrees "
+                         "in sign, and the mean is larger than one SD")
+  zero = study_stats.Spread.of({0: 0.0, 1: 0.0}).to_json()
+  finding = report.loss_finding("m", {"vs_baseline": {"final_val_loss": zero,
+                                                      "val_bits_per_byte": zero}})
+  assert finding.startswith("**m** ends 0.0000 nats from dense (")
+  assert "per seed +0.0000, +0.0000; every seed is exactly 0, and" in finding
+  assert report._seeds_clause(study_stats.Spread.of({0: -0.05, 1: 0.04}).to_json()).endswith(
+      "the seeds disagree in sign, and the mean is within one SD")
+
+
 def test_findings_are_generated_from_the_numbers():
   entry = {"vs_baseline": {"final_val_loss": Spread.of({0: -0.04, 1: -0.02}).to_json(),
                            "val_bits_per_byte": Spread.of({0: -0.06, 1: -0.03}).to_json()}}
