@@ -101,11 +101,14 @@ class MetricWriter:
             f"no checkpoint")
     # TensorBoard hides the events an interrupted run wrote past the checkpoint (a
     # SessionLog.START at purge_step), as metrics.jsonl drops its rows.
-    # Event files are named by the second they open in; the pid and a count keep two
-    # sessions started in the same second from writing over each other.
-    self._tensorboard = SummaryWriter(str(Path(workdir) / "tensorboard"),
-                                      purge_step=resume_step + 1 if resume_step > 0 else None,
-                                      filename_suffix=f".{os.getpid()}.{next(_SESSIONS)}")
+    # Event files are named by the second they open in, and TensorBoard reads them in name
+    # order. Two sessions in the same second: the nanosecond (19 digits, so text order is
+    # time order) keeps them in order, and the pid and a count apart ("10" sorted before
+    # "9" when the count came first).
+    self._tensorboard = SummaryWriter(
+        str(Path(workdir) / "tensorboard"),
+        purge_step=resume_step + 1 if resume_step > 0 else None,
+        filename_suffix=f".{time.time_ns()}.{os.getpid()}.{next(_SESSIONS)}")
 
   def write(self, event: str, step: int, values: dict) -> None:
     if not self.enabled:

@@ -1,10 +1,12 @@
 """chimera.metrics and the metrics.jsonl reader: what a crash mid-write leaves behind."""
 
+import itertools
 import json
 
 import numpy as np
 import pytest
 
+from chimera import metrics
 from chimera.errors import ChimeraError
 from chimera.metrics import MetricWriter, progress_line, truncate_after
 from chimera.records import read_all_events, read_jsonl
@@ -111,9 +113,12 @@ def test_a_fresh_start_drops_the_events_of_an_attempt_that_saved_no_checkpoint(t
   assert losses == [(10, 5.0)]
 
 
-def test_two_sessions_in_one_second_keep_both_event_files(tmp_path):
+def test_two_sessions_in_one_second_keep_both_event_files(tmp_path, monkeypatch):
   """tensorboardX names an event file by the second it opens in: a session that resumes
-  within that second must not write over the first one's events."""
+  within that second must not write over the first one's events, and TensorBoard reads
+  the files in name order. The count of this process's sessions came first after the
+  second, and the 10th sorted before the 9th (a suite's worker opens many)."""
+  monkeypatch.setattr(metrics, "_SESSIONS", itertools.count(9))
   for step in (1, 2):  # a start, and a resume from its step-1 checkpoint, back to back
     writer = MetricWriter(tmp_path, resume_step=step - 1)
     writer.write("train", step, {"loss": 1.0 / step})

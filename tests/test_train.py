@@ -1042,7 +1042,10 @@ def test_the_moe_only_fields_do_not_change_a_dense_run(make_config, corpus):
   assert set(config_lib.MOE_ONLY) == {*changed, "model.num_experts", "model.num_shared_experts"}
   plain = make_config("dense", corpus)
   other = make_config("dense", corpus, **{k.replace(".", "__"): v for k, v in changed.items()})
-  assert set(config_lib.run_differences(plain, other)) == set(changed)  # each one took
+  before, after = config_lib.to_dict(plain), config_lib.to_dict(other)
+  assert {f"{section}.{field}" for section in ("model", "train") for field in before[section]
+          if before[section][field] != after[section][field]} == set(changed)  # each one took
+  assert config_lib.run_differences(plain, other) == []  # so a dense run resumes without them
 
   def lowered(config):
     state = init_state(config)
