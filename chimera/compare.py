@@ -258,6 +258,7 @@ def sweep_models(sweep: str, base: str | None, preset: StudyPreset, overrides: d
     if not values:
       raise ChimeraError(f"--sweep: expected section.field=v1,v2,..., got {sweep!r}")
     base = base or "configs/moe_top2.py"
+    base_config = load(base, preset, {**overrides, **base_overrides})
     parsed = [bench.parse_value(v, key) for v in values.split(",")]
     if len(set(map(repr, parsed))) < len(parsed):
       raise ChimeraError(f"--sweep: each value once, got {values!r}")
@@ -308,7 +309,7 @@ def sweep_models(sweep: str, base: str | None, preset: StudyPreset, overrides: d
         why = (f": they differ only in {', '.join(only)}, which does not change what a run "
                f"trains" if only else "; each value once")
         raise ChimeraError(f"--sweep: {a.name} and {b.name} are the same model{why}")
-  if load(base, preset, {**overrides, **base_overrides}).model.num_experts:  # an MoE base
+  if base_config.model.num_experts:  # an MoE base
     if (dense := [m.name for m in models[1:] if not m.config.model.num_experts]):
       what = "is a dense model" if len(dense) == 1 else "are dense models"
       raise ChimeraError(f"--sweep: {', '.join(dense)} {what} (model.num_experts=0) over an "

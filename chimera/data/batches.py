@@ -142,6 +142,15 @@ def _check_length(tokens: np.ndarray, window: int, split: str) -> None:
                        f"fewer than one window of {window} (context + 1)")
 
 
+def _check_split(rows: int, micro_batches: int, process_count: int) -> None:
+  """Refuses a batch of `rows` that does not cut into whole micro-batches, each into whole
+  process shares (the sampler's batches and the validation subset, `process_rows`)."""
+  if rows % (micro_batches * process_count):
+    raise ChimeraError(f"config.train.batch_size: {rows} does not split evenly into "
+                       f"{micro_batches} micro-batches over {process_count} processes "
+                       f"(micro-batches: train.grad_accum)")
+
+
 def process_rows(batch: np.ndarray, micro_batches: int, process_index: int,
                  process_count: int) -> np.ndarray:
   """This process's rows of a global batch [..., B, W]: [..., B / process_count, W].
@@ -154,9 +163,7 @@ def process_rows(batch: np.ndarray, micro_batches: int, process_index: int,
   loss, would change with the process count).
   """
   *lead, rows, window = batch.shape
-  if rows % (micro_batches * process_count):
-    raise ChimeraError(f"train.batch_size: {rows} does not split into {micro_batches} "
-                       f"micro-batches (train.grad_accum) over {process_count} processes")
+  _check_split(rows, micro_batches, process_count)
   share = rows // (micro_batches * process_count)
   batch = batch.reshape(*lead, micro_batches, rows // micro_batches, window)
   mine = batch[..., process_index * share:(process_index + 1) * share, :]
@@ -176,9 +183,7 @@ class WindowSampler:
                process_index: int = 0, process_count: int = 1, micro_batches: int = 1,
                split: str = "training"):
     _check_length(tokens, window, split)
-    if batch_size % (process_count * micro_batches):
-      raise ChimeraError(f"config.train.batch_size: {batch_size} does not split evenly into "
-                         f"{micro_batches} micro-batches over {process_count} processes")
+    _check_split(batch_size, micro_batches, process_count)  # at once, not at the first batch
     self.tokens, self.window, self.seed, self.step = tokens, window, seed, step
     self.batch_size = batch_size
     self.process_index, self.process_count = process_index, process_count
