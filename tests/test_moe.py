@@ -59,6 +59,17 @@ def expert_mlp(params, e: int, x_s: jax.Array, activation: str) -> jax.Array:
   return hidden @ params["wo"][e]
 
 
+def per_token_output(weights, x: np.ndarray, gate: np.ndarray, expert_index: np.ndarray,
+                     activation: str = "gelu") -> np.ndarray:
+  """y_t = sum_r gate[t, r] * expert_{expert_index[t, r]}(x_t), one token at a time."""
+  y = np.zeros_like(x)
+  for t in range(x.shape[0]):
+    for r in range(expert_index.shape[1]):
+      y[t] += gate[t, r] * np.asarray(expert_mlp(weights, int(expert_index[t, r]), x[t],
+                                                 activation))
+  return y
+
+
 def reference_gates(probs: jax.Array, chosen: jax.Array, renormalize: bool) -> jax.Array:
   """The gate of every expert for one token: probs [E] (softmax), chosen [E] its top k.
 
@@ -485,25 +496,28 @@ def test_dense_expert_init_matches_the_dense_mlp():
     np.testing.assert_allclose(np.mean(weights), 0.0, atol=0.1 * std, err_msg=name)
 
 
-@pytest.mark.parametrize("num_tokens,k", [(1, 1), (1, 2), (2, 2), (4, 2), (3, NUM_EXPERTS)])
+@pytest.mark.parametrize("num_tokens,k,num_experts", [
+    (1, 1, NUM_EXPERTS), (1, 2, NUM_EXPERTS), (2, 2, NUM_EXPERTS), (4, 2, NUM_EXPERTS),
+    (3, NUM_EXPERTS, NUM_EXPERTS),
+    # The gather path with T >= 2 and K >= 2 (a decoded batch of 8 with top-2 of 64
+    # experts): each token must meet its own K experts, in its own order.
+    (3, 2, 8), (2, 3, 8)])
 @pytest.mark.parametrize("activation", ["gelu", "swiglu"])
-def test_decode_experts_match_per_token_loop(num_tokens, k, activation):
+def test_decode_experts_match_per_token_loop(num_tokens, k, num_experts, activation):
   # T*K < E gathers each choice's weights; T*K >= E runs every expert on every token.
   rng = np.random.default_rng(num_tokens * 10 + k)
   x = jnp.asarray(rng.normal(size=(num_tokens, D_MODEL)), jnp.float32)
-  expert_index = jnp.asarray(np.stack([rng.permutation(NUM_EXPERTS)[:k]
+  expert_index = jnp.asarray(np.stack([rng.permutation(num_experts)[:k]
                                        for _ in range(num_tokens)]), jnp.int32)
   gate = jnp.asarray(rng.uniform(size=(num_tokens, k)), jnp.float32)
   names = ("wi_gate", "wi_up") if activation == "swiglu" else ("wi",)
-  weights = {name: jnp.asarray(rng.normal(size=(NUM_EXPERTS, D_MODEL, EXPERT_D_FF)),
+  weights = {name: jnp.asarray(rng.normal(size=(num_experts, D_MODEL, EXPERT_D_FF)),
                                jnp.float32) for name in names}
-  weights["wo"] = jnp.asarray(rng.normal(size=(NUM_EXPERTS, EXPERT_D_FF, D_MODEL)),
+  weights["wo"] = jnp.asarray(rng.normal(size=(num_experts, EXPERT_D_FF, D_MODEL)),
                               jnp.float32)
   y = jax.jit(decode_experts, static_argnums=4)(x, gate, expert_index, weights, activation)
-  expected = np.zeros((num_tokens, D_MODEL), np.float32)
-  for t in range(num_tokens):
-    for r in range(k):
-      expected[t] += gate[t, r] * expert_mlp(weights, int(expert_index[t, r]), x[t], activation)
+  expected = per_token_output(weights, np.asarray(x), np.asarray(gate),
+                              np.asarray(expert_index), activation)
   chex.assert_shape(y, (num_tokens, D_MODEL))
   chex.assert_trees_all_close(y, expected, atol=1e-4, rtol=1e-5)
 
@@ -701,17 +715,6 @@ def test_router_noise_below_zero_is_refused():
     config_lib.load("configs/moe_top2.py:tiny", {"model.router_noise": -0.1})
 
 
-def per_token_output(weights, x: np.ndarray, gate: np.ndarray, expert_index: np.ndarray,
-                     activation: str = "gelu") -> np.ndarray:
-  """y_t = sum_r gate[t, r] * expert_{expert_index[t, r]}(x_t), one token at a time."""
-  y = np.zeros_like(x)
-  for t in range(x.shape[0]):
-    for r in range(expert_index.shape[1]):
-      y[t] += gate[t, r] * np.asarray(expert_mlp(weights, int(expert_index[t, r]), x[t],
-                                                 activation))
-  return y
-
-
 def test_prefill_routes_each_sequence_without_drops():
   """decode=True on a prompt of several tokens (prefill) routes each sequence as one group
   with capacity S, so nothing is dropped, even where the configured capacity factors drop
@@ -730,24 +733,6 @@ def test_prefill_routes_each_sequence_without_drops():
                               np.asarray(routing.gate).reshape(-1, 2),
                               np.asarray(routing.expert_index).reshape(-1, 2))
   np.testing.assert_allclose(np.asarray(y).reshape(-1, D_MODEL), expected, atol=1e-5,
-                             rtol=1e-5)
-
-
-@pytest.mark.parametrize("num_tokens,k", [(3, 2), (2, 3)])
-def test_decode_experts_gather_path_with_several_tokens_and_choices(num_tokens, k):
-  """T*K < E gathers each choice's weights: with T >= 2 and K >= 2 (a decoded batch of 8
-  with top-2 of 64 experts) each token must meet its own K experts, in its own order."""
-  num_experts = 8
-  assert num_tokens * k < num_experts  # the gather path
-  rng = np.random.default_rng(num_tokens * 10 + k)
-  x = rng.normal(size=(num_tokens, D_MODEL)).astype(np.float32)
-  expert_index = np.stack([rng.permutation(num_experts)[:k]
-                           for _ in range(num_tokens)]).astype(np.int32)
-  gate = rng.uniform(size=(num_tokens, k)).astype(np.float32)
-  weights = {"wi": rng.normal(size=(num_experts, D_MODEL, EXPERT_D_FF)).astype(np.float32),
-             "wo": rng.normal(size=(num_experts, EXPERT_D_FF, D_MODEL)).astype(np.float32)}
-  y = jax.jit(decode_experts, static_argnums=4)(x, gate, expert_index, weights, "gelu")
-  np.testing.assert_allclose(y, per_token_output(weights, x, gate, expert_index), atol=1e-4,
                              rtol=1e-5)
 
 
